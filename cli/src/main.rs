@@ -1,0 +1,107 @@
+//! `strata`: the command-line face of strata.
+
+mod format;
+mod plan;
+mod plot;
+mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use strata_recipe::Recipe;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "strata: distributed LLM pretraining orchestrator",
+    long_about = "strata plans, launches and watches 3D-parallel LLM pretraining jobs.\n\
+                  Start with `strata plan examples/tiny-cpu.toml`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve a recipe and report its size, compute, schedule and the scaling laws' advice.
+    ///
+    /// With --budget-flops instead of a recipe: the compute-optimal model size
+    /// and token count under each Chinchilla fit.
+    Plan(plan::PlanArgs),
+    /// Evaluate a recipe's learning-rate schedule at given token counts, or plot it.
+    Schedule(schedule::ScheduleArgs),
+}
+
+/// An error in what the user gave us (a recipe, a flag, a file): exit status 2.
+#[derive(Debug)]
+pub struct UserError(pub String);
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UserError {}
+
+/// Reads and validates a recipe file. Every failure is a [`UserError`] that
+/// names the file.
+pub fn load_recipe(path: &Path) -> anyhow::Result<Recipe> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UserError(format!("cannot read recipe {}: {e}", path.display())))?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Recipe::from_toml_str(&text, &stem)
+        .map_err(|e| UserError(format!("{}: {e}", path.display())).into())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan(args) => plan::run(args),
+        Command::Schedule(args) => schedule::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(user) = e.downcast_ref::<UserError>() {
+                eprintln!("error: {user}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Writes `contents` to `path` through a temporary file in the same folder,
+/// so a failed write never leaves a half-written file where the old one was.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot move {} to {}", tmp.display(), path.display())
+    })
+}

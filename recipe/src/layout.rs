@@ -1,0 +1,195 @@
+//! The 3D parallel layout, computed in one place.
+//!
+//! World ranks map to coordinates with tensor parallel innermost, then
+//! pipeline, then data parallel (Megatron-LM's order): consecutive ranks form a
+//! tensor-parallel group, so placing consecutive ranks on one node keeps the
+//! chattiest group on the fastest links. Every process group is derived here.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A process's index in the job's world, `0..world_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Rank(pub u32);
+
+impl fmt::Display for Rank {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rank {}", self.0)
+    }
+}
+
+/// A rank's position in the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Coords {
+    pub dp: u32,
+    pub pp: u32,
+    pub tp: u32,
+}
+
+/// Sizes of the three parallel dimensions. All are at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layout {
+    pub tp: u32,
+    pub pp: u32,
+    pub dp: u32,
+}
+
+impl Layout {
+    /// # Panics
+    /// If a size is zero; recipes are validated before a layout is built.
+    pub fn new(tp: u32, pp: u32, dp: u32) -> Layout {
+        assert!(tp > 0 && pp > 0 && dp > 0, "layout sizes must be positive");
+        Layout { tp, pp, dp }
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.tp * self.pp * self.dp
+    }
+
+    /// Coordinates of `rank`; `None` outside the world.
+    pub fn coords(&self, rank: Rank) -> Option<Coords> {
+        let r = rank.0;
+        (r < self.world_size()).then(|| Coords {
+            tp: r % self.tp,
+            pp: (r / self.tp) % self.pp,
+            dp: r / (self.tp * self.pp),
+        })
+    }
+
+    /// The rank at `coords`; `None` if a coordinate is out of range.
+    pub fn rank(&self, c: Coords) -> Option<Rank> {
+        (c.tp < self.tp && c.pp < self.pp && c.dp < self.dp)
+            .then(|| Rank(c.tp + self.tp * (c.pp + self.pp * c.dp)))
+    }
+
+    fn group(&self, rank: Rank, vary: impl Fn(Coords, u32) -> Coords, size: u32) -> Vec<Rank> {
+        let c = self
+            .coords(rank)
+            .unwrap_or_else(|| panic!("{rank} is outside a world of {}", self.world_size()));
+        (0..size)
+            .map(|i| self.rank(vary(c, i)).expect("in range by construction"))
+            .collect()
+    }
+
+    /// The ranks that share `rank`'s pipeline stage and data-parallel replica,
+    /// in tensor-parallel order.
+    pub fn tp_group(&self, rank: Rank) -> Vec<Rank> {
+        self.group(rank, |c, i| Coords { tp: i, ..c }, self.tp)
+    }
+
+    /// The stages of `rank`'s pipeline, first stage first.
+    pub fn pp_group(&self, rank: Rank) -> Vec<Rank> {
+        self.group(rank, |c, i| Coords { pp: i, ..c }, self.pp)
+    }
+
+    /// The replicas of `rank`'s shard, which all-reduce its gradients.
+    pub fn dp_group(&self, rank: Rank) -> Vec<Rank> {
+        self.group(rank, |c, i| Coords { dp: i, ..c }, self.dp)
+    }
+
+    /// The fraction of ideal step time a 1F1B (or GPipe) pipeline idles:
+    /// `(p − 1) / m` for `m` microbatches.
+    pub fn bubble_fraction(&self, microbatches: u32) -> f64 {
+        f64::from(self.pp - 1) / f64::from(microbatches.max(1))
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tp={} pp={} dp={}", self.tp, self.pp, self.dp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn tensor_parallel_is_innermost() {
+        let l = Layout::new(2, 3, 2);
+        assert_eq!(l.world_size(), 12);
+        assert_eq!(
+            l.coords(Rank(0)),
+            Some(Coords {
+                dp: 0,
+                pp: 0,
+                tp: 0
+            })
+        );
+        assert_eq!(
+            l.coords(Rank(1)),
+            Some(Coords {
+                dp: 0,
+                pp: 0,
+                tp: 1
+            })
+        );
+        assert_eq!(
+            l.coords(Rank(2)),
+            Some(Coords {
+                dp: 0,
+                pp: 1,
+                tp: 0
+            })
+        );
+        assert_eq!(
+            l.coords(Rank(6)),
+            Some(Coords {
+                dp: 1,
+                pp: 0,
+                tp: 0
+            })
+        );
+        assert_eq!(l.coords(Rank(12)), None);
+        assert_eq!(l.tp_group(Rank(3)), vec![Rank(2), Rank(3)]);
+        assert_eq!(l.pp_group(Rank(7)), vec![Rank(7), Rank(9), Rank(11)]);
+        assert_eq!(l.dp_group(Rank(5)), vec![Rank(5), Rank(11)]);
+    }
+
+    #[test]
+    fn bubble_matches_narayanan() {
+        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8), 3.0 / 8.0);
+        assert_eq!(Layout::new(1, 1, 1).bubble_fraction(1), 0.0);
+    }
+
+    proptest! {
+        #[test]
+        fn ranks_and_coords_are_a_bijection(tp in 1u32..5, pp in 1u32..5, dp in 1u32..5) {
+            let l = Layout::new(tp, pp, dp);
+            let mut seen = HashSet::new();
+            for r in 0..l.world_size() {
+                let c = l.coords(Rank(r)).unwrap();
+                prop_assert_eq!(l.rank(c), Some(Rank(r)));
+                prop_assert!(seen.insert((c.dp, c.pp, c.tp)));
+            }
+        }
+
+        #[test]
+        fn each_kind_of_group_partitions_the_world(tp in 1u32..5, pp in 1u32..5, dp in 1u32..5) {
+            let l = Layout::new(tp, pp, dp);
+            type GroupFn = fn(&Layout, Rank) -> Vec<Rank>;
+            let kinds: [(GroupFn, u32); 3] =
+                [(Layout::tp_group, tp), (Layout::pp_group, pp), (Layout::dp_group, dp)];
+            for (group_of, size) in kinds {
+                let mut groups = HashSet::new();
+                for r in 0..l.world_size() {
+                    let g = group_of(&l, Rank(r));
+                    prop_assert_eq!(g.len() as u32, size);
+                    prop_assert!(g.contains(&Rank(r)));
+                    // Every member sees the same group.
+                    for m in &g {
+                        prop_assert_eq!(&group_of(&l, *m), &g);
+                    }
+                    groups.insert(g);
+                }
+                prop_assert_eq!(groups.len() as u32 * size, l.world_size());
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! strata's job recipe.
+//!
+//! A recipe is a TOML file that says what model to train, on what data, with
+//! which parallel layout, optimizer, learning-rate schedule and
+//! hyperparameters. [`Recipe::from_toml_str`] parses it (unknown keys are
+//! errors) and validates it once, reporting every problem with the field named
+//! and the numbers shown; the result is a typed [`Recipe`] in which quantities
+//! chosen by a scaling law (`lr = "step-law"`) are resolved.
+//!
+//! This crate is pure: it does no I/O and knows nothing of gRPC, so the
+//! coordinator, the workers and `strata plan` (offline) all read recipes the
+//! same way.
+
+pub mod laws;
+pub mod layout;
+pub mod model;
+pub mod plan;
+pub mod quantity;
+pub mod schedule;
+pub mod spec;
+mod validate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use layout::{Coords, Layout, Rank};
+pub use model::ModelConfig;
+pub use quantity::{CurriculumSpec as Curriculum, NamedCurriculum, Quantity};
+pub use schedule::{Decay, DecayShape, Phase, PowerLaw, Schedule, ScheduleKind};
+pub use spec::RecipeSpec;
+
+/// One thing wrong with a recipe: the field (a dotted path such as
+/// `parallel.tp`) and what is wrong with it, numbers included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a recipe was rejected: every problem found, not only the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct RecipeError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "invalid recipe: {one}"),
+            many => {
+                write!(f, "invalid recipe ({} problems):", many.len())?;
+                for p in many {
+                    write!(f, "\n  {p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl RecipeError {
+    /// Whether any problem names `field` (exactly, or a key inside it).
+    pub fn names(&self, field: &str) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.field == field || p.field.starts_with(&format!("{field}.")))
+    }
+}
+
+/// `[parallel]` once validated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ParallelConfig {
+    pub layout: Layout,
+    /// Microbatches per step on each data-parallel rank.
+    pub microbatches: u32,
+}
+
+/// `[data]` once validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    /// Object-store URL of the decomposed dataset. Whether it exists is
+    /// checked at submission, not here.
+    pub dataset: String,
+    pub curriculum: Curriculum,
+    pub cycles: u32,
+    /// Tokens per optimizer step, constant whatever the bucket.
+    pub tokens_per_step: u64,
+    /// Tokens the run trains on: whole steps of `tokens_per_step`. Every
+    /// schedule ends here.
+    pub total_tokens: u64,
+}
+
+impl DataConfig {
+    pub fn n_steps(&self) -> u64 {
+        self.total_tokens / self.tokens_per_step
+    }
+}
+
+/// AdamW with decoupled weight decay. The learning rate comes from the
+/// [`Schedule`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping threshold; `None` when off.
+    pub grad_clip: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointConfig {
+    pub every_steps: u64,
+    /// Complete checkpoints kept; `None` keeps all.
+    pub keep_last: Option<u64>,
+    pub dir: String,
+}
+
+/// A value the recipe left to a law, or that validation had to round, and
+/// how it was settled. `strata plan` prints these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub field: String,
+    pub value: f64,
+    pub how: String,
+}
+
+/// A validated recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub name: String,
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub parallel: ParallelConfig,
+    pub data: DataConfig,
+    pub optimizer: AdamWConfig,
+    pub schedule: Schedule,
+    pub checkpoint: Option<CheckpointConfig>,
+    pub resolutions: Vec<Resolution>,
+}
+
+impl Recipe {
+    /// Parses and validates a recipe. `default_name` names the job when the
+    /// recipe has no `name` (the CLI passes the file stem).
+    pub fn from_toml_str(text: &str, default_name: &str) -> Result<Recipe, RecipeError> {
+        let spec = RecipeSpec::from_toml_str(text)?;
+        Recipe::from_spec(&spec, default_name)
+    }
+
+    /// Validates a parsed recipe, reporting every problem at once.
+    pub fn from_spec(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, RecipeError> {
+        validate::validate(spec, default_name)
+    }
+}
+
+impl RecipeSpec {
+    /// Parses TOML into the spec, rejecting unknown keys. A syntax or type
+    /// error is one problem naming the key's dotted path and its line.
+    pub fn from_toml_str(text: &str) -> Result<RecipeSpec, RecipeError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax_problem(text, "", &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            syntax_problem(text, &path, e.inner())
+        })
+    }
+}
+
+fn syntax_problem(text: &str, path: &str, e: &toml::de::Error) -> RecipeError {
+    let path = if path == "." { "" } else { path };
+    let mut message = e.message().trim().to_string();
+    // Name an unknown key by its full path, not its parent table's.
+    let mut field = path.to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some(key) = rest.split('`').next() {
+            let named = path == key || path.ends_with(&format!(".{key}"));
+            field = match (path.is_empty(), named) {
+                (true, _) => key.to_string(),
+                (false, true) => path.to_string(),
+                (false, false) => format!("{path}.{key}"),
+            };
+        }
+    }
+    if let Some(span) = e.span() {
+        let (line, col) = line_col(text, span.start);
+        message = format!("{message} (line {line}, column {col})");
+    }
+    let field = if field.is_empty() {
+        "recipe".to_string()
+    } else {
+        field
+    };
+    RecipeError {
+        problems: vec![Problem { field, message }],
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}

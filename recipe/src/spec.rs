@@ -1,0 +1,200 @@
+//! The recipe as written: TOML sections deserialised with
+//! `deny_unknown_fields`, before validation.
+//!
+//! Integer sizes are read as `i64` so that a negative or zero value reaches
+//! validation (which reports every problem at once) instead of stopping the
+//! parser at the first one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{CurriculumSpec, Quantity};
+use crate::schedule::DecayShape;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeSpec {
+    /// A name for the job; defaults to the recipe's file stem.
+    pub name: Option<String>,
+    /// Seeds parameter init, the data curriculum and dropout-free sampling.
+    #[serde(default = "default_seed")]
+    pub seed: i64,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub parallel: ParallelSpec,
+    pub data: DataSpec,
+    pub optimizer: OptimizerSpec,
+    pub schedule: ScheduleSpec,
+    pub checkpoint: Option<CheckpointSpec>,
+}
+
+fn default_seed() -> i64 {
+    1234
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub n_layers: i64,
+    pub d_model: i64,
+    pub n_heads: i64,
+    /// Defaults to `n_heads` (full multi-head attention).
+    pub n_kv_heads: Option<i64>,
+    /// Hidden width of the SwiGLU MLP.
+    pub d_ffn: i64,
+    pub vocab_size: i64,
+    pub max_seq_len: i64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_embeddings: bool,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    #[serde(default = "one")]
+    pub tp: i64,
+    #[serde(default = "one")]
+    pub pp: i64,
+    #[serde(default = "one")]
+    pub dp: i64,
+    /// Microbatches per step on each data-parallel rank.
+    #[serde(default = "one")]
+    pub microbatches: i64,
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        ParallelSpec {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            microbatches: 1,
+        }
+    }
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Object-store URL of a decomposed dataset (`file:///…`, `s3://bucket/prefix`
+    /// or a local path).
+    pub dataset: String,
+    #[serde(default = "default_curriculum")]
+    pub curriculum: CurriculumSpec,
+    #[serde(default = "one")]
+    pub cycles: i64,
+    pub tokens_per_step: Quantity,
+    pub total_tokens: Quantity,
+}
+
+fn default_curriculum() -> CurriculumSpec {
+    CurriculumSpec::Named(crate::quantity::NamedCurriculum::GrowP2)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Peak learning rate, or `"step-law"`. Not used by the `power` schedule,
+    /// whose peak is `min(lr_max, β·a·n^b)`.
+    pub lr: Option<Quantity>,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm; 0 turns clipping off.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+
+/// `[schedule]`. One flat table whose `kind` says which keys apply; a key
+/// the kind does not use is a validation error naming both, and defaults
+/// depend on the kind (see [`crate::schedule`] and the README).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub kind: ScheduleKindName,
+    pub warmup_tokens: Option<Quantity>,
+    /// wsd (required), power (default 0: no decay).
+    pub decay_tokens: Option<Quantity>,
+    /// wsd (default linear), power (default exponential).
+    pub decay_shape: Option<DecayShape>,
+    /// cosine (default 0.1), wsd and power (default 0).
+    pub final_lr_fraction: Option<f64>,
+    /// wsd, power: where the decay starts; defaults to total − decay_tokens.
+    pub decay_start_tokens: Option<Quantity>,
+    /// power: `a` of `min(lr_max, β·a·n^b)` (default 4).
+    pub a: Option<f64>,
+    /// power: `b` (default −0.51).
+    pub b: Option<f64>,
+    /// power: the cap (default 0.02).
+    pub lr_max: Option<f64>,
+    /// power: β, the batch size in sequences (default tokens_per_step / 4096,
+    /// the paper's sequence length).
+    pub batch_sequences: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKindName {
+    Constant,
+    Cosine,
+    InverseSqrt,
+    Wsd,
+    Power,
+}
+
+impl ScheduleKindName {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScheduleKindName::Constant => "constant",
+            ScheduleKindName::Cosine => "cosine",
+            ScheduleKindName::InverseSqrt => "inverse_sqrt",
+            ScheduleKindName::Wsd => "wsd",
+            ScheduleKindName::Power => "power",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    pub every_steps: i64,
+    /// How many complete checkpoints to keep; 0 keeps all.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: i64,
+    /// Object-store URL of the run's checkpoint folder.
+    pub dir: String,
+}
+
+fn default_keep_last() -> i64 {
+    3
+}

@@ -1,0 +1,828 @@
+//! From [`RecipeSpec`] to [`Recipe`]: every check, every problem reported.
+//!
+//! Each section is checked even when an earlier one failed, so that a user
+//! fixes a recipe in one pass. A check that needs a value which was itself
+//! invalid is skipped (its field already has a problem).
+
+use crate::laws::POWER_SEQUENCE_LEN;
+use crate::laws::{step_law_batch_tokens, step_law_lr};
+use crate::model::{ModelConfig, VOCAB_PAD_MULTIPLE, padded_vocab_size};
+use crate::quantity::{CurriculumSpec, Quantity, STEP_LAW};
+use crate::schedule::{Decay, DecayShape, PowerLaw, Schedule, ScheduleKind};
+use crate::spec::{RecipeSpec, ScheduleKindName, ScheduleSpec};
+use crate::{
+    AdamWConfig, CheckpointConfig, DataConfig, Layout, ParallelConfig, Problem, Recipe,
+    RecipeError, Resolution,
+};
+
+/// Token counts must be exact in `f64`, which every schedule computes in.
+const MAX_TOKENS: f64 = 9_007_199_254_740_992.0; // 2^53
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+    resolutions: Vec<Resolution>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&mut self, field: &str, value: f64, how: String) {
+        self.resolutions.push(Resolution {
+            field: field.to_string(),
+            value,
+            how,
+        });
+    }
+
+    fn positive(&mut self, field: &str, v: i64) -> Option<u64> {
+        if v > 0 {
+            Some(v as u64)
+        } else {
+            self.fail(field, format!("must be a positive integer, got {v}"));
+            None
+        }
+    }
+
+    fn positive_u32(&mut self, field: &str, v: i64) -> Option<u32> {
+        let v = self.positive(field, v)?;
+        match u32::try_from(v) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.fail(field, format!("{v} is too large (at most {})", u32::MAX));
+                None
+            }
+        }
+    }
+
+    /// A token count: a whole, finite number (positive unless `allow_zero`).
+    fn tokens(&mut self, field: &str, q: Quantity, allow_zero: bool) -> Option<u64> {
+        let Quantity::Number(x) = q else {
+            self.fail(
+                field,
+                format!("\"{STEP_LAW}\" cannot choose this value; give a token count"),
+            );
+            return None;
+        };
+        let ok_sign = if allow_zero { x >= 0.0 } else { x > 0.0 };
+        let wanted = if allow_zero {
+            "a whole number of tokens, 0 or more"
+        } else {
+            "a positive whole number of tokens"
+        };
+        if !x.is_finite() || !ok_sign || x.fract() != 0.0 {
+            self.fail(field, format!("must be {wanted}, got {x}"));
+            return None;
+        }
+        if x > MAX_TOKENS {
+            self.fail(field, format!("{x:e} is more than 2^53 tokens"));
+            return None;
+        }
+        Some(x as u64)
+    }
+
+    fn finite_in(
+        &mut self,
+        field: &str,
+        v: f64,
+        ok: impl Fn(f64) -> bool,
+        wanted: &str,
+    ) -> Option<f64> {
+        if v.is_finite() && ok(v) {
+            Some(v)
+        } else {
+            self.fail(field, format!("must be {wanted}, got {v}"));
+            None
+        }
+    }
+
+    fn fraction(&mut self, field: &str, v: f64) -> Option<f64> {
+        self.finite_in(field, v, |v| (0.0..=1.0).contains(&v), "between 0 and 1")
+    }
+
+    fn positive_f64(&mut self, field: &str, v: f64) -> Option<f64> {
+        self.finite_in(field, v, |v| v > 0.0, "a positive number")
+    }
+
+    fn storage_url(&mut self, field: &str, url: &str) -> Option<String> {
+        let fail = |c: &mut Checker, why: String| {
+            c.fail(field, format!("\"{url}\": {why}"));
+            None
+        };
+        if url.trim().is_empty() {
+            return fail(self, "must not be empty".into());
+        }
+        if let Some((scheme, rest)) = url.split_once("://") {
+            match scheme {
+                "file" if !rest.starts_with('/') => {
+                    return fail(self, "a file URL needs an absolute path (file:///…)".into());
+                }
+                "s3" if rest.split('/').next().unwrap_or("").is_empty() => {
+                    return fail(self, "names no bucket (s3://bucket/prefix)".into());
+                }
+                "file" | "s3" => {}
+                other => {
+                    return fail(
+                        self,
+                        format!(
+                            "unsupported scheme `{other}`; use file:///…, s3://bucket/prefix or a local path"
+                        ),
+                    );
+                }
+            }
+        }
+        Some(url.to_string())
+    }
+}
+
+fn job_name(c: &mut Checker, name: Option<&str>, default_name: &str) -> String {
+    let ok = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.');
+    match name {
+        Some(n) => {
+            if n.is_empty() || n.len() > 128 || !n.chars().all(ok) {
+                c.fail(
+                    "name",
+                    format!(
+                        "\"{n}\" is not a job name: use 1 to 128 letters, digits, '-', '_' or '.'"
+                    ),
+                );
+            }
+            n.to_string()
+        }
+        None => {
+            let cleaned: String = default_name
+                .chars()
+                .map(|ch| if ok(ch) { ch } else { '-' })
+                .take(128)
+                .collect();
+            if cleaned.is_empty() {
+                "job".to_string()
+            } else {
+                cleaned
+            }
+        }
+    }
+}
+
+pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, RecipeError> {
+    let mut c = Checker::default();
+    let name = job_name(&mut c, spec.name.as_deref(), default_name);
+    let seed = u64::try_from(spec.seed).ok();
+    if seed.is_none() {
+        c.fail("seed", format!("must be 0 or more, got {}", spec.seed));
+    }
+
+    // [model]
+    let m = &spec.model;
+    let n_layers = c.positive("model.n_layers", m.n_layers);
+    let d_model = c.positive("model.d_model", m.d_model);
+    let n_heads = c.positive("model.n_heads", m.n_heads);
+    let n_kv_heads = match m.n_kv_heads {
+        Some(kv) => c.positive("model.n_kv_heads", kv),
+        None => n_heads,
+    };
+    let d_ffn = c.positive("model.d_ffn", m.d_ffn);
+    let vocab_size = c.positive("model.vocab_size", m.vocab_size);
+    let max_seq_len = c.positive("model.max_seq_len", m.max_seq_len);
+    let rope_theta = c.positive_f64("model.rope_theta", m.rope_theta);
+    if let (Some(d), Some(h)) = (d_model, n_heads) {
+        if d % h != 0 {
+            c.fail(
+                "model.d_model",
+                format!("{d} is not divisible by model.n_heads = {h}"),
+            );
+        } else if (d / h) % 2 != 0 {
+            c.fail(
+                "model.d_model",
+                format!(
+                    "head dimension d_model / n_heads = {d} / {h} = {} is odd; rotary embeddings rotate pairs of dimensions",
+                    d / h
+                ),
+            );
+        }
+    }
+    if let (Some(h), Some(kv)) = (n_heads, n_kv_heads) {
+        if h % kv != 0 {
+            c.fail(
+                "model.n_kv_heads",
+                format!("{kv} does not divide model.n_heads = {h}: each KV head serves a whole group of query heads"),
+            );
+        }
+    }
+    if let Some(s) = max_seq_len {
+        if !s.is_power_of_two() {
+            c.fail(
+                "model.max_seq_len",
+                format!(
+                    "{s} is not a power of two; dataset-decomposition buckets hold sequences of 2^k tokens (nearest: {} or {})",
+                    s.next_power_of_two() / 2,
+                    s.next_power_of_two()
+                ),
+            );
+        }
+    }
+
+    // [parallel]
+    let p = &spec.parallel;
+    let tp = c.positive_u32("parallel.tp", p.tp);
+    let pp = c.positive_u32("parallel.pp", p.pp);
+    let dp = c.positive_u32("parallel.dp", p.dp);
+    let microbatches = c.positive_u32("parallel.microbatches", p.microbatches);
+    if let Some(tp) = tp {
+        for (what, v) in [
+            ("model.n_heads", n_heads),
+            ("model.n_kv_heads", n_kv_heads),
+            ("model.d_ffn", d_ffn),
+        ] {
+            if let Some(v) = v {
+                if v % u64::from(tp) != 0 {
+                    c.fail("parallel.tp", format!("{tp} does not divide {what} = {v}"));
+                }
+            }
+        }
+    }
+    if let (Some(pp), Some(l)) = (pp, n_layers) {
+        if l % u64::from(pp) != 0 {
+            c.fail(
+                "parallel.pp",
+                format!("{pp} does not divide model.n_layers = {l}"),
+            );
+        }
+    }
+    if let (Some(pp), Some(mb)) = (pp, microbatches) {
+        if pp > 1 && mb < pp {
+            c.fail(
+                "parallel.microbatches",
+                format!("{mb} is less than parallel.pp = {pp}: 1F1B needs at least one microbatch per pipeline stage"),
+            );
+        }
+    }
+    let layout = match (tp, pp, dp) {
+        (Some(tp), Some(pp), Some(dp)) => {
+            match tp.checked_mul(pp).and_then(|x| x.checked_mul(dp)) {
+                Some(_) => Some(Layout::new(tp, pp, dp)),
+                None => {
+                    c.fail(
+                        "parallel",
+                        format!("tp·pp·dp = {tp}·{pp}·{dp} overflows a 32-bit world size"),
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let parallel = (|| {
+        Some(ParallelConfig {
+            layout: layout?,
+            microbatches: microbatches?,
+        })
+    })();
+
+    if let (Some(v), Some(tp)) = (vocab_size, tp) {
+        let padded = padded_vocab_size(v, u64::from(tp));
+        if padded != v {
+            c.resolve(
+                "model.vocab_size",
+                padded as f64,
+                format!(
+                    "embedding and output rows padded from {v} to {padded}, a multiple of lcm({VOCAB_PAD_MULTIPLE}, parallel.tp = {tp}); padded rows are never targets"
+                ),
+            );
+        }
+    }
+    let model = (|| {
+        Some(ModelConfig {
+            n_layers: n_layers?,
+            d_model: d_model?,
+            n_heads: n_heads?,
+            n_kv_heads: n_kv_heads?,
+            d_ffn: d_ffn?,
+            vocab_size: vocab_size?,
+            padded_vocab_size: padded_vocab_size(vocab_size?, u64::from(tp?)),
+            max_seq_len: max_seq_len?,
+            rope_theta: rope_theta?,
+            tie_embeddings: m.tie_embeddings,
+        })
+    })();
+
+    // [data]
+    let (data, run) = check_data(&mut c, spec, max_seq_len, dp, microbatches);
+
+    // [optimizer]
+    let o = &spec.optimizer;
+    let is_power = spec.schedule.kind == ScheduleKindName::Power;
+    let peak_lr = match (o.lr, is_power) {
+        (Some(_), true) => {
+            c.fail(
+                "optimizer.lr",
+                "the power schedule sets the LR itself (min(lr_max, β·a·n^b)); remove optimizer.lr, or tune schedule.lr_max, schedule.a and schedule.b",
+            );
+            None
+        }
+        (None, true) => None,
+        (None, false) => {
+            c.fail(
+                "optimizer.lr",
+                format!("missing: give the peak learning rate, or \"{STEP_LAW}\""),
+            );
+            None
+        }
+        (Some(Quantity::Number(lr)), false) => c.positive_f64("optimizer.lr", lr),
+        (Some(Quantity::StepLaw), false) => match (&model, run) {
+            (Some(model), Some(run)) => {
+                let n = model.non_embedding_params() as f64;
+                let d = run.total as f64;
+                let lr = step_law_lr(n, d);
+                c.resolve(
+                    "optimizer.lr",
+                    lr,
+                    format!(
+                        "Step Law η = 1.79·N^−0.713·D^0.307 with N = {n:.4e} non-embedding parameters, D = {d:.4e} tokens"
+                    ),
+                );
+                Some(lr)
+            }
+            // The model or data problems are already reported.
+            _ => None,
+        },
+    };
+    let beta1 = c.finite_in(
+        "optimizer.beta1",
+        o.beta1,
+        |b| (0.0..1.0).contains(&b),
+        "in [0, 1)",
+    );
+    let beta2 = c.finite_in(
+        "optimizer.beta2",
+        o.beta2,
+        |b| (0.0..1.0).contains(&b),
+        "in [0, 1)",
+    );
+    let eps = c.positive_f64("optimizer.eps", o.eps);
+    let weight_decay = c.finite_in(
+        "optimizer.weight_decay",
+        o.weight_decay,
+        |w| w >= 0.0,
+        "0 or more",
+    );
+    let grad_clip = c.finite_in(
+        "optimizer.grad_clip",
+        o.grad_clip,
+        |g| g >= 0.0,
+        "0 (off) or more",
+    );
+    let optimizer = (|| {
+        Some(AdamWConfig {
+            beta1: beta1?,
+            beta2: beta2?,
+            eps: eps?,
+            weight_decay: weight_decay?,
+            grad_clip: grad_clip.map(|g| (g > 0.0).then_some(g))?,
+        })
+    })();
+
+    // [schedule]
+    let schedule = check_schedule(&mut c, &spec.schedule, run, peak_lr);
+
+    // [checkpoint]
+    let checkpoint = match &spec.checkpoint {
+        None => Some(None),
+        Some(ck) => {
+            let every_steps = c.positive("checkpoint.every_steps", ck.every_steps);
+            let keep_last = u64::try_from(ck.keep_last).ok();
+            if keep_last.is_none() {
+                c.fail(
+                    "checkpoint.keep_last",
+                    format!("must be 0 (keep all) or more, got {}", ck.keep_last),
+                );
+            }
+            let dir = c.storage_url("checkpoint.dir", &ck.dir);
+            (|| {
+                Some(Some(CheckpointConfig {
+                    every_steps: every_steps?,
+                    keep_last: keep_last.map(|k| (k > 0).then_some(k))?,
+                    dir: dir?,
+                }))
+            })()
+        }
+    };
+
+    let recipe = (|| {
+        Some(Recipe {
+            name: name.clone(),
+            seed: seed?,
+            model: model?,
+            parallel: parallel?,
+            data: data.clone()?,
+            optimizer: optimizer?,
+            schedule: schedule.clone()?,
+            checkpoint: checkpoint.clone()?,
+            resolutions: Vec::new(),
+        })
+    })();
+    match recipe {
+        Some(mut r) if c.problems.is_empty() => {
+            r.resolutions = c.resolutions;
+            Ok(r)
+        }
+        _ => {
+            debug_assert!(!c.problems.is_empty(), "a missing value without a problem");
+            Err(RecipeError {
+                problems: c.problems,
+            })
+        }
+    }
+}
+
+/// The run's token accounting, which the schedule and the laws need even
+/// when another `[data]` field (say the dataset URL) is invalid.
+#[derive(Clone, Copy)]
+struct RunTokens {
+    total: u64,
+    tokens_per_step: u64,
+}
+
+fn check_data(
+    c: &mut Checker,
+    spec: &RecipeSpec,
+    max_seq_len: Option<u64>,
+    dp: Option<u32>,
+    microbatches: Option<u32>,
+) -> (Option<DataConfig>, Option<RunTokens>) {
+    let d = &spec.data;
+    let dataset = c.storage_url("data.dataset", &d.dataset);
+    let curriculum = check_curriculum(c, &d.curriculum);
+    let cycles = c.positive_u32("data.cycles", d.cycles);
+    let run = check_run_tokens(c, spec, max_seq_len, dp, microbatches);
+    let data = (|| {
+        Some(DataConfig {
+            dataset: dataset?,
+            curriculum: curriculum?,
+            cycles: cycles?,
+            tokens_per_step: run?.tokens_per_step,
+            total_tokens: run?.total,
+        })
+    })();
+    (data, run)
+}
+
+fn check_curriculum(c: &mut Checker, curriculum: &CurriculumSpec) -> Option<CurriculumSpec> {
+    match curriculum {
+        CurriculumSpec::Named(n) => Some(CurriculumSpec::Named(*n)),
+        CurriculumSpec::Odds(odds) => {
+            let bad: Vec<String> = odds
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !o.is_finite() || **o < 0.0)
+                .map(|(i, o)| format!("[{i}] = {o}"))
+                .collect();
+            if odds.is_empty() {
+                c.fail(
+                    "data.curriculum",
+                    "an odds list needs one entry per bucket, smallest bucket first",
+                );
+                None
+            } else if !bad.is_empty() {
+                c.fail(
+                    "data.curriculum",
+                    format!("odds must be finite and 0 or more: {}", bad.join(", ")),
+                );
+                None
+            } else if odds.iter().all(|o| *o == 0.0) {
+                c.fail(
+                    "data.curriculum",
+                    "every odds entry is 0: no bucket could be drawn",
+                );
+                None
+            } else {
+                Some(CurriculumSpec::Odds(odds.clone()))
+            }
+        }
+    }
+}
+
+fn check_run_tokens(
+    c: &mut Checker,
+    spec: &RecipeSpec,
+    max_seq_len: Option<u64>,
+    dp: Option<u32>,
+    microbatches: Option<u32>,
+) -> Option<RunTokens> {
+    let d = &spec.data;
+    let requested_total = c.tokens("data.total_tokens", d.total_tokens, false);
+    // Every bucket (2^k ≤ max_seq_len) must split into whole sequences per
+    // microbatch on every data-parallel rank.
+    let granularity = (|| Some(max_seq_len? * u64::from(dp?) * u64::from(microbatches?)))();
+    let tokens_per_step = match d.tokens_per_step {
+        Quantity::StepLaw => match (requested_total, granularity) {
+            (Some(total), Some(g)) => {
+                let b = step_law_batch_tokens(total as f64);
+                let rounded = ((b / g as f64).round() as u64).max(1) * g;
+                c.resolve(
+                    "data.tokens_per_step",
+                    rounded as f64,
+                    format!(
+                        "Step Law B = 0.58·D^0.571 = {b:.0} tokens for D = {total}, rounded to a multiple of max_seq_len·dp·microbatches = {g}"
+                    ),
+                );
+                Some(rounded)
+            }
+            _ => None,
+        },
+        q => {
+            let tps = c.tokens("data.tokens_per_step", q, false)?;
+            if let (Some(g), Some(s), Some(dp), Some(mb)) =
+                (granularity, max_seq_len, dp, microbatches)
+            {
+                if tps % g != 0 {
+                    let lower = tps / g * g;
+                    let nearest = if lower == 0 {
+                        format!("{g}")
+                    } else {
+                        format!("{lower} or {}", lower + g)
+                    };
+                    c.fail(
+                        "data.tokens_per_step",
+                        format!(
+                            "{tps} is not divisible by model.max_seq_len·parallel.dp·parallel.microbatches = {s}·{dp}·{mb} = {g}: every bucket must split evenly into microbatches on every data-parallel rank (nearest: {nearest})"
+                        ),
+                    );
+                    return None;
+                }
+            }
+            Some(tps)
+        }
+    };
+    let (requested_total, tokens_per_step) = (requested_total?, tokens_per_step?);
+    if tokens_per_step > requested_total {
+        c.fail(
+            "data.total_tokens",
+            format!("{requested_total} is less than one step of data.tokens_per_step = {tokens_per_step}"),
+        );
+        return None;
+    }
+    let n_steps = requested_total / tokens_per_step;
+    let total_tokens = n_steps * tokens_per_step;
+    if total_tokens != requested_total {
+        c.resolve(
+            "data.total_tokens",
+            total_tokens as f64,
+            format!(
+                "{requested_total} is not a whole number of steps of {tokens_per_step} tokens: the run trains {n_steps} steps = {total_tokens} tokens, and every schedule ends there"
+            ),
+        );
+    }
+    Some(RunTokens {
+        total: total_tokens,
+        tokens_per_step,
+    })
+}
+
+/// Which `[schedule]` keys each kind uses.
+fn keys_used_by(kind: ScheduleKindName) -> &'static [&'static str] {
+    match kind {
+        ScheduleKindName::Constant | ScheduleKindName::InverseSqrt => &["warmup_tokens"],
+        ScheduleKindName::Cosine => &["warmup_tokens", "final_lr_fraction"],
+        ScheduleKindName::Wsd => &[
+            "warmup_tokens",
+            "decay_tokens",
+            "decay_shape",
+            "final_lr_fraction",
+            "decay_start_tokens",
+        ],
+        ScheduleKindName::Power => &[
+            "warmup_tokens",
+            "decay_tokens",
+            "decay_shape",
+            "final_lr_fraction",
+            "decay_start_tokens",
+            "a",
+            "b",
+            "lr_max",
+            "batch_sequences",
+        ],
+    }
+}
+
+/// Checks `[schedule]`. `run` is the run's token accounting when `[data]`
+/// gave one; `peak_lr` is the optimizer's peak when it was valid.
+fn check_schedule(
+    c: &mut Checker,
+    spec: &ScheduleSpec,
+    run: Option<RunTokens>,
+    peak_lr: Option<f64>,
+) -> Option<Schedule> {
+    let kind_name = spec.kind;
+    let set = [
+        ("warmup_tokens", spec.warmup_tokens.is_some()),
+        ("decay_tokens", spec.decay_tokens.is_some()),
+        ("decay_shape", spec.decay_shape.is_some()),
+        ("final_lr_fraction", spec.final_lr_fraction.is_some()),
+        ("decay_start_tokens", spec.decay_start_tokens.is_some()),
+        ("a", spec.a.is_some()),
+        ("b", spec.b.is_some()),
+        ("lr_max", spec.lr_max.is_some()),
+        ("batch_sequences", spec.batch_sequences.is_some()),
+    ];
+    let used = keys_used_by(kind_name);
+    for (key, is_set) in set {
+        if is_set && !used.contains(&key) {
+            c.fail(
+                &format!("schedule.{key}"),
+                format!(
+                    "is not used by schedule.kind = \"{}\" (it takes: {})",
+                    kind_name.name(),
+                    used.join(", ")
+                ),
+            );
+        }
+    }
+
+    let total = run.map(|r| r.total);
+    let is_inverse_sqrt = kind_name == ScheduleKindName::InverseSqrt;
+    let warmup = match spec.warmup_tokens {
+        Some(q) => c.tokens("schedule.warmup_tokens", q, !is_inverse_sqrt),
+        None if is_inverse_sqrt => {
+            c.fail(
+                "schedule.warmup_tokens",
+                "missing: inverse_sqrt needs a positive warmup (its LR is peak·√(warmup_tokens / n))",
+            );
+            None
+        }
+        None => Some(0),
+    };
+    if let (Some(w), Some(t)) = (warmup, total) {
+        if w > t {
+            c.fail(
+                "schedule.warmup_tokens",
+                format!("{w} exceeds the run's {t} tokens (data.total_tokens)"),
+            );
+        }
+    }
+
+    let decay = |c: &mut Checker, shape: DecayShape, required: bool| {
+        let tokens = match spec.decay_tokens {
+            Some(q) => Some(q),
+            None if required => {
+                c.fail(
+                    "schedule.decay_tokens",
+                    format!(
+                        "missing: a {} schedule needs the length of its decay",
+                        kind_name.name()
+                    ),
+                );
+                None
+            }
+            None => Some(Quantity::Number(0.0)),
+        };
+        check_decay(
+            c,
+            DecaySpec {
+                tokens: tokens?,
+                start: spec.decay_start_tokens,
+                shape: spec.decay_shape.unwrap_or(shape),
+                final_fraction: spec.final_lr_fraction.unwrap_or(0.0),
+                required,
+            },
+            warmup,
+            total,
+        )
+    };
+
+    let kind = match kind_name {
+        ScheduleKindName::Constant => Some(ScheduleKind::Constant { peak_lr: peak_lr? }),
+        ScheduleKindName::InverseSqrt => Some(ScheduleKind::InverseSqrt { peak_lr: peak_lr? }),
+        ScheduleKindName::Cosine => {
+            let f = c.fraction(
+                "schedule.final_lr_fraction",
+                spec.final_lr_fraction.unwrap_or(0.1),
+            );
+            Some(ScheduleKind::Cosine {
+                peak_lr: peak_lr?,
+                final_lr_fraction: f?,
+            })
+        }
+        ScheduleKindName::Wsd => {
+            let decay = decay(c, DecayShape::Linear, true);
+            Some(ScheduleKind::Wsd {
+                peak_lr: peak_lr?,
+                decay: decay?,
+            })
+        }
+        ScheduleKindName::Power => {
+            let decay = decay(c, DecayShape::Exponential, false);
+            let a = c.positive_f64("schedule.a", spec.a.unwrap_or(4.0));
+            let b = c.finite_in(
+                "schedule.b",
+                spec.b.unwrap_or(-0.51),
+                |b| b < 0.0,
+                "negative (the LR falls as tokens grow)",
+            );
+            let lr_max = c.positive_f64("schedule.lr_max", spec.lr_max.unwrap_or(0.02));
+            let beta = match spec.batch_sequences {
+                Some(bs) => c.positive_f64("schedule.batch_sequences", bs),
+                None => run.map(|r| {
+                    let beta = r.tokens_per_step as f64 / POWER_SEQUENCE_LEN;
+                    c.resolve(
+                        "schedule.batch_sequences",
+                        beta,
+                        format!(
+                            "β = tokens_per_step / 4096 = {} / 4096 (the Power paper counts batches in 4096-token sequences)",
+                            r.tokens_per_step
+                        ),
+                    );
+                    beta
+                }),
+            };
+            Some(ScheduleKind::Power {
+                law: PowerLaw {
+                    a: a?,
+                    b: b?,
+                    lr_max: lr_max?,
+                    batch_sequences: beta?,
+                },
+                decay: decay?,
+            })
+        }
+    };
+    Some(Schedule {
+        warmup_tokens: warmup?,
+        total_tokens: total?,
+        kind: kind?,
+    })
+}
+
+struct DecaySpec {
+    tokens: Quantity,
+    start: Option<Quantity>,
+    shape: DecayShape,
+    final_fraction: f64,
+    /// WSD needs a decay; the power schedule may run without one.
+    required: bool,
+}
+
+fn check_decay(
+    c: &mut Checker,
+    d: DecaySpec,
+    warmup: Option<u64>,
+    total: Option<u64>,
+) -> Option<Decay> {
+    let final_fraction = c.fraction("schedule.final_lr_fraction", d.final_fraction);
+    let tokens = c.tokens("schedule.decay_tokens", d.tokens, !d.required);
+    let start = match d.start {
+        Some(q) => c.tokens("schedule.decay_start_tokens", q, true).map(Some),
+        None => Some(None),
+    };
+    let (tokens, start, warmup, total) = (tokens?, start?, warmup?, total?);
+    let start = match start {
+        Some(_) if tokens == 0 => {
+            c.fail(
+                "schedule.decay_start_tokens",
+                "is set, but schedule.decay_tokens is 0: there is no decay to start",
+            );
+            return None;
+        }
+        Some(s) => {
+            if s < warmup {
+                c.fail(
+                    "schedule.decay_start_tokens",
+                    format!("{s} falls inside the warmup (schedule.warmup_tokens = {warmup})"),
+                );
+            }
+            if s + tokens > total {
+                c.fail(
+                    "schedule.decay_start_tokens",
+                    format!(
+                        "decay_start_tokens + decay_tokens = {s} + {tokens} = {} ends after the run's {total} tokens (data.total_tokens)",
+                        s + tokens
+                    ),
+                );
+            }
+            s
+        }
+        None => {
+            if warmup + tokens > total {
+                c.fail(
+                    "schedule.decay_tokens",
+                    format!(
+                        "warmup_tokens + decay_tokens = {warmup} + {tokens} = {} exceeds the run's {total} tokens (data.total_tokens)",
+                        warmup + tokens
+                    ),
+                );
+            }
+            total.saturating_sub(tokens)
+        }
+    };
+    Some(Decay {
+        start_tokens: start,
+        tokens,
+        shape: d.shape,
+        final_lr_fraction: final_fraction?,
+    })
+}

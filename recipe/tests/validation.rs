@@ -1,0 +1,674 @@
+//! Recipe validation, case by case: each case breaks one field of a valid
+//! recipe and asserts that the error names the field and shows the numbers.
+
+use strata_recipe::{Recipe, RecipeError};
+use toml::Value;
+
+const BASE: &str = r#"
+name = "base"
+seed = 7
+
+[model]
+n_layers = 4
+d_model = 256
+n_heads = 8
+n_kv_heads = 4
+d_ffn = 1024
+vocab_size = 50304
+max_seq_len = 512
+
+[parallel]
+tp = 2
+pp = 2
+dp = 2
+microbatches = 4
+
+[data]
+dataset = "file:///data/sotu"
+curriculum = "grow-p2"
+cycles = 8
+tokens_per_step = 65536
+total_tokens = 65536000
+
+[optimizer]
+lr = 3e-3
+
+[schedule]
+kind = "wsd"
+warmup_tokens = 6553600
+decay_tokens = 13107200
+decay_shape = "one_minus_sqrt"
+
+[checkpoint]
+every_steps = 100
+dir = "file:///tmp/ck"
+"#;
+
+enum Edit {
+    Set(&'static str, Value),
+    Remove(&'static str),
+}
+use Edit::{Remove, Set};
+
+fn edited(edits: &[Edit]) -> String {
+    let mut doc: toml::Table = BASE.parse().unwrap();
+    for edit in edits {
+        let (path, value) = match edit {
+            Set(p, v) => (*p, Some(v.clone())),
+            Remove(p) => (*p, None),
+        };
+        let mut keys: Vec<&str> = path.split('.').collect();
+        let last = keys.pop().unwrap();
+        let mut table = &mut doc;
+        for k in keys {
+            table = table
+                .entry(k)
+                .or_insert_with(|| Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        match value {
+            Some(v) => {
+                table.insert(last.to_string(), v);
+            }
+            None => {
+                table.remove(last);
+            }
+        }
+    }
+    toml::to_string(&doc).unwrap()
+}
+
+fn parse(edits: &[Edit]) -> Result<Recipe, RecipeError> {
+    Recipe::from_toml_str(&edited(edits), "fallback")
+}
+
+/// Asserts the recipe is rejected with a problem on `field` whose message
+/// contains every one of `shows`.
+fn check(edits: &[Edit], field: &str, shows: &[&str]) {
+    let err = match parse(edits) {
+        Ok(_) => panic!("accepted a recipe with a bad {field}"),
+        Err(e) => e,
+    };
+    let problem = err
+        .problems
+        .iter()
+        .find(|p| p.field == field)
+        .unwrap_or_else(|| panic!("no problem names {field}: {err}"));
+    for s in shows {
+        assert!(
+            problem.message.contains(s),
+            "{field}: message {:?} does not show {s:?}",
+            problem.message
+        );
+    }
+    // The rendered error names the field too.
+    assert!(err.to_string().contains(field), "{err}");
+}
+
+fn int(v: i64) -> Value {
+    Value::Integer(v)
+}
+fn float(v: f64) -> Value {
+    Value::Float(v)
+}
+fn string(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+
+#[test]
+fn the_base_recipe_is_valid() {
+    let r = parse(&[]).unwrap();
+    assert_eq!(r.name, "base");
+    assert_eq!(r.data.n_steps(), 1000);
+    assert_eq!(r.parallel.layout.world_size(), 8);
+    assert!(r.resolutions.is_empty(), "{:?}", r.resolutions);
+}
+
+#[test]
+fn layout_sizes_must_be_positive() {
+    check(
+        &[Set("parallel.tp", int(0))],
+        "parallel.tp",
+        &["positive", "0"],
+    );
+    check(
+        &[Set("parallel.pp", int(0))],
+        "parallel.pp",
+        &["positive", "0"],
+    );
+    check(
+        &[Set("parallel.dp", int(0))],
+        "parallel.dp",
+        &["positive", "0"],
+    );
+    check(&[Set("parallel.dp", int(-2))], "parallel.dp", &["-2"]);
+    check(
+        &[Set("parallel.microbatches", int(0))],
+        "parallel.microbatches",
+        &["0"],
+    );
+}
+
+#[test]
+fn tensor_parallel_must_divide_heads_kv_heads_and_ffn() {
+    check(
+        &[Set("parallel.tp", int(3))],
+        "parallel.tp",
+        &["3", "model.n_heads = 8"],
+    );
+    check(
+        &[Set("model.n_kv_heads", int(1))],
+        "parallel.tp",
+        &["2", "model.n_kv_heads = 1"],
+    );
+    check(
+        &[Set("model.d_ffn", int(1025))],
+        "parallel.tp",
+        &["2", "model.d_ffn = 1025"],
+    );
+}
+
+#[test]
+fn pipeline_parallel_must_divide_layers() {
+    check(
+        &[Set("model.n_layers", int(5))],
+        "parallel.pp",
+        &["2", "model.n_layers = 5"],
+    );
+}
+
+#[test]
+fn kv_heads_must_divide_heads() {
+    check(
+        &[Set("model.n_kv_heads", int(3))],
+        "model.n_kv_heads",
+        &["3", "model.n_heads = 8"],
+    );
+}
+
+#[test]
+fn one_f_one_b_needs_a_microbatch_per_stage() {
+    check(
+        &[Set("parallel.microbatches", int(1))],
+        "parallel.microbatches",
+        &["1", "parallel.pp = 2"],
+    );
+}
+
+#[test]
+fn tokens_per_step_must_split_evenly() {
+    check(
+        &[Set("data.tokens_per_step", int(100_000))],
+        "data.tokens_per_step",
+        &["100000", "512·2·4 = 4096", "98304 or 102400"],
+    );
+}
+
+#[test]
+fn sizes_must_be_positive() {
+    for (field, v) in [
+        ("model.n_layers", 0),
+        ("model.d_model", -256),
+        ("model.n_heads", 0),
+        ("model.d_ffn", -1),
+        ("model.vocab_size", 0),
+        ("model.max_seq_len", -512),
+        ("data.cycles", 0),
+        ("checkpoint.every_steps", 0),
+    ] {
+        check(&[Set(field, int(v))], field, &[&v.to_string()]);
+    }
+    check(
+        &[Set("data.tokens_per_step", int(-65536))],
+        "data.tokens_per_step",
+        &["-65536"],
+    );
+    check(
+        &[Set("data.total_tokens", int(0))],
+        "data.total_tokens",
+        &["positive"],
+    );
+    check(
+        &[Set("data.total_tokens", float(1.5))],
+        "data.total_tokens",
+        &["whole", "1.5"],
+    );
+    check(&[Set("seed", int(-1))], "seed", &["-1"]);
+    check(
+        &[Set("checkpoint.keep_last", int(-3))],
+        "checkpoint.keep_last",
+        &["-3"],
+    );
+}
+
+#[test]
+fn model_shape_rules() {
+    check(
+        &[Set("model.d_model", int(250))],
+        "model.d_model",
+        &["250", "model.n_heads = 8"],
+    );
+    // 264 / 8 = 33: an odd head dimension cannot be rotated in pairs.
+    check(&[Set("model.d_model", int(264))], "model.d_model", &["33"]);
+    check(
+        &[Set("model.max_seq_len", int(1000))],
+        "model.max_seq_len",
+        &["1000", "512 or 1024"],
+    );
+    check(
+        &[Set("model.rope_theta", float(-1.0))],
+        "model.rope_theta",
+        &["-1"],
+    );
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_path() {
+    check(
+        &[Set("model.n_layer", int(4))],
+        "model.n_layer",
+        &["unknown field"],
+    );
+    check(&[Set("sed", int(4))], "sed", &["unknown field"]);
+    check(
+        &[Set("schedule.warmup", int(4))],
+        "schedule.warmup",
+        &["unknown field"],
+    );
+    check(
+        &[Set("parallel.zero", int(1))],
+        "parallel.zero",
+        &["unknown field"],
+    );
+    check(&[Set("extra.x", int(1))], "extra", &["unknown field"]);
+}
+
+#[test]
+fn wrong_types_name_the_field_and_line() {
+    check(
+        &[Set("model.n_layers", string("four"))],
+        "model.n_layers",
+        &["line"],
+    );
+    check(
+        &[Set("data.curriculum", string("grow-cubic"))],
+        "data.curriculum",
+        &["grow-cubic", "grow-p2"],
+    );
+    check(
+        &[Set("schedule.decay_shape", string("quadratic"))],
+        "schedule.decay_shape",
+        &["quadratic"],
+    );
+    check(
+        &[Set("schedule.kind", string("linear"))],
+        "schedule.kind",
+        &["linear", "wsd"],
+    );
+}
+
+#[test]
+fn schedule_phases_must_fit_the_run() {
+    check(
+        &[Set("schedule.decay_tokens", int(60_000_000))],
+        "schedule.decay_tokens",
+        &["6553600 + 60000000 = 66553600", "65536000"],
+    );
+    check(
+        &[Set("schedule.warmup_tokens", int(70_000_000))],
+        "schedule.warmup_tokens",
+        &["70000000", "65536000"],
+    );
+    check(
+        &[Set("schedule.decay_start_tokens", int(60_000_000))],
+        "schedule.decay_start_tokens",
+        &["60000000 + 13107200", "65536000"],
+    );
+    check(
+        &[Set("schedule.decay_start_tokens", int(1_000_000))],
+        "schedule.decay_start_tokens",
+        &["1000000", "warmup", "6553600"],
+    );
+    check(
+        &[Set("schedule.decay_tokens", int(0))],
+        "schedule.decay_tokens",
+        &["positive"],
+    );
+    check(
+        &[Set("schedule.final_lr_fraction", float(1.5))],
+        "schedule.final_lr_fraction",
+        &["1.5"],
+    );
+    check(
+        &[Set("data.total_tokens", int(32768))],
+        "data.total_tokens",
+        &["32768", "65536"],
+    );
+}
+
+#[test]
+fn schedule_keys_must_belong_to_the_kind() {
+    check(
+        &[Set("schedule.lr_max", float(0.01))],
+        "schedule.lr_max",
+        &["not used", "wsd"],
+    );
+    check(
+        &[Set("schedule.kind", string("cosine"))],
+        "schedule.decay_tokens",
+        &["not used", "cosine", "final_lr_fraction"],
+    );
+    check(
+        &[Remove("schedule.decay_tokens")],
+        "schedule.decay_tokens",
+        &["missing"],
+    );
+}
+
+#[test]
+fn optimizer_rules() {
+    check(&[Remove("optimizer.lr")], "optimizer.lr", &["missing"]);
+    check(
+        &[Set("optimizer.lr", float(-1e-3))],
+        "optimizer.lr",
+        &["-0.001"],
+    );
+    check(
+        &[Set("optimizer.lr", string("fast"))],
+        "optimizer.lr",
+        &["fast"],
+    );
+    check(
+        &[Set("optimizer.beta2", float(1.0))],
+        "optimizer.beta2",
+        &["[0, 1)", "1"],
+    );
+    check(&[Set("optimizer.eps", float(0.0))], "optimizer.eps", &["0"]);
+    check(
+        &[Set("optimizer.weight_decay", float(-0.1))],
+        "optimizer.weight_decay",
+        &["-0.1"],
+    );
+    check(
+        &[Set("optimizer.grad_clip", float(f64::NAN))],
+        "optimizer.grad_clip",
+        &["NaN"],
+    );
+}
+
+#[test]
+fn storage_urls() {
+    check(
+        &[Set("data.dataset", string("gs://bucket/x"))],
+        "data.dataset",
+        &["gs://bucket/x", "unsupported scheme `gs`"],
+    );
+    check(
+        &[Set("data.dataset", string(""))],
+        "data.dataset",
+        &["empty"],
+    );
+    check(
+        &[Set("data.dataset", string("s3:///prefix"))],
+        "data.dataset",
+        &["bucket"],
+    );
+    check(
+        &[Set("checkpoint.dir", string("file://relative/dir"))],
+        "checkpoint.dir",
+        &["absolute"],
+    );
+    // Plain paths and proper URLs are fine; existence is checked at submission.
+    for ok in [
+        "datasets/sotu",
+        "/abs/sotu",
+        "file:///abs",
+        "s3://bucket",
+        "s3://b/p/q",
+    ] {
+        assert!(parse(&[Set("data.dataset", string(ok))]).is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn curriculum_odds() {
+    check(
+        &[Set("data.curriculum", Value::Array(vec![]))],
+        "data.curriculum",
+        &["one entry per bucket"],
+    );
+    check(
+        &[Set(
+            "data.curriculum",
+            Value::Array(vec![int(1), float(-2.0)]),
+        )],
+        "data.curriculum",
+        &["[1] = -2"],
+    );
+    check(
+        &[Set("data.curriculum", Value::Array(vec![int(0), int(0)]))],
+        "data.curriculum",
+        &["0"],
+    );
+    let r = parse(&[Set(
+        "data.curriculum",
+        Value::Array(vec![int(4), float(2.5), int(1)]),
+    )])
+    .unwrap();
+    assert_eq!(
+        r.data.curriculum,
+        strata_recipe::Curriculum::Odds(vec![4.0, 2.5, 1.0])
+    );
+}
+
+#[test]
+fn power_schedule_rules() {
+    let power = |extra: &[Edit]| {
+        let mut e = vec![
+            Remove("optimizer.lr"),
+            Remove("schedule.decay_shape"),
+            Set("schedule.kind", string("power")),
+        ];
+        e.extend(extra.iter().map(|x| match x {
+            Set(p, v) => Set(p, v.clone()),
+            Remove(p) => Remove(p),
+        }));
+        e
+    };
+    let r = parse(&power(&[])).unwrap();
+    let strata_recipe::ScheduleKind::Power { law, decay } = r.schedule.kind else {
+        panic!("not power")
+    };
+    // β defaults to tokens_per_step / 4096; the decay to exponential, f = 0.
+    assert_eq!(law.batch_sequences, 16.0);
+    assert_eq!((law.a, law.b, law.lr_max), (4.0, -0.51, 0.02));
+    assert_eq!(decay.shape, strata_recipe::DecayShape::Exponential);
+    assert_eq!(decay.final_lr_fraction, 0.0);
+    assert!(
+        r.resolutions
+            .iter()
+            .any(|x| x.field == "schedule.batch_sequences")
+    );
+
+    check(
+        &power(&[Set("optimizer.lr", float(1e-3))]),
+        "optimizer.lr",
+        &["power"],
+    );
+    check(
+        &power(&[Set("schedule.b", float(0.5))]),
+        "schedule.b",
+        &["negative"],
+    );
+    check(
+        &power(&[Set("schedule.a", float(0.0))]),
+        "schedule.a",
+        &["0"],
+    );
+    check(
+        &power(&[Set("schedule.lr_max", float(-1.0))]),
+        "schedule.lr_max",
+        &["-1"],
+    );
+    check(
+        &power(&[Set("schedule.batch_sequences", float(0.0))]),
+        "schedule.batch_sequences",
+        &["0"],
+    );
+    // A power schedule may run without a decay, but then has no decay start.
+    assert!(parse(&power(&[Set("schedule.decay_tokens", int(0))])).is_ok());
+    check(
+        &power(&[
+            Set("schedule.decay_tokens", int(0)),
+            Set("schedule.decay_start_tokens", int(10_000_000)),
+        ]),
+        "schedule.decay_start_tokens",
+        &["decay_tokens is 0"],
+    );
+}
+
+#[test]
+fn inverse_sqrt_needs_a_warmup() {
+    check(
+        &[
+            Set("schedule.kind", string("inverse_sqrt")),
+            Remove("schedule.decay_tokens"),
+            Remove("schedule.decay_shape"),
+            Set("schedule.warmup_tokens", int(0)),
+        ],
+        "schedule.warmup_tokens",
+        &["positive"],
+    );
+}
+
+#[test]
+fn names() {
+    check(&[Set("name", string("my job"))], "name", &["my job"]);
+    let r = Recipe::from_toml_str(&edited(&[Remove("name")]), "from file/stem").unwrap();
+    assert_eq!(r.name, "from-file-stem");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = parse(&[
+        Set("parallel.tp", int(3)),
+        Set("optimizer.beta1", float(2.0)),
+        Set("schedule.decay_tokens", int(60_000_000)),
+        Set("data.dataset", string("ftp://x")),
+    ])
+    .unwrap_err();
+    for field in [
+        "parallel.tp",
+        "optimizer.beta1",
+        "schedule.decay_tokens",
+        "data.dataset",
+    ] {
+        assert!(err.names(field), "{field} missing from {err}");
+    }
+    assert!(err.problems.len() >= 4);
+    assert!(err.to_string().contains("problems"));
+}
+
+#[test]
+fn vocab_padding_rule_is_stated() {
+    let r = parse(&[Set("model.vocab_size", int(50257))]).unwrap();
+    assert_eq!(r.model.vocab_size, 50257);
+    assert_eq!(r.model.padded_vocab_size, 50304);
+    let note = r
+        .resolutions
+        .iter()
+        .find(|x| x.field == "model.vocab_size")
+        .expect("padding reported");
+    assert!(note.how.contains("50257") && note.how.contains("50304"));
+}
+
+#[test]
+fn step_law_resolves_lr_and_batch() {
+    let r = parse(&[
+        Set("optimizer.lr", string("step-law")),
+        Set("data.tokens_per_step", string("step-law")),
+        Set("data.total_tokens", string("10B")),
+        Set("schedule.warmup_tokens", string("100M")),
+        Set("schedule.decay_tokens", string("1B")),
+    ])
+    .unwrap();
+    // B = 0.58·(1e10)^0.571 ≈ 299,520 tokens → the nearest multiple of 4096.
+    let b = 0.58 * 1e10f64.powf(0.571);
+    let expected_b = ((b / 4096.0).round() as u64) * 4096;
+    assert_eq!(r.data.tokens_per_step, expected_b);
+    let n = r.model.non_embedding_params() as f64;
+    let d = r.data.total_tokens as f64;
+    let lr = 1.79 * n.powf(-0.713) * d.powf(0.307);
+    assert_eq!(r.schedule.max_lr(), lr);
+    let fields: Vec<&str> = r.resolutions.iter().map(|x| x.field.as_str()).collect();
+    assert!(fields.contains(&"optimizer.lr"), "{fields:?}");
+    assert!(fields.contains(&"data.tokens_per_step"), "{fields:?}");
+    // 1e10 is not a whole number of such steps: the rounding is reported.
+    assert!(fields.contains(&"data.total_tokens"), "{fields:?}");
+    assert_eq!(r.data.total_tokens % r.data.tokens_per_step, 0);
+    assert_eq!(r.schedule.total_tokens, r.data.total_tokens);
+}
+
+#[test]
+fn step_law_cannot_choose_token_counts() {
+    check(
+        &[Set("data.total_tokens", string("step-law"))],
+        "data.total_tokens",
+        &["step-law"],
+    );
+}
+
+#[test]
+fn token_counts_accept_suffixes_and_floats() {
+    let r = parse(&[
+        Set("data.total_tokens", string("65.536M")),
+        Set("schedule.warmup_tokens", float(6.5536e6)),
+    ])
+    .unwrap();
+    assert_eq!(r.data.total_tokens, 65_536_000);
+    assert_eq!(r.schedule.warmup_tokens, 6_553_600);
+}
+
+#[test]
+fn a_syntax_error_names_its_line() {
+    let err = Recipe::from_toml_str("seed = 1\n[model\nn_layers = 2\n", "x").unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert!(err.problems[0].message.contains("line 2"), "{err}");
+}
+
+#[test]
+fn missing_sections_are_named() {
+    let text = edited(&[]).replace("[optimizer]", "[optimiser]");
+    let err = Recipe::from_toml_str(&text, "x").unwrap_err();
+    assert!(err.names("optimiser"), "{err}");
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let r = parse(&[
+        Remove("model.n_kv_heads"),
+        Remove("parallel.microbatches"),
+        Set("parallel.pp", int(1)),
+        Remove("checkpoint"),
+    ])
+    .unwrap();
+    assert_eq!(r.model.n_kv_heads, r.model.n_heads);
+    assert_eq!(r.model.rope_theta, 10_000.0);
+    assert!(!r.model.tie_embeddings);
+    assert_eq!(r.parallel.microbatches, 1);
+    assert_eq!(r.optimizer.beta1, 0.9);
+    assert_eq!(r.optimizer.beta2, 0.95);
+    assert_eq!(r.optimizer.grad_clip, Some(1.0));
+    assert_eq!(r.checkpoint, None);
+    let r = parse(&[Set("optimizer.grad_clip", float(0.0))]).unwrap();
+    assert_eq!(r.optimizer.grad_clip, None);
+}
+
+#[test]
+fn a_resolved_recipe_round_trips_through_json() {
+    let r = parse(&[Set("model.vocab_size", int(50257))]).unwrap();
+    let json = serde_json::to_string(&r).unwrap();
+    let back: Recipe = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, r);
+}
