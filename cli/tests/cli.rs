@@ -1,0 +1,180 @@
+//! The `strata` binary as a user runs it: exit codes, JSON shapes, files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run strata")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "strata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+#[test]
+fn plan_reports_sizes_and_every_law_side_by_side() {
+    let json = stdout_json(&strata(&["plan", "examples/llama-1b.toml", "--json"]));
+    let plan = &json["plan"];
+    assert_eq!(plan["layout"]["world_size"], 64);
+    assert_eq!(plan["params"]["non_embedding"], 973_078_528u64);
+    let laws = plan["laws"].as_array().unwrap();
+    let names: Vec<&str> = laws.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["recipe", "step-law", "deepseek", "power-wsd"]);
+    for law in laws {
+        assert!(law["lr"].as_f64().unwrap() > 0.0, "{law}");
+        assert!(law.get("batch_tokens").is_some(), "{law}");
+    }
+    // The recipe asked Step Law for its LR: the two rows agree.
+    assert_eq!(laws[0]["lr"], laws[1]["lr"]);
+    // Step Law's batch was rounded to the layout and the rounding reported.
+    let resolved: Vec<&str> = plan["resolutions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["field"].as_str().unwrap())
+        .collect();
+    assert!(resolved.contains(&"data.tokens_per_step"), "{resolved:?}");
+    assert_eq!(plan["tokens_per_step"], 1_048_576);
+    let fits: Vec<&str> = plan["chinchilla"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["fit"].as_str().unwrap())
+        .collect();
+    assert_eq!(fits, ["hoffmann", "besiroglu"]);
+    assert!(!plan["schedule"]["preview"].as_array().unwrap().is_empty());
+    // The resolved recipe rides along.
+    assert_eq!(json["recipe"]["name"], "llama-1b");
+}
+
+#[test]
+fn plan_text_names_what_matters() {
+    let out = strata(&["plan", "examples/tiny-cpu.toml"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in ["tp=1 pp=1 dp=2", "non-embedding", "step-law", "hoffmann", "D08", "warmup"] {
+        assert!(text.contains(needle), "plan text lacks {needle:?}:\n{text}");
+    }
+}
+
+#[test]
+fn budget_plan_gives_n_and_d_per_fit() {
+    let json = stdout_json(&strata(&["plan", "--budget-flops", "5.76e23", "--json"]));
+    let fits = json["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 2);
+    for f in fits {
+        let (n, d) = (f["n_opt"].as_f64().unwrap(), f["d_opt"].as_f64().unwrap());
+        assert!(((6.0 * n * d) / 5.76e23 - 1.0).abs() < 1e-9, "{f}");
+    }
+    assert_eq!(fits[0]["fit"], "hoffmann");
+    assert_eq!(fits[1]["fit"], "besiroglu");
+}
+
+#[test]
+fn an_invalid_recipe_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(repo_root().join("examples/tiny-cpu.toml"))
+        .unwrap()
+        .replace("dp = 2", "dp = 3");
+    std::fs::write(&bad, text).unwrap();
+    let out = strata(&["plan", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("data.tokens_per_step"), "{err}");
+    assert!(err.contains("256·3·1 = 768"), "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn a_missing_recipe_exits_2_naming_the_file() {
+    let out = strata(&["schedule", "no/such/recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/recipe.toml"));
+}
+
+#[test]
+fn schedule_json_at_token_counts() {
+    let json = stdout_json(&strata(&[
+        "schedule",
+        "examples/tiny-cpu.toml",
+        "--at-tokens",
+        "8192,1e6,2.4576M",
+        "--json",
+    ]));
+    let points = json.as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    assert_eq!(points[0]["tokens"], 8192);
+    // Warmup is 245760 tokens to a peak of 3e-3.
+    let lr0 = points[0]["lr"].as_f64().unwrap();
+    assert!((lr0 - 3e-3 * 8192.0 / 245_760.0).abs() < 1e-15, "{lr0}");
+    assert_eq!(points[1]["lr"].as_f64().unwrap(), 3e-3);
+    assert_eq!(points[2]["lr"].as_f64().unwrap(), 0.0);
+}
+
+#[test]
+fn schedule_rejects_a_bad_token_list() {
+    let out = strata(&["schedule", "examples/tiny-cpu.toml", "--at-tokens", "1e6,lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lots"));
+}
+
+#[test]
+fn schedule_plot_is_an_svg_with_the_curve_and_phases() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg_path = dir.path().join("lr.svg");
+    let out = strata(&[
+        "schedule",
+        "examples/power-350m.toml",
+        "--at-tokens",
+        "5B",
+        "--plot",
+        svg_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg"));
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline class=\"lr\"").count(), 1);
+    for phase in ["warmup", "power", "decay"] {
+        assert!(svg.contains(&format!(">{phase}</text>")), "no {phase} phase");
+    }
+    assert_eq!(svg.matches("class=\"mark\"").count(), 1);
+    // The curve has all its samples, each a point inside the canvas.
+    let points = svg
+        .split("points=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let coords: Vec<(f64, f64)> = points
+        .split(' ')
+        .map(|p| {
+            let (x, y) = p.split_once(',').unwrap();
+            (x.parse().unwrap(), y.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(coords.len(), 801);
+    assert!(coords.iter().all(|&(x, y)| (0.0..=960.0).contains(&x) && (0.0..=540.0).contains(&y)));
+    // Only SVG is written; nothing is left behind on refusal.
+    let png = dir.path().join("lr.png");
+    let out = strata(&["schedule", "examples/power-350m.toml", "--plot", png.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!png.exists());
+}
