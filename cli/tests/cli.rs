@@ -14,7 +14,10 @@ fn strata(args: &[&str]) -> Output {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn stdout_json(out: &Output) -> Value {
@@ -67,7 +70,14 @@ fn plan_text_names_what_matters() {
     let out = strata(&["plan", "examples/tiny-cpu.toml"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for needle in ["tp=1 pp=1 dp=2", "non-embedding", "step-law", "hoffmann", "D08", "warmup"] {
+    for needle in [
+        "tp=1 pp=1 dp=2",
+        "non-embedding",
+        "step-law",
+        "hoffmann",
+        "D08",
+        "warmup",
+    ] {
         assert!(text.contains(needle), "plan text lacks {needle:?}:\n{text}");
     }
 }
@@ -129,7 +139,12 @@ fn schedule_json_at_token_counts() {
 
 #[test]
 fn schedule_rejects_a_bad_token_list() {
-    let out = strata(&["schedule", "examples/tiny-cpu.toml", "--at-tokens", "1e6,lots"]);
+    let out = strata(&[
+        "schedule",
+        "examples/tiny-cpu.toml",
+        "--at-tokens",
+        "1e6,lots",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lots"));
 }
@@ -146,13 +161,20 @@ fn schedule_plot_is_an_svg_with_the_curve_and_phases() {
         "--plot",
         svg_path.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.starts_with("<svg"));
     assert!(svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline class=\"lr\"").count(), 1);
     for phase in ["warmup", "power", "decay"] {
-        assert!(svg.contains(&format!(">{phase}</text>")), "no {phase} phase");
+        assert!(
+            svg.contains(&format!(">{phase}</text>")),
+            "no {phase} phase"
+        );
     }
     assert_eq!(svg.matches("class=\"mark\"").count(), 1);
     // The curve has all its samples, each a point inside the canvas.
@@ -171,10 +193,19 @@ fn schedule_plot_is_an_svg_with_the_curve_and_phases() {
         })
         .collect();
     assert_eq!(coords.len(), 801);
-    assert!(coords.iter().all(|&(x, y)| (0.0..=960.0).contains(&x) && (0.0..=540.0).contains(&y)));
+    assert!(
+        coords
+            .iter()
+            .all(|&(x, y)| (0.0..=960.0).contains(&x) && (0.0..=540.0).contains(&y))
+    );
     // Only SVG is written; nothing is left behind on refusal.
     let png = dir.path().join("lr.png");
-    let out = strata(&["schedule", "examples/power-350m.toml", "--plot", png.to_str().unwrap()]);
+    let out = strata(&[
+        "schedule",
+        "examples/power-350m.toml",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!png.exists());
 }

@@ -8,13 +8,21 @@ use strata_tests::{example_recipes, readme_commands, repo_root};
 #[test]
 fn every_example_recipe_is_valid_and_plans() {
     let paths = example_recipes();
-    assert!(paths.len() >= 2, "examples/ holds the tiny CPU and the 1B recipes");
+    assert!(
+        paths.len() >= 2,
+        "examples/ holds the tiny CPU and the 1B recipes"
+    );
     for path in paths {
         let text = std::fs::read_to_string(&path).unwrap();
         let stem = path.file_stem().unwrap().to_string_lossy();
         let recipe = Recipe::from_toml_str(&text, &stem)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(recipe.name, stem, "{}: name matches the file", path.display());
+        assert_eq!(
+            recipe.name,
+            stem,
+            "{}: name matches the file",
+            path.display()
+        );
         let plan = Plan::new(&recipe);
         assert!(plan.n_steps > 0);
         assert_eq!(plan.total_tokens, plan.n_steps * plan.tokens_per_step);
@@ -27,7 +35,10 @@ fn the_tiny_cpu_example_fits_two_cpu_processes() {
     let text = std::fs::read_to_string(repo_root().join("examples/tiny-cpu.toml")).unwrap();
     let r = Recipe::from_toml_str(&text, "tiny-cpu").unwrap();
     assert_eq!(r.parallel.layout.world_size(), 2);
-    assert!(r.model.total_params() < 20_000_000, "small enough for a CPU");
+    assert!(
+        r.model.total_params() < 20_000_000,
+        "small enough for a CPU"
+    );
 }
 
 #[test]
@@ -51,5 +62,9 @@ fn the_readme_gives_exactly_two_setup_commands_and_they_name_real_files() {
         .expect("the main job names a recipe");
     assert!(repo_root().join(recipe).exists(), "{recipe} is missing");
     let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
-    assert!(ci.contains(setup[1].as_str()), ".ci/run must run `{}`", setup[1]);
+    assert!(
+        ci.contains(setup[1].as_str()),
+        ".ci/run must run `{}`",
+        setup[1]
+    );
 }

@@ -1,0 +1,221 @@
+//! Worker processes on this machine.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::{Exit, LaunchError, LaunchSpec, Launcher, WorkerHandle};
+
+/// Starts each worker as a child process of the caller, its output in its log
+/// file. Only slots on `localhost` are reachable.
+#[derive(Debug, Default, Clone)]
+pub struct LocalLauncher;
+
+pub struct LocalHandle {
+    rank: u32,
+    child: Child,
+    log_path: PathBuf,
+    exit: Option<Exit>,
+}
+
+impl Launcher for LocalLauncher {
+    type Handle = LocalHandle;
+
+    fn launch(&self, spec: &LaunchSpec) -> Result<LocalHandle, LaunchError> {
+        if spec.slot.node != "localhost" {
+            return Err(LaunchError::UnreachableNode {
+                rank: spec.rank,
+                node: spec.slot.node.clone(),
+            });
+        }
+        let log_err = |source| LaunchError::Log {
+            rank: spec.rank,
+            path: spec.log_path.clone(),
+            source,
+        };
+        if let Some(dir) = spec.log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(log_err)?;
+        }
+        let log = File::create(&spec.log_path).map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        if let Some(gpu) = spec.slot.gpu {
+            cmd.env("CUDA_VISIBLE_DEVICES", gpu.to_string());
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            rank: spec.rank,
+            program: spec.program.clone(),
+            node: spec.slot.node.clone(),
+            source,
+        })?;
+        Ok(LocalHandle {
+            rank: spec.rank,
+            child,
+            log_path: spec.log_path.clone(),
+            exit: None,
+        })
+    }
+}
+
+fn to_exit(status: std::process::ExitStatus) -> Exit {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return Exit::Signal(sig);
+        }
+    }
+    Exit::Code(status.code().unwrap_or(-1))
+}
+
+impl WorkerHandle for LocalHandle {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    fn try_wait(&mut self) -> Result<Option<Exit>, LaunchError> {
+        if self.exit.is_none() {
+            let status = self
+                .child
+                .try_wait()
+                .map_err(|source| LaunchError::Control {
+                    rank: self.rank,
+                    what: "cannot poll worker process",
+                    source,
+                })?;
+            self.exit = status.map(to_exit);
+        }
+        Ok(self.exit.clone())
+    }
+
+    fn kill(&mut self) -> Result<Exit, LaunchError> {
+        if let Some(exit) = self.try_wait()? {
+            return Ok(exit);
+        }
+        let control = |what| {
+            let rank = self.rank;
+            move |source| LaunchError::Control { rank, what, source }
+        };
+        // The process may exit between the poll and the kill; wait tells.
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .map_err(control("cannot reap worker process"))?;
+        let exit = to_exit(status);
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+
+    fn log_tail(&self, n: usize) -> Vec<String> {
+        // Read at most the last 64 KiB: enough for any sane `n` lines.
+        let Ok(mut f) = File::open(&self.log_path) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(64 * 1024);
+        if f.seek(SeekFrom::Start(start)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+impl Drop for LocalHandle {
+    /// A handle dropped while its worker runs stops the worker: no orphans.
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::Slot;
+
+    fn spec(dir: &std::path::Path, script: &str, slot_node: &str, gpu: Option<u32>) -> LaunchSpec {
+        LaunchSpec {
+            rank: 3,
+            slot: Slot {
+                node: slot_node.into(),
+                index: 0,
+                gpu,
+            },
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("STRATA_TEST_VAR".into(), "hello".into())],
+            log_path: dir.join("logs/rank-3.log"),
+        }
+    }
+
+    fn wait(h: &mut LocalHandle) -> Exit {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = h.try_wait().unwrap() {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "worker did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_worker_gets_its_environment_and_its_exit_status_and_log_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            "echo \"var=$STRATA_TEST_VAR gpu=$CUDA_VISIBLE_DEVICES\"; echo boom >&2; exit 3";
+        let mut h = LocalLauncher
+            .launch(&spec(dir.path(), script, "localhost", Some(1)))
+            .unwrap();
+        assert_eq!(wait(&mut h), Exit::Code(3));
+        assert_eq!(h.log_tail(10), vec!["var=hello gpu=1", "boom"]);
+        assert_eq!(h.log_tail(1), vec!["boom"]);
+    }
+
+    #[test]
+    fn kill_stops_a_running_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = LocalLauncher
+            .launch(&spec(dir.path(), "sleep 30", "localhost", None))
+            .unwrap();
+        assert_eq!(h.try_wait().unwrap(), None);
+        assert_eq!(h.kill().unwrap(), Exit::Signal(9));
+        // Killing again reports the same end.
+        assert_eq!(h.kill().unwrap(), Exit::Signal(9));
+    }
+
+    #[test]
+    fn errors_name_the_rank_and_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LocalLauncher
+            .launch(&spec(dir.path(), "true", "node-7", None))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "rank 3: slot on node node-7, which this launcher cannot reach"
+        );
+        let mut s = spec(dir.path(), "true", "localhost", None);
+        s.program = dir.path().join("no-such-worker");
+        let err = LocalLauncher.launch(&s).err().unwrap().to_string();
+        assert!(err.starts_with("rank 3: cannot start"), "{err}");
+        assert!(err.contains("no-such-worker"), "{err}");
+    }
+}

@@ -1,0 +1,195 @@
+//! Placement: which slot each world rank runs in.
+//!
+//! Ranks are placed in rank order, node by node. Because ranks are numbered
+//! tensor-parallel innermost (see `strata_recipe::Layout`), a tensor-parallel
+//! group is a run of consecutive ranks; placement keeps each such group on
+//! one node (it exchanges activations twice per layer) and otherwise fills
+//! nodes in order, so a pipeline stage's replicas and neighbouring stages sit
+//! together where they fit.
+
+use serde::Serialize;
+use strata_cluster::{Inventory, Slot};
+use strata_recipe::{Coords, Layout, Rank};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Assignment {
+    pub rank: Rank,
+    pub coords: Coords,
+    pub slot: Slot,
+}
+
+/// Every rank of a job with its slot, in rank order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub layout: Layout,
+    pub assignments: Vec<Assignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("the job needs {needed} slots (tp·pp·dp = {layout}) but the inventory has {available}")]
+    NotEnoughSlots {
+        needed: u32,
+        available: u32,
+        layout: String,
+    },
+    #[error(
+        "a tensor-parallel group of {tp} ranks must share a node, and the largest node ({node}) has {largest} slots"
+    )]
+    TensorGroupTooWide { tp: u32, node: String, largest: u32 },
+    #[error(
+        "the job needs {needed} slots in whole tensor-parallel groups of {tp}; the nodes fit only {fit} ({available} slots in all)"
+    )]
+    Fragmented {
+        needed: u32,
+        tp: u32,
+        fit: u32,
+        available: u32,
+    },
+}
+
+/// Places `layout`'s ranks on `inventory`'s slots.
+pub fn place(layout: Layout, inventory: &Inventory) -> Result<Placement, PlacementError> {
+    let needed = layout.world_size();
+    let available = inventory.total_slots();
+    if needed > available {
+        return Err(PlacementError::NotEnoughSlots {
+            needed,
+            available,
+            layout: format!("{}·{}·{}", layout.tp, layout.pp, layout.dp),
+        });
+    }
+    let largest = inventory
+        .nodes()
+        .iter()
+        .reduce(|a, b| if b.slots > a.slots { b } else { a })
+        .expect("an inventory has nodes");
+    if layout.tp > largest.slots {
+        return Err(PlacementError::TensorGroupTooWide {
+            tp: layout.tp,
+            node: largest.name.clone(),
+            largest: largest.slots,
+        });
+    }
+    // Slots usable in whole tensor-parallel groups, node by node.
+    let mut usable: Vec<Slot> = Vec::new();
+    for node in inventory.nodes() {
+        let whole = node.slots / layout.tp * layout.tp;
+        usable.extend(Inventory::slots_of(node).take(whole as usize));
+    }
+    if (usable.len() as u32) < needed {
+        return Err(PlacementError::Fragmented {
+            needed,
+            tp: layout.tp,
+            fit: usable.len() as u32,
+            available,
+        });
+    }
+    let assignments = usable
+        .into_iter()
+        .take(needed as usize)
+        .enumerate()
+        .map(|(r, slot)| {
+            let rank = Rank(r as u32);
+            Assignment {
+                rank,
+                coords: layout.coords(rank).expect("rank < world size"),
+                slot,
+            }
+        })
+        .collect();
+    Ok(Placement {
+        layout,
+        assignments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+    use strata_cluster::Node;
+
+    use super::*;
+
+    fn inventory(sizes: &[u32]) -> Inventory {
+        Inventory::new(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| Node {
+                    name: format!("node-{i}"),
+                    slots: s,
+                    gpus: s,
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn megatron_layout_on_dgx_nodes() {
+        // tp 8 inside each 8-GPU node, pp 2, dp 2: four nodes, one TP group each.
+        let p = place(Layout::new(8, 2, 2), &inventory(&[8, 8, 8, 8])).unwrap();
+        for a in &p.assignments {
+            assert_eq!(a.slot.node, format!("node-{}", a.rank.0 / 8));
+            assert_eq!(a.slot.gpu, Some(a.coords.tp));
+        }
+    }
+
+    #[test]
+    fn local_cpu_slots() {
+        let p = place(Layout::new(1, 1, 2), &Inventory::local(8).unwrap()).unwrap();
+        assert_eq!(p.assignments.len(), 2);
+        assert_eq!(p.assignments[1].slot.index, 1);
+        assert_eq!(p.assignments[1].coords.dp, 1);
+    }
+
+    #[test]
+    fn errors_show_the_numbers() {
+        let e = place(Layout::new(2, 2, 4), &inventory(&[8])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the job needs 16 slots (tp·pp·dp = 2·2·4) but the inventory has 8"
+        );
+        let e = place(Layout::new(8, 1, 1), &inventory(&[4, 4])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a tensor-parallel group of 8 ranks must share a node, and the largest node (node-0) has 4 slots"
+        );
+        // 3 + 3 slots hold only two groups of 2.
+        let e = place(Layout::new(2, 1, 3), &inventory(&[3, 3])).unwrap_err();
+        assert!(
+            matches!(e, PlacementError::Fragmented { fit: 4, .. }),
+            "{e}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn tensor_groups_never_span_nodes(
+            tp in 1u32..5, pp in 1u32..4, dp in 1u32..4,
+            sizes in prop::collection::vec(1u32..17, 1..6),
+        ) {
+            let layout = Layout::new(tp, pp, dp);
+            let inv = inventory(&sizes);
+            if let Ok(p) = place(layout, &inv) {
+                prop_assert_eq!(p.assignments.len() as u32, layout.world_size());
+                let slots: HashSet<_> = p.assignments.iter().map(|a| a.slot.clone()).collect();
+                prop_assert_eq!(slots.len(), p.assignments.len(), "a slot used twice");
+                let mut group_node: HashMap<(u32, u32), String> = HashMap::new();
+                for a in &p.assignments {
+                    let node = group_node
+                        .entry((a.coords.dp, a.coords.pp))
+                        .or_insert_with(|| a.slot.node.clone());
+                    prop_assert_eq!(&*node, &a.slot.node);
+                }
+            } else {
+                // Refused only when whole TP groups truly do not fit.
+                let fit: u32 = sizes.iter().map(|s| s / tp * tp).sum();
+                prop_assert!(fit < layout.world_size());
+            }
+        }
+    }
+}
