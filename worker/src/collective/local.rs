@@ -1,0 +1,89 @@
+//! An in-process backend: group members are threads joined by channels. It
+//! runs the same ring algorithms as every other backend, so it is the
+//! reference the conformance suite checks against and what single-machine
+//! tests of parallel layouts use.
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use super::{Collective, CollectiveError, Result};
+
+pub struct LocalCollective {
+    rank: usize,
+    /// `to[p]` sends to member p.
+    to: Vec<Sender<Vec<f32>>>,
+    /// `from[p]` receives what member p sent to this member, in order.
+    from: Vec<Receiver<Vec<f32>>>,
+}
+
+/// A group of `size` members, one per thread that will use it.
+pub fn local_group(size: usize) -> Vec<LocalCollective> {
+    assert!(size > 0, "a group has at least one member");
+    // channels[from][to]
+    let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..size).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..size)
+        .map(|_| (0..size).map(|_| None).collect())
+        .collect();
+    for (from, row) in senders.iter_mut().enumerate() {
+        for to in 0..size {
+            let (tx, rx) = channel();
+            row.push(Some(tx));
+            receivers[to][from] = Some(rx);
+        }
+    }
+    senders
+        .into_iter()
+        .zip(receivers)
+        .enumerate()
+        .map(|(rank, (to, from))| LocalCollective {
+            rank,
+            to: to.into_iter().map(Option::unwrap).collect(),
+            from: from.into_iter().map(Option::unwrap).collect(),
+        })
+        .collect()
+}
+
+impl LocalCollective {
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        if peer < self.to.len() {
+            Ok(())
+        } else {
+            Err(CollectiveError::NoSuchPeer {
+                peer,
+                size: self.to.len(),
+            })
+        }
+    }
+}
+
+impl Collective for LocalCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.to.len()
+    }
+
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()> {
+        self.check_peer(peer)?;
+        self.to[peer]
+            .send(data.to_vec())
+            .map_err(|_| CollectiveError::PeerGone { peer })
+    }
+
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
+        self.check_peer(peer)?;
+        let msg = self.from[peer]
+            .recv()
+            .map_err(|_| CollectiveError::PeerGone { peer })?;
+        if msg.len() != out.len() {
+            return Err(CollectiveError::SizeMismatch {
+                peer,
+                expected: out.len(),
+                got: msg.len(),
+            });
+        }
+        out.copy_from_slice(&msg);
+        Ok(())
+    }
+}

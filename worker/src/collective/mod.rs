@@ -1,0 +1,180 @@
+//! Collectives behind one trait.
+//!
+//! A backend implements point-to-point transfers ([`Collective::send`],
+//! [`Collective::recv`] and the deadlock-free exchange
+//! [`Collective::send_recv`]); the ring algorithms for all-reduce,
+//! reduce-scatter and all-gather are provided on top of them, so they move
+//! 2·(n−1)/n of the buffer per rank whatever the group size, and every backend
+//! sums in the same order (results are bit-identical across backends). A
+//! backend with native collectives (NCCL) overrides them.
+//!
+//! Ranks here are indices within the group, `0..size`; the layout maps them to
+//! world ranks.
+
+pub mod conformance;
+mod local;
+
+pub use local::{LocalCollective, local_group};
+
+/// Why a collective failed; each names the peer involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("group rank {peer} is gone (its end of the link closed)")]
+    PeerGone { peer: usize },
+    #[error("group rank {peer} sent {got} elements where {expected} were expected")]
+    SizeMismatch {
+        peer: usize,
+        expected: usize,
+        got: usize,
+    },
+    #[error("group rank {peer} is outside a group of {size}")]
+    NoSuchPeer { peer: usize, size: usize },
+    #[error("{op}: buffer of {got} elements, expected {expected}")]
+    BadBuffer {
+        op: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("link to group rank {peer}: {source}")]
+    Io { peer: usize, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, CollectiveError>;
+
+/// The range of chunk `i` when `len` elements are split into `n` chunks as
+/// evenly as possible.
+fn chunk(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+    (i * len / n)..((i + 1) * len / n)
+}
+
+/// A process group's collective operations, from one member's side. Every
+/// member must call the same operations in the same order.
+pub trait Collective: Send {
+    /// This member's index in the group.
+    fn rank(&self) -> usize;
+    /// Number of members.
+    fn size(&self) -> usize;
+
+    /// Sends `data` to `peer`.
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()>;
+    /// Receives exactly `out.len()` elements from `peer`.
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()>;
+
+    /// Sends to `to` while receiving from `from`. Backends whose `send` can
+    /// block until the peer receives (TCP) must override this so that a ring
+    /// of members all exchanging at once cannot deadlock.
+    fn send_recv(&mut self, to: usize, data: &[f32], from: usize, out: &mut [f32]) -> Result<()> {
+        self.send(to, data)?;
+        self.recv(from, out)
+    }
+
+    /// Element-wise sum over the group, in place on every member.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if n == 1 {
+            return Ok(());
+        }
+        ring_reduce_scatter(self, buf)?;
+        ring_all_gather(self, buf)
+    }
+
+    /// `input` holds `size` equal parts; member r receives in `out` the sum
+    /// over the group of part r.
+    fn reduce_scatter_sum(&mut self, input: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if input.len() != out.len() * n {
+            return Err(CollectiveError::BadBuffer {
+                op: "reduce_scatter",
+                expected: out.len() * n,
+                got: input.len(),
+            });
+        }
+        let mut work = input.to_vec();
+        ring_reduce_scatter(self, &mut work)?;
+        out.copy_from_slice(&work[chunk(work.len(), n, self.rank())]);
+        Ok(())
+    }
+
+    /// Member r's `input` lands in part r of every member's `out`.
+    fn all_gather(&mut self, input: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if out.len() != input.len() * n {
+            return Err(CollectiveError::BadBuffer {
+                op: "all_gather",
+                expected: input.len() * n,
+                got: out.len(),
+            });
+        }
+        let mine = chunk(out.len(), n, self.rank());
+        out[mine].copy_from_slice(input);
+        ring_all_gather(self, out)
+    }
+
+    /// `root`'s `buf` is copied to every member's `buf`.
+    fn broadcast(&mut self, root: usize, buf: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if root >= n {
+            return Err(CollectiveError::NoSuchPeer {
+                peer: root,
+                size: n,
+            });
+        }
+        // A pipelined chain from the root: each member forwards what it got,
+        // so the root sends the buffer once however large the group.
+        let me = (self.rank() + n - root) % n;
+        if me > 0 {
+            self.recv((self.rank() + n - 1) % n, buf)?;
+        }
+        if me + 1 < n {
+            self.send((self.rank() + 1) % n, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Returns once every member has entered the barrier.
+    fn barrier(&mut self) -> Result<()> {
+        let mut token = [0f32];
+        self.all_reduce_sum(&mut token)
+    }
+}
+
+/// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` holds the
+/// group's sum of that chunk (other chunks hold partial sums).
+fn ring_reduce_scatter<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
+    let (n, r) = (c.size(), c.rank());
+    if n == 1 {
+        return Ok(());
+    }
+    let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    let mut incoming = vec![0f32; buf.len().div_ceil(n) + 1];
+    for step in 0..n - 1 {
+        let send_idx = (r + 2 * n - step - 1) % n;
+        let recv_idx = (r + 2 * n - step - 2) % n;
+        let (s, d) = (chunk(buf.len(), n, send_idx), chunk(buf.len(), n, recv_idx));
+        let outgoing = buf[s].to_vec();
+        let inc = &mut incoming[..d.len()];
+        c.send_recv(right, &outgoing, left, inc)?;
+        for (x, y) in buf[d].iter_mut().zip(inc.iter()) {
+            *x += *y;
+        }
+    }
+    Ok(())
+}
+
+/// Ring all-gather in place: chunk `rank` of `buf` is this member's; afterwards
+/// every chunk holds its owner's.
+fn ring_all_gather<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
+    let (n, r) = (c.size(), c.rank());
+    if n == 1 {
+        return Ok(());
+    }
+    let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    for step in 0..n - 1 {
+        let send_idx = (r + n - step) % n;
+        let recv_idx = (r + 2 * n - step - 1) % n;
+        let (s, d) = (chunk(buf.len(), n, send_idx), chunk(buf.len(), n, recv_idx));
+        let outgoing = buf[s].to_vec();
+        c.send_recv(right, &outgoing, left, &mut buf[d])?;
+    }
+    Ok(())
+}
