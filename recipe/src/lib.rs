@@ -177,15 +177,15 @@ fn syntax_problem(text: &str, path: &str, e: &toml::de::Error) -> RecipeError {
     let mut message = e.message().trim().to_string();
     // Name an unknown key by its full path, not its parent table's.
     let mut field = path.to_string();
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some(key) = rest.split('`').next() {
-            let named = path == key || path.ends_with(&format!(".{key}"));
-            field = match (path.is_empty(), named) {
-                (true, _) => key.to_string(),
-                (false, true) => path.to_string(),
-                (false, false) => format!("{path}.{key}"),
-            };
-        }
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some(key) = rest.split('`').next()
+    {
+        let named = path == key || path.ends_with(&format!(".{key}"));
+        field = match (path.is_empty(), named) {
+            (true, _) => key.to_string(),
+            (false, true) => path.to_string(),
+            (false, false) => format!("{path}.{key}"),
+        };
     }
     if let Some(span) = e.span() {
         let (line, col) = line_col(text, span.start);

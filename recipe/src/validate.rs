@@ -206,17 +206,18 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             );
         }
     }
-    if let (Some(h), Some(kv)) = (n_heads, n_kv_heads) {
-        if h % kv != 0 {
-            c.fail(
+    if let (Some(h), Some(kv)) = (n_heads, n_kv_heads)
+        && h % kv != 0
+    {
+        c.fail(
                 "model.n_kv_heads",
                 format!("{kv} does not divide model.n_heads = {h}: each KV head serves a whole group of query heads"),
             );
-        }
     }
-    if let Some(s) = max_seq_len {
-        if !s.is_power_of_two() {
-            c.fail(
+    if let Some(s) = max_seq_len
+        && !s.is_power_of_two()
+    {
+        c.fail(
                 "model.max_seq_len",
                 format!(
                     "{s} is not a power of two; dataset-decomposition buckets hold sequences of 2^k tokens (nearest: {} or {})",
@@ -224,7 +225,6 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                     s.next_power_of_two()
                 ),
             );
-        }
     }
 
     // [parallel]
@@ -239,28 +239,29 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             ("model.n_kv_heads", n_kv_heads),
             ("model.d_ffn", d_ffn),
         ] {
-            if let Some(v) = v {
-                if v % u64::from(tp) != 0 {
-                    c.fail("parallel.tp", format!("{tp} does not divide {what} = {v}"));
-                }
+            if let Some(v) = v
+                && v % u64::from(tp) != 0
+            {
+                c.fail("parallel.tp", format!("{tp} does not divide {what} = {v}"));
             }
         }
     }
-    if let (Some(pp), Some(l)) = (pp, n_layers) {
-        if l % u64::from(pp) != 0 {
-            c.fail(
-                "parallel.pp",
-                format!("{pp} does not divide model.n_layers = {l}"),
-            );
-        }
+    if let (Some(pp), Some(l)) = (pp, n_layers)
+        && l % u64::from(pp) != 0
+    {
+        c.fail(
+            "parallel.pp",
+            format!("{pp} does not divide model.n_layers = {l}"),
+        );
     }
-    if let (Some(pp), Some(mb)) = (pp, microbatches) {
-        if pp > 1 && mb < pp {
-            c.fail(
+    if let (Some(pp), Some(mb)) = (pp, microbatches)
+        && pp > 1
+        && mb < pp
+    {
+        c.fail(
                 "parallel.microbatches",
                 format!("{mb} is less than parallel.pp = {pp}: 1F1B needs at least one microbatch per pipeline stage"),
             );
-        }
     }
     let layout = match (tp, pp, dp) {
         (Some(tp), Some(pp), Some(dp)) => {
@@ -539,22 +540,21 @@ fn check_run_tokens(
             let tps = c.tokens("data.tokens_per_step", q, false)?;
             if let (Some(g), Some(s), Some(dp), Some(mb)) =
                 (granularity, max_seq_len, dp, microbatches)
+                && tps % g != 0
             {
-                if tps % g != 0 {
-                    let lower = tps / g * g;
-                    let nearest = if lower == 0 {
-                        format!("{g}")
-                    } else {
-                        format!("{lower} or {}", lower + g)
-                    };
-                    c.fail(
+                let lower = tps / g * g;
+                let nearest = if lower == 0 {
+                    format!("{g}")
+                } else {
+                    format!("{lower} or {}", lower + g)
+                };
+                c.fail(
                         "data.tokens_per_step",
                         format!(
                             "{tps} is not divisible by model.max_seq_len·parallel.dp·parallel.microbatches = {s}·{dp}·{mb} = {g}: every bucket must split evenly into microbatches on every data-parallel rank (nearest: {nearest})"
                         ),
                     );
-                    return None;
-                }
+                return None;
             }
             Some(tps)
         }
@@ -657,13 +657,13 @@ fn check_schedule(
         }
         None => Some(0),
     };
-    if let (Some(w), Some(t)) = (warmup, total) {
-        if w > t {
-            c.fail(
-                "schedule.warmup_tokens",
-                format!("{w} exceeds the run's {t} tokens (data.total_tokens)"),
-            );
-        }
+    if let (Some(w), Some(t)) = (warmup, total)
+        && w > t
+    {
+        c.fail(
+            "schedule.warmup_tokens",
+            format!("{w} exceeds the run's {t} tokens (data.total_tokens)"),
+        );
     }
 
     let decay = |c: &mut Checker, shape: DecayShape, required: bool| {

@@ -18,27 +18,21 @@ pub struct LocalCollective {
 /// A group of `size` members, one per thread that will use it.
 pub fn local_group(size: usize) -> Vec<LocalCollective> {
     assert!(size > 0, "a group has at least one member");
-    // channels[from][to]
-    let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..size).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..size)
-        .map(|_| (0..size).map(|_| None).collect())
-        .collect();
-    for (from, row) in senders.iter_mut().enumerate() {
-        for to in 0..size {
+    // One channel per ordered pair: senders[from][to] feeds receivers[to][from].
+    let mut senders: Vec<Vec<Sender<Vec<f32>>>> = (0..size).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<Receiver<Vec<f32>>>> = (0..size).map(|_| Vec::new()).collect();
+    for row in senders.iter_mut() {
+        for column in receivers.iter_mut() {
             let (tx, rx) = channel();
-            row.push(Some(tx));
-            receivers[to][from] = Some(rx);
+            row.push(tx);
+            column.push(rx);
         }
     }
     senders
         .into_iter()
         .zip(receivers)
         .enumerate()
-        .map(|(rank, (to, from))| LocalCollective {
-            rank,
-            to: to.into_iter().map(Option::unwrap).collect(),
-            from: from.into_iter().map(Option::unwrap).collect(),
-        })
+        .map(|(rank, (to, from))| LocalCollective { rank, to, from })
         .collect()
 }
 
