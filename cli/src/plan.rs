@@ -49,12 +49,23 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let recipe = load_recipe(&path)?;
     let plan = Plan::new(&recipe);
     if args.json {
-        let json = serde_json::json!({ "recipe": recipe, "plan": plan });
+        let json = PlanJson {
+            plan: &plan,
+            recipe: &recipe,
+        };
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{}", plan_text(&recipe, &plan));
     }
     Ok(())
+}
+
+/// `plan --json`: the plan's fields at the top level, and the resolved recipe.
+#[derive(serde::Serialize)]
+struct PlanJson<'a> {
+    #[serde(flatten)]
+    plan: &'a Plan,
+    recipe: &'a Recipe,
 }
 
 fn budget_text(plan: &BudgetPlan) -> String {

@@ -32,7 +32,7 @@ fn stdout_json(out: &Output) -> Value {
 #[test]
 fn plan_reports_sizes_and_every_law_side_by_side() {
     let json = stdout_json(&strata(&["plan", "examples/llama-1b.toml", "--json"]));
-    let plan = &json["plan"];
+    let plan = &json;
     assert_eq!(plan["layout"]["world_size"], 64);
     assert_eq!(plan["params"]["non_embedding"], 973_078_528u64);
     let laws = plan["laws"].as_array().unwrap();

@@ -160,26 +160,66 @@ impl Recipe {
     }
 }
 
+/// Structural problems (unknown keys, wrong types) reported in one pass at most.
+const MAX_STRUCTURAL_PROBLEMS: usize = 64;
+
 impl RecipeSpec {
-    /// Parses TOML into the spec, rejecting unknown keys. A syntax or type
-    /// error is one problem naming the key's dotted path and its line.
+    /// Parses TOML into the spec, rejecting unknown keys. Structural problems
+    /// (an unknown key, a value of the wrong type) are collected in document
+    /// order, each naming the key's dotted path and its line, until a missing
+    /// required key stops the pass.
     pub fn from_toml_str(text: &str) -> Result<RecipeSpec, RecipeError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| syntax_problem(text, "", &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            syntax_problem(text, &path, e.inner())
-        })
+        let mut root = toml::de::DeTable::parse(text).map_err(|e| RecipeError {
+            problems: vec![syntax_problem(text, "", &e)],
+        })?;
+        let mut problems: Vec<Problem> = Vec::new();
+        for _ in 0..MAX_STRUCTURAL_PROBLEMS {
+            let de = toml::Deserializer::from(root.clone());
+            let err = match serde_path_to_error::deserialize::<_, RecipeSpec>(de) {
+                Ok(spec) if problems.is_empty() => return Ok(spec),
+                Ok(_) => break,
+                Err(e) => e,
+            };
+            let problem = syntax_problem(text, &err.path().to_string(), err.inner());
+            // Drop the offending key and parse again to find the next
+            // problem; a key that cannot be dropped (a missing one) ends the
+            // pass, as does a second problem on a key already reported.
+            let progressed = !problems.iter().any(|p| p.field == problem.field)
+                && remove_key(root.get_mut(), &problem.field);
+            if !problems.iter().any(|p| p.field == problem.field) {
+                problems.push(problem);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        Err(RecipeError { problems })
     }
 }
 
-fn syntax_problem(text: &str, path: &str, e: &toml::de::Error) -> RecipeError {
+/// Removes the key at a dotted path (`model.n_layers`; `data.curriculum[1]`
+/// removes the whole array). Returns whether a key was removed.
+fn remove_key(table: &mut toml::de::DeTable<'_>, path: &str) -> bool {
+    let path = path.split('[').next().unwrap_or(path);
+    match path.split_once('.') {
+        None => table.remove(path).is_some(),
+        Some((head, rest)) => match table.get_mut(head).map(|v| v.get_mut()) {
+            Some(toml::de::DeValue::Table(inner)) => remove_key(inner, rest),
+            _ => false,
+        },
+    }
+}
+
+fn syntax_problem(text: &str, path: &str, e: &toml::de::Error) -> Problem {
     let path = if path == "." { "" } else { path };
     let mut message = e.message().trim().to_string();
-    // Name an unknown key by its full path, not its parent table's.
+    // Name an unknown or missing key by its full path, not its parent table's.
     let mut field = path.to_string();
-    if let Some(rest) = message.strip_prefix("unknown field `")
-        && let Some(key) = rest.split('`').next()
-    {
+    let key = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    if let Some(key) = key {
         let named = path == key || path.ends_with(&format!(".{key}"));
         field = match (path.is_empty(), named) {
             (true, _) => key.to_string(),
@@ -196,9 +236,7 @@ fn syntax_problem(text: &str, path: &str, e: &toml::de::Error) -> RecipeError {
     } else {
         field
     };
-    RecipeError {
-        problems: vec![Problem { field, message }],
-    }
+    Problem { field, message }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -15,7 +15,7 @@ use crate::schedule::DecayShape;
 pub struct RecipeSpec {
     /// A name for the job; defaults to the recipe's file stem.
     pub name: Option<String>,
-    /// Seeds parameter init, the data curriculum and dropout-free sampling.
+    /// Seeds parameter initialisation and the data curriculum.
     #[serde(default = "default_seed")]
     pub seed: i64,
     pub model: ModelSpec,

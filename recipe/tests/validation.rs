@@ -638,6 +638,41 @@ fn a_syntax_error_names_its_line() {
 }
 
 #[test]
+fn every_unknown_key_and_wrong_type_is_reported_in_one_pass() {
+    let err = parse(&[
+        Set("model.n_layer", int(4)),
+        Set("parallel.zero", int(1)),
+        Set("optimizer.beta1", string("high")),
+        Set("checkpoint.evry_steps", int(5)),
+    ])
+    .unwrap_err();
+    for field in [
+        "model.n_layer",
+        "parallel.zero",
+        "optimizer.beta1",
+        "checkpoint.evry_steps",
+    ] {
+        assert!(err.names(field), "{field} missing from {err}");
+    }
+    assert_eq!(err.problems.len(), 4, "{err}");
+    // Each names its line in the original text.
+    assert!(
+        err.problems.iter().all(|p| p.message.contains("line ")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_required_key_is_named() {
+    check(&[Remove("model.d_ffn")], "model.d_ffn", &["missing field"]);
+    check(
+        &[Remove("data.dataset")],
+        "data.dataset",
+        &["missing field"],
+    );
+}
+
+#[test]
 fn missing_sections_are_named() {
     let text = edited(&[]).replace("[optimizer]", "[optimiser]");
     let err = Recipe::from_toml_str(&text, "x").unwrap_err();
