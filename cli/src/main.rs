@@ -1,5 +1,6 @@
 //! `strata`: the command-line face of strata.
 
+mod data;
 mod format;
 mod plan;
 mod plot;
@@ -34,6 +35,12 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Evaluate a recipe's learning-rate schedule at given token counts, or plot it.
     Schedule(schedule::ScheduleArgs),
+    /// Tokenize a corpus and write it as dataset-decomposition buckets (Arrow)
+    /// on object storage.
+    Decompose(data::DecomposeArgs),
+    /// Look at a decomposed dataset and the curriculum's steps over it.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 /// An error in what the user gave us (a recipe, a flag, a file): exit status 2.
@@ -65,11 +72,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Schedule(args) => schedule::run(args),
+        Command::Decompose(args) => data::decompose(args),
+        Command::Data(cmd) => data::data(cmd),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr; RUST_LOG=info (or debug) shows more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,11 +1,23 @@
-//! The dataplane: raw text → dataset-decomposition buckets → steps of
-//! sequences for the workers.
+//! The dataplane: raw text → dataset-decomposition buckets on object storage
+//! → steps of sequences for the workers.
 //!
-//! Today: [`decompose`], the split of one tokenized document into pieces for
-//! the power-of-two buckets, and [`rng`], the seeded generator every random
-//! choice of the dataplane uses. Tokenization, the Arrow writer on object
-//! storage and the curriculum loader build on them. The dataplane knows
-//! nothing of gRPC.
+//! - [`corpus`] finds documents in files and folders and runs a decompose.
+//! - [`tokenize`]: offline tiktoken BPEs.
+//! - [`decompose`]: one document into power-of-two pieces.
+//! - [`writer`]: Arrow bucket shards and the manifest, written last.
+//! - [`loader`]: the curriculum, and each rank's share of each step.
+//! - [`reader`]: the manifest and checksummed shards.
+//! - [`store`]: object storage by URL (local files, S3).
+//! - [`rng`]: the seeded generator every random choice uses.
+//!
+//! The dataplane knows nothing of gRPC.
 
+pub mod corpus;
 pub mod decompose;
+pub mod loader;
+pub mod manifest;
+pub mod reader;
 pub mod rng;
+pub mod store;
+pub mod tokenize;
+pub mod writer;

@@ -1,0 +1,220 @@
+//! Object storage: a dataset lives under a URL (`file:///…`, a local path, or
+//! `s3://bucket/prefix`), and every object is named by its key relative to
+//! that URL. Errors name the full URL of the object involved.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{url}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("{url}: not found")]
+    NotFound { url: String },
+    #[error("{url}: {source}")]
+    Io {
+        url: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A folder on object storage.
+#[derive(Clone)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    url: String,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({})", self.url)
+    }
+}
+
+/// Retries with exponential backoff: a flaky endpoint is retried for up to
+/// about half a minute before the error (naming the URL) surfaces.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: Duration::from_secs(30),
+    }
+}
+
+fn install_tls_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Another part of the process may have installed one already; either
+        // way a provider is in place afterwards.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Location {
+    /// Opens `url`. `create` makes a local folder if it is missing (for
+    /// writing); reading a missing local folder is an error naming it.
+    pub fn parse(url: &str, create: bool) -> Result<Location, StoreError> {
+        let bad = |why: &str| StoreError::BadUrl {
+            url: url.to_string(),
+            why: why.to_string(),
+        };
+        let url = url.trim_end_matches('/');
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("names no bucket (s3://bucket/prefix)"));
+            }
+            install_tls_provider();
+            let store = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry_config())
+                .build()
+                .map_err(|e| StoreError::Io {
+                    url: url.to_string(),
+                    source: Box::new(e),
+                })?;
+            return Ok(Location {
+                store: Arc::new(store),
+                prefix: ObjectPath::from(prefix),
+                url: url.to_string(),
+            });
+        }
+        let path = match url.split_once("://") {
+            Some(("file", p)) if p.starts_with('/') => PathBuf::from(p),
+            Some(("file", _)) => return Err(bad("a file URL needs an absolute path (file:///…)")),
+            Some((scheme, _)) => {
+                return Err(bad(&format!(
+                    "unsupported scheme `{scheme}`; use file:///…, s3://bucket/prefix or a path"
+                )));
+            }
+            None if url.is_empty() => return Err(bad("empty location")),
+            None => PathBuf::from(url),
+        };
+        if create {
+            std::fs::create_dir_all(&path).map_err(|e| StoreError::Io {
+                url: url.to_string(),
+                source: Box::new(e),
+            })?;
+        } else if !path.is_dir() {
+            return Err(StoreError::NotFound {
+                url: url.to_string(),
+            });
+        }
+        let path = path.canonicalize().map_err(|e| StoreError::Io {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
+        let store = LocalFileSystem::new_with_prefix(&path).map_err(|e| StoreError::Io {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
+        Ok(Location {
+            store: Arc::new(store.with_automatic_cleanup(true)),
+            prefix: ObjectPath::from(""),
+            url: url.to_string(),
+        })
+    }
+
+    /// The location's URL as the user wrote it (without a trailing slash).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The full URL of the object at `key`, for messages.
+    pub fn url_of(&self, key: &str) -> String {
+        format!("{}/{key}", self.url)
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.as_ref().is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn io(&self, key: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                url: self.url_of(key),
+            },
+            other => StoreError::Io {
+                url: self.url_of(key),
+                source: Box::new(other),
+            },
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let result = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| self.io(key, e))?;
+        result.bytes().await.map_err(|e| self.io(key, e))
+    }
+
+    /// Whether `key` exists (a failure other than "not found" is an error).
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.store.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    /// Writes `key` whole: readers see the old object or the new one, never
+    /// a part (a local file is written aside and renamed; S3 puts are atomic).
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.path(key), PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.io(key, e))
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    /// Every key under this location, relative to it, sorted.
+    pub async fn list(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let metas: Vec<_> = self
+            .store
+            .list(prefix)
+            .try_collect()
+            .await
+            .map_err(|e| self.io("", e))?;
+        let strip = if self.prefix.as_ref().is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut keys: Vec<String> = metas
+            .into_iter()
+            .map(|m| {
+                let k = m.location.to_string();
+                k.strip_prefix(&strip).unwrap_or(&k).to_string()
+            })
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+}

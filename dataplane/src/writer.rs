@@ -1,0 +1,395 @@
+//! Writing a dataset: tokenized documents in, Arrow bucket shards and a
+//! manifest out.
+//!
+//! Each bucket keeps a pool of sequences; a full pool is shuffled with a
+//! seeded permutation and written as one Arrow IPC shard
+//! `D{k:02}/part-{n:05}.arrow` (columns `tokens` FixedSizeList<UInt32> of
+//! 2^k + 1, `doc_id` UInt64, `offset` UInt64). Partial pools are written at
+//! the end: every sequence lands in a shard. `manifest.json` is written last,
+//! so a dataset without one is incomplete; a new write first removes an
+//! incomplete dataset's shards, and refuses to touch a complete one unless
+//! told to replace it.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, FixedSizeListArray, RecordBatch, UInt32Array, UInt64Array};
+use arrow_ipc::writer::FileWriter;
+use arrow_schema::{DataType, Field, Schema};
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use crate::decompose::{Buckets, decompose};
+use crate::manifest::{
+    BucketInfo, Layout, MANIFEST_KEY, Manifest, SCHEMA_VERSION, ShardInfo, TokenizerInfo,
+};
+use crate::rng::SplitMix64;
+use crate::store::{Location, StoreError};
+use crate::tokenize::TokenizerKind;
+
+/// Shards written concurrently while the next ones are cut.
+const MAX_UPLOADS_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{url} already holds a complete dataset ({MANIFEST_KEY}); pass --overwrite to replace it"
+    )]
+    Complete { url: String },
+    #[error("{0}")]
+    Options(String),
+    #[error("encoding {key}: {source}")]
+    Arrow {
+        key: String,
+        source: arrow_schema::ArrowError,
+    },
+    #[error("an upload task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// How a dataset is cut and stored.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub tokenizer: TokenizerKind,
+    pub layout: Layout,
+    pub buckets: Buckets,
+    pub seed: u64,
+    /// Upper bound on a shard's size in bytes (at least one sequence each).
+    pub shard_bytes: u64,
+    /// Replace a complete dataset at the output.
+    pub overwrite: bool,
+}
+
+/// The name of a bucket's folder: `D08` for 2^8.
+pub fn bucket_dir(log2: u32) -> String {
+    format!("D{log2:02}")
+}
+
+fn is_dataset_object(key: &str) -> bool {
+    let Some((dir, file)) = key.split_once('/') else {
+        return false;
+    };
+    let dir_ok =
+        dir.len() == 3 && dir.starts_with('D') && dir[1..].bytes().all(|b| b.is_ascii_digit());
+    let file_ok = file.len() == "part-00000.arrow".len()
+        && file.starts_with("part-")
+        && file.ends_with(".arrow")
+        && file[5..10].bytes().all(|b| b.is_ascii_digit());
+    dir_ok && file_ok
+}
+
+struct Pool {
+    log2: u32,
+    row_len: usize,
+    shard_rows: usize,
+    tokens: Vec<u32>,
+    doc_ids: Vec<u64>,
+    offsets: Vec<u64>,
+    shards: Vec<ShardInfo>,
+    n_sequences: u64,
+}
+
+impl Pool {
+    fn rows(&self) -> usize {
+        self.doc_ids.len()
+    }
+}
+
+/// Writes one dataset. Feed documents in order with
+/// [`DatasetWriter::add_document`], then [`DatasetWriter::finish`].
+pub struct DatasetWriter {
+    out: Location,
+    opts: WriterOptions,
+    pools: Vec<Pool>,
+    uploads: JoinSet<Result<(), StoreError>>,
+    next_doc_id: u64,
+    n_skipped: u64,
+    n_tokens_in: u64,
+    n_tokens_dropped: u64,
+    /// Concat-and-chunk: the sequence being filled, and where it started.
+    carry: Vec<u32>,
+    carry_start: (u64, u64),
+}
+
+impl DatasetWriter {
+    /// Prepares `out`: refuses a complete dataset unless `overwrite`, and
+    /// removes the shards of an incomplete one (only strata's own
+    /// `Dkk/part-nnnnn.arrow` objects; nothing else under `out` is touched).
+    pub async fn create(out: Location, opts: WriterOptions) -> Result<DatasetWriter, WriteError> {
+        let seq_lens: Vec<u32> = match opts.layout {
+            Layout::Decomposed { .. } => (opts.buckets.min_log2..=opts.buckets.max_log2).collect(),
+            Layout::ConcatChunk { seq_len } => {
+                if !seq_len.is_power_of_two() || seq_len > 1 << 30 {
+                    return Err(WriteError::Options(format!(
+                        "--concat-chunk {seq_len}: the length must be a power of two up to 2^30, like a bucket"
+                    )));
+                }
+                vec![seq_len.trailing_zeros()]
+            }
+        };
+        if out.exists(MANIFEST_KEY).await? {
+            if !opts.overwrite {
+                return Err(WriteError::Complete {
+                    url: out.url().to_string(),
+                });
+            }
+            // From here on the old dataset is incomplete, never half-read.
+            out.delete(MANIFEST_KEY).await?;
+        }
+        for key in out.list().await? {
+            if is_dataset_object(&key) {
+                out.delete(&key).await?;
+            }
+        }
+        let pools = seq_lens
+            .into_iter()
+            .map(|log2| {
+                let row_len = (1usize << log2) + 1;
+                let row_bytes = row_len as u64 * 4 + 16;
+                Pool {
+                    log2,
+                    row_len,
+                    shard_rows: (opts.shard_bytes / row_bytes).max(1) as usize,
+                    tokens: Vec::new(),
+                    doc_ids: Vec::new(),
+                    offsets: Vec::new(),
+                    shards: Vec::new(),
+                    n_sequences: 0,
+                }
+            })
+            .collect();
+        Ok(DatasetWriter {
+            out,
+            opts,
+            pools,
+            uploads: JoinSet::new(),
+            next_doc_id: 0,
+            n_skipped: 0,
+            n_tokens_in: 0,
+            n_tokens_dropped: 0,
+            carry: Vec::new(),
+            carry_start: (0, 0),
+        })
+    }
+
+    /// Counts a document that was read but not kept (not UTF-8, empty): it
+    /// takes a document id so ids match the input order.
+    pub fn skip_document(&mut self) {
+        self.next_doc_id += 1;
+        self.n_skipped += 1;
+    }
+
+    /// Adds one tokenized document (end-of-text already appended).
+    pub async fn add_document(&mut self, tokens: &[u32]) -> Result<(), WriteError> {
+        let doc_id = self.next_doc_id;
+        self.next_doc_id += 1;
+        self.n_tokens_in += tokens.len() as u64;
+        match self.opts.layout {
+            Layout::Decomposed { split_long } => {
+                let mut rng = SplitMix64::for_key(self.opts.seed, doc_id);
+                let (pieces, dropped) =
+                    decompose(tokens.len() as u64, self.opts.buckets, split_long, &mut rng);
+                self.n_tokens_dropped += dropped;
+                for piece in pieces {
+                    let idx = (piece.log2 - self.opts.buckets.min_log2) as usize;
+                    let start = piece.offset as usize;
+                    let end = start + self.pools[idx].row_len;
+                    self.push(idx, &tokens[start..end], doc_id, piece.offset)
+                        .await?;
+                }
+            }
+            Layout::ConcatChunk { .. } => {
+                let row_len = self.pools[0].row_len;
+                let mut pos = 0;
+                while pos < tokens.len() {
+                    if self.carry.is_empty() {
+                        self.carry_start = (doc_id, pos as u64);
+                    }
+                    let take = (row_len - self.carry.len()).min(tokens.len() - pos);
+                    self.carry.extend_from_slice(&tokens[pos..pos + take]);
+                    pos += take;
+                    if self.carry.len() == row_len {
+                        let row = std::mem::take(&mut self.carry);
+                        let (d, o) = self.carry_start;
+                        self.push(0, &row, d, o).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn push(
+        &mut self,
+        idx: usize,
+        row: &[u32],
+        doc_id: u64,
+        offset: u64,
+    ) -> Result<(), WriteError> {
+        let pool = &mut self.pools[idx];
+        pool.tokens.extend_from_slice(row);
+        pool.doc_ids.push(doc_id);
+        pool.offsets.push(offset);
+        if pool.rows() >= pool.shard_rows {
+            self.flush(idx).await?;
+        }
+        Ok(())
+    }
+
+    /// Shuffles and writes pool `idx` as its next shard.
+    async fn flush(&mut self, idx: usize) -> Result<(), WriteError> {
+        let seed = self.opts.seed;
+        let pool = &mut self.pools[idx];
+        let rows = pool.rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        let shard_idx = pool.shards.len() as u64;
+        let key = format!("{}/part-{shard_idx:05}.arrow", bucket_dir(pool.log2));
+        let mut rng = SplitMix64::for_key(seed, (u64::from(pool.log2) << 40) | shard_idx);
+        let mut perm: Vec<usize> = (0..rows).collect();
+        for i in (1..rows).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let bytes = encode_shard(pool, &perm).map_err(|source| WriteError::Arrow {
+            key: key.clone(),
+            source,
+        })?;
+        pool.shards.push(ShardInfo {
+            key: key.clone(),
+            rows: rows as u64,
+            bytes: bytes.len() as u64,
+            crc32: crc32fast::hash(&bytes),
+        });
+        pool.n_sequences += rows as u64;
+        pool.tokens.clear();
+        pool.doc_ids.clear();
+        pool.offsets.clear();
+
+        while self.uploads.len() >= MAX_UPLOADS_IN_FLIGHT {
+            if let Some(done) = self.uploads.join_next().await {
+                done??;
+            }
+        }
+        let out = self.out.clone();
+        self.uploads
+            .spawn(async move { out.put(&key, Bytes::from(bytes)).await });
+        Ok(())
+    }
+
+    /// Writes what is left in every pool, waits for every shard, then writes
+    /// the manifest.
+    pub async fn finish(mut self) -> Result<Manifest, WriteError> {
+        self.n_tokens_dropped += self.carry.len() as u64;
+        for idx in 0..self.pools.len() {
+            self.flush(idx).await?;
+        }
+        while let Some(done) = self.uploads.join_next().await {
+            done??;
+        }
+        let buckets = self
+            .pools
+            .iter()
+            .map(|p| BucketInfo {
+                seq_len: 1 << p.log2,
+                log2: Some(p.log2),
+                n_sequences: p.n_sequences,
+                n_tokens: p.n_sequences * p.row_len as u64,
+                shards: p.shards.clone(),
+            })
+            .collect();
+        let (min_log2, max_log2) = match self.opts.layout {
+            Layout::Decomposed { .. } => (self.opts.buckets.min_log2, self.opts.buckets.max_log2),
+            Layout::ConcatChunk { seq_len } => (seq_len.trailing_zeros(), seq_len.trailing_zeros()),
+        };
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION,
+            created_by: format!("strata {}", env!("CARGO_PKG_VERSION")),
+            tokenizer: TokenizerInfo {
+                name: self.opts.tokenizer,
+                vocab_size: self.opts.tokenizer.vocab_size(),
+                eot_id: self.opts.tokenizer.eot_id(),
+            },
+            layout: self.opts.layout,
+            min_log2,
+            max_log2,
+            seed: self.opts.seed,
+            buckets,
+            n_documents: self.next_doc_id,
+            n_documents_skipped: self.n_skipped,
+            n_tokens_in: self.n_tokens_in,
+            n_tokens_dropped: self.n_tokens_dropped,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        self.out.put(MANIFEST_KEY, Bytes::from(json)).await?;
+        Ok(manifest)
+    }
+}
+
+/// The Arrow schema of a bucket whose sequences hold `row_len` tokens.
+pub fn shard_schema(row_len: usize) -> Schema {
+    Schema::new(vec![
+        Field::new(
+            "tokens",
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::UInt32, false)),
+                row_len as i32,
+            ),
+            false,
+        ),
+        Field::new("doc_id", DataType::UInt64, false),
+        Field::new("offset", DataType::UInt64, false),
+    ])
+}
+
+fn encode_shard(pool: &Pool, perm: &[usize]) -> Result<Vec<u8>, arrow_schema::ArrowError> {
+    let n = pool.row_len;
+    let mut tokens = Vec::with_capacity(perm.len() * n);
+    for &r in perm {
+        tokens.extend_from_slice(&pool.tokens[r * n..(r + 1) * n]);
+    }
+    let doc_ids: Vec<u64> = perm.iter().map(|&r| pool.doc_ids[r]).collect();
+    let offsets: Vec<u64> = perm.iter().map(|&r| pool.offsets[r]).collect();
+    let schema = Arc::new(shard_schema(n));
+    let item = Arc::new(Field::new("item", DataType::UInt32, false));
+    let list =
+        FixedSizeListArray::try_new(item, n as i32, Arc::new(UInt32Array::from(tokens)), None)?;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(list) as ArrayRef,
+            Arc::new(UInt64Array::from(doc_ids)),
+            Arc::new(UInt64Array::from(offsets)),
+        ],
+    )?;
+    let mut writer = FileWriter::try_new(Vec::new(), &schema)?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    writer.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decompose::SplitLong;
+
+    #[test]
+    fn only_strata_objects_are_cleaned() {
+        assert!(is_dataset_object("D08/part-00000.arrow"));
+        assert!(is_dataset_object("D13/part-12345.arrow"));
+        assert!(!is_dataset_object("manifest.json"));
+        assert!(!is_dataset_object("notes/part-00000.arrow"));
+        assert!(!is_dataset_object("D08/part-0.arrow"));
+        assert!(!is_dataset_object("D08/other.arrow"));
+    }
+
+    #[test]
+    fn split_long_is_in_the_layout() {
+        let l = Layout::Decomposed {
+            split_long: SplitLong::Random,
+        };
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(json, r#"{"kind":"decomposed","split_long":"random"}"#);
+    }
+}

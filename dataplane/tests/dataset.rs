@@ -1,0 +1,534 @@
+//! Writing and reading datasets on local object storage: round trips against
+//! the source text, bad input, crash safety, and the curriculum loader.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::decompose::{Buckets, SplitLong};
+use strata_dataplane::loader::{Loader, LoaderConfig, Planner};
+use strata_dataplane::manifest::{Layout, Manifest};
+use strata_dataplane::reader::{ReadError, read_manifest, read_shard};
+use strata_dataplane::store::Location;
+use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
+use strata_recipe::{Curriculum, NamedCurriculum};
+
+fn corpora() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora")
+}
+
+fn opts(layout: Layout, min: u32, max: u32) -> WriterOptions {
+    WriterOptions {
+        tokenizer: TokenizerKind::R50k,
+        layout,
+        buckets: Buckets::new(min, max).unwrap(),
+        seed: 7,
+        shard_bytes: 256 << 10,
+        overwrite: false,
+    }
+}
+
+fn dd() -> Layout {
+    Layout::Decomposed {
+        split_long: SplitLong::Largest,
+    }
+}
+
+/// A few State of the Union addresses copied into `dir`, plus their texts in
+/// document-id order.
+fn small_corpus(dir: &Path) -> Vec<String> {
+    let src = corpora().join("sotu");
+    let mut names: Vec<_> = std::fs::read_dir(&src)
+        .expect("../shared/data/corpora/sotu (see its README for npm pack)")
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    let mut texts = Vec::new();
+    for name in names.iter().step_by(23).take(8) {
+        let text = std::fs::read_to_string(src.join(name)).unwrap();
+        std::fs::write(dir.join(name), &text).unwrap();
+        texts.push(text);
+    }
+    texts
+}
+
+async fn all_rows(loc: &Location, m: &Manifest) -> Vec<(u64, Vec<u32>, u64, u64)> {
+    let mut rows = Vec::new();
+    for b in &m.buckets {
+        for s in &b.shards {
+            let shard = read_shard(loc, s, b.seq_len as usize + 1).await.unwrap();
+            for r in 0..shard.rows() {
+                rows.push((
+                    b.seq_len,
+                    shard.row(r).to_vec(),
+                    shard.doc_ids[r],
+                    shard.offsets[r],
+                ));
+            }
+        }
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decompose_round_trips_to_the_source_text() {
+    let input = tempfile::tempdir().unwrap();
+    let texts = small_corpus(input.path());
+    let out = tempfile::tempdir().unwrap();
+    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+    let writer = DatasetWriter::create(loc.clone(), opts(dd(), 8, 11))
+        .await
+        .unwrap();
+    let tok = TokenizerKind::R50k.load();
+    let summary = decompose_corpus(&[input.path().to_path_buf()], tok, writer, &Quiet)
+        .await
+        .unwrap();
+    let m = read_manifest(&loc).await.unwrap();
+    assert_eq!(m, summary.manifest);
+    assert_eq!(m.n_documents, texts.len() as u64);
+    let stored: u64 = m.buckets.iter().map(|b| b.n_tokens).sum();
+    assert_eq!(stored + m.n_tokens_dropped, m.n_tokens_in);
+    // Small shards: buckets span several, and every sequence is written.
+    assert!(m.buckets.iter().any(|b| b.shards.len() > 1));
+
+    let docs: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode_document(t)).collect();
+    assert_eq!(
+        m.n_tokens_in,
+        docs.iter().map(|d| d.len() as u64).sum::<u64>()
+    );
+    let rows = all_rows(&loc, &m).await;
+    let mut covered: HashMap<u64, u64> = HashMap::new();
+    for (seq_len, row, doc_id, offset) in &rows {
+        assert_eq!(row.len() as u64, seq_len + 1);
+        let doc = &docs[*doc_id as usize];
+        let start = *offset as usize;
+        assert_eq!(
+            &doc[start..start + row.len()],
+            row.as_slice(),
+            "doc {doc_id} at {offset}"
+        );
+        *covered.entry(*doc_id).or_default() += row.len() as u64;
+    }
+    // Each document is covered but for a tail under 2^8 + 1 tokens.
+    for (id, doc) in docs.iter().enumerate() {
+        let c = covered.get(&(id as u64)).copied().unwrap_or(0);
+        assert!(
+            doc.len() as u64 - c < 257,
+            "doc {id}: {} of {}",
+            c,
+            doc.len()
+        );
+    }
+    // Shards are shuffled: rows are not in document order.
+    let d8: Vec<u64> = rows.iter().filter(|r| r.0 == 256).map(|r| r.2).collect();
+    assert!(
+        d8.windows(2).any(|w| w[0] > w[1]),
+        "D08 rows are in input order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_writes_the_same_dataset() {
+    let input = tempfile::tempdir().unwrap();
+    small_corpus(input.path());
+    let mut manifests = Vec::new();
+    for _ in 0..2 {
+        let out = tempfile::tempdir().unwrap();
+        let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+        let w = DatasetWriter::create(loc.clone(), opts(dd(), 8, 10))
+            .await
+            .unwrap();
+        let s = decompose_corpus(
+            &[input.path().to_path_buf()],
+            TokenizerKind::R50k.load(),
+            w,
+            &Quiet,
+        )
+        .await
+        .unwrap();
+        manifests.push(s.manifest);
+    }
+    // Identical shard checksums: identical bytes.
+    assert_eq!(manifests[0], manifests[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_documents_are_skipped_and_counted() {
+    let input = tempfile::tempdir().unwrap();
+    std::fs::write(input.path().join("a.txt"), "word ".repeat(400)).unwrap();
+    std::fs::write(input.path().join("b.txt"), [0x66, 0x6f, 0xff, 0xfe]).unwrap();
+    std::fs::write(input.path().join("c.txt"), "  \n").unwrap();
+    std::fs::write(
+        input.path().join("d.jsonl"),
+        "{\"text\": \"one two three\"}\n{\"body\": 1}\nnot json\n\n{\"text\": \"\"}\n{\"text\": \"four\"}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+    let w = DatasetWriter::create(loc.clone(), opts(dd(), 0, 6))
+        .await
+        .unwrap();
+    let s = decompose_corpus(
+        &[input.path().to_path_buf()],
+        TokenizerKind::R50k.load(),
+        w,
+        &Quiet,
+    )
+    .await
+    .unwrap();
+    let m = &s.manifest;
+    // a, b, c, then five JSONL lines (the blank line is no document).
+    assert_eq!(m.n_documents, 8);
+    assert_eq!(m.n_documents_skipped, 5);
+    let joined = s.skipped.join("\n");
+    for needle in [
+        "b.txt: not UTF-8",
+        "c.txt: empty",
+        "d.jsonl:2: no string `text`",
+        "d.jsonl:3: not JSON",
+        "d.jsonl:5: empty",
+    ] {
+        assert!(joined.contains(needle), "{needle} not in {joined}");
+    }
+    // Document ids follow input order, skipped ones included: "four" is doc 7.
+    let rows = all_rows(&loc, m).await;
+    assert!(rows.iter().any(|r| r.2 == 7));
+    assert!(rows.iter().all(|r| ![1, 2, 4, 5, 6].contains(&r.2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_dataset_is_kept_unless_replaced_and_an_incomplete_one_is_cleaned() {
+    let out = tempfile::tempdir().unwrap();
+    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+    let doc: Vec<u32> = (0..1000).collect();
+    let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 4, 8))
+        .await
+        .unwrap();
+    w.add_document(&doc).await.unwrap();
+    let first = w.finish().await.unwrap();
+
+    // A second write refuses, and the dataset is untouched.
+    let err = DatasetWriter::create(loc.clone(), opts(dd(), 4, 8))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, WriteError::Complete { .. }), "{err}");
+    assert!(err.to_string().contains("--overwrite"));
+    assert_eq!(read_manifest(&loc).await.unwrap(), first);
+
+    // A crash mid-write: shards, no manifest. Simulate with a stray shard
+    // and a file that is not ours.
+    std::fs::remove_file(out.path().join("manifest.json")).unwrap();
+    std::fs::create_dir_all(out.path().join("D05")).unwrap();
+    std::fs::write(out.path().join("D05/part-00099.arrow"), b"half").unwrap();
+    std::fs::write(out.path().join("README.txt"), b"keep me").unwrap();
+    assert!(matches!(
+        read_manifest(&loc).await,
+        Err(ReadError::NoManifest { .. })
+    ));
+
+    let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 4, 8))
+        .await
+        .unwrap();
+    w.add_document(&doc[..600]).await.unwrap();
+    let second = w.finish().await.unwrap();
+    assert!(!out.path().join("D05/part-00099.arrow").exists());
+    assert!(out.path().join("README.txt").exists());
+    assert_ne!(second, first);
+
+    // --overwrite replaces a complete dataset.
+    let mut o = opts(dd(), 4, 8);
+    o.overwrite = true;
+    let mut w = DatasetWriter::create(loc.clone(), o).await.unwrap();
+    w.add_document(&doc).await.unwrap();
+    assert_eq!(w.finish().await.unwrap(), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_and_missing_objects_are_named() {
+    let out = tempfile::tempdir().unwrap();
+    let url = out.path().to_str().unwrap().to_string();
+    let loc = Location::parse(&url, true).unwrap();
+    let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 4, 6))
+        .await
+        .unwrap();
+    w.add_document(&(0..500).collect::<Vec<u32>>())
+        .await
+        .unwrap();
+    let m = w.finish().await.unwrap();
+    let b = &m.buckets[2];
+    let shard = &b.shards[0];
+
+    // Flip one byte: the checksum catches it and the error names the object.
+    let path = out.path().join(&shard.key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = read_shard(&loc, shard, b.seq_len as usize + 1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{url}/{}", shard.key)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("checksum"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let err = read_shard(&loc, shard, b.seq_len as usize + 1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&shard.key) && err.to_string().contains("not found"),
+        "{err}"
+    );
+
+    std::fs::write(out.path().join("manifest.json"), b"{ not json").unwrap();
+    let err = read_manifest(&loc).await.unwrap_err();
+    assert!(
+        err.to_string().contains("manifest.json") && err.to_string().contains("corrupt"),
+        "{err}"
+    );
+
+    let missing = Location::parse(&format!("{url}/nope"), false).unwrap_err();
+    assert!(missing.to_string().contains("nope"), "{missing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concat_and_chunk_writes_one_bucket_across_documents() {
+    let out = tempfile::tempdir().unwrap();
+    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+    let mut w = DatasetWriter::create(
+        loc.clone(),
+        opts(Layout::ConcatChunk { seq_len: 16 }, 8, 13),
+    )
+    .await
+    .unwrap();
+    let docs: Vec<Vec<u32>> = vec![
+        (0..10).collect(),
+        (100..130).collect(),
+        (200..203).collect(),
+    ];
+    for d in &docs {
+        w.add_document(d).await.unwrap();
+    }
+    let m = w.finish().await.unwrap();
+    assert_eq!(m.buckets.len(), 1);
+    assert_eq!((m.min_log2, m.max_log2), (4, 4));
+    // 43 tokens = 2 sequences of 17 + 9 dropped.
+    assert_eq!(m.buckets[0].n_sequences, 2);
+    assert_eq!(m.n_tokens_dropped, 9);
+    let mut rows = all_rows(&loc, &m).await;
+    rows.sort_by_key(|r| (r.2, r.3));
+    let stream: Vec<u32> = docs.concat();
+    assert_eq!(rows[0].1, stream[..17].to_vec());
+    assert_eq!((rows[0].2, rows[0].3), (0, 0));
+    assert_eq!(rows[1].1, stream[17..34].to_vec());
+    // The second sequence starts in document 1 at offset 7.
+    assert_eq!((rows[1].2, rows[1].3), (1, 7));
+
+    let bad = DatasetWriter::create(loc, opts(Layout::ConcatChunk { seq_len: 1000 }, 8, 13)).await;
+    assert!(bad.err().unwrap().to_string().contains("power of two"));
+}
+
+/// A synthetic dataset with `per_bucket` sequences in each bucket
+/// 2^min..2^max: every document is exactly one piece, tokens = its doc id.
+async fn synthetic(dir: &Path, min: u32, max: u32, per_bucket: u64) -> (Location, Manifest) {
+    let loc = Location::parse(dir.to_str().unwrap(), true).unwrap();
+    let mut w = DatasetWriter::create(loc.clone(), opts(dd(), min, max))
+        .await
+        .unwrap();
+    let mut id = 0u32;
+    for k in min..=max {
+        for _ in 0..per_bucket {
+            w.add_document(&vec![id; (1usize << k) + 1]).await.unwrap();
+            id += 1;
+        }
+    }
+    (loc.clone(), w.finish().await.unwrap())
+}
+
+fn cfg(curriculum: Curriculum, cycles: u32, tps: u64, rank: u32, size: u32) -> LoaderConfig {
+    LoaderConfig {
+        curriculum,
+        cycles,
+        tokens_per_step: tps,
+        dp_rank: rank,
+        dp_size: size,
+        seed: 11,
+        max_seq_len: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_agree_on_the_bucket_and_split_each_step_disjointly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loc, m) = synthetic(dir.path(), 3, 6, 256).await;
+    let grow = Curriculum::Named(NamedCurriculum::GrowP2);
+    let mut whole = Loader::new(
+        loc.clone(),
+        m.clone(),
+        &cfg(grow.clone(), 2, 256, 0, 1),
+        None,
+    )
+    .unwrap();
+    let mut ranks: Vec<Loader> = (0..4)
+        .map(|r| {
+            Loader::new(
+                loc.clone(),
+                m.clone(),
+                &cfg(grow.clone(), 2, 256, r, 4),
+                None,
+            )
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..60 {
+        let all = whole.next_batch().await.unwrap();
+        let mut parts = Vec::new();
+        for l in ranks.iter_mut() {
+            parts.push(l.next_batch().await.unwrap());
+        }
+        for p in &parts {
+            assert_eq!((p.step, p.seq_len), (all.step, all.seq_len));
+            assert_eq!(p.n_sequences() as u64 * 4, all.n_sequences() as u64);
+            assert_eq!(p.inputs.len(), p.n_sequences() * p.seq_len as usize);
+        }
+        // Concatenated in rank order, the shares are exactly the whole step.
+        let joined: Vec<u64> = parts.iter().flat_map(|p| p.doc_ids.clone()).collect();
+        assert_eq!(joined, all.doc_ids);
+        let joined_inputs: Vec<u32> = parts.iter().flat_map(|p| p.inputs.clone()).collect();
+        assert_eq!(joined_inputs, all.inputs);
+        assert_eq!(all.n_sequences() as u64 * all.seq_len, 256);
+        // Targets are the inputs shifted by one within each sequence.
+        let s = all.seq_len as usize;
+        assert_eq!(all.targets[..s - 1], all.inputs[1..s]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_are_read_without_replacement_within_an_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loc, m) = synthetic(dir.path(), 3, 5, 64).await;
+    let c = cfg(Curriculum::Named(NamedCurriculum::Uniform), 4, 64, 0, 1);
+    let mut loader = Loader::new(loc, m.clone(), &c, None).unwrap();
+    let per_epoch = loader.planner().steps_per_epoch();
+    // 64 sequences per bucket in 4 parts of 16; batches of 8, 4 and 2.
+    assert_eq!(per_epoch, 4 * (2 + 4 + 8));
+    let mut seen = HashSet::new();
+    for _ in 0..per_epoch {
+        let b = loader.next_batch().await.unwrap();
+        assert_eq!(b.epoch, 0);
+        for (d, o) in b.doc_ids.iter().zip(&b.offsets) {
+            assert!(seen.insert((*d, *o)), "sequence {d}@{o} read twice");
+        }
+    }
+    assert_eq!(
+        seen.len() as u64,
+        m.buckets.iter().map(|b| b.n_sequences).sum::<u64>()
+    );
+    // Then the next epoch begins.
+    assert_eq!(loader.next_batch().await.unwrap().epoch, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_frequencies_follow_the_curriculum_odds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough of every bucket that none runs out in the steps sampled.
+    let (_, m) = synthetic(dir.path(), 2, 5, 4096).await;
+    for (curriculum, odds) in [
+        (NamedCurriculum::GrowP2, [8.0, 4.0, 2.0, 1.0]),
+        (NamedCurriculum::GrowLinear, [4.0, 3.0, 2.0, 1.0]),
+        (NamedCurriculum::Uniform, [1.0, 1.0, 1.0, 1.0]),
+    ] {
+        let planner = Planner::new(&m, &cfg(Curriculum::Named(curriculum), 1, 32, 0, 1)).unwrap();
+        let mut cursor = planner.start();
+        let n = 1000;
+        let mut counts = [0f64; 4];
+        for _ in 0..n {
+            let s = planner.next(&mut cursor);
+            counts[s.seq_len.trailing_zeros() as usize - 2] += 1.0;
+        }
+        // Pearson's chi-square against the odds, 3 degrees of freedom: below
+        // 16.27 unless the draw is off (p = 0.001).
+        let total: f64 = odds.iter().sum();
+        let chi2: f64 = counts
+            .iter()
+            .zip(odds)
+            .map(|(c, o)| {
+                let e = n as f64 * o / total;
+                (c - e).powi(2) / e
+            })
+            .sum();
+        assert!(
+            chi2 < 16.27,
+            "{curriculum:?}: counts {counts:?}, chi2 {chi2}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_cursor_continues_the_same_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loc, m) = synthetic(dir.path(), 3, 6, 128).await;
+    let c = cfg(Curriculum::Named(NamedCurriculum::GrowLinear), 3, 128, 1, 2);
+    let mut straight = Loader::new(loc.clone(), m.clone(), &c, None).unwrap();
+    let mut expected = Vec::new();
+    for _ in 0..120 {
+        let b = straight.next_batch().await.unwrap();
+        expected.push((b.step, b.seq_len, b.doc_ids, b.inputs));
+    }
+    let mut first = Loader::new(loc.clone(), m.clone(), &c, None).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..47 {
+        let b = first.next_batch().await.unwrap();
+        got.push((b.step, b.seq_len, b.doc_ids, b.inputs));
+    }
+    // The cursor survives a trip through JSON, as a checkpoint would carry it.
+    let saved = serde_json::to_string(first.cursor()).unwrap();
+    drop(first);
+    let mut resumed = Loader::new(loc, m, &c, Some(serde_json::from_str(&saved).unwrap())).unwrap();
+    for _ in 47..120 {
+        let b = resumed.next_batch().await.unwrap();
+        got.push((b.step, b.seq_len, b.doc_ids, b.inputs));
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_that_cannot_feed_the_step_is_refused_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, m) = synthetic(dir.path(), 3, 4, 4).await;
+    // 4 sequences of 8 and of 16 tokens cannot make a step of 1024 tokens.
+    let err = Planner::new(
+        &m,
+        &cfg(Curriculum::Named(NamedCurriculum::Uniform), 1, 1024, 0, 1),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot feed one step of 1024 tokens"),
+        "{err}"
+    );
+    // 24 tokens do not split into sequences of 16.
+    let err = Planner::new(
+        &m,
+        &cfg(Curriculum::Named(NamedCurriculum::Uniform), 1, 24, 0, 1),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tokens_per_step = 24"), "{err}");
+    let err =
+        Planner::new(&m, &cfg(Curriculum::Odds(vec![1.0, 2.0, 3.0]), 1, 32, 0, 1)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("3 odds but the dataset has 2 usable buckets (8, 16)"),
+        "{err}"
+    );
+    let err = Planner::new(
+        &m,
+        &cfg(Curriculum::Named(NamedCurriculum::Uniform), 1, 32, 2, 2),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("dp rank 2"), "{err}");
+}
