@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -40,17 +40,60 @@ impl std::fmt::Debug for Location {
     }
 }
 
-/// Retries with exponential backoff: a flaky endpoint is retried for up to
-/// about half a minute before the error (naming the URL) surfaces.
-fn retry_config() -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            base: 2.0,
-        },
-        max_retries: 6,
-        retry_timeout: Duration::from_secs(30),
+/// How to reach object storage: S3 settings and retries. Passed in rather
+/// than read from the process environment deep inside, so tests and
+/// embedding programs can supply their own.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `aws_*` settings as object_store names them (`aws_endpoint_url`,
+    /// `aws_allow_http`, `aws_access_key_id`, `aws_region`, …).
+    pub s3: Vec<(String, String)>,
+    /// Retries with exponential backoff (100 ms doubling, at most 5 s apart)
+    /// until this much time has passed; then the error names the URL.
+    pub retry_timeout: Duration,
+    pub max_retries: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            s3: Vec::new(),
+            retry_timeout: Duration::from_secs(30),
+            max_retries: 6,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The standard `AWS_*` variables of the process environment
+    /// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, credentials, region, …).
+    pub fn from_env() -> StoreOptions {
+        StoreOptions {
+            s3: std::env::vars()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            ..StoreOptions::default()
+        }
+    }
+
+    /// Adds or replaces one S3 setting.
+    pub fn with_s3(mut self, key: &str, value: &str) -> StoreOptions {
+        self.s3.retain(|(k, _)| k != key);
+        self.s3.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    fn retry(&self) -> RetryConfig {
+        RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: self.retry_timeout,
+        }
     }
 }
 
@@ -64,9 +107,14 @@ fn install_tls_provider() {
 }
 
 impl Location {
+    /// Opens `url` with S3 settings from the environment; see [`Location::open`].
+    pub fn parse(url: &str, create: bool) -> Result<Location, StoreError> {
+        Location::open(url, create, &StoreOptions::from_env())
+    }
+
     /// Opens `url`. `create` makes a local folder if it is missing (for
     /// writing); reading a missing local folder is an error naming it.
-    pub fn parse(url: &str, create: bool) -> Result<Location, StoreError> {
+    pub fn open(url: &str, create: bool, options: &StoreOptions) -> Result<Location, StoreError> {
         let bad = |why: &str| StoreError::BadUrl {
             url: url.to_string(),
             why: why.to_string(),
@@ -78,9 +126,16 @@ impl Location {
                 return Err(bad("names no bucket (s3://bucket/prefix)"));
             }
             install_tls_provider();
-            let store = AmazonS3Builder::from_env()
+            let mut builder = AmazonS3Builder::new();
+            for (key, value) in &options.s3 {
+                // Unknown AWS_* variables (profiles, SDK settings) are not ours.
+                if let Ok(key) = key.parse::<AmazonS3ConfigKey>() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            let store = builder
                 .with_bucket_name(bucket)
-                .with_retry(retry_config())
+                .with_retry(options.retry())
                 .build()
                 .map_err(|e| StoreError::Io {
                     url: url.to_string(),

@@ -1,5 +1,7 @@
 //! Helpers shared by strata's end-to-end tests.
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 
 /// The repository's root folder.

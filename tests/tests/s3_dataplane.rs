@@ -1,0 +1,143 @@
+//! The dataplane against a real S3-compatible server on 127.0.0.1: decompose
+//! and stream round trip, identical to local files, and the errors a bad
+//! endpoint or an incomplete dataset gives.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::decompose::{Buckets, SplitLong};
+use strata_dataplane::loader::{Loader, LoaderConfig};
+use strata_dataplane::manifest::Layout;
+use strata_dataplane::reader::{ReadError, read_manifest};
+use strata_dataplane::store::{Location, StoreOptions};
+use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+use strata_recipe::{Curriculum, NamedCurriculum};
+use strata_tests::s3::S3Server;
+
+fn moby_dick() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora/moby-dick")
+}
+
+fn writer_options() -> WriterOptions {
+    WriterOptions {
+        tokenizer: TokenizerKind::R50k,
+        layout: Layout::Decomposed {
+            split_long: SplitLong::Random,
+        },
+        buckets: Buckets::new(6, 10).unwrap(),
+        seed: 3,
+        shard_bytes: 1 << 20,
+        overwrite: false,
+    }
+}
+
+async fn decompose_to(loc: &Location) -> strata_dataplane::manifest::Manifest {
+    let w = DatasetWriter::create(loc.clone(), writer_options())
+        .await
+        .unwrap();
+    decompose_corpus(&[moby_dick()], TokenizerKind::R50k.load(), w, &Quiet)
+        .await
+        .unwrap()
+        .manifest
+}
+
+async fn stream(loc: &Location, rank: u32, steps: usize) -> Vec<(u64, Vec<u64>, Vec<u32>)> {
+    let manifest = read_manifest(loc).await.unwrap();
+    let cfg = LoaderConfig {
+        curriculum: Curriculum::Named(NamedCurriculum::GrowP2),
+        cycles: 4,
+        tokens_per_step: 8192,
+        dp_rank: rank,
+        dp_size: 2,
+        seed: 5,
+        max_seq_len: None,
+    };
+    let mut loader = Loader::new(loc.clone(), manifest, &cfg, None).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let b = loader.next_batch().await.unwrap();
+        out.push((b.seq_len, b.doc_ids, b.inputs));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decompose_and_stream_round_trip_through_s3() {
+    let server = S3Server::start(&["strata"]).await;
+    let opts = server.store_options(Duration::from_secs(10));
+    let s3 = Location::open("s3://strata/datasets/moby", true, &opts).unwrap();
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = Location::parse(local_dir.path().to_str().unwrap(), true).unwrap();
+
+    let on_s3 = decompose_to(&s3).await;
+    let on_disk = decompose_to(&local).await;
+    // Same bytes (every shard's CRC) whatever the store.
+    assert_eq!(on_s3, on_disk);
+    assert_eq!(read_manifest(&s3).await.unwrap(), on_s3);
+    // The objects really are on the server, under the bucket and prefix.
+    let key = &on_s3.buckets[0].shards[0].key;
+    assert!(
+        server
+            .root()
+            .join("strata/datasets/moby")
+            .join(key)
+            .exists()
+    );
+
+    for rank in 0..2 {
+        let a = stream(&s3, rank, 25).await;
+        let b = stream(&local, rank, 25).await;
+        assert_eq!(a, b, "rank {rank}");
+    }
+
+    // A rerun into a complete dataset on S3 is refused.
+    let err = DatasetWriter::create(s3.clone(), writer_options())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("s3://strata/datasets/moby"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_dataset_on_s3_is_never_read() {
+    let server = S3Server::start(&["strata"]).await;
+    let opts = server.store_options(Duration::from_secs(10));
+    let s3 = Location::open("s3://strata/empty", true, &opts).unwrap();
+    s3.put("D08/part-00000.arrow", "half a shard".into())
+        .await
+        .unwrap();
+    match read_manifest(&s3).await {
+        Err(ReadError::NoManifest { url }) => assert_eq!(url, "s3://strata/empty"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_retried_then_named() {
+    // Nothing listens on port 1 of loopback.
+    let opts = StoreOptions {
+        retry_timeout: Duration::from_secs(2),
+        ..StoreOptions::default()
+    }
+    .with_s3("aws_endpoint_url", "http://127.0.0.1:1")
+    .with_s3("aws_allow_http", "true")
+    .with_s3("aws_access_key_id", "x")
+    .with_s3("aws_secret_access_key", "y")
+    .with_s3("aws_region", "us-east-1");
+    let s3 = Location::open("s3://nowhere/data", false, &opts).unwrap();
+    let start = Instant::now();
+    let err = read_manifest(&s3).await.unwrap_err().to_string();
+    let waited = start.elapsed();
+    assert!(err.contains("s3://nowhere/data/manifest.json"), "{err}");
+    // It retried with backoff (not an instant failure) and gave up in time.
+    assert!(
+        waited >= Duration::from_millis(200),
+        "gave up after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+}
