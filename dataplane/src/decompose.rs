@@ -84,10 +84,8 @@ pub fn decompose(
     let mut pieces = Vec::new();
     let mut offset = 0u64;
     let mut remaining = len;
-    // Odds 2^(max−k) for k = min..=max, used by the random split.
-    let odds: Vec<f64> = (min_log2..=max_log2)
-        .map(|k| 2f64.powi((max_log2 - k) as i32))
-        .collect();
+    // Odds 2^(max−k) for k = min..=max, for the random split of long documents.
+    let mut odds: Vec<f64> = Vec::new();
     while remaining > Buckets::piece_len(min_log2) - 1 {
         let k = (remaining - 1).ilog2();
         let k = if k <= max_log2 {
@@ -95,7 +93,14 @@ pub fn decompose(
         } else {
             match split_long {
                 SplitLong::Largest => max_log2,
-                SplitLong::Random => min_log2 + rng.weighted(&odds) as u32,
+                SplitLong::Random => {
+                    if odds.is_empty() {
+                        odds = (min_log2..=max_log2)
+                            .map(|k| 2f64.powi((max_log2 - k) as i32))
+                            .collect();
+                    }
+                    min_log2 + rng.weighted(&odds) as u32
+                }
             }
         };
         pieces.push(Piece { log2: k, offset });

@@ -10,13 +10,14 @@
 //! incomplete dataset's shards, and refuses to touch a complete one unless
 //! told to replace it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, FixedSizeListArray, RecordBatch, UInt32Array, UInt64Array};
 use arrow_ipc::writer::FileWriter;
 use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 
 use crate::decompose::{Buckets, decompose};
 use crate::manifest::{
@@ -26,7 +27,7 @@ use crate::rng::SplitMix64;
 use crate::store::{Location, StoreError};
 use crate::tokenize::TokenizerKind;
 
-/// Shards written concurrently while the next ones are cut.
+/// Shards encoded and written concurrently while the next ones are cut.
 const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +45,7 @@ pub enum WriteError {
         key: String,
         source: arrow_schema::ArrowError,
     },
-    #[error("an upload task failed: {0}")]
+    #[error("a shard task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -86,13 +87,25 @@ struct Pool {
     tokens: Vec<u32>,
     doc_ids: Vec<u64>,
     offsets: Vec<u64>,
-    shards: Vec<ShardInfo>,
+    /// Filled in as each shard's task finishes, in shard order.
+    shards: Vec<Option<ShardInfo>>,
     n_sequences: u64,
 }
 
 impl Pool {
     fn rows(&self) -> usize {
         self.doc_ids.len()
+    }
+
+    /// Reserves room for a whole shard up to a few MiB at once, instead of
+    /// growing (and copying) the buffers step by step.
+    fn reserve_for_row(&mut self) {
+        if self.tokens.capacity() == 0 {
+            let rows = self.shard_rows.min((4 << 20) / self.row_len + 1);
+            self.tokens.reserve(rows * self.row_len);
+            self.doc_ids.reserve(rows);
+            self.offsets.reserve(rows);
+        }
     }
 }
 
@@ -102,7 +115,8 @@ pub struct DatasetWriter {
     out: Location,
     opts: WriterOptions,
     pools: Vec<Pool>,
-    uploads: JoinSet<Result<(), StoreError>>,
+    /// Shards being shuffled, encoded and uploaded: (bucket, shard, task).
+    pending: VecDeque<(usize, usize, JoinHandle<Result<ShardInfo, WriteError>>)>,
     next_doc_id: u64,
     n_skipped: u64,
     n_tokens_in: u64,
@@ -163,7 +177,7 @@ impl DatasetWriter {
             out,
             opts,
             pools,
-            uploads: JoinSet::new(),
+            pending: VecDeque::new(),
             next_doc_id: 0,
             n_skipped: 0,
             n_tokens_in: 0,
@@ -228,6 +242,7 @@ impl DatasetWriter {
         offset: u64,
     ) -> Result<(), WriteError> {
         let pool = &mut self.pools[idx];
+        pool.reserve_for_row();
         pool.tokens.extend_from_slice(row);
         pool.doc_ids.push(doc_id);
         pool.offsets.push(offset);
@@ -237,7 +252,8 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// Shuffles and writes pool `idx` as its next shard.
+    /// Hands pool `idx` to a task that shuffles, encodes and uploads it as
+    /// the bucket's next shard, so cutting documents goes on meanwhile.
     async fn flush(&mut self, idx: usize) -> Result<(), WriteError> {
         let seed = self.opts.seed;
         let pool = &mut self.pools[idx];
@@ -245,36 +261,49 @@ impl DatasetWriter {
         if rows == 0 {
             return Ok(());
         }
-        let shard_idx = pool.shards.len() as u64;
-        let key = format!("{}/part-{shard_idx:05}.arrow", bucket_dir(pool.log2));
-        let mut rng = SplitMix64::for_key(seed, (u64::from(pool.log2) << 40) | shard_idx);
-        let mut perm: Vec<usize> = (0..rows).collect();
-        for i in (1..rows).rev() {
-            perm.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-        let bytes = encode_shard(pool, &perm).map_err(|source| WriteError::Arrow {
-            key: key.clone(),
-            source,
-        })?;
-        pool.shards.push(ShardInfo {
-            key: key.clone(),
-            rows: rows as u64,
-            bytes: bytes.len() as u64,
-            crc32: crc32fast::hash(&bytes),
-        });
+        let shard_idx = pool.shards.len();
+        pool.shards.push(None);
         pool.n_sequences += rows as u64;
-        pool.tokens.clear();
-        pool.doc_ids.clear();
-        pool.offsets.clear();
-
-        while self.uploads.len() >= MAX_UPLOADS_IN_FLIGHT {
-            if let Some(done) = self.uploads.join_next().await {
-                done??;
-            }
+        let key = format!("{}/part-{shard_idx:05}.arrow", bucket_dir(pool.log2));
+        let rng = SplitMix64::for_key(seed, (u64::from(pool.log2) << 40) | shard_idx as u64);
+        let rows_data = PoolRows {
+            row_len: pool.row_len,
+            tokens: std::mem::take(&mut pool.tokens),
+            doc_ids: std::mem::take(&mut pool.doc_ids),
+            offsets: std::mem::take(&mut pool.offsets),
+        };
+        while self.pending.len() >= MAX_UPLOADS_IN_FLIGHT {
+            self.settle_oldest().await?;
         }
         let out = self.out.clone();
-        self.uploads
-            .spawn(async move { out.put(&key, Bytes::from(bytes)).await });
+        let task = tokio::spawn(async move {
+            let (key, bytes, info) = tokio::task::spawn_blocking(move || {
+                let bytes = rows_data
+                    .encode_shuffled(rng)
+                    .map_err(|source| WriteError::Arrow {
+                        key: key.clone(),
+                        source,
+                    })?;
+                let info = ShardInfo {
+                    key: key.clone(),
+                    rows: rows as u64,
+                    bytes: bytes.len() as u64,
+                    crc32: crc32fast::hash(&bytes),
+                };
+                Ok::<_, WriteError>((key, bytes, info))
+            })
+            .await??;
+            out.put(&key, Bytes::from(bytes)).await?;
+            Ok(info)
+        });
+        self.pending.push_back((idx, shard_idx, task));
+        Ok(())
+    }
+
+    async fn settle_oldest(&mut self) -> Result<(), WriteError> {
+        if let Some((idx, shard_idx, task)) = self.pending.pop_front() {
+            self.pools[idx].shards[shard_idx] = Some(task.await??);
+        }
         Ok(())
     }
 
@@ -285,8 +314,8 @@ impl DatasetWriter {
         for idx in 0..self.pools.len() {
             self.flush(idx).await?;
         }
-        while let Some(done) = self.uploads.join_next().await {
-            done??;
+        while !self.pending.is_empty() {
+            self.settle_oldest().await?;
         }
         let buckets = self
             .pools
@@ -296,7 +325,7 @@ impl DatasetWriter {
                 log2: Some(p.log2),
                 n_sequences: p.n_sequences,
                 n_tokens: p.n_sequences * p.row_len as u64,
-                shards: p.shards.clone(),
+                shards: p.shards.iter().flatten().cloned().collect(),
             })
             .collect();
         let (min_log2, max_log2) = match self.opts.layout {
@@ -343,30 +372,48 @@ pub fn shard_schema(row_len: usize) -> Schema {
     ])
 }
 
-fn encode_shard(pool: &Pool, perm: &[usize]) -> Result<Vec<u8>, arrow_schema::ArrowError> {
-    let n = pool.row_len;
-    let mut tokens = Vec::with_capacity(perm.len() * n);
-    for &r in perm {
-        tokens.extend_from_slice(&pool.tokens[r * n..(r + 1) * n]);
+/// One pool's rows, moved out to be written as a shard.
+struct PoolRows {
+    row_len: usize,
+    tokens: Vec<u32>,
+    doc_ids: Vec<u64>,
+    offsets: Vec<u64>,
+}
+
+impl PoolRows {
+    /// Shuffles the rows with a seeded Fisher–Yates permutation and encodes
+    /// them as one Arrow IPC file.
+    fn encode_shuffled(self, mut rng: SplitMix64) -> Result<Vec<u8>, arrow_schema::ArrowError> {
+        let n = self.row_len;
+        let rows = self.doc_ids.len();
+        let mut perm: Vec<usize> = (0..rows).collect();
+        for i in (1..rows).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let mut tokens = Vec::with_capacity(rows * n);
+        for &r in &perm {
+            tokens.extend_from_slice(&self.tokens[r * n..(r + 1) * n]);
+        }
+        drop(self.tokens);
+        let doc_ids: Vec<u64> = perm.iter().map(|&r| self.doc_ids[r]).collect();
+        let offsets: Vec<u64> = perm.iter().map(|&r| self.offsets[r]).collect();
+        let schema = Arc::new(shard_schema(n));
+        let item = Arc::new(Field::new("item", DataType::UInt32, false));
+        let list =
+            FixedSizeListArray::try_new(item, n as i32, Arc::new(UInt32Array::from(tokens)), None)?;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(list) as ArrayRef,
+                Arc::new(UInt64Array::from(doc_ids)),
+                Arc::new(UInt64Array::from(offsets)),
+            ],
+        )?;
+        let mut writer = FileWriter::try_new(Vec::with_capacity(rows * n * 4 + 4096), &schema)?;
+        writer.write(&batch)?;
+        writer.finish()?;
+        writer.into_inner()
     }
-    let doc_ids: Vec<u64> = perm.iter().map(|&r| pool.doc_ids[r]).collect();
-    let offsets: Vec<u64> = perm.iter().map(|&r| pool.offsets[r]).collect();
-    let schema = Arc::new(shard_schema(n));
-    let item = Arc::new(Field::new("item", DataType::UInt32, false));
-    let list =
-        FixedSizeListArray::try_new(item, n as i32, Arc::new(UInt32Array::from(tokens)), None)?;
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(list) as ArrayRef,
-            Arc::new(UInt64Array::from(doc_ids)),
-            Arc::new(UInt64Array::from(offsets)),
-        ],
-    )?;
-    let mut writer = FileWriter::try_new(Vec::new(), &schema)?;
-    writer.write(&batch)?;
-    writer.finish()?;
-    writer.into_inner()
 }
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ use strata_recipe::{Curriculum, NamedCurriculum};
 use strata_tests::s3::S3Server;
 
 const REPEATS: usize = 3;
+/// The corpus's tokens are written this many times over for the write and
+/// loader measurements, so each runs long enough to time.
+const REPLICAS: usize = 4;
 
 fn texts(dir: &Path) -> Vec<String> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -88,7 +91,7 @@ async fn stream_tokens_per_s(loc: &Location, steps: usize) -> (f64, u64) {
     // every epoch rather than served from memory.
     let mut loader = Loader::new(loc.clone(), manifest, &cfg, None)
         .unwrap()
-        .with_prefetch(8, 8 << 20);
+        .with_prefetch(64, 16 << 20);
     let t = Instant::now();
     let mut tokens = 0u64;
     for _ in 0..steps {
@@ -137,41 +140,51 @@ fn main() {
     let out = tempfile::tempdir().unwrap();
     let local = Location::parse(out.path().to_str().unwrap(), true).unwrap();
 
-    // Split + Arrow write, tokenizer excluded.
+    // Split + Arrow write, tokenizer excluded, into a fresh folder each time.
+    let replicated: Vec<&Vec<u32>> = (0..REPLICAS).flat_map(|_| tokenized.iter()).collect();
+    let replicated_tokens: usize = replicated.iter().map(|d| d.len()).sum();
     let (tw, _) = best(|| {
-        rt.block_on(async {
-            let mut w = DatasetWriter::create(local.clone(), options(64 << 20))
-                .await
-                .unwrap();
-            for d in &tokenized {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
+        let manifest = rt.block_on(async {
+            let mut w = DatasetWriter::create(loc, options(64 << 20)).await.unwrap();
+            for d in &replicated {
                 w.add_document(d).await.unwrap();
             }
             w.finish().await.unwrap()
-        })
+        });
+        // Removing the folder is not part of the measurement.
+        (manifest, dir)
     });
 
     // The whole decompose: read, tokenize, split, write.
     let (td, _) = best(|| {
-        rt.block_on(async {
-            let w = DatasetWriter::create(local.clone(), options(64 << 20))
-                .await
-                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
+        let summary = rt.block_on(async {
+            let w = DatasetWriter::create(loc, options(64 << 20)).await.unwrap();
             decompose_corpus(std::slice::from_ref(&corpus), tok, w, &Quiet)
                 .await
                 .unwrap()
-        })
+        });
+        (summary, dir)
     });
 
-    // The loader: a dataset in 1 MiB shards, streamed for several epochs.
-    let (local_rate, s3_rate, streamed) = rt.block_on(async {
-        let mut w = DatasetWriter::create(local.clone(), options(1 << 20))
-            .await
-            .unwrap();
-        for d in &tokenized {
-            w.add_document(d).await.unwrap();
-        }
-        w.finish().await.unwrap();
-        let steps = 1000;
+    // The loader over the replicated dataset in 4 MiB shards, with a
+    // prefetch budget well under its size so shards are really fetched.
+    let (local_rate, s3_rate, s3_get, streamed) = rt.block_on(async {
+        let write = |loc: Location| {
+            let replicated = &replicated;
+            async move {
+                let mut w = DatasetWriter::create(loc, options(4 << 20)).await.unwrap();
+                for d in replicated {
+                    w.add_document(d).await.unwrap();
+                }
+                w.finish().await.unwrap()
+            }
+        };
+        write(local.clone()).await;
+        let steps = 2000;
         let (local_rate, streamed) = stream_tokens_per_s(&local, steps).await;
 
         let server = S3Server::start(&["bench"]).await;
@@ -181,15 +194,25 @@ fn main() {
             &server.store_options(Duration::from_secs(30)),
         )
         .unwrap();
-        let mut w = DatasetWriter::create(s3.clone(), options(1 << 20))
-            .await
-            .unwrap();
-        for d in &tokenized {
-            w.add_document(d).await.unwrap();
-        }
-        w.finish().await.unwrap();
+        let manifest = write(s3.clone()).await;
         let (s3_rate, _) = stream_tokens_per_s(&s3, steps).await;
-        (local_rate, s3_rate, streamed)
+
+        // The anchor for the S3 figure: raw GETs of every shard, 8 at a time.
+        let keys: Vec<(String, u64)> = manifest
+            .buckets
+            .iter()
+            .flat_map(|b| b.shards.iter().map(|s| (s.key.clone(), s.bytes)))
+            .collect();
+        let t = Instant::now();
+        let mut total = 0u64;
+        for chunk in keys.chunks(8) {
+            let gets = chunk.iter().map(|(k, _)| s3.get(k));
+            for r in futures::future::join_all(gets).await {
+                total += r.unwrap().len() as u64;
+            }
+        }
+        let s3_get = total as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64;
+        (local_rate, s3_rate, s3_get, streamed)
     });
 
     let n = n_tokens as f64;
@@ -201,10 +224,12 @@ fn main() {
         "threads": threads,
         "tokenize_1_thread_tokens_per_s": n / t1.as_secs_f64(),
         "tokenize_all_threads_tokens_per_s": n / tn.as_secs_f64(),
-        "split_write_tokens_per_s": n / tw.as_secs_f64(),
+        "split_write_tokens": replicated_tokens,
+        "split_write_tokens_per_s": replicated_tokens as f64 / tw.as_secs_f64(),
         "decompose_tokens_per_s": n / td.as_secs_f64(),
         "loader_local_tokens_per_s": local_rate,
         "loader_s3_tokens_per_s": s3_rate,
+        "s3_raw_get_mib_per_s": s3_get,
         "loader_tokens_streamed": streamed,
         "peak_rss_mib": peak_rss_mib(),
     });
