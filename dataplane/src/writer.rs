@@ -27,6 +27,9 @@ use crate::rng::SplitMix64;
 use crate::store::{Location, StoreError};
 use crate::tokenize::TokenizerKind;
 
+/// A shard being shuffled, encoded and uploaded; it yields the shard's entry.
+type ShardTask = JoinHandle<Result<ShardInfo, WriteError>>;
+
 /// Shards encoded and written concurrently while the next ones are cut.
 const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 
@@ -116,7 +119,7 @@ pub struct DatasetWriter {
     opts: WriterOptions,
     pools: Vec<Pool>,
     /// Shards being shuffled, encoded and uploaded: (bucket, shard, task).
-    pending: VecDeque<(usize, usize, JoinHandle<Result<ShardInfo, WriteError>>)>,
+    pending: VecDeque<(usize, usize, ShardTask)>,
     next_doc_id: u64,
     n_skipped: u64,
     n_tokens_in: u64,
