@@ -9,10 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use strata_dataplane::corpus::{CorpusError, Progress, Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Cursor, Loader, LoaderConfig, LoaderError};
-use strata_dataplane::manifest::{Layout, Manifest};
+use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
 use strata_dataplane::reader::{ReadError, read_manifest};
 use strata_dataplane::store::{Location, StoreError};
-use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::tokenize::TokenizerSpec;
 use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
 use strata_recipe::{Curriculum, NamedCurriculum};
 
@@ -29,9 +29,10 @@ pub struct DecomposeArgs {
     /// (endpoint and credentials from AWS_* variables).
     #[arg(long)]
     output: String,
-    /// r50k, cl100k or o200k.
+    /// r50k, cl100k, o200k (built in), or the path of a Hugging Face
+    /// tokenizer.json.
     #[arg(long, default_value = "r50k")]
-    tokenizer: TokenizerKind,
+    tokenizer: TokenizerSpec,
     /// Smallest bucket: sequences of 2^min-log2 tokens.
     #[arg(long, default_value_t = 8)]
     min_log2: u32,
@@ -178,8 +179,9 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
             },
         },
     };
+    let tokenizer = args.tokenizer.load().map_err(user_error)?;
     let opts = WriterOptions {
-        tokenizer: args.tokenizer,
+        tokenizer: TokenizerInfo::of(&tokenizer),
         layout,
         buckets,
         seed: args.seed,
@@ -192,7 +194,6 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
         let writer = DatasetWriter::create(out, opts)
             .await
             .map_err(write_error)?;
-        let tokenizer = args.tokenizer.load();
         let show_bar = !args.json && std::io::stderr().is_terminal();
         let bar = Bar(if show_bar {
             let b = ProgressBar::new(0);

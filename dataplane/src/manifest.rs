@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::decompose::SplitLong;
-use crate::tokenize::TokenizerKind;
+use crate::tokenize::Tokenizer;
 
 pub const MANIFEST_KEY: &str = "manifest.json";
 pub const SCHEMA_VERSION: u32 = 1;
@@ -22,9 +22,20 @@ pub enum Layout {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenizerInfo {
-    pub name: TokenizerKind,
+    /// `r50k`, `cl100k`, `o200k`, or `hf:<path of tokenizer.json>`.
+    pub name: String,
     pub vocab_size: u32,
     pub eot_id: u32,
+}
+
+impl TokenizerInfo {
+    pub fn of(tokenizer: &Tokenizer) -> TokenizerInfo {
+        TokenizerInfo {
+            name: tokenizer.name().to_string(),
+            vocab_size: tokenizer.vocab_size(),
+            eot_id: tokenizer.eot_id(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,13 +1,15 @@
 //! Tokenizers that work offline: the tiktoken BPEs shipped inside the
-//! `tiktoken-rs` crate.
+//! `tiktoken-rs` crate, and Hugging Face `tokenizer.json` files.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tiktoken_rs::CoreBPE;
 
-/// A tokenizer strata can build datasets with.
+/// A tiktoken BPE strata can build datasets with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenizerKind {
@@ -58,7 +60,12 @@ impl TokenizerKind {
             TokenizerKind::Cl100k => tiktoken_rs::cl100k_base_singleton(),
             TokenizerKind::O200k => tiktoken_rs::o200k_base_singleton(),
         };
-        Tokenizer { kind: self, bpe }
+        Tokenizer {
+            name: self.name().to_string(),
+            eot_id: self.eot_id(),
+            vocab_size: self.vocab_size(),
+            inner: Inner::Tiktoken(bpe),
+        }
     }
 }
 
@@ -78,33 +85,139 @@ impl FromStr for TokenizerKind {
     }
 }
 
-/// A loaded tokenizer; cheap to copy and share across threads.
-#[derive(Clone, Copy)]
+/// What `--tokenizer` names: a built-in BPE, or a `tokenizer.json` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSpec {
+    Tiktoken(TokenizerKind),
+    HuggingFace(PathBuf),
+}
+
+impl FromStr for TokenizerSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(kind) = s.parse::<TokenizerKind>() {
+            return Ok(TokenizerSpec::Tiktoken(kind));
+        }
+        if s.ends_with(".json") || Path::new(s).is_file() {
+            return Ok(TokenizerSpec::HuggingFace(PathBuf::from(s)));
+        }
+        Err(format!(
+            "unknown tokenizer `{s}`: use r50k, cl100k, o200k or the path of a Hugging Face tokenizer.json"
+        ))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: cannot load tokenizer: {why}")]
+    Load { path: PathBuf, why: String },
+    #[error("{path}: no end-of-text token (looked for {looked_for})")]
+    NoEndOfText { path: PathBuf, looked_for: String },
+}
+
+/// End-of-text (or end-of-sequence) tokens, in order of preference.
+const EOT_CANDIDATES: [&str; 6] = [
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|im_end|>",
+    "[SEP]",
+];
+
+impl TokenizerSpec {
+    pub fn load(&self) -> Result<Tokenizer, TokenizerError> {
+        match self {
+            TokenizerSpec::Tiktoken(kind) => Ok(kind.load()),
+            TokenizerSpec::HuggingFace(path) => {
+                let hf =
+                    tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                let eot_id = EOT_CANDIDATES
+                    .iter()
+                    .find_map(|t| hf.token_to_id(t))
+                    .ok_or_else(|| TokenizerError::NoEndOfText {
+                        path: path.clone(),
+                        looked_for: EOT_CANDIDATES.join(", "),
+                    })?;
+                Ok(Tokenizer {
+                    name: format!("hf:{}", path.display()),
+                    eot_id,
+                    vocab_size: hf.get_vocab_size(true) as u32,
+                    inner: Inner::HuggingFace(Arc::new(hf)),
+                })
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Inner {
+    Tiktoken(&'static CoreBPE),
+    HuggingFace(Arc<tokenizers::Tokenizer>),
+}
+
+/// A loaded tokenizer; cheap to clone and share across threads.
+#[derive(Clone)]
 pub struct Tokenizer {
-    kind: TokenizerKind,
-    bpe: &'static CoreBPE,
+    name: String,
+    eot_id: u32,
+    vocab_size: u32,
+    inner: Inner,
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tokenizer({})", self.name)
+    }
 }
 
 impl Tokenizer {
-    pub fn kind(&self) -> TokenizerKind {
-        self.kind
+    /// `r50k`, `cl100k`, `o200k`, or `hf:<path>`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The id appended to every document.
+    pub fn eot_id(&self) -> u32 {
+        self.eot_id
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
     }
 
     /// Token ids of `text`, with special-token text treated as ordinary
-    /// text (a document that quotes `<|endoftext|>` does not end there).
+    /// text where the tokenizer allows (a document that quotes
+    /// `<|endoftext|>` does not end there), and no added BOS/EOS.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.bpe.encode_ordinary(text)
+        match &self.inner {
+            Inner::Tiktoken(bpe) => bpe.encode_ordinary(text),
+            Inner::HuggingFace(hf) => hf
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                // The fancy-regex backend fails only on pathological
+                // backtracking; such a document yields no tokens and is dropped.
+                .unwrap_or_default(),
+        }
     }
 
     /// Token ids of one document with the end-of-text id appended.
     pub fn encode_document(&self, text: &str) -> Vec<u32> {
         let mut ids = self.encode(text);
-        ids.push(self.kind.eot_id());
+        ids.push(self.eot_id);
         ids
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
-        String::from_utf8_lossy(&self.bpe.decode_bytes(ids).unwrap_or_default()).into_owned()
+        match &self.inner {
+            Inner::Tiktoken(bpe) => {
+                String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned()
+            }
+            Inner::HuggingFace(hf) => hf.decode(ids, false).unwrap_or_default(),
+        }
     }
 }
 
@@ -134,11 +247,30 @@ mod tests {
             assert_eq!(t.decode(&ids[..ids.len() - 1]), text, "{kind}");
             assert_eq!(kind.name().parse::<TokenizerKind>().unwrap(), kind);
         }
+    }
+
+    #[test]
+    fn specs_name_what_they_load() {
+        assert_eq!(
+            "o200k".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::Tiktoken(TokenizerKind::O200k)
+        );
+        assert_eq!(
+            "models/tokenizer.json".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::HuggingFace("models/tokenizer.json".into())
+        );
         assert!(
             "gpt5"
-                .parse::<TokenizerKind>()
+                .parse::<TokenizerSpec>()
                 .unwrap_err()
                 .contains("gpt5")
+        );
+        let err = TokenizerSpec::HuggingFace("/no/such/tokenizer.json".into())
+            .load()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("/no/such/tokenizer.json"),
+            "{err}"
         );
     }
 }

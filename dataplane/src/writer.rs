@@ -25,7 +25,6 @@ use crate::manifest::{
 };
 use crate::rng::SplitMix64;
 use crate::store::{Location, StoreError};
-use crate::tokenize::TokenizerKind;
 
 /// A shard being shuffled, encoded and uploaded; it yields the shard's entry.
 type ShardTask = JoinHandle<Result<ShardInfo, WriteError>>;
@@ -55,7 +54,8 @@ pub enum WriteError {
 /// How a dataset is cut and stored.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
-    pub tokenizer: TokenizerKind,
+    /// Recorded in the manifest; see [`TokenizerInfo::of`].
+    pub tokenizer: TokenizerInfo,
     pub layout: Layout,
     pub buckets: Buckets,
     pub seed: u64,
@@ -338,11 +338,7 @@ impl DatasetWriter {
         let manifest = Manifest {
             schema_version: SCHEMA_VERSION,
             created_by: format!("strata {}", env!("CARGO_PKG_VERSION")),
-            tokenizer: TokenizerInfo {
-                name: self.opts.tokenizer,
-                vocab_size: self.opts.tokenizer.vocab_size(),
-                eot_id: self.opts.tokenizer.eot_id(),
-            },
+            tokenizer: self.opts.tokenizer.clone(),
             layout: self.opts.layout,
             min_log2,
             max_log2,

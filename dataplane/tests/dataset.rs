@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig, Planner};
-use strata_dataplane::manifest::{Layout, Manifest};
+use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
 use strata_dataplane::reader::{ReadError, read_manifest, read_shard};
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
@@ -20,7 +20,7 @@ fn corpora() -> PathBuf {
 
 fn opts(layout: Layout, min: u32, max: u32) -> WriterOptions {
     WriterOptions {
-        tokenizer: TokenizerKind::R50k,
+        tokenizer: TokenizerInfo::of(&TokenizerKind::R50k.load()),
         layout,
         buckets: Buckets::new(min, max).unwrap(),
         seed: 7,
@@ -81,7 +81,7 @@ async fn decompose_round_trips_to_the_source_text() {
         .await
         .unwrap();
     let tok = TokenizerKind::R50k.load();
-    let summary = decompose_corpus(&[input.path().to_path_buf()], tok, writer, &Quiet)
+    let summary = decompose_corpus(&[input.path().to_path_buf()], tok.clone(), writer, &Quiet)
         .await
         .unwrap();
     let m = read_manifest(&loc).await.unwrap();

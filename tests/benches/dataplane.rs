@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig};
-use strata_dataplane::manifest::Layout;
+use strata_dataplane::manifest::{Layout, TokenizerInfo};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
@@ -53,7 +53,7 @@ fn best<T>(mut f: impl FnMut() -> T) -> (Duration, T) {
 
 fn options(shard_bytes: u64) -> WriterOptions {
     WriterOptions {
-        tokenizer: TokenizerKind::R50k,
+        tokenizer: TokenizerInfo::of(&TokenizerKind::R50k.load()),
         layout: Layout::Decomposed {
             split_long: SplitLong::Largest,
         },
@@ -163,7 +163,7 @@ fn main() {
         let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
         let summary = rt.block_on(async {
             let w = DatasetWriter::create(loc, options(64 << 20)).await.unwrap();
-            decompose_corpus(std::slice::from_ref(&corpus), tok, w, &Quiet)
+            decompose_corpus(std::slice::from_ref(&corpus), tok.clone(), w, &Quiet)
                 .await
                 .unwrap()
         });

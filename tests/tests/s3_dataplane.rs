@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig};
-use strata_dataplane::manifest::Layout;
+use strata_dataplane::manifest::{Layout, TokenizerInfo};
 use strata_dataplane::reader::{ReadError, read_manifest};
 use strata_dataplane::store::{Location, StoreOptions};
 use strata_dataplane::tokenize::TokenizerKind;
@@ -22,7 +22,7 @@ fn moby_dick() -> PathBuf {
 
 fn writer_options() -> WriterOptions {
     WriterOptions {
-        tokenizer: TokenizerKind::R50k,
+        tokenizer: TokenizerInfo::of(&TokenizerKind::R50k.load()),
         layout: Layout::Decomposed {
             split_long: SplitLong::Random,
         },
