@@ -49,8 +49,9 @@ pub struct DecomposeArgs {
     /// into sequences of LEN tokens (a power of two), one bucket.
     #[arg(long, value_name = "LEN")]
     concat_chunk: Option<u64>,
-    /// Upper bound on a shard's size, in MiB.
-    #[arg(long, default_value_t = 64)]
+    /// Upper bound on a shard's size, in MiB. Smaller shards let writing
+    /// overlap cutting and let the loader prefetch in finer steps.
+    #[arg(long, default_value_t = 16)]
     shard_mib: u64,
     /// Replace a complete dataset at the output.
     #[arg(long)]

@@ -147,7 +147,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
         let manifest = rt.block_on(async {
-            let mut w = DatasetWriter::create(loc, options(64 << 20)).await.unwrap();
+            let mut w = DatasetWriter::create(loc, options(16 << 20)).await.unwrap();
             for d in &replicated {
                 w.add_document(d).await.unwrap();
             }
@@ -162,7 +162,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
         let summary = rt.block_on(async {
-            let w = DatasetWriter::create(loc, options(64 << 20)).await.unwrap();
+            let w = DatasetWriter::create(loc, options(16 << 20)).await.unwrap();
             decompose_corpus(std::slice::from_ref(&corpus), tok.clone(), w, &Quiet)
                 .await
                 .unwrap()
