@@ -278,6 +278,16 @@ impl Batch {
 
 type ShardFuture = Shared<BoxFuture<'static, Result<Arc<Shard>, Arc<ReadError>>>>;
 
+/// One shard per bucket, the largest of each: what the loader must hold so
+/// that alternating between buckets never refetches.
+fn working_set_bytes(manifest: &Manifest) -> u64 {
+    manifest
+        .buckets
+        .iter()
+        .map(|b| b.shards.iter().map(|s| s.bytes).max().unwrap_or(0))
+        .sum()
+}
+
 /// Streams batches for one data-parallel rank, prefetching the shards of
 /// the next steps within a memory budget.
 pub struct Loader {
@@ -317,7 +327,7 @@ impl Loader {
                 starts
             })
             .collect();
-        Ok(Loader {
+        let loader = Loader {
             dataset,
             manifest: Arc::new(manifest),
             planner,
@@ -327,15 +337,19 @@ impl Loader {
             shard_starts,
             cache: HashMap::new(),
             lookahead_steps: 8,
-            prefetch_bytes: 256 << 20,
-        })
+            prefetch_bytes: 0,
+        };
+        Ok(loader.with_prefetch(8, 256 << 20))
     }
 
     /// Sets how far ahead shards are fetched: `steps` steps, within `bytes`
-    /// of shards held (the shards of the current step are always held).
+    /// of shards held. The budget never drops below one shard per bucket
+    /// (the largest of each): the curriculum alternates between buckets, so
+    /// a smaller budget would evict a shard that the next draw of its
+    /// bucket needs again, and fetch it over and over.
     pub fn with_prefetch(mut self, steps: usize, bytes: u64) -> Loader {
-        self.lookahead_steps = steps;
-        self.prefetch_bytes = bytes;
+        self.lookahead_steps = steps.max(1);
+        self.prefetch_bytes = bytes.max(working_set_bytes(&self.manifest));
         self
     }
 
