@@ -1,7 +1,7 @@
 //! `strata decompose` and `strata data inspect|stream` as a user runs them,
 //! on local files and on an S3 server on loopback.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -27,9 +27,9 @@ fn ok(out: &Output) -> String {
 
 /// Twelve State of the Union addresses in a temporary folder.
 fn corpus() -> tempfile::TempDir {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora/sotu");
+    let src = strata_tests::corpora().join("sotu");
     let mut names: Vec<PathBuf> = std::fs::read_dir(&src)
-        .expect("../shared/data/corpora/sotu (see its README)")
+        .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     names.sort();

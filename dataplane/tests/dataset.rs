@@ -15,7 +15,10 @@ use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
 use strata_recipe::{Curriculum, NamedCurriculum};
 
 fn corpora() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora")
+    // As strata_tests::corpora(), which this crate cannot depend on.
+    std::env::var_os("STRATA_CORPORA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora"))
 }
 
 fn opts(layout: Layout, min: u32, max: u32) -> WriterOptions {
@@ -40,7 +43,7 @@ fn dd() -> Layout {
 fn small_corpus(dir: &Path) -> Vec<String> {
     let src = corpora().join("sotu");
     let mut names: Vec<_> = std::fs::read_dir(&src)
-        .expect("../shared/data/corpora/sotu (see its README for npm pack)")
+        .expect("test corpora: set STRATA_CORPORA or see .ci/run")
         .map(|e| e.unwrap().file_name())
         .collect();
     names.sort();

