@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::corpus::{DecomposeSummary, Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig, Planner};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
@@ -54,6 +54,28 @@ fn small_corpus(dir: &Path) -> Vec<String> {
         texts.push(text);
     }
     texts
+}
+
+/// Decomposes every document under `input` into a new dataset at `out`.
+async fn decompose_into(
+    input: &Path,
+    out: &Path,
+    min: u32,
+    max: u32,
+) -> (Location, DecomposeSummary) {
+    let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
+    let w = DatasetWriter::create(loc.clone(), opts(dd(), min, max))
+        .await
+        .unwrap();
+    let s = decompose_corpus(
+        &[input.to_path_buf()],
+        TokenizerKind::R50k.load(),
+        w,
+        &Quiet,
+    )
+    .await
+    .unwrap();
+    (loc, s)
 }
 
 async fn all_rows(loc: &Location, m: &Manifest) -> Vec<(u64, Vec<u32>, u64, u64)> {
@@ -138,18 +160,7 @@ async fn the_same_seed_writes_the_same_dataset() {
     let mut manifests = Vec::new();
     for _ in 0..2 {
         let out = tempfile::tempdir().unwrap();
-        let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
-        let w = DatasetWriter::create(loc.clone(), opts(dd(), 8, 10))
-            .await
-            .unwrap();
-        let s = decompose_corpus(
-            &[input.path().to_path_buf()],
-            TokenizerKind::R50k.load(),
-            w,
-            &Quiet,
-        )
-        .await
-        .unwrap();
+        let (_, s) = decompose_into(input.path(), out.path(), 8, 10).await;
         manifests.push(s.manifest);
     }
     // Identical shard checksums: identical bytes.
@@ -168,18 +179,7 @@ async fn bad_documents_are_skipped_and_counted() {
     )
     .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
-    let w = DatasetWriter::create(loc.clone(), opts(dd(), 0, 6))
-        .await
-        .unwrap();
-    let s = decompose_corpus(
-        &[input.path().to_path_buf()],
-        TokenizerKind::R50k.load(),
-        w,
-        &Quiet,
-    )
-    .await
-    .unwrap();
+    let (loc, s) = decompose_into(input.path(), out.path(), 0, 6).await;
     let m = &s.manifest;
     // a, b, c, then five JSONL lines (the blank line is no document).
     assert_eq!(m.n_documents, 8);
