@@ -389,13 +389,14 @@ impl Loader {
         let info = bucket.shards[key.1].clone();
         let row_len = bucket.seq_len as usize + 1;
         let dataset = self.dataset.clone();
+        let url = dataset.url_of(&info.key);
         let handle = tokio::spawn(async move { read_shard(&dataset, &info, row_len).await });
         let fut = async move {
             match handle.await {
                 Ok(r) => r.map(Arc::new).map_err(Arc::new),
                 Err(e) => Err(Arc::new(ReadError::BadShard {
-                    url: "shard fetch".into(),
-                    why: e.to_string(),
+                    url,
+                    why: format!("the fetch task ended: {e}"),
                 })),
             }
         }
