@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use strata_recipe::Curriculum;
 
 use crate::manifest::{BucketInfo, Manifest};
-use crate::reader::{ReadError, Shard, read_shard};
+use crate::reader::{ReadError, Shard, decode_shard};
 use crate::rng::SplitMix64;
 use crate::store::Location;
 
@@ -390,7 +390,21 @@ impl Loader {
         let row_len = bucket.seq_len as usize + 1;
         let dataset = self.dataset.clone();
         let url = dataset.url_of(&info.key);
-        let handle = tokio::spawn(async move { read_shard(&dataset, &info, row_len).await });
+        let task_url = url.clone();
+        // The GET runs on the async threads; checking and decoding, which
+        // are CPU work, on a blocking thread.
+        let handle = tokio::spawn(async move {
+            let bytes = dataset.get(&info.key).await?;
+            let decode_url = task_url.clone();
+            tokio::task::spawn_blocking(move || decode_shard(&decode_url, bytes, &info, row_len))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ReadError::BadShard {
+                        url: task_url,
+                        why: format!("decoding ended: {e}"),
+                    })
+                })
+        });
         let fut = async move {
             match handle.await {
                 Ok(r) => r.map(Arc::new).map_err(Arc::new),

@@ -7,6 +7,7 @@ use arrow_array::types::{UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_ipc::reader::FileReader;
 use arrow_schema::DataType;
+use bytes::Bytes;
 
 use crate::manifest::{MANIFEST_KEY, Manifest, SCHEMA_VERSION, ShardInfo};
 use crate::store::{Location, StoreError};
@@ -93,12 +94,22 @@ pub async fn read_shard(
     info: &ShardInfo,
     row_len: usize,
 ) -> Result<Shard, ReadError> {
-    let url = dataset.url_of(&info.key);
+    let bytes = dataset.get(&info.key).await?;
+    decode_shard(&dataset.url_of(&info.key), bytes, info, row_len)
+}
+
+/// Checks a fetched shard's size and CRC against the manifest and decodes
+/// it (CPU work: callers on an async runtime run it on a blocking thread).
+pub fn decode_shard(
+    url: &str,
+    bytes: Bytes,
+    info: &ShardInfo,
+    row_len: usize,
+) -> Result<Shard, ReadError> {
     let bad = |why: String| ReadError::BadShard {
-        url: url.clone(),
+        url: url.to_string(),
         why,
     };
-    let bytes = dataset.get(&info.key).await?;
     if bytes.len() as u64 != info.bytes {
         return Err(bad(format!(
             "{} bytes, the manifest says {}",
