@@ -422,18 +422,18 @@ impl Loader {
 
     /// The next step's batch for this rank.
     pub async fn next_batch(&mut self) -> Result<Batch, LoaderError> {
-        // Plan ahead on a copy of the cursor: the shards of the next steps,
+        let planned = self.planner.next(&mut self.cursor);
+        // Plan the following steps on a copy of the cursor: their shards,
         // within the memory budget, are fetched now; others are dropped.
         let mut ahead = self.cursor.clone();
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         let mut seen = HashSet::new();
         let mut bytes = 0u64;
-        let current = self.planner.next(&mut ahead);
-        for (i, planned) in std::iter::once(current.clone())
+        for (i, step) in std::iter::once(planned.clone())
             .chain((1..self.lookahead_steps).map(|_| self.planner.next(&mut ahead)))
             .enumerate()
         {
-            for key in self.shards_for(planned.bucket, &self.rank_rows(&planned)) {
+            for key in self.shards_for(step.bucket, &self.rank_rows(&step)) {
                 let size = self.manifest.buckets[key.0].shards[key.1].bytes;
                 if i > 0 && bytes + size > self.prefetch_bytes {
                     break;
@@ -445,11 +445,12 @@ impl Loader {
             }
         }
         self.cache.retain(|k, _| seen.contains(k));
-        let futures: Vec<ShardFuture> = wanted.iter().map(|&k| self.fetch(k)).collect();
-        drop(futures);
+        for key in wanted {
+            // The fetch runs as its own task and the cache keeps its handle;
+            // the step below awaits the ones it needs.
+            let _ = self.fetch(key);
+        }
 
-        let planned = self.planner.next(&mut self.cursor);
-        debug_assert_eq!(planned, current);
         let rows = self.rank_rows(&planned);
         let seq = planned.seq_len as usize;
         let n = (rows.end - rows.start) as usize;
