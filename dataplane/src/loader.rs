@@ -381,9 +381,11 @@ impl Loader {
         out
     }
 
-    fn fetch(&mut self, key: (usize, usize)) -> ShardFuture {
-        if let Some(f) = self.cache.get(&key) {
-            return f.clone();
+    /// Starts fetching shard `key` as its own task, unless it is cached or
+    /// already on its way; the cache keeps the shared handle.
+    fn prefetch(&mut self, key: (usize, usize)) {
+        if self.cache.contains_key(&key) {
+            return;
         }
         let bucket = &self.manifest.buckets[key.0];
         let info = bucket.shards[key.1].clone();
@@ -416,8 +418,13 @@ impl Loader {
         }
         .boxed()
         .shared();
-        self.cache.insert(key, fut.clone());
-        fut
+        self.cache.insert(key, fut);
+    }
+
+    /// Shard `key`, fetched now if no prefetch started it.
+    async fn shard(&mut self, key: (usize, usize)) -> Result<Arc<Shard>, Arc<ReadError>> {
+        self.prefetch(key);
+        self.cache[&key].clone().await
     }
 
     /// The next step's batch for this rank.
@@ -446,9 +453,7 @@ impl Loader {
         }
         self.cache.retain(|k, _| seen.contains(k));
         for key in wanted {
-            // The fetch runs as its own task and the cache keeps its handle;
-            // the step below awaits the ones it needs.
-            let _ = self.fetch(key);
+            self.prefetch(key);
         }
 
         let rows = self.rank_rows(&planned);
@@ -467,7 +472,7 @@ impl Loader {
             offsets: Vec::with_capacity(n),
         };
         for key in self.shards_for(planned.bucket, &rows) {
-            let shard = self.fetch(key).await?;
+            let shard = self.shard(key).await?;
             let shard_start = self.shard_starts[key.0][key.1];
             let lo = rows.start.max(shard_start) - shard_start;
             let hi = rows.end.min(shard_start + shard.rows() as u64) - shard_start;
