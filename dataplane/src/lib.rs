@@ -12,6 +12,7 @@
 //!
 //! The dataplane knows nothing of gRPC.
 
+mod bpe;
 pub mod corpus;
 pub mod decompose;
 pub mod loader;

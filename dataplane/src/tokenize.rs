@@ -9,6 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tiktoken_rs::CoreBPE;
 
+use crate::bpe::R50k;
+
 /// A tiktoken BPE strata can build datasets with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,16 +57,16 @@ impl TokenizerKind {
     }
 
     pub fn load(self) -> Tokenizer {
-        let bpe: &'static CoreBPE = match self {
-            TokenizerKind::R50k => tiktoken_rs::r50k_base_singleton(),
-            TokenizerKind::Cl100k => tiktoken_rs::cl100k_base_singleton(),
-            TokenizerKind::O200k => tiktoken_rs::o200k_base_singleton(),
+        let inner = match self {
+            TokenizerKind::R50k => Inner::R50k(R50k::get()),
+            TokenizerKind::Cl100k => Inner::Tiktoken(tiktoken_rs::cl100k_base_singleton()),
+            TokenizerKind::O200k => Inner::Tiktoken(tiktoken_rs::o200k_base_singleton()),
         };
         Tokenizer {
             name: self.name().to_string(),
             eot_id: self.eot_id(),
             vocab_size: self.vocab_size(),
-            inner: Inner::Tiktoken(bpe),
+            inner,
         }
     }
 }
@@ -155,6 +157,8 @@ impl TokenizerSpec {
 
 #[derive(Clone)]
 enum Inner {
+    /// r50k through strata's own split (the same ids, several times faster).
+    R50k(&'static R50k),
     Tiktoken(&'static CoreBPE),
     HuggingFace(Arc<tokenizers::Tokenizer>),
 }
@@ -194,6 +198,11 @@ impl Tokenizer {
     /// `<|endoftext|>` does not end there), and no added BOS/EOS.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         match &self.inner {
+            Inner::R50k(r50k) => {
+                let mut ids = Vec::with_capacity(text.len() / 4);
+                r50k.encode(text, &mut ids);
+                ids
+            }
             Inner::Tiktoken(bpe) => bpe.encode_ordinary(text),
             Inner::HuggingFace(hf) => hf
                 .encode(text, false)
@@ -213,6 +222,10 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> String {
         match &self.inner {
+            Inner::R50k(r50k) => {
+                String::from_utf8_lossy(&r50k.bpe().decode_bytes(ids).unwrap_or_default())
+                    .into_owned()
+            }
             Inner::Tiktoken(bpe) => {
                 String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned()
             }
