@@ -384,18 +384,24 @@ impl PoolRows {
     /// them as one Arrow IPC file.
     fn encode_shuffled(self, mut rng: SplitMix64) -> Result<Vec<u8>, arrow_schema::ArrowError> {
         let n = self.row_len;
-        let rows = self.doc_ids.len();
-        let mut perm: Vec<usize> = (0..rows).collect();
-        for i in (1..rows).rev() {
-            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        let PoolRows {
+            mut tokens,
+            mut doc_ids,
+            mut offsets,
+            ..
+        } = self;
+        // Fisher–Yates on the rows in place: no second shard-sized buffer
+        // to allocate and fault in.
+        for i in (1..doc_ids.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            if j != i {
+                let (head, tail) = tokens.split_at_mut(i * n);
+                head[j * n..(j + 1) * n].swap_with_slice(&mut tail[..n]);
+                doc_ids.swap(i, j);
+                offsets.swap(i, j);
+            }
         }
-        let mut tokens = Vec::with_capacity(rows * n);
-        for &r in &perm {
-            tokens.extend_from_slice(&self.tokens[r * n..(r + 1) * n]);
-        }
-        drop(self.tokens);
-        let doc_ids: Vec<u64> = perm.iter().map(|&r| self.doc_ids[r]).collect();
-        let offsets: Vec<u64> = perm.iter().map(|&r| self.offsets[r]).collect();
+        let rows = doc_ids.len();
         let schema = Arc::new(shard_schema(n));
         let item = Arc::new(Field::new("item", DataType::UInt32, false));
         let list =
@@ -408,7 +414,10 @@ impl PoolRows {
                 Arc::new(UInt64Array::from(offsets)),
             ],
         )?;
-        let mut writer = FileWriter::try_new(Vec::with_capacity(rows * n * 4 + 4096), &schema)?;
+        // Sized for the whole file (tokens, ids, offsets, schema, footer and
+        // padding), so the buffer is never grown and copied.
+        let capacity = rows * (n * 4 + 16) + (64 << 10);
+        let mut writer = FileWriter::try_new(Vec::with_capacity(capacity), &schema)?;
         writer.write(&batch)?;
         writer.finish()?;
         writer.into_inner()
