@@ -13,8 +13,10 @@
 
 pub mod conformance;
 mod local;
+pub mod tcp;
 
 pub use local::{LocalCollective, local_group};
+pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};
 
 /// Why a collective failed; each names the peer involved.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,22 @@ pub trait Collective: Send {
     }
 }
 
+/// `buf[s]` to read and `buf[d]` to write, for ranges that do not overlap.
+fn disjoint(
+    buf: &mut [f32],
+    s: std::ops::Range<usize>,
+    d: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if s.end <= d.start {
+        let (a, b) = buf.split_at_mut(d.start);
+        (&a[s], &mut b[..d.len()])
+    } else {
+        debug_assert!(d.end <= s.start, "{s:?} and {d:?} overlap");
+        let (a, b) = buf.split_at_mut(s.start);
+        (&b[..s.len()], &mut a[d])
+    }
+}
+
 /// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` holds the
 /// group's sum of that chunk (other chunks hold partial sums).
 fn ring_reduce_scatter<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
@@ -151,9 +169,8 @@ fn ring_reduce_scatter<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Re
         let send_idx = (r + 2 * n - step - 1) % n;
         let recv_idx = (r + 2 * n - step - 2) % n;
         let (s, d) = (chunk(buf.len(), n, send_idx), chunk(buf.len(), n, recv_idx));
-        let outgoing = buf[s].to_vec();
         let inc = &mut incoming[..d.len()];
-        c.send_recv(right, &outgoing, left, inc)?;
+        c.send_recv(right, &buf[s], left, inc)?;
         for (x, y) in buf[d].iter_mut().zip(inc.iter()) {
             *x += *y;
         }
@@ -173,8 +190,8 @@ fn ring_all_gather<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result
         let send_idx = (r + n - step) % n;
         let recv_idx = (r + 2 * n - step - 1) % n;
         let (s, d) = (chunk(buf.len(), n, send_idx), chunk(buf.len(), n, recv_idx));
-        let outgoing = buf[s].to_vec();
-        c.send_recv(right, &outgoing, left, &mut buf[d])?;
+        let (outgoing, incoming) = disjoint(buf, s, d);
+        c.send_recv(right, outgoing, left, incoming)?;
     }
     Ok(())
 }

@@ -1,0 +1,82 @@
+//! All-reduce bus bandwidth of the TCP backend on loopback, beside raw TCP
+//! loopback bandwidth measured in the same run, printed as one JSON object:
+//! `cargo bench -p strata-worker --bench collective`.
+//!
+//! Bus bandwidth follows NCCL's convention: a ring all-reduce moves
+//! 2·(n−1)/n of the buffer through every link, so busbw = that many bytes
+//! over the time taken; it is comparable to the raw link's bandwidth.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use strata_worker::collective::Collective;
+use strata_worker::collective::conformance::on_group;
+use strata_worker::collective::tcp::loopback_group;
+
+const REPEATS: usize = 5;
+
+/// One TCP stream over loopback, writer and reader on their own threads.
+fn raw_tcp_gib_per_s(bytes: usize) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let chunk = vec![7u8; 4 << 20];
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < bytes {
+            got += s.read(&mut buf).unwrap();
+        }
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).unwrap();
+        sent += chunk.len();
+    }
+    reader.join().unwrap();
+    bytes as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 30)
+}
+
+fn all_reduce_busbw_gib_per_s(n: usize, elems: usize) -> f64 {
+    let group = loopback_group("bench", n).unwrap();
+    let times = on_group(group, |c| {
+        let mut buf = vec![1.0f32; elems];
+        c.all_reduce_sum(&mut buf).unwrap(); // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..REPEATS {
+            c.barrier().unwrap();
+            let t = Instant::now();
+            c.all_reduce_sum(&mut buf).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    });
+    let t = times.into_iter().fold(0.0, f64::max);
+    let bytes = (elems * 4) as f64;
+    2.0 * (n - 1) as f64 / n as f64 * bytes / t / f64::from(1 << 30)
+}
+
+fn main() {
+    let raw = (0..3)
+        .map(|_| raw_tcp_gib_per_s(1 << 30))
+        .fold(0.0, f64::max);
+    let mut rows = Vec::new();
+    for n in [2, 3, 4] {
+        for mib in [1usize, 16, 64] {
+            let elems = (mib << 20) / 4;
+            let busbw = all_reduce_busbw_gib_per_s(n, elems);
+            rows.push(format!(
+                "{{\"group\": {n}, \"mib\": {mib}, \"busbw_gib_per_s\": {busbw:.3}, \"of_raw\": {:.3}}}",
+                busbw / raw
+            ));
+        }
+    }
+    println!(
+        "{{\n  \"threads\": {},\n  \"raw_tcp_loopback_gib_per_s\": {raw:.3},\n  \"all_reduce\": [\n    {}\n  ]\n}}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rows.join(",\n    ")
+    );
+}
