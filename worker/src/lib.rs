@@ -8,3 +8,5 @@
 //! handed a coordinator address, a job and a rank.
 
 pub mod collective;
+pub mod model;
+pub mod train;
