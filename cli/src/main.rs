@@ -1,7 +1,9 @@
 //! `strata`: the command-line face of strata.
 
 mod data;
+mod demo;
 mod format;
+mod jobs;
 mod plan;
 mod plot;
 mod schedule;
@@ -41,6 +43,23 @@ enum Command {
     /// Look at a decomposed dataset and the curriculum's steps over it.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Decompose a bundled book, start a coordinator, train a small
+    /// data-parallel job on it and summarise the run.
+    Demo(demo::DemoArgs),
+    /// Run the coordinator: accepts jobs, launches and watches their workers.
+    Coordinator(jobs::CoordinatorArgs),
+    /// Run one worker (started by the coordinator's launcher).
+    Worker(jobs::WorkerArgs),
+    /// Submit a job recipe to the coordinator; prints the job id.
+    Submit(jobs::SubmitArgs),
+    /// A job's state and progress.
+    Status(jobs::JobArgs),
+    /// Every job the coordinator knows.
+    List(jobs::ListArgs),
+    /// Stop a job and all its workers.
+    Cancel(jobs::CancelArgs),
+    /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
+    Metrics(jobs::MetricsArgs),
 }
 
 /// An error in what the user gave us (a recipe, a flag, a file): exit status 2.
@@ -74,6 +93,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schedule(args) => schedule::run(args),
         Command::Decompose(args) => data::decompose(args),
         Command::Data(cmd) => data::data(cmd),
+        Command::Demo(args) => demo::demo(args),
+        Command::Coordinator(args) => jobs::coordinator(args),
+        Command::Worker(args) => jobs::worker(args),
+        Command::Submit(args) => jobs::submit(args),
+        Command::Status(args) => jobs::status(args),
+        Command::List(args) => jobs::list(args),
+        Command::Cancel(args) => jobs::cancel(args),
+        Command::Metrics(args) => jobs::metrics(args),
     }
 }
 

@@ -9,4 +9,5 @@
 
 pub mod collective;
 pub mod model;
+pub mod run;
 pub mod train;

@@ -1,0 +1,215 @@
+//! `strata demo`: the whole path in one command. Decomposes the bundled
+//! *Moby-Dick* (one document per chapter), starts a coordinator in this
+//! process, submits a small data-parallel job (two worker processes),
+//! follows it and prints a summary.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use strata_coordinator::Coordinator;
+use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::decompose::{Buckets, SplitLong};
+use strata_dataplane::manifest::{Layout, TokenizerInfo};
+use strata_dataplane::store::Location;
+use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+
+use crate::UserError;
+use crate::jobs::{Connect, coordinator_config, fetch_metrics, shown, submit_text, watch};
+
+const MOBY_DICK: &str = include_str!("../assets/moby-dick.txt");
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo's corpus, dataset, job store and worker logs go
+    /// [default: $TMPDIR/strata-demo].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Text files or folders to train on instead of the bundled Moby-Dick.
+    #[arg(long)]
+    pub corpus: Vec<PathBuf>,
+    /// Optimizer steps (2048 tokens each).
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Data-parallel worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub dp: u32,
+}
+
+/// The demo's recipe: a small Llama on r50k tokens, sequences up to 128.
+fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
+    let tokens_per_step = 2048;
+    let total = steps * tokens_per_step;
+    format!(
+        r#"name = "demo"
+seed = 7
+
+[model]
+n_layers = 2
+d_model = 64
+n_heads = 4
+n_kv_heads = 2
+d_ffn = 176
+vocab_size = 50257
+max_seq_len = 128
+rope_theta = 10000.0
+tie_embeddings = true
+
+[parallel]
+dp = {dp}
+
+[data]
+dataset = "{dataset}"
+curriculum = "grow-p2"
+cycles = 4
+tokens_per_step = {tokens_per_step}
+total_tokens = {total}
+
+[optimizer]
+lr = 1e-2
+weight_decay = 0.1
+grad_clip = 1.0
+
+[schedule]
+kind = "wsd"
+warmup_tokens = {warmup}
+decay_tokens = {decay}
+decay_shape = "one_minus_sqrt"
+"#,
+        warmup = (steps / 10).max(1) * tokens_per_step,
+        decay = (steps / 5).max(1) * tokens_per_step,
+    )
+}
+
+/// Writes the bundled book as one file per chapter.
+fn write_bundled(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut chapters: Vec<String> = Vec::new();
+    for line in MOBY_DICK.split_inclusive('\n') {
+        if line.starts_with("CHAPTER ") || chapters.is_empty() {
+            chapters.push(String::new());
+        }
+        chapters.last_mut().expect("one chapter").push_str(line);
+    }
+    for (i, text) in chapters.iter().enumerate() {
+        let path = dir.join(format!("chapter-{i:03}.txt"));
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    if args.steps == 0 || args.dp == 0 {
+        return Err(UserError("--steps and --dp must be at least 1".into()).into());
+    }
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("strata-demo"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let corpus = if args.corpus.is_empty() {
+        let c = dir.join("corpus");
+        write_bundled(&c)?;
+        eprintln!(
+            "corpus: Moby-Dick (bundled), one document per chapter, in {}",
+            shown(&c)
+        );
+        vec![c]
+    } else {
+        args.corpus.clone()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        // 1. Decompose.
+        let dataset_dir = dir.join("dataset");
+        let loc = Location::parse(dataset_dir.to_str().context("a UTF-8 path")?, true)?;
+        let tokenizer = TokenizerKind::R50k.load();
+        let writer = DatasetWriter::create(
+            loc,
+            WriterOptions {
+                tokenizer: TokenizerInfo::of(&tokenizer),
+                layout: Layout::Decomposed {
+                    split_long: SplitLong::Largest,
+                },
+                buckets: Buckets::new(5, 7).expect("valid buckets"),
+                seed: 0,
+                shard_bytes: 16 << 20,
+                overwrite: true,
+            },
+        )
+        .await?;
+        let summary = decompose_corpus(&corpus, tokenizer, writer, &Quiet)
+            .await
+            .map_err(|e| UserError(e.to_string()))?;
+        let m = &summary.manifest;
+        eprintln!(
+            "decomposed {} documents, {} tokens, into buckets of 32..128 tokens ({:.1} M tokens/s) at {}",
+            m.n_documents,
+            m.n_tokens_in,
+            summary.tokens_per_s / 1e6,
+            shown(&dataset_dir)
+        );
+
+        // 2. A coordinator in this process.
+        let state_dir = dir.join("state");
+        let cfg = coordinator_config(
+            "127.0.0.1:0".parse().expect("address"),
+            state_dir.clone(),
+            args.dp,
+            None,
+            Duration::from_secs(60),
+        )?;
+        let coordinator = Coordinator::start(cfg).await.map_err(|e| UserError(e.to_string()))?;
+        let connect = Connect {
+            coordinator: Some(format!("http://{}", coordinator.addr)),
+            token_file: None,
+        };
+        let result = async {
+            let mut client = connect.client().await?;
+            let url = format!("file://{}", shown(&dataset_dir));
+            let id = submit_text(&mut client, recipe(&url, args.steps, args.dp), "demo".into()).await?;
+            eprintln!("submitted {id}: {} steps, dp = {}", args.steps, args.dp);
+            let job = watch(&mut client, &id, true).await?;
+            let steps = fetch_metrics(&mut client, &id).await?;
+            Ok::<_, anyhow::Error>((job, steps))
+        }
+        .await;
+        coordinator.stop().await;
+        let (job, steps) = result?;
+        if job.state() != strata_proto::v1::JobState::Succeeded {
+            anyhow::bail!("{} ended {}: {}", job.job_id, crate::jobs::state_name(job.state), job.failure_reason);
+        }
+        summarise(&job, &steps, &dir);
+        Ok(())
+    })
+}
+
+fn summarise(job: &strata_proto::v1::Job, steps: &[strata_proto::v1::StepMetrics], dir: &Path) {
+    let mean = |s: &[strata_proto::v1::StepMetrics]| {
+        s.iter().map(|x| x.loss).sum::<f64>() / s.len().max(1) as f64
+    };
+    let k = (steps.len() / 10).clamp(1, 20);
+    let first = mean(&steps[..k.min(steps.len())]);
+    let last = mean(&steps[steps.len().saturating_sub(k)..]);
+    let mut rates: Vec<f64> = steps.iter().map(|s| s.tokens_per_s).collect();
+    rates.sort_by(f64::total_cmp);
+    let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "{} succeeded: {} steps, {} tokens",
+        job.job_id, job.steps_done, job.tokens_done
+    );
+    println!(
+        "loss: {first:.3} (mean of the first {k} steps) -> {last:.3} (last {k}); perplexity {:.0} -> {:.0}",
+        first.exp(),
+        last.exp()
+    );
+    println!("throughput: {median:.0} tokens/s (median step, both workers together)");
+    println!("files: {}", shown(dir));
+    println!("  worker logs: {}/rank-*.log", job.run_dir);
+    println!("  job store:   {}/state", shown(dir));
+}

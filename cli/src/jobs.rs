@@ -1,0 +1,596 @@
+//! The coordinator, the worker and the client commands: submit, status,
+//! list, cancel, metrics.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_proto::v1 as pb;
+use strata_proto::v1::job_service_client::JobServiceClient;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+use crate::UserError;
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+#[derive(Args, Clone)]
+pub struct Connect {
+    /// The coordinator's URL [default: $STRATA_COORDINATOR, then http://127.0.0.1:7070].
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// A file holding the coordinator's bearer token [default: $STRATA_TOKEN].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client =
+    JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+impl Connect {
+    fn url(&self) -> String {
+        self.coordinator
+            .clone()
+            .or_else(|| std::env::var("STRATA_COORDINATOR").ok())
+            .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string())
+    }
+
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.token_file {
+            let t = std::fs::read_to_string(path).map_err(|e| {
+                UserError(format!("cannot read token file {}: {e}", path.display()))
+            })?;
+            return Ok(Some(t.trim().to_string()));
+        }
+        Ok(std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let url = self.url();
+        let token = match self.token()? {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| UserError("the token is not valid header text".into()))?,
+            ),
+            None => None,
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| UserError(format!("coordinator URL {url}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| {
+                format!("cannot reach the coordinator at {url} (is `strata coordinator` running?)")
+            })?;
+        Ok(JobServiceClient::with_interceptor(channel, Bearer(token)))
+    }
+}
+
+/// A failed call as the user should see it: their mistakes exit 2.
+pub fn status_error(call: &str, s: tonic::Status) -> anyhow::Error {
+    use tonic::Code::*;
+    match s.code() {
+        InvalidArgument | NotFound | FailedPrecondition | ResourceExhausted | Unauthenticated => {
+            UserError(s.message().to_string()).into()
+        }
+        _ => anyhow::anyhow!("{call}: {} ({:?})", s.message(), s.code()),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+// --------------------------------------------------------- coordinator ---
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Where to listen. On a loopback address no client token is needed.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Where the job store and the runs' files live.
+    #[arg(long, default_value = "strata-state")]
+    pub state_dir: PathBuf,
+    /// Local worker slots (processes; they may oversubscribe the cores).
+    #[arg(long, default_value_t = 8)]
+    pub slots: u32,
+    /// The clients' bearer token. Off loopback without it, one is generated
+    /// into STATE_DIR/token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Seconds of silence after which a worker fails its job.
+    #[arg(long, default_value_t = 60)]
+    pub heartbeat_timeout_s: u64,
+}
+
+/// The client token: the given file's, or (off loopback) one generated
+/// into the state folder, readable by its owner only.
+fn client_token(args: &CoordinatorArgs) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &args.token_file {
+        let t = std::fs::read_to_string(path)
+            .map_err(|e| UserError(format!("cannot read token file {}: {e}", path.display())))?;
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            return Err(UserError(format!("token file {} is empty", path.display())).into());
+        }
+        return Ok(Some(t));
+    }
+    if args.listen.ip().is_loopback() {
+        return Ok(None);
+    }
+    let path = args.state_dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(Some(t.trim().to_string()));
+    }
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    let token = strata_coordinator::job::random_token().context("random token")?;
+    std::fs::write(&path, format!("{token}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    eprintln!(
+        "clients need the token in {} (--token-file or STRATA_TOKEN)",
+        path.display()
+    );
+    Ok(Some(token))
+}
+
+pub fn coordinator_config(
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    slots: u32,
+    client_token: Option<String>,
+    heartbeat_timeout: Duration,
+) -> anyhow::Result<CoordinatorConfig> {
+    Ok(CoordinatorConfig {
+        listen,
+        state_dir,
+        slots,
+        worker_program: std::env::current_exe().context("the strata binary's path")?,
+        worker_args: vec!["worker".into()],
+        worker_env: Vec::new(),
+        client_token,
+        heartbeat_timeout,
+    })
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    if args.slots == 0 {
+        return Err(UserError("--slots must be at least 1".into()).into());
+    }
+    let token = client_token(&args)?;
+    let cfg = coordinator_config(
+        args.listen,
+        args.state_dir.clone(),
+        args.slots,
+        token,
+        Duration::from_secs(args.heartbeat_timeout_s),
+    )?;
+    runtime()?.block_on(async move {
+        let mut c = Coordinator::start(cfg)
+            .await
+            .map_err(|e| UserError(e.to_string()))?;
+        eprintln!(
+            "strata coordinator on http://{} (state in {}, {} slots); Ctrl-C stops it",
+            c.addr,
+            args.state_dir.display(),
+            args.slots
+        );
+        let stop = c.shutdown_handle();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            if let Some(tx) = stop {
+                let _ = tx.send(());
+            }
+        });
+        c.wait().await.context("serving")?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+// -------------------------------------------------------------- worker ---
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub coordinator: String,
+    #[arg(long)]
+    pub job: String,
+    #[arg(long)]
+    pub rank: u32,
+    /// The address the collective listener binds (port 0: any free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub collective_bind: SocketAddr,
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let token = std::env::var("STRATA_JOB_TOKEN").map_err(|_| {
+        UserError("STRATA_JOB_TOKEN is not set (workers are started by the coordinator)".into())
+    })?;
+    strata_worker::run::run(strata_worker::run::WorkerArgs {
+        coordinator: args.coordinator,
+        job: args.job,
+        rank: args.rank,
+        token,
+        collective_bind: args.collective_bind,
+    })
+    .map_err(|e| anyhow::anyhow!("rank {}: {e}", args.rank))
+}
+
+// ------------------------------------------------------------- clients ---
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// The job recipe (TOML).
+    pub recipe: PathBuf,
+    /// Follow the job: a progress bar with step, loss, tokens/s and ETA.
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    // Check locally first: the same validation, with the file's name.
+    crate::load_recipe(&args.recipe)?;
+    let text = std::fs::read_to_string(&args.recipe)
+        .map_err(|e| UserError(format!("cannot read recipe {}: {e}", args.recipe.display())))?;
+    let stem = args
+        .recipe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    runtime()?.block_on(async move {
+        let mut client = args.connect.client().await?;
+        let id = submit_text(&mut client, text, stem).await?;
+        println!("{id}");
+        if args.watch {
+            let job = watch(&mut client, &id, true).await?;
+            finish_line(&job)?;
+        }
+        Ok(())
+    })
+}
+
+pub async fn submit_text(
+    client: &mut Client,
+    spec_toml: String,
+    default_name: String,
+) -> anyhow::Result<String> {
+    Ok(client
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml,
+            default_name,
+        })
+        .await
+        .map_err(|s| status_error("SubmitJob", s))?
+        .into_inner()
+        .job_id)
+}
+
+/// Follows a job to its end; returns it as it ended.
+pub async fn watch(client: &mut Client, id: &str, bar: bool) -> anyhow::Result<pb::Job> {
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_string(),
+            from_step: 0,
+        })
+        .await
+        .map_err(|s| status_error("WatchJob", s))?
+        .into_inner();
+    let pb_bar = if bar {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {prefix} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        b.set_prefix(id.to_string());
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| status_error("WatchJob", s))?;
+        match ev.event {
+            Some(pb::job_event::Event::Job(j)) => {
+                pb_bar.set_length(j.steps_total);
+                pb_bar.set_message(state_name(j.state).to_string());
+                let end = is_final(j.state);
+                last = Some(j);
+                if end {
+                    break;
+                }
+            }
+            Some(pb::job_event::Event::Step(s)) => {
+                pb_bar.set_position(s.step);
+                pb_bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, s.tokens_per_s));
+            }
+            None => {}
+        }
+    }
+    pb_bar.finish_and_clear();
+    last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch of {id}"))
+}
+
+fn finish_line(job: &pb::Job) -> anyhow::Result<()> {
+    match job.state() {
+        pb::JobState::Succeeded => {
+            eprintln!(
+                "{} succeeded: {} steps, {} tokens, last loss {}",
+                job.job_id,
+                job.steps_done,
+                job.tokens_done,
+                job.last_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            );
+            Ok(())
+        }
+        s => anyhow::bail!(
+            "{} {}: {}",
+            job.job_id,
+            state_name(s as i32),
+            job.failure_reason
+        ),
+    }
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Unspecified => "unknown",
+        pb::JobState::Queued => "queued",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+    }
+}
+
+fn is_final(s: i32) -> bool {
+    matches!(state_name(s), "succeeded" | "failed" | "cancelled")
+}
+
+pub fn job_json(j: &pb::Job) -> serde_json::Value {
+    let l = j.layout.unwrap_or_default();
+    json!({
+        "job_id": j.job_id,
+        "name": j.name,
+        "state": state_name(j.state),
+        "steps_done": j.steps_done,
+        "steps_total": j.steps_total,
+        "tokens_done": j.tokens_done,
+        "last_loss": j.last_loss,
+        "failure_reason": j.failure_reason,
+        "layout": {"tp": l.tp, "pp": l.pp, "dp": l.dp, "microbatches": l.microbatches, "world_size": l.world_size},
+        "submitted_unix_ms": j.submitted_unix_ms,
+        "started_unix_ms": j.started_unix_ms,
+        "finished_unix_ms": j.finished_unix_ms,
+        "run_dir": j.run_dir,
+    })
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn status(args: JobArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let j = c
+            .get_job(pb::GetJobRequest { job_id: args.job })
+            .await
+            .map_err(|s| status_error("GetJob", s))?
+            .into_inner();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&job_json(&j))?);
+        } else {
+            let l = j.layout.unwrap_or_default();
+            println!(
+                "{}  {}  step {}/{}  {} tokens  loss {}",
+                j.job_id,
+                state_name(j.state),
+                j.steps_done,
+                j.steps_total,
+                j.tokens_done,
+                j.last_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            );
+            println!(
+                "layout tp={} pp={} dp={} ({} workers)  run dir {}",
+                l.tp, l.pp, l.dp, l.world_size, j.run_dir
+            );
+            if !j.failure_reason.is_empty() {
+                println!("reason: {}", j.failure_reason);
+            }
+        }
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn list(args: ListArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let jobs = c
+            .list_jobs(pb::ListJobsRequest { states: vec![] })
+            .await
+            .map_err(|s| status_error("ListJobs", s))?
+            .into_inner()
+            .jobs;
+        if args.json {
+            let v: Vec<_> = jobs.iter().map(job_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{:<28} {:<10} {:>12} {:>10}",
+                "JOB", "STATE", "STEP", "LOSS"
+            );
+            for j in &jobs {
+                println!(
+                    "{:<28} {:<10} {:>12} {:>10}",
+                    j.job_id,
+                    state_name(j.state),
+                    format!("{}/{}", j.steps_done, j.steps_total),
+                    j.last_loss.map_or("-".into(), |l| format!("{l:.4}"))
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    pub job: String,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let j = c
+            .cancel_job(pb::CancelJobRequest {
+                job_id: args.job,
+                reason: args.reason,
+            })
+            .await
+            .map_err(|s| status_error("CancelJob", s))?
+            .into_inner();
+        println!("{} {}", j.job_id, state_name(j.state));
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct MetricsArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
+    let t = s.times.unwrap_or_default();
+    json!({
+        "step": s.step,
+        "tokens": s.tokens,
+        "loss": s.loss,
+        "lr": s.lr,
+        "tokens_per_s": s.tokens_per_s,
+        "grad_norm": s.grad_norm,
+        "seq_len": 1u64 << s.seq_log2,
+        "times": {
+            "data_s": t.data_s,
+            "forward_s": t.forward_s,
+            "backward_s": t.backward_s,
+            "all_reduce_s": t.all_reduce_s,
+            "optimizer_s": t.optimizer_s,
+        },
+    })
+}
+
+pub async fn fetch_metrics(c: &mut Client, job: &str) -> anyhow::Result<Vec<pb::StepMetrics>> {
+    Ok(c.get_metrics(pb::GetMetricsRequest {
+        job_id: job.to_string(),
+        from_step: 0,
+        limit: 0,
+    })
+    .await
+    .map_err(|s| status_error("GetMetrics", s))?
+    .into_inner()
+    .steps)
+}
+
+pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let steps = fetch_metrics(&mut c, &args.job).await?;
+        if args.json {
+            let v: Vec<_> = steps.iter().map(step_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{:>6} {:>12} {:>8} {:>10} {:>10} {:>6}",
+                "STEP", "TOKENS", "LOSS", "LR", "TOK/S", "SEQ"
+            );
+            for s in &steps {
+                println!(
+                    "{:>6} {:>12} {:>8.4} {:>10.3e} {:>10.0} {:>6}",
+                    s.step,
+                    s.tokens,
+                    s.loss,
+                    s.lr,
+                    s.tokens_per_s,
+                    1u64 << s.seq_log2
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// For the demo: the path shown to users, absolute when possible.
+pub fn shown(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}

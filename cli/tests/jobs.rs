@@ -1,0 +1,618 @@
+//! Jobs through the real gRPC coordinator on 127.0.0.1:0, with real worker
+//! processes (this package's `strata` binary): success with metrics,
+//! refusals that name the culprit, cancel, a killed worker, a silent
+//! worker, a coordinator restart in the middle of a queue, and tokens.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::decompose::{Buckets, SplitLong};
+use strata_dataplane::manifest::{Layout, TokenizerInfo};
+use strata_dataplane::store::Location;
+use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+use strata_proto::v1 as pb;
+use strata_proto::v1::control_service_client::ControlServiceClient;
+use strata_proto::v1::job_service_client::JobServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A small dataset (a few State of the Union addresses) in buckets of
+/// 16..64 tokens.
+async fn dataset(dir: &Path) -> String {
+    let corpus = strata_tests::corpora().join("sotu");
+    let inputs: Vec<PathBuf> = [
+        "1790_george_washington_n.txt",
+        "1791_george_washington_n.txt",
+        "1863_abraham_lincoln_r.txt",
+    ]
+    .iter()
+    .map(|f| corpus.join(f))
+    .collect();
+    let out = dir.join("dataset");
+    let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
+    let tok = TokenizerKind::R50k.load();
+    let w = DatasetWriter::create(
+        loc,
+        WriterOptions {
+            tokenizer: TokenizerInfo::of(&tok),
+            layout: Layout::Decomposed {
+                split_long: SplitLong::Largest,
+            },
+            buckets: Buckets::new(4, 6).unwrap(),
+            seed: 0,
+            shard_bytes: 1 << 20,
+            overwrite: false,
+        },
+    )
+    .await
+    .unwrap();
+    decompose_corpus(&inputs, tok, w, &Quiet).await.unwrap();
+    format!("file://{}", out.display())
+}
+
+fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
+    format!(
+        r#"name = "tiny"
+seed = 3
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ffn = 32
+vocab_size = 50257
+max_seq_len = 64
+tie_embeddings = true
+[parallel]
+dp = {dp}
+[data]
+dataset = "{dataset}"
+curriculum = "uniform"
+tokens_per_step = 128
+total_tokens = {total}
+[optimizer]
+lr = 1e-3
+[schedule]
+kind = "constant"
+"#,
+        total = steps * 128
+    )
+}
+
+fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state.to_path_buf(),
+        slots,
+        worker_program: PathBuf::from(env!("CARGO_BIN_EXE_strata")),
+        worker_args: vec!["worker".into()],
+        worker_env: vec![("RUST_LOG".into(), "info".into())],
+        client_token: token.map(str::to_string),
+        heartbeat_timeout: Duration::from_secs(30),
+    }
+}
+
+async fn client(c: &Coordinator) -> JobServiceClient<Channel> {
+    JobServiceClient::connect(format!("http://{}", c.addr))
+        .await
+        .unwrap()
+}
+
+async fn submit(cl: &mut JobServiceClient<Channel>, spec: String) -> Result<String, tonic::Status> {
+    cl.submit_job(pb::SubmitJobRequest {
+        spec_toml: spec,
+        default_name: "t".into(),
+    })
+    .await
+    .map(|r| r.into_inner().job_id)
+}
+
+async fn get(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
+    cl.get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls until `f(job)` holds (panics after `secs`).
+async fn until(
+    cl: &mut JobServiceClient<Channel>,
+    id: &str,
+    secs: u64,
+    f: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let start = Instant::now();
+    loop {
+        let j = get(cl, id).await;
+        if f(&j) {
+            return j;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "job {id} never got there: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pids of this job's worker processes, from /proc.
+fn worker_pids(job: &str) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "worker")
+            && args.windows(2).any(|w| w[0] == "--job" && w[1] == job)
+        {
+            let rank = args
+                .windows(2)
+                .find(|w| w[0] == "--rank")
+                .and_then(|w| w[1].parse().ok())
+                .unwrap();
+            out.push((rank, pid));
+        }
+    }
+    out
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let id = submit(&mut cl, recipe(&data, 8, 2)).await.unwrap();
+    let mut events = cl
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.clone(),
+            from_step: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut states, mut steps) = (Vec::new(), Vec::new());
+    while let Some(ev) = events.next().await {
+        match ev.unwrap().event.unwrap() {
+            pb::job_event::Event::Job(j) => states.push(j.state()),
+            pb::job_event::Event::Step(s) => steps.push(s.step),
+        }
+    }
+    assert_eq!(states.last(), Some(&pb::JobState::Succeeded), "{states:?}");
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    let job = get(&mut cl, &id).await;
+    assert_eq!((job.steps_done, job.tokens_done), (8, 8 * 128));
+    let m = cl
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: id.clone(),
+            from_step: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert_eq!(m.len(), 8);
+    for s in &m {
+        let t = s.times.unwrap();
+        assert!(s.loss.is_finite() && s.loss > 0.0 && s.grad_norm > 0.0 && s.tokens_per_s > 0.0);
+        assert!(
+            t.forward_s > 0.0 && t.backward_s > 0.0 && t.all_reduce_s > 0.0 && t.optimizer_s > 0.0,
+            "{t:?}"
+        );
+        assert!([16, 32, 64].contains(&(1u64 << s.seq_log2)));
+    }
+    // Both ranks' logs are where the job says.
+    for r in 0..2 {
+        assert!(
+            Path::new(&job.run_dir)
+                .join(format!("rank-{r}.log"))
+                .exists()
+        );
+    }
+    // The CLI sees the same.
+    let url = format!("http://{}", c.addr);
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["status", &id, "--json", "--coordinator", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["job_id"], id.as_str());
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["steps_done"], 8);
+    assert_eq!(v["tokens_done"], 1024);
+    assert!(v["last_loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["failure_reason"], "");
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["metrics", &id, "--json", "--coordinator", &url])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 8);
+    assert_eq!(arr[7]["step"], 8);
+    assert_eq!(arr[7]["tokens"], 1024);
+    assert!(arr[7]["loss"].as_f64().is_some() && arr[7]["lr"].as_f64() == Some(1e-3));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_submissions_are_refused_naming_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+
+    let bad = recipe(&data, 4, 2).replace("d_model = 16", "d_model = 15");
+    let e = submit(&mut cl, bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("model.d_model"), "{}", e.message());
+
+    let missing = recipe("file:///no/such/dataset", 4, 2);
+    let e = submit(&mut cl, missing).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("data.dataset") && e.message().contains("/no/such/dataset"),
+        "{}",
+        e.message()
+    );
+
+    // Buckets of at most 64 tokens cannot fill a step of 64 when... a
+    // model context below every bucket leaves nothing to draw.
+    let short = recipe(&data, 4, 2)
+        .replace("max_seq_len = 64", "max_seq_len = 8")
+        .replace("tokens_per_step = 128", "tokens_per_step = 16")
+        .replace("total_tokens = 512", "total_tokens = 64");
+    let e = submit(&mut cl, short).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("data.dataset"), "{}", e.message());
+
+    let four = recipe(&data, 4, 4).replace("tokens_per_step = 128", "tokens_per_step = 256");
+    let e = submit(&mut cl, four).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("needs 4 worker slots") && e.message().contains("has 2"),
+        "{}",
+        e.message()
+    );
+
+    let tp = recipe(&data, 4, 1).replace("[parallel]", "[parallel]\ntp = 2");
+    let e = submit(&mut cl, tp).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("tp = 2"), "{}", e.message());
+
+    // Nothing was queued.
+    let jobs = cl
+        .list_jobs(pb::ListJobsRequest { states: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(jobs.is_empty());
+
+    // The CLI exits 2 on a refused recipe.
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        recipe(&data, 4, 2).replace("n_heads = 2", "n_heads = 3"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "submit",
+            path.to_str().unwrap(),
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model."),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
+    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
+    assert_eq!(worker_pids(&id).len(), 2);
+    let j = cl
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "enough".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(j.state(), pb::JobState::Cancelled);
+    assert_eq!(j.failure_reason, "cancelled: enough");
+    let start = Instant::now();
+    while !worker_pids(&id).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "workers outlived the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = cl
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_fails_the_job_with_its_exit_status_and_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
+    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
+    let (_, pid) = worker_pids(&id).into_iter().find(|(r, _)| *r == 1).unwrap();
+    signal(pid, "-KILL");
+    let j = until(&mut cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
+    assert!(
+        j.failure_reason.contains("rank 1") && j.failure_reason.contains("signal 9"),
+        "{}",
+        j.failure_reason
+    );
+    assert!(
+        j.failure_reason.contains("last log lines"),
+        "{}",
+        j.failure_reason
+    );
+    // Rank 0 was stopped too.
+    let start = Instant::now();
+    while !worker_pids(&id).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "rank 0 outlived the failure"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_worker_fails_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let mut cfg = config(&dir.path().join("state"), 2, None);
+    cfg.heartbeat_timeout = Duration::from_secs(3);
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
+    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
+    let (_, pid) = worker_pids(&id).into_iter().find(|(r, _)| *r == 0).unwrap();
+    signal(pid, "-STOP");
+    let j = until(&mut cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
+    assert!(
+        j.failure_reason.contains("rank 0 sent no heartbeat"),
+        "{}",
+        j.failure_reason
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_coordinator_keeps_every_job_and_runs_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let state = dir.path().join("state");
+    let c = Coordinator::start(config(&state, 2, None)).await.unwrap();
+    let mut cl = client(&c).await;
+    let long = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
+    let queued = submit(&mut cl, recipe(&data, 4, 2)).await.unwrap();
+    until(&mut cl, &long, 120, |j| j.steps_done >= 2).await;
+    assert_eq!(get(&mut cl, &queued).await.state(), pb::JobState::Queued);
+    c.stop().await;
+
+    let c = Coordinator::start(config(&state, 2, None)).await.unwrap();
+    let mut cl = client(&c).await;
+    let j = get(&mut cl, &long).await;
+    assert_eq!(j.state(), pb::JobState::Failed);
+    assert!(
+        j.failure_reason.contains("coordinator"),
+        "{}",
+        j.failure_reason
+    );
+    let history = cl
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: long.clone(),
+            from_step: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    assert!(history.len() >= 2 && history.len() as u64 == j.steps_done);
+    let q = until(&mut cl, &queued, 120, |j| {
+        j.state() == pb::JobState::Succeeded
+    })
+    .await;
+    assert_eq!(q.steps_done, 4);
+    let ids: Vec<String> = cl
+        .list_jobs(pb::ListJobsRequest { states: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(ids, [long, queued]);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_guard_clients_and_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, Some("s3cret")))
+        .await
+        .unwrap();
+    let mut anon = client(&c).await;
+    let e = anon
+        .list_jobs(pb::ListJobsRequest { states: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = submit(&mut anon, recipe(&data, 4, 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let channel = Channel::from_shared(format!("http://{}", c.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token: tonic::metadata::MetadataValue<_> = "Bearer s3cret".parse().unwrap();
+    let mut cl =
+        JobServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        });
+    let id = cl
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: recipe(&data, 4, 2),
+            default_name: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+
+    // A worker call for the job with the client's token is refused.
+    let bad: tonic::metadata::MetadataValue<_> = "Bearer s3cret".parse().unwrap();
+    let mut ctl =
+        ControlServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bad.clone());
+            Ok(r)
+        });
+    let e = ctl
+        .heartbeat(pb::HeartbeatRequest {
+            job_id: id.clone(),
+            rank: 0,
+            step: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // The job's own workers have the right token and finish.
+    let start = Instant::now();
+    loop {
+        let j = cl
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if j.state() == pb::JobState::Succeeded {
+            break;
+        }
+        assert!(
+            !matches!(j.state(), pb::JobState::Failed | pb::JobState::Cancelled),
+            "{j:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dp2_and_dp1_jobs_see_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let mut losses = Vec::new();
+    for dp in [1, 2] {
+        let id = submit(&mut cl, recipe(&data, 12, dp)).await.unwrap();
+        until(&mut cl, &id, 120, |j| j.state() == pb::JobState::Succeeded).await;
+        let steps = cl
+            .get_metrics(pb::GetMetricsRequest {
+                job_id: id,
+                from_step: 0,
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .steps;
+        losses.push(
+            steps
+                .iter()
+                .map(|s| (s.seq_log2, s.loss))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(losses[0].len(), 12);
+    for (s, (a, b)) in losses[0].iter().zip(&losses[1]).enumerate() {
+        // The same bucket each step, and the same loss.
+        assert_eq!(a.0, b.0, "step {}", s + 1);
+        let rel = (a.1 - b.1).abs() / a.1;
+        assert!(
+            rel < 1e-5,
+            "step {}: dp=1 {} dp=2 {} (rel {rel:e})",
+            s + 1,
+            a.1,
+            b.1
+        );
+    }
+    c.stop().await;
+}

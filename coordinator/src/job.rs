@@ -1,0 +1,109 @@
+//! The coordinator's own view of jobs: what the store keeps and the state
+//! machine that moves a job from QUEUED to an end.
+
+use serde::{Deserialize, Serialize};
+use strata_recipe::Layout;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// Whether the state machine allows `self → next`.
+    pub fn can_become(self, next: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, next),
+            (Queued, Running)
+                | (Queued, Cancelled)
+                | (Queued, Failed)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Cancelled)
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub name: String,
+    /// The recipe as submitted.
+    pub spec_toml: String,
+    pub state: JobState,
+    pub layout: Layout,
+    pub microbatches: u32,
+    pub steps_total: u64,
+    pub steps_done: u64,
+    pub tokens_done: u64,
+    pub last_loss: Option<f64>,
+    pub failure_reason: String,
+    pub submitted_unix_ms: i64,
+    pub started_unix_ms: i64,
+    pub finished_unix_ms: i64,
+    /// The job's folder: worker logs now, checkpoints later.
+    pub run_dir: String,
+    /// The secret the job's workers present on every control call.
+    pub worker_token: String,
+}
+
+/// Where a step's wall time went, in seconds (rank 0's view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTimes {
+    pub data_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub all_reduce_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// One optimizer step of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub grad_norm: f64,
+    pub seq_log2: u32,
+    pub times: StepTimes,
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A random secret, hex encoded (from the OS's generator).
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,184 @@
+//! The durable job store: one redb file in the state folder. Every change
+//! is committed before the coordinator answers the call that made it, so a
+//! restart finds every job and its step history as the clients last saw it.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::job::{JobRecord, StepRecord};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const STEPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("steps");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store {path}: {source}")]
+    Db { path: PathBuf, source: redb::Error },
+    #[error("job store {path} is closed (the coordinator is stopping)")]
+    Closed { path: PathBuf },
+    #[error("job store {path}: record {key} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+pub struct Store {
+    /// `None` once closed (the coordinator is stopping).
+    db: std::sync::RwLock<Option<Database>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `<dir>/jobs.redb`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("jobs.redb");
+        let err = |e: redb::Error| StoreError::Db {
+            path: path.clone(),
+            source: e,
+        };
+        let db = Database::create(&path).map_err(|e| err(e.into()))?;
+        // Create the tables so reads never meet a missing one.
+        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        tx.open_table(JOBS).map_err(|e| err(e.into()))?;
+        tx.open_table(STEPS).map_err(|e| err(e.into()))?;
+        tx.open_table(META).map_err(|e| err(e.into()))?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(Store {
+            db: std::sync::RwLock::new(Some(db)),
+            path,
+        })
+    }
+
+    /// Closes the database file; later calls fail. A new coordinator can
+    /// then open it in the same process.
+    pub fn close(&self) {
+        self.db.write().expect("store lock").take();
+    }
+
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = self.db.read().expect("store lock");
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// The next job number (1, 2, …), durably consumed.
+    pub fn next_job_number(&self) -> Result<u64, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            let n = {
+                let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+                let n = meta
+                    .get("next_job")
+                    .map_err(|e| self.err(e))?
+                    .map_or(1, |v| v.value());
+                meta.insert("next_job", n + 1).map_err(|e| self.err(e))?;
+                n
+            };
+            tx.commit().map_err(|e| self.err(e))?;
+            Ok(n)
+        })
+    }
+
+    /// Inserts or replaces a job.
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let bytes = serde_json::to_vec(job).expect("a job serialises");
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            tx.open_table(JOBS)
+                .map_err(|e| self.err(e))?
+                .insert(job.job_id.as_str(), bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))
+        })
+    }
+
+    /// Appends steps and updates their job in one transaction.
+    pub fn put_steps(&self, job: &JobRecord, steps: &[StepRecord]) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let job_bytes = serde_json::to_vec(job).expect("a job serialises");
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            {
+                let mut t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+                for s in steps {
+                    let bytes = serde_json::to_vec(s).expect("a step serialises");
+                    t.insert((job.job_id.as_str(), s.step), bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+                tx.open_table(JOBS)
+                    .map_err(|e| self.err(e))?
+                    .insert(job.job_id.as_str(), job_bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))
+        })
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                out.push(self.decode(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Steps `from..` of a job, at most `limit` (0: all), in step order.
+    pub fn steps(
+        &self,
+        job_id: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StepRecord>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for row in t
+                .range((job_id, from)..=(job_id, u64::MAX))
+                .map_err(|e| self.err(e))?
+            {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                let (id, step) = k.value();
+                out.push(self.decode(&format!("{id}/{step}"), v.value())?);
+                if limit > 0 && out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+}

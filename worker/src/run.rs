@@ -1,0 +1,316 @@
+//! A worker process's life: register with the coordinator, get the
+//! assignment, join the collective groups, train, report, finish.
+//!
+//! The worker is handed a coordinator URL, a job, a rank and the job's
+//! token; it never learns which launcher started it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::backend::{Autodiff, NdArray};
+use strata_dataplane::loader::{Loader, LoaderConfig};
+use strata_dataplane::reader::read_manifest;
+use strata_dataplane::store::Location;
+use strata_proto::v1 as pb;
+use strata_proto::v1::control_service_client::ControlServiceClient;
+use strata_recipe::Recipe;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+use crate::collective::{TcpEndpoint, TcpOptions};
+use crate::model::Llama;
+use crate::train::{LocalBatch, Trainer};
+
+/// The CPU backend of this issue: NdArray with autodiff.
+pub type CpuBackend = Autodiff<NdArray<f32>>;
+
+/// What a worker is started with.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    pub coordinator: String,
+    pub job: String,
+    pub rank: u32,
+    /// The job's worker token (`STRATA_JOB_TOKEN`).
+    pub token: String,
+    /// The address this worker's collective listener binds (port 0: any).
+    pub collective_bind: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("coordinator {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("coordinator call {call}: {status}")]
+    Rpc {
+        call: &'static str,
+        status: Box<tonic::Status>,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("step {step}: {source}")]
+    Collective {
+        step: u64,
+        source: crate::collective::CollectiveError,
+    },
+    #[error("stopped by the coordinator: {0}")]
+    Stopped(String),
+}
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client =
+    ControlServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
+    move |status| WorkerError::Rpc {
+        call,
+        status: Box::new(status),
+    }
+}
+
+/// Runs the worker to the end of its job. Reports failures to the
+/// coordinator before returning them.
+pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Setup(format!("tokio runtime: {e}")))?;
+    let token = format!("Bearer {}", args.token)
+        .parse()
+        .map_err(|_| WorkerError::Setup("the job token is not valid header text".into()))?;
+    let channel = rt.block_on(async {
+        Channel::from_shared(args.coordinator.clone())
+            .map_err(|e| WorkerError::Setup(format!("coordinator URL {}: {e}", args.coordinator)))?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|source| WorkerError::Connect {
+                url: args.coordinator.clone(),
+                source,
+            })
+    })?;
+    let client = ControlServiceClient::with_interceptor(channel, Bearer(token));
+    let result = train(&rt, client.clone(), &args);
+    let (ok, error) = match &result {
+        Ok(()) => (true, String::new()),
+        Err(WorkerError::Stopped(_)) => return result,
+        Err(e) => (false, e.to_string()),
+    };
+    let mut c = client;
+    let done = rt.block_on(c.report_done(pb::ReportDoneRequest {
+        job_id: args.job.clone(),
+        rank: args.rank,
+        ok,
+        error,
+    }));
+    result?;
+    done.map(|_| ()).map_err(rpc("ReportDone"))
+}
+
+fn train(
+    rt: &tokio::runtime::Runtime,
+    mut client: Client,
+    args: &WorkerArgs,
+) -> Result<(), WorkerError> {
+    let endpoint = TcpEndpoint::bind(args.collective_bind).map_err(|e| {
+        WorkerError::Setup(format!(
+            "collective listener on {}: {e}",
+            args.collective_bind
+        ))
+    })?;
+    let addr = endpoint
+        .local_addr()
+        .map_err(|e| WorkerError::Setup(format!("collective listener: {e}")))?;
+    rt.block_on(client.register(pb::RegisterRequest {
+        job_id: args.job.clone(),
+        rank: args.rank,
+        host: hostname(),
+        pid: std::process::id(),
+        collective_addr: addr.to_string(),
+    }))
+    .map_err(rpc("Register"))?;
+
+    // Heartbeats from the runtime's threads, whatever the training thread
+    // is doing; a stop request is seen at the next step.
+    let step_now = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_reason = Arc::new(Mutex::new(String::new()));
+    {
+        let (mut c, job, rank) = (client.clone(), args.job.clone(), args.rank);
+        let (step_now, stop, stop_reason) = (step_now.clone(), stop.clone(), stop_reason.clone());
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let req = pb::HeartbeatRequest {
+                    job_id: job.clone(),
+                    rank,
+                    step: step_now.load(Ordering::Relaxed),
+                };
+                match c.heartbeat(req).await {
+                    Ok(r) if r.get_ref().stop => {
+                        *stop_reason.lock().expect("reason lock") = r.into_inner().stop_reason;
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        });
+    }
+
+    let assignment = rt
+        .block_on(client.get_assignment(pb::GetAssignmentRequest {
+            job_id: args.job.clone(),
+            rank: args.rank,
+        }))
+        .map_err(rpc("GetAssignment"))?
+        .into_inner();
+    let recipe = Recipe::from_toml_str(&assignment.spec_toml, &args.job)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let coords = assignment.coords.unwrap_or_default();
+    let dp_group = assignment
+        .groups
+        .iter()
+        .find(|g| g.kind == pb::GroupKind::Data as i32)
+        .ok_or_else(|| WorkerError::Setup("the assignment has no data-parallel group".into()))?;
+    let addrs = dp_group
+        .members
+        .iter()
+        .map(|m| {
+            m.collective_addr.parse::<SocketAddr>().map_err(|e| {
+                WorkerError::Setup(format!(
+                    "rank {}'s collective address {:?}: {e}",
+                    m.rank, m.collective_addr
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let group_name = format!("{}/dp/pp{}-tp{}", args.job, coords.pp, coords.tp);
+    let mut dp = endpoint
+        .join(
+            &group_name,
+            coords.dp as usize,
+            &addrs,
+            &TcpOptions::default(),
+        )
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    tracing::info!(
+        rank = args.rank,
+        dp_rank = coords.dp,
+        dp_size = addrs.len(),
+        "joined the data-parallel group"
+    );
+
+    let url = recipe.data.dataset.clone();
+    let loc = Location::parse(&url, false).map_err(|e| WorkerError::Data(e.to_string()))?;
+    let manifest = rt
+        .block_on(read_manifest(&loc))
+        .map_err(|e| WorkerError::Data(e.to_string()))?;
+    let loader_cfg = LoaderConfig {
+        curriculum: recipe.data.curriculum.clone(),
+        cycles: recipe.data.cycles,
+        tokens_per_step: recipe.data.tokens_per_step,
+        dp_rank: coords.dp,
+        dp_size: recipe.parallel.layout.dp,
+        seed: recipe.seed,
+        max_seq_len: Some(recipe.model.max_seq_len),
+    };
+    let mut loader = Loader::new(loc, manifest, &loader_cfg, None)
+        .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
+
+    let device = Default::default();
+    let model = Llama::<CpuBackend>::new(&recipe.model, recipe.seed, &device);
+    let mut trainer = Trainer::new(model, recipe.optimizer, device);
+    tracing::info!(
+        params = trainer.n_params(),
+        steps = recipe.data.n_steps(),
+        "model built"
+    );
+
+    let tps = recipe.data.tokens_per_step;
+    let microbatches = recipe.parallel.microbatches.max(1) as usize;
+    let report = coords.dp == 0 && coords.pp == 0 && coords.tp == 0;
+    for step in 1..=recipe.data.n_steps() {
+        if stop.load(Ordering::SeqCst) {
+            return Err(WorkerError::Stopped(
+                stop_reason.lock().expect("reason lock").clone(),
+            ));
+        }
+        let t0 = Instant::now();
+        let batch = rt
+            .block_on(loader.next_batch())
+            .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
+        let data_s = t0.elapsed().as_secs_f64();
+        let seq = batch.seq_len as usize;
+        let rows = batch.inputs.len() / seq;
+        let per = rows / microbatches * seq;
+        let micro: Vec<LocalBatch<'_>> = (0..microbatches)
+            .map(|m| LocalBatch {
+                inputs: &batch.inputs[m * per..(m + 1) * per],
+                targets: &batch.targets[m * per..(m + 1) * per],
+                seq_len: seq,
+            })
+            .collect();
+        let tokens_before = (step - 1) * tps;
+        let lr = recipe.schedule.lr_for_step(tokens_before, tps);
+        let stats = trainer
+            .step(&micro, tps, lr, &mut dp)
+            .map_err(|source| WorkerError::Collective { step, source })?;
+        step_now.store(step, Ordering::Relaxed);
+        if !stats.loss.is_finite() {
+            return Err(WorkerError::Data(format!(
+                "step {step}: the loss is {} (lr {lr:e}, gradient norm {:e})",
+                stats.loss, stats.grad_norm
+            )));
+        }
+        if report {
+            let wall = t0.elapsed().as_secs_f64();
+            let metrics = pb::StepMetrics {
+                step,
+                tokens: step * tps,
+                loss: stats.loss,
+                lr,
+                tokens_per_s: tps as f64 / wall,
+                grad_norm: stats.grad_norm,
+                seq_log2: batch.log2,
+                times: Some(pb::StepTimes {
+                    data_s,
+                    forward_s: stats.forward.as_secs_f64(),
+                    backward_s: stats.backward.as_secs_f64(),
+                    all_reduce_s: stats.all_reduce.as_secs_f64(),
+                    optimizer_s: stats.optimizer.as_secs_f64(),
+                }),
+            };
+            rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
+                job_id: args.job.clone(),
+                rank: args.rank,
+                steps: vec![metrics],
+            }))
+            .map_err(rpc("ReportMetrics"))?;
+        }
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
