@@ -30,8 +30,8 @@ pub struct DemoArgs {
     /// Text files or folders to train on instead of the bundled Moby-Dick.
     #[arg(long)]
     pub corpus: Vec<PathBuf>,
-    /// Optimizer steps (2048 tokens each).
-    #[arg(long, default_value_t = 300)]
+    /// Optimizer steps (1024 tokens each).
+    #[arg(long, default_value_t = 200)]
     pub steps: u64,
     /// Data-parallel worker processes.
     #[arg(long, default_value_t = 2)]
@@ -40,7 +40,7 @@ pub struct DemoArgs {
 
 /// The demo's recipe: a small Llama on r50k tokens, sequences up to 128.
 fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
-    let tokens_per_step = 2048;
+    let tokens_per_step = 1024;
     let total = steps * tokens_per_step;
     format!(
         r#"name = "demo"

@@ -209,3 +209,31 @@ fn schedule_plot_is_an_svg_with_the_curve_and_phases() {
     assert_eq!(out.status.code(), Some(2));
     assert!(!png.exists());
 }
+
+#[test]
+fn demo_trains_and_summarises() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = strata(&[
+        "demo",
+        "--steps",
+        "3",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("demo-1 succeeded: 3 steps, 3072 tokens"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("loss: ") && stdout.contains("tokens/s"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("dataset/manifest.json").exists());
+    assert!(dir.path().join("state/runs/demo-1/rank-1.log").exists());
+}

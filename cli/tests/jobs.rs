@@ -139,8 +139,10 @@ async fn until(
     }
 }
 
-/// Pids of this job's worker processes, from /proc.
-fn worker_pids(job: &str) -> Vec<(u32, u32)> {
+/// Ranks and pids of the worker processes of job `job` of the coordinator
+/// at `c` (other tests' coordinators number their jobs alike), from /proc.
+fn worker_pids(c: &Coordinator, job: &str) -> Vec<(u32, u32)> {
+    let url = format!("http://{}", c.addr);
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -155,6 +157,9 @@ fn worker_pids(job: &str) -> Vec<(u32, u32)> {
             .collect();
         if args.iter().any(|a| a == "worker")
             && args.windows(2).any(|w| w[0] == "--job" && w[1] == job)
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--coordinator" && w[1] == url)
         {
             let rank = args
                 .windows(2)
@@ -177,14 +182,52 @@ fn signal(pid: u32, sig: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
+/// A dataset, a coordinator on it and a client.
+struct Fixture {
+    dir: tempfile::TempDir,
+    data: String,
+    c: Coordinator,
+    cl: JobServiceClient<Channel>,
+}
+
+async fn fixture(slots: u32, token: Option<&str>, heartbeat: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
+    let mut cfg = config(&dir.path().join("state"), slots, token);
+    cfg.heartbeat_timeout = heartbeat;
+    let c = Coordinator::start(cfg).await.unwrap();
+    let cl = client(&c).await;
+    Fixture { dir, data, c, cl }
+}
+
+impl Fixture {
+    /// A dp = 2 job that would run for hours, once it has taken a step.
+    async fn running_job(&mut self) -> String {
+        let id = submit(&mut self.cl, recipe(&self.data, 100_000, 2))
+            .await
+            .unwrap();
+        until(&mut self.cl, &id, 120, |j| j.steps_done >= 1).await;
+        assert_eq!(worker_pids(&self.c, &id).len(), 2);
+        id
+    }
+}
+
+async fn until_workers_gone(c: &Coordinator, id: &str, what: &str) {
+    let start = Instant::now();
+    while !worker_pids(c, id).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
+    let Fixture {
+        dir: _dir,
+        data,
+        c,
+        mut cl,
+    } = fixture(2, None, Duration::from_secs(30)).await;
     let id = submit(&mut cl, recipe(&data, 8, 2)).await.unwrap();
     let mut events = cl
         .watch_job(pb::WatchJobRequest {
@@ -266,12 +309,12 @@ async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_submissions_are_refused_naming_the_culprit() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
+    let Fixture {
+        dir,
+        data,
+        c,
+        mut cl,
+    } = fixture(2, None, Duration::from_secs(30)).await;
 
     let bad = recipe(&data, 4, 2).replace("d_model = 16", "d_model = 15");
     let e = submit(&mut cl, bad).await.unwrap_err();
@@ -287,8 +330,7 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
         e.message()
     );
 
-    // Buckets of at most 64 tokens cannot fill a step of 64 when... a
-    // model context below every bucket leaves nothing to draw.
+    // A model context shorter than every bucket leaves nothing to draw.
     let short = recipe(&data, 4, 2)
         .replace("max_seq_len = 64", "max_seq_len = 8")
         .replace("tokens_per_step = 128", "tokens_per_step = 16")
@@ -352,17 +394,10 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_every_worker() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
-    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
-    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
-    assert_eq!(worker_pids(&id).len(), 2);
-    let j = cl
-        .cancel_job(pb::CancelJobRequest {
+    let mut f = fixture(2, None, Duration::from_secs(30)).await;
+    let id = f.running_job().await;
+    let j =
+        f.cl.cancel_job(pb::CancelJobRequest {
             job_id: id.clone(),
             reason: "enough".into(),
         })
@@ -371,79 +406,51 @@ async fn cancel_stops_every_worker() {
         .into_inner();
     assert_eq!(j.state(), pb::JobState::Cancelled);
     assert_eq!(j.failure_reason, "cancelled: enough");
-    let start = Instant::now();
-    while !worker_pids(&id).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "workers outlived the cancel"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let e = cl
-        .cancel_job(pb::CancelJobRequest {
+    until_workers_gone(&f.c, &id, "workers outlived the cancel").await;
+    let e =
+        f.cl.cancel_job(pb::CancelJobRequest {
             job_id: id.clone(),
             reason: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    c.stop().await;
+    f.c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_fails_the_job_with_its_exit_status_and_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
+    let mut f = fixture(2, None, Duration::from_secs(30)).await;
+    let id = f.running_job().await;
+    let (_, pid) = worker_pids(&f.c, &id)
+        .into_iter()
+        .find(|(r, _)| *r == 1)
         .unwrap();
-    let mut cl = client(&c).await;
-    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
-    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
-    let (_, pid) = worker_pids(&id).into_iter().find(|(r, _)| *r == 1).unwrap();
     signal(pid, "-KILL");
-    let j = until(&mut cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
-    assert!(
-        j.failure_reason.contains("rank 1") && j.failure_reason.contains("signal 9"),
-        "{}",
-        j.failure_reason
-    );
-    assert!(
-        j.failure_reason.contains("last log lines"),
-        "{}",
-        j.failure_reason
-    );
-    // Rank 0 was stopped too.
-    let start = Instant::now();
-    while !worker_pids(&id).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "rank 0 outlived the failure"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    c.stop().await;
+    let j = until(&mut f.cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
+    let why = &j.failure_reason;
+    assert!(why.contains("rank 1") && why.contains("signal 9"), "{why}");
+    assert!(why.contains("last log lines"), "{why}");
+    until_workers_gone(&f.c, &id, "rank 0 outlived the failure").await;
+    f.c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_worker_fails_the_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let mut cfg = config(&dir.path().join("state"), 2, None);
-    cfg.heartbeat_timeout = Duration::from_secs(3);
-    let c = Coordinator::start(cfg).await.unwrap();
-    let mut cl = client(&c).await;
-    let id = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
-    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
-    let (_, pid) = worker_pids(&id).into_iter().find(|(r, _)| *r == 0).unwrap();
+    let mut f = fixture(2, None, Duration::from_secs(3)).await;
+    let id = f.running_job().await;
+    let (_, pid) = worker_pids(&f.c, &id)
+        .into_iter()
+        .find(|(r, _)| *r == 0)
+        .unwrap();
     signal(pid, "-STOP");
-    let j = until(&mut cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
+    let j = until(&mut f.cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
     assert!(
         j.failure_reason.contains("rank 0 sent no heartbeat"),
         "{}",
         j.failure_reason
     );
-    c.stop().await;
+    f.c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -499,12 +506,12 @@ async fn a_restarted_coordinator_keeps_every_job_and_runs_its_queue() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_guard_clients_and_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, Some("s3cret")))
-        .await
-        .unwrap();
-    let mut anon = client(&c).await;
+    let Fixture {
+        dir: _dir,
+        data,
+        c,
+        cl: mut anon,
+    } = fixture(2, Some("s3cret"), Duration::from_secs(30)).await;
     let e = anon
         .list_jobs(pb::ListJobsRequest { states: vec![] })
         .await
@@ -574,12 +581,12 @@ async fn tokens_guard_clients_and_workers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dp2_and_dp1_jobs_see_the_same_losses() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
+    let Fixture {
+        dir: _dir,
+        data,
+        c,
+        mut cl,
+    } = fixture(2, None, Duration::from_secs(30)).await;
     let mut losses = Vec::new();
     for dp in [1, 2] {
         let id = submit(&mut cl, recipe(&data, 12, dp)).await.unwrap();

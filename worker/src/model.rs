@@ -8,7 +8,7 @@
 //! backend, device or parallel layout.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use strata_dataplane::rng::SplitMix64;
@@ -244,6 +244,11 @@ pub fn cross_entropy<B: Backend>(
     denominator: f64,
 ) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
-    let picked = log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
-    picked.sum().neg() / denominator
+    // logsumexp − the target's logit: one vocabulary-wide temporary fewer
+    // than log_softmax followed by a gather. The max is a constant shift
+    // (no gradient flows through it).
+    let max = logits.clone().detach().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.gather(1, targets.reshape([n, 1]));
+    (lse - picked).sum() / denominator
 }
