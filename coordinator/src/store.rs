@@ -182,3 +182,103 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobState, StepTimes};
+    use strata_recipe::Layout;
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            job_id: id.into(),
+            name: "t".into(),
+            spec_toml: "name = \"t\"".into(),
+            state: JobState::Queued,
+            layout: Layout::new(1, 1, 2),
+            microbatches: 1,
+            steps_total: 10,
+            steps_done: 0,
+            tokens_done: 0,
+            last_loss: None,
+            failure_reason: String::new(),
+            submitted_unix_ms: 1,
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            run_dir: "/runs/t".into(),
+            worker_token: "secret".into(),
+        }
+    }
+
+    fn step(n: u64) -> StepRecord {
+        StepRecord {
+            step: n,
+            tokens: n * 128,
+            loss: 10.0 / n as f64,
+            lr: 1e-3,
+            tokens_per_s: 1000.0,
+            grad_norm: 1.0,
+            seq_log2: 6,
+            times: StepTimes::default(),
+        }
+    }
+
+    #[test]
+    fn jobs_and_steps_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.next_job_number().unwrap(), 1);
+            assert_eq!(s.next_job_number().unwrap(), 2);
+            s.put_job(&job("a-1")).unwrap();
+            let mut b = job("b-2");
+            b.steps_done = 3;
+            s.put_steps(&b, &[step(1), step(2), step(3)]).unwrap();
+            // Another job's steps never leak into this one's range.
+            s.put_steps(&job("a-1"), &[step(1)]).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.next_job_number().unwrap(), 3);
+        let jobs = s.jobs().unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[1].steps_done, 3);
+        assert_eq!(
+            s.steps("b-2", 0, 0).unwrap(),
+            vec![step(1), step(2), step(3)]
+        );
+        assert_eq!(s.steps("b-2", 2, 0).unwrap(), vec![step(2), step(3)]);
+        assert_eq!(s.steps("b-2", 0, 2).unwrap(), vec![step(1), step(2)]);
+        assert_eq!(s.steps("a-1", 0, 0).unwrap(), vec![step(1)]);
+        assert!(s.steps("nope", 0, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_closed_store_says_so_and_can_be_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.close();
+        let e = s.put_job(&job("a-1")).unwrap_err();
+        assert!(e.to_string().contains("is closed"), "{e}");
+        // The file is free again, as for a restarted coordinator.
+        let again = Store::open(dir.path()).unwrap();
+        again.put_job(&job("a-1")).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.with_db(|db| {
+            let tx = db.begin_write().unwrap();
+            tx.open_table(JOBS)
+                .unwrap()
+                .insert("bad-7", b"{not json".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let e = s.jobs().unwrap_err();
+        assert!(e.to_string().contains("record bad-7 is corrupt"), "{e}");
+    }
+}
