@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 
 use super::{Collective, CollectiveError, Result};
 
+/// Elements per piece of a message (1 MiB): large messages are encoded,
+/// written, read and decoded piece by piece, so the stages overlap.
+const PIECE: usize = 1 << 18;
+
 /// First bytes of every connection, so a stray client is refused at once.
 const MAGIC: &[u8; 8] = b"strata1\0";
 
@@ -339,19 +343,36 @@ impl Link {
 
     fn send(&mut self, data: &[f32]) -> Result<()> {
         self.check_writer()?;
-        let mut msg = self.spent.try_recv().unwrap_or_default();
-        msg.clear();
-        msg.resize(8 + data.len() * 4, 0);
-        msg[..8].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        // Element-wise over exact chunks: compiled to a plain copy.
-        for (b, x) in msg[8..].chunks_exact_mut(4).zip(data) {
-            b.copy_from_slice(&x.to_le_bytes());
+        // The message goes out in pieces: the writer sends one while the
+        // next is encoded, and the receiver decodes one while the next
+        // arrives. The bytes on the wire are the same either way.
+        let mut first = true;
+        let mut pieces = data.chunks(PIECE);
+        loop {
+            let piece = match pieces.next() {
+                Some(p) => p,
+                None if first => &[][..],
+                None => break,
+            };
+            let mut msg = self.spent.try_recv().unwrap_or_default();
+            msg.clear();
+            let head = if first { 8 } else { 0 };
+            msg.resize(head + piece.len() * 4, 0);
+            if first {
+                msg[..8].copy_from_slice(&(data.len() as u64).to_le_bytes());
+                first = false;
+            }
+            // Element-wise over exact chunks: compiled to a plain copy.
+            for (b, x) in msg[head..].chunks_exact_mut(4).zip(piece) {
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            self.queue
+                .as_ref()
+                .expect("queue open while the link lives")
+                .send(msg)
+                .map_err(|_| CollectiveError::PeerGone { peer: self.peer })?;
         }
-        self.queue
-            .as_ref()
-            .expect("queue open while the link lives")
-            .send(msg)
-            .map_err(|_| CollectiveError::PeerGone { peer: self.peer })
+        Ok(())
     }
 
     fn recv(&mut self, out: &mut [f32]) -> Result<()> {
@@ -364,12 +385,14 @@ impl Link {
                 got: len,
             });
         }
-        self.scratch.resize(len * 4, 0);
-        self.reader
-            .read_exact(&mut self.scratch)
-            .map_err(|e| self.error(e))?;
-        for (x, b) in out.iter_mut().zip(self.scratch.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        for piece in out.chunks_mut(PIECE) {
+            self.scratch.resize(piece.len() * 4, 0);
+            self.reader
+                .read_exact(&mut self.scratch)
+                .map_err(|e| self.error(e))?;
+            for (x, b) in piece.iter_mut().zip(self.scratch.chunks_exact(4)) {
+                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
         }
         Ok(())
     }
