@@ -62,6 +62,29 @@ struct Running {
     done: Vec<bool>,
 }
 
+impl Running {
+    /// The first rank (other than `except`) whose process ended before it
+    /// finished, with its exit status and last log lines.
+    fn ended_early(&mut self, except: Option<usize>) -> Option<String> {
+        for (r, h) in self.handles.iter_mut().enumerate() {
+            if Some(r) == except || self.done[r] {
+                continue;
+            }
+            match h.try_wait() {
+                Ok(Some(exit)) => {
+                    return Some(format!(
+                        "rank {r} ended ({exit}) before finishing; last log lines:\n{}",
+                        h.log_tail(20).join("\n")
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        None
+    }
+}
+
 #[derive(Default)]
 struct State {
     jobs: BTreeMap<String, JobRecord>,
@@ -302,25 +325,11 @@ impl Engine {
         let mut state = self.lock();
         let mut failures = Vec::new();
         for (id, run) in state.running.iter_mut() {
-            for (r, h) in run.handles.iter_mut().enumerate() {
-                match h.try_wait() {
-                    Ok(Some(exit)) if !run.done[r] => {
-                        let tail = h.log_tail(20);
-                        failures.push((
-                            id.clone(),
-                            format!(
-                                "rank {r} ended ({exit}) before finishing; last log lines:\n{}",
-                                tail.join("\n")
-                            ),
-                        ));
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failures.push((id.clone(), e.to_string()));
-                        break;
-                    }
-                }
+            if let Some(why) = run.ended_early(None) {
+                failures.push((id.clone(), why));
+                continue;
+            }
+            for r in 0..run.handles.len() {
                 let silent = run.heartbeat[r].elapsed();
                 if !run.done[r] && silent > self.cfg.heartbeat_timeout {
                     failures.push((
@@ -820,14 +829,33 @@ impl ControlService for Control {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
         engine.check_worker(&meta, &req.job_id, req.rank)?;
-        let mut state = engine.lock();
         if !req.ok {
-            let why = format!("rank {}: {}", req.rank, req.error);
-            engine
-                .end(&mut state, &req.job_id, JobState::Failed, why)
-                .map_err(store_status)?;
-            return Ok(Response::new(pb::ReportDoneResponse {}));
+            // A rank that fails because a peer died reports first more often
+            // than not: give the peer's exit a moment to show, and record
+            // that as the cause.
+            let own = format!("rank {}: {}", req.rank, req.error);
+            for attempt in 0..20 {
+                {
+                    let mut state = engine.lock();
+                    let Some(run) = state.running.get_mut(&req.job_id) else {
+                        return Ok(Response::new(pb::ReportDoneResponse {}));
+                    };
+                    let cause = run.ended_early(Some(req.rank as usize));
+                    if cause.is_some() || attempt == 19 {
+                        let why = match cause {
+                            Some(c) => format!("{c}\n(then {own})"),
+                            None => own,
+                        };
+                        engine
+                            .end(&mut state, &req.job_id, JobState::Failed, why)
+                            .map_err(store_status)?;
+                        return Ok(Response::new(pb::ReportDoneResponse {}));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+        let mut state = engine.lock();
         let all_done = match state.running.get_mut(&req.job_id) {
             Some(run) => {
                 run.done[req.rank as usize] = true;
