@@ -149,13 +149,14 @@ impl Engine {
         self.state.lock().expect("coordinator state lock")
     }
 
-    fn publish(state: &mut State, event: Event) {
-        let id = match &event {
-            Event::Job(j) => j.job_id.clone(),
-            Event::Step(_) => return,
-        };
-        if let Some(tx) = state.watchers.get(&id) {
-            let _ = tx.send(event);
+    /// Tells `job`'s watchers; once it has ended, its channel is dropped
+    /// (watchers still get what was sent, then the stream ends).
+    fn publish(state: &mut State, job: &JobRecord) {
+        if let Some(tx) = state.watchers.get(&job.job_id) {
+            let _ = tx.send(Event::Job(job.clone()));
+        }
+        if job.state.is_final() {
+            state.watchers.remove(&job.job_id);
         }
     }
 
@@ -163,7 +164,7 @@ impl Engine {
     fn save(&self, state: &mut State, job: JobRecord) -> Result<(), StoreError> {
         self.store.put_job(&job)?;
         state.jobs.insert(job.job_id.clone(), job.clone());
-        Engine::publish(state, Event::Job(job));
+        Engine::publish(state, &job);
         self.changed.notify_waiters();
         Ok(())
     }
@@ -620,11 +621,17 @@ impl JobService for Jobs {
                 .get(&req.job_id)
                 .cloned()
                 .ok_or_else(|| Status::not_found(format!("no job {}", req.job_id)))?;
-            let tx = state
-                .watchers
-                .entry(req.job_id.clone())
-                .or_insert_with(|| broadcast::channel(4096).0);
-            (job, tx.subscribe())
+            // An ended job's stream ends after its history: no channel.
+            let rx = if job.state.is_final() {
+                broadcast::channel(1).1
+            } else {
+                state
+                    .watchers
+                    .entry(req.job_id.clone())
+                    .or_insert_with(|| broadcast::channel(4096).0)
+                    .subscribe()
+            };
+            (job, rx)
         };
         let history = engine
             .store
