@@ -210,6 +210,15 @@ impl Fixture {
         assert_eq!(worker_pids(&self.c, &id).len(), 2);
         id
     }
+
+    /// Sends `sig` (as `kill` spells it) to rank `rank` of job `id`.
+    fn signal_rank(&self, id: &str, rank: u32, sig: &str) {
+        let (_, pid) = worker_pids(&self.c, id)
+            .into_iter()
+            .find(|(r, _)| *r == rank)
+            .unwrap_or_else(|| panic!("no rank {rank} of {id}"));
+        signal(pid, sig);
+    }
 }
 
 async fn until_workers_gone(c: &Coordinator, id: &str, what: &str) {
@@ -422,11 +431,7 @@ async fn cancel_stops_every_worker() {
 async fn a_killed_worker_fails_the_job_with_its_exit_status_and_log() {
     let mut f = fixture(2, None, Duration::from_secs(30)).await;
     let id = f.running_job().await;
-    let (_, pid) = worker_pids(&f.c, &id)
-        .into_iter()
-        .find(|(r, _)| *r == 1)
-        .unwrap();
-    signal(pid, "-KILL");
+    f.signal_rank(&id, 1, "-KILL");
     let j = until(&mut f.cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
     let why = &j.failure_reason;
     assert!(why.contains("rank 1") && why.contains("signal 9"), "{why}");
@@ -439,11 +444,7 @@ async fn a_killed_worker_fails_the_job_with_its_exit_status_and_log() {
 async fn a_silent_worker_fails_the_job() {
     let mut f = fixture(2, None, Duration::from_secs(3)).await;
     let id = f.running_job().await;
-    let (_, pid) = worker_pids(&f.c, &id)
-        .into_iter()
-        .find(|(r, _)| *r == 0)
-        .unwrap();
-    signal(pid, "-STOP");
+    f.signal_rank(&id, 0, "-STOP");
     let j = until(&mut f.cl, &id, 30, |j| j.state() == pb::JobState::Failed).await;
     assert!(
         j.failure_reason.contains("rank 0 sent no heartbeat"),
