@@ -10,10 +10,12 @@ use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use strata_coordinator::convert::state_from_pb;
+use strata_coordinator::job::JobState;
 use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 use crate::UserError;
@@ -30,20 +32,7 @@ pub struct Connect {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub type Client =
-    JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type Client = JobServiceClient<WithBearer<Channel>>;
 
 impl Connect {
     fn url(&self) -> String {
@@ -55,24 +44,15 @@ impl Connect {
 
     fn token(&self) -> anyhow::Result<Option<String>> {
         if let Some(path) = &self.token_file {
-            let t = std::fs::read_to_string(path).map_err(|e| {
-                UserError(format!("cannot read token file {}: {e}", path.display()))
-            })?;
-            return Ok(Some(t.trim().to_string()));
+            return read_token_file(path).map(Some);
         }
         Ok(std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()))
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {
         let url = self.url();
-        let token = match self.token()? {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| UserError("the token is not valid header text".into()))?,
-            ),
-            None => None,
-        };
+        let token = Bearer::new(self.token()?.as_deref())
+            .ok_or_else(|| UserError("the token is not valid header text".into()))?;
         let channel = Channel::from_shared(url.clone())
             .map_err(|e| UserError(format!("coordinator URL {url}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
@@ -81,7 +61,7 @@ impl Connect {
             .with_context(|| {
                 format!("cannot reach the coordinator at {url} (is `strata coordinator` running?)")
             })?;
-        Ok(JobServiceClient::with_interceptor(channel, Bearer(token)))
+        Ok(JobServiceClient::with_interceptor(channel, token))
     }
 }
 
@@ -125,17 +105,23 @@ pub struct CoordinatorArgs {
     pub heartbeat_timeout_s: u64,
 }
 
+/// A token file's contents, trimmed; an unreadable or empty file is the
+/// user's error, named.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| UserError(format!("cannot read token file {}: {e}", path.display())))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(UserError(format!("token file {} is empty", path.display())).into());
+    }
+    Ok(t)
+}
+
 /// The client token: the given file's, or (off loopback) one generated
 /// into the state folder, readable by its owner only.
 fn client_token(args: &CoordinatorArgs) -> anyhow::Result<Option<String>> {
     if let Some(path) = &args.token_file {
-        let t = std::fs::read_to_string(path)
-            .map_err(|e| UserError(format!("cannot read token file {}: {e}", path.display())))?;
-        let t = t.trim().to_string();
-        if t.is_empty() {
-            return Err(UserError(format!("token file {} is empty", path.display())).into());
-        }
-        return Ok(Some(t));
+        return read_token_file(path).map(Some);
     }
     if args.listen.ip().is_loopback() {
         return Ok(None);
@@ -378,19 +364,17 @@ fn finish_line(job: &pb::Job) -> anyhow::Result<()> {
     }
 }
 
+/// A wire job state as the coordinator names it.
 pub fn state_name(s: i32) -> &'static str {
-    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Unspecified => "unknown",
-        pb::JobState::Queued => "queued",
-        pb::JobState::Running => "running",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-    }
+    job_state(s).map_or("unknown", JobState::name)
+}
+
+fn job_state(s: i32) -> Option<JobState> {
+    pb::JobState::try_from(s).ok().and_then(state_from_pb)
 }
 
 fn is_final(s: i32) -> bool {
-    matches!(state_name(s), "succeeded" | "failed" | "cancelled")
+    job_state(s).is_some_and(JobState::is_final)
 }
 
 pub fn job_json(j: &pb::Job) -> serde_json::Value {

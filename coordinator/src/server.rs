@@ -16,6 +16,7 @@ use strata_cluster::{Inventory, LaunchSpec, Launcher, LocalHandle, LocalLauncher
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
+use strata_proto::auth::bearer_token;
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_server::{ControlService, ControlServiceServer};
 use strata_proto::v1::job_service_server::{JobService, JobServiceServer};
@@ -386,8 +387,7 @@ impl Engine {
             .get(job_id)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
-        let presented = bearer(req_meta);
-        if presented.as_deref() != Some(job.worker_token.as_str()) {
+        if bearer_token(req_meta) != Some(job.worker_token.as_str()) {
             tracing::warn!(job = %job_id, rank, "worker call with a wrong or missing job token");
             return Err(Status::unauthenticated(format!(
                 "job {job_id}: wrong or missing worker token"
@@ -403,14 +403,6 @@ impl Engine {
     }
 }
 
-/// The token of an `authorization: Bearer …` header.
-pub fn bearer(meta: &tonic::metadata::MetadataMap) -> Option<String> {
-    meta.get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
-}
-
 /// The client-facing service.
 #[derive(Clone)]
 pub struct Jobs(pub Arc<Engine>);
@@ -422,7 +414,7 @@ pub struct Control(pub Arc<Engine>);
 impl Jobs {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if let Some(token) = &self.0.cfg.client_token
-            && bearer(req.metadata()).as_deref() != Some(token.as_str())
+            && bearer_token(req.metadata()) != Some(token.as_str())
         {
             tracing::warn!(peer = ?req.remote_addr(), "client call with a wrong or missing token");
             return Err(Status::unauthenticated(
@@ -476,16 +468,8 @@ impl Jobs {
                 recipe.model.vocab_size, manifest.tokenizer.name, manifest.tokenizer.vocab_size
             )));
         }
-        let cfg = LoaderConfig {
-            curriculum: recipe.data.curriculum.clone(),
-            cycles: recipe.data.cycles,
-            tokens_per_step: recipe.data.tokens_per_step,
-            dp_rank: 0,
-            dp_size: layout.dp,
-            seed: recipe.seed,
-            max_seq_len: Some(recipe.model.max_seq_len),
-        };
-        Planner::new(&manifest, &cfg).map_err(|e| bad_data(format!("{url}: {e}")))?;
+        Planner::new(&manifest, &LoaderConfig::for_recipe(&recipe, 0))
+            .map_err(|e| bad_data(format!("{url}: {e}")))?;
         Ok(recipe)
     }
 }

@@ -49,6 +49,22 @@ pub struct LoaderConfig {
     pub max_seq_len: Option<u64>,
 }
 
+impl LoaderConfig {
+    /// What data-parallel rank `dp_rank` of a job streams: the coordinator
+    /// checks this plan at submission and the worker runs the same one.
+    pub fn for_recipe(recipe: &strata_recipe::Recipe, dp_rank: u32) -> LoaderConfig {
+        LoaderConfig {
+            curriculum: recipe.data.curriculum.clone(),
+            cycles: recipe.data.cycles,
+            tokens_per_step: recipe.data.tokens_per_step,
+            dp_rank,
+            dp_size: recipe.parallel.layout.dp,
+            seed: recipe.seed,
+            max_seq_len: Some(recipe.model.max_seq_len),
+        }
+    }
+}
+
 /// The loader's whole state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {

@@ -4,6 +4,8 @@
 //! protobuf: the coordinator, workers and CLI keep their own domain types and
 //! convert at the service edge.
 
+pub mod auth;
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("strata.v1");

@@ -13,10 +13,10 @@ use burn::backend::{Autodiff, NdArray};
 use strata_dataplane::loader::{Loader, LoaderConfig};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
+use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::Recipe;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 use crate::collective::{TcpEndpoint, TcpOptions};
@@ -63,18 +63,7 @@ pub enum WorkerError {
     Stopped(String),
 }
 
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-type Client =
-    ControlServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+type Client = ControlServiceClient<WithBearer<Channel>>;
 
 fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
     move |status| WorkerError::Rpc {
@@ -91,9 +80,8 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .enable_all()
         .build()
         .map_err(|e| WorkerError::Setup(format!("tokio runtime: {e}")))?;
-    let token = format!("Bearer {}", args.token)
-        .parse()
-        .map_err(|_| WorkerError::Setup("the job token is not valid header text".into()))?;
+    let token = Bearer::new(Some(&args.token))
+        .ok_or_else(|| WorkerError::Setup("the job token is not valid header text".into()))?;
     let channel = rt.block_on(async {
         Channel::from_shared(args.coordinator.clone())
             .map_err(|e| WorkerError::Setup(format!("coordinator URL {}: {e}", args.coordinator)))?
@@ -105,7 +93,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
                 source,
             })
     })?;
-    let client = ControlServiceClient::with_interceptor(channel, Bearer(token));
+    let client = ControlServiceClient::with_interceptor(channel, token);
     let result = train(&rt, client.clone(), &args);
     let (ok, error) = match &result {
         Ok(()) => (true, String::new()),
@@ -223,15 +211,7 @@ fn train(
     let manifest = rt
         .block_on(read_manifest(&loc))
         .map_err(|e| WorkerError::Data(e.to_string()))?;
-    let loader_cfg = LoaderConfig {
-        curriculum: recipe.data.curriculum.clone(),
-        cycles: recipe.data.cycles,
-        tokens_per_step: recipe.data.tokens_per_step,
-        dp_rank: coords.dp,
-        dp_size: recipe.parallel.layout.dp,
-        seed: recipe.seed,
-        max_seq_len: Some(recipe.model.max_seq_len),
-    };
+    let loader_cfg = LoaderConfig::for_recipe(&recipe, coords.dp);
     let mut loader = Loader::new(loc, manifest, &loader_cfg, None)
         .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
 
