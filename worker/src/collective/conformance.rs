@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Collective, CollectiveError};
+use super::{Collective, CollectiveError, Tag};
 
 /// Runs `f` on every member of `group`, each on its own thread, and returns
 /// the members' results in rank order.
@@ -66,6 +66,7 @@ pub fn check_backend<C: Collective>(make_group: impl Fn(usize) -> Vec<C>, sizes:
             );
         }
         all_reduce(make_group(n));
+        all_reduce_max(make_group(n));
         reduce_scatter(make_group(n));
         all_gather(make_group(n));
         broadcast(make_group(n));
@@ -73,6 +74,122 @@ pub fn check_backend<C: Collective>(make_group: impl Fn(usize) -> Vec<C>, sizes:
         barrier(make_group(n));
         bad_buffers(make_group(n));
         mixed_sequence(make_group(n));
+        pipeline_messages(make_group(n));
+        wrong_tag(make_group(n));
+    }
+}
+
+fn all_reduce_max<C: Collective>(group: Vec<C>) {
+    let n = group.len();
+    let lens = [0, 1, n, 7, 1001];
+    let results = on_group(group, |c| {
+        lens.iter()
+            .map(|&len| {
+                let mut buf = input(c.rank(), len, len + 5);
+                c.all_reduce_max(&mut buf).expect("all_reduce_max");
+                buf
+            })
+            .collect::<Vec<_>>()
+    });
+    for (r, per_len) in results.iter().enumerate() {
+        for (buf, &len) in per_len.iter().zip(&lens) {
+            let expected: Vec<f32> = (0..len)
+                .map(|i| {
+                    (0..n)
+                        .map(|q| value(q, i, len + 5))
+                        .fold(f32::NEG_INFINITY, f32::max)
+                })
+                .collect();
+            assert_eq!(
+                buf, &expected,
+                "all_reduce_max, group of {n}, member {r}, {len} elements"
+            );
+        }
+    }
+}
+
+/// A pipeline's pattern: every member sends activations forward and
+/// gradients back, tagged, several microbatches ahead of the receiver,
+/// while collectives run on the same links in between.
+fn pipeline_messages<C: Collective>(group: Vec<C>) {
+    let n = group.len();
+    let mbs = 5u32;
+    let act = |from: usize, mb: u32| input(from, 6, 1000 + mb as usize);
+    let grad = |from: usize, mb: u32| input(from, 6, 2000 + mb as usize);
+    let results = on_group(group, |c| {
+        let me = c.rank();
+        // Sends first (they never wait), then the receives.
+        for mb in 0..mbs {
+            if me + 1 < n {
+                c.send_tagged(me + 1, Tag::activation(9, mb), &act(me, mb))
+                    .expect("send activation");
+            }
+            if me > 0 {
+                c.send_tagged(me - 1, Tag::gradient(9, mb), &grad(me, mb))
+                    .expect("send gradient");
+            }
+        }
+        let mut got = Vec::new();
+        for mb in 0..mbs {
+            let mut a = vec![f32::NAN; 6];
+            let mut g = vec![f32::NAN; 6];
+            if me > 0 {
+                c.recv_tagged(me - 1, Tag::activation(9, mb), &mut a)
+                    .expect("recv activation");
+            }
+            if me + 1 < n {
+                c.recv_tagged(me + 1, Tag::gradient(9, mb), &mut g)
+                    .expect("recv gradient");
+            }
+            got.push((a, g));
+        }
+        let mut sum = [1.0f32];
+        c.all_reduce_sum(&mut sum)
+            .expect("all_reduce after pipeline traffic");
+        (got, sum[0])
+    });
+    for (me, (got, sum)) in results.iter().enumerate() {
+        assert_eq!(
+            *sum, n as f32,
+            "all_reduce after pipeline traffic, member {me}"
+        );
+        for (mb, (a, g)) in got.iter().enumerate() {
+            let mb = mb as u32;
+            if me > 0 {
+                assert_eq!(a, &act(me - 1, mb), "activation {mb} at member {me} of {n}");
+            }
+            if me + 1 < n {
+                assert_eq!(g, &grad(me + 1, mb), "gradient {mb} at member {me} of {n}");
+            }
+        }
+    }
+}
+
+/// A receive that expects another message than the one sent fails, naming
+/// the peer and both tags.
+fn wrong_tag<C: Collective>(group: Vec<C>) {
+    let n = group.len();
+    if n < 2 {
+        return;
+    }
+    let results = on_group(group, |c| match c.rank() {
+        0 => {
+            c.send_tagged(1, Tag::activation(3, 1), &[1.0, 2.0])
+                .expect("send");
+            None
+        }
+        1 => Some(c.recv_tagged(0, Tag::activation(3, 0), &mut [0.0; 2])),
+        _ => None,
+    });
+    match &results[1] {
+        Some(Err(e @ CollectiveError::WrongMessage { peer: 0, .. })) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("step 3, microbatch 1") && text.contains("step 3, microbatch 0"),
+                "{text}"
+            );
+        }
+        other => panic!("a wrongly tagged message, group of {n}: {other:?}"),
     }
 }
 

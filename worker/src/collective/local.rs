@@ -5,22 +5,25 @@
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 
-use super::{Collective, CollectiveError, Result};
+use super::{Collective, CollectiveError, Result, Tag};
+
+/// A message and its tag.
+type Message = (Tag, Vec<f32>);
 
 pub struct LocalCollective {
     rank: usize,
     /// `to[p]` sends to member p.
-    to: Vec<Sender<Vec<f32>>>,
+    to: Vec<Sender<Message>>,
     /// `from[p]` receives what member p sent to this member, in order.
-    from: Vec<Receiver<Vec<f32>>>,
+    from: Vec<Receiver<Message>>,
 }
 
 /// A group of `size` members, one per thread that will use it.
 pub fn local_group(size: usize) -> Vec<LocalCollective> {
     assert!(size > 0, "a group has at least one member");
     // One channel per ordered pair: senders[from][to] feeds receivers[to][from].
-    let mut senders: Vec<Vec<Sender<Vec<f32>>>> = (0..size).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<Receiver<Vec<f32>>>> = (0..size).map(|_| Vec::new()).collect();
+    let mut senders: Vec<Vec<Sender<Message>>> = (0..size).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<Receiver<Message>>> = (0..size).map(|_| Vec::new()).collect();
     for row in senders.iter_mut() {
         for column in receivers.iter_mut() {
             let (tx, rx) = channel();
@@ -58,18 +61,25 @@ impl Collective for LocalCollective {
         self.to.len()
     }
 
-    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()> {
+    fn send_tagged(&mut self, peer: usize, tag: Tag, data: &[f32]) -> Result<()> {
         self.check_peer(peer)?;
         self.to[peer]
-            .send(data.to_vec())
+            .send((tag, data.to_vec()))
             .map_err(|_| CollectiveError::PeerGone { peer })
     }
 
-    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
+    fn recv_tagged(&mut self, peer: usize, tag: Tag, out: &mut [f32]) -> Result<()> {
         self.check_peer(peer)?;
-        let msg = self.from[peer]
+        let (got, msg) = self.from[peer]
             .recv()
             .map_err(|_| CollectiveError::PeerGone { peer })?;
+        if got != tag {
+            return Err(CollectiveError::WrongMessage {
+                peer,
+                expected: tag,
+                got,
+            });
+        }
         if msg.len() != out.len() {
             return Err(CollectiveError::SizeMismatch {
                 peer,

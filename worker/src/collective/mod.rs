@@ -18,11 +18,65 @@ pub mod tcp;
 pub use local::{LocalCollective, local_group};
 pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};
 
+/// What a point-to-point message carries, sent with it and checked on
+/// receipt: a pipeline schedule that sends the wrong microbatch, the wrong
+/// direction or a stale step fails loudly instead of training on it.
+///
+/// The bits are the kind (top 8), the step (next 32) and the microbatch
+/// (low 24); collective algorithms' own traffic is [`Tag::COLLECTIVE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag(pub u64);
+
+impl Tag {
+    /// The traffic of the ring algorithms and plain `send`/`recv`.
+    pub const COLLECTIVE: Tag = Tag(0);
+    const ACTIVATION: u64 = 1;
+    const GRADIENT: u64 = 2;
+
+    fn pipeline(kind: u64, step: u64, microbatch: u32) -> Tag {
+        Tag(kind << 56 | (step & 0xFFFF_FFFF) << 24 | u64::from(microbatch & 0xFF_FFFF))
+    }
+
+    /// Microbatch `microbatch`'s activations of step `step`, sent forward to
+    /// the next pipeline stage.
+    pub fn activation(step: u64, microbatch: u32) -> Tag {
+        Tag::pipeline(Tag::ACTIVATION, step, microbatch)
+    }
+
+    /// The gradient of microbatch `microbatch`'s stage input at step
+    /// `step`, sent back to the previous pipeline stage.
+    pub fn gradient(step: u64, microbatch: u32) -> Tag {
+        Tag::pipeline(Tag::GRADIENT, step, microbatch)
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, step, mb) = (
+            self.0 >> 56,
+            (self.0 >> 24) & 0xFFFF_FFFF,
+            self.0 & 0xFF_FFFF,
+        );
+        match kind {
+            0 if self.0 == 0 => write!(f, "collective traffic"),
+            Tag::ACTIVATION => write!(f, "the activations of step {step}, microbatch {mb}"),
+            Tag::GRADIENT => write!(f, "the input gradient of step {step}, microbatch {mb}"),
+            _ => write!(f, "tag {:#018x}", self.0),
+        }
+    }
+}
+
 /// Why a collective failed; each names the peer involved.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error("group rank {peer} is gone (its end of the link closed)")]
     PeerGone { peer: usize },
+    #[error("group rank {peer} sent {got} where {expected} was expected (a schedule bug)")]
+    WrongMessage {
+        peer: usize,
+        expected: Tag,
+        got: Tag,
+    },
     #[error("group rank {peer} sent {got} elements where {expected} were expected")]
     SizeMismatch {
         peer: usize,
@@ -57,10 +111,22 @@ pub trait Collective: Send {
     /// Number of members.
     fn size(&self) -> usize;
 
-    /// Sends `data` to `peer`.
-    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()>;
-    /// Receives exactly `out.len()` elements from `peer`.
-    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()>;
+    /// Sends `data` to `peer`, labelled `tag`. Never waits for the peer
+    /// to receive (messages are queued), so any order of sends and
+    /// receives that a schedule allows cannot deadlock on a send.
+    fn send_tagged(&mut self, peer: usize, tag: Tag, data: &[f32]) -> Result<()>;
+    /// Receives exactly `out.len()` elements from `peer`, which must be the
+    /// next message it sent this member and must carry `tag`.
+    fn recv_tagged(&mut self, peer: usize, tag: Tag, out: &mut [f32]) -> Result<()>;
+
+    /// Sends `data` to `peer` ([`Tag::COLLECTIVE`]).
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()> {
+        self.send_tagged(peer, Tag::COLLECTIVE, data)
+    }
+    /// Receives exactly `out.len()` elements from `peer` ([`Tag::COLLECTIVE`]).
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
+        self.recv_tagged(peer, Tag::COLLECTIVE, out)
+    }
 
     /// Sends to `to` while receiving from `from`. Backends whose `send` can
     /// block until the peer receives (TCP) must override this so that a ring
@@ -76,7 +142,17 @@ pub trait Collective: Send {
         if n == 1 {
             return Ok(());
         }
-        ring_reduce_scatter(self, buf)?;
+        ring_reduce_scatter(self, buf, |x, y| *x += y)?;
+        ring_all_gather(self, buf)
+    }
+
+    /// Element-wise maximum over the group, in place on every member.
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if n == 1 {
+            return Ok(());
+        }
+        ring_reduce_scatter(self, buf, |x, y| *x = x.max(y))?;
         ring_all_gather(self, buf)
     }
 
@@ -92,7 +168,7 @@ pub trait Collective: Send {
             });
         }
         let mut work = input.to_vec();
-        ring_reduce_scatter(self, &mut work)?;
+        ring_reduce_scatter(self, &mut work, |x, y| *x += y)?;
         out.copy_from_slice(&work[chunk(work.len(), n, self.rank())]);
         Ok(())
     }
@@ -157,8 +233,13 @@ fn disjoint(
 }
 
 /// Ring reduce-scatter in place: afterwards chunk `rank` of `buf` holds the
-/// group's sum of that chunk (other chunks hold partial sums).
-fn ring_reduce_scatter<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
+/// group's reduction (`op` folds an incoming value into the local one) of
+/// that chunk; other chunks hold partial reductions.
+fn ring_reduce_scatter<C: Collective + ?Sized>(
+    c: &mut C,
+    buf: &mut [f32],
+    op: impl Fn(&mut f32, f32),
+) -> Result<()> {
     let (n, r) = (c.size(), c.rank());
     if n == 1 {
         return Ok(());
@@ -172,7 +253,7 @@ fn ring_reduce_scatter<C: Collective + ?Sized>(c: &mut C, buf: &mut [f32]) -> Re
         let inc = &mut incoming[..d.len()];
         c.send_recv(right, &buf[s], left, inc)?;
         for (x, y) in buf[d].iter_mut().zip(inc.iter()) {
-            *x += *y;
+            op(x, *y);
         }
     }
     Ok(())

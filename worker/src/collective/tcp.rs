@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Collective, CollectiveError, Result};
+use super::{Collective, CollectiveError, Result, Tag};
 
 /// Elements per piece of a message (1 MiB): large messages are encoded,
 /// written, read and decoded piece by piece, so the stages overlap.
 const PIECE: usize = 1 << 18;
 
 /// First bytes of every connection, so a stray client is refused at once.
-const MAGIC: &[u8; 8] = b"strata1\0";
+const MAGIC: &[u8; 8] = b"strata2\0";
 
 /// How a group is joined.
 #[derive(Debug, Clone)]
@@ -341,7 +341,9 @@ impl Link {
         }
     }
 
-    fn send(&mut self, data: &[f32]) -> Result<()> {
+    /// A message is its length and tag (8 bytes each, little-endian), then
+    /// its elements.
+    fn send(&mut self, tag: Tag, data: &[f32]) -> Result<()> {
         self.check_writer()?;
         // The message goes out in pieces: the writer sends one while the
         // next is encoded, and the receiver decodes one while the next
@@ -356,10 +358,11 @@ impl Link {
             };
             let mut msg = self.spent.try_recv().unwrap_or_default();
             msg.clear();
-            let head = if first { 8 } else { 0 };
+            let head = if first { 16 } else { 0 };
             msg.resize(head + piece.len() * 4, 0);
             if first {
                 msg[..8].copy_from_slice(&(data.len() as u64).to_le_bytes());
+                msg[8..16].copy_from_slice(&tag.0.to_le_bytes());
                 first = false;
             }
             // Element-wise over exact chunks: compiled to a plain copy.
@@ -375,9 +378,17 @@ impl Link {
         Ok(())
     }
 
-    fn recv(&mut self, out: &mut [f32]) -> Result<()> {
+    fn recv(&mut self, tag: Tag, out: &mut [f32]) -> Result<()> {
         self.check_writer()?;
         let len = read_u64(&mut self.reader).map_err(|e| self.error(e))? as usize;
+        let got = Tag(read_u64(&mut self.reader).map_err(|e| self.error(e))?);
+        if got != tag {
+            return Err(CollectiveError::WrongMessage {
+                peer: self.peer,
+                expected: tag,
+                got,
+            });
+        }
         if len != out.len() {
             return Err(CollectiveError::SizeMismatch {
                 peer: self.peer,
@@ -435,12 +446,12 @@ impl Collective for TcpCollective {
         self.links.len()
     }
 
-    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()> {
-        self.link(peer)?.send(data)
+    fn send_tagged(&mut self, peer: usize, tag: Tag, data: &[f32]) -> Result<()> {
+        self.link(peer)?.send(tag, data)
     }
 
-    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
-        self.link(peer)?.recv(out)
+    fn recv_tagged(&mut self, peer: usize, tag: Tag, out: &mut [f32]) -> Result<()> {
+        self.link(peer)?.recv(tag, out)
     }
 }
 
