@@ -23,6 +23,15 @@ impl SplitMix64 {
         SplitMix64::new(mix.next_u64())
     }
 
+    /// Moves the stream `n` draws ahead in constant time, as if `next_u64`
+    /// had been called `n` times (the state advances by a fixed increment),
+    /// so a slice of a long stream is drawn without the values before it.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self
+            .state
+            .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
@@ -76,6 +85,18 @@ mod tests {
         assert_eq!(r.next_u64(), 6457827717110365317);
         assert_eq!(r.next_u64(), 3203168211198807973);
         assert_eq!(r.next_u64(), 9817491932198370423);
+    }
+
+    #[test]
+    fn skip_lands_where_drawing_would() {
+        let mut a = SplitMix64::for_key(9, 4);
+        let mut b = a;
+        for _ in 0..1000 {
+            a.next_u64();
+        }
+        b.skip(1000);
+        assert_eq!(a, b);
+        assert_eq!(a.next_u64(), b.next_u64());
     }
 
     #[test]

@@ -89,10 +89,34 @@ impl Layout {
         self.group(rank, |c, i| Coords { dp: i, ..c }, self.dp)
     }
 
-    /// The fraction of ideal step time a 1F1B (or GPipe) pipeline idles:
-    /// `(p − 1) / m` for `m` microbatches.
+    /// The fraction of a step's pipeline time each stage of a 1F1B (or
+    /// GPipe) pipeline idles with `m` microbatches of equal cost:
+    /// `(p − 1) / (m + p − 1)` (Narayanan et al. 2021: the bubble is
+    /// `(p − 1)/m` of the ideal time, which is `m/(m + p − 1)` of the step).
     pub fn bubble_fraction(&self, microbatches: u32) -> f64 {
-        f64::from(self.pp - 1) / f64::from(microbatches.max(1))
+        let (p, m) = (f64::from(self.pp), f64::from(microbatches.max(1)));
+        (p - 1.0) / (m + p - 1.0)
+    }
+
+    /// The layers of pipeline stage `stage` when `n_layers` layers are split
+    /// over `pp` stages as evenly as possible: every stage gets
+    /// ⌊n_layers / pp⌋ layers and the first `n_layers mod pp` stages one
+    /// more. The last stage, which also computes the final norm, the output
+    /// head and the loss, therefore never gets an extra layer; the first,
+    /// whose extra work is only the embedding lookup, gets one first.
+    ///
+    /// # Panics
+    /// If `stage >= pp`.
+    pub fn stage_layers(&self, n_layers: u32, stage: u32) -> std::ops::Range<u32> {
+        assert!(
+            stage < self.pp,
+            "stage {stage} of a {}-stage pipeline",
+            self.pp
+        );
+        let (base, extra) = (n_layers / self.pp, n_layers % self.pp);
+        let start = stage * base + stage.min(extra);
+        let len = base + u32::from(stage < extra);
+        start..start + len
     }
 }
 
@@ -154,8 +178,39 @@ mod tests {
 
     #[test]
     fn bubble_matches_narayanan() {
-        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8), 3.0 / 8.0);
+        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8), 3.0 / 11.0);
+        assert_eq!(Layout::new(1, 2, 1).bubble_fraction(4), 1.0 / 5.0);
         assert_eq!(Layout::new(1, 1, 1).bubble_fraction(1), 0.0);
+    }
+
+    #[test]
+    fn uneven_layer_splits_spare_the_last_stage() {
+        let stages = |l: u32, p: u32| -> Vec<std::ops::Range<u32>> {
+            let layout = Layout::new(1, p, 1);
+            (0..p).map(|s| layout.stage_layers(l, s)).collect()
+        };
+        assert_eq!(stages(4, 2), vec![0..2, 2..4]);
+        assert_eq!(stages(5, 2), vec![0..3, 3..5]);
+        assert_eq!(stages(7, 4), vec![0..2, 2..4, 4..6, 6..7]);
+        assert_eq!(stages(3, 3), vec![0..1, 1..2, 2..3]);
+        assert_eq!(stages(6, 1), vec![0..6]);
+    }
+
+    proptest! {
+        #[test]
+        fn stages_cover_every_layer_once(l in 1u32..40, p in 1u32..10) {
+            prop_assume!(p <= l);
+            let layout = Layout::new(1, p, 1);
+            let mut next = 0;
+            for s in 0..p {
+                let r = layout.stage_layers(l, s);
+                prop_assert_eq!(r.start, next);
+                prop_assert!(!r.is_empty());
+                prop_assert!(r.len() as u32 <= l / p + 1);
+                next = r.end;
+            }
+            prop_assert_eq!(next, l);
+        }
     }
 
     proptest! {

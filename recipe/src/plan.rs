@@ -39,8 +39,10 @@ pub struct LayoutSummary {
     pub dp: u32,
     pub world_size: u32,
     pub microbatches: u32,
-    /// 1F1B's idle fraction, (pp − 1) / microbatches.
+    /// 1F1B's idle fraction of each stage's step, (pp − 1) / (m + pp − 1).
     pub bubble_fraction: f64,
+    /// Each pipeline stage's layers, `[first, end)`.
+    pub stage_layers: Vec<[u32; 2]>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,6 +130,12 @@ impl Plan {
                 world_size: layout.world_size(),
                 microbatches: mb,
                 bubble_fraction: layout.bubble_fraction(mb),
+                stage_layers: (0..layout.pp)
+                    .map(|s| {
+                        let r = layout.stage_layers(model.n_layers as u32, s);
+                        [r.start, r.end]
+                    })
+                    .collect(),
             },
             params: ParamSummary {
                 non_embedding: model.non_embedding_params(),

@@ -246,22 +246,16 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             }
         }
     }
+    // Layers need not divide evenly (Layout::stage_layers places the
+    // remainder); every stage needs at least one. Any number of
+    // microbatches works with 1F1B, fewer than pp only idles more.
     if let (Some(pp), Some(l)) = (pp, n_layers)
-        && l % u64::from(pp) != 0
+        && u64::from(pp) > l
     {
         c.fail(
             "parallel.pp",
-            format!("{pp} does not divide model.n_layers = {l}"),
+            format!("{pp} pipeline stages for model.n_layers = {l}: every stage needs at least one layer"),
         );
-    }
-    if let (Some(pp), Some(mb)) = (pp, microbatches)
-        && pp > 1
-        && mb < pp
-    {
-        c.fail(
-                "parallel.microbatches",
-                format!("{mb} is less than parallel.pp = {pp}: 1F1B needs at least one microbatch per pipeline stage"),
-            );
     }
     let layout = match (tp, pp, dp) {
         (Some(tp), Some(pp), Some(dp)) => {
