@@ -1,6 +1,7 @@
 //! `strata demo`: the whole path in one command. Decomposes the bundled
 //! *Moby-Dick* (one document per chapter), starts a coordinator in this
-//! process, submits a small data-parallel job (two worker processes),
+//! process, submits a small job (two data-parallel worker processes by
+//! default; `--tp` and `--pp` add tensor and pipeline parallelism),
 //! follows it and prints a summary.
 
 use std::path::{Path, PathBuf};
@@ -33,15 +34,36 @@ pub struct DemoArgs {
     /// Optimizer steps (1024 tokens each).
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
-    /// Data-parallel worker processes.
+    /// Data-parallel replicas.
     #[arg(long, default_value_t = 2)]
     pub dp: u32,
+    /// Tensor-parallel ranks per replica (the demo model's 4 query and 2
+    /// KV heads allow 1 or 2).
+    #[arg(long, default_value_t = 1)]
+    pub tp: u32,
+    /// Pipeline stages per replica (the demo model's 2 layers allow 1 or
+    /// 2); each step then runs 1F1B over 2·pp microbatches.
+    #[arg(long, default_value_t = 1)]
+    pub pp: u32,
+}
+
+impl DemoArgs {
+    fn microbatches(&self) -> u32 {
+        if self.pp > 1 { 2 * self.pp } else { 1 }
+    }
+
+    /// 1024, or more when the layout needs it: every bucket must split
+    /// into the microbatches of every replica.
+    fn tokens_per_step(&self) -> u64 {
+        1024u64.max(128 * u64::from(self.dp) * u64::from(self.microbatches()))
+    }
 }
 
 /// The demo's recipe: a small Llama on r50k tokens, sequences up to 128.
-fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
-    let tokens_per_step = 1024;
+fn recipe(dataset: &str, args: &DemoArgs) -> String {
+    let (steps, tokens_per_step) = (args.steps, args.tokens_per_step());
     let total = steps * tokens_per_step;
+    let (tp, pp, dp, microbatches) = (args.tp, args.pp, args.dp, args.microbatches());
     format!(
         r#"name = "demo"
 seed = 7
@@ -58,7 +80,10 @@ rope_theta = 10000.0
 tie_embeddings = true
 
 [parallel]
+tp = {tp}
+pp = {pp}
 dp = {dp}
+microbatches = {microbatches}
 
 [data]
 dataset = "{dataset}"
@@ -101,8 +126,8 @@ fn write_bundled(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    if args.steps == 0 || args.dp == 0 {
-        return Err(UserError("--steps and --dp must be at least 1".into()).into());
+    if args.steps == 0 || args.dp == 0 || args.tp == 0 || args.pp == 0 {
+        return Err(UserError("--steps, --tp, --pp and --dp must be at least 1".into()).into());
     }
     let dir = args
         .dir
@@ -160,7 +185,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let cfg = coordinator_config(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
-            args.dp,
+            args.tp * args.pp * args.dp,
             None,
             Duration::from_secs(60),
         )?;
@@ -172,8 +197,21 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let result = async {
             let mut client = connect.client().await?;
             let url = format!("file://{}", shown(&dataset_dir));
-            let id = submit_text(&mut client, recipe(&url, args.steps, args.dp), "demo".into()).await?;
-            eprintln!("submitted {id}: {} steps, dp = {}", args.steps, args.dp);
+            let id = submit_text(&mut client, recipe(&url, &args), "demo".into()).await?;
+            eprintln!(
+                "submitted {id}: {} steps of {} tokens, tp = {} pp = {} dp = {} ({} worker processes{})",
+                args.steps,
+                args.tokens_per_step(),
+                args.tp,
+                args.pp,
+                args.dp,
+                args.tp * args.pp * args.dp,
+                if args.pp > 1 {
+                    format!(", {} microbatches per step", args.microbatches())
+                } else {
+                    String::new()
+                }
+            );
             let job = watch(&mut client, &id, true).await?;
             let steps = fetch_metrics(&mut client, &id).await?;
             Ok::<_, anyhow::Error>((job, steps))
@@ -208,7 +246,22 @@ fn summarise(job: &strata_proto::v1::Job, steps: &[strata_proto::v1::StepMetrics
         first.exp(),
         last.exp()
     );
-    println!("throughput: {median:.0} tokens/s (median step, both workers together)");
+    let world = job.layout.as_ref().map_or(1, |l| l.world_size);
+    println!("throughput: {median:.0} tokens/s (median step, all {world} workers together)");
+    if let Some(s) = steps.last()
+        && s.stages.len() > 1
+    {
+        let bubbles: Vec<String> = s
+            .stages
+            .iter()
+            .map(|st| format!("{:.0}%", 100.0 * st.bubble))
+            .collect();
+        println!(
+            "pipeline bubble (last step, per stage): {} (1F1B theory {:.0}%)",
+            bubbles.join(", "),
+            100.0 * s.bubble_theory
+        );
+    }
     println!("files: {}", shown(dir));
     println!("  worker logs: {}/rank-*.log", job.run_dir);
     println!("  job store:   {}/state", shown(dir));

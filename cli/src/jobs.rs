@@ -528,6 +528,16 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
             "all_reduce_s": t.all_reduce_s,
             "optimizer_s": t.optimizer_s,
         },
+        "bubble_theory": s.bubble_theory,
+        "stages": s.stages.iter().map(|st| json!({
+            "stage": st.stage,
+            "forward_s": st.forward_s,
+            "backward_s": st.backward_s,
+            "wait_s": st.wait_s,
+            "pipeline_s": st.pipeline_s,
+            "bubble": st.bubble,
+            "tp_comm_s": st.tp_comm_s,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -552,19 +562,30 @@ pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "{:>6} {:>12} {:>8} {:>10} {:>10} {:>6}",
-                "STEP", "TOKENS", "LOSS", "LR", "TOK/S", "SEQ"
+                "{:>6} {:>12} {:>8} {:>10} {:>10} {:>6} {:>8} {:>8}",
+                "STEP", "TOKENS", "LOSS", "LR", "TOK/S", "SEQ", "BUBBLE", "TP-COMM"
             );
             for s in &steps {
+                // The worst stage's bubble, and the largest tp collective
+                // time (seconds), beside the theory in the header line.
+                let bubble = s.stages.iter().map(|st| st.bubble).fold(0.0, f64::max);
+                let tp = s.stages.iter().map(|st| st.tp_comm_s).fold(0.0, f64::max);
                 println!(
-                    "{:>6} {:>12} {:>8.4} {:>10.3e} {:>10.0} {:>6}",
+                    "{:>6} {:>12} {:>8.4} {:>10.3e} {:>10.0} {:>6} {:>7.1}% {:>7.3}s",
                     s.step,
                     s.tokens,
                     s.loss,
                     s.lr,
                     s.tokens_per_s,
-                    1u64 << s.seq_log2
+                    1u64 << s.seq_log2,
+                    100.0 * bubble,
+                    tp
                 );
+            }
+            if let Some(s) = steps.last()
+                && s.stages.len() > 1
+            {
+                println!("1F1B bubble in theory: {:.1}%", 100.0 * s.bubble_theory);
             }
         }
         Ok(())

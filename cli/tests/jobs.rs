@@ -33,7 +33,26 @@ async fn dataset(dir: &Path) -> String {
     .iter()
     .map(|f| corpus.join(f))
     .collect();
-    let out = dir.join("dataset");
+    decompose(dir, "dataset", &inputs).await
+}
+
+/// The first 40 State of the Union addresses: each document's tail gives
+/// the 16- and 32-token buckets a piece, enough for a curriculum that
+/// draws from every bucket.
+async fn dataset_40(dir: &Path) -> String {
+    let corpus = strata_tests::corpora().join("sotu");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    inputs.sort();
+    inputs.truncate(40);
+    decompose(dir, "dataset-40", &inputs).await
+}
+
+async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
+    let out = dir.join(name);
     let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
     let tok = TokenizerKind::R50k.load();
     let w = DatasetWriter::create(
@@ -51,7 +70,7 @@ async fn dataset(dir: &Path) -> String {
     )
     .await
     .unwrap();
-    decompose_corpus(&inputs, tok, w, &Quiet).await.unwrap();
+    decompose_corpus(inputs, tok, w, &Quiet).await.unwrap();
     format!("file://{}", out.display())
 }
 
@@ -357,10 +376,34 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
         e.message()
     );
 
-    let tp = recipe(&data, 4, 1).replace("[parallel]", "[parallel]\ntp = 2");
-    let e = submit(&mut cl, tp).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("tp = 2"), "{}", e.message());
+    // Layouts that cannot split the model, each refused naming the field
+    // and the numbers.
+    for (edits, shows) in [
+        (
+            vec![("[parallel]", "[parallel]\ntp = 4")],
+            ["parallel.tp", "4 does not divide model.n_heads = 2"],
+        ),
+        (
+            vec![
+                ("n_heads = 2", "n_heads = 4\nn_kv_heads = 2"),
+                ("[parallel]", "[parallel]\ntp = 4"),
+            ],
+            ["parallel.tp", "4 does not divide model.n_kv_heads = 2"],
+        ),
+        (
+            vec![("[parallel]", "[parallel]\npp = 2")],
+            ["parallel.pp", "model.n_layers = 1"],
+        ),
+    ] {
+        let bad = edits
+            .iter()
+            .fold(recipe(&data, 4, 1), |r, (from, to)| r.replace(from, to));
+        let e = submit(&mut cl, bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        for s in shows {
+            assert!(e.message().contains(s), "{}", e.message());
+        }
+    }
 
     // Nothing was queued.
     let jobs = cl
@@ -580,47 +623,166 @@ async fn tokens_guard_clients_and_workers() {
     c.stop().await;
 }
 
+/// A recipe for every layout: two layers (pp up to 2), four query heads
+/// and two KV heads (tp up to 2), two microbatches per replica.
+fn recipe3d(dataset: &str, steps: u64, (tp, pp, dp): (u32, u32, u32), tied: bool) -> String {
+    format!(
+        r#"name = "layout-{tp}-{pp}-{dp}"
+seed = 5
+[model]
+n_layers = 2
+d_model = 16
+n_heads = 4
+n_kv_heads = 2
+d_ffn = 32
+vocab_size = 50257
+max_seq_len = 64
+tie_embeddings = {tied}
+[parallel]
+tp = {tp}
+pp = {pp}
+dp = {dp}
+microbatches = 2
+[data]
+dataset = "{dataset}"
+curriculum = "uniform"
+tokens_per_step = 256
+total_tokens = {total}
+[optimizer]
+lr = 3e-3
+[schedule]
+kind = "constant"
+"#,
+        total = steps * 256
+    )
+}
+
+async fn metrics(cl: &mut JobServiceClient<Channel>, id: &str) -> Vec<pb::StepMetrics> {
+    cl.get_metrics(pb::GetMetricsRequest {
+        job_id: id.into(),
+        from_step: 0,
+        limit: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .steps
+}
+
+/// The same recipe, seed and data under every (tp, pp, dp) layout, with
+/// real worker processes and TCP collectives, gives the single process's
+/// per-step losses, tied and untied, over a curriculum that visits
+/// several buckets.
 #[tokio::test(flavor = "multi_thread")]
-async fn dp2_and_dp1_jobs_see_the_same_losses() {
+async fn every_layout_trains_like_one_process() {
     let Fixture {
-        dir: _dir,
-        data,
+        dir,
+        data: _,
         c,
         mut cl,
-    } = fixture(2, None, Duration::from_secs(30)).await;
-    let mut losses = Vec::new();
-    for dp in [1, 2] {
-        let id = submit(&mut cl, recipe(&data, 12, dp)).await.unwrap();
-        until(&mut cl, &id, 120, |j| j.state() == pb::JobState::Succeeded).await;
-        let steps = cl
-            .get_metrics(pb::GetMetricsRequest {
-                job_id: id,
-                from_step: 0,
-                limit: 0,
+    } = fixture(16, None, Duration::from_secs(60)).await;
+    let data = dataset_40(dir.path()).await;
+    let steps = 10;
+    let layouts = [
+        (1, 1, 1),
+        (2, 1, 1),
+        (1, 2, 1),
+        (1, 1, 2),
+        (2, 2, 1),
+        (1, 2, 2),
+        (2, 1, 2),
+        (2, 2, 2),
+    ];
+    for tied in [true, false] {
+        // All submitted at once; the queue runs them as slots free up.
+        let mut ids = Vec::new();
+        for l in layouts {
+            ids.push(
+                submit(&mut cl, recipe3d(&data, steps, l, tied))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut runs = Vec::new();
+        for (id, l) in ids.iter().zip(layouts) {
+            let j = until(&mut cl, id, 600, |j| {
+                j.state() != pb::JobState::Queued && j.state() != pb::JobState::Running
             })
-            .await
-            .unwrap()
-            .into_inner()
-            .steps;
-        losses.push(
-            steps
-                .iter()
-                .map(|s| (s.seq_log2, s.loss))
-                .collect::<Vec<_>>(),
-        );
-    }
-    assert_eq!(losses[0].len(), 12);
-    for (s, (a, b)) in losses[0].iter().zip(&losses[1]).enumerate() {
-        // The same bucket each step, and the same loss.
-        assert_eq!(a.0, b.0, "step {}", s + 1);
-        let rel = (a.1 - b.1).abs() / a.1;
+            .await;
+            assert_eq!(
+                j.state(),
+                pb::JobState::Succeeded,
+                "{l:?}: {}",
+                j.failure_reason
+            );
+            let m = metrics(&mut cl, id).await;
+            assert_eq!(m.len(), steps as usize, "{l:?}");
+            for s in &m {
+                assert_eq!(s.stages.len(), l.1 as usize, "{l:?}: a timing per stage");
+                let theory = f64::from(l.1 - 1) / f64::from(2 + l.1 - 1);
+                assert!((s.bubble_theory - theory).abs() < 1e-12, "{l:?}");
+                for st in &s.stages {
+                    assert!(
+                        st.pipeline_s > 0.0 && (0.0..1.0).contains(&st.bubble),
+                        "{l:?}: {st:?}"
+                    );
+                    assert_eq!(st.tp_comm_s > 0.0, l.0 > 1, "{l:?}: {st:?}");
+                }
+            }
+            runs.push((l, m));
+        }
+        let (_, one) = &runs[0];
+        let buckets: std::collections::HashSet<u32> = one.iter().map(|s| s.seq_log2).collect();
         assert!(
-            rel < 1e-5,
-            "step {}: dp=1 {} dp=2 {} (rel {rel:e})",
-            s + 1,
-            a.1,
-            b.1
+            buckets.len() > 1,
+            "the curriculum stayed in one bucket: {buckets:?}"
         );
+        assert!(
+            one[steps as usize - 1].loss < one[0].loss,
+            "no learning: {one:?}"
+        );
+        for (l, m) in &runs[1..] {
+            let worst = one
+                .iter()
+                .zip(m)
+                .map(|(a, b)| (a.loss - b.loss).abs() / a.loss)
+                .fold(0.0, f64::max);
+            eprintln!("layout {l:?} tied={tied}: largest relative loss difference {worst:e}");
+            for (a, b) in one.iter().zip(m) {
+                assert_eq!(a.seq_log2, b.seq_log2, "{l:?} step {}", a.step);
+                let rel = (a.loss - b.loss).abs() / a.loss;
+                assert!(
+                    rel < 1e-4,
+                    "{l:?} tied={tied} step {}: {} vs one process {} (rel {rel:e})",
+                    a.step,
+                    b.loss,
+                    a.loss
+                );
+            }
+        }
     }
     c.stop().await;
+}
+
+/// A stage that dies in the middle of a pipeline fails the job, and the
+/// reason names it; its peers, blocked on its messages, are stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_pipeline_stage_fails_the_job_naming_it() {
+    let f = fixture(8, None, Duration::from_secs(30)).await;
+    let mut cl = f.cl.clone();
+    let id = submit(&mut cl, recipe3d(&f.data, 100_000, (2, 2, 1), true))
+        .await
+        .unwrap();
+    until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
+    assert_eq!(worker_pids(&f.c, &id).len(), 4);
+    f.signal_rank(&id, 2, "-KILL");
+    let j = until(&mut cl, &id, 60, |j| j.state() == pb::JobState::Failed).await;
+    assert!(
+        j.failure_reason
+            .starts_with("rank 2 ended (killed by signal 9)"),
+        "{}",
+        j.failure_reason
+    );
+    until_workers_gone(&f.c, &id, "the other stages stop").await;
+    f.c.stop().await;
 }

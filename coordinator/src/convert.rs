@@ -2,7 +2,7 @@
 
 use strata_proto::v1 as pb;
 
-use crate::job::{JobRecord, JobState, StepRecord, StepTimes};
+use crate::job::{JobRecord, JobState, StageTimes, StepRecord, StepTimes};
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
@@ -65,6 +65,20 @@ pub fn step_to_pb(s: &StepRecord) -> pb::StepMetrics {
             all_reduce_s: s.times.all_reduce_s,
             optimizer_s: s.times.optimizer_s,
         }),
+        stages: s
+            .stages
+            .iter()
+            .map(|t| pb::StageMetrics {
+                stage: t.stage,
+                forward_s: t.forward_s,
+                backward_s: t.backward_s,
+                wait_s: t.wait_s,
+                pipeline_s: t.pipeline_s,
+                bubble: t.bubble,
+                tp_comm_s: t.tp_comm_s,
+            })
+            .collect(),
+        bubble_theory: s.bubble_theory,
     }
 }
 
@@ -85,5 +99,19 @@ pub fn step_from_pb(s: &pb::StepMetrics) -> StepRecord {
             all_reduce_s: t.all_reduce_s,
             optimizer_s: t.optimizer_s,
         },
+        stages: s
+            .stages
+            .iter()
+            .map(|t| StageTimes {
+                stage: t.stage,
+                forward_s: t.forward_s,
+                backward_s: t.backward_s,
+                wait_s: t.wait_s,
+                pipeline_s: t.pipeline_s,
+                bubble: t.bubble,
+                tp_comm_s: t.tp_comm_s,
+            })
+            .collect(),
+        bubble_theory: s.bubble_theory,
     }
 }

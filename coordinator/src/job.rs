@@ -81,8 +81,22 @@ pub struct StepTimes {
     pub optimizer_s: f64,
 }
 
+/// One pipeline stage's timings of a step, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimes {
+    pub stage: u32,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Blocked waiting for neighbouring stages.
+    pub wait_s: f64,
+    pub pipeline_s: f64,
+    /// `wait_s / pipeline_s`.
+    pub bubble: f64,
+    pub tp_comm_s: f64,
+}
+
 /// One optimizer step of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: u64,
     pub tokens: u64,
@@ -92,6 +106,13 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub seq_log2: u32,
     pub times: StepTimes,
+    /// Each pipeline stage's timings (absent in records of older
+    /// coordinators).
+    #[serde(default)]
+    pub stages: Vec<StageTimes>,
+    /// 1F1B's theoretical bubble, (p − 1) / (m + p − 1).
+    #[serde(default)]
+    pub bubble_theory: f64,
 }
 
 pub fn now_unix_ms() -> i64 {

@@ -433,19 +433,15 @@ impl Jobs {
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    /// Refuses what cannot run: an invalid recipe, a layout the workers do
-    /// not support yet, more ranks than slots, a dataset that is missing or
-    /// cannot feed the recipe.
+    /// Refuses what cannot run: an invalid recipe (a layout that cannot
+    /// split the model among them), more ranks than slots, a dataset that
+    /// is missing or cannot feed the recipe.
     async fn validate(&self, spec: &str, default_name: &str) -> Result<Recipe, Status> {
         let recipe = Recipe::from_toml_str(spec, default_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The recipe's validation refused layouts that cannot split the
+        // model (heads, KV heads, d_ffn, stages without layers).
         let layout = recipe.parallel.layout;
-        if layout.tp != 1 || layout.pp != 1 {
-            return Err(Status::invalid_argument(format!(
-                "parallel: tp = {} and pp = {}; this coordinator's workers train data-parallel only (tp = pp = 1)",
-                layout.tp, layout.pp
-            )));
-        }
         let slots = self.0.cfg.slots;
         if layout.world_size() > slots {
             return Err(Status::resource_exhausted(format!(

@@ -186,7 +186,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobState, StepTimes};
+    use crate::job::{JobState, StageTimes, StepTimes};
     use strata_recipe::Layout;
 
     fn job(id: &str) -> JobRecord {
@@ -220,6 +220,12 @@ mod tests {
             grad_norm: 1.0,
             seq_log2: 6,
             times: StepTimes::default(),
+            stages: vec![StageTimes {
+                stage: 0,
+                bubble: 0.25,
+                ..StageTimes::default()
+            }],
+            bubble_theory: 0.2,
         }
     }
 

@@ -1,13 +1,19 @@
 //! A strata worker: one process per world rank.
 //!
-//! Today: [`collective`], the one trait every collective backend implements
-//! (in-process now; TCP and NCCL plug in behind it) with ring algorithms built
-//! on point-to-point transfers, and the conformance suite every backend must
-//! pass. The model shard, the 1F1B pipeline schedule, the optimizer and
-//! checkpoints build on it. A worker never learns how it was launched: it is
-//! handed a coordinator address, a job and a rank.
+//! [`collective`]: the one trait every collective backend implements
+//! (in-process and TCP; NCCL plugs in behind it) with ring algorithms built
+//! on tagged point-to-point transfers, and the conformance suite every
+//! backend must pass. [`params`]: the named parameter table (logical name,
+//! full shape, split, this rank's slice). [`model`]: the rank's part of the
+//! decoder, Megatron tensor-parallel, cut into autodiff segments at every
+//! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
+//! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
+//! A worker never learns how it was launched: it is handed a coordinator
+//! address, a job and a rank.
 
 pub mod collective;
 pub mod model;
+pub mod params;
+pub mod pipeline;
 pub mod run;
 pub mod train;

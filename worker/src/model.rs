@@ -1,226 +1,131 @@
-//! The Llama-style decoder strata trains, generic over the burn backend:
-//! token embedding, blocks of RMSNorm → grouped-query causal attention with
-//! rotary position embeddings → RMSNorm → SwiGLU MLP, a final RMSNorm and
-//! an output head, optionally tied to the embedding.
+//! The Llama-style decoder strata trains, as one rank holds it: the layers
+//! of its pipeline stage, each tensor-parallel one cut Megatron's way.
 //!
-//! Parameters are initialised on the host from the run's seed and each
-//! parameter's name, so the same recipe gives the same weights whatever the
-//! backend, device or parallel layout.
+//! The model is token embedding, blocks of RMSNorm → grouped-query causal
+//! attention with rotary position embeddings (rotate-half) → RMSNorm →
+//! SwiGLU MLP, a final RMSNorm and an output head, optionally tied to the
+//! embedding. Under tensor parallelism (Shoeybi et al. 2019) Q, K, V, gate
+//! and up are column-parallel (each rank its heads and columns), the
+//! attention output and down projections row-parallel (each rank a partial
+//! sum, all-reduced: the *g* operator), and the inputs of the column-parallel
+//! parts are replicated with their gradients all-reduced (the *f* operator,
+//! placed after the norm as in Megatron, so norm gains get identical
+//! gradients on every rank). The embedding is split by vocabulary rows
+//! (a rank looks up the tokens it owns, zeros elsewhere, all-reduced) and
+//! the head by vocabulary columns, with a cross-entropy that never gathers
+//! the logits (max and sum of exponentials all-reduced; the target logit
+//! from the rank that owns it).
+//!
+//! # Autodiff across collectives and stages
+//!
+//! burn 0.21 has no backward from a given gradient. A stage's forward is
+//! therefore cut into *segments* at every collective (and at the stage's
+//! input): a segment starts from fresh leaves — its input as a tensor that
+//! requires grad, and its own leaves of the parameters it reads — so every
+//! segment of every microbatch is a graph of its own. A segment's backward
+//! runs from `sum(output ⊙ upstream gradient)`, which yields its
+//! parameters' gradients and its input's gradient to pass on. Residual
+//! additions across a cut are done by the driver ([`StageModel::backward`]
+//! adds the skip gradient). With `tp = 1` nothing needs cutting and the
+//! stage is one segment. Several microbatches' graphs can be alive at once
+//! (1F1B): they share no autodiff node, only the parameter values.
 
-use burn::module::{Module, Param};
+use std::time::{Duration, Instant};
+
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use strata_dataplane::rng::SplitMix64;
 use strata_recipe::ModelConfig;
+
+use crate::collective::{Collective, CollectiveError};
+use crate::params::{BlockParam, ParamTable, Role};
 
 /// RMSNorm's epsilon (Llama's).
 pub const NORM_EPS: f64 = 1e-5;
-/// Standard deviation of the initial weights (GPT-2, Megatron).
-pub const INIT_STD: f64 = 0.02;
 
-#[derive(Module, Debug)]
-pub struct Block<B: Backend> {
-    attn_norm: Param<Tensor<B, 1>>,
-    /// `[d_model, n_heads·head_dim]`
-    wq: Param<Tensor<B, 2>>,
-    /// `[d_model, n_kv_heads·head_dim]`
-    wk: Param<Tensor<B, 2>>,
-    wv: Param<Tensor<B, 2>>,
-    /// `[n_heads·head_dim, d_model]`
-    wo: Param<Tensor<B, 2>>,
-    mlp_norm: Param<Tensor<B, 1>>,
-    /// `[d_model, d_ffn]`
-    w_gate: Param<Tensor<B, 2>>,
-    w_up: Param<Tensor<B, 2>>,
-    /// `[d_ffn, d_model]`
-    w_down: Param<Tensor<B, 2>>,
+/// A rank's tensor-parallel group, and the time spent in its collectives.
+pub struct Tp<'a> {
+    pub group: &'a mut dyn Collective,
+    pub comm: Duration,
 }
 
-#[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
-    /// `[padded_vocab, d_model]`
-    embed: Param<Tensor<B, 2>>,
-    blocks: Vec<Block<B>>,
-    final_norm: Param<Tensor<B, 1>>,
-    /// `[d_model, padded_vocab]`; `None` when tied to the embedding.
-    head: Option<Param<Tensor<B, 2>>>,
-    /// Rotary tables, `[max_seq_len, head_dim/2]` (constants).
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-}
-
-/// Deterministic N(0, std²) values for the parameter `name`.
-fn normal(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
-    let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let mut rng = SplitMix64::for_key(seed, key);
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        // Box–Muller: two normals from two uniforms in (0, 1].
-        let u1 = 1.0 - rng.next_f64();
-        let u2 = rng.next_f64();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let a = std::f64::consts::TAU * u2;
-        out.push((r * a.cos()) as f32);
-        out.push((r * a.sin()) as f32);
+impl<'a> Tp<'a> {
+    pub fn new(group: &'a mut dyn Collective) -> Tp<'a> {
+        Tp {
+            group,
+            comm: Duration::ZERO,
+        }
     }
-    out.truncate(n);
-    out
+
+    fn size(&self) -> usize {
+        self.group.size()
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let t = Instant::now();
+        let r = self.group.all_reduce_sum(buf);
+        self.comm += t.elapsed();
+        r
+    }
+
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let t = Instant::now();
+        let r = self.group.all_reduce_max(buf);
+        self.comm += t.elapsed();
+        r
+    }
+
+    /// The group's sum of `t` (the identity for a group of one).
+    fn sum_tensor<I: Backend>(&mut self, t: Tensor<I, 2>) -> Result<Tensor<I, 2>, CollectiveError> {
+        if self.size() == 1 {
+            return Ok(t);
+        }
+        let (shape, device) = (t.dims(), t.device());
+        let mut v = to_vec(t);
+        self.all_reduce_sum(&mut v)?;
+        Ok(from_vec(v, shape, &device))
+    }
 }
 
-fn weight<B: Backend>(
-    seed: u64,
-    name: &str,
-    shape: [usize; 2],
-    std: f64,
-    device: &B::Device,
-) -> Param<Tensor<B, 2>> {
-    let values = normal(seed, name, shape[0] * shape[1], std);
-    Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+/// A tensor's values on the host.
+pub fn to_vec<X: Backend, const D: usize>(t: Tensor<X, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 tensor data")
 }
 
-fn ones<B: Backend>(n: usize, device: &B::Device) -> Param<Tensor<B, 1>> {
-    Param::from_tensor(Tensor::ones([n], device))
+pub fn from_vec<X: Backend>(v: Vec<f32>, shape: [usize; 2], device: &X::Device) -> Tensor<X, 2> {
+    Tensor::from_data(TensorData::new(v, shape), device)
 }
 
-/// RMSNorm over the last dimension with gain `g`.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, g: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
+fn ids<X: Backend>(v: Vec<i64>, device: &X::Device) -> Tensor<X, 1, Int> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+/// RMSNorm over the last dimension with gain `g` (`[1, d]`).
+pub fn rms_norm<X: Backend>(x: Tensor<X, 2>, g: Tensor<X, 2>) -> Tensor<X, 2> {
     let inv = (x.clone().square().mean_dim(1) + NORM_EPS).sqrt().recip();
-    x * inv * g.val().unsqueeze::<2>()
+    x * inv * g
 }
 
-impl<B: Backend> Llama<B> {
-    pub fn new(cfg: &ModelConfig, seed: u64, device: &B::Device) -> Llama<B> {
-        let d = cfg.d_model as usize;
-        let (h, kv) = (cfg.n_heads as usize, cfg.n_kv_heads as usize);
-        let hd = cfg.head_dim() as usize;
-        let f = cfg.d_ffn as usize;
-        let v = cfg.padded_vocab_size as usize;
-        // Residual-stream projections scaled by 1/√(2L) (GPT-2).
-        let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
-        let blocks = (0..cfg.n_layers as usize)
-            .map(|l| {
-                let w = |name: &str, shape, std| {
-                    weight(seed, &format!("blocks.{l}.{name}"), shape, std, device)
-                };
-                Block {
-                    attn_norm: ones(d, device),
-                    wq: w("wq", [d, h * hd], INIT_STD),
-                    wk: w("wk", [d, kv * hd], INIT_STD),
-                    wv: w("wv", [d, kv * hd], INIT_STD),
-                    wo: w("wo", [h * hd, d], out_std),
-                    mlp_norm: ones(d, device),
-                    w_gate: w("w_gate", [d, f], INIT_STD),
-                    w_up: w("w_up", [d, f], INIT_STD),
-                    w_down: w("w_down", [f, d], out_std),
-                }
-            })
-            .collect();
-        let (cos, sin) = rope_tables(cfg.max_seq_len as usize, hd, cfg.rope_theta);
-        let half = hd / 2;
-        let table = |t: Vec<f32>| {
-            Tensor::from_data(TensorData::new(t, [cfg.max_seq_len as usize, half]), device)
-        };
-        Llama {
-            embed: weight(seed, "embed", [v, d], INIT_STD, device),
-            blocks,
-            final_norm: ones(d, device),
-            head: (!cfg.tie_embeddings).then(|| weight(seed, "head", [d, v], INIT_STD, device)),
-            cos: table(cos),
-            sin: table(sin),
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-        }
-    }
-
-    /// Logits `[batch·seq, padded_vocab]` for `tokens` `[batch, seq]`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let [b, t] = tokens.dims();
-        let mut x = self.embed.val().select(0, tokens.reshape([b * t]));
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
-            .unsqueeze::<4>()
-            .expand([b, self.n_heads, t, t]);
-        for block in &self.blocks {
-            let a = self.attention(block, rms_norm(x.clone(), &block.attn_norm), b, t, &mask);
-            x = x + a;
-            let m = rms_norm(x.clone(), &block.mlp_norm);
-            let m = (silu(m.clone().matmul(block.w_gate.val())) * m.matmul(block.w_up.val()))
-                .matmul(block.w_down.val());
-            x = x + m;
-        }
-        let x = rms_norm(x, &self.final_norm);
-        match &self.head {
-            Some(head) => x.matmul(head.val()),
-            None => x.matmul(self.embed.val().transpose()),
-        }
-    }
-
-    fn attention(
-        &self,
-        block: &Block<B>,
-        x: Tensor<B, 2>,
-        b: usize,
-        t: usize,
-        mask: &Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 2> {
-        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = self.rope(heads(x.clone().matmul(block.wq.val()), h), t);
-        let k = self.rope(heads(x.clone().matmul(block.wk.val()), kv), t);
-        let v = heads(x.matmul(block.wv.val()), kv);
-        // Query head i reads KV head i / (h / kv).
-        let group = |y: Tensor<B, 4>| {
-            if kv == h {
-                y
-            } else {
-                y.unsqueeze_dim::<5>(2)
-                    .expand([b, kv, h / kv, t, hd])
-                    .reshape([b, h, t, hd])
-            }
-        };
-        let (k, v) = (group(k), group(v));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        let probs = softmax(scores.mask_fill(mask.clone(), -1e9), 3);
-        probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b * t, h * hd])
-            .matmul(block.wo.val())
-    }
-
-    /// Rotary embedding of `x` `[b, heads, t, head_dim]` (the rotate-half
-    /// form of Llama).
-    fn rope(&self, x: Tensor<B, 4>, t: usize) -> Tensor<B, 4> {
-        let [b, n, _, hd] = x.dims();
-        let half = hd / 2;
-        let table = |c: &Tensor<B, 2>| {
-            c.clone()
-                .narrow(0, 0, t)
-                .unsqueeze::<4>()
-                .expand([b, n, t, half])
-        };
-        let (cos, sin) = (table(&self.cos), table(&self.sin));
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        Tensor::cat(
-            vec![
-                x1.clone() * cos.clone() - x2.clone() * sin.clone(),
-                x1 * sin + x2 * cos,
-            ],
-            3,
-        )
-    }
+/// Sizes of this rank's part of the model.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub d_model: usize,
+    /// Query and KV heads on this rank.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// This rank's vocabulary rows: `vocab_start..vocab_start + vocab_len`.
+    pub vocab_start: usize,
+    pub vocab_len: usize,
 }
 
-/// `cos` and `sin` of position × frequency, `[max_seq_len, head_dim/2]`
-/// row-major, frequencies θ^(−2j/head_dim).
-fn rope_tables(max_seq_len: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+/// The rotary tables, `[max_seq_len, head_dim/2]`, frequencies
+/// θ^(−2j/head_dim).
+pub fn rope_tables(max_seq_len: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(max_seq_len * half);
     let mut sin = Vec::with_capacity(max_seq_len * half);
@@ -235,20 +140,639 @@ fn rope_tables(max_seq_len: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Ve
     (cos, sin)
 }
 
+/// Rotary embedding of `x` `[b, heads, t, head_dim]`, rotate-half form.
+fn rope<X: Backend>(x: Tensor<X, 4>, cos: &Tensor<X, 2>, sin: &Tensor<X, 2>) -> Tensor<X, 4> {
+    let [b, n, t, hd] = x.dims();
+    let half = hd / 2;
+    let table = |c: &Tensor<X, 2>| {
+        c.clone()
+            .narrow(0, 0, t)
+            .unsqueeze::<4>()
+            .expand([b, n, t, half])
+    };
+    let (cos, sin) = (table(cos), table(sin));
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    Tensor::cat(
+        vec![
+            x1.clone() * cos.clone() - x2.clone() * sin.clone(),
+            x1 * sin + x2 * cos,
+        ],
+        3,
+    )
+}
+
+/// This rank's attention heads on `y` (`[b·t, d]`, already normed): its
+/// share of the output projection, a partial sum under tensor parallelism.
+#[allow(clippy::too_many_arguments)]
+fn attention<X: Backend>(
+    y: Tensor<X, 2>,
+    w: [Tensor<X, 2>; 4],
+    cos: &Tensor<X, 2>,
+    sin: &Tensor<X, 2>,
+    b: usize,
+    t: usize,
+    dims: &Dims,
+) -> Tensor<X, 2> {
+    let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
+    let [wq, wk, wv, wo] = w;
+    let heads = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]).swap_dims(1, 2);
+    let q = rope(heads(y.clone().matmul(wq), h), cos, sin);
+    let k = rope(heads(y.clone().matmul(wk), kv), cos, sin);
+    let v = heads(y.matmul(wv), kv);
+    // Query head i reads KV head i / (h / kv).
+    let group = |z: Tensor<X, 4>| {
+        if kv == h {
+            z
+        } else {
+            z.unsqueeze_dim::<5>(2)
+                .expand([b, kv, h / kv, t, hd])
+                .reshape([b, h, t, hd])
+        }
+    };
+    let (k, v) = (group(k), group(v));
+    let mask = Tensor::<X, 2, Bool>::tril_mask([t, t], 0, &q.device())
+        .unsqueeze::<4>()
+        .expand([b, h, t, t]);
+    let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+    let probs = softmax(scores.mask_fill(mask, -1e9), 3);
+    probs
+        .matmul(v)
+        .swap_dims(1, 2)
+        .reshape([b * t, h * hd])
+        .matmul(wo)
+}
+
+/// This rank's columns of the SwiGLU MLP on `y`: a partial sum under
+/// tensor parallelism.
+fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
+    let [gate, up, down] = w;
+    (silu(y.clone().matmul(gate)) * y.matmul(up)).matmul(down)
+}
+
 /// Summed cross-entropy of `logits` `[n, vocab]` against `targets` `[n]`,
-/// divided by `denominator` (the tokens of the whole global step, so that
-/// data-parallel gradients add up to the single-process gradient).
-pub fn cross_entropy<B: Backend>(
-    logits: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
+/// divided by `denominator` (the target tokens of the whole global step,
+/// so that gradients of every microbatch and rank add up to the gradient of
+/// the step's mean loss).
+pub fn cross_entropy<X: Backend>(
+    logits: Tensor<X, 2>,
+    targets: Tensor<X, 1, Int>,
     denominator: f64,
-) -> Tensor<B, 1> {
+) -> Tensor<X, 1> {
     let [n, _] = logits.dims();
-    // logsumexp − the target's logit: one vocabulary-wide temporary fewer
-    // than log_softmax followed by a gather. The max is a constant shift
-    // (no gradient flows through it).
+    // logsumexp − the target's logit. The max is a constant shift.
     let max = logits.clone().detach().max_dim(1);
     let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
     let picked = logits.gather(1, targets.reshape([n, 1]));
     (lse - picked).sum() / denominator
+}
+
+/// The vocabulary-parallel cross-entropy of this rank's logit columns
+/// `z_local` (`[n, vocab_len]`, vocabulary rows `vocab_start..`): the
+/// summed loss of the `n` tokens divided by `denominator` (the same on
+/// every rank), and a scalar whose gradient with respect to `z_local` is
+/// this rank's columns of the gradient of that loss, `(softmax(z) −
+/// onehot(target)) / denominator`. The full logits are never gathered:
+/// the row maxima are all-reduced with max, the sums of exponentials and
+/// the target logits (from the rank that owns each target; zero elsewhere)
+/// with sum.
+pub fn parallel_cross_entropy<B: AutodiffBackend>(
+    z_local: Tensor<B, 2>,
+    targets: &[u32],
+    vocab_start: usize,
+    denominator: f64,
+    tp: &mut Tp<'_>,
+) -> Result<(f64, Tensor<B, 1>), CollectiveError> {
+    let [n, vl] = z_local.dims();
+    let device = z_local.device();
+    let mut max = to_vec(z_local.clone().inner().max_dim(1));
+    tp.all_reduce_max(&mut max)?;
+    let max_t = Tensor::<B, 2>::from_data(TensorData::new(max.clone(), [n, 1]), &device);
+    let e = (z_local.clone() - max_t).exp();
+    // Local sums of exponentials and target logits, reduced in one call.
+    let (local, mask): (Vec<i64>, Vec<f32>) = targets
+        .iter()
+        .map(|&y| {
+            let y = y as usize;
+            if (vocab_start..vocab_start + vl).contains(&y) {
+                ((y - vocab_start) as i64, 1.0)
+            } else {
+                (0, 0.0)
+            }
+        })
+        .unzip();
+    let picked = z_local.gather(1, ids::<B>(local, &device).reshape([n, 1]))
+        * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, 1]), &device);
+    let mut stats = to_vec(e.clone().inner().sum_dim(1));
+    stats.extend(to_vec(picked.clone().inner()));
+    tp.all_reduce_sum(&mut stats)?;
+    let (sums, target) = stats.split_at(n);
+    let loss: f64 = (0..n)
+        .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
+        .sum::<f64>()
+        / denominator;
+    let sums_t = Tensor::<B, 2>::from_data(TensorData::new(sums.to_vec(), [n, 1]), &device);
+    let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
+    Ok((loss, surrogate))
+}
+
+/// What a stage's forward starts from.
+pub enum StageInput<'a, I: Backend> {
+    /// The first stage: token ids, `rows × seq` row-major.
+    Tokens(&'a [u32]),
+    /// Later stages: the previous stage's activations `[rows·seq, d]`.
+    Activation(Tensor<I, 2>),
+}
+
+/// A piece of a stage's graph between cuts.
+struct Segment<B: AutodiffBackend> {
+    /// The leaf the segment started from, when its input has a gradient
+    /// to pass on.
+    input: Option<Tensor<B, 2>>,
+    output: Tensor<B, 2>,
+    /// This segment's own leaves of the parameters it read, by slot.
+    leaves: Vec<(usize, Tensor<B, 2>)>,
+}
+
+/// Per-slot gradient sums on the device, over segments and microbatches.
+pub struct GradAccum<I: Backend> {
+    pub grads: Vec<Option<Tensor<I, 2>>>,
+}
+
+impl<I: Backend> GradAccum<I> {
+    pub fn new(n: usize) -> GradAccum<I> {
+        GradAccum {
+            grads: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    fn add(&mut self, slot: usize, g: Tensor<I, 2>) {
+        let acc = &mut self.grads[slot];
+        *acc = Some(match acc.take() {
+            Some(a) => a + g,
+            None => g,
+        });
+    }
+}
+
+impl<B: AutodiffBackend> Segment<B> {
+    /// Backpropagates from `sum(output ⊙ upstream)` (from `output` itself
+    /// when it is the loss); returns the input's gradient.
+    fn backward(
+        self,
+        upstream: Option<Tensor<B::InnerBackend, 2>>,
+        acc: &mut GradAccum<B::InnerBackend>,
+    ) -> Option<Tensor<B::InnerBackend, 2>> {
+        let root = match upstream {
+            Some(d) => (self.output * Tensor::from_inner(d)).sum(),
+            None => self.output.sum(),
+        };
+        let grads = root.backward();
+        for (slot, leaf) in &self.leaves {
+            if let Some(g) = leaf.grad(&grads) {
+                acc.add(*slot, g);
+            }
+        }
+        self.input.and_then(|x| x.grad(&grads))
+    }
+}
+
+enum Piece<B: AutodiffBackend> {
+    /// The whole stage in one graph (tp = 1).
+    Whole(Segment<B>),
+    /// The vocabulary-parallel lookup; its output is this rank's partial
+    /// sum of the embeddings.
+    Embed(Segment<B>),
+    /// `h + g(branch(f(norm(h))))`: the norm on the replicated stream, then
+    /// this rank's share of attention or MLP.
+    Residual {
+        norm: Segment<B>,
+        branch: Segment<B>,
+    },
+    /// The final norm, then this rank's logit columns and its part of the
+    /// parallel cross-entropy.
+    Head { norm: Segment<B>, head: Segment<B> },
+}
+
+/// One microbatch's forward on this stage, kept for its backward.
+pub struct Tape<B: AutodiffBackend> {
+    pieces: Vec<Piece<B>>,
+    /// On the last stage: the microbatch's summed loss over the step's
+    /// denominator.
+    pub loss: f64,
+    /// On other stages: the activations for the next stage.
+    pub output: Option<Tensor<B::InnerBackend, 2>>,
+}
+
+/// The indices of a block's parameters in the table.
+#[derive(Debug, Clone, Copy)]
+struct BlockSlots([usize; 9]);
+
+impl BlockSlots {
+    fn get(&self, p: BlockParam) -> usize {
+        self.0[p as usize]
+    }
+}
+
+/// One rank's part of the model: its stage's layers, cut for its
+/// tensor-parallel rank, with the parameter values it trains.
+pub struct StageModel<B: AutodiffBackend> {
+    table: ParamTable,
+    /// Current values, one per slot, matrices as they are and norm gains
+    /// as `[1, d]`.
+    params: Vec<Tensor<B::InnerBackend, 2>>,
+    cos: Tensor<B::InnerBackend, 2>,
+    sin: Tensor<B::InnerBackend, 2>,
+    dims: Dims,
+    embed: Option<usize>,
+    final_norm: Option<usize>,
+    /// The head's slot, or the embedding's when tied.
+    head: Option<usize>,
+    tied: bool,
+    blocks: Vec<BlockSlots>,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> StageModel<B> {
+    /// The model part described by `table`, with the flat `values` (one
+    /// run per slot, in table order).
+    pub fn new(
+        cfg: &ModelConfig,
+        table: ParamTable,
+        values: &[f32],
+        device: &B::Device,
+    ) -> StageModel<B> {
+        let tp = table.tp as usize;
+        let v = cfg.padded_vocab_size as usize;
+        let dims = Dims {
+            d_model: cfg.d_model as usize,
+            heads: cfg.n_heads as usize / tp,
+            kv_heads: cfg.n_kv_heads as usize / tp,
+            head_dim: cfg.head_dim() as usize,
+            vocab_start: v / tp * table.tp_rank as usize,
+            vocab_len: v / tp,
+        };
+        let (cos, sin) = rope_tables(cfg.max_seq_len as usize, dims.head_dim, cfg.rope_theta);
+        let half = dims.head_dim / 2;
+        let rows = cfg.max_seq_len as usize;
+        let embed = table.index(Role::Embed);
+        let final_norm = table.index(Role::FinalNorm);
+        let head = if cfg.tie_embeddings {
+            final_norm.and(embed)
+        } else {
+            table.index(Role::Head)
+        };
+        let blocks = table
+            .layers
+            .clone()
+            .map(|layer| {
+                BlockSlots(BlockParam::ALL.map(|param| {
+                    table
+                        .index(Role::Block { layer, param })
+                        .expect("the table holds its stage's blocks")
+                }))
+            })
+            .collect();
+        let mut model = StageModel {
+            params: Vec::new(),
+            cos: from_vec(cos, [rows, half], device),
+            sin: from_vec(sin, [rows, half], device),
+            dims,
+            embed,
+            final_norm,
+            head,
+            tied: cfg.tie_embeddings,
+            blocks,
+            device: device.clone(),
+            table,
+        };
+        model.load(values);
+        model
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Replaces every parameter's value from the flat buffer `values`.
+    pub fn load(&mut self, values: &[f32]) {
+        assert_eq!(values.len(), self.table.total, "flat parameter buffer");
+        self.params = self
+            .table
+            .slots
+            .iter()
+            .map(|s| {
+                let shape = match s.shape[..] {
+                    [n] => [1, n],
+                    [r, c] => [r, c],
+                    _ => unreachable!("parameters have one or two dimensions"),
+                };
+                from_vec(values[s.range()].to_vec(), shape, &self.device)
+            })
+            .collect();
+    }
+
+    fn first(&self) -> bool {
+        self.table.stage == 0
+    }
+
+    fn last(&self) -> bool {
+        self.table.stage + 1 == self.table.pp
+    }
+
+    fn leaf(&self, slot: usize, leaves: &mut Vec<(usize, Tensor<B, 2>)>) -> Tensor<B, 2> {
+        let t = Tensor::<B, 2>::from_inner(self.params[slot].clone()).require_grad();
+        leaves.push((slot, t.clone()));
+        t
+    }
+
+    fn tables(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (
+            Tensor::from_inner(self.cos.clone()),
+            Tensor::from_inner(self.sin.clone()),
+        )
+    }
+
+    fn head_weight(&self, leaves: &mut Vec<(usize, Tensor<B, 2>)>) -> Tensor<B, 2> {
+        let w = self.leaf(self.head.expect("the last stage has a head"), leaves);
+        if self.tied { w.transpose() } else { w }
+    }
+
+    fn block_weights<const N: usize>(
+        &self,
+        b: &BlockSlots,
+        which: [BlockParam; N],
+        leaves: &mut Vec<(usize, Tensor<B, 2>)>,
+    ) -> [Tensor<B, 2>; N] {
+        which.map(|p| self.leaf(b.get(p), leaves))
+    }
+
+    /// Runs this stage's forward on one microbatch of `rows` sequences of
+    /// `seq` tokens. The last stage needs the `targets` and the step's
+    /// `denominator` (its target tokens on every rank).
+    pub fn forward(
+        &self,
+        input: StageInput<'_, B::InnerBackend>,
+        rows: usize,
+        seq: usize,
+        targets: Option<&[u32]>,
+        denominator: f64,
+        tp: &mut Tp<'_>,
+    ) -> Result<Tape<B>, CollectiveError> {
+        if tp.size() == 1 {
+            return Ok(self.forward_whole(input, rows, seq, targets, denominator));
+        }
+        let n = rows * seq;
+        let device = &self.device;
+        let (cos, sin) = self.tables();
+        let mut pieces = Vec::new();
+        let mut h = match input {
+            StageInput::Tokens(tokens) => {
+                let mut leaves = Vec::new();
+                let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
+                let (start, len) = (self.dims.vocab_start, self.dims.vocab_len);
+                let (local, mask): (Vec<i64>, Vec<f32>) = tokens
+                    .iter()
+                    .map(|&x| {
+                        let x = x as usize;
+                        if (start..start + len).contains(&x) {
+                            ((x - start) as i64, 1.0)
+                        } else {
+                            (0, 0.0)
+                        }
+                    })
+                    .unzip();
+                let partial = table.select(0, ids::<B>(local, device))
+                    * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, 1]), device);
+                let h = tp.sum_tensor(partial.clone().inner())?;
+                pieces.push(Piece::Embed(Segment {
+                    input: None,
+                    output: partial,
+                    leaves,
+                }));
+                h
+            }
+            StageInput::Activation(h) => h,
+        };
+        for b in &self.blocks {
+            for attn in [true, false] {
+                let mut leaves = Vec::new();
+                let h_leaf = Tensor::<B, 2>::from_inner(h.clone()).require_grad();
+                let g = b.get(if attn {
+                    BlockParam::AttnNorm
+                } else {
+                    BlockParam::MlpNorm
+                });
+                let y = rms_norm(h_leaf.clone(), self.leaf(g, &mut leaves));
+                let norm = Segment {
+                    input: Some(h_leaf),
+                    output: y.clone(),
+                    leaves,
+                };
+                let mut leaves = Vec::new();
+                let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
+                let partial = if attn {
+                    use BlockParam::*;
+                    let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
+                    attention(y_leaf.clone(), w, &cos, &sin, rows, seq, &self.dims)
+                } else {
+                    use BlockParam::*;
+                    let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
+                    mlp(y_leaf.clone(), w)
+                };
+                h = h + tp.sum_tensor(partial.clone().inner())?;
+                pieces.push(Piece::Residual {
+                    norm,
+                    branch: Segment {
+                        input: Some(y_leaf),
+                        output: partial,
+                        leaves,
+                    },
+                });
+            }
+        }
+        if !self.last() {
+            return Ok(Tape {
+                pieces,
+                loss: 0.0,
+                output: Some(h),
+            });
+        }
+        let targets = targets.expect("the last stage has targets");
+        let mut leaves = Vec::new();
+        let h_leaf = Tensor::<B, 2>::from_inner(h).require_grad();
+        let g = self.leaf(self.final_norm.expect("last stage"), &mut leaves);
+        let y = rms_norm(h_leaf.clone(), g);
+        let norm = Segment {
+            input: Some(h_leaf),
+            output: y.clone(),
+            leaves,
+        };
+        let mut leaves = Vec::new();
+        let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
+        let z = y_leaf.clone().matmul(self.head_weight(&mut leaves));
+        let (loss, surrogate) =
+            parallel_cross_entropy(z, targets, self.dims.vocab_start, denominator, tp)?;
+        pieces.push(Piece::Head {
+            norm,
+            head: Segment {
+                input: Some(y_leaf),
+                output: surrogate.reshape([1, 1]),
+                leaves,
+            },
+        });
+        Ok(Tape {
+            pieces,
+            loss,
+            output: None,
+        })
+    }
+
+    /// The stage as one graph (no tensor parallelism).
+    fn forward_whole(
+        &self,
+        input: StageInput<'_, B::InnerBackend>,
+        rows: usize,
+        seq: usize,
+        targets: Option<&[u32]>,
+        denominator: f64,
+    ) -> Tape<B> {
+        let mut leaves = Vec::new();
+        let (cos, sin) = self.tables();
+        // A tied table read twice on one stage is one leaf used twice.
+        let mut embed_leaf = None;
+        let (mut x, input) = match input {
+            StageInput::Tokens(tokens) => {
+                let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
+                embed_leaf = Some(table.clone());
+                let t = ids::<B>(tokens.iter().map(|&x| i64::from(x)).collect(), &self.device);
+                (table.select(0, t), None)
+            }
+            StageInput::Activation(h) => {
+                let leaf = Tensor::<B, 2>::from_inner(h).require_grad();
+                (leaf.clone(), Some(leaf))
+            }
+        };
+        for b in &self.blocks {
+            use BlockParam::*;
+            let [g] = self.block_weights(b, [AttnNorm], &mut leaves);
+            let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
+            x = x.clone() + attention(rms_norm(x, g), w, &cos, &sin, rows, seq, &self.dims);
+            let [g] = self.block_weights(b, [MlpNorm], &mut leaves);
+            let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
+            x = x.clone() + mlp(rms_norm(x, g), w);
+        }
+        if !self.last() {
+            let output = x.clone().inner();
+            return Tape {
+                pieces: vec![Piece::Whole(Segment {
+                    input,
+                    output: x,
+                    leaves,
+                })],
+                loss: 0.0,
+                output: Some(output),
+            };
+        }
+        let g = self.leaf(self.final_norm.expect("last stage"), &mut leaves);
+        let y = rms_norm(x, g);
+        let w = match (&embed_leaf, self.tied) {
+            (Some(e), true) => e.clone().transpose(),
+            _ => self.head_weight(&mut leaves),
+        };
+        let targets = targets.expect("the last stage has targets");
+        let t = ids::<B>(
+            targets.iter().map(|&x| i64::from(x)).collect(),
+            &self.device,
+        );
+        let loss = cross_entropy(y.matmul(w), t, denominator);
+        let value = to_vec(loss.clone().inner())[0];
+        Tape {
+            pieces: vec![Piece::Whole(Segment {
+                input,
+                output: loss.reshape([1, 1]),
+                leaves,
+            })],
+            loss: f64::from(value),
+            output: None,
+        }
+    }
+
+    /// Backpropagates one microbatch's tape: `upstream` is the gradient of
+    /// the stage's output (none on the last stage, whose output is the
+    /// loss). Parameter gradients are added to `acc`; returns the gradient
+    /// of the stage's input activations (none on the first stage).
+    pub fn backward(
+        &self,
+        tape: Tape<B>,
+        upstream: Option<Tensor<B::InnerBackend, 2>>,
+        acc: &mut GradAccum<B::InnerBackend>,
+        tp: &mut Tp<'_>,
+    ) -> Result<Option<Tensor<B::InnerBackend, 2>>, CollectiveError> {
+        let mut dh = upstream;
+        for piece in tape.pieces.into_iter().rev() {
+            match piece {
+                Piece::Whole(seg) => dh = seg.backward(dh, acc),
+                Piece::Embed(seg) => {
+                    seg.backward(dh.take(), acc);
+                }
+                Piece::Residual { norm, branch } => {
+                    let skip = dh.expect("a residual block has an upstream gradient");
+                    // g's backward is the identity; f's is the all-reduce.
+                    let dy = branch
+                        .backward(Some(skip.clone()), acc)
+                        .expect("branch input");
+                    let dy = tp.sum_tensor(dy)?;
+                    let through = norm.backward(Some(dy), acc).expect("norm input");
+                    dh = Some(skip + through);
+                }
+                Piece::Head { norm, head } => {
+                    let dy = head.backward(None, acc).expect("head input");
+                    let dy = tp.sum_tensor(dy)?;
+                    dh = norm.backward(Some(dy), acc);
+                }
+            }
+        }
+        Ok(dh)
+    }
+
+    /// Logits `[rows·seq, padded_vocab]` of the whole model for `tokens`
+    /// (inference; only for a rank that holds the whole model).
+    pub fn logits(&self, tokens: &[u32], rows: usize, seq: usize) -> Tensor<B::InnerBackend, 2> {
+        assert!(
+            self.first() && self.last() && self.table.tp == 1,
+            "logits need the whole model on one rank"
+        );
+        let p = |slot: usize| self.params[slot].clone();
+        let t =
+            ids::<B::InnerBackend>(tokens.iter().map(|&x| i64::from(x)).collect(), &self.device);
+        let mut x = p(self.embed.expect("embedding")).select(0, t);
+        for b in &self.blocks {
+            use BlockParam::*;
+            let w = [Wq, Wk, Wv, Wo].map(|q| p(b.get(q)));
+            x = x.clone()
+                + attention(
+                    rms_norm(x, p(b.get(AttnNorm))),
+                    w,
+                    &self.cos,
+                    &self.sin,
+                    rows,
+                    seq,
+                    &self.dims,
+                );
+            let w = [WGate, WUp, WDown].map(|q| p(b.get(q)));
+            x = x.clone() + mlp(rms_norm(x, p(b.get(MlpNorm))), w);
+        }
+        let y = rms_norm(x, p(self.final_norm.expect("final norm")));
+        let w = p(self.head.expect("head"));
+        y.matmul(if self.tied { w.transpose() } else { w })
+    }
 }

@@ -16,12 +16,12 @@ use strata_dataplane::store::Location;
 use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
-use strata_recipe::Recipe;
+use strata_recipe::{Coords, Layout, Recipe};
 use tonic::transport::Channel;
 
-use crate::collective::{TcpEndpoint, TcpOptions};
-use crate::model::Llama;
-use crate::train::{LocalBatch, Trainer};
+use crate::collective::{Collective, CollectiveError, TcpEndpoint, TcpOptions};
+use crate::pipeline::bubble_theory;
+use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
 
 /// The CPU backend of this issue: NdArray with autodiff.
 pub type CpuBackend = Autodiff<NdArray<f32>>;
@@ -54,11 +54,8 @@ pub enum WorkerError {
     Setup(String),
     #[error("{0}")]
     Data(String),
-    #[error("step {step}: {source}")]
-    Collective {
-        step: u64,
-        source: crate::collective::CollectiveError,
-    },
+    #[error("step {step}: {what}")]
+    Collective { step: u64, what: String },
     #[error("stopped by the coordinator: {0}")]
     Stopped(String),
 }
@@ -173,37 +170,27 @@ fn train(
     let recipe = Recipe::from_toml_str(&assignment.spec_toml, &args.job)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let coords = assignment.coords.unwrap_or_default();
-    let dp_group = assignment
-        .groups
-        .iter()
-        .find(|g| g.kind == pb::GroupKind::Data as i32)
-        .ok_or_else(|| WorkerError::Setup("the assignment has no data-parallel group".into()))?;
-    let addrs = dp_group
-        .members
-        .iter()
-        .map(|m| {
-            m.collective_addr.parse::<SocketAddr>().map_err(|e| {
-                WorkerError::Setup(format!(
-                    "rank {}'s collective address {:?}: {e}",
-                    m.rank, m.collective_addr
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let group_name = format!("{}/dp/pp{}-tp{}", args.job, coords.pp, coords.tp);
-    let mut dp = endpoint
-        .join(
-            &group_name,
-            coords.dp as usize,
-            &addrs,
-            &TcpOptions::default(),
-        )
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let coords = Coords {
+        dp: coords.dp,
+        pp: coords.pp,
+        tp: coords.tp,
+    };
+    let layout = recipe.parallel.layout;
+    let (groups, members) = join_groups(
+        &endpoint,
+        &args.job,
+        coords,
+        layout,
+        &assignment.groups,
+        recipe.model.tie_embeddings,
+    )?;
     tracing::info!(
         rank = args.rank,
-        dp_rank = coords.dp,
-        dp_size = addrs.len(),
-        "joined the data-parallel group"
+        tp = coords.tp,
+        pp = coords.pp,
+        dp = coords.dp,
+        %layout,
+        "joined the process groups"
     );
 
     let url = recipe.data.dataset.clone();
@@ -216,12 +203,22 @@ fn train(
         .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
 
     let device = Default::default();
-    let model = Llama::<CpuBackend>::new(&recipe.model, recipe.seed, &device);
-    let mut trainer = Trainer::new(model, recipe.optimizer, device);
+    let mut trainer = Trainer::<CpuBackend>::new(
+        &recipe.model,
+        recipe.seed,
+        layout,
+        coords,
+        recipe.optimizer,
+        groups,
+        device,
+    );
+    let layers = trainer.table().layers.clone();
     tracing::info!(
         params = trainer.n_params(),
+        stage = coords.pp,
+        layers = ?layers,
         steps = recipe.data.n_steps(),
-        "model built"
+        "model part built"
     );
 
     let tps = recipe.data.tokens_per_step;
@@ -251,8 +248,11 @@ fn train(
         let tokens_before = (step - 1) * tps;
         let lr = recipe.schedule.lr_for_step(tokens_before, tps);
         let stats = trainer
-            .step(&micro, tps, lr, &mut dp)
-            .map_err(|source| WorkerError::Collective { step, source })?;
+            .step(step, &micro, tps, lr)
+            .map_err(|e| WorkerError::Collective {
+                step,
+                what: members.describe(&e),
+            })?;
         step_now.store(step, Ordering::Relaxed);
         if !stats.loss.is_finite() {
             return Err(WorkerError::Data(format!(
@@ -277,6 +277,21 @@ fn train(
                     all_reduce_s: stats.all_reduce.as_secs_f64(),
                     optimizer_s: stats.optimizer.as_secs_f64(),
                 }),
+                stages: stats
+                    .stages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| pb::StageMetrics {
+                        stage: i as u32,
+                        forward_s: s.forward_s,
+                        backward_s: s.backward_s,
+                        wait_s: s.wait_s,
+                        pipeline_s: s.pipeline_s,
+                        bubble: s.bubble(),
+                        tp_comm_s: s.tp_comm_s,
+                    })
+                    .collect(),
+                bubble_theory: bubble_theory(layout.pp, microbatches as u32),
             };
             rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
                 job_id: args.job.clone(),
@@ -293,4 +308,121 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The world ranks of each joined group's members, to name a failed peer
+/// by its world rank.
+struct Members(Vec<(GroupKind, Vec<u32>)>);
+
+impl Members {
+    /// A step's failure, naming the group and the peer's world rank.
+    fn describe(&self, e: &TrainError) -> String {
+        let peer = match &e.source {
+            CollectiveError::PeerGone { peer }
+            | CollectiveError::WrongMessage { peer, .. }
+            | CollectiveError::SizeMismatch { peer, .. }
+            | CollectiveError::Io { peer, .. } => Some(*peer),
+            _ => None,
+        };
+        let world = self
+            .0
+            .iter()
+            .find(|(k, _)| *k == e.group)
+            .and_then(|(_, ranks)| ranks.get(peer?));
+        match (peer, world) {
+            (Some(p), Some(w)) => format!("{e} (group rank {p} is world rank {w})"),
+            _ => e.to_string(),
+        }
+    }
+}
+
+/// Joins the tensor-parallel, pipeline and data-parallel groups of the
+/// assignment, in that order on every rank (each join waits for its
+/// members; connections for groups joined later wait in the endpoint), and
+/// the embedding group of a tied pipeline (its first and last stages).
+fn join_groups(
+    endpoint: &TcpEndpoint,
+    job: &str,
+    c: Coords,
+    layout: Layout,
+    groups: &[pb::Group],
+    tied: bool,
+) -> Result<(Groups, Members), WorkerError> {
+    let find = |kind: pb::GroupKind| {
+        groups
+            .iter()
+            .find(|g| g.kind == kind as i32)
+            .ok_or_else(|| WorkerError::Setup(format!("the assignment has no {kind:?} group")))
+    };
+    let opts = TcpOptions::default();
+    let mut members = Vec::new();
+    let mut join = |kind: GroupKind,
+                    name: String,
+                    ranks: Vec<u32>,
+                    addrs: Vec<String>,
+                    me: usize|
+     -> Result<Box<dyn Collective>, WorkerError> {
+        let addrs = ranks
+            .iter()
+            .zip(&addrs)
+            .map(|(r, a)| {
+                a.parse::<SocketAddr>().map_err(|e| {
+                    WorkerError::Setup(format!("rank {r}'s collective address {a:?}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let g = endpoint
+            .join(&name, me, &addrs, &opts)
+            .map_err(|e| WorkerError::Setup(format!("{kind} group: {e}")))?;
+        members.push((kind, ranks));
+        Ok(Box::new(g))
+    };
+    let split = |g: &pb::Group| -> (Vec<u32>, Vec<String>) {
+        g.members
+            .iter()
+            .map(|m| (m.rank, m.collective_addr.clone()))
+            .unzip()
+    };
+    let (tr, ta) = split(find(pb::GroupKind::Tensor)?);
+    let tp = join(
+        GroupKind::Tensor,
+        format!("{job}/tp/dp{}-pp{}", c.dp, c.pp),
+        tr,
+        ta,
+        c.tp as usize,
+    )?;
+    let (pr, pa) = split(find(pb::GroupKind::Pipeline)?);
+    let emb_members = (tied && layout.pp > 1).then(|| {
+        let last = pr.len() - 1;
+        (vec![pr[0], pr[last]], vec![pa[0].clone(), pa[last].clone()])
+    });
+    let pp = join(
+        GroupKind::Pipeline,
+        format!("{job}/pp/dp{}-tp{}", c.dp, c.tp),
+        pr,
+        pa,
+        c.pp as usize,
+    )?;
+    let (dr, da) = split(find(pb::GroupKind::Data)?);
+    let dp = join(
+        GroupKind::Data,
+        format!("{job}/dp/pp{}-tp{}", c.pp, c.tp),
+        dr,
+        da,
+        c.dp as usize,
+    )?;
+    let emb = match emb_members {
+        Some((r, a)) if c.pp == 0 || c.pp + 1 == layout.pp => {
+            let me = usize::from(c.pp != 0);
+            Some(join(
+                GroupKind::Embedding,
+                format!("{job}/emb/dp{}-tp{}", c.dp, c.tp),
+                r,
+                a,
+                me,
+            )?)
+        }
+        _ => None,
+    };
+    Ok((Groups { tp, pp, dp, emb }, Members(members)))
 }

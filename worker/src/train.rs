@@ -1,34 +1,27 @@
-//! One data-parallel rank's training step: forward and backward over its
-//! microbatches, one bucketed all-reduce of the gradients (and the loss),
-//! clipping by the global gradient norm, and AdamW.
+//! One rank's training step under any (tp, pp, dp) layout: the 1F1B
+//! schedule over its microbatches (activations forward and gradients back
+//! by tagged point-to-point messages), tensor-parallel collectives inside
+//! the model, one bucketed all-reduce of the gradients (and the loss) over
+//! the data-parallel group, the tied embedding's gradients summed over the
+//! embedding group, clipping by the global gradient norm, and AdamW.
 //!
-//! The optimizer works on a flat host copy of the parameters (the master
-//! weights) with its moments beside them, so its whole state is three
-//! vectors and a step count: easy to checkpoint and to shard later.
+//! The optimizer works on a flat host copy of this rank's parameters (the
+//! master weights) with its moments beside them, laid out by the rank's
+//! [`ParamTable`], so its whole state is three vectors and a step count.
 
 use std::time::{Duration, Instant};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
-use strata_recipe::AdamWConfig;
+use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
-use crate::collective::{Collective, CollectiveError};
-use crate::model::{Llama, cross_entropy};
+use crate::collective::{Collective, CollectiveError, Tag, local_group};
+use crate::model::{GradAccum, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
+use crate::params::ParamTable;
+use crate::pipeline::{PipeOp, one_f_one_b};
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
 pub const BUCKET_ELEMS: usize = 4 << 20;
-
-/// Where one parameter lives in the flat buffers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParamSlot {
-    pub shape: Vec<usize>,
-    pub offset: usize,
-    pub len: usize,
-    /// Weight decay applies to matrices, not to norm gains or biases.
-    pub decay: bool,
-}
 
 /// AdamW's state: the step count and both moments, flat like the master
 /// weights.
@@ -39,114 +32,200 @@ pub struct AdamWState {
     pub v: Vec<f32>,
 }
 
+/// A rank's process groups.
+pub struct Groups {
+    pub tp: Box<dyn Collective>,
+    pub pp: Box<dyn Collective>,
+    pub dp: Box<dyn Collective>,
+    /// The first and last stages of a pipeline whose head is tied to the
+    /// embedding (pp > 1): they keep the embedding's gradients equal
+    /// (Megatron's embedding group). Member 0 is the first stage.
+    pub emb: Option<Box<dyn Collective>>,
+}
+
+impl Groups {
+    /// A single process: every group has one member.
+    pub fn single() -> Groups {
+        let one = || -> Box<dyn Collective> { Box::new(local_group(1).remove(0)) };
+        Groups {
+            tp: one(),
+            pp: one(),
+            dp: one(),
+            emb: None,
+        }
+    }
+}
+
+impl Groups {
+    /// Every rank's groups for `layout` in one process (threads joined by
+    /// the in-process backend), in world-rank order: for tests and
+    /// benchmarks of parallel layouts without worker processes.
+    pub fn local_world(layout: Layout, tied: bool) -> Vec<(Coords, Groups)> {
+        use std::collections::HashMap;
+        let (tp, pp, dp) = (layout.tp, layout.pp, layout.dp);
+        type Pool = HashMap<(u32, u32), Vec<Option<crate::collective::LocalCollective>>>;
+        let mut pools: [Pool; 4] = Default::default();
+        let mut take =
+            |kind: usize, key: (u32, u32), size: u32, member: u32| -> Box<dyn Collective> {
+                let pool = pools[kind]
+                    .entry(key)
+                    .or_insert_with(|| local_group(size as usize).into_iter().map(Some).collect());
+                Box::new(
+                    pool[member as usize]
+                        .take()
+                        .expect("each member taken once"),
+                )
+            };
+        (0..layout.world_size())
+            .map(|r| {
+                let c = layout.coords(strata_recipe::Rank(r)).expect("in the world");
+                let groups = Groups {
+                    tp: take(0, (c.dp, c.pp), tp, c.tp),
+                    pp: take(1, (c.dp, c.tp), pp, c.pp),
+                    dp: take(2, (c.pp, c.tp), dp, c.dp),
+                    emb: (tied && pp > 1 && (c.pp == 0 || c.pp + 1 == pp))
+                        .then(|| take(3, (c.dp, c.tp), 2, u32::from(c.pp != 0))),
+                };
+                (c, groups)
+            })
+            .collect()
+    }
+}
+
+/// Which of a rank's groups a collective failed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    Tensor,
+    Pipeline,
+    Data,
+    Embedding,
+}
+
+impl std::fmt::Display for GroupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupKind::Tensor => "tensor-parallel",
+            GroupKind::Pipeline => "pipeline",
+            GroupKind::Data => "data-parallel",
+            GroupKind::Embedding => "embedding",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{group} group: {source}")]
+pub struct TrainError {
+    pub group: GroupKind,
+    #[source]
+    pub source: CollectiveError,
+}
+
+fn in_group(group: GroupKind) -> impl FnOnce(CollectiveError) -> TrainError {
+    move |source| TrainError { group, source }
+}
+
+/// One pipeline stage's timings of a step, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Time blocked waiting for the neighbouring stages' activations and
+    /// gradients.
+    pub wait_s: f64,
+    /// Wall time of the 1F1B schedule (forwards, backwards and waits).
+    pub pipeline_s: f64,
+    /// Time in tensor-parallel collectives (inside forward and backward).
+    pub tp_comm_s: f64,
+}
+
+impl StageStats {
+    /// The measured bubble: the share of the schedule spent waiting.
+    pub fn bubble(&self) -> f64 {
+        if self.pipeline_s > 0.0 {
+            self.wait_s / self.pipeline_s
+        } else {
+            0.0
+        }
+    }
+}
+
 /// What one step measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
     /// Mean cross-entropy over every token of the global step.
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub lr: f64,
+    /// This rank's compute time (tensor-parallel collectives included).
     pub forward: Duration,
     pub backward: Duration,
+    /// Data-parallel (and embedding-group) all-reduce of the gradients.
     pub all_reduce: Duration,
     pub optimizer: Duration,
+    /// Every pipeline stage's timings, first stage first (this rank's
+    /// tensor-parallel rank and data-parallel replica).
+    pub stages: Vec<StageStats>,
 }
 
-/// One rank's share of a step: `rows` sequences of `seq_len` tokens.
+/// One microbatch of a rank's share of a step: `rows` sequences of
+/// `seq_len` tokens.
 pub struct LocalBatch<'a> {
     pub inputs: &'a [u32],
     pub targets: &'a [u32],
     pub seq_len: usize,
 }
 
-struct Collect<'a> {
-    slots: &'a mut Vec<ParamSlot>,
-    values: &'a mut Vec<f32>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val();
-        let shape = t.dims().to_vec();
-        let data: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32 data");
-        self.slots.push(ParamSlot {
-            offset: self.values.len(),
-            len: data.len(),
-            decay: D >= 2,
-            shape,
-        });
-        self.values.extend_from_slice(&data);
-    }
-}
-
-struct CollectGrads<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
-    slots: &'a [ParamSlot],
-    next: usize,
-    /// Gradients are added here (microbatches accumulate).
-    out: &'a mut [f32],
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let slot = &self.slots[self.next];
-        self.next += 1;
-        if let Some(g) = param.val().grad(self.grads) {
-            let g: Vec<f32> = g.into_data().convert::<f32>().into_vec().expect("f32 grad");
-            for (o, x) in self.out[slot.offset..slot.offset + slot.len]
-                .iter_mut()
-                .zip(g)
-            {
-                *o += x;
-            }
-        }
-    }
-}
-
-struct Load<'a> {
-    slots: &'a [ParamSlot],
-    values: &'a [f32],
-    next: usize,
-}
-
-impl<B: Backend> ModuleMapper<B> for Load<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let slot = &self.slots[self.next];
-        self.next += 1;
-        let values = self.values[slot.offset..slot.offset + slot.len].to_vec();
-        let shape: [usize; D] = slot.shape.clone().try_into().expect("slot rank");
-        param.map(|t| {
-            let device = t.device();
-            Tensor::from_data(TensorData::new(values, shape), &device).require_grad()
-        })
-    }
-}
-
-/// A model replica with its optimizer, for one data-parallel rank.
+/// A model part with its optimizer, for one rank of any layout.
 pub struct Trainer<B: AutodiffBackend> {
-    model: Option<Llama<B>>,
-    slots: Vec<ParamSlot>,
+    model: StageModel<B>,
     master: Vec<f32>,
     state: AdamWState,
     cfg: AdamWConfig,
+    /// The last step's gradients after the data-parallel all-reduce, before
+    /// clipping; one element more for the loss riding along.
     grads: Vec<f32>,
-    device: B::Device,
+    groups: Groups,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    pub fn new(model: Llama<B>, cfg: AdamWConfig, device: B::Device) -> Trainer<B> {
-        let mut slots = Vec::new();
-        let mut master = Vec::new();
-        model.visit(&mut Collect {
-            slots: &mut slots,
-            values: &mut master,
-        });
-        let n = master.len();
+    /// The rank at `coords` of `layout`, initialised from `seed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &ModelConfig,
+        seed: u64,
+        layout: Layout,
+        coords: Coords,
+        cfg: AdamWConfig,
+        groups: Groups,
+        device: B::Device,
+    ) -> Trainer<B> {
+        let table = ParamTable::new(model, layout, coords);
+        let values = table.init(seed);
+        Trainer::from_values(model, table, values, cfg, groups, device)
+    }
+
+    /// A rank holding `table`'s parameters with the given flat values.
+    pub fn from_values(
+        model: &ModelConfig,
+        table: ParamTable,
+        values: Vec<f32>,
+        cfg: AdamWConfig,
+        groups: Groups,
+        device: B::Device,
+    ) -> Trainer<B> {
+        let n = table.total;
+        assert_eq!(values.len(), n, "flat parameter values");
+        for (name, g, want) in [
+            ("tensor-parallel", &groups.tp, table.tp),
+            ("pipeline", &groups.pp, table.pp),
+        ] {
+            assert_eq!(g.size() as u32, want, "{name} group size");
+        }
+        let model = StageModel::new(model, table, &values, &device);
         Trainer {
-            model: Some(model),
-            slots,
-            master,
+            model,
+            master: values,
             state: AdamWState {
                 step: 0,
                 m: vec![0.0; n],
@@ -154,12 +233,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             },
             cfg,
             grads: vec![0.0; n + 1],
-            device,
+            groups,
         }
     }
 
-    pub fn model(&self) -> &Llama<B> {
-        self.model.as_ref().expect("model present between steps")
+    pub fn model(&self) -> &StageModel<B> {
+        &self.model
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        self.model.table()
     }
 
     pub fn n_params(&self) -> usize {
@@ -170,86 +253,193 @@ impl<B: AutodiffBackend> Trainer<B> {
         &self.master
     }
 
+    /// The last step's gradients (summed over data-parallel replicas, not
+    /// clipped), laid out like [`Trainer::master`].
+    pub fn grads(&self) -> &[f32] {
+        &self.grads[..self.master.len()]
+    }
+
     pub fn optimizer_state(&self) -> &AdamWState {
         &self.state
     }
 
-    /// One optimizer step. `micro` are this rank's microbatches;
-    /// `global_tokens` counts the target tokens of the whole step on every
-    /// rank; `dp` all-reduces over the data-parallel group.
+    /// One optimizer step, number `step` (tags its pipeline messages).
+    /// `micro` are this rank's microbatches (every rank of a data-parallel
+    /// replica is given the same ones); `global_tokens` counts the target
+    /// tokens of the whole step on every replica.
     pub fn step(
         &mut self,
+        step: u64,
         micro: &[LocalBatch<'_>],
         global_tokens: u64,
         lr: f64,
-        dp: &mut dyn Collective,
-    ) -> Result<StepStats, CollectiveError> {
+    ) -> Result<StepStats, TrainError> {
         let n = self.master.len();
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-        let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
-        let mut local_loss = 0.0f64;
-        for mb in micro {
-            let rows = mb.inputs.len() / mb.seq_len;
-            let t = Instant::now();
-            let model = self.model();
-            let ids = |v: &[u32]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
-            let inputs = Tensor::<B, 2, Int>::from_data(
-                TensorData::new(ids(mb.inputs), [rows, mb.seq_len]),
-                &self.device,
-            );
-            let targets = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(ids(mb.targets), [rows * mb.seq_len]),
-                &self.device,
-            );
-            let loss = cross_entropy(model.forward(inputs), targets, global_tokens as f64);
-            local_loss += loss
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .into_vec::<f64>()
-                .expect("scalar loss")[0];
-            forward += t.elapsed();
-            let t = Instant::now();
-            let g = loss.backward();
-            let mut collect = CollectGrads::<B> {
-                grads: &g,
-                slots: &self.slots,
-                next: 0,
-                out: &mut self.grads[..n],
-            };
-            self.model
-                .as_ref()
-                .expect("model present between steps")
-                .visit(&mut collect);
-            backward += t.elapsed();
-        }
+        let table = self.model.table();
+        let (stages, stage) = (table.pp, table.stage);
+        let (first, last) = (stage == 0, stage + 1 == stages);
+        let d = self.model.dims().d_model;
+        let m = micro.len() as u32;
 
-        // The loss rides along in the last element: one collective per bucket.
+        let mut acc = GradAccum::new(table.slots.len());
+        let mut tapes: Vec<Option<Tape<B>>> = (0..m).map(|_| None).collect();
+        let mut tp = Tp::new(self.groups.tp.as_mut());
+        let pp = self.groups.pp.as_mut();
+        let mut own = StageStats::default();
+        let mut local_loss = 0.0f64;
+        let pipeline_start = Instant::now();
+        let mut wait = Duration::ZERO;
+        let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
+        for op in one_f_one_b(stages, stage, m) {
+            match op {
+                PipeOp::Forward(i) => {
+                    let mb = &micro[i as usize];
+                    let seq = mb.seq_len;
+                    let rows = mb.inputs.len() / seq;
+                    let input = if first {
+                        StageInput::Tokens(mb.inputs)
+                    } else {
+                        let mut buf = vec![0f32; rows * seq * d];
+                        let t = Instant::now();
+                        pp.recv_tagged(stage as usize - 1, Tag::activation(step, i), &mut buf)
+                            .map_err(in_group(GroupKind::Pipeline))?;
+                        wait += t.elapsed();
+                        StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
+                    };
+                    let t = Instant::now();
+                    let tape = self
+                        .model
+                        .forward(
+                            input,
+                            rows,
+                            seq,
+                            last.then_some(mb.targets),
+                            global_tokens as f64,
+                            &mut tp,
+                        )
+                        .map_err(in_group(GroupKind::Tensor))?;
+                    if let Some(out) = &tape.output {
+                        let out = to_vec(out.clone());
+                        pp.send_tagged(stage as usize + 1, Tag::activation(step, i), &out)
+                            .map_err(in_group(GroupKind::Pipeline))?;
+                    }
+                    forward += t.elapsed();
+                    local_loss += tape.loss;
+                    tapes[i as usize] = Some(tape);
+                }
+                PipeOp::Backward(i) => {
+                    let tape = tapes[i as usize].take().expect("forward before backward");
+                    let mb = &micro[i as usize];
+                    let upstream = if last {
+                        None
+                    } else {
+                        let mut buf = vec![0f32; mb.inputs.len() * d];
+                        let t = Instant::now();
+                        pp.recv_tagged(stage as usize + 1, Tag::gradient(step, i), &mut buf)
+                            .map_err(in_group(GroupKind::Pipeline))?;
+                        wait += t.elapsed();
+                        Some(from_vec(buf, [mb.inputs.len(), d], self.model.device()))
+                    };
+                    let t = Instant::now();
+                    let dx = self
+                        .model
+                        .backward(tape, upstream, &mut acc, &mut tp)
+                        .map_err(in_group(GroupKind::Tensor))?;
+                    if !first {
+                        let dx = to_vec(dx.expect("a later stage's input has a gradient"));
+                        pp.send_tagged(stage as usize - 1, Tag::gradient(step, i), &dx)
+                            .map_err(in_group(GroupKind::Pipeline))?;
+                    }
+                    backward += t.elapsed();
+                }
+            }
+        }
+        own.pipeline_s = pipeline_start.elapsed().as_secs_f64();
+        own.wait_s = wait.as_secs_f64();
+        own.forward_s = forward.as_secs_f64();
+        own.backward_s = backward.as_secs_f64();
+        own.tp_comm_s = tp.comm.as_secs_f64();
+
+        // Device gradients to the flat buffer; the loss rides along in the
+        // last element: one collective per bucket.
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        for (slot, g) in table.slots.iter().zip(acc.grads) {
+            if let Some(g) = g {
+                self.grads[slot.range()].copy_from_slice(&to_vec(g));
+            }
+        }
         let t = Instant::now();
         self.grads[n] = local_loss as f32;
         for bucket in self.grads.chunks_mut(BUCKET_ELEMS) {
-            dp.all_reduce_sum(bucket)?;
+            self.groups
+                .dp
+                .all_reduce_sum(bucket)
+                .map_err(in_group(GroupKind::Data))?;
+        }
+        if let (Some(emb), Some(slot)) = (self.groups.emb.as_mut(), table.get("embed")) {
+            emb.all_reduce_sum(&mut self.grads[slot.range()])
+                .map_err(in_group(GroupKind::Embedding))?;
         }
         let all_reduce = t.elapsed();
-        let loss = f64::from(self.grads[n]);
 
         let t = Instant::now();
-        let grad_norm = self.grads[..n]
+        // Squared norm over what this rank counts, summed over the
+        // tensor-parallel group, then over the stages (with the loss from
+        // the last and every stage's timings).
+        let local_sq: f64 = table
+            .slots
             .iter()
+            .filter(|s| s.in_norm)
+            .flat_map(|s| &self.grads[s.range()])
             .map(|&g| f64::from(g) * f64::from(g))
-            .sum::<f64>()
-            .sqrt();
+            .sum();
+        let stage_sq =
+            sum_f64(self.groups.tp.as_mut(), local_sq).map_err(in_group(GroupKind::Tensor))?;
+        let loss = if last { f64::from(self.grads[n]) } else { 0.0 };
+        let mut record = Vec::with_capacity(RECORD);
+        record.extend(split_f64(stage_sq));
+        record.extend(split_f64(loss));
+        record.extend(
+            [
+                own.forward_s,
+                own.backward_s,
+                own.wait_s,
+                own.pipeline_s,
+                own.tp_comm_s,
+            ]
+            .map(|x| x as f32),
+        );
+        let mut gathered = vec![0f32; RECORD * stages as usize];
+        self.groups
+            .pp
+            .all_gather(&record, &mut gathered)
+            .map_err(in_group(GroupKind::Pipeline))?;
+        let (mut sq, mut loss) = (0.0f64, 0.0f64);
+        let mut stage_stats = Vec::with_capacity(stages as usize);
+        for r in gathered.chunks(RECORD) {
+            sq += f64::from(r[0]) + f64::from(r[1]);
+            loss += f64::from(r[2]) + f64::from(r[3]);
+            stage_stats.push(StageStats {
+                forward_s: f64::from(r[4]),
+                backward_s: f64::from(r[5]),
+                wait_s: f64::from(r[6]),
+                pipeline_s: f64::from(r[7]),
+                tp_comm_s: f64::from(r[8]),
+            });
+        }
+        if stages == 1 {
+            // Exact when nothing had to cross a group.
+            sq = stage_sq;
+            loss = f64::from(self.grads[n]);
+        }
+        let grad_norm = sq.sqrt();
+        // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
         let clip = match self.cfg.grad_clip {
-            Some(max) if grad_norm > max => (max / (grad_norm + 1e-6)) as f32,
-            _ => 1.0,
+            Some(max) => (max / (grad_norm + 1e-6)).min(1.0) as f32,
+            None => 1.0,
         };
         self.adamw(lr, clip);
-        let model = self.model.take().expect("model present");
-        self.model = Some(model.map(&mut Load {
-            slots: &self.slots,
-            values: &self.master,
-            next: 0,
-        }));
+        self.model.load(&self.master);
         let optimizer = t.elapsed();
         Ok(StepStats {
             loss,
@@ -259,38 +449,59 @@ impl<B: AutodiffBackend> Trainer<B> {
             backward,
             all_reduce,
             optimizer,
+            stages: stage_stats,
         })
     }
 
-    /// AdamW with decoupled weight decay (Loshchilov & Hutter), as PyTorch
-    /// computes it, on gradients scaled by `clip`.
+    /// AdamW with decoupled weight decay (Loshchilov & Hutter) on
+    /// gradients scaled by `clip`, in the arithmetic of PyTorch's
+    /// single-tensor AdamW: scalars formed in f64 and rounded once to f32,
+    /// the first moment by `lerp`, the second by `mul` then `addcmul`.
     fn adamw(&mut self, lr: f64, clip: f32) {
         self.state.step += 1;
         let t = self.state.step as i32;
-        let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
-        let bc1 = 1.0 - self.cfg.beta1.powi(t);
-        let bc2 = 1.0 - self.cfg.beta2.powi(t);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = self.cfg.eps as f32;
-        for slot in &self.slots {
-            let decay = if slot.decay {
-                1.0 - (lr * self.cfg.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let r = slot.offset..slot.offset + slot.len;
+        let c = &self.cfg;
+        let b1_weight = (1.0 - c.beta1) as f32;
+        let (b2, b2_weight) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
+        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        let eps = c.eps as f32;
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        for slot in &self.model.table().slots {
+            let decay = if slot.spec.decay { decay } else { 1.0 };
+            let r = slot.range();
             let p = &mut self.master[r.clone()];
             let m = &mut self.state.m[r.clone()];
             let v = &mut self.state.v[r.clone()];
             let g = &self.grads[r];
             for i in 0..p.len() {
                 let gi = g[i] * clip;
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                m[i] += b1_weight * (gi - m[i]);
+                v[i] = v[i] * b2 + b2_weight * (gi * gi);
                 let denom = v[i].sqrt() / bc2_sqrt + eps;
                 p[i] = p[i] * decay - step_size * m[i] / denom;
             }
         }
     }
+}
+
+/// Floats per stage in the step's pipeline all-gather: the squared norm and
+/// the loss as two f32 each, then five timings.
+const RECORD: usize = 9;
+
+/// `x` as the sum of two f32s (high and low parts), so that sums over a
+/// group keep about 48 bits of it.
+fn split_f64(x: f64) -> [f32; 2] {
+    let hi = x as f32;
+    [hi, (x - f64::from(hi)) as f32]
+}
+
+/// The group's sum of `x`, carried in two f32s per member.
+fn sum_f64(group: &mut dyn Collective, x: f64) -> Result<f64, CollectiveError> {
+    if group.size() == 1 {
+        return Ok(x);
+    }
+    let mut buf = split_f64(x);
+    group.all_reduce_sum(&mut buf)?;
+    Ok(f64::from(buf[0]) + f64::from(buf[1]))
 }

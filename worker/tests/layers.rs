@@ -1,0 +1,310 @@
+//! Megatron's tensor-parallel pieces against their unsharded selves on the
+//! same weights: a transformer block (attention and MLP, with and without
+//! grouped KV heads) for tp = 2 and 4, forward output and every gradient;
+//! and the vocabulary-parallel cross-entropy against the plain one.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor, TensorData};
+use strata_recipe::{Coords, Layout, ModelConfig};
+use strata_worker::collective::conformance::on_group;
+use strata_worker::collective::{Collective, local_group};
+use strata_worker::model::{
+    GradAccum, StageInput, StageModel, Tp, cross_entropy, from_vec, parallel_cross_entropy, to_vec,
+};
+use strata_worker::params::ParamTable;
+
+type B = Autodiff<NdArray<f32>>;
+type I = NdArray<f32>;
+
+/// Deterministic values in about [−1, 1).
+fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+/// `‖a − b‖∞ / ‖b‖∞`.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+fn cfg(heads: u64, kv: u64) -> ModelConfig {
+    ModelConfig {
+        n_layers: 3,
+        d_model: 32,
+        n_heads: heads,
+        n_kv_heads: kv,
+        d_ffn: 64,
+        vocab_size: 256,
+        padded_vocab_size: 256,
+        max_seq_len: 16,
+        rope_theta: 10000.0,
+        tie_embeddings: false,
+    }
+}
+
+/// The middle stage of a 3-stage pipeline holds exactly one block: its
+/// forward output, input gradient and (gathered) parameter gradients on
+/// `tp` tensor-parallel ranks.
+/// Full tensors by name.
+type Named = Vec<(String, Vec<f32>)>;
+
+fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
+    let (rows, seq, d) = (2, 8, cfg.d_model as usize);
+    let whole = ParamTable::whole(cfg);
+    // Random weights, gains included, so every gradient is exercised.
+    let full: Vec<f32> = noise(1, whole.total).iter().map(|x| x * 0.3).collect();
+    let h = noise(2, rows * seq * d);
+    let dh = noise(3, rows * seq * d);
+    let layout = Layout::new(tp, 3, 1);
+    let results = on_group(local_group(tp as usize), |g| {
+        let c = Coords {
+            dp: 0,
+            pp: 1,
+            tp: g.rank() as u32,
+        };
+        let table = ParamTable::new(cfg, layout, c);
+        let values: Vec<f32> = table
+            .slots
+            .iter()
+            .flat_map(|s| ParamTable::shard_of(s, &full[whole.get(&s.spec.name).unwrap().range()]))
+            .collect();
+        let model = StageModel::<B>::new(cfg, table.clone(), &values, &Default::default());
+        let mut tp = Tp::new(g);
+        let input =
+            StageInput::Activation(from_vec(h.clone(), [rows * seq, d], &Default::default()));
+        let tape = model.forward(input, rows, seq, None, 1.0, &mut tp).unwrap();
+        let out = to_vec(tape.output.clone().unwrap());
+        let mut acc = GradAccum::<I>::new(table.slots.len());
+        let upstream = from_vec(dh.clone(), [rows * seq, d], &Default::default());
+        let dx = model
+            .backward(tape, Some(upstream), &mut acc, &mut tp)
+            .unwrap();
+        let grads: Vec<(usize, Vec<f32>)> = acc
+            .grads
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| (i, to_vec(g.expect("every block parameter has a gradient"))))
+            .collect();
+        (table, out, to_vec(dx.unwrap()), grads)
+    });
+    for (_, out, dx, _) in &results {
+        assert_eq!(out, &results[0].1, "tp ranks disagree on the output");
+        assert_eq!(dx, &results[0].2, "tp ranks disagree on the input gradient");
+    }
+    let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
+    for (table, _, _, g) in &results {
+        for (i, values) in g {
+            let slot = &table.slots[*i];
+            let name = slot.spec.name.clone();
+            let len = slot.spec.full_shape.iter().product();
+            if !grads.iter().any(|(n, _)| *n == name) {
+                grads.push((name.clone(), vec![f32::NAN; len]));
+            }
+            let full = &mut grads.iter_mut().find(|(n, _)| *n == name).unwrap().1;
+            let mut mine = full.clone();
+            ParamTable::place_shard(slot, values, &mut mine);
+            for (f, m) in full.iter_mut().zip(mine) {
+                if f.is_nan() {
+                    *f = m;
+                } else {
+                    // A replicated gain's gradient is identical on every rank.
+                    assert_eq!(f.to_bits(), m.to_bits(), "{name} differs between tp ranks");
+                }
+            }
+        }
+    }
+    let (_, out, dx, _) = results.into_iter().next().unwrap();
+    (out, dx, grads)
+}
+
+fn check_block(heads: u64, kv: u64, tp: u32) {
+    let c = cfg(heads, kv);
+    let (out1, dx1, g1) = block(&c, 1);
+    let (out, dx, g) = block(&c, tp);
+    let what = format!("tp={tp}, {heads} heads, {kv} KV heads");
+    assert!(
+        rel(&out, &out1) < 1e-5,
+        "{what}: output {:e}",
+        rel(&out, &out1)
+    );
+    assert!(
+        rel(&dx, &dx1) < 1e-5,
+        "{what}: input gradient {:e}",
+        rel(&dx, &dx1)
+    );
+    assert_eq!(g.len(), 9, "{what}: a block has nine parameters");
+    for ((name, a), (name1, b)) in g.iter().zip(&g1) {
+        assert_eq!(name, name1);
+        assert!(
+            a.iter().all(|x| !x.is_nan()),
+            "{what}: {name} not covered by the shards"
+        );
+        assert!(
+            rel(a, b) < 1e-5,
+            "{what}: gradient of {name} {:e}",
+            rel(a, b)
+        );
+    }
+}
+
+#[test]
+fn tensor_parallel_block_matches_the_unsharded_block() {
+    check_block(8, 8, 2);
+    check_block(8, 2, 2);
+    check_block(8, 8, 4);
+    check_block(8, 4, 4);
+}
+
+#[test]
+fn vocabulary_parallel_cross_entropy_matches_the_plain_one() {
+    let (n, v) = (12, 64);
+    let logits: Vec<f32> = noise(4, n * v).iter().map(|x| x * 6.0).collect();
+    let targets: Vec<u32> = noise(5, n)
+        .iter()
+        .map(|x| ((x + 1.0) * 32.0) as u32 % v as u32)
+        .collect();
+    let denom = 40.0;
+    let device = Default::default();
+    let full =
+        Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device).require_grad();
+    let t = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            targets.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+            [n],
+        ),
+        &device,
+    );
+    let plain = cross_entropy(full.clone(), t, denom);
+    let plain_loss = f64::from(to_vec(plain.clone().inner())[0]);
+    let plain_grad = to_vec(full.grad(&plain.backward()).unwrap());
+    for tp in [1usize, 2, 4] {
+        let part = v / tp;
+        let results = on_group(local_group(tp), |g| {
+            let r = g.rank();
+            let z = Tensor::<I, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device)
+                .narrow(1, r * part, part);
+            let z = Tensor::<B, 2>::from_inner(z).require_grad();
+            let mut tp = Tp::new(g);
+            let (loss, surrogate) =
+                parallel_cross_entropy(z.clone(), &targets, r * part, denom, &mut tp).unwrap();
+            (loss, to_vec(z.grad(&surrogate.backward()).unwrap()))
+        });
+        for (r, (loss, grad)) in results.iter().enumerate() {
+            let lrel = (loss - plain_loss).abs() / plain_loss;
+            assert!(lrel < 1e-6, "tp={tp}: loss {loss} vs {plain_loss}");
+            let mine: Vec<f32> = (0..n)
+                .flat_map(|i| plain_grad[i * v + r * part..i * v + (r + 1) * part].to_vec())
+                .collect();
+            assert!(
+                rel(grad, &mine) < 1e-5,
+                "tp={tp} rank {r}: gradient {:e}",
+                rel(grad, &mine)
+            );
+        }
+    }
+}
+
+/// Under 1F1B a stage holds several microbatches' graphs at once, all
+/// reading the same parameters. Forwards of two microbatches followed by
+/// their backwards in reverse order give the gradients of running each
+/// forward-backward alone, with and without tensor parallelism.
+#[test]
+fn several_microbatches_graphs_live_at_once() {
+    let mut c = cfg(8, 4);
+    c.tie_embeddings = true;
+    let (rows, seq) = (2, 8);
+    let whole = ParamTable::whole(&c);
+    let full: Vec<f32> = noise(9, whole.total).iter().map(|x| x * 0.3).collect();
+    let tokens: Vec<Vec<u32>> = (0..2)
+        .map(|k| {
+            noise(10 + k, rows * (seq + 1))
+                .iter()
+                .map(|x| ((x + 1.0) * 128.0) as u32 % 256)
+                .collect()
+        })
+        .collect();
+    for tp in [1u32, 2] {
+        let layout = Layout::new(tp, 1, 1);
+        let run = |interleaved: bool| {
+            on_group(local_group(tp as usize), |g| {
+                let coords = Coords {
+                    dp: 0,
+                    pp: 0,
+                    tp: g.rank() as u32,
+                };
+                let table = ParamTable::new(&c, layout, coords);
+                let values: Vec<f32> = table
+                    .slots
+                    .iter()
+                    .flat_map(|s| {
+                        ParamTable::shard_of(s, &full[whole.get(&s.spec.name).unwrap().range()])
+                    })
+                    .collect();
+                let model = StageModel::<B>::new(&c, table.clone(), &values, &Default::default());
+                let mut tp = Tp::new(g);
+                let mut acc = GradAccum::<I>::new(table.slots.len());
+                let io: Vec<(Vec<u32>, Vec<u32>)> = tokens
+                    .iter()
+                    .map(|t| {
+                        let i = t.chunks(seq + 1).flat_map(|r| r[..seq].to_vec()).collect();
+                        let o = t.chunks(seq + 1).flat_map(|r| r[1..].to_vec()).collect();
+                        (i, o)
+                    })
+                    .collect();
+                let fwd = |k: usize, tp: &mut Tp<'_>| {
+                    model
+                        .forward(
+                            StageInput::Tokens(&io[k].0),
+                            rows,
+                            seq,
+                            Some(&io[k].1),
+                            32.0,
+                            tp,
+                        )
+                        .unwrap()
+                };
+                let mut losses = [0.0; 2];
+                if interleaved {
+                    let a = fwd(0, &mut tp);
+                    let b = fwd(1, &mut tp);
+                    losses = [a.loss, b.loss];
+                    model.backward(b, None, &mut acc, &mut tp).unwrap();
+                    model.backward(a, None, &mut acc, &mut tp).unwrap();
+                } else {
+                    for (k, loss) in losses.iter_mut().enumerate() {
+                        let t = fwd(k, &mut tp);
+                        *loss = t.loss;
+                        model.backward(t, None, &mut acc, &mut tp).unwrap();
+                    }
+                }
+                let grads: Vec<Vec<f32>> =
+                    acc.grads.into_iter().map(|g| to_vec(g.unwrap())).collect();
+                (losses, grads)
+            })
+        };
+        let (alone, live) = (run(false), run(true));
+        for (r, (a, b)) in alone.iter().zip(&live).enumerate() {
+            assert_eq!(a.0, b.0, "tp={tp} rank {r}: losses");
+            // Equal up to the order the sums were taken in (a tied
+            // embedding's two gradients per microbatch, added in another
+            // order when the backwards are reversed).
+            for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+                assert!(
+                    rel(y, x) < 1e-6,
+                    "tp={tp} rank {r}: gradient {i} differs by {:e}",
+                    rel(y, x)
+                );
+            }
+        }
+    }
+}
