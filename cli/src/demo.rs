@@ -251,14 +251,21 @@ fn summarise(job: &strata_proto::v1::Job, steps: &[strata_proto::v1::StepMetrics
     if let Some(s) = steps.last()
         && s.stages.len() > 1
     {
-        let bubbles: Vec<String> = s
+        let stages: Vec<String> = s
             .stages
             .iter()
-            .map(|st| format!("{:.0}%", 100.0 * st.bubble))
+            .map(|st| {
+                format!(
+                    "stage {} computes {:.2} s and idles {:.0}%",
+                    st.stage,
+                    st.forward_s + st.backward_s,
+                    100.0 * st.bubble
+                )
+            })
             .collect();
         println!(
-            "pipeline bubble (last step, per stage): {} (1F1B theory {:.0}%)",
-            bubbles.join(", "),
+            "pipeline (last step): {}; 1F1B idles {:.0}% when stages cost the same (here the last stage also computes the 50k-row head)",
+            stages.join(", "),
             100.0 * s.bubble_theory
         );
     }

@@ -113,11 +113,21 @@ fn plan_text(recipe: &Recipe, plan: &Plan) -> String {
         Curriculum::Named(n) => n.name().to_string(),
         Curriculum::Odds(o) => format!("odds {o:?}"),
     };
+    let stages = if l.pp > 1 {
+        let layers: Vec<String> = l
+            .stage_layers
+            .iter()
+            .map(|[a, b]| format!("{}", b - a))
+            .collect();
+        format!(", layers per stage {}", layers.join("/"))
+    } else {
+        String::new()
+    };
     let rows = vec![
         vec![
             "layout".to_string(),
             format!(
-                "tp={} pp={} dp={} (world {}), {mb}, 1F1B bubble {:.1}%",
+                "tp={} pp={} dp={} (world {}), {mb}, 1F1B bubble {:.1}%{stages}",
                 l.tp,
                 l.pp,
                 l.dp,

@@ -237,3 +237,61 @@ fn demo_trains_and_summarises() {
     assert!(dir.path().join("dataset/manifest.json").exists());
     assert!(dir.path().join("state/runs/demo-1/rank-1.log").exists());
 }
+
+#[test]
+fn demo_takes_tensor_and_pipeline_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = strata(&[
+        "demo",
+        "--steps",
+        "2",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--dp",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "demo failed: {stderr}\n{stdout}");
+    assert!(
+        stderr.contains("tp = 2 pp = 2 dp = 1 (4 worker processes, 4 microbatches per step)"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("demo-1 succeeded: 2 steps, 2048 tokens"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stage 0 computes") && stdout.contains("stage 1 computes"),
+        "{stdout}"
+    );
+    for r in 0..4 {
+        assert!(
+            dir.path()
+                .join(format!("state/runs/demo-1/rank-{r}.log"))
+                .exists()
+        );
+    }
+    // A layout the demo model cannot split is refused naming the field.
+    let out = strata(&[
+        "demo",
+        "--steps",
+        "1",
+        "--tp",
+        "3",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("parallel.tp"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -61,21 +61,35 @@ impl Groups {
     /// the in-process backend), in world-rank order: for tests and
     /// benchmarks of parallel layouts without worker processes.
     pub fn local_world(layout: Layout, tied: bool) -> Vec<(Coords, Groups)> {
+        Groups::world(layout, tied, |_, size| {
+            local_group(size)
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Collective>)
+                .collect()
+        })
+    }
+
+    /// Every rank's groups for `layout`, each group made by
+    /// `make(name, size)` (members in group-rank order), in world-rank
+    /// order.
+    pub fn world(
+        layout: Layout,
+        tied: bool,
+        mut make: impl FnMut(&str, usize) -> Vec<Box<dyn Collective>>,
+    ) -> Vec<(Coords, Groups)> {
         use std::collections::HashMap;
         let (tp, pp, dp) = (layout.tp, layout.pp, layout.dp);
-        type Pool = HashMap<(u32, u32), Vec<Option<crate::collective::LocalCollective>>>;
+        type Pool = HashMap<(u32, u32), Vec<Option<Box<dyn Collective>>>>;
         let mut pools: [Pool; 4] = Default::default();
-        let mut take =
-            |kind: usize, key: (u32, u32), size: u32, member: u32| -> Box<dyn Collective> {
-                let pool = pools[kind]
-                    .entry(key)
-                    .or_insert_with(|| local_group(size as usize).into_iter().map(Some).collect());
-                Box::new(
-                    pool[member as usize]
-                        .take()
-                        .expect("each member taken once"),
-                )
-            };
+        let mut take = |kind: usize, key: (u32, u32), size: u32, member: u32| {
+            let pool = pools[kind].entry(key).or_insert_with(|| {
+                let name = format!("{}-{}-{}", ["tp", "pp", "dp", "emb"][kind], key.0, key.1);
+                make(&name, size as usize).into_iter().map(Some).collect()
+            });
+            pool[member as usize]
+                .take()
+                .expect("each member taken once")
+        };
         (0..layout.world_size())
             .map(|r| {
                 let c = layout.coords(strata_recipe::Rank(r)).expect("in the world");
