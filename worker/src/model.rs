@@ -104,6 +104,29 @@ fn ids<X: Backend>(v: Vec<i64>, device: &X::Device) -> Tensor<X, 1, Int> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
+/// Token ids as rows of this rank's vocabulary part `start..start + len`:
+/// the local row (0 for ids another rank owns) and a `[n, 1]` mask that is
+/// 1 where this rank owns the id.
+fn vocab_rows<X: Backend>(
+    ids_: &[u32],
+    start: usize,
+    len: usize,
+    device: &X::Device,
+) -> (Tensor<X, 1, Int>, Tensor<X, 2>) {
+    let (local, mask): (Vec<i64>, Vec<f32>) = ids_
+        .iter()
+        .map(|&x| match (x as usize).checked_sub(start) {
+            Some(row) if row < len => (row as i64, 1.0),
+            _ => (0, 0.0),
+        })
+        .unzip();
+    let n = mask.len();
+    (
+        ids::<X>(local, device),
+        Tensor::from_data(TensorData::new(mask, [n, 1]), device),
+    )
+}
+
 /// RMSNorm over the last dimension with gain `g` (`[1, d]`).
 pub fn rms_norm<X: Backend>(x: Tensor<X, 2>, g: Tensor<X, 2>) -> Tensor<X, 2> {
     let inv = (x.clone().square().mean_dim(1) + NORM_EPS).sqrt().recip();
@@ -250,19 +273,8 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     let max_t = Tensor::<B, 2>::from_data(TensorData::new(max.clone(), [n, 1]), &device);
     let e = (z_local.clone() - max_t).exp();
     // Local sums of exponentials and target logits, reduced in one call.
-    let (local, mask): (Vec<i64>, Vec<f32>) = targets
-        .iter()
-        .map(|&y| {
-            let y = y as usize;
-            if (vocab_start..vocab_start + vl).contains(&y) {
-                ((y - vocab_start) as i64, 1.0)
-            } else {
-                (0, 0.0)
-            }
-        })
-        .unzip();
-    let picked = z_local.gather(1, ids::<B>(local, &device).reshape([n, 1]))
-        * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, 1]), &device);
+    let (local, mask) = vocab_rows::<B>(targets, vocab_start, vl, &device);
+    let picked = z_local.gather(1, local.reshape([n, 1])) * mask;
     let mut stats = to_vec(e.clone().inner().sum_dim(1));
     stats.extend(to_vec(picked.clone().inner()));
     tp.all_reduce_sum(&mut stats)?;
@@ -530,7 +542,6 @@ impl<B: AutodiffBackend> StageModel<B> {
         if tp.size() == 1 {
             return Ok(self.forward_whole(input, rows, seq, targets, denominator));
         }
-        let n = rows * seq;
         let device = &self.device;
         let (cos, sin) = self.tables();
         let mut pieces = Vec::new();
@@ -538,20 +549,9 @@ impl<B: AutodiffBackend> StageModel<B> {
             StageInput::Tokens(tokens) => {
                 let mut leaves = Vec::new();
                 let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
-                let (start, len) = (self.dims.vocab_start, self.dims.vocab_len);
-                let (local, mask): (Vec<i64>, Vec<f32>) = tokens
-                    .iter()
-                    .map(|&x| {
-                        let x = x as usize;
-                        if (start..start + len).contains(&x) {
-                            ((x - start) as i64, 1.0)
-                        } else {
-                            (0, 0.0)
-                        }
-                    })
-                    .unzip();
-                let partial = table.select(0, ids::<B>(local, device))
-                    * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, 1]), device);
+                let (local, mask) =
+                    vocab_rows::<B>(tokens, self.dims.vocab_start, self.dims.vocab_len, device);
+                let partial = table.select(0, local) * mask;
                 let h = tp.sum_tensor(partial.clone().inner())?;
                 pieces.push(Piece::Embed(Segment {
                     input: None,
