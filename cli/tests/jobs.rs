@@ -385,10 +385,14 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
         ),
         (
             vec![
-                ("n_heads = 2", "n_heads = 4\nn_kv_heads = 2"),
-                ("[parallel]", "[parallel]\ntp = 4"),
+                ("d_model = 16", "d_model = 24"),
+                ("n_heads = 2", "n_heads = 12\nn_kv_heads = 3"),
+                ("[parallel]", "[parallel]\ntp = 2"),
             ],
-            ["parallel.tp", "4 does not divide model.n_kv_heads = 2"],
+            [
+                "parallel.tp",
+                "2 neither divides model.n_kv_heads = 3 nor is a multiple of it",
+            ],
         ),
         (
             vec![("[parallel]", "[parallel]\npp = 2")],

@@ -234,16 +234,23 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
     let dp = c.positive_u32("parallel.dp", p.dp);
     let microbatches = c.positive_u32("parallel.microbatches", p.microbatches);
     if let Some(tp) = tp {
-        for (what, v) in [
-            ("model.n_heads", n_heads),
-            ("model.n_kv_heads", n_kv_heads),
-            ("model.d_ffn", d_ffn),
-        ] {
+        for (what, v) in [("model.n_heads", n_heads), ("model.d_ffn", d_ffn)] {
             if let Some(v) = v
                 && v % u64::from(tp) != 0
             {
                 c.fail("parallel.tp", format!("{tp} does not divide {what} = {v}"));
             }
+        }
+        // KV heads split over the ranks, or (more ranks than KV heads)
+        // each shared by tp / n_kv_heads ranks.
+        if let Some(kv) = n_kv_heads
+            && kv % u64::from(tp) != 0
+            && u64::from(tp) % kv != 0
+        {
+            c.fail(
+                "parallel.tp",
+                format!("{tp} neither divides model.n_kv_heads = {kv} nor is a multiple of it"),
+            );
         }
     }
     // Layers need not divide evenly (Layout::stage_layers places the

@@ -158,10 +158,21 @@ fn tensor_parallel_must_divide_heads_kv_heads_and_ffn() {
         &["3", "model.n_heads = 8"],
     );
     check(
-        &[Set("model.n_kv_heads", int(1))],
+        &[
+            Set("model.d_model", int(384)),
+            Set("model.n_heads", int(12)),
+            Set("model.n_kv_heads", int(6)),
+            Set("parallel.tp", int(4)),
+        ],
         "parallel.tp",
-        &["2", "model.n_kv_heads = 1"],
+        &["4", "model.n_kv_heads = 6"],
     );
+    // More ranks than KV heads: each KV head is shared by tp / n_kv_heads
+    // ranks (multi-query attention included).
+    for kv in [1, 2] {
+        let r = parse(&[Set("model.n_kv_heads", int(kv)), Set("parallel.tp", int(4))]).unwrap();
+        assert_eq!(r.parallel.layout.tp, 4);
+    }
     check(
         &[Set("model.d_ffn", int(1025))],
         "parallel.tp",

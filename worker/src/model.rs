@@ -419,7 +419,9 @@ impl<B: AutodiffBackend> StageModel<B> {
         let dims = Dims {
             d_model: cfg.d_model as usize,
             heads: cfg.n_heads as usize / tp,
-            kv_heads: cfg.n_kv_heads as usize / tp,
+            // With more ranks than KV heads, each rank holds the one its
+            // query heads read.
+            kv_heads: (cfg.n_kv_heads as usize / tp).max(1),
             head_dim: cfg.head_dim() as usize,
             vocab_start: v / tp * table.tp_rank as usize,
             vocab_len: v / tp,

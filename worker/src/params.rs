@@ -36,6 +36,12 @@ pub enum Split {
     /// Cut along `dim` into `tp` equal, contiguous parts; rank r holds
     /// part r.
     Dim(usize),
+    /// Cut along `dim` into `groups` equal blocks (grouped KV heads). With
+    /// `tp ≤ groups` rank r holds blocks `r·groups/tp ..` (`groups/tp` of
+    /// them); with `tp > groups` each block is held by `tp/groups`
+    /// consecutive ranks, each of which computes a partial gradient for it
+    /// (from its own query heads), summed over those ranks.
+    Groups { dim: usize, groups: usize },
 }
 
 /// How a parameter's initial values are made.
@@ -133,10 +139,18 @@ pub struct ParamSlot {
     /// Where it lives in the rank's flat buffers.
     pub offset: usize,
     pub len: usize,
+    /// How many tensor-parallel ranks hold this same slice (1 for a part
+    /// of its own, `tp` for a replicated parameter), and which of them this
+    /// rank is.
+    pub replicas: u32,
+    pub replica: u32,
+    /// This rank's gradient is only its share, to be summed over the
+    /// replicas (KV heads shared by several ranks' query heads).
+    pub partial_grad: bool,
     /// Whether this copy's gradient counts toward the global gradient norm:
-    /// false for a replicated parameter on tensor-parallel ranks other than
-    /// 0 and for the tied embedding's mirror on the last pipeline stage, so
-    /// that every logical element is counted exactly once.
+    /// only the first replica of a slice counts, and not the tied
+    /// embedding's mirror on the last pipeline stage, so that every logical
+    /// element is counted exactly once.
     pub in_norm: bool,
     /// The last stage's copy of a tied embedding (pp > 1); the first
     /// stage owns the parameter (checkpoints read it from there).
@@ -176,7 +190,11 @@ pub fn logical_params(cfg: &ModelConfig) -> Vec<ParamSpec> {
                 // Column-parallel: Q, K and V split by heads (KV heads with
                 // the query heads that read them), gate and up by columns.
                 Wq => (vec![d, h * hd], Split::Dim(1), normal(INIT_STD)),
-                Wk | Wv => (vec![d, kv * hd], Split::Dim(1), normal(INIT_STD)),
+                Wk | Wv => (
+                    vec![d, kv * hd],
+                    Split::Groups { dim: 1, groups: kv },
+                    normal(INIT_STD),
+                ),
                 WGate | WUp => (vec![d, f], Split::Dim(1), normal(INIT_STD)),
                 // Row-parallel: their inputs are the column-parallel outputs.
                 Wo => (vec![h * hd, d], Split::Dim(0), normal(out_std)),
@@ -245,28 +263,41 @@ impl ParamTable {
             if !held {
                 continue;
             }
+            let (t, r) = (tp as usize, coords.tp as usize);
+            // The split dimension, into how many blocks, and how many ranks
+            // share each block.
+            let (cut, blocks, replicas) = match spec.split {
+                Split::Replicated => (None, 1, t),
+                Split::Dim(d) => (Some(d), t, 1),
+                Split::Groups { dim, groups } if t <= groups => (Some(dim), t, 1),
+                Split::Groups { dim, groups } => (Some(dim), groups, t / groups),
+            };
             let slice: Vec<Range<usize>> = spec
                 .full_shape
                 .iter()
                 .enumerate()
-                .map(|(dim, &n)| match spec.split {
-                    Split::Dim(d) if d == dim => {
-                        let part = n / tp as usize;
-                        part * coords.tp as usize..part * (coords.tp as usize + 1)
+                .map(|(dim, &n)| {
+                    if cut == Some(dim) {
+                        let (block, b) = (n / blocks, r / replicas);
+                        block * b..block * (b + 1)
+                    } else {
+                        0..n
                     }
-                    _ => 0..n,
                 })
                 .collect();
             let shape: Vec<usize> = slice.iter().map(|r| r.len()).collect();
             let len = shape.iter().product();
-            let in_norm = !mirror && (spec.split != Split::Replicated || coords.tp == 0);
+            let replica = (r % replicas) as u32;
             slots.push(ParamSlot {
+                partial_grad: cut.is_some() && replicas > 1,
+                in_norm: !mirror && replica == 0,
+                replicas: replicas as u32,
+                replica,
                 spec,
                 slice,
                 shape,
                 offset,
                 len,
-                in_norm,
                 mirror,
             });
             offset += len;
@@ -439,6 +470,7 @@ mod tests {
             let values = whole.init(11);
             for tp in [2u32, 4] {
                 for pp in [1u32, 3] {
+                    // tp = 4 shares each of the 2 KV heads between 2 ranks.
                     let layout = Layout::new(tp, pp, 1);
                     for s in 0..pp {
                         for r in 0..tp {
@@ -465,7 +497,7 @@ mod tests {
         for tie in [false, true] {
             let c = cfg(tie);
             let whole = ParamTable::whole(&c);
-            for (tp, pp) in [(1, 1), (2, 1), (1, 3), (4, 3), (2, 2)] {
+            for (tp, pp) in [(1, 1), (2, 1), (1, 3), (4, 3), (2, 2), (4, 1)] {
                 let layout = Layout::new(tp, pp, 1);
                 let mut counted = vec![0usize; whole.total];
                 let mut held = vec![0usize; whole.total];
@@ -493,6 +525,30 @@ mod tests {
                 assert!(held.iter().all(|&h| h >= 1));
             }
         }
+    }
+
+    #[test]
+    fn kv_heads_are_shared_when_tp_exceeds_them() {
+        // 2 KV heads over 4 ranks: ranks 0 and 1 hold head 0, 2 and 3 head 1.
+        let c = cfg(false);
+        let layout = Layout::new(4, 1, 1);
+        let hd = (c.d_model / c.n_heads) as usize;
+        for r in 0..4u32 {
+            let t = ParamTable::new(&c, layout, coords(r, 0));
+            let wk = t.get("blocks.0.wk").unwrap();
+            let head = r as usize / 2;
+            assert_eq!(wk.slice[1], head * hd..(head + 1) * hd);
+            assert_eq!((wk.replicas, wk.replica, wk.partial_grad), (2, r % 2, true));
+            assert_eq!(wk.in_norm, r % 2 == 0);
+            let wq = t.get("blocks.0.wq").unwrap();
+            assert_eq!((wq.replicas, wq.partial_grad), (1, false));
+            let g = t.get("blocks.0.attn_norm").unwrap();
+            assert_eq!((g.replicas, g.partial_grad, g.in_norm), (4, false, r == 0));
+        }
+        // With tp ≤ KV heads each rank has heads of its own.
+        let t = ParamTable::new(&c, Layout::new(2, 1, 1), coords(1, 0));
+        let wk = t.get("blocks.0.wk").unwrap();
+        assert_eq!((wk.slice[1].clone(), wk.replicas), (hd..2 * hd, 1));
     }
 
     #[test]

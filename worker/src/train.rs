@@ -17,7 +17,7 @@ use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
 use crate::model::{GradAccum, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
-use crate::params::ParamTable;
+use crate::params::{ParamSlot, ParamTable};
 use crate::pipeline::{PipeOp, one_f_one_b};
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
@@ -382,6 +382,33 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.grads[slot.range()].copy_from_slice(&to_vec(g));
             }
         }
+        // KV heads shared by several tensor-parallel ranks: each computed
+        // the gradient from its own query heads; sum them over the group
+        // (each rank places its share at its block, zeros elsewhere).
+        let shared: Vec<&ParamSlot> = table.slots.iter().filter(|s| s.partial_grad).collect();
+        if !shared.is_empty() {
+            let t = Instant::now();
+            let blocks = |s: &ParamSlot| (table.tp / s.replicas) as usize;
+            let mut buf = vec![0f32; shared.iter().map(|s| blocks(s) * s.len).sum()];
+            let mut at = 0;
+            for s in &shared {
+                let mine = at + (table.tp_rank / s.replicas) as usize * s.len;
+                buf[mine..mine + s.len].copy_from_slice(&self.grads[s.range()]);
+                at += blocks(s) * s.len;
+            }
+            self.groups
+                .tp
+                .all_reduce_sum(&mut buf)
+                .map_err(in_group(GroupKind::Tensor))?;
+            let mut at = 0;
+            for s in &shared {
+                let mine = at + (table.tp_rank / s.replicas) as usize * s.len;
+                self.grads[s.range()].copy_from_slice(&buf[mine..mine + s.len]);
+                at += blocks(s) * s.len;
+            }
+            own.tp_comm_s += t.elapsed().as_secs_f64();
+        }
+
         let t = Instant::now();
         self.grads[n] = local_loss as f32;
         for bucket in self.grads.chunks_mut(BUCKET_ELEMS) {

@@ -1,6 +1,7 @@
 //! Megatron's tensor-parallel pieces against their unsharded selves on the
 //! same weights: a transformer block (attention and MLP, with and without
-//! grouped KV heads) for tp = 2 and 4, forward output and every gradient;
+//! grouped KV heads, KV heads shared when tp exceeds them) for tp = 2 and
+//! 4, forward output and every gradient;
 //! and the vocabulary-parallel cross-entropy against the plain one.
 
 use burn::backend::{Autodiff, NdArray};
@@ -111,11 +112,17 @@ fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
                 grads.push((name.clone(), vec![f32::NAN; len]));
             }
             let full = &mut grads.iter_mut().find(|(n, _)| *n == name).unwrap().1;
-            let mut mine = full.clone();
+            let mut mine = vec![f32::NAN; len];
             ParamTable::place_shard(slot, values, &mut mine);
             for (f, m) in full.iter_mut().zip(mine) {
-                if f.is_nan() {
+                if m.is_nan() {
+                    continue;
+                } else if f.is_nan() {
                     *f = m;
+                } else if slot.partial_grad {
+                    // A KV head shared by several ranks: each has the part
+                    // from its own query heads (the trainer sums them).
+                    *f += m;
                 } else {
                     // A replicated gain's gradient is identical on every rank.
                     assert_eq!(f.to_bits(), m.to_bits(), "{name} differs between tp ranks");
@@ -163,6 +170,10 @@ fn tensor_parallel_block_matches_the_unsharded_block() {
     check_block(8, 2, 2);
     check_block(8, 8, 4);
     check_block(8, 4, 4);
+    // More ranks than KV heads: each KV head shared by 2 (or 4) ranks.
+    check_block(8, 2, 4);
+    check_block(8, 1, 2);
+    check_block(8, 1, 4);
 }
 
 #[test]
