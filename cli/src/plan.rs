@@ -117,9 +117,17 @@ fn plan_text(recipe: &Recipe, plan: &Plan) -> String {
         let layers: Vec<String> = l
             .stage_layers
             .iter()
-            .map(|[a, b]| format!("{}", b - a))
+            .map(|chunks| {
+                let n: Vec<String> = chunks.iter().map(|[a, b]| format!("{}", b - a)).collect();
+                n.join("+")
+            })
             .collect();
-        format!(", layers per stage {}", layers.join("/"))
+        let chunks = if l.virtual_stages > 1 {
+            format!(", interleaved ({} chunks per stage)", l.virtual_stages)
+        } else {
+            String::new()
+        };
+        format!("{chunks}, layers per stage {}", layers.join("/"))
     } else {
         String::new()
     };

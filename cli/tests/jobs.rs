@@ -768,6 +768,60 @@ async fn every_layout_trains_like_one_process() {
     c.stop().await;
 }
 
+/// Interleaved 1F1B (two model chunks per stage) through real workers:
+/// the losses of one process, and the wrap-around link between the last
+/// and the first stage carries every chunk's traffic.
+#[tokio::test(flavor = "multi_thread")]
+async fn interleaved_pipelines_train_like_one_process() {
+    let Fixture {
+        dir,
+        data: _,
+        c,
+        mut cl,
+    } = fixture(8, None, Duration::from_secs(60)).await;
+    let data = dataset_40(dir.path()).await;
+    let steps = 10;
+    let four_layers = |l: (u32, u32, u32), v: u32| {
+        recipe3d(&data, steps, l, true)
+            .replace("n_layers = 2", "n_layers = 4")
+            .replace(
+                "microbatches = 2",
+                &format!("microbatches = 2\nvirtual_stages = {v}"),
+            )
+    };
+    let mut runs = Vec::new();
+    for (l, v) in [((1, 1, 1), 1), ((1, 2, 1), 2), ((2, 2, 2), 2)] {
+        let id = submit(&mut cl, four_layers(l, v)).await.unwrap();
+        let j = until(&mut cl, &id, 600, |j| {
+            j.state() != pb::JobState::Queued && j.state() != pb::JobState::Running
+        })
+        .await;
+        assert_eq!(
+            j.state(),
+            pb::JobState::Succeeded,
+            "{l:?} v={v}: {}",
+            j.failure_reason
+        );
+        let m = metrics(&mut cl, &id).await;
+        let theory = f64::from(l.1 - 1) / f64::from(2 * v + l.1 - 1);
+        assert!((m[0].bubble_theory - theory).abs() < 1e-12, "{l:?} v={v}");
+        runs.push(m);
+    }
+    for (k, m) in runs[1..].iter().enumerate() {
+        for (a, b) in runs[0].iter().zip(m) {
+            let rel = (a.loss - b.loss).abs() / a.loss;
+            assert!(
+                rel < 1e-4,
+                "run {k} step {}: {} vs {} (rel {rel:e})",
+                a.step,
+                b.loss,
+                a.loss
+            );
+        }
+    }
+    c.stop().await;
+}
+
 /// A stage that dies in the middle of a pipeline fails the job, and the
 /// reason names it; its peers, blocked on its messages, are stopped.
 #[tokio::test(flavor = "multi_thread")]

@@ -90,12 +90,14 @@ impl Layout {
     }
 
     /// The fraction of a step's pipeline time each stage of a 1F1B (or
-    /// GPipe) pipeline idles with `m` microbatches of equal cost:
-    /// `(p − 1) / (m + p − 1)` (Narayanan et al. 2021: the bubble is
-    /// `(p − 1)/m` of the ideal time, which is `m/(m + p − 1)` of the step).
-    pub fn bubble_fraction(&self, microbatches: u32) -> f64 {
-        let (p, m) = (f64::from(self.pp), f64::from(microbatches.max(1)));
-        (p - 1.0) / (m + p - 1.0)
+    /// GPipe) pipeline idles with `m` microbatches of equal cost and `v`
+    /// model chunks per stage (interleaved 1F1B; 1 otherwise):
+    /// `(p − 1) / (m·v + p − 1)` (Narayanan et al. 2021: the bubble is
+    /// `(p − 1)/(m·v)` of the ideal time).
+    pub fn bubble_fraction(&self, microbatches: u32, virtual_stages: u32) -> f64 {
+        let p = f64::from(self.pp);
+        let mv = f64::from(microbatches.max(1)) * f64::from(virtual_stages.max(1));
+        (p - 1.0) / (mv + p - 1.0)
     }
 
     /// The layers of pipeline stage `stage` when `n_layers` layers are split
@@ -108,14 +110,35 @@ impl Layout {
     /// # Panics
     /// If `stage >= pp`.
     pub fn stage_layers(&self, n_layers: u32, stage: u32) -> std::ops::Range<u32> {
+        self.chunk_layers(n_layers, 1, stage, 0)
+    }
+
+    /// The layers of model chunk `chunk` of pipeline stage `stage` when
+    /// each stage holds `virtual_stages` chunks (interleaved 1F1B): chunk
+    /// c of stage s is virtual stage `c·pp + s` of `pp·virtual_stages`,
+    /// and layers are split over the virtual stages as
+    /// [`Layout::stage_layers`] splits them over stages.
+    ///
+    /// # Panics
+    /// If `stage >= pp` or `chunk >= virtual_stages`.
+    pub fn chunk_layers(
+        &self,
+        n_layers: u32,
+        virtual_stages: u32,
+        stage: u32,
+        chunk: u32,
+    ) -> std::ops::Range<u32> {
         assert!(
             stage < self.pp,
             "stage {stage} of a {}-stage pipeline",
             self.pp
         );
-        let (base, extra) = (n_layers / self.pp, n_layers % self.pp);
-        let start = stage * base + stage.min(extra);
-        let len = base + u32::from(stage < extra);
+        assert!(chunk < virtual_stages, "chunk {chunk} of {virtual_stages}");
+        let n = self.pp * virtual_stages;
+        let k = chunk * self.pp + stage;
+        let (base, extra) = (n_layers / n, n_layers % n);
+        let start = k * base + k.min(extra);
+        let len = base + u32::from(k < extra);
         start..start + len
     }
 }
@@ -178,9 +201,24 @@ mod tests {
 
     #[test]
     fn bubble_matches_narayanan() {
-        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8), 3.0 / 11.0);
-        assert_eq!(Layout::new(1, 2, 1).bubble_fraction(4), 1.0 / 5.0);
-        assert_eq!(Layout::new(1, 1, 1).bubble_fraction(1), 0.0);
+        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8, 1), 3.0 / 11.0);
+        assert_eq!(Layout::new(1, 2, 1).bubble_fraction(4, 1), 1.0 / 5.0);
+        assert_eq!(Layout::new(1, 1, 1).bubble_fraction(1, 1), 0.0);
+        // Interleaving v chunks divides the bubble's cost by v.
+        assert_eq!(Layout::new(1, 4, 1).bubble_fraction(8, 2), 3.0 / 19.0);
+    }
+
+    #[test]
+    fn chunks_interleave_layers_over_stages() {
+        let l = Layout::new(1, 2, 1);
+        // 8 layers, 2 stages × 2 chunks: stage 0 holds 0..2 and 4..6.
+        assert_eq!(l.chunk_layers(8, 2, 0, 0), 0..2);
+        assert_eq!(l.chunk_layers(8, 2, 1, 0), 2..4);
+        assert_eq!(l.chunk_layers(8, 2, 0, 1), 4..6);
+        assert_eq!(l.chunk_layers(8, 2, 1, 1), 6..8);
+        // 5 layers over 4 virtual stages: the first gets the extra one.
+        assert_eq!(l.chunk_layers(5, 2, 0, 0), 0..2);
+        assert_eq!(l.chunk_layers(5, 2, 1, 1), 4..5);
     }
 
     #[test]

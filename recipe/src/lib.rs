@@ -80,6 +80,9 @@ pub struct ParallelConfig {
     pub layout: Layout,
     /// Microbatches per step on each data-parallel rank.
     pub microbatches: u32,
+    /// Model chunks per pipeline stage: 1 for 1F1B, more for interleaved
+    /// 1F1B (Megatron's virtual pipeline stages).
+    pub virtual_stages: u32,
 }
 
 /// `[data]` once validated.

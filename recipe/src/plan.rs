@@ -39,10 +39,12 @@ pub struct LayoutSummary {
     pub dp: u32,
     pub world_size: u32,
     pub microbatches: u32,
-    /// 1F1B's idle fraction of each stage's step, (pp − 1) / (m + pp − 1).
+    /// Model chunks per stage (interleaved 1F1B above 1).
+    pub virtual_stages: u32,
+    /// 1F1B's idle fraction of each stage's step, (pp − 1) / (m·v + pp − 1).
     pub bubble_fraction: f64,
-    /// Each pipeline stage's layers, `[first, end)`.
-    pub stage_layers: Vec<[u32; 2]>,
+    /// Each pipeline stage's layers, `[first, end)` per model chunk.
+    pub stage_layers: Vec<Vec<[u32; 2]>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +93,7 @@ impl Plan {
         let data = &recipe.data;
         let layout = recipe.parallel.layout;
         let mb = recipe.parallel.microbatches;
+        let v = recipe.parallel.virtual_stages;
         let total = data.total_tokens;
         let flops_per_token = model.flops_per_token(model.max_seq_len);
         let schedule = &recipe.schedule;
@@ -129,11 +132,16 @@ impl Plan {
                 dp: layout.dp,
                 world_size: layout.world_size(),
                 microbatches: mb,
-                bubble_fraction: layout.bubble_fraction(mb),
+                virtual_stages: v,
+                bubble_fraction: layout.bubble_fraction(mb, v),
                 stage_layers: (0..layout.pp)
                     .map(|s| {
-                        let r = layout.stage_layers(model.n_layers as u32, s);
-                        [r.start, r.end]
+                        (0..v)
+                            .map(|c| {
+                                let r = layout.chunk_layers(model.n_layers as u32, v, s, c);
+                                [r.start, r.end]
+                            })
+                            .collect()
                     })
                     .collect(),
             },

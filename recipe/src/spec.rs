@@ -65,6 +65,9 @@ pub struct ParallelSpec {
     /// Microbatches per step on each data-parallel rank.
     #[serde(default = "one")]
     pub microbatches: i64,
+    /// Model chunks per pipeline stage (interleaved 1F1B when above 1).
+    #[serde(default = "one")]
+    pub virtual_stages: i64,
 }
 
 impl Default for ParallelSpec {
@@ -74,6 +77,7 @@ impl Default for ParallelSpec {
             pp: 1,
             dp: 1,
             microbatches: 1,
+            virtual_stages: 1,
         }
     }
 }

@@ -233,6 +233,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
     let pp = c.positive_u32("parallel.pp", p.pp);
     let dp = c.positive_u32("parallel.dp", p.dp);
     let microbatches = c.positive_u32("parallel.microbatches", p.microbatches);
+    let virtual_stages = c.positive_u32("parallel.virtual_stages", p.virtual_stages);
     if let Some(tp) = tp {
         for (what, v) in [("model.n_heads", n_heads), ("model.d_ffn", d_ffn)] {
             if let Some(v) = v
@@ -264,6 +265,36 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             format!("{pp} pipeline stages for model.n_layers = {l}: every stage needs at least one layer"),
         );
     }
+    // Interleaved 1F1B: every chunk needs a layer, and microbatches go
+    // round the stages in groups of pp (Megatron's schedule).
+    if let (Some(v), Some(pp)) = (virtual_stages, pp)
+        && v > 1
+    {
+        if pp == 1 {
+            c.fail(
+                "parallel.virtual_stages",
+                format!("{v} model chunks per stage need a pipeline (parallel.pp = 1)"),
+            );
+        }
+        if let Some(l) = n_layers
+            && pp > 1
+            && u64::from(pp) * u64::from(v) > l
+        {
+            c.fail(
+                "parallel.virtual_stages",
+                format!("parallel.pp·virtual_stages = {pp}·{v} chunks for model.n_layers = {l}: every chunk needs at least one layer"),
+            );
+        }
+        if let Some(mb) = microbatches
+            && pp > 1
+            && mb % pp != 0
+        {
+            c.fail(
+                "parallel.microbatches",
+                format!("{mb} is not a multiple of parallel.pp = {pp}: interleaved 1F1B (virtual_stages = {v}) sends microbatches round the stages in groups of pp"),
+            );
+        }
+    }
     let layout = match (tp, pp, dp) {
         (Some(tp), Some(pp), Some(dp)) => {
             match tp.checked_mul(pp).and_then(|x| x.checked_mul(dp)) {
@@ -283,6 +314,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         Some(ParallelConfig {
             layout: layout?,
             microbatches: microbatches?,
+            virtual_stages: virtual_stages?,
         })
     })();
 

@@ -719,3 +719,37 @@ fn a_resolved_recipe_round_trips_through_json() {
     let back: Recipe = serde_json::from_str(&json).unwrap();
     assert_eq!(back, r);
 }
+
+#[test]
+fn interleaved_pipelines_need_a_layer_per_chunk_and_groups_of_pp_microbatches() {
+    // BASE: 4 layers, pp = 2, 4 microbatches.
+    let r = parse(&[Set("parallel.virtual_stages", int(2))]).unwrap();
+    assert_eq!(r.parallel.virtual_stages, 2);
+    check(
+        &[Set("parallel.virtual_stages", int(3))],
+        "parallel.virtual_stages",
+        &["2·3", "model.n_layers = 4"],
+    );
+    check(
+        &[
+            Set("parallel.virtual_stages", int(2)),
+            Set("parallel.microbatches", int(3)),
+            Set("data.tokens_per_step", int(3 * 512 * 2 * 64)),
+        ],
+        "parallel.microbatches",
+        &["3", "parallel.pp = 2"],
+    );
+    check(
+        &[
+            Set("parallel.virtual_stages", int(2)),
+            Set("parallel.pp", int(1)),
+        ],
+        "parallel.virtual_stages",
+        &["parallel.pp = 1"],
+    );
+    check(
+        &[Set("parallel.virtual_stages", int(0))],
+        "parallel.virtual_stages",
+        &["0"],
+    );
+}

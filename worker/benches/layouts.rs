@@ -17,8 +17,9 @@
 //!   stages are far from equal here.
 //! - `balanced-8l` (8 layers, d = 128, 8 query and 4 KV heads, SwiGLU
 //!   352, 256-row vocabulary): stages of nearly equal cost, where the
-//!   measured bubble can be held against the theory. With more ranks than
-//!   cores, ranks share cores, which shows in the measurement too.
+//!   measured bubble can be held against the theory, with plain and
+//!   interleaved (2 chunks per stage) 1F1B. With more ranks than cores,
+//!   ranks share cores, which shows in the measurement too.
 
 use std::time::Instant;
 
@@ -26,6 +27,7 @@ use burn::backend::{Autodiff, NdArray};
 use strata_recipe::{AdamWConfig, Layout, ModelConfig};
 use strata_worker::collective::Collective;
 use strata_worker::collective::tcp::loopback_group;
+use strata_worker::params::ParamTable;
 use strata_worker::pipeline::bubble_theory;
 use strata_worker::train::{Groups, LocalBatch, StageStats, Trainer};
 
@@ -82,8 +84,8 @@ struct Measured {
     stages: Vec<StageStats>,
 }
 
-fn run(cfg: ModelConfig, layout: Layout, m: usize, steps: usize) -> Measured {
-    let world = Groups::world(layout, cfg.tie_embeddings, |name, size| {
+fn run(cfg: ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) -> Measured {
+    let world = Groups::world(layout, cfg.tie_embeddings, chunks, |name, size| {
         loopback_group(name, size)
             .expect("a loopback group")
             .into_iter()
@@ -103,8 +105,8 @@ fn run(cfg: ModelConfig, layout: Layout, m: usize, steps: usize) -> Measured {
             .map(|(c, groups)| {
                 let cfg = &cfg;
                 s.spawn(move || {
-                    let mut t =
-                        Trainer::<B>::new(cfg, 1, layout, c, adamw, groups, Default::default());
+                    let table = ParamTable::interleaved(cfg, layout, c, chunks);
+                    let mut t = Trainer::<B>::new(cfg, table, 1, adamw, groups, Default::default());
                     let mut out = Vec::new();
                     for step in 0..WARMUP + steps {
                         let rows = TOKENS / SEQ;
@@ -176,14 +178,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4usize);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (shape, tp, pp, dp, m) in [
-        ("tiny-4l", 1, 1, 1, 1),
-        ("tiny-4l", 2, 1, 1, 1),
-        ("tiny-4l", 1, 2, 1, 4),
-        ("balanced-8l", 1, 1, 1, 1),
-        ("balanced-8l", 1, 2, 1, 4),
-        ("balanced-8l", 1, 2, 1, 8),
-        ("balanced-8l", 1, 4, 1, 8),
+    for (shape, tp, pp, dp, m, v) in [
+        ("tiny-4l", 1, 1, 1, 1, 1),
+        ("tiny-4l", 2, 1, 1, 1, 1),
+        ("tiny-4l", 1, 2, 1, 4, 1),
+        ("balanced-8l", 1, 1, 1, 1, 1),
+        ("balanced-8l", 1, 2, 1, 4, 1),
+        ("balanced-8l", 1, 2, 1, 8, 1),
+        ("balanced-8l", 1, 4, 1, 8, 1),
+        ("balanced-8l", 1, 2, 1, 4, 2),
+        ("balanced-8l", 1, 4, 1, 8, 2),
     ] {
         let cfg = if shape == "tiny-4l" {
             tiny_4l()
@@ -191,7 +195,7 @@ fn main() {
             balanced_8l()
         };
         let layout = Layout::new(tp, pp, dp);
-        let r = run(cfg, layout, m, steps);
+        let r = run(cfg, layout, m, v, steps);
         let stages: Vec<serde_json::Value> = r
             .stages
             .iter()
@@ -211,11 +215,11 @@ fn main() {
         let line = serde_json::json!({
             "bench": "layouts",
             "shape": shape,
-            "tp": tp, "pp": pp, "dp": dp, "microbatches": m,
+            "tp": tp, "pp": pp, "dp": dp, "microbatches": m, "virtual_stages": v,
             "ranks": layout.world_size(), "cores": cores,
             "tokens_per_step": TOKENS, "seq_len": SEQ, "steps": steps,
             "tokens_per_s": r.tokens_per_s,
-            "bubble_theory": bubble_theory(pp, m as u32),
+            "bubble_theory": bubble_theory(pp, m as u32, v),
             "stages": stages,
         });
         println!("{line}");

@@ -401,7 +401,8 @@ pub struct StageModel<B: AutodiffBackend> {
     /// The head's slot, or the embedding's when tied.
     head: Option<usize>,
     tied: bool,
-    blocks: Vec<BlockSlots>,
+    /// Each model chunk's blocks (one chunk unless interleaved).
+    blocks: Vec<Vec<BlockSlots>>,
     device: B::Device,
 }
 
@@ -437,14 +438,19 @@ impl<B: AutodiffBackend> StageModel<B> {
             table.index(Role::Head)
         };
         let blocks = table
-            .layers
-            .clone()
-            .map(|layer| {
-                BlockSlots(BlockParam::ALL.map(|param| {
-                    table
-                        .index(Role::Block { layer, param })
-                        .expect("the table holds its stage's blocks")
-                }))
+            .chunks
+            .iter()
+            .map(|layers| {
+                layers
+                    .clone()
+                    .map(|layer| {
+                        BlockSlots(BlockParam::ALL.map(|param| {
+                            table
+                                .index(Role::Block { layer, param })
+                                .expect("the table holds its stage's blocks")
+                        }))
+                    })
+                    .collect()
             })
             .collect();
         let mut model = StageModel {
@@ -494,12 +500,21 @@ impl<B: AutodiffBackend> StageModel<B> {
             .collect();
     }
 
-    fn first(&self) -> bool {
-        self.table.stage == 0
+    /// Whether model chunk `chunk` is the first of the whole pipeline (it
+    /// embeds the tokens).
+    pub fn is_first(&self, chunk: u32) -> bool {
+        self.table.stage == 0 && chunk == 0
     }
 
-    fn last(&self) -> bool {
-        self.table.stage + 1 == self.table.pp
+    /// Whether model chunk `chunk` is the last of the whole pipeline (it
+    /// computes the head and the loss).
+    pub fn is_last(&self, chunk: u32) -> bool {
+        self.table.stage + 1 == self.table.pp && chunk as usize + 1 == self.blocks.len()
+    }
+
+    /// This rank's model chunks.
+    pub fn chunks(&self) -> u32 {
+        self.blocks.len() as u32
     }
 
     fn leaf(&self, slot: usize, leaves: &mut Vec<(usize, Tensor<B, 2>)>) -> Tensor<B, 2> {
@@ -529,11 +544,14 @@ impl<B: AutodiffBackend> StageModel<B> {
         which.map(|p| self.leaf(b.get(p), leaves))
     }
 
-    /// Runs this stage's forward on one microbatch of `rows` sequences of
-    /// `seq` tokens. The last stage needs the `targets` and the step's
-    /// `denominator` (its target tokens on every rank).
+    /// Runs model chunk `chunk`'s forward on one microbatch of `rows`
+    /// sequences of `seq` tokens. The last chunk of the pipeline needs the
+    /// `targets` and the step's `denominator` (its target tokens on every
+    /// rank).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        chunk: u32,
         input: StageInput<'_, B::InnerBackend>,
         rows: usize,
         seq: usize,
@@ -542,7 +560,7 @@ impl<B: AutodiffBackend> StageModel<B> {
         tp: &mut Tp<'_>,
     ) -> Result<Tape<B>, CollectiveError> {
         if tp.size() == 1 {
-            return Ok(self.forward_whole(input, rows, seq, targets, denominator));
+            return Ok(self.forward_whole(chunk, input, rows, seq, targets, denominator));
         }
         let device = &self.device;
         let (cos, sin) = self.tables();
@@ -564,7 +582,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             }
             StageInput::Activation(h) => h,
         };
-        for b in &self.blocks {
+        for b in &self.blocks[chunk as usize] {
             for attn in [true, false] {
                 let mut leaves = Vec::new();
                 let h_leaf = Tensor::<B, 2>::from_inner(h.clone()).require_grad();
@@ -601,7 +619,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 });
             }
         }
-        if !self.last() {
+        if !self.is_last(chunk) {
             return Ok(Tape {
                 pieces,
                 loss: 0.0,
@@ -641,6 +659,7 @@ impl<B: AutodiffBackend> StageModel<B> {
     /// The stage as one graph (no tensor parallelism).
     fn forward_whole(
         &self,
+        chunk: u32,
         input: StageInput<'_, B::InnerBackend>,
         rows: usize,
         seq: usize,
@@ -663,7 +682,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 (leaf.clone(), Some(leaf))
             }
         };
-        for b in &self.blocks {
+        for b in &self.blocks[chunk as usize] {
             use BlockParam::*;
             let [g] = self.block_weights(b, [AttnNorm], &mut leaves);
             let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
@@ -672,7 +691,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
             x = x.clone() + mlp(rms_norm(x, g), w);
         }
-        if !self.last() {
+        if !self.is_last(chunk) {
             let output = x.clone().inner();
             return Tape {
                 pieces: vec![Piece::Whole(Segment {
@@ -750,14 +769,14 @@ impl<B: AutodiffBackend> StageModel<B> {
     /// (inference; only for a rank that holds the whole model).
     pub fn logits(&self, tokens: &[u32], rows: usize, seq: usize) -> Tensor<B::InnerBackend, 2> {
         assert!(
-            self.first() && self.last() && self.table.tp == 1,
+            self.is_first(0) && self.is_last(0) && self.table.tp == 1,
             "logits need the whole model on one rank"
         );
         let p = |slot: usize| self.params[slot].clone();
         let t =
             ids::<B::InnerBackend>(tokens.iter().map(|&x| i64::from(x)).collect(), &self.device);
         let mut x = p(self.embed.expect("embedding")).select(0, t);
-        for b in &self.blocks {
+        for b in &self.blocks[0] {
             use BlockParam::*;
             let w = [Wq, Wk, Wv, Wo].map(|q| p(b.get(q)));
             x = x.clone()

@@ -241,16 +241,30 @@ pub struct ParamTable {
     pub tp_rank: u32,
     pub pp: u32,
     pub stage: u32,
-    /// This stage's layers.
-    pub layers: Range<u32>,
+    /// The layers of each of this stage's model chunks (one chunk unless
+    /// the pipeline is interleaved).
+    pub chunks: Vec<Range<u32>>,
 }
 
 impl ParamTable {
     /// The table of the rank at `coords` in `layout`. Data-parallel
     /// replicas get identical tables.
     pub fn new(cfg: &ModelConfig, layout: Layout, coords: Coords) -> ParamTable {
+        ParamTable::interleaved(cfg, layout, coords, 1)
+    }
+
+    /// The table of the rank at `coords` in `layout` when each pipeline
+    /// stage holds `chunks` model chunks (interleaved 1F1B).
+    pub fn interleaved(
+        cfg: &ModelConfig,
+        layout: Layout,
+        coords: Coords,
+        chunks: u32,
+    ) -> ParamTable {
         let (tp, pp, stage) = (layout.tp, layout.pp, coords.pp);
-        let layers = layout.stage_layers(cfg.n_layers as u32, stage);
+        let chunks: Vec<Range<u32>> = (0..chunks.max(1))
+            .map(|c| layout.chunk_layers(cfg.n_layers as u32, chunks.max(1), stage, c))
+            .collect();
         let (first, last) = (stage == 0, stage + 1 == pp);
         let mut slots = Vec::new();
         let mut offset = 0;
@@ -258,7 +272,7 @@ impl ParamTable {
             let (held, mirror) = match spec.role {
                 Role::Embed => (first || (last && cfg.tie_embeddings), !first),
                 Role::FinalNorm | Role::Head => (last, false),
-                Role::Block { layer, .. } => (layers.contains(&layer), false),
+                Role::Block { layer, .. } => (chunks.iter().any(|c| c.contains(&layer)), false),
             };
             if !held {
                 continue;
@@ -309,7 +323,7 @@ impl ParamTable {
             tp_rank: coords.tp,
             pp,
             stage,
-            layers,
+            chunks,
         }
     }
 
@@ -549,6 +563,26 @@ mod tests {
         let t = ParamTable::new(&c, Layout::new(2, 1, 1), coords(1, 0));
         let wk = t.get("blocks.0.wk").unwrap();
         assert_eq!((wk.slice[1].clone(), wk.replicas), (hd..2 * hd, 1));
+    }
+
+    #[test]
+    fn interleaved_stages_hold_their_chunks() {
+        let mut c = cfg(false);
+        c.n_layers = 8;
+        let layout = Layout::new(1, 2, 1);
+        let t = ParamTable::interleaved(&c, layout, coords(0, 1), 2);
+        assert_eq!(t.chunks, vec![2..4, 6..8]);
+        let blocks: Vec<String> = t
+            .slots
+            .iter()
+            .filter(|s| s.spec.name.ends_with(".wq"))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        assert_eq!(
+            blocks,
+            ["blocks.2.wq", "blocks.3.wq", "blocks.6.wq", "blocks.7.wq"]
+        );
+        assert!(t.get("final_norm").is_some() && t.get("head").is_some());
     }
 
     #[test]

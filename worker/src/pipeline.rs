@@ -10,6 +10,16 @@
 //! (collective backends queue them), so with blocking receives the
 //! schedule cannot deadlock for any `p` and `m`, `m < p` included: this is
 //! what `schedules_never_deadlock` checks by simulation.
+//!
+//! Interleaved 1F1B (Narayanan et al. 2021, §2.2; Megatron-LM's schedule)
+//! gives each stage `v` model chunks: chunk `c` of stage `s` is virtual
+//! stage `c·p + s`, so a microbatch goes round the stages `v` times. The
+//! k-th forward of every stage is on chunk `(k mod p·v) / p` and
+//! microbatch `(k / p·v)·p + k mod p` (microbatches in groups of `p`, so
+//! `m` must be a multiple of `p`); backwards go through the chunks in
+//! reverse. Stage `s` warms up with `2·(p − s − 1) + (v − 1)·p` forwards
+//! (at most `m·v`). The bubble shrinks to `(p − 1)/(m·v + p − 1)` of the
+//! step, for `v` times the point-to-point traffic.
 
 /// One operation of a stage's schedule, on microbatch `.0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,11 +46,71 @@ pub fn one_f_one_b(stages: u32, stage: u32, microbatches: u32) -> Vec<PipeOp> {
     ops
 }
 
+/// One operation of a stage's schedule on one of its model chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkOp {
+    pub op: PipeOp,
+    pub chunk: u32,
+}
+
+/// The operations of stage `stage` of `stages`, over `microbatches` and
+/// `chunks` model chunks per stage: 1F1B for one chunk, interleaved 1F1B
+/// for more (`microbatches` must then be a multiple of `stages`).
+///
+/// # Panics
+/// If `stage >= stages`, or interleaving with `microbatches` not a
+/// multiple of `stages` (the recipe's validation refuses both).
+pub fn schedule(stages: u32, stage: u32, microbatches: u32, chunks: u32) -> Vec<ChunkOp> {
+    if chunks <= 1 {
+        return one_f_one_b(stages, stage, microbatches)
+            .into_iter()
+            .map(|op| ChunkOp { op, chunk: 0 })
+            .collect();
+    }
+    assert!(stage < stages, "stage {stage} of a {stages}-stage pipeline");
+    assert!(
+        microbatches.is_multiple_of(stages),
+        "interleaving {microbatches} microbatches over {stages} stages"
+    );
+    let (p, v, m) = (stages, chunks, microbatches);
+    let total = m * v;
+    let warmup = (2 * (p - stage - 1) + (v - 1) * p).min(total);
+    let at = |k: u32, forward: bool| {
+        let group = k % (p * v) / p;
+        let chunk = if forward { group } else { v - 1 - group };
+        let mb = k / (p * v) * p + k % p;
+        (chunk, mb)
+    };
+    let fwd = |k| {
+        let (chunk, mb) = at(k, true);
+        ChunkOp {
+            op: PipeOp::Forward(mb),
+            chunk,
+        }
+    };
+    let bwd = |k| {
+        let (chunk, mb) = at(k, false);
+        ChunkOp {
+            op: PipeOp::Backward(mb),
+            chunk,
+        }
+    };
+    let mut ops = Vec::with_capacity(2 * total as usize);
+    ops.extend((0..warmup).map(fwd));
+    for k in 0..total - warmup {
+        ops.push(fwd(warmup + k));
+        ops.push(bwd(k));
+    }
+    ops.extend((total - warmup..total).map(bwd));
+    ops
+}
+
 /// The idle fraction of each stage's pipeline time with microbatches of
-/// equal cost: `(p − 1) / (m + p − 1)`.
-pub fn bubble_theory(stages: u32, microbatches: u32) -> f64 {
-    let (p, m) = (f64::from(stages), f64::from(microbatches.max(1)));
-    (p - 1.0) / (m + p - 1.0)
+/// equal cost and `chunks` model chunks per stage: `(p − 1) / (m·v + p − 1)`.
+pub fn bubble_theory(stages: u32, microbatches: u32, chunks: u32) -> f64 {
+    let p = f64::from(stages);
+    let mv = f64::from(microbatches.max(1)) * f64::from(chunks.max(1));
+    (p - 1.0) / (mv + p - 1.0)
 }
 
 #[cfg(test)]
@@ -210,8 +280,111 @@ mod tests {
 
     #[test]
     fn bubble_theory_is_narayanans() {
-        assert_eq!(bubble_theory(2, 4), 0.2);
-        assert_eq!(bubble_theory(4, 8), 3.0 / 11.0);
-        assert_eq!(bubble_theory(1, 5), 0.0);
+        assert_eq!(bubble_theory(2, 4, 1), 0.2);
+        assert_eq!(bubble_theory(4, 8, 1), 3.0 / 11.0);
+        assert_eq!(bubble_theory(1, 5, 1), 0.0);
+        assert_eq!(bubble_theory(4, 8, 2), 3.0 / 19.0);
+    }
+
+    fn ops(s: &[ChunkOp]) -> Vec<String> {
+        s.iter()
+            .map(|o| match o.op {
+                F(i) => format!("F{i}.{}", o.chunk),
+                B(i) => format!("B{i}.{}", o.chunk),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn interleaved_two_stages_two_chunks_four_microbatches() {
+        // Stage 1 warms up with (v − 1)·p = 2 forwards, stage 0 with 4.
+        assert_eq!(
+            ops(&schedule(2, 0, 4, 2)),
+            [
+                "F0.0", "F1.0", "F0.1", "F1.1", "F2.0", "B0.1", "F3.0", "B1.1", "F2.1", "B0.0",
+                "F3.1", "B1.0", "B2.1", "B3.1", "B2.0", "B3.0"
+            ]
+        );
+        assert_eq!(
+            ops(&schedule(2, 1, 4, 2)),
+            [
+                "F0.0", "F1.0", "F0.1", "B0.1", "F1.1", "B1.1", "F2.0", "B0.0", "F3.0", "B1.0",
+                "F2.1", "B2.1", "F3.1", "B3.1", "B2.0", "B3.0"
+            ]
+        );
+        // One chunk is plain 1F1B.
+        assert_eq!(
+            schedule(3, 1, 5, 1),
+            one_f_one_b(3, 1, 5)
+                .into_iter()
+                .map(|op| ChunkOp { op, chunk: 0 })
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// Every stage runs its interleaved schedule with blocking receives in
+    /// program order and queued sends, over first-in-first-out links: the
+    /// pipeline links (stage s to s + 1: activations; back: gradients) and
+    /// the wrap-around links (last stage to first: activations of the next
+    /// chunk; back: gradients). Each receive must find its message at the
+    /// head of its link, and every stage must finish.
+    #[test]
+    fn interleaved_schedules_never_deadlock_and_keep_link_order() {
+        use std::collections::VecDeque;
+        for p in 2..=4u32 {
+            for v in 2..=3u32 {
+                for m in (1..=4).map(|g| g * p) {
+                    let pv = (p * v) as usize;
+                    let scheds: Vec<Vec<ChunkOp>> = (0..p).map(|s| schedule(p, s, m, v)).collect();
+                    // links[(from, to, kind)]: messages (virtual stage, mb).
+                    let mut links: std::collections::HashMap<
+                        (u32, u32, u8),
+                        VecDeque<(usize, u32)>,
+                    > = Default::default();
+                    let mut pc = vec![0usize; p as usize];
+                    loop {
+                        let mut progressed = false;
+                        for s in 0..p {
+                            while let Some(&o) = scheds[s as usize].get(pc[s as usize]) {
+                                let vs = (o.chunk * p + s) as usize;
+                                let (need, send) = match o.op {
+                                    F(i) => (
+                                        (vs > 0).then(|| ((s + p - 1) % p, s, 0u8, (vs, i))),
+                                        (vs + 1 < pv).then(|| (s, (s + 1) % p, 0u8, (vs + 1, i))),
+                                    ),
+                                    B(i) => (
+                                        (vs + 1 < pv).then(|| ((s + 1) % p, s, 1u8, (vs, i))),
+                                        (vs > 0).then(|| (s, (s + p - 1) % p, 1u8, (vs - 1, i))),
+                                    ),
+                                };
+                                if let Some((from, to, kind, msg)) = need {
+                                    let q = links.entry((from, to, kind)).or_default();
+                                    match q.front() {
+                                        None => break,
+                                        Some(head) => {
+                                            assert_eq!(
+                                                *head, msg,
+                                                "p {p} v {v} m {m}: link {from}->{to} out of order"
+                                            );
+                                            q.pop_front();
+                                        }
+                                    }
+                                }
+                                if let Some((from, to, kind, msg)) = send {
+                                    links.entry((from, to, kind)).or_default().push_back(msg);
+                                }
+                                pc[s as usize] += 1;
+                                progressed = true;
+                            }
+                        }
+                        if pc.iter().all(|&c| c == 2 * (m * v) as usize) {
+                            break;
+                        }
+                        assert!(progressed, "p {p} v {v} m {m}: deadlock at {pc:?}");
+                    }
+                    assert!(links.values().all(VecDeque::is_empty));
+                }
+            }
+        }
     }
 }

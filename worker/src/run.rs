@@ -20,6 +20,7 @@ use strata_recipe::{Coords, Layout, Recipe};
 use tonic::transport::Channel;
 
 use crate::collective::{Collective, CollectiveError, TcpEndpoint, TcpOptions};
+use crate::params::ParamTable;
 use crate::pipeline::bubble_theory;
 use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
 
@@ -183,6 +184,7 @@ fn train(
         layout,
         &assignment.groups,
         recipe.model.tie_embeddings,
+        recipe.parallel.virtual_stages > 1,
     )?;
     tracing::info!(
         rank = args.rank,
@@ -203,16 +205,17 @@ fn train(
         .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
 
     let device = Default::default();
+    let chunks = recipe.parallel.virtual_stages;
+    let table = ParamTable::interleaved(&recipe.model, layout, coords, chunks);
     let mut trainer = Trainer::<CpuBackend>::new(
         &recipe.model,
+        table,
         recipe.seed,
-        layout,
-        coords,
         recipe.optimizer,
         groups,
         device,
     );
-    let layers = trainer.table().layers.clone();
+    let layers = trainer.table().chunks.clone();
     tracing::info!(
         params = trainer.n_params(),
         stage = coords.pp,
@@ -291,7 +294,7 @@ fn train(
                         tp_comm_s: s.tp_comm_s,
                     })
                     .collect(),
-                bubble_theory: bubble_theory(layout.pp, microbatches as u32),
+                bubble_theory: bubble_theory(layout.pp, microbatches as u32, chunks),
             };
             rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
                 job_id: args.job.clone(),
@@ -347,6 +350,7 @@ fn join_groups(
     layout: Layout,
     groups: &[pb::Group],
     tied: bool,
+    interleaved: bool,
 ) -> Result<(Groups, Members), WorkerError> {
     let find = |kind: pb::GroupKind| {
         groups
@@ -392,10 +396,13 @@ fn join_groups(
         c.tp as usize,
     )?;
     let (pr, pa) = split(find(pb::GroupKind::Pipeline)?);
-    let emb_members = (tied && layout.pp > 1).then(|| {
+    // The first and last stages: the embedding group of a tied model and
+    // the wrap-around link of an interleaved pipeline.
+    let ends = {
         let last = pr.len() - 1;
         (vec![pr[0], pr[last]], vec![pa[0].clone(), pa[last].clone()])
-    });
+    };
+    let at_an_end = layout.pp > 1 && (c.pp == 0 || c.pp + 1 == layout.pp);
     let pp = join(
         GroupKind::Pipeline,
         format!("{job}/pp/dp{}-tp{}", c.dp, c.tp),
@@ -411,18 +418,29 @@ fn join_groups(
         da,
         c.dp as usize,
     )?;
-    let emb = match emb_members {
-        Some((r, a)) if c.pp == 0 || c.pp + 1 == layout.pp => {
-            let me = usize::from(c.pp != 0);
-            Some(join(
-                GroupKind::Embedding,
-                format!("{job}/emb/dp{}-tp{}", c.dp, c.tp),
-                r,
-                a,
-                me,
-            )?)
-        }
-        _ => None,
+    let me = usize::from(c.pp != 0);
+    let emb = if tied && at_an_end {
+        let (r, a) = ends.clone();
+        let name = format!("{job}/emb/dp{}-tp{}", c.dp, c.tp);
+        Some(join(GroupKind::Embedding, name, r, a, me)?)
+    } else {
+        None
     };
-    Ok((Groups { tp, pp, dp, emb }, Members(members)))
+    let wrap = if interleaved && at_an_end {
+        let (r, a) = ends;
+        let name = format!("{job}/wrap/dp{}-tp{}", c.dp, c.tp);
+        Some(join(GroupKind::Wrap, name, r, a, me)?)
+    } else {
+        None
+    };
+    Ok((
+        Groups {
+            tp,
+            pp,
+            dp,
+            emb,
+            wrap,
+        },
+        Members(members),
+    ))
 }

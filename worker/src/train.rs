@@ -18,7 +18,7 @@ use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
 use crate::model::{GradAccum, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
 use crate::params::{ParamSlot, ParamTable};
-use crate::pipeline::{PipeOp, one_f_one_b};
+use crate::pipeline::{ChunkOp, PipeOp, schedule};
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
 pub const BUCKET_ELEMS: usize = 4 << 20;
@@ -41,6 +41,10 @@ pub struct Groups {
     /// embedding (pp > 1): they keep the embedding's gradients equal
     /// (Megatron's embedding group). Member 0 is the first stage.
     pub emb: Option<Box<dyn Collective>>,
+    /// The first and last stages of an interleaved pipeline: activations
+    /// go round from the last stage's chunk c to the first stage's chunk
+    /// c + 1, and gradients back. Member 0 is the first stage.
+    pub wrap: Option<Box<dyn Collective>>,
 }
 
 impl Groups {
@@ -52,6 +56,7 @@ impl Groups {
             pp: one(),
             dp: one(),
             emb: None,
+            wrap: None,
         }
     }
 }
@@ -60,8 +65,8 @@ impl Groups {
     /// Every rank's groups for `layout` in one process (threads joined by
     /// the in-process backend), in world-rank order: for tests and
     /// benchmarks of parallel layouts without worker processes.
-    pub fn local_world(layout: Layout, tied: bool) -> Vec<(Coords, Groups)> {
-        Groups::world(layout, tied, |_, size| {
+    pub fn local_world(layout: Layout, tied: bool, chunks: u32) -> Vec<(Coords, Groups)> {
+        Groups::world(layout, tied, chunks, |_, size| {
             local_group(size)
                 .into_iter()
                 .map(|c| Box::new(c) as Box<dyn Collective>)
@@ -69,21 +74,27 @@ impl Groups {
         })
     }
 
-    /// Every rank's groups for `layout`, each group made by
-    /// `make(name, size)` (members in group-rank order), in world-rank
-    /// order.
+    /// Every rank's groups for `layout` with `chunks` model chunks per
+    /// stage, each group made by `make(name, size)` (members in group-rank
+    /// order), in world-rank order.
     pub fn world(
         layout: Layout,
         tied: bool,
+        chunks: u32,
         mut make: impl FnMut(&str, usize) -> Vec<Box<dyn Collective>>,
     ) -> Vec<(Coords, Groups)> {
         use std::collections::HashMap;
         let (tp, pp, dp) = (layout.tp, layout.pp, layout.dp);
         type Pool = HashMap<(u32, u32), Vec<Option<Box<dyn Collective>>>>;
-        let mut pools: [Pool; 4] = Default::default();
+        let mut pools: [Pool; 5] = Default::default();
         let mut take = |kind: usize, key: (u32, u32), size: u32, member: u32| {
             let pool = pools[kind].entry(key).or_insert_with(|| {
-                let name = format!("{}-{}-{}", ["tp", "pp", "dp", "emb"][kind], key.0, key.1);
+                let name = format!(
+                    "{}-{}-{}",
+                    ["tp", "pp", "dp", "emb", "wrap"][kind],
+                    key.0,
+                    key.1
+                );
                 make(&name, size as usize).into_iter().map(Some).collect()
             });
             pool[member as usize]
@@ -99,6 +110,8 @@ impl Groups {
                     dp: take(2, (c.pp, c.tp), dp, c.dp),
                     emb: (tied && pp > 1 && (c.pp == 0 || c.pp + 1 == pp))
                         .then(|| take(3, (c.dp, c.tp), 2, u32::from(c.pp != 0))),
+                    wrap: (chunks > 1 && pp > 1 && (c.pp == 0 || c.pp + 1 == pp))
+                        .then(|| take(4, (c.dp, c.tp), 2, u32::from(c.pp != 0))),
                 };
                 (c, groups)
             })
@@ -113,6 +126,8 @@ pub enum GroupKind {
     Pipeline,
     Data,
     Embedding,
+    /// The interleaved pipeline's link from the last stage to the first.
+    Wrap,
 }
 
 impl std::fmt::Display for GroupKind {
@@ -122,6 +137,7 @@ impl std::fmt::Display for GroupKind {
             GroupKind::Pipeline => "pipeline",
             GroupKind::Data => "data-parallel",
             GroupKind::Embedding => "embedding",
+            GroupKind::Wrap => "pipeline wrap-around",
         })
     }
 }
@@ -203,18 +219,15 @@ pub struct Trainer<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// The rank at `coords` of `layout`, initialised from `seed`.
-    #[allow(clippy::too_many_arguments)]
+    /// The rank holding `table`'s parameters, initialised from `seed`.
     pub fn new(
         model: &ModelConfig,
+        table: ParamTable,
         seed: u64,
-        layout: Layout,
-        coords: Coords,
         cfg: AdamWConfig,
         groups: Groups,
         device: B::Device,
     ) -> Trainer<B> {
-        let table = ParamTable::new(model, layout, coords);
         let values = table.init(seed);
         Trainer::from_values(model, table, values, cfg, groups, device)
     }
@@ -236,6 +249,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         ] {
             assert_eq!(g.size() as u32, want, "{name} group size");
         }
+        let ends = table.stage == 0 || table.stage + 1 == table.pp;
+        assert_eq!(
+            groups.wrap.is_some(),
+            table.chunks.len() > 1 && table.pp > 1 && ends,
+            "an interleaved pipeline's first and last stages have a wrap-around group"
+        );
         let model = StageModel::new(model, table, &values, &device);
         Trainer {
             model,
@@ -291,39 +310,48 @@ impl<B: AutodiffBackend> Trainer<B> {
         let n = self.master.len();
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
-        let (first, last) = (stage == 0, stage + 1 == stages);
+        let last = stage + 1 == stages;
         let d = self.model.dims().d_model;
         let m = micro.len() as u32;
 
         let mut acc = GradAccum::new(table.slots.len());
-        let mut tapes: Vec<Option<Tape<B>>> = (0..m).map(|_| None).collect();
+        let chunks = self.model.chunks();
+        let mut tapes: Vec<Option<Tape<B>>> = (0..m * chunks).map(|_| None).collect();
         let mut tp = Tp::new(self.groups.tp.as_mut());
-        let pp = self.groups.pp.as_mut();
+        let mut links = Links {
+            pp: self.groups.pp.as_mut(),
+            wrap: self.groups.wrap.as_deref_mut(),
+            stage: stage as usize,
+            stages: stages as usize,
+        };
         let mut own = StageStats::default();
         let mut local_loss = 0.0f64;
         let pipeline_start = Instant::now();
         let mut wait = Duration::ZERO;
         let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
-        for op in one_f_one_b(stages, stage, m) {
+        for ChunkOp { op, chunk } in schedule(stages, stage, m, chunks) {
+            // This chunk's virtual stage: the one messages are tagged for.
+            let vs = chunk * stages + stage;
             match op {
                 PipeOp::Forward(i) => {
                     let mb = &micro[i as usize];
                     let seq = mb.seq_len;
                     let rows = mb.inputs.len() / seq;
-                    let input = if first {
+                    let input = if self.model.is_first(chunk) {
                         StageInput::Tokens(mb.inputs)
                     } else {
                         let mut buf = vec![0f32; rows * seq * d];
                         let t = Instant::now();
-                        pp.recv_tagged(stage as usize - 1, Tag::activation(step, i), &mut buf)
-                            .map_err(in_group(GroupKind::Pipeline))?;
+                        links.recv_from_previous(Tag::activation(step, vs, i), &mut buf)?;
                         wait += t.elapsed();
                         StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
                     };
                     let t = Instant::now();
+                    let last = self.model.is_last(chunk);
                     let tape = self
                         .model
                         .forward(
+                            chunk,
                             input,
                             rows,
                             seq,
@@ -333,24 +361,24 @@ impl<B: AutodiffBackend> Trainer<B> {
                         )
                         .map_err(in_group(GroupKind::Tensor))?;
                     if let Some(out) = &tape.output {
-                        let out = to_vec(out.clone());
-                        pp.send_tagged(stage as usize + 1, Tag::activation(step, i), &out)
-                            .map_err(in_group(GroupKind::Pipeline))?;
+                        links
+                            .send_to_next(Tag::activation(step, vs + 1, i), &to_vec(out.clone()))?;
                     }
                     forward += t.elapsed();
                     local_loss += tape.loss;
-                    tapes[i as usize] = Some(tape);
+                    tapes[(chunk * m + i) as usize] = Some(tape);
                 }
                 PipeOp::Backward(i) => {
-                    let tape = tapes[i as usize].take().expect("forward before backward");
+                    let tape = tapes[(chunk * m + i) as usize]
+                        .take()
+                        .expect("forward before backward");
                     let mb = &micro[i as usize];
-                    let upstream = if last {
+                    let upstream = if self.model.is_last(chunk) {
                         None
                     } else {
                         let mut buf = vec![0f32; mb.inputs.len() * d];
                         let t = Instant::now();
-                        pp.recv_tagged(stage as usize + 1, Tag::gradient(step, i), &mut buf)
-                            .map_err(in_group(GroupKind::Pipeline))?;
+                        links.recv_from_next(Tag::gradient(step, vs, i), &mut buf)?;
                         wait += t.elapsed();
                         Some(from_vec(buf, [mb.inputs.len(), d], self.model.device()))
                     };
@@ -359,10 +387,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                         .model
                         .backward(tape, upstream, &mut acc, &mut tp)
                         .map_err(in_group(GroupKind::Tensor))?;
-                    if !first {
+                    if !self.model.is_first(chunk) {
                         let dx = to_vec(dx.expect("a later stage's input has a gradient"));
-                        pp.send_tagged(stage as usize - 1, Tag::gradient(step, i), &dx)
-                            .map_err(in_group(GroupKind::Pipeline))?;
+                        links.send_to_previous(Tag::gradient(step, vs - 1, i), &dx)?;
                     }
                     backward += t.elapsed();
                 }
@@ -522,6 +549,82 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let denom = v[i].sqrt() / bc2_sqrt + eps;
                 p[i] = p[i] * decay - step_size * m[i] / denom;
             }
+        }
+    }
+}
+
+/// A stage's neighbours in the pipeline: stages s − 1 and s + 1 through
+/// the pipeline group, and, in an interleaved pipeline, the last stage's
+/// next and the first stage's previous through the wrap-around group (so
+/// that each direction of each link carries one kind of message, in the
+/// order both ends expect).
+struct Links<'a> {
+    pp: &'a mut dyn Collective,
+    wrap: Option<&'a mut (dyn Collective + 'static)>,
+    stage: usize,
+    stages: usize,
+}
+
+impl Links<'_> {
+    fn wrap(&mut self) -> Result<&mut dyn Collective, TrainError> {
+        match self.wrap.as_deref_mut() {
+            Some(w) => Ok(w),
+            None => Err(TrainError {
+                group: GroupKind::Wrap,
+                source: CollectiveError::NoSuchPeer { peer: 0, size: 0 },
+            }),
+        }
+    }
+
+    fn recv_from_previous(&mut self, tag: Tag, out: &mut [f32]) -> Result<(), TrainError> {
+        if self.stage > 0 {
+            let peer = self.stage - 1;
+            self.pp
+                .recv_tagged(peer, tag, out)
+                .map_err(in_group(GroupKind::Pipeline))
+        } else {
+            self.wrap()?
+                .recv_tagged(1, tag, out)
+                .map_err(in_group(GroupKind::Wrap))
+        }
+    }
+
+    fn send_to_next(&mut self, tag: Tag, data: &[f32]) -> Result<(), TrainError> {
+        if self.stage + 1 < self.stages {
+            let peer = self.stage + 1;
+            self.pp
+                .send_tagged(peer, tag, data)
+                .map_err(in_group(GroupKind::Pipeline))
+        } else {
+            self.wrap()?
+                .send_tagged(0, tag, data)
+                .map_err(in_group(GroupKind::Wrap))
+        }
+    }
+
+    fn recv_from_next(&mut self, tag: Tag, out: &mut [f32]) -> Result<(), TrainError> {
+        if self.stage + 1 < self.stages {
+            let peer = self.stage + 1;
+            self.pp
+                .recv_tagged(peer, tag, out)
+                .map_err(in_group(GroupKind::Pipeline))
+        } else {
+            self.wrap()?
+                .recv_tagged(0, tag, out)
+                .map_err(in_group(GroupKind::Wrap))
+        }
+    }
+
+    fn send_to_previous(&mut self, tag: Tag, data: &[f32]) -> Result<(), TrainError> {
+        if self.stage > 0 {
+            let peer = self.stage - 1;
+            self.pp
+                .send_tagged(peer, tag, data)
+                .map_err(in_group(GroupKind::Pipeline))
+        } else {
+            self.wrap()?
+                .send_tagged(1, tag, data)
+                .map_err(in_group(GroupKind::Wrap))
         }
     }
 }

@@ -83,7 +83,9 @@ fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
         let mut tp = Tp::new(g);
         let input =
             StageInput::Activation(from_vec(h.clone(), [rows * seq, d], &Default::default()));
-        let tape = model.forward(input, rows, seq, None, 1.0, &mut tp).unwrap();
+        let tape = model
+            .forward(0, input, rows, seq, None, 1.0, &mut tp)
+            .unwrap();
         let out = to_vec(tape.output.clone().unwrap());
         let mut acc = GradAccum::<I>::new(table.slots.len());
         let upstream = from_vec(dh.clone(), [rows * seq, d], &Default::default());
@@ -275,6 +277,7 @@ fn several_microbatches_graphs_live_at_once() {
                 let fwd = |k: usize, tp: &mut Tp<'_>| {
                     model
                         .forward(
+                            0,
                             StageInput::Tokens(&io[k].0),
                             rows,
                             seq,

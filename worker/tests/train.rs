@@ -75,15 +75,21 @@ struct Run {
 /// Trains `steps` steps of 512 tokens under `layout` with `m`
 /// microbatches per replica.
 fn train(cfg: &ModelConfig, layout: Layout, m: usize, steps: usize) -> Run {
+    train_chunks(cfg, layout, m, 1, steps)
+}
+
+/// The same with `chunks` model chunks per stage (interleaved 1F1B).
+fn train_chunks(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) -> Run {
     let tokens = 512;
-    let world = Groups::local_world(layout, cfg.tie_embeddings);
+    let world = Groups::local_world(layout, cfg.tie_embeddings, chunks);
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = world
             .into_iter()
             .map(|(c, groups)| {
                 s.spawn(move || {
+                    let table = ParamTable::interleaved(cfg, layout, c, chunks);
                     let mut trainer =
-                        Trainer::<B>::new(cfg, 7, layout, c, adamw(), groups, Default::default());
+                        Trainer::<B>::new(cfg, table, 7, adamw(), groups, Default::default());
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for step in 0..steps {
                         let seq = seq_of(step);
@@ -258,6 +264,25 @@ fn kv_heads_shared_by_several_ranks() {
 }
 
 #[test]
+fn interleaved_pipelines_match_one_process() {
+    let mut cfg = tiny(true);
+    cfg.n_layers = 4;
+    let one = train(&cfg, Layout::new(1, 1, 1), 1, 4);
+    for (tp, pp, dp, m) in [(1, 2, 1, 2), (1, 2, 1, 4), (2, 2, 2, 2), (1, 4, 1, 4)] {
+        let chunks = if pp == 4 { 1 } else { 2 };
+        let layout = Layout::new(tp, pp, dp);
+        let run = train_chunks(&cfg, layout, m, chunks, 4);
+        assert_close(&format!("{layout} m={m} v={chunks}"), &run, &one, 1e-5);
+    }
+    // Untied, and chunks of uneven size (5 layers over 4 virtual stages).
+    let mut cfg = tiny(false);
+    cfg.n_layers = 5;
+    let one = train(&cfg, Layout::new(1, 1, 1), 1, 3);
+    let run = train_chunks(&cfg, Layout::new(1, 2, 1), 4, 2, 3);
+    assert_close("pp=2 v=2 untied, 5 layers", &run, &one, 1e-5);
+}
+
+#[test]
 fn attention_is_causal() {
     let cfg = tiny(true);
     let table = ParamTable::whole(&cfg);
@@ -285,7 +310,7 @@ fn attention_is_causal() {
 #[test]
 fn a_rank_reports_the_same_coordinates_it_was_built_with() {
     let layout = Layout::new(2, 2, 2);
-    let world = Groups::local_world(layout, true);
+    let world = Groups::local_world(layout, true, 1);
     for (r, (c, g)) in world.iter().enumerate() {
         assert_eq!(layout.rank(*c).unwrap().0 as usize, r);
         assert_eq!(g.tp.rank() as u32, c.tp);

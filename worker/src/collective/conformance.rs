@@ -121,11 +121,11 @@ fn pipeline_messages<C: Collective>(group: Vec<C>) {
         // Sends first (they never wait), then the receives.
         for mb in 0..mbs {
             if me + 1 < n {
-                c.send_tagged(me + 1, Tag::activation(9, mb), &act(me, mb))
+                c.send_tagged(me + 1, Tag::activation(9, me as u32 + 1, mb), &act(me, mb))
                     .expect("send activation");
             }
             if me > 0 {
-                c.send_tagged(me - 1, Tag::gradient(9, mb), &grad(me, mb))
+                c.send_tagged(me - 1, Tag::gradient(9, me as u32 - 1, mb), &grad(me, mb))
                     .expect("send gradient");
             }
         }
@@ -134,11 +134,11 @@ fn pipeline_messages<C: Collective>(group: Vec<C>) {
             let mut a = vec![f32::NAN; 6];
             let mut g = vec![f32::NAN; 6];
             if me > 0 {
-                c.recv_tagged(me - 1, Tag::activation(9, mb), &mut a)
+                c.recv_tagged(me - 1, Tag::activation(9, me as u32, mb), &mut a)
                     .expect("recv activation");
             }
             if me + 1 < n {
-                c.recv_tagged(me + 1, Tag::gradient(9, mb), &mut g)
+                c.recv_tagged(me + 1, Tag::gradient(9, me as u32, mb), &mut g)
                     .expect("recv gradient");
             }
             got.push((a, g));
@@ -174,11 +174,11 @@ fn wrong_tag<C: Collective>(group: Vec<C>) {
     }
     let results = on_group(group, |c| match c.rank() {
         0 => {
-            c.send_tagged(1, Tag::activation(3, 1), &[1.0, 2.0])
+            c.send_tagged(1, Tag::activation(3, 1, 1), &[1.0, 2.0])
                 .expect("send");
             None
         }
-        1 => Some(c.recv_tagged(0, Tag::activation(3, 0), &mut [0.0; 2])),
+        1 => Some(c.recv_tagged(0, Tag::activation(3, 1, 0), &mut [0.0; 2])),
         _ => None,
     });
     match &results[1] {

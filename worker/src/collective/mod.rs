@@ -20,10 +20,12 @@ pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};
 
 /// What a point-to-point message carries, sent with it and checked on
 /// receipt: a pipeline schedule that sends the wrong microbatch, the wrong
-/// direction or a stale step fails loudly instead of training on it.
+/// direction, the wrong model chunk or a stale step fails loudly instead of
+/// training on it.
 ///
-/// The bits are the kind (top 8), the step (next 32) and the microbatch
-/// (low 24); collective algorithms' own traffic is [`Tag::COLLECTIVE`].
+/// The bits are the kind (top 8), the step (next 24, modulo 2^24), the
+/// virtual pipeline stage the message is for (next 12) and the microbatch
+/// (low 20); collective algorithms' own traffic is [`Tag::COLLECTIVE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tag(pub u64);
 
@@ -33,34 +35,46 @@ impl Tag {
     const ACTIVATION: u64 = 1;
     const GRADIENT: u64 = 2;
 
-    fn pipeline(kind: u64, step: u64, microbatch: u32) -> Tag {
-        Tag(kind << 56 | (step & 0xFFFF_FFFF) << 24 | u64::from(microbatch & 0xFF_FFFF))
+    fn pipeline(kind: u64, step: u64, stage: u32, microbatch: u32) -> Tag {
+        Tag(kind << 56
+            | (step & 0xFF_FFFF) << 32
+            | u64::from(stage & 0xFFF) << 20
+            | u64::from(microbatch & 0xF_FFFF))
     }
 
-    /// Microbatch `microbatch`'s activations of step `step`, sent forward to
-    /// the next pipeline stage.
-    pub fn activation(step: u64, microbatch: u32) -> Tag {
-        Tag::pipeline(Tag::ACTIVATION, step, microbatch)
+    /// Microbatch `microbatch`'s activations of step `step`, sent forward
+    /// to virtual pipeline stage `stage` (the stage index without
+    /// interleaving).
+    pub fn activation(step: u64, stage: u32, microbatch: u32) -> Tag {
+        Tag::pipeline(Tag::ACTIVATION, step, stage, microbatch)
     }
 
-    /// The gradient of microbatch `microbatch`'s stage input at step
-    /// `step`, sent back to the previous pipeline stage.
-    pub fn gradient(step: u64, microbatch: u32) -> Tag {
-        Tag::pipeline(Tag::GRADIENT, step, microbatch)
+    /// The gradient of microbatch `microbatch`'s activations at step
+    /// `step`, sent back to virtual pipeline stage `stage`, which produced
+    /// them.
+    pub fn gradient(step: u64, stage: u32, microbatch: u32) -> Tag {
+        Tag::pipeline(Tag::GRADIENT, step, stage, microbatch)
     }
 }
 
 impl std::fmt::Display for Tag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (kind, step, mb) = (
-            self.0 >> 56,
-            (self.0 >> 24) & 0xFFFF_FFFF,
-            self.0 & 0xFF_FFFF,
+        let kind = self.0 >> 56;
+        let (step, stage, mb) = (
+            (self.0 >> 32) & 0xFF_FFFF,
+            (self.0 >> 20) & 0xFFF,
+            self.0 & 0xF_FFFF,
         );
         match kind {
             0 if self.0 == 0 => write!(f, "collective traffic"),
-            Tag::ACTIVATION => write!(f, "the activations of step {step}, microbatch {mb}"),
-            Tag::GRADIENT => write!(f, "the input gradient of step {step}, microbatch {mb}"),
+            Tag::ACTIVATION => write!(
+                f,
+                "the activations of step {step}, microbatch {mb}, for stage {stage}"
+            ),
+            Tag::GRADIENT => write!(
+                f,
+                "the gradient of step {step}, microbatch {mb}, for stage {stage}"
+            ),
             _ => write!(f, "tag {:#018x}", self.0),
         }
     }
