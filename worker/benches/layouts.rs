@@ -33,6 +33,11 @@ use strata_worker::train::{Groups, LocalBatch, StageStats, Trainer};
 
 type B = Autodiff<NdArray<f32>>;
 
+/// The worker binary's allocator, so that allocation costs are the
+/// product's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WARMUP: usize = 1;
 const TOKENS: usize = 2048;
 const SEQ: usize = 128;
