@@ -296,6 +296,18 @@ pub enum StageInput<'a, I: Backend> {
     Activation(Tensor<I, 2>),
 }
 
+/// One microbatch as a stage's forward sees it.
+pub struct Micro<'a> {
+    /// `rows` sequences of `seq` tokens.
+    pub rows: usize,
+    pub seq: usize,
+    /// The next tokens, for the last chunk of the pipeline.
+    pub targets: Option<&'a [u32]>,
+    /// What the summed loss is divided by: the step's target tokens on
+    /// every rank.
+    pub denominator: f64,
+}
+
 /// A piece of a stage's graph between cuts.
 struct Segment<B: AutodiffBackend> {
     /// The leaf the segment started from, when its input has a gradient
@@ -530,6 +542,24 @@ impl<B: AutodiffBackend> StageModel<B> {
         )
     }
 
+    /// A segment that norms the replicated stream `h` with gain `slot`;
+    /// its output, the input of a column-parallel part.
+    fn norm_segment(
+        &self,
+        h: Tensor<B::InnerBackend, 2>,
+        slot: usize,
+    ) -> (Segment<B>, Tensor<B, 2>) {
+        let mut leaves = Vec::new();
+        let h_leaf = Tensor::<B, 2>::from_inner(h).require_grad();
+        let y = rms_norm(h_leaf.clone(), self.leaf(slot, &mut leaves));
+        let seg = Segment {
+            input: Some(h_leaf),
+            output: y.clone(),
+            leaves,
+        };
+        (seg, y)
+    }
+
     fn head_weight(&self, leaves: &mut Vec<(usize, Tensor<B, 2>)>) -> Tensor<B, 2> {
         let w = self.leaf(self.head.expect("the last stage has a head"), leaves);
         if self.tied { w.transpose() } else { w }
@@ -544,24 +574,18 @@ impl<B: AutodiffBackend> StageModel<B> {
         which.map(|p| self.leaf(b.get(p), leaves))
     }
 
-    /// Runs model chunk `chunk`'s forward on one microbatch of `rows`
-    /// sequences of `seq` tokens. The last chunk of the pipeline needs the
-    /// `targets` and the step's `denominator` (its target tokens on every
-    /// rank).
-    #[allow(clippy::too_many_arguments)]
+    /// Runs model chunk `chunk`'s forward on microbatch `mb`.
     pub fn forward(
         &self,
         chunk: u32,
         input: StageInput<'_, B::InnerBackend>,
-        rows: usize,
-        seq: usize,
-        targets: Option<&[u32]>,
-        denominator: f64,
+        mb: &Micro<'_>,
         tp: &mut Tp<'_>,
     ) -> Result<Tape<B>, CollectiveError> {
         if tp.size() == 1 {
-            return Ok(self.forward_whole(chunk, input, rows, seq, targets, denominator));
+            return Ok(self.forward_whole(chunk, input, mb));
         }
+        let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
         let device = &self.device;
         let (cos, sin) = self.tables();
         let mut pieces = Vec::new();
@@ -584,19 +608,12 @@ impl<B: AutodiffBackend> StageModel<B> {
         };
         for b in &self.blocks[chunk as usize] {
             for attn in [true, false] {
-                let mut leaves = Vec::new();
-                let h_leaf = Tensor::<B, 2>::from_inner(h.clone()).require_grad();
                 let g = b.get(if attn {
                     BlockParam::AttnNorm
                 } else {
                     BlockParam::MlpNorm
                 });
-                let y = rms_norm(h_leaf.clone(), self.leaf(g, &mut leaves));
-                let norm = Segment {
-                    input: Some(h_leaf),
-                    output: y.clone(),
-                    leaves,
-                };
+                let (norm, y) = self.norm_segment(h.clone(), g);
                 let mut leaves = Vec::new();
                 let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
                 let partial = if attn {
@@ -627,15 +644,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             });
         }
         let targets = targets.expect("the last stage has targets");
-        let mut leaves = Vec::new();
-        let h_leaf = Tensor::<B, 2>::from_inner(h).require_grad();
-        let g = self.leaf(self.final_norm.expect("last stage"), &mut leaves);
-        let y = rms_norm(h_leaf.clone(), g);
-        let norm = Segment {
-            input: Some(h_leaf),
-            output: y.clone(),
-            leaves,
-        };
+        let (norm, y) = self.norm_segment(h, self.final_norm.expect("last stage"));
         let mut leaves = Vec::new();
         let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
         let z = y_leaf.clone().matmul(self.head_weight(&mut leaves));
@@ -661,11 +670,9 @@ impl<B: AutodiffBackend> StageModel<B> {
         &self,
         chunk: u32,
         input: StageInput<'_, B::InnerBackend>,
-        rows: usize,
-        seq: usize,
-        targets: Option<&[u32]>,
-        denominator: f64,
+        mb: &Micro<'_>,
     ) -> Tape<B> {
+        let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
         let mut leaves = Vec::new();
         let (cos, sin) = self.tables();
         // A tied table read twice on one stage is one leaf used twice.

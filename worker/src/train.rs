@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
-use crate::model::{GradAccum, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
+use crate::model::{GradAccum, Micro, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
 use crate::params::{ParamSlot, ParamTable};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 
@@ -342,27 +342,24 @@ impl<B: AutodiffBackend> Trainer<B> {
                     } else {
                         let mut buf = vec![0f32; rows * seq * d];
                         let t = Instant::now();
-                        links.recv_from_previous(Tag::activation(step, vs, i), &mut buf)?;
+                        links.recv(false, Tag::activation(step, vs, i), &mut buf)?;
                         wait += t.elapsed();
                         StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
                     };
                     let t = Instant::now();
                     let last = self.model.is_last(chunk);
+                    let micro = Micro {
+                        rows,
+                        seq,
+                        targets: last.then_some(mb.targets),
+                        denominator: global_tokens as f64,
+                    };
                     let tape = self
                         .model
-                        .forward(
-                            chunk,
-                            input,
-                            rows,
-                            seq,
-                            last.then_some(mb.targets),
-                            global_tokens as f64,
-                            &mut tp,
-                        )
+                        .forward(chunk, input, &micro, &mut tp)
                         .map_err(in_group(GroupKind::Tensor))?;
                     if let Some(out) = &tape.output {
-                        links
-                            .send_to_next(Tag::activation(step, vs + 1, i), &to_vec(out.clone()))?;
+                        links.send(true, Tag::activation(step, vs + 1, i), &to_vec(out.clone()))?;
                     }
                     forward += t.elapsed();
                     local_loss += tape.loss;
@@ -378,7 +375,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     } else {
                         let mut buf = vec![0f32; mb.inputs.len() * d];
                         let t = Instant::now();
-                        links.recv_from_next(Tag::gradient(step, vs, i), &mut buf)?;
+                        links.recv(true, Tag::gradient(step, vs, i), &mut buf)?;
                         wait += t.elapsed();
                         Some(from_vec(buf, [mb.inputs.len(), d], self.model.device()))
                     };
@@ -389,7 +386,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                         .map_err(in_group(GroupKind::Tensor))?;
                     if !self.model.is_first(chunk) {
                         let dx = to_vec(dx.expect("a later stage's input has a gradient"));
-                        links.send_to_previous(Tag::gradient(step, vs - 1, i), &dx)?;
+                        links.send(false, Tag::gradient(step, vs - 1, i), &dx)?;
                     }
                     backward += t.elapsed();
                 }
@@ -576,56 +573,30 @@ impl Links<'_> {
         }
     }
 
-    fn recv_from_previous(&mut self, tag: Tag, out: &mut [f32]) -> Result<(), TrainError> {
-        if self.stage > 0 {
-            let peer = self.stage - 1;
-            self.pp
-                .recv_tagged(peer, tag, out)
-                .map_err(in_group(GroupKind::Pipeline))
-        } else {
-            self.wrap()?
-                .recv_tagged(1, tag, out)
-                .map_err(in_group(GroupKind::Wrap))
+    /// The group and member index of the next stage (`forward`) or the
+    /// previous one.
+    fn peer(
+        &mut self,
+        forward: bool,
+    ) -> Result<(&mut dyn Collective, usize, GroupKind), TrainError> {
+        let (s, n) = (self.stage, self.stages);
+        match (forward, s + 1 < n, s > 0) {
+            (true, true, _) => Ok((&mut *self.pp, s + 1, GroupKind::Pipeline)),
+            (false, _, true) => Ok((&mut *self.pp, s - 1, GroupKind::Pipeline)),
+            // The wrap-around group: member 0 is the first stage, 1 the last.
+            (true, false, _) => Ok((self.wrap()?, 0, GroupKind::Wrap)),
+            (false, _, false) => Ok((self.wrap()?, 1, GroupKind::Wrap)),
         }
     }
 
-    fn send_to_next(&mut self, tag: Tag, data: &[f32]) -> Result<(), TrainError> {
-        if self.stage + 1 < self.stages {
-            let peer = self.stage + 1;
-            self.pp
-                .send_tagged(peer, tag, data)
-                .map_err(in_group(GroupKind::Pipeline))
-        } else {
-            self.wrap()?
-                .send_tagged(0, tag, data)
-                .map_err(in_group(GroupKind::Wrap))
-        }
+    fn send(&mut self, forward: bool, tag: Tag, data: &[f32]) -> Result<(), TrainError> {
+        let (g, peer, kind) = self.peer(forward)?;
+        g.send_tagged(peer, tag, data).map_err(in_group(kind))
     }
 
-    fn recv_from_next(&mut self, tag: Tag, out: &mut [f32]) -> Result<(), TrainError> {
-        if self.stage + 1 < self.stages {
-            let peer = self.stage + 1;
-            self.pp
-                .recv_tagged(peer, tag, out)
-                .map_err(in_group(GroupKind::Pipeline))
-        } else {
-            self.wrap()?
-                .recv_tagged(0, tag, out)
-                .map_err(in_group(GroupKind::Wrap))
-        }
-    }
-
-    fn send_to_previous(&mut self, tag: Tag, data: &[f32]) -> Result<(), TrainError> {
-        if self.stage > 0 {
-            let peer = self.stage - 1;
-            self.pp
-                .send_tagged(peer, tag, data)
-                .map_err(in_group(GroupKind::Pipeline))
-        } else {
-            self.wrap()?
-                .send_tagged(1, tag, data)
-                .map_err(in_group(GroupKind::Wrap))
-        }
+    fn recv(&mut self, forward: bool, tag: Tag, out: &mut [f32]) -> Result<(), TrainError> {
+        let (g, peer, kind) = self.peer(forward)?;
+        g.recv_tagged(peer, tag, out).map_err(in_group(kind))
     }
 }
 

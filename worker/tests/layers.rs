@@ -10,7 +10,8 @@ use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    GradAccum, StageInput, StageModel, Tp, cross_entropy, from_vec, parallel_cross_entropy, to_vec,
+    GradAccum, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec, parallel_cross_entropy,
+    to_vec,
 };
 use strata_worker::params::ParamTable;
 
@@ -84,7 +85,17 @@ fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
         let input =
             StageInput::Activation(from_vec(h.clone(), [rows * seq, d], &Default::default()));
         let tape = model
-            .forward(0, input, rows, seq, None, 1.0, &mut tp)
+            .forward(
+                0,
+                input,
+                &Micro {
+                    rows,
+                    seq,
+                    targets: None,
+                    denominator: 1.0,
+                },
+                &mut tp,
+            )
             .unwrap();
         let out = to_vec(tape.output.clone().unwrap());
         let mut acc = GradAccum::<I>::new(table.slots.len());
@@ -279,10 +290,12 @@ fn several_microbatches_graphs_live_at_once() {
                         .forward(
                             0,
                             StageInput::Tokens(&io[k].0),
-                            rows,
-                            seq,
-                            Some(&io[k].1),
-                            32.0,
+                            &Micro {
+                                rows,
+                                seq,
+                                targets: Some(&io[k].1),
+                                denominator: 32.0,
+                            },
                             tp,
                         )
                         .unwrap()
