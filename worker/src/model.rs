@@ -104,6 +104,10 @@ fn ids<X: Backend>(v: Vec<i64>, device: &X::Device) -> Tensor<X, 1, Int> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
+fn token_ids<X: Backend>(tokens: &[u32], device: &X::Device) -> Tensor<X, 1, Int> {
+    ids(tokens.iter().map(|&x| i64::from(x)).collect(), device)
+}
+
 /// Token ids as rows of this rank's vocabulary part `start..start + len`:
 /// the local row (0 for ids another rank owns) and a `[n, 1]` mask that is
 /// 1 where this rank owns the id.
@@ -121,10 +125,7 @@ fn vocab_rows<X: Backend>(
         })
         .unzip();
     let n = mask.len();
-    (
-        ids::<X>(local, device),
-        Tensor::from_data(TensorData::new(mask, [n, 1]), device),
-    )
+    (ids::<X>(local, device), from_vec(mask, [n, 1], device))
 }
 
 /// RMSNorm over the last dimension with gain `g` (`[1, d]`).
@@ -233,6 +234,24 @@ fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
     (silu(y.clone().matmul(gate)) * y.matmul(up)).matmul(down)
 }
 
+/// One transformer block on the residual stream `x` (`[b·t, d]`), whole
+/// (no tensor parallelism), its parameters read by `weight`.
+fn block<X: Backend>(
+    x: Tensor<X, 2>,
+    mut weight: impl FnMut(BlockParam) -> Tensor<X, 2>,
+    cos: &Tensor<X, 2>,
+    sin: &Tensor<X, 2>,
+    b: usize,
+    t: usize,
+    dims: &Dims,
+) -> Tensor<X, 2> {
+    use BlockParam::*;
+    let y = rms_norm(x.clone(), weight(AttnNorm));
+    let x = x + attention(y, [Wq, Wk, Wv, Wo].map(&mut weight), cos, sin, b, t, dims);
+    let y = rms_norm(x.clone(), weight(MlpNorm));
+    x + mlp(y, [WGate, WUp, WDown].map(&mut weight))
+}
+
 /// Summed cross-entropy of `logits` `[n, vocab]` against `targets` `[n]`,
 /// divided by `denominator` (the target tokens of the whole global step,
 /// so that gradients of every microbatch and rank add up to the gradient of
@@ -270,7 +289,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     let device = z_local.device();
     let mut max = to_vec(z_local.clone().inner().max_dim(1));
     tp.all_reduce_max(&mut max)?;
-    let max_t = Tensor::<B, 2>::from_data(TensorData::new(max.clone(), [n, 1]), &device);
+    let max_t = from_vec::<B>(max.clone(), [n, 1], &device);
     let e = (z_local.clone() - max_t).exp();
     // Local sums of exponentials and target logits, reduced in one call.
     let (local, mask) = vocab_rows::<B>(targets, vocab_start, vl, &device);
@@ -283,7 +302,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
         .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
         .sum::<f64>()
         / denominator;
-    let sums_t = Tensor::<B, 2>::from_data(TensorData::new(sums.to_vec(), [n, 1]), &device);
+    let sums_t = from_vec::<B>(sums.to_vec(), [n, 1], &device);
     let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
     Ok((loss, surrogate))
 }
@@ -681,8 +700,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             StageInput::Tokens(tokens) => {
                 let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
                 embed_leaf = Some(table.clone());
-                let t = ids::<B>(tokens.iter().map(|&x| i64::from(x)).collect(), &self.device);
-                (table.select(0, t), None)
+                (table.select(0, token_ids(tokens, &self.device)), None)
             }
             StageInput::Activation(h) => {
                 let leaf = Tensor::<B, 2>::from_inner(h).require_grad();
@@ -690,13 +708,8 @@ impl<B: AutodiffBackend> StageModel<B> {
             }
         };
         for b in &self.blocks[chunk as usize] {
-            use BlockParam::*;
-            let [g] = self.block_weights(b, [AttnNorm], &mut leaves);
-            let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
-            x = x.clone() + attention(rms_norm(x, g), w, &cos, &sin, rows, seq, &self.dims);
-            let [g] = self.block_weights(b, [MlpNorm], &mut leaves);
-            let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
-            x = x.clone() + mlp(rms_norm(x, g), w);
+            let weight = |p| self.leaf(b.get(p), &mut leaves);
+            x = block(x, weight, &cos, &sin, rows, seq, &self.dims);
         }
         if !self.is_last(chunk) {
             let output = x.clone().inner();
@@ -717,10 +730,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             _ => self.head_weight(&mut leaves),
         };
         let targets = targets.expect("the last stage has targets");
-        let t = ids::<B>(
-            targets.iter().map(|&x| i64::from(x)).collect(),
-            &self.device,
-        );
+        let t = token_ids(targets, &self.device);
         let loss = cross_entropy(y.matmul(w), t, denominator);
         let value = to_vec(loss.clone().inner())[0];
         Tape {
@@ -780,24 +790,11 @@ impl<B: AutodiffBackend> StageModel<B> {
             "logits need the whole model on one rank"
         );
         let p = |slot: usize| self.params[slot].clone();
-        let t =
-            ids::<B::InnerBackend>(tokens.iter().map(|&x| i64::from(x)).collect(), &self.device);
+        let t = token_ids(tokens, &self.device);
         let mut x = p(self.embed.expect("embedding")).select(0, t);
         for b in &self.blocks[0] {
-            use BlockParam::*;
-            let w = [Wq, Wk, Wv, Wo].map(|q| p(b.get(q)));
-            x = x.clone()
-                + attention(
-                    rms_norm(x, p(b.get(AttnNorm))),
-                    w,
-                    &self.cos,
-                    &self.sin,
-                    rows,
-                    seq,
-                    &self.dims,
-                );
-            let w = [WGate, WUp, WDown].map(|q| p(b.get(q)));
-            x = x.clone() + mlp(rms_norm(x, p(b.get(MlpNorm))), w);
+            let weight = |q| p(b.get(q));
+            x = block(x, weight, &self.cos, &self.sin, rows, seq, &self.dims);
         }
         let y = rms_norm(x, p(self.final_norm.expect("final norm")));
         let w = p(self.head.expect("head"));
