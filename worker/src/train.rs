@@ -17,7 +17,7 @@ use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
 use crate::model::{GradAccum, Micro, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
-use crate::params::{ParamSlot, ParamTable};
+use crate::params::{ParamSlot, ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
@@ -59,9 +59,7 @@ impl Groups {
             wrap: None,
         }
     }
-}
 
-impl Groups {
     /// Every rank's groups for `layout` in one process (threads joined by
     /// the in-process backend), in world-rank order: for tests and
     /// benchmarks of parallel layouts without worker processes.
@@ -409,26 +407,31 @@ impl<B: AutodiffBackend> Trainer<B> {
         // KV heads shared by several tensor-parallel ranks: each computed
         // the gradient from its own query heads; sum them over the group
         // (each rank places its share at its block, zeros elsewhere).
-        let shared: Vec<&ParamSlot> = table.slots.iter().filter(|s| s.partial_grad).collect();
-        if !shared.is_empty() {
+        // Each shared slot's block in the reduced buffer, and this rank's
+        // place in it.
+        let mut len = 0;
+        let places: Vec<(&ParamSlot, usize)> = table
+            .slots
+            .iter()
+            .filter(|s| s.partial_grad)
+            .map(|s| {
+                let mine = len + (table.tp_rank / s.replicas) as usize * s.len;
+                len += (table.tp / s.replicas) as usize * s.len;
+                (s, mine)
+            })
+            .collect();
+        if !places.is_empty() {
             let t = Instant::now();
-            let blocks = |s: &ParamSlot| (table.tp / s.replicas) as usize;
-            let mut buf = vec![0f32; shared.iter().map(|s| blocks(s) * s.len).sum()];
-            let mut at = 0;
-            for s in &shared {
-                let mine = at + (table.tp_rank / s.replicas) as usize * s.len;
-                buf[mine..mine + s.len].copy_from_slice(&self.grads[s.range()]);
-                at += blocks(s) * s.len;
+            let mut buf = vec![0f32; len];
+            for &(s, at) in &places {
+                buf[at..at + s.len].copy_from_slice(&self.grads[s.range()]);
             }
             self.groups
                 .tp
                 .all_reduce_sum(&mut buf)
                 .map_err(in_group(GroupKind::Tensor))?;
-            let mut at = 0;
-            for s in &shared {
-                let mine = at + (table.tp_rank / s.replicas) as usize * s.len;
-                self.grads[s.range()].copy_from_slice(&buf[mine..mine + s.len]);
-                at += blocks(s) * s.len;
+            for &(s, at) in &places {
+                self.grads[s.range()].copy_from_slice(&buf[at..at + s.len]);
             }
             own.tp_comm_s += t.elapsed().as_secs_f64();
         }
@@ -441,8 +444,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .all_reduce_sum(bucket)
                 .map_err(in_group(GroupKind::Data))?;
         }
-        if let (Some(emb), Some(slot)) = (self.groups.emb.as_mut(), table.get("embed")) {
-            emb.all_reduce_sum(&mut self.grads[slot.range()])
+        if let (Some(emb), Some(i)) = (self.groups.emb.as_mut(), table.index(Role::Embed)) {
+            emb.all_reduce_sum(&mut self.grads[table.slots[i].range()])
                 .map_err(in_group(GroupKind::Embedding))?;
         }
         let all_reduce = t.elapsed();
