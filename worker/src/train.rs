@@ -406,9 +406,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         // KV heads shared by several tensor-parallel ranks: each computed
         // the gradient from its own query heads; sum them over the group
-        // (each rank places its share at its block, zeros elsewhere).
-        // Each shared slot's block in the reduced buffer, and this rank's
-        // place in it.
+        // (each rank places its share at its block of the slot's part of
+        // the buffer, zeros elsewhere).
         let mut len = 0;
         let places: Vec<(&ParamSlot, usize)> = table
             .slots
