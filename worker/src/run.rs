@@ -19,7 +19,7 @@ use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::{Coords, Layout, Recipe};
 use tonic::transport::Channel;
 
-use crate::collective::{Collective, CollectiveError, TcpEndpoint, TcpOptions};
+use crate::collective::{Collective, TcpEndpoint, TcpOptions};
 use crate::params::ParamTable;
 use crate::pipeline::bubble_theory;
 use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
@@ -320,13 +320,7 @@ struct Members(Vec<(GroupKind, Vec<u32>)>);
 impl Members {
     /// A step's failure, naming the group and the peer's world rank.
     fn describe(&self, e: &TrainError) -> String {
-        let peer = match &e.source {
-            CollectiveError::PeerGone { peer }
-            | CollectiveError::WrongMessage { peer, .. }
-            | CollectiveError::SizeMismatch { peer, .. }
-            | CollectiveError::Io { peer, .. } => Some(*peer),
-            _ => None,
-        };
+        let peer = e.source.peer();
         let world = self
             .0
             .iter()
@@ -341,8 +335,9 @@ impl Members {
 
 /// Joins the tensor-parallel, pipeline and data-parallel groups of the
 /// assignment, in that order on every rank (each join waits for its
-/// members; connections for groups joined later wait in the endpoint), and
-/// the embedding group of a tied pipeline (its first and last stages).
+/// members; connections for groups joined later wait in the endpoint), then
+/// on the first and last stages the embedding group of a tied model and the
+/// wrap-around group of an interleaved pipeline.
 fn join_groups(
     endpoint: &TcpEndpoint,
     job: &str,
@@ -352,23 +347,26 @@ fn join_groups(
     tied: bool,
     interleaved: bool,
 ) -> Result<(Groups, Members), WorkerError> {
-    let find = |kind: pb::GroupKind| {
-        groups
+    // A group's members in group order: world rank and collective address.
+    let members_of = |kind: pb::GroupKind| -> Result<Vec<(u32, String)>, WorkerError> {
+        let g = groups
             .iter()
             .find(|g| g.kind == kind as i32)
-            .ok_or_else(|| WorkerError::Setup(format!("the assignment has no {kind:?} group")))
+            .ok_or_else(|| WorkerError::Setup(format!("the assignment has no {kind:?} group")))?;
+        Ok(g.members
+            .iter()
+            .map(|m| (m.rank, m.collective_addr.clone()))
+            .collect())
     };
     let opts = TcpOptions::default();
-    let mut members = Vec::new();
+    let mut joined = Vec::new();
     let mut join = |kind: GroupKind,
                     name: String,
-                    ranks: Vec<u32>,
-                    addrs: Vec<String>,
+                    members: Vec<(u32, String)>,
                     me: usize|
      -> Result<Box<dyn Collective>, WorkerError> {
-        let addrs = ranks
+        let addrs = members
             .iter()
-            .zip(&addrs)
             .map(|(r, a)| {
                 a.parse::<SocketAddr>().map_err(|e| {
                     WorkerError::Setup(format!("rank {r}'s collective address {a:?}: {e}"))
@@ -378,61 +376,41 @@ fn join_groups(
         let g = endpoint
             .join(&name, me, &addrs, &opts)
             .map_err(|e| WorkerError::Setup(format!("{kind} group: {e}")))?;
-        members.push((kind, ranks));
+        joined.push((kind, members.into_iter().map(|(r, _)| r).collect()));
         Ok(Box::new(g))
     };
-    let split = |g: &pb::Group| -> (Vec<u32>, Vec<String>) {
-        g.members
-            .iter()
-            .map(|m| (m.rank, m.collective_addr.clone()))
-            .unzip()
-    };
-    let (tr, ta) = split(find(pb::GroupKind::Tensor)?);
     let tp = join(
         GroupKind::Tensor,
         format!("{job}/tp/dp{}-pp{}", c.dp, c.pp),
-        tr,
-        ta,
+        members_of(pb::GroupKind::Tensor)?,
         c.tp as usize,
     )?;
-    let (pr, pa) = split(find(pb::GroupKind::Pipeline)?);
-    // The first and last stages: the embedding group of a tied model and
-    // the wrap-around link of an interleaved pipeline.
-    let ends = {
-        let last = pr.len() - 1;
-        (vec![pr[0], pr[last]], vec![pa[0].clone(), pa[last].clone()])
-    };
-    let at_an_end = layout.pp > 1 && (c.pp == 0 || c.pp + 1 == layout.pp);
+    let stages = members_of(pb::GroupKind::Pipeline)?;
+    let ends = vec![stages[0].clone(), stages[stages.len() - 1].clone()];
     let pp = join(
         GroupKind::Pipeline,
         format!("{job}/pp/dp{}-tp{}", c.dp, c.tp),
-        pr,
-        pa,
+        stages,
         c.pp as usize,
     )?;
-    let (dr, da) = split(find(pb::GroupKind::Data)?);
     let dp = join(
         GroupKind::Data,
         format!("{job}/dp/pp{}-tp{}", c.pp, c.tp),
-        dr,
-        da,
+        members_of(pb::GroupKind::Data)?,
         c.dp as usize,
     )?;
+    let at_an_end = layout.pp > 1 && (c.pp == 0 || c.pp + 1 == layout.pp);
     let me = usize::from(c.pp != 0);
-    let emb = if tied && at_an_end {
-        let (r, a) = ends.clone();
-        let name = format!("{job}/emb/dp{}-tp{}", c.dp, c.tp);
-        Some(join(GroupKind::Embedding, name, r, a, me)?)
-    } else {
-        None
+    let mut end_group = |wanted: bool, kind: GroupKind, name: &str| {
+        (wanted && at_an_end)
+            .then(|| {
+                let name = format!("{job}/{name}/dp{}-tp{}", c.dp, c.tp);
+                join(kind, name, ends.clone(), me)
+            })
+            .transpose()
     };
-    let wrap = if interleaved && at_an_end {
-        let (r, a) = ends;
-        let name = format!("{job}/wrap/dp{}-tp{}", c.dp, c.tp);
-        Some(join(GroupKind::Wrap, name, r, a, me)?)
-    } else {
-        None
-    };
+    let emb = end_group(tied, GroupKind::Embedding, "emb")?;
+    let wrap = end_group(interleaved, GroupKind::Wrap, "wrap")?;
     Ok((
         Groups {
             tp,
@@ -441,6 +419,6 @@ fn join_groups(
             emb,
             wrap,
         },
-        Members(members),
+        Members(joined),
     ))
 }

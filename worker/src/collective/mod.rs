@@ -109,6 +109,19 @@ pub enum CollectiveError {
     Io { peer: usize, source: std::io::Error },
 }
 
+impl CollectiveError {
+    /// The group rank of the peer the failure involves, when it is one.
+    pub fn peer(&self) -> Option<usize> {
+        match self {
+            CollectiveError::PeerGone { peer }
+            | CollectiveError::WrongMessage { peer, .. }
+            | CollectiveError::SizeMismatch { peer, .. }
+            | CollectiveError::Io { peer, .. } => Some(*peer),
+            CollectiveError::NoSuchPeer { .. } | CollectiveError::BadBuffer { .. } => None,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, CollectiveError>;
 
 /// The range of chunk `i` when `len` elements are split into `n` chunks as
