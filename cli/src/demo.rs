@@ -48,6 +48,10 @@ pub struct DemoArgs {
 }
 
 impl DemoArgs {
+    fn world(&self) -> u32 {
+        self.tp * self.pp * self.dp
+    }
+
     fn microbatches(&self) -> u32 {
         if self.pp > 1 { 2 * self.pp } else { 1 }
     }
@@ -185,7 +189,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let cfg = coordinator_config(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
-            args.tp * args.pp * args.dp,
+            args.world(),
             None,
             Duration::from_secs(60),
         )?;
@@ -205,7 +209,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 args.tp,
                 args.pp,
                 args.dp,
-                args.tp * args.pp * args.dp,
+                args.world(),
                 if args.pp > 1 {
                     format!(", {} microbatches per step", args.microbatches())
                 } else {

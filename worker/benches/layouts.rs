@@ -28,7 +28,6 @@ use strata_recipe::{AdamWConfig, Layout, ModelConfig};
 use strata_worker::collective::Collective;
 use strata_worker::collective::tcp::loopback_group;
 use strata_worker::params::ParamTable;
-use strata_worker::pipeline::bubble_theory;
 use strata_worker::train::{Groups, LocalBatch, StageStats, Trainer};
 
 type B = Autodiff<NdArray<f32>>;
@@ -224,7 +223,7 @@ fn main() {
             "ranks": layout.world_size(), "cores": cores,
             "tokens_per_step": TOKENS, "seq_len": SEQ, "steps": steps,
             "tokens_per_s": r.tokens_per_s,
-            "bubble_theory": bubble_theory(pp, m as u32, v),
+            "bubble_theory": layout.bubble_fraction(m as u32, v),
             "stages": stages,
         });
         println!("{line}");

@@ -19,7 +19,8 @@
 //! `m` must be a multiple of `p`); backwards go through the chunks in
 //! reverse. Stage `s` warms up with `2·(p − s − 1) + (v − 1)·p` forwards
 //! (at most `m·v`). The bubble shrinks to `(p − 1)/(m·v + p − 1)` of the
-//! step, for `v` times the point-to-point traffic.
+//! step (`Layout::bubble_fraction`), for `v` times the point-to-point
+//! traffic.
 
 /// One operation of a stage's schedule, on microbatch `.0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,14 +104,6 @@ pub fn schedule(stages: u32, stage: u32, microbatches: u32, chunks: u32) -> Vec<
     }
     ops.extend((total - warmup..total).map(bwd));
     ops
-}
-
-/// The idle fraction of each stage's pipeline time with microbatches of
-/// equal cost and `chunks` model chunks per stage: `(p − 1) / (m·v + p − 1)`.
-pub fn bubble_theory(stages: u32, microbatches: u32, chunks: u32) -> f64 {
-    let p = f64::from(stages);
-    let mv = f64::from(microbatches.max(1)) * f64::from(chunks.max(1));
-    (p - 1.0) / (mv + p - 1.0)
 }
 
 #[cfg(test)]
@@ -276,14 +269,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn bubble_theory_is_narayanans() {
-        assert_eq!(bubble_theory(2, 4, 1), 0.2);
-        assert_eq!(bubble_theory(4, 8, 1), 3.0 / 11.0);
-        assert_eq!(bubble_theory(1, 5, 1), 0.0);
-        assert_eq!(bubble_theory(4, 8, 2), 3.0 / 19.0);
     }
 
     fn ops(s: &[ChunkOp]) -> Vec<String> {

@@ -21,7 +21,6 @@ use tonic::transport::Channel;
 
 use crate::collective::{Collective, TcpEndpoint, TcpOptions};
 use crate::params::ParamTable;
-use crate::pipeline::bubble_theory;
 use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
 
 /// The CPU backend of this issue: NdArray with autodiff.
@@ -294,7 +293,7 @@ fn train(
                         tp_comm_s: s.tp_comm_s,
                     })
                     .collect(),
-                bubble_theory: bubble_theory(layout.pp, microbatches as u32, chunks),
+                bubble_theory: layout.bubble_fraction(microbatches as u32, chunks),
             };
             rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
                 job_id: args.job.clone(),
