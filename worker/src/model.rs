@@ -38,7 +38,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use strata_recipe::ModelConfig;
 
 use crate::collective::{Collective, CollectiveError};
-use crate::params::{BlockParam, ParamTable, Role};
+use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
 
 /// RMSNorm's epsilon (Llama's).
 pub const NORM_EPS: f64 = 1e-5;
@@ -87,20 +87,53 @@ impl<'a> Tp<'a> {
     }
 }
 
+thread_local! {
+    static HOST_ELEMS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Elements this thread has moved between the host and a backend's device
+/// (both ways): every transfer of the worker goes through [`to_vec`],
+/// [`from_vec`] and the token-id uploads, so that a test or a benchmark can
+/// tell that nothing model-sized crosses the host per step.
+pub fn host_transfers() -> u64 {
+    HOST_ELEMS.with(|c| c.get())
+}
+
+fn count_transfer(n: usize) {
+    HOST_ELEMS.with(|c| c.set(c.get() + n as u64));
+}
+
+/// The shape a slot's value has in the model: matrices as they are, norm
+/// gains as `[1, d]`.
+fn slot_shape(s: &ParamSlot) -> [usize; 2] {
+    match s.shape[..] {
+        [n] => [1, n],
+        [r, c] => [r, c],
+        _ => unreachable!("parameters have one or two dimensions"),
+    }
+}
+
 /// A tensor's values on the host.
 pub fn to_vec<X: Backend, const D: usize>(t: Tensor<X, D>) -> Vec<f32> {
+    count_transfer(t.shape().num_elements());
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
         .expect("f32 tensor data")
 }
 
-pub fn from_vec<X: Backend>(v: Vec<f32>, shape: [usize; 2], device: &X::Device) -> Tensor<X, 2> {
+pub fn from_vec<X: Backend, const D: usize>(
+    v: Vec<f32>,
+    shape: [usize; D],
+    device: &X::Device,
+) -> Tensor<X, D> {
+    count_transfer(v.len());
     Tensor::from_data(TensorData::new(v, shape), device)
 }
 
 fn ids<X: Backend>(v: Vec<i64>, device: &X::Device) -> Tensor<X, 1, Int> {
     let n = v.len();
+    count_transfer(n);
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
@@ -289,7 +322,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     let device = z_local.device();
     let mut max = to_vec(z_local.clone().inner().max_dim(1));
     tp.all_reduce_max(&mut max)?;
-    let max_t = from_vec::<B>(max.clone(), [n, 1], &device);
+    let max_t = from_vec::<B, 2>(max.clone(), [n, 1], &device);
     let e = (z_local.clone() - max_t).exp();
     // Local sums of exponentials and target logits, reduced in one call.
     let (local, mask) = vocab_rows::<B>(targets, vocab_start, vl, &device);
@@ -302,7 +335,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
         .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
         .sum::<f64>()
         / denominator;
-    let sums_t = from_vec::<B>(sums.to_vec(), [n, 1], &device);
+    let sums_t = from_vec::<B, 2>(sums.to_vec(), [n, 1], &device);
     let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
     Ok((loss, surrogate))
 }
@@ -446,6 +479,14 @@ impl<B: AutodiffBackend> StageModel<B> {
         values: &[f32],
         device: &B::Device,
     ) -> StageModel<B> {
+        let mut model = StageModel::new_empty(cfg, table, device);
+        model.load(values);
+        model
+    }
+
+    /// The model part described by `table`, its parameters still to be
+    /// given by [`StageModel::load`] or [`StageModel::set_params`].
+    pub fn new_empty(cfg: &ModelConfig, table: ParamTable, device: &B::Device) -> StageModel<B> {
         let tp = table.tp as usize;
         let v = cfg.padded_vocab_size as usize;
         let dims = Dims {
@@ -484,7 +525,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                     .collect()
             })
             .collect();
-        let mut model = StageModel {
+        StageModel {
             params: Vec::new(),
             cos: from_vec(cos, [rows, half], device),
             sin: from_vec(sin, [rows, half], device),
@@ -496,9 +537,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             blocks,
             device: device.clone(),
             table,
-        };
-        model.load(values);
-        model
+        }
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -513,22 +552,35 @@ impl<B: AutodiffBackend> StageModel<B> {
         &self.device
     }
 
-    /// Replaces every parameter's value from the flat buffer `values`.
+    /// Replaces every parameter's value from the flat host buffer `values`.
     pub fn load(&mut self, values: &[f32]) {
         assert_eq!(values.len(), self.table.total, "flat parameter buffer");
         self.params = self
             .table
             .slots
             .iter()
-            .map(|s| {
-                let shape = match s.shape[..] {
-                    [n] => [1, n],
-                    [r, c] => [r, c],
-                    _ => unreachable!("parameters have one or two dimensions"),
-                };
-                from_vec(values[s.range()].to_vec(), shape, &self.device)
-            })
+            .map(|s| from_vec(values[s.range()].to_vec(), slot_shape(s), &self.device))
             .collect();
+    }
+
+    /// Replaces every parameter's value with `flat[slot]`, a device tensor
+    /// holding the slot's elements in order (a slice of a master bucket).
+    pub fn set_params(&mut self, flat: Vec<Tensor<B::InnerBackend, 1>>) {
+        assert_eq!(flat.len(), self.table.slots.len(), "one tensor per slot");
+        self.params = self
+            .table
+            .slots
+            .iter()
+            .zip(flat)
+            .map(|(s, t)| t.reshape(slot_shape(s)))
+            .collect();
+    }
+
+    /// Drops the parameter values, so that the optimizer owns the only
+    /// reference to the master buckets they were sliced from (and updates
+    /// them in place where the backend can).
+    pub fn release_params(&mut self) {
+        self.params.clear();
     }
 
     /// Whether model chunk `chunk` is the first of the whole pipeline (it

@@ -5,19 +5,22 @@
 //! the data-parallel group, the tied embedding's gradients summed over the
 //! embedding group, clipping by the global gradient norm, and AdamW.
 //!
-//! The optimizer works on a flat host copy of this rank's parameters (the
-//! master weights) with its moments beside them, laid out by the rank's
-//! [`ParamTable`], so its whole state is three vectors and a step count.
+//! The optimizer's state (master weights, both moments) and the gradients
+//! live on the backend's device as flat buckets laid out by the rank's
+//! [`ParamTable`]; only scalars cross to the host per step, besides the
+//! activations and host-collective staging that parallel layouts need.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
 use crate::model::{GradAccum, Micro, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
-use crate::params::{ParamSlot, ParamTable, Role};
+use crate::params::{ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
@@ -204,15 +207,74 @@ pub struct LocalBatch<'a> {
     pub seq_len: usize,
 }
 
+/// A run of whole slots that the optimizer treats as one flat tensor:
+/// every slot in it shares whether weight decay applies and whether it
+/// counts toward the gradient norm, so AdamW and the norm are a few tensor
+/// operations per bucket, with no masks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    /// Slot indices in the table.
+    pub slots: Range<usize>,
+    /// Elements of the rank's flat layout (the table's offsets).
+    pub range: Range<usize>,
+    pub decay: bool,
+    pub in_norm: bool,
+}
+
+impl Bucket {
+    /// `table`'s slots in runs of equal (decay, in-norm), each at most
+    /// [`BUCKET_ELEMS`] long unless one slot is longer; the embedding has
+    /// a bucket of its own (the embedding group reduces it alone).
+    pub fn of(table: &ParamTable) -> Vec<Bucket> {
+        let embed = table.index(Role::Embed);
+        let mut out: Vec<Bucket> = Vec::new();
+        for (i, s) in table.slots.iter().enumerate() {
+            let key = (s.spec.decay, s.in_norm);
+            let alone = Some(i) == embed;
+            match out.last_mut() {
+                Some(b)
+                    if (b.decay, b.in_norm) == key
+                        && !alone
+                        && Some(b.slots.start) != embed
+                        && b.range.len() + s.len <= BUCKET_ELEMS =>
+                {
+                    b.slots.end = i + 1;
+                    b.range.end = s.offset + s.len;
+                }
+                _ => out.push(Bucket {
+                    slots: i..i + 1,
+                    range: s.range(),
+                    decay: key.0,
+                    in_norm: key.1,
+                }),
+            }
+        }
+        out
+    }
+}
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
 /// A model part with its optimizer, for one rank of any layout.
+///
+/// Everything model-sized stays on the backend's device: the master
+/// weights, both AdamW moments and the step's gradients are flat f32
+/// tensors, one per [`Bucket`]; the model's parameters are slices of the
+/// master buckets. Per step only scalars (the loss, the squared gradient
+/// norm, timings) reach the host, plus the activations a pipeline stage
+/// exchanges and the staging copies of host collectives (data-parallel
+/// and embedding-group all-reduces over TCP).
 pub struct Trainer<B: AutodiffBackend> {
     model: StageModel<B>,
-    master: Vec<f32>,
-    state: AdamWState,
+    buckets: Vec<Bucket>,
+    master: Vec<Tensor<Inner<B>, 1>>,
+    m: Vec<Tensor<Inner<B>, 1>>,
+    v: Vec<Tensor<Inner<B>, 1>>,
+    /// The last step's gradients after the data-parallel all-reduce,
+    /// before clipping.
+    grads: Vec<Tensor<Inner<B>, 1>>,
+    steps: u64,
     cfg: AdamWConfig,
-    /// The last step's gradients after the data-parallel all-reduce, before
-    /// clipping; one element more for the loss riding along.
-    grads: Vec<f32>,
     groups: Groups,
 }
 
@@ -239,8 +301,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         groups: Groups,
         device: B::Device,
     ) -> Trainer<B> {
-        let n = table.total;
-        assert_eq!(values.len(), n, "flat parameter values");
+        assert_eq!(values.len(), table.total, "flat parameter values");
         for (name, g, want) in [
             ("tensor-parallel", &groups.tp, table.tp),
             ("pipeline", &groups.pp, table.pp),
@@ -253,19 +314,32 @@ impl<B: AutodiffBackend> Trainer<B> {
             table.chunks.len() > 1 && table.pp > 1 && ends,
             "an interleaved pipeline's first and last stages have a wrap-around group"
         );
-        let model = StageModel::new(model, table, &values, &device);
-        Trainer {
+        let buckets = Bucket::of(&table);
+        let master: Vec<Tensor<Inner<B>, 1>> = buckets
+            .iter()
+            .map(|b| from_vec(values[b.range.clone()].to_vec(), [b.range.len()], &device))
+            .collect();
+        let zeros = || -> Vec<Tensor<Inner<B>, 1>> {
+            buckets
+                .iter()
+                .map(|b| Tensor::zeros([b.range.len()], &device))
+                .collect()
+        };
+        let (m, v, grads) = (zeros(), zeros(), zeros());
+        let model = StageModel::new_empty(model, table, &device);
+        let mut trainer = Trainer {
             model,
-            master: values,
-            state: AdamWState {
-                step: 0,
-                m: vec![0.0; n],
-                v: vec![0.0; n],
-            },
+            buckets,
+            master,
+            m,
+            v,
+            grads,
+            steps: 0,
             cfg,
-            grads: vec![0.0; n + 1],
             groups,
-        }
+        };
+        trainer.refresh_params();
+        trainer
     }
 
     pub fn model(&self) -> &StageModel<B> {
@@ -276,22 +350,57 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.model.table()
     }
 
-    pub fn n_params(&self) -> usize {
-        self.master.len()
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.buckets
     }
 
-    pub fn master(&self) -> &[f32] {
-        &self.master
+    pub fn n_params(&self) -> usize {
+        self.table().total
+    }
+
+    /// The master weights, copied to the host in the table's flat layout.
+    pub fn master(&self) -> Vec<f32> {
+        self.flat_on_host(&self.master)
     }
 
     /// The last step's gradients (summed over data-parallel replicas, not
-    /// clipped), laid out like [`Trainer::master`].
-    pub fn grads(&self) -> &[f32] {
-        &self.grads[..self.master.len()]
+    /// clipped), copied to the host like [`Trainer::master`].
+    pub fn grads(&self) -> Vec<f32> {
+        self.flat_on_host(&self.grads)
     }
 
-    pub fn optimizer_state(&self) -> &AdamWState {
-        &self.state
+    /// The optimizer's state, copied to the host.
+    pub fn optimizer_state(&self) -> AdamWState {
+        AdamWState {
+            step: self.steps,
+            m: self.flat_on_host(&self.m),
+            v: self.flat_on_host(&self.v),
+        }
+    }
+
+    fn flat_on_host(&self, buckets: &[Tensor<Inner<B>, 1>]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.n_params());
+        for t in buckets {
+            out.extend(to_vec(t.clone()));
+        }
+        out
+    }
+
+    /// Points the model's parameters at slices of the master buckets.
+    fn refresh_params(&mut self) {
+        let table = self.model.table();
+        let mut flat = Vec::with_capacity(table.slots.len());
+        for (b, master) in self.buckets.iter().zip(&self.master) {
+            for s in &table.slots[b.slots.clone()] {
+                let at = s.offset - b.range.start;
+                flat.push(if b.slots.len() == 1 {
+                    master.clone()
+                } else {
+                    master.clone().slice(at..at + s.len)
+                });
+            }
+        }
+        self.model.set_params(flat);
     }
 
     /// One optimizer step, number `step` (tags its pipeline messages).
@@ -305,7 +414,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         global_tokens: u64,
         lr: f64,
     ) -> Result<StepStats, TrainError> {
-        let n = self.master.len();
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
         let last = stage + 1 == stages;
@@ -396,73 +504,112 @@ impl<B: AutodiffBackend> Trainer<B> {
         own.backward_s = backward.as_secs_f64();
         own.tp_comm_s = tp.comm.as_secs_f64();
 
-        // Device gradients to the flat buffer; the loss rides along in the
-        // last element: one collective per bucket.
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-        for (slot, g) in table.slots.iter().zip(acc.grads) {
-            if let Some(g) = g {
-                self.grads[slot.range()].copy_from_slice(&to_vec(g));
-            }
-        }
         // KV heads shared by several tensor-parallel ranks: each computed
         // the gradient from its own query heads; sum them over the group
-        // (each rank places its share at its block of the slot's part of
-        // the buffer, zeros elsewhere).
+        // (each rank places its share at its block of the slot's part of a
+        // staging buffer, zeros elsewhere). Small: only K and V.
+        let mut slot_grads = acc.grads;
         let mut len = 0;
-        let places: Vec<(&ParamSlot, usize)> = table
+        let places: Vec<(usize, usize)> = table
             .slots
             .iter()
-            .filter(|s| s.partial_grad)
-            .map(|s| {
+            .enumerate()
+            .filter(|(_, s)| s.partial_grad)
+            .map(|(i, s)| {
                 let mine = len + (table.tp_rank / s.replicas) as usize * s.len;
                 len += (table.tp / s.replicas) as usize * s.len;
-                (s, mine)
+                (i, mine)
             })
             .collect();
         if !places.is_empty() {
             let t = Instant::now();
             let mut buf = vec![0f32; len];
-            for &(s, at) in &places {
-                buf[at..at + s.len].copy_from_slice(&self.grads[s.range()]);
+            for &(i, at) in &places {
+                if let Some(g) = slot_grads[i].take() {
+                    buf[at..at + table.slots[i].len].copy_from_slice(&to_vec(g));
+                }
             }
             self.groups
                 .tp
                 .all_reduce_sum(&mut buf)
                 .map_err(in_group(GroupKind::Tensor))?;
-            for &(s, at) in &places {
-                self.grads[s.range()].copy_from_slice(&buf[at..at + s.len]);
+            for &(i, at) in &places {
+                let n = table.slots[i].len;
+                slot_grads[i] = Some(from_vec(
+                    buf[at..at + n].to_vec(),
+                    [1, n],
+                    self.model.device(),
+                ));
             }
             own.tp_comm_s += t.elapsed().as_secs_f64();
         }
 
+        // The slots' gradients as flat buckets on the device.
+        let device = self.model.device().clone();
+        let mut grads: Vec<Tensor<Inner<B>, 1>> = self
+            .buckets
+            .iter()
+            .map(|b| {
+                let parts: Vec<Tensor<Inner<B>, 1>> = b
+                    .slots
+                    .clone()
+                    .map(|i| match slot_grads[i].take() {
+                        Some(g) => g.reshape([table.slots[i].len]),
+                        None => Tensor::zeros([table.slots[i].len], &device),
+                    })
+                    .collect();
+                if parts.len() == 1 {
+                    parts.into_iter().next().expect("one part")
+                } else {
+                    Tensor::cat(parts, 0)
+                }
+            })
+            .collect();
+
+        // Data-parallel sum of every bucket (and of the loss), then the
+        // tied embedding's over the embedding group. Host collectives stage
+        // the bucket through host memory.
         let t = Instant::now();
-        self.grads[n] = local_loss as f32;
-        for bucket in self.grads.chunks_mut(BUCKET_ELEMS) {
+        let mut local_loss = [local_loss as f32];
+        if self.groups.dp.size() > 1 {
+            for g in &mut grads {
+                *g = all_reduce_staged(self.groups.dp.as_mut(), g.clone())
+                    .map_err(in_group(GroupKind::Data))?;
+            }
             self.groups
                 .dp
-                .all_reduce_sum(bucket)
+                .all_reduce_sum(&mut local_loss)
                 .map_err(in_group(GroupKind::Data))?;
         }
         if let (Some(emb), Some(i)) = (self.groups.emb.as_mut(), table.index(Role::Embed)) {
-            emb.all_reduce_sum(&mut self.grads[table.slots[i].range()])
+            let b = self
+                .buckets
+                .iter()
+                .position(|b| b.slots.start == i)
+                .expect("the embedding has a bucket of its own");
+            grads[b] = all_reduce_staged(emb.as_mut(), grads[b].clone())
                 .map_err(in_group(GroupKind::Embedding))?;
         }
         let all_reduce = t.elapsed();
 
         let t = Instant::now();
-        // Squared norm over what this rank counts, summed over the
-        // tensor-parallel group, then over the stages (with the loss from
-        // the last and every stage's timings).
-        let local_sq: f64 = table
-            .slots
-            .iter()
-            .filter(|s| s.in_norm)
-            .flat_map(|s| &self.grads[s.range()])
-            .map(|&g| f64::from(g) * f64::from(g))
-            .sum();
+        // Squared norm over what this rank counts (one scalar from the
+        // device), summed over the tensor-parallel group, then over the
+        // stages (with the loss from the last and every stage's timings).
+        let mut sq: Option<Tensor<Inner<B>, 1>> = None;
+        for (b, g) in self.buckets.iter().zip(&grads) {
+            if b.in_norm {
+                let s = g.clone().powi_scalar(2).sum();
+                sq = Some(match sq {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+        let local_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
         let stage_sq =
             sum_f64(self.groups.tp.as_mut(), local_sq).map_err(in_group(GroupKind::Tensor))?;
-        let loss = if last { f64::from(self.grads[n]) } else { 0.0 };
+        let loss = if last { f64::from(local_loss[0]) } else { 0.0 };
         let mut record = Vec::with_capacity(RECORD);
         record.extend(split_f64(stage_sq));
         record.extend(split_f64(loss));
@@ -497,7 +644,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if stages == 1 {
             // Exact when nothing had to cross a group.
             sq = stage_sq;
-            loss = f64::from(self.grads[n]);
+            loss = f64::from(local_loss[0]);
         }
         let grad_norm = sq.sqrt();
         // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
@@ -505,8 +652,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0) as f32,
             None => 1.0,
         };
+        self.grads = grads;
         self.adamw(lr, clip);
-        self.model.load(&self.master);
         let optimizer = t.elapsed();
         Ok(StepStats {
             loss,
@@ -521,12 +668,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// AdamW with decoupled weight decay (Loshchilov & Hutter) on
-    /// gradients scaled by `clip`, in the arithmetic of PyTorch's
-    /// single-tensor AdamW: scalars formed in f64 and rounded once to f32,
-    /// the first moment by `lerp`, the second by `mul` then `addcmul`.
+    /// gradients scaled by `clip`, as tensor operations over each bucket on
+    /// the device, in the arithmetic of PyTorch's single-tensor AdamW:
+    /// scalars formed in f64 and rounded once to f32, the first moment by
+    /// `lerp`, the second by `mul` then `addcmul`. The model's parameters
+    /// are released first, so that each master bucket has one owner and
+    /// the backend may update it in place, then sliced from the new master.
     fn adamw(&mut self, lr: f64, clip: f32) {
-        self.state.step += 1;
-        let t = self.state.step as i32;
+        self.model.release_params();
+        self.steps += 1;
+        let t = self.steps as i32;
         let c = &self.cfg;
         let b1_weight = (1.0 - c.beta1) as f32;
         let (b2, b2_weight) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
@@ -534,22 +685,44 @@ impl<B: AutodiffBackend> Trainer<B> {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
         let eps = c.eps as f32;
         let decay = (1.0 - lr * c.weight_decay) as f32;
-        for slot in &self.model.table().slots {
-            let decay = if slot.spec.decay { decay } else { 1.0 };
-            let r = slot.range();
-            let p = &mut self.master[r.clone()];
-            let m = &mut self.state.m[r.clone()];
-            let v = &mut self.state.v[r.clone()];
-            let g = &self.grads[r];
-            for i in 0..p.len() {
-                let gi = g[i] * clip;
-                m[i] += b1_weight * (gi - m[i]);
-                v[i] = v[i] * b2 + b2_weight * (gi * gi);
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] = p[i] * decay - step_size * m[i] / denom;
-            }
+        for (i, b) in self.buckets.iter().enumerate() {
+            let g = self.grads[i].clone();
+            let g = if clip == 1.0 { g } else { g.mul_scalar(clip) };
+            let m = take(&mut self.m[i]);
+            let m = m.clone() + (g.clone() - m).mul_scalar(b1_weight);
+            let v = take(&mut self.v[i]);
+            let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(b2_weight);
+            let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(eps);
+            let p = take(&mut self.master[i]);
+            let p = if b.decay { p.mul_scalar(decay) } else { p };
+            self.master[i] = p - m.clone().mul_scalar(step_size) / denom;
+            self.m[i] = m;
+            self.v[i] = v;
         }
+        self.refresh_params();
     }
+}
+
+/// Moves a bucket's tensor out, leaving an empty placeholder, so that the
+/// moved tensor has one owner.
+fn take<I: Backend>(t: &mut Tensor<I, 1>) -> Tensor<I, 1> {
+    let device = t.device();
+    std::mem::replace(t, Tensor::empty([0], &device))
+}
+
+/// The group's elementwise sum of a device tensor through a host staging
+/// buffer, in calls of at most [`BUCKET_ELEMS`].
+fn all_reduce_staged<I: Backend>(
+    group: &mut dyn Collective,
+    t: Tensor<I, 1>,
+) -> Result<Tensor<I, 1>, CollectiveError> {
+    let device = t.device();
+    let mut host = to_vec(t);
+    for chunk in host.chunks_mut(BUCKET_ELEMS) {
+        group.all_reduce_sum(chunk)?;
+    }
+    let n = host.len();
+    Ok(from_vec(host, [n], &device))
 }
 
 /// A stage's neighbours in the pipeline: stages s − 1 and s + 1 through

@@ -159,10 +159,11 @@ fn check_case(f: &Fixture<'_>, case: &str) {
             s.grad_norm
         );
         if step == 0 {
+            let grads = trainer.grads();
             for slot in &table.slots {
                 let name = &slot.spec.name;
                 let r = rel(
-                    &trainer.grads()[slot.range()],
+                    &grads[slot.range()],
                     &f.f32s(&format!("{case}.grad.{name}")),
                 );
                 assert!(r <= 1e-5, "{case}: gradient of {name} differs by {r:e}");
@@ -174,10 +175,11 @@ fn check_case(f: &Fixture<'_>, case: &str) {
     // tensor's largest, and near eps) shows fully in its update: after
     // three steps, compare whole tensors (‖a − b‖₂ / ‖b‖₂), and bound the
     // largest single difference looser.
+    let master = trainer.master();
     for slot in &table.slots {
         let name = &slot.spec.name;
         let (ours, theirs) = (
-            &trainer.master()[slot.range()],
+            &master[slot.range()],
             f.f32s(&format!("{case}.step{steps}.{name}")),
         );
         let (r2, rmax) = (rel2(ours, &theirs), rel(ours, &theirs));

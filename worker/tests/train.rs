@@ -113,13 +113,7 @@ fn train_chunks(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps:
                         losses.push(st.loss);
                         norms.push(st.grad_norm);
                     }
-                    (
-                        c,
-                        losses,
-                        norms,
-                        trainer.table().clone(),
-                        trainer.master().to_vec(),
-                    )
+                    (c, losses, norms, trainer.table().clone(), trainer.master())
                 })
             })
             .collect();
@@ -323,6 +317,45 @@ fn a_rank_reports_the_same_coordinates_it_was_built_with() {
                 1 => Some(1),
                 _ => None,
             }
+        );
+    }
+}
+
+/// The trainer's state stays on the device: a single process's step moves
+/// its token ids to the device and two scalars (the loss and the squared
+/// gradient norm) back, never its parameters, gradients or moments.
+#[test]
+fn nothing_model_sized_crosses_the_host_per_step() {
+    use strata_worker::model::host_transfers;
+    let cfg = tiny(true);
+    let table = ParamTable::whole(&cfg);
+    let n_params = table.total as u64;
+    let mut trainer = Trainer::<B>::new(
+        &cfg,
+        table,
+        7,
+        adamw(),
+        Groups::single(),
+        Default::default(),
+    );
+    let (rows, seq) = (4, 16);
+    for step in 1..=3 {
+        let (inputs, targets) = batch(step, rows, seq);
+        let micro = [LocalBatch {
+            inputs: &inputs,
+            targets: &targets,
+            seq_len: seq,
+        }];
+        let before = host_transfers();
+        trainer
+            .step(step as u64, &micro, (rows * seq) as u64, LR)
+            .unwrap();
+        let moved = host_transfers() - before;
+        let tokens = (rows * seq) as u64;
+        assert!(
+            moved <= 2 * tokens + 2,
+            "step {step} moved {moved} elements between host and device \
+             ({tokens} tokens, {n_params} parameters)"
         );
     }
 }
