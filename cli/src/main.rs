@@ -1,5 +1,6 @@
 //! `strata`: the command-line face of strata.
 
+mod bench;
 mod data;
 mod demo;
 mod format;
@@ -66,6 +67,10 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
+    /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
+    /// one rank and reports tokens/s, MFU and memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// An error in what the user gave us (a recipe, a flag, a file): exit status 2.
@@ -107,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => jobs::list(args),
         Command::Cancel(args) => jobs::cancel(args),
         Command::Metrics(args) => jobs::metrics(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

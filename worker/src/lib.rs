@@ -8,10 +8,16 @@
 //! decoder, Megatron tensor-parallel, cut into autodiff segments at every
 //! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
+//! [`bench`]: the single-rank training benchmark behind `strata bench
+//! train`. [`cuda`] (feature `cuda`): finding the driver, NVRTC, NCCL and
+//! the GPU before burn's CUDA backend touches them.
 //! A worker never learns how it was launched: it is handed a coordinator
 //! address, a job and a rank.
 
+pub mod bench;
 pub mod collective;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod model;
 pub mod params;
 pub mod pipeline;

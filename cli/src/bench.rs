@@ -1,0 +1,277 @@
+//! `strata bench train`: a recipe's model trained on one rank, with no
+//! coordinator, on the chosen backend; prints tokens/s, the step-time
+//! split, MFU and peak memory (JSON with `--json`, the same fields as
+//! `bench/torch_reference.py`).
+
+use std::path::PathBuf;
+
+use burn::backend::{Autodiff, NdArray};
+use clap::{Args, Subcommand, ValueEnum};
+use strata_worker::bench::{self, Peak, Target, TrainBench, TrainReport};
+
+use crate::format::table;
+use crate::{UserError, load_recipe};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Train a recipe's whole model on one rank for a few steps on
+    /// synthetic tokens and report tokens/s, the step-time split, MFU and
+    /// peak memory.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// burn's NdArray backend (CPU).
+    Ndarray,
+    /// burn-flex (CPU: gemm matmul, SIMD, rayon threads).
+    Flex,
+    /// burn's CUDA backend with kernel fusion (needs the `cuda` feature).
+    Cuda,
+    /// burn's CUDA backend without fusion.
+    CudaUnfused,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The job recipe (TOML): its model, seed, optimizer and schedule.
+    recipe: PathBuf,
+    /// Measured steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Unmeasured steps first (kernel compilation, autotuning, allocator
+    /// warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, value_enum, default_value_t = BackendArg::Flex)]
+    backend: BackendArg,
+    /// Sequence length; the recipe's max_seq_len by default.
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Tokens per optimizer step; the recipe's by default.
+    #[arg(long)]
+    tokens_per_step: Option<usize>,
+    /// Microbatches per step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    microbatches: usize,
+    /// Which GPU, among the visible ones.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// The device's peak rate in TFLOP/s, for MFU (known GPUs have a
+    /// datasheet default; CPUs have none).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Train nothing: print the report's shape, seed, optimizer and
+    /// learning rates as JSON (for `bench/torch_reference.py --like` on a
+    /// machine where strata's own run cannot happen).
+    #[arg(long)]
+    describe: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Train(args) => train(args),
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let recipe = load_recipe(&args.recipe)?;
+    let cfg = TrainBench {
+        steps: args.steps,
+        warmup: args.warmup,
+        seq_len: args.seq.unwrap_or(recipe.model.max_seq_len as usize),
+        tokens_per_step: args
+            .tokens_per_step
+            .unwrap_or(recipe.data.tokens_per_step as usize),
+        microbatches: args.microbatches,
+    };
+    cfg.rows().map_err(UserError)?;
+    if args.describe {
+        let report = bench::describe(&recipe, &cfg, cfg.warmup + cfg.steps);
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if args.steps == 0 {
+        return Err(UserError("--steps must be at least 1".into()).into());
+    }
+    let user_peak = args.peak_tflops.map(|tflops| Peak {
+        tflops,
+        source: "--peak-tflops".into(),
+    });
+    let cpu = || format!("CPU, {} threads", rayon_threads());
+    let report = match args.backend {
+        BackendArg::Ndarray => bench::train::<Autodiff<NdArray<f32>>>(
+            &recipe,
+            &cfg,
+            Target {
+                backend: "ndarray".into(),
+                device_name: cpu(),
+                compute_dtype: "f32".into(),
+                device: Default::default(),
+                peak: user_peak,
+                peak_memory: Box::new(bench::peak_rss_bytes),
+            },
+        ),
+        BackendArg::Flex => bench::train::<Autodiff<burn::backend::Flex>>(
+            &recipe,
+            &cfg,
+            Target {
+                backend: "flex".into(),
+                device_name: cpu(),
+                compute_dtype: "f32".into(),
+                device: Default::default(),
+                peak: user_peak,
+                peak_memory: Box::new(bench::peak_rss_bytes),
+            },
+        ),
+        BackendArg::Cuda | BackendArg::CudaUnfused => {
+            cuda_train(&recipe, &cfg, args.backend, args.gpu, user_peak)?
+        }
+    }
+    .map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_train(
+    recipe: &strata_recipe::Recipe,
+    cfg: &TrainBench,
+    backend: BackendArg,
+    gpu: usize,
+    user_peak: Option<Peak>,
+) -> anyhow::Result<Result<TrainReport, String>> {
+    use strata_worker::cuda;
+
+    let info = cuda::probe(gpu)?;
+    let peak = user_peak.or_else(|| {
+        cuda::bf16_peak_tflops(&info.name).map(|(tflops, source)| Peak {
+            tflops,
+            source: source.into(),
+        })
+    });
+    fn target<B: burn::tensor::backend::AutodiffBackend<Device = burn::backend::cuda::CudaDevice>>(
+        name: &str,
+        info: &cuda::GpuInfo,
+        peak: Option<Peak>,
+    ) -> Target<B> {
+        let gpu = info.index;
+        Target {
+            backend: name.into(),
+            device_name: format!(
+                "{} (GPU {}, sm_{}{}, {:.0} GiB)",
+                info.name,
+                gpu,
+                info.capability.0,
+                info.capability.1,
+                info.memory_bytes as f64 / (1u64 << 30) as f64
+            ),
+            compute_dtype: "f32".into(),
+            device: cuda::device(gpu),
+            peak,
+            peak_memory: Box::new(move || cuda::memory_in_use(gpu)),
+        }
+    }
+    Ok(match backend {
+        BackendArg::Cuda => {
+            bench::train::<Autodiff<cuda::CudaFused>>(recipe, cfg, target("cuda", &info, peak))
+        }
+        _ => bench::train::<Autodiff<cuda::CudaUnfused>>(
+            recipe,
+            cfg,
+            target("cuda-unfused", &info, peak),
+        ),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_train(
+    _: &strata_recipe::Recipe,
+    _: &TrainBench,
+    _: BackendArg,
+    _: usize,
+    _: Option<Peak>,
+) -> anyhow::Result<Result<TrainReport, String>> {
+    Err(UserError(
+        "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"
+            .into(),
+    )
+    .into())
+}
+
+fn render(r: &TrainReport) -> String {
+    let mut rows = vec![
+        ("backend".to_string(), format!("{} on {}", r.backend, r.device)),
+        (
+            "model".into(),
+            format!(
+                "{} layers, d={}, {} heads ({} KV), ffn {}, vocab {}: {:.1}M parameters",
+                r.n_layers,
+                r.d_model,
+                r.n_heads,
+                r.n_kv_heads,
+                r.d_ffn,
+                r.vocab,
+                r.params as f64 / 1e6
+            ),
+        ),
+        (
+            "batch".into(),
+            format!(
+                "{} tokens per step, sequences of {}, {} microbatches",
+                r.tokens_per_step, r.seq_len, r.microbatches
+            ),
+        ),
+        ("tokens/s".into(), format!("{:.0}", r.tokens_per_s)),
+        (
+            "step".into(),
+            format!(
+                "{:.3} s (forward {:.3}, backward {:.3}, optimizer {:.3})",
+                r.step_s, r.forward_s, r.backward_s, r.optimizer_s
+            ),
+        ),
+        (
+            "compute".into(),
+            format!(
+                "{:.3} TFLOP/s at {:.3e} FLOPs per token",
+                r.achieved_tflops, r.flops_per_token
+            ),
+        ),
+    ];
+    if let (Some(mfu), Some(p)) = (r.mfu, &r.peak) {
+        rows.push((
+            "MFU".into(),
+            format!("{:.1}% of {} TFLOP/s ({})", mfu * 100.0, p.tflops, p.source),
+        ));
+    }
+    if let Some(b) = r.peak_memory_bytes {
+        rows.push(("peak memory".into(), format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)));
+    }
+    rows.push((
+        "host transfers".into(),
+        format!("{:.0} elements per step", r.host_elems_per_step),
+    ));
+    rows.push((
+        "loss".into(),
+        format!(
+            "{:.4} → {:.4}",
+            r.losses.first().copied().unwrap_or(f64::NAN),
+            r.losses.last().copied().unwrap_or(f64::NAN)
+        ),
+    ));
+    table("", &rows.iter().map(|(a, b)| vec![a.clone(), b.clone()]).collect::<Vec<_>>())
+}

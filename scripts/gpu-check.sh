@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU checks of strata, for a machine with NVIDIA GPUs, PyTorch (with
+# its pip NVIDIA packages) and no Rust toolchain or network. Build the
+# binary elsewhere and bring it:
+#
+#   cargo build --release --bin strata --features cuda
+#   STRATA_BIN=path/to/strata scripts/gpu-check.sh [OUT_DIR]
+#
+# It finds the CUDA driver, NVRTC, NCCL and the CUDA headers (a toolkit
+# under /usr/local/cuda, or PyTorch's pip packages), then runs:
+#   1. 20 training steps of a small model on the GPU and on the CPU, and
+#      compares their losses (f32 on both: within 1e-3 relative);
+#   2. the benchmark pair on a 350M model at sequence 2048: strata's CUDA
+#      backend, then PyTorch (bf16 autocast, fused AdamW, SDPA) on the same
+#      GPU, same shape, tokens and learning rates;
+# and prints one JSON summary (also written to OUT_DIR/summary.json, with
+# every step's report beside it). Each step has its own time limit, so the
+# whole script ends within about 8 minutes (7.5 at worst) and reports what
+# it reached.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-/tmp/strata-gpu-check}}"
+mkdir -p "$out"
+bin="${STRATA_BIN:-target/release/strata}"
+py="${PYTHON:-python3}"
+log() { echo "gpu-check: $*" >&2; }
+
+[ -x "$bin" ] || { log "no strata binary at $bin (set STRATA_BIN)"; exit 2; }
+command -v nvidia-smi >/dev/null && nvidia-smi -L >&2
+
+# Libraries: the driver's libcuda comes with the driver; NVRTC and NCCL from
+# a CUDA toolkit or from PyTorch's pip packages (nvidia-*), whose files are
+# versioned only (libnccl.so.2): link the plain names cudarc loads.
+libs="$out/libs"
+mkdir -p "$libs"
+site="$("$py" -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null || true)"
+dirs=""
+for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 "$site"/nvidia/*/lib "$site"/nvidia/cu*/lib; do
+  [ -d "$d" ] && dirs="$dirs:$d"
+done
+for name in nccl nvrtc; do
+  if ! ldconfig -p 2>/dev/null | grep -q "lib$name.so "; then
+    f="$(for d in ${dirs//:/ }; do ls "$d"/lib$name.so* 2>/dev/null; done | grep -v alt | sort | tail -1)"
+    [ -n "$f" ] && ln -sf "$f" "$libs/lib$name.so" && log "lib$name.so -> $f"
+  fi
+done
+export LD_LIBRARY_PATH="$libs$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NVRTC compiles burn's kernels against the CUDA headers.
+if [ -z "${CUDA_PATH:-}" ]; then
+  for d in /usr/local/cuda "$site"/nvidia/cu13 "$site"/nvidia/cuda_runtime; do
+    if [ -f "$d/include/cuda.h" ] || [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_PATH="$d"; break; fi
+  done
+fi
+log "CUDA_PATH=${CUDA_PATH:-unset}"
+
+# A step: its JSON report, or its error.
+run_step() {
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.json" 2>"$out/$name.log"
+  local rc=$?
+  log "$name: exit $rc after $((SECONDS - t0)) s"
+  if [ $rc -eq 124 ]; then echo "timed out after $limit s" >>"$out/$name.log"; fi
+  [ $rc -eq 0 ] || tail -5 "$out/$name.log" >&2
+  return $rc
+}
+
+small=scripts/gpu-check-small.toml
+big=examples/power-350m.toml
+shape=(--seq 2048 --tokens-per-step 16384 --microbatches 4 --steps 4 --warmup 2)
+# burn's fused CUDA backend; if it fails, the unfused one tells whether
+# fusion is the cause.
+cuda=cuda
+run_step small-cuda 100 "$bin" bench train "$small" --backend cuda --steps 18 --warmup 2 --json ||
+  { cuda=cuda-unfused; run_step small-cuda 100 "$bin" bench train "$small" --backend cuda-unfused --steps 18 --warmup 2 --json; }
+run_step small-cpu 90 "$bin" bench train "$small" --backend flex --steps 18 --warmup 2 --json
+run_step big-cuda 150 "$bin" bench train "$big" --backend "$cuda" "${shape[@]}" --json
+# PyTorch mirrors strata's run, or its description when that run failed.
+like="$out/big-cuda.json"
+if ! [ -s "$like" ]; then
+  like="$out/big-shape.json"
+  "$bin" bench train "$big" "${shape[@]}" --describe >"$like"
+fi
+run_step big-torch 60 "$py" bench/torch_reference.py --like "$like"
+run_step big-torch-f32 75 "$py" bench/torch_reference.py --like "$like" --dtype f32
+
+"$py" - "$out" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, name + ".json")
+    try:
+        return json.load(open(p))
+    except Exception:
+        log = os.path.join(out, name + ".log")
+        tail = open(log).read().strip().splitlines()[-3:] if os.path.exists(log) else []
+        return {"error": " | ".join(tail) or "did not run"}
+s = {k: load(k) for k in ["small-cuda", "small-cpu", "big-cuda", "big-torch", "big-torch-f32"]}
+summary = {}
+a, b = s["small-cuda"], s["small-cpu"]
+if "losses" in a and "losses" in b:
+    rel = max(abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"]))
+    summary["small_losses"] = {"cuda": a["losses"], "cpu": b["losses"], "max_rel_diff": rel,
+                               "tolerance": 1e-3, "pass": rel <= 1e-3}
+else:
+    summary["small_losses"] = {"cuda": a.get("error"), "cpu": b.get("error"), "pass": False}
+for k in ["small-cuda", "small-cpu", "big-cuda", "big-torch", "big-torch-f32"]:
+    r = s[k]
+    summary[k] = r if "error" in r else {f: r.get(f) for f in [
+        "backend", "device", "compute_dtype", "params", "seq_len", "tokens_per_step", "microbatches",
+        "tokens_per_s", "step_s", "forward_s", "backward_s", "optimizer_s", "achieved_tflops", "mfu",
+        "peak_memory_bytes", "host_elems_per_step"]}
+if "tokens_per_s" in s["big-cuda"]:
+    for k in ["big-torch", "big-torch-f32"]:
+        if "tokens_per_s" in s[k]:
+            summary[f"ratio_strata_over_{k.replace('-', '_')}"] = s["big-cuda"]["tokens_per_s"] / s[k]["tokens_per_s"]
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(json.dumps(summary, indent=2))
+EOF

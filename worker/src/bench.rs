@@ -1,0 +1,273 @@
+//! The training benchmark behind `strata bench train`: one rank holding
+//! the whole model of a recipe trains on synthetic token streams for a
+//! number of steps, on a chosen backend, with no coordinator and no
+//! dataset. `bench/torch_reference.py` trains the same architecture, size,
+//! batch and sequence length in PyTorch and prints the same JSON, so the
+//! two can run back to back on one machine.
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+use strata_recipe::{AdamWConfig, ModelConfig, Recipe};
+
+use crate::model::host_transfers;
+use crate::params::ParamTable;
+use crate::train::{Groups, LocalBatch, Trainer};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    /// Measured steps, after `warmup` unmeasured ones.
+    pub steps: usize,
+    pub warmup: usize,
+    pub seq_len: usize,
+    pub tokens_per_step: usize,
+    pub microbatches: usize,
+}
+
+impl TrainBench {
+    /// Rows (sequences) per microbatch, or why the shape does not divide.
+    pub fn rows(&self) -> Result<usize, String> {
+        let per = self.seq_len * self.microbatches;
+        if self.seq_len == 0 || self.microbatches == 0 || self.tokens_per_step % per != 0 {
+            return Err(format!(
+                "tokens per step ({}) must be a positive multiple of sequence length ({}) × microbatches ({})",
+                self.tokens_per_step, self.seq_len, self.microbatches
+            ));
+        }
+        Ok(self.tokens_per_step / per)
+    }
+}
+
+/// The device's peak rate the MFU is measured against.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peak {
+    pub tflops: f64,
+    /// Where the number comes from (a datasheet, or the user).
+    pub source: String,
+}
+
+/// What a run measured. `bench/torch_reference.py` prints the same fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub implementation: &'static str,
+    pub backend: String,
+    pub device: String,
+    /// The dtype matrix products run in.
+    pub compute_dtype: String,
+    pub n_layers: u64,
+    pub d_model: u64,
+    pub n_heads: u64,
+    pub n_kv_heads: u64,
+    pub d_ffn: u64,
+    pub vocab: u64,
+    pub rope_theta: f64,
+    pub tie_embeddings: bool,
+    pub params: u64,
+    pub seed: u64,
+    pub optimizer: AdamWConfig,
+    pub seq_len: usize,
+    pub tokens_per_step: usize,
+    pub microbatches: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub tokens_per_s: f64,
+    /// Median step time, and the mean split of the measured steps.
+    pub step_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    /// Training FLOPs per token (PaLM's 6N + 12·L·H·Q·T) and the rate
+    /// they were done at.
+    pub flops_per_token: f64,
+    pub achieved_tflops: f64,
+    pub peak: Option<Peak>,
+    pub mfu: Option<f64>,
+    /// Peak memory of the device (GPU) or of the process (CPU), in bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Elements moved between host and device per measured step.
+    pub host_elems_per_step: f64,
+    /// Every step's learning rate and loss, warmup included.
+    pub lrs: Vec<f64>,
+    pub losses: Vec<f64>,
+}
+
+/// Tokens of step `step`: each row repeats a random 64-token phrase drawn
+/// from the first 4,096 ids, so the loss falls fast from ln(vocab) once
+/// the model learns to copy; the same for any backend and implementation.
+pub fn synthetic_batch(seed: u64, step: u64, rows: usize, seq: usize, vocab: u64) -> (Vec<u32>, Vec<u32>) {
+    let vocab = vocab.min(4096);
+    let mut inputs = Vec::with_capacity(rows * seq);
+    let mut targets = Vec::with_capacity(rows * seq);
+    for r in 0..rows as u64 {
+        let phrase: Vec<u32> = (0..64u64)
+            .map(|i| (splitmix(seed ^ splitmix(step) ^ splitmix(r << 8 | 1) ^ i) % vocab) as u32)
+            .collect();
+        let row: Vec<u32> = (0..=seq).map(|i| phrase[i % 64]).collect();
+        inputs.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    (inputs, targets)
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The process's peak resident memory, from `/proc/self/status`.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Where a backend runs and what it can report.
+pub struct Target<B: AutodiffBackend> {
+    pub backend: String,
+    pub device_name: String,
+    pub compute_dtype: String,
+    pub device: B::Device,
+    pub peak: Option<Peak>,
+    /// Peak memory in bytes so far, when the backend can tell.
+    pub peak_memory: Box<dyn Fn() -> Option<u64>>,
+}
+
+/// The model `recipe` benchmarks at `bench`'s sequence length.
+fn bench_model(recipe: &Recipe, bench: &TrainBench) -> ModelConfig {
+    let mut model = recipe.model;
+    model.max_seq_len = model.max_seq_len.max(bench.seq_len as u64);
+    model
+}
+
+/// The report of a run that has not happened: the shape, seed, optimizer
+/// and the learning rates of `steps` steps, every measurement NaN (null in
+/// JSON). `bench/torch_reference.py --like` reads it when strata's own
+/// run cannot happen on this machine.
+pub fn describe(recipe: &Recipe, bench: &TrainBench, steps: usize) -> TrainReport {
+    let model = bench_model(recipe, bench);
+    let tps = bench.tokens_per_step as u64;
+    TrainReport {
+        implementation: "strata",
+        backend: "none".into(),
+        device: "none".into(),
+        compute_dtype: "f32".into(),
+        n_layers: model.n_layers,
+        d_model: model.d_model,
+        n_heads: model.n_heads,
+        n_kv_heads: model.n_kv_heads,
+        d_ffn: model.d_ffn,
+        vocab: model.padded_vocab_size,
+        rope_theta: model.rope_theta,
+        tie_embeddings: model.tie_embeddings,
+        params: ParamTable::whole(&model).total as u64,
+        seed: recipe.seed,
+        optimizer: recipe.optimizer,
+        seq_len: bench.seq_len,
+        tokens_per_step: bench.tokens_per_step,
+        microbatches: bench.microbatches,
+        steps: bench.steps,
+        warmup: bench.warmup,
+        tokens_per_s: f64::NAN,
+        step_s: f64::NAN,
+        forward_s: f64::NAN,
+        backward_s: f64::NAN,
+        optimizer_s: f64::NAN,
+        flops_per_token: model.flops_per_token(bench.seq_len as u64),
+        achieved_tflops: f64::NAN,
+        peak: None,
+        mfu: None,
+        peak_memory_bytes: None,
+        host_elems_per_step: f64::NAN,
+        lrs: (1..=steps as u64)
+            .map(|step| recipe.schedule.lr_for_step((step - 1) * tps, tps))
+            .collect(),
+        losses: Vec::new(),
+    }
+}
+
+/// Trains `recipe`'s model on one rank for `bench.warmup + bench.steps`
+/// steps on `target`, with the recipe's seed, optimizer and schedule.
+pub fn train<B: AutodiffBackend>(
+    recipe: &Recipe,
+    bench: &TrainBench,
+    target: Target<B>,
+) -> Result<TrainReport, String> {
+    let rows = bench.rows()?;
+    let model = bench_model(recipe, bench);
+    let table = ParamTable::whole(&model);
+    let mut trainer = Trainer::<B>::new(
+        &model,
+        table,
+        recipe.seed,
+        recipe.optimizer,
+        Groups::single(),
+        target.device.clone(),
+    );
+    let tps = bench.tokens_per_step as u64;
+    let mut losses = Vec::new();
+    let mut times = Vec::new();
+    let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
+    let mut moved = 0u64;
+    let mut peak_memory = None;
+    for step in 1..=(bench.warmup + bench.steps) as u64 {
+        let (inputs, targets) = synthetic_batch(
+            recipe.seed,
+            step,
+            rows * bench.microbatches,
+            bench.seq_len,
+            model.vocab_size,
+        );
+        let per = rows * bench.seq_len;
+        let micro: Vec<LocalBatch<'_>> = (0..bench.microbatches)
+            .map(|m| LocalBatch {
+                inputs: &inputs[m * per..(m + 1) * per],
+                targets: &targets[m * per..(m + 1) * per],
+                seq_len: bench.seq_len,
+            })
+            .collect();
+        let lr = recipe.schedule.lr_for_step((step - 1) * tps, tps);
+        let before = host_transfers();
+        let t = Instant::now();
+        let stats = trainer
+            .step(step, &micro, tps, lr)
+            .map_err(|e| format!("step {step}: {e}"))?;
+        let elapsed = t.elapsed().as_secs_f64();
+        if !stats.loss.is_finite() {
+            return Err(format!("step {step}: the loss is {}", stats.loss));
+        }
+        losses.push(stats.loss);
+        peak_memory = peak_memory.max((target.peak_memory)());
+        if step as usize > bench.warmup {
+            times.push(elapsed);
+            fwd += stats.forward.as_secs_f64();
+            bwd += stats.backward.as_secs_f64();
+            opt += stats.optimizer.as_secs_f64();
+            moved += host_transfers() - before;
+        }
+    }
+    let n = times.len().max(1) as f64;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_s = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let mut report = describe(recipe, bench, bench.warmup + bench.steps);
+    report.tokens_per_s = bench.tokens_per_step as f64 / step_s;
+    report.achieved_tflops = report.tokens_per_s * report.flops_per_token / 1e12;
+    report.mfu = target.peak.as_ref().map(|p| report.achieved_tflops / p.tflops);
+    report.backend = target.backend;
+    report.device = target.device_name;
+    report.compute_dtype = target.compute_dtype;
+    report.peak = target.peak;
+    report.step_s = step_s;
+    report.forward_s = fwd / n;
+    report.backward_s = bwd / n;
+    report.optimizer_s = opt / n;
+    report.peak_memory_bytes = peak_memory;
+    report.host_elems_per_step = moved as f64 / n;
+    report.losses = losses;
+    Ok(report)
+}

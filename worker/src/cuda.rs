@@ -1,0 +1,129 @@
+//! NVIDIA GPUs: finding the driver and the device before burn's CUDA
+//! backend touches them (cudarc loads libcuda, NVRTC and NCCL at run time
+//! and panics on a missing library; this module turns that into an error
+//! that names what is missing), and what the device is.
+
+use burn::backend::cuda::CudaDevice;
+use cudarc::driver::CudaContext;
+
+/// burn's CUDA backend with kernel fusion, f32 by default.
+pub type CudaFused = burn::backend::Cuda;
+/// burn's CUDA backend without fusion: each tensor operation one kernel.
+pub type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error(
+        "the CUDA driver library (libcuda.so) was not found: is the NVIDIA driver installed, and its lib directory on LD_LIBRARY_PATH?"
+    )]
+    NoDriver,
+    #[error(
+        "NVRTC (libnvrtc.so) was not found: burn's CUDA backend compiles its kernels with it; put a CUDA toolkit's lib64 (or the nvidia-cuda-nvrtc pip package's lib) on LD_LIBRARY_PATH"
+    )]
+    NoNvrtc,
+    #[error(
+        "NCCL (libnccl.so) was not found: put its directory (a CUDA toolkit's, or the nvidia-nccl pip package's lib) on LD_LIBRARY_PATH"
+    )]
+    NoNccl,
+    #[error("GPU {index} does not exist: this machine has {count} (CUDA_VISIBLE_DEVICES={visible})")]
+    NoSuchDevice {
+        index: usize,
+        count: usize,
+        visible: String,
+    },
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+}
+
+/// One GPU as the driver describes it.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub index: usize,
+    pub name: String,
+    pub memory_bytes: u64,
+    pub capability: (i32, i32),
+}
+
+fn driver(e: impl std::fmt::Debug) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+/// Whether the driver library can be loaded.
+#[allow(unsafe_code)]
+pub fn driver_present() -> bool {
+    // SAFETY: tries to dlopen the library by its usual names; nothing is
+    // called through it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded.
+#[allow(unsafe_code)]
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as in `driver_present`.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether NCCL can be loaded.
+#[allow(unsafe_code)]
+pub fn nccl_present() -> bool {
+    // SAFETY: as in `driver_present`.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// GPU `index` (among the visible ones), after checking that the driver
+/// and NVRTC load and that the device exists.
+pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let count = CudaContext::device_count().map_err(driver)? as usize;
+    if index >= count {
+        return Err(CudaError::NoSuchDevice {
+            index,
+            count,
+            visible: std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into()),
+        });
+    }
+    let ctx = CudaContext::new(index).map_err(driver)?;
+    Ok(GpuInfo {
+        index,
+        name: ctx.name().map_err(driver)?,
+        memory_bytes: ctx.total_mem().map_err(driver)? as u64,
+        capability: ctx.compute_capability().map_err(driver)?,
+    })
+}
+
+/// burn's device for GPU `index`, once [`probe`] found it.
+pub fn device(index: usize) -> CudaDevice {
+    CudaDevice { index }
+}
+
+/// Device memory in use on GPU `index` (total − free: burn's memory pools,
+/// which keep what they allocated, and the context), in bytes.
+pub fn memory_in_use(index: usize) -> Option<u64> {
+    let ctx = CudaContext::new(index).ok()?;
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((total - free) as u64)
+}
+
+/// Dense bf16 tensor-core peak of a known datacenter GPU, in TFLOP/s, and
+/// the datasheet it comes from.
+pub fn bf16_peak_tflops(name: &str) -> Option<(f64, &'static str)> {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H100") || n.contains("H200") || n.contains("GH200") {
+        if n.contains("PCIE") {
+            Some((756.0, "NVIDIA H100 PCIe datasheet, dense bf16"))
+        } else {
+            Some((989.4, "NVIDIA H100/H200 SXM datasheet, dense bf16"))
+        }
+    } else if n.contains("A100") {
+        Some((312.0, "NVIDIA A100 datasheet, dense bf16"))
+    } else if n.contains("B200") {
+        Some((2250.0, "NVIDIA B200 datasheet, dense bf16"))
+    } else {
+        None
+    }
+}
