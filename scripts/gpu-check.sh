@@ -28,30 +28,10 @@ log() { echo "gpu-check: $*" >&2; }
 [ -x "$bin" ] || { log "no strata binary at $bin (set STRATA_BIN)"; exit 2; }
 command -v nvidia-smi >/dev/null && nvidia-smi -L >&2
 
-# Libraries: the driver's libcuda comes with the driver; NVRTC and NCCL from
-# a CUDA toolkit or from PyTorch's pip packages (nvidia-*), whose files are
-# versioned only (libnccl.so.2): link the plain names cudarc loads.
-libs="$out/libs"
-mkdir -p "$libs"
-site="$("$py" -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null || true)"
-dirs=""
-for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 "$site"/nvidia/*/lib "$site"/nvidia/cu*/lib; do
-  [ -d "$d" ] && dirs="$dirs:$d"
-done
-for name in nccl nvrtc; do
-  if ! ldconfig -p 2>/dev/null | grep -q "lib$name.so "; then
-    f="$(for d in ${dirs//:/ }; do ls "$d"/lib$name.so* 2>/dev/null; done | grep -v alt | sort | tail -1)"
-    [ -n "$f" ] && ln -sf "$f" "$libs/lib$name.so" && log "lib$name.so -> $f"
-  fi
-done
-export LD_LIBRARY_PATH="$libs$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# NVRTC compiles burn's kernels against the CUDA headers.
-if [ -z "${CUDA_PATH:-}" ]; then
-  for d in /usr/local/cuda "$site"/nvidia/cu13 "$site"/nvidia/cuda_runtime; do
-    if [ -f "$d/include/cuda.h" ] || [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_PATH="$d"; break; fi
-  done
-fi
-log "CUDA_PATH=${CUDA_PATH:-unset}"
+# shellcheck source=scripts/gpu-env.sh
+. scripts/gpu-env.sh "$out"
+# Per-step progress (and where a step stalls) in each step's log.
+export RUST_LOG="${RUST_LOG:-strata=info,strata_worker=debug}"
 
 # A step: its JSON report, or its error.
 run_step() {

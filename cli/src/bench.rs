@@ -158,13 +158,16 @@ fn cuda_train(
     use strata_worker::cuda;
 
     let info = cuda::probe(gpu)?;
+    tracing::info!(gpu, name = %info.name, "GPU found");
     let peak = user_peak.or_else(|| {
         cuda::bf16_peak_tflops(&info.name).map(|(tflops, source)| Peak {
             tflops,
             source: source.into(),
         })
     });
-    fn target<B: burn::tensor::backend::AutodiffBackend<Device = burn::backend::cuda::CudaDevice>>(
+    fn target<
+        B: burn::tensor::backend::AutodiffBackend<Device = burn::backend::cuda::CudaDevice>,
+    >(
         name: &str,
         info: &cuda::GpuInfo,
         peak: Option<Peak>,
@@ -215,7 +218,10 @@ fn cuda_train(
 
 fn render(r: &TrainReport) -> String {
     let mut rows = vec![
-        ("backend".to_string(), format!("{} on {}", r.backend, r.device)),
+        (
+            "backend".to_string(),
+            format!("{} on {}", r.backend, r.device),
+        ),
         (
             "model".into(),
             format!(
@@ -259,7 +265,10 @@ fn render(r: &TrainReport) -> String {
         ));
     }
     if let Some(b) = r.peak_memory_bytes {
-        rows.push(("peak memory".into(), format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)));
+        rows.push((
+            "peak memory".into(),
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        ));
     }
     rows.push((
         "host transfers".into(),
@@ -273,5 +282,11 @@ fn render(r: &TrainReport) -> String {
             r.losses.last().copied().unwrap_or(f64::NAN)
         ),
     ));
-    table("", &rows.iter().map(|(a, b)| vec![a.clone(), b.clone()]).collect::<Vec<_>>())
+    table(
+        "",
+        &rows
+            .iter()
+            .map(|(a, b)| vec![a.clone(), b.clone()])
+            .collect::<Vec<_>>(),
+    )
 }

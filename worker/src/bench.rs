@@ -96,7 +96,13 @@ pub struct TrainReport {
 /// Tokens of step `step`: each row repeats a random 64-token phrase drawn
 /// from the first 4,096 ids, so the loss falls fast from ln(vocab) once
 /// the model learns to copy; the same for any backend and implementation.
-pub fn synthetic_batch(seed: u64, step: u64, rows: usize, seq: usize, vocab: u64) -> (Vec<u32>, Vec<u32>) {
+pub fn synthetic_batch(
+    seed: u64,
+    step: u64,
+    rows: usize,
+    seq: usize,
+    vocab: u64,
+) -> (Vec<u32>, Vec<u32>) {
     let vocab = vocab.min(4096);
     let mut inputs = Vec::with_capacity(rows * seq);
     let mut targets = Vec::with_capacity(rows * seq);
@@ -208,6 +214,7 @@ pub fn train<B: AutodiffBackend>(
         Groups::single(),
         target.device.clone(),
     );
+    tracing::info!(backend = %target.backend, params = trainer.n_params(), "model built");
     let tps = bench.tokens_per_step as u64;
     let mut losses = Vec::new();
     let mut times = Vec::new();
@@ -240,6 +247,7 @@ pub fn train<B: AutodiffBackend>(
         if !stats.loss.is_finite() {
             return Err(format!("step {step}: the loss is {}", stats.loss));
         }
+        tracing::info!(step, loss = stats.loss, secs = elapsed, "bench step");
         losses.push(stats.loss);
         peak_memory = peak_memory.max((target.peak_memory)());
         if step as usize > bench.warmup {
@@ -257,7 +265,10 @@ pub fn train<B: AutodiffBackend>(
     let mut report = describe(recipe, bench, bench.warmup + bench.steps);
     report.tokens_per_s = bench.tokens_per_step as f64 / step_s;
     report.achieved_tflops = report.tokens_per_s * report.flops_per_token / 1e12;
-    report.mfu = target.peak.as_ref().map(|p| report.achieved_tflops / p.tflops);
+    report.mfu = target
+        .peak
+        .as_ref()
+        .map(|p| report.achieved_tflops / p.tflops);
     report.backend = target.backend;
     report.device = target.device_name;
     report.compute_dtype = target.compute_dtype;

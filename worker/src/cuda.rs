@@ -25,7 +25,9 @@ pub enum CudaError {
         "NCCL (libnccl.so) was not found: put its directory (a CUDA toolkit's, or the nvidia-nccl pip package's lib) on LD_LIBRARY_PATH"
     )]
     NoNccl,
-    #[error("GPU {index} does not exist: this machine has {count} (CUDA_VISIBLE_DEVICES={visible})")]
+    #[error(
+        "GPU {index} does not exist: this machine has {count} (CUDA_VISIBLE_DEVICES={visible})"
+    )]
     NoSuchDevice {
         index: usize,
         count: usize,

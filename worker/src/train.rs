@@ -498,6 +498,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             }
         }
+        tracing::debug!(step, "forward and backward done");
         own.pipeline_s = pipeline_start.elapsed().as_secs_f64();
         own.wait_s = wait.as_secs_f64();
         own.forward_s = forward.as_secs_f64();
@@ -607,6 +608,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         let local_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
+        tracing::debug!(step, local_sq, "gradient norm read");
         let stage_sq =
             sum_f64(self.groups.tp.as_mut(), local_sq).map_err(in_group(GroupKind::Tensor))?;
         let loss = if last { f64::from(local_loss[0]) } else { 0.0 };
@@ -685,29 +687,34 @@ impl<B: AutodiffBackend> Trainer<B> {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
         let eps = c.eps as f32;
         let decay = (1.0 - lr * c.weight_decay) as f32;
-        for (i, b) in self.buckets.iter().enumerate() {
-            let g = self.grads[i].clone();
-            let g = if clip == 1.0 { g } else { g.mul_scalar(clip) };
-            let m = take(&mut self.m[i]);
+        let (masters, ms, vs) = (
+            std::mem::take(&mut self.master),
+            std::mem::take(&mut self.m),
+            std::mem::take(&mut self.v),
+        );
+        for (((b, g), (p, m)), v) in self
+            .buckets
+            .iter()
+            .zip(&self.grads)
+            .zip(masters.into_iter().zip(ms))
+            .zip(vs)
+        {
+            let g = if clip == 1.0 {
+                g.clone()
+            } else {
+                g.clone().mul_scalar(clip)
+            };
             let m = m.clone() + (g.clone() - m).mul_scalar(b1_weight);
-            let v = take(&mut self.v[i]);
             let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(b2_weight);
             let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(eps);
-            let p = take(&mut self.master[i]);
             let p = if b.decay { p.mul_scalar(decay) } else { p };
-            self.master[i] = p - m.clone().mul_scalar(step_size) / denom;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.master
+                .push(p - m.clone().mul_scalar(step_size) / denom);
+            self.m.push(m);
+            self.v.push(v);
         }
         self.refresh_params();
     }
-}
-
-/// Moves a bucket's tensor out, leaving an empty placeholder, so that the
-/// moved tensor has one owner.
-fn take<I: Backend>(t: &mut Tensor<I, 1>) -> Tensor<I, 1> {
-    let device = t.device();
-    std::mem::replace(t, Tensor::empty([0], &device))
 }
 
 /// The group's elementwise sum of a device tensor through a host staging
