@@ -45,7 +45,7 @@ run_step() {
   return $rc
 }
 
-small=scripts/gpu-check-small.toml
+small=bench/tiny-4l.toml
 big=examples/power-350m.toml
 shape=(--seq 2048 --tokens-per-step 16384 --microbatches 4 --steps 4 --warmup 2)
 # burn's fused CUDA backend; if it fails, the unfused one tells whether

@@ -22,6 +22,20 @@ use strata_recipe::Recipe;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (v3's option enum).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+/// Tells mimalloc never to return freed memory to the OS. A training step
+/// frees and reallocates the same large activation and logits buffers
+/// every step; returned to the OS, each is faulted in and zeroed again
+/// (a third of a CPU step's time for the 124M model, measured with perf).
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: sets one of mimalloc's documented options to a documented
+    // value (-1: no purging); called once, before any thread is started.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "strata",
@@ -117,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     // Logs go to stderr; RUST_LOG=info (or debug) shows more. The long-lived
     // processes (coordinator, worker) log their lifecycle at info by default.

@@ -30,7 +30,8 @@ impl TrainBench {
     /// Rows (sequences) per microbatch, or why the shape does not divide.
     pub fn rows(&self) -> Result<usize, String> {
         let per = self.seq_len * self.microbatches;
-        if self.seq_len == 0 || self.microbatches == 0 || self.tokens_per_step % per != 0 {
+        if self.seq_len == 0 || self.microbatches == 0 || !self.tokens_per_step.is_multiple_of(per)
+        {
             return Err(format!(
                 "tokens per step ({}) must be a positive multiple of sequence length ({}) × microbatches ({})",
                 self.tokens_per_step, self.seq_len, self.microbatches

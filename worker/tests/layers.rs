@@ -2,7 +2,8 @@
 //! same weights: a transformer block (attention and MLP, with and without
 //! grouped KV heads, KV heads shared when tp exceeds them) for tp = 2 and
 //! 4, forward output and every gradient;
-//! and the vocabulary-parallel cross-entropy against the plain one.
+//! the vocabulary-parallel cross-entropy against the plain one; and the
+//! fused head (chunked logits and loss) against autodiff.
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -10,8 +11,8 @@ use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    GradAccum, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec, parallel_cross_entropy,
-    to_vec,
+    GradAccum, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec,
+    fused_head_cross_entropy, parallel_cross_entropy, to_vec,
 };
 use strata_worker::params::ParamTable;
 
@@ -334,4 +335,55 @@ fn several_microbatches_graphs_live_at_once() {
             }
         }
     }
+}
+
+/// The fused head (logits, cross-entropy and their gradients in row
+/// chunks, the logits never whole) against autodiff through the plain
+/// matmul and cross-entropy: loss, the hidden states' gradient and the
+/// head's, over several chunks and a partial last one.
+#[test]
+fn fused_head_matches_autodiff_through_the_logits() {
+    // d = 4: chunks of 16 rows, so 70 rows are 4 full chunks and 6 rows.
+    let (n, d, v) = (70, 4, 300);
+    let device = Default::default();
+    let y_vals = noise(11, n * d);
+    let w_vals: Vec<f32> = noise(12, v * d).iter().map(|x| x * 3.0).collect();
+    let targets: Vec<u32> = noise(13, n)
+        .iter()
+        .map(|x| ((x + 1.0) * 150.0) as u32 % v as u32)
+        .collect();
+    let denom = 123.0;
+    let y = from_vec::<B, 2>(y_vals.clone(), [n, d], &device).require_grad();
+    let w = from_vec::<B, 2>(w_vals.clone(), [v, d], &device).require_grad();
+    let t = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            targets.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+            [n],
+        ),
+        &device,
+    );
+    let plain = cross_entropy(y.clone().matmul(w.clone().transpose()), t, denom);
+    let plain_loss = f64::from(to_vec(plain.clone().inner())[0]);
+    let grads = plain.backward();
+    let (dy_want, dw_want) = (
+        to_vec(y.grad(&grads).unwrap()),
+        to_vec(w.grad(&grads).unwrap()),
+    );
+
+    let (loss, dy, dw) = fused_head_cross_entropy::<I>(
+        from_vec(y_vals, [n, d], &device),
+        from_vec(w_vals, [v, d], &device),
+        &targets,
+        denom,
+        &device,
+    );
+    let lrel = (loss - plain_loss).abs() / plain_loss;
+    assert!(lrel < 1e-6, "loss {loss} vs {plain_loss}");
+    assert_eq!(dy.dims(), [n, d]);
+    assert_eq!(dw.dims(), [d, v]);
+    let (ry, rw) = (
+        rel(&to_vec(dy), &dy_want),
+        rel(&to_vec(dw.transpose()), &dw_want),
+    );
+    assert!(ry < 1e-5 && rw < 1e-5, "dy differs by {ry:e}, dW by {rw:e}");
 }

@@ -8,6 +8,7 @@
 //! and the optimizer to the ecosystem's.
 
 use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 use serde_json::Value;
@@ -16,7 +17,8 @@ use strata_worker::model::to_vec;
 use strata_worker::params::ParamTable;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
-type B = Autodiff<NdArray<f32>>;
+type Nd = Autodiff<NdArray<f32>>;
+type Flex = Autodiff<burn::backend::Flex>;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -77,7 +79,7 @@ fn rel2(a: &[f32], b: &[f32]) -> f64 {
         / sq(&mut b.iter().map(|&y| f64::from(y)))
 }
 
-fn check_case(f: &Fixture<'_>, case: &str) {
+fn check_case<B: AutodiffBackend>(f: &Fixture<'_>, case: &str) {
     let n = |k| f.num(case, k) as u64;
     let cfg = ModelConfig {
         n_layers: n("n_layers"),
@@ -190,10 +192,23 @@ fn check_case(f: &Fixture<'_>, case: &str) {
     }
 }
 
+fn fixture() -> Vec<u8> {
+    std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e}"))
+}
+
 #[test]
 fn the_model_matches_hugging_face_llama_and_torch_adamw() {
-    let bytes = std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e}"));
-    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    check_backend::<Nd>(&fixture());
+}
+
+/// The same fixture on burn-flex, the CPU backend workers train on.
+#[test]
+fn the_model_matches_them_on_flex_too() {
+    check_backend::<Flex>(&fixture());
+}
+
+fn check_backend<B: AutodiffBackend>(bytes: &[u8]) {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).unwrap();
     let meta: Value = serde_json::from_str(
         metadata
             .metadata()
@@ -203,9 +218,9 @@ fn the_model_matches_hugging_face_llama_and_torch_adamw() {
     )
     .unwrap();
     let f = Fixture {
-        st: SafeTensors::deserialize(&bytes).unwrap(),
+        st: SafeTensors::deserialize(bytes).unwrap(),
         meta,
     };
-    check_case(&f, "tied");
-    check_case(&f, "untied");
+    check_case::<B>(&f, "tied");
+    check_case::<B>(&f, "untied");
 }
