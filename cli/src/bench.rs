@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Subcommand, ValueEnum};
 use strata_worker::bench::{self, Peak, Target, TrainBench, TrainReport};
 
@@ -90,7 +91,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     cfg.rows().map_err(UserError)?;
     if args.describe {
-        let report = bench::describe(&recipe, &cfg, cfg.warmup + cfg.steps);
+        let report = bench::describe(&recipe, &cfg);
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -101,31 +102,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         tflops,
         source: "--peak-tflops".into(),
     });
-    let cpu = || format!("CPU, {} threads", rayon_threads());
     let report = match args.backend {
-        BackendArg::Ndarray => bench::train::<Autodiff<NdArray<f32>>>(
-            &recipe,
-            &cfg,
-            Target {
-                backend: "ndarray".into(),
-                device_name: cpu(),
-                compute_dtype: "f32".into(),
-                device: Default::default(),
-                peak: user_peak,
-                peak_memory: Box::new(bench::peak_rss_bytes),
-            },
-        ),
+        BackendArg::Ndarray => {
+            bench::train::<Autodiff<NdArray<f32>>>(&recipe, &cfg, cpu_target("ndarray", user_peak))
+        }
         BackendArg::Flex => bench::train::<Autodiff<burn::backend::Flex>>(
             &recipe,
             &cfg,
-            Target {
-                backend: "flex".into(),
-                device_name: cpu(),
-                compute_dtype: "f32".into(),
-                device: Default::default(),
-                peak: user_peak,
-                peak_memory: Box::new(bench::peak_rss_bytes),
-            },
+            cpu_target("flex", user_peak),
         ),
         BackendArg::Cuda | BackendArg::CudaUnfused => {
             cuda_train(&recipe, &cfg, args.backend, args.gpu, user_peak)?
@@ -138,6 +122,18 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         print!("{}", render(&report));
     }
     Ok(())
+}
+
+/// A CPU backend: its default device, the process's peak RSS as memory.
+fn cpu_target<B: AutodiffBackend>(name: &str, peak: Option<Peak>) -> Target<B> {
+    Target {
+        backend: name.into(),
+        device_name: format!("CPU, {} threads", rayon_threads()),
+        compute_dtype: "f32".into(),
+        device: Default::default(),
+        peak,
+        peak_memory: Box::new(bench::peak_rss_bytes),
+    }
 }
 
 fn rayon_threads() -> usize {
@@ -165,9 +161,7 @@ fn cuda_train(
             source: source.into(),
         })
     });
-    fn target<
-        B: burn::tensor::backend::AutodiffBackend<Device = burn::backend::cuda::CudaDevice>,
-    >(
+    fn target<B: AutodiffBackend<Device = burn::backend::cuda::CudaDevice>>(
         name: &str,
         info: &cuda::GpuInfo,
         peak: Option<Peak>,

@@ -152,10 +152,11 @@ fn bench_model(recipe: &Recipe, bench: &TrainBench) -> ModelConfig {
 }
 
 /// The report of a run that has not happened: the shape, seed, optimizer
-/// and the learning rates of `steps` steps, every measurement NaN (null in
-/// JSON). `bench/torch_reference.py --like` reads it when strata's own
-/// run cannot happen on this machine.
-pub fn describe(recipe: &Recipe, bench: &TrainBench, steps: usize) -> TrainReport {
+/// and the learning rates of its warmup and measured steps, every
+/// measurement NaN (null in JSON). `bench/torch_reference.py --like` reads
+/// it when strata's own run cannot happen on this machine; [`train`] fills
+/// in what it measured.
+pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
     let model = bench_model(recipe, bench);
     let tps = bench.tokens_per_step as u64;
     TrainReport {
@@ -190,7 +191,7 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench, steps: usize) -> TrainRepor
         mfu: None,
         peak_memory_bytes: None,
         host_elems_per_step: f64::NAN,
-        lrs: (1..=steps as u64)
+        lrs: (1..=(bench.warmup + bench.steps) as u64)
             .map(|step| recipe.schedule.lr_for_step((step - 1) * tps, tps))
             .collect(),
         losses: Vec::new(),
@@ -216,13 +217,14 @@ pub fn train<B: AutodiffBackend>(
         target.device.clone(),
     );
     tracing::info!(backend = %target.backend, params = trainer.n_params(), "model built");
+    let mut report = describe(recipe, bench);
     let tps = bench.tokens_per_step as u64;
     let mut losses = Vec::new();
     let mut times = Vec::new();
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     let mut moved = 0u64;
     let mut peak_memory = None;
-    for step in 1..=(bench.warmup + bench.steps) as u64 {
+    for (step, &lr) in (1..).zip(&report.lrs) {
         let (inputs, targets) = synthetic_batch(
             recipe.seed,
             step,
@@ -238,7 +240,6 @@ pub fn train<B: AutodiffBackend>(
                 seq_len: bench.seq_len,
             })
             .collect();
-        let lr = recipe.schedule.lr_for_step((step - 1) * tps, tps);
         let before = host_transfers();
         let t = Instant::now();
         let stats = trainer
@@ -260,10 +261,8 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     let n = times.len().max(1) as f64;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let step_s = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
-    let mut report = describe(recipe, bench, bench.warmup + bench.steps);
+    times.sort_by(f64::total_cmp);
+    let step_s = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     report.tokens_per_s = bench.tokens_per_step as f64 / step_s;
     report.achieved_tflops = report.tokens_per_s * report.flops_per_token / 1e12;
     report.mfu = target

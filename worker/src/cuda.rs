@@ -1,5 +1,5 @@
 //! NVIDIA GPUs: finding the driver and the device before burn's CUDA
-//! backend touches them (cudarc loads libcuda, NVRTC and NCCL at run time
+//! backend touches them (cudarc loads libcuda and NVRTC at run time
 //! and panics on a missing library; this module turns that into an error
 //! that names what is missing), and what the device is.
 
@@ -21,10 +21,6 @@ pub enum CudaError {
         "NVRTC (libnvrtc.so) was not found: burn's CUDA backend compiles its kernels with it; put a CUDA toolkit's lib64 (or the nvidia-cuda-nvrtc pip package's lib) on LD_LIBRARY_PATH"
     )]
     NoNvrtc,
-    #[error(
-        "NCCL (libnccl.so) was not found: put its directory (a CUDA toolkit's, or the nvidia-nccl pip package's lib) on LD_LIBRARY_PATH"
-    )]
-    NoNccl,
     #[error(
         "GPU {index} does not exist: this machine has {count} (CUDA_VISIBLE_DEVICES={visible})"
     )]
@@ -63,13 +59,6 @@ pub fn driver_present() -> bool {
 pub fn nvrtc_present() -> bool {
     // SAFETY: as in `driver_present`.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-/// Whether NCCL can be loaded.
-#[allow(unsafe_code)]
-pub fn nccl_present() -> bool {
-    // SAFETY: as in `driver_present`.
-    unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
 /// GPU `index` (among the visible ones), after checking that the driver

@@ -9,7 +9,7 @@
 //! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
 //! [`bench`]: the single-rank training benchmark behind `strata bench
-//! train`. [`cuda`] (feature `cuda`): finding the driver, NVRTC, NCCL and
+//! train`. [`cuda`] (feature `cuda`): finding the driver, NVRTC and
 //! the GPU before burn's CUDA backend touches them.
 //! A worker never learns how it was launched: it is handed a coordinator
 //! address, a job and a rank.

@@ -103,6 +103,14 @@ fn count_transfer(n: usize) {
     HOST_ELEMS.with(|c| c.set(c.get() + n as u64));
 }
 
+/// Adds `t` to the running sum `acc` (empty before the first term).
+pub fn accumulate<X: Backend, const D: usize>(acc: &mut Option<Tensor<X, D>>, t: Tensor<X, D>) {
+    *acc = Some(match acc.take() {
+        Some(a) => a + t,
+        None => t,
+    });
+}
+
 /// The shape a slot's value has in the model: matrices as they are, norm
 /// gains as `[1, d]`.
 fn slot_shape(s: &ParamSlot) -> [usize; 2] {
@@ -345,11 +353,7 @@ pub fn fused_head_cross_entropy<X: Backend>(
         let picked = z.clone().gather(1, tgt.clone());
         let e = (z - max.clone()).exp();
         let sums = e.clone().sum_dim(1);
-        let l = (sums.clone().log() + max - picked).sum();
-        loss = Some(match loss {
-            Some(a) => a + l,
-            None => l,
-        });
+        accumulate(&mut loss, (sums.clone().log() + max - picked).sum());
         let p = (e / sums).mul_scalar(scale).scatter(
             1,
             tgt,
@@ -357,11 +361,7 @@ pub fn fused_head_cross_entropy<X: Backend>(
             IndexingUpdateOp::Add,
         );
         dys.push(p.clone().matmul(w_rows.clone()));
-        let g = yc.transpose().matmul(p);
-        dw = Some(match dw {
-            Some(a) => a + g,
-            None => g,
-        });
+        accumulate(&mut dw, yc.transpose().matmul(p));
     }
     let loss = loss.map_or(0.0, |l| f64::from(to_vec(l)[0]) / denominator);
     let dw = dw.unwrap_or_else(|| Tensor::zeros([d, v], device));
@@ -449,11 +449,7 @@ impl<I: Backend> GradAccum<I> {
     }
 
     fn add(&mut self, slot: usize, g: Tensor<I, 2>) {
-        let acc = &mut self.grads[slot];
-        *acc = Some(match acc.take() {
-            Some(a) => a + g,
-            None => g,
-        });
+        accumulate(&mut self.grads[slot], g);
     }
 }
 

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
-use crate::model::{GradAccum, Micro, StageInput, StageModel, Tape, Tp, from_vec, to_vec};
+use crate::model::{
+    GradAccum, Micro, StageInput, StageModel, Tape, Tp, accumulate, from_vec, to_vec,
+};
 use crate::params::{ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 
@@ -393,11 +395,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         for (b, master) in self.buckets.iter().zip(&self.master) {
             for s in &table.slots[b.slots.clone()] {
                 let at = s.offset - b.range.start;
-                flat.push(if b.slots.len() == 1 {
-                    master.clone()
-                } else {
-                    master.clone().slice(at..at + s.len)
-                });
+                flat.push(master.clone().slice(at..at + s.len));
             }
         }
         self.model.set_params(flat);
@@ -600,11 +598,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut sq: Option<Tensor<Inner<B>, 1>> = None;
         for (b, g) in self.buckets.iter().zip(&grads) {
             if b.in_norm {
-                let s = g.clone().powi_scalar(2).sum();
-                sq = Some(match sq {
-                    Some(acc) => acc + s,
-                    None => s,
-                });
+                accumulate(&mut sq, g.clone().powi_scalar(2).sum());
             }
         }
         let local_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
