@@ -8,6 +8,7 @@
 //! decoder, Megatron tensor-parallel, cut into autodiff segments at every
 //! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
+//! [`cpu`]: the CPU backend's fused head kernel.
 //! [`bench`]: the single-rank training benchmark behind `strata bench
 //! train`. [`cuda`] (feature `cuda`): finding the driver, NVRTC and
 //! the GPU before burn's CUDA backend touches them.
@@ -16,6 +17,7 @@
 
 pub mod bench;
 pub mod collective;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod model;

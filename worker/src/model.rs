@@ -38,6 +38,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use strata_recipe::ModelConfig;
 
 use crate::collective::{Collective, CollectiveError};
+use crate::cpu;
+pub use crate::cpu::HeadLayout;
 use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
 
 /// RMSNorm's epsilon (Llama's).
@@ -311,17 +313,42 @@ pub fn cross_entropy<X: Backend>(
 }
 
 /// The output head and the cross-entropy, with their gradients, without
-/// materializing the logits of all `n` rows: rows go in chunks (2·d rows,
-/// at most 2²⁶ logits), each one's logits `y_c · Wᵀ`,
-/// softmax and loss computed, then its gradient `(softmax − onehot) /
-/// denominator` turned into the chunk's `dy` and its share of `dW` at
-/// once. `w_rows` is the head as `[vocab, d]` (the tied embedding, or the
-/// head transposed). Returns the summed loss over `denominator`, `dy`
-/// (`[n, d]`) and the head's gradient as `[d, vocab]` (`dWᵀ`). One scalar
-/// reaches the host. Every matrix product reads contiguous operands (a
-/// transposed operand would be copied by the CPU backends), so the head
-/// is laid out both ways once per call.
+/// materializing the logits of all `n` rows: rows go in chunks, each
+/// one's logits `y_c · Wᵀ`, softmax and loss computed, then its gradient
+/// `(softmax − onehot) / denominator` turned into the chunk's `dy` and its
+/// share of `dW` at once. `w` is the head's weight in `layout`. Returns
+/// the summed loss over `denominator`, `dy` (`[n, d]`) and the head's
+/// gradient in `w`'s shape. One scalar reaches the host. The CPU backend
+/// runs [`cpu::head_cross_entropy`]; others, tensor operations.
 pub fn fused_head_cross_entropy<X: Backend>(
+    y: Tensor<X, 2>,
+    w: Tensor<X, 2>,
+    layout: HeadLayout,
+    targets: &[u32],
+    denominator: f64,
+    device: &X::Device,
+) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
+    if let Some(done) = cpu::flex_head_cross_entropy(&y, &w, layout, targets, denominator, device) {
+        return done;
+    }
+    let w_rows = match layout {
+        HeadLayout::Rows => w,
+        HeadLayout::Columns => w.transpose(),
+    };
+    let (loss, dy, dwt) = head_by_tensor_ops(y, w_rows, targets, denominator, device);
+    let dw = match layout {
+        HeadLayout::Rows => dwt.transpose(),
+        HeadLayout::Columns => dwt,
+    };
+    (loss, dy, dw)
+}
+
+/// [`fused_head_cross_entropy`] in tensor operations, for `w_rows`
+/// `[vocab, d]`, in chunks of 2·d rows (at most 2²⁶ logits); the head's
+/// gradient comes back as `[d, vocab]` (`dWᵀ`). Every matrix product
+/// reads contiguous operands (a transposed operand would be copied by
+/// some backends), so the head is laid out both ways once per call.
+fn head_by_tensor_ops<X: Backend>(
     y: Tensor<X, 2>,
     w_rows: Tensor<X, 2>,
     targets: &[u32],
@@ -846,12 +873,16 @@ impl<B: AutodiffBackend> StageModel<B> {
         // known as soon as the loss is, so they are computed now, chunk by
         // chunk, and the graph continues from `sum(y ⊙ dy)`.
         let slot = self.head.expect("the last stage has a head");
-        let w = self.params[slot].clone();
-        let w_rows = if self.tied { w } else { w.transpose() };
+        let layout = if self.tied {
+            HeadLayout::Rows
+        } else {
+            HeadLayout::Columns
+        };
         let targets = targets.expect("the last stage has targets");
         let (loss, dy, dw) = fused_head_cross_entropy(
             y.clone().inner(),
-            w_rows,
+            self.params[slot].clone(),
+            layout,
             targets,
             denominator,
             &self.device,
@@ -865,7 +896,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             })],
             loss,
             output: None,
-            head_grad: Some((slot, if self.tied { dw.transpose() } else { dw })),
+            head_grad: Some((slot, dw)),
         }
     }
 

@@ -5,13 +5,13 @@
 //! the vocabulary-parallel cross-entropy against the plain one; and the
 //! fused head (chunked logits and loss) against autodiff.
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
 use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    GradAccum, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec,
+    GradAccum, HeadLayout, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec,
     fused_head_cross_entropy, parallel_cross_entropy, to_vec,
 };
 use strata_worker::params::ParamTable;
@@ -340,11 +340,24 @@ fn several_microbatches_graphs_live_at_once() {
 /// The fused head (logits, cross-entropy and their gradients in row
 /// chunks, the logits never whole) against autodiff through the plain
 /// matmul and cross-entropy: loss, the hidden states' gradient and the
-/// head's, over several chunks and a partial last one.
+/// head's, over several chunks and a partial last one, with the head as
+/// vocabulary rows (tied) and as columns, in tensor operations (NdArray)
+/// and in the CPU kernel (flex).
 #[test]
 fn fused_head_matches_autodiff_through_the_logits() {
-    // d = 4: chunks of 16 rows, so 70 rows are 4 full chunks and 6 rows.
-    let (n, d, v) = (70, 4, 300);
+    // Flex takes the kernel; NdArray the tensor operations.
+    let probe = |v: Vec<f32>| from_vec::<Flex, 2>(v, [1, 1], &Default::default());
+    assert!(strata_worker::cpu::as_flex(&probe(vec![1.0])).is_some());
+    let other = from_vec::<I, 2>(vec![1.0], [1, 1], &Default::default());
+    assert!(strata_worker::cpu::as_flex(&other).is_none());
+    fused_head_case::<I>(70, 4, 300);
+    // The kernel's chunks are 256 rows: 600 rows are 2 full and a partial
+    // one.
+    fused_head_case::<Flex>(600, 4, 300);
+    fused_head_case::<Flex>(9, 33, 1000);
+}
+
+fn fused_head_case<X: burn::tensor::backend::Backend>(n: usize, d: usize, v: usize) {
     let device = Default::default();
     let y_vals = noise(11, n * d);
     let w_vals: Vec<f32> = noise(12, v * d).iter().map(|x| x * 3.0).collect();
@@ -370,20 +383,35 @@ fn fused_head_matches_autodiff_through_the_logits() {
         to_vec(w.grad(&grads).unwrap()),
     );
 
-    let (loss, dy, dw) = fused_head_cross_entropy::<I>(
-        from_vec(y_vals, [n, d], &device),
-        from_vec(w_vals, [v, d], &device),
-        &targets,
-        denom,
-        &device,
-    );
-    let lrel = (loss - plain_loss).abs() / plain_loss;
-    assert!(lrel < 1e-6, "loss {loss} vs {plain_loss}");
-    assert_eq!(dy.dims(), [n, d]);
-    assert_eq!(dw.dims(), [d, v]);
-    let (ry, rw) = (
-        rel(&to_vec(dy), &dy_want),
-        rel(&to_vec(dw.transpose()), &dw_want),
-    );
-    assert!(ry < 1e-5 && rw < 1e-5, "dy differs by {ry:e}, dW by {rw:e}");
+    let xd = Default::default();
+    for layout in [HeadLayout::Rows, HeadLayout::Columns] {
+        let w = from_vec::<X, 2>(w_vals.clone(), [v, d], &xd);
+        let w = match layout {
+            HeadLayout::Rows => w,
+            HeadLayout::Columns => w.transpose(),
+        };
+        let (loss, dy, dw) = fused_head_cross_entropy::<X>(
+            from_vec(y_vals.clone(), [n, d], &xd),
+            w,
+            layout,
+            &targets,
+            denom,
+            &xd,
+        );
+        let lrel = (loss - plain_loss).abs() / plain_loss;
+        assert!(lrel < 1e-6, "{layout:?}: loss {loss} vs {plain_loss}");
+        assert_eq!(dy.dims(), [n, d]);
+        let dw = match layout {
+            HeadLayout::Rows => dw,
+            HeadLayout::Columns => {
+                assert_eq!(dw.dims(), [d, v]);
+                dw.transpose()
+            }
+        };
+        let (ry, rw) = (rel(&to_vec(dy), &dy_want), rel(&to_vec(dw), &dw_want));
+        assert!(
+            ry < 1e-5 && rw < 1e-5,
+            "{layout:?}: dy differs by {ry:e}, dW by {rw:e}"
+        );
+    }
 }

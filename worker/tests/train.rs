@@ -2,14 +2,15 @@
 //! (ranks on threads, joined by the in-process backend): per-step losses,
 //! gradient norms and the trained parameters match a single process, tied
 //! and untied, with grouped KV heads, sequence lengths that change from step
-//! to step, and microbatch counts below, equal to and above the stages.
+//! to step, and microbatch counts below, equal to and above the stages. On
+//! flex, the backend workers train on (its head runs the CPU kernel).
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex};
 use strata_recipe::{AdamWConfig, Layout, ModelConfig};
 use strata_worker::params::ParamTable;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
-type B = Autodiff<NdArray<f32>>;
+type B = Autodiff<Flex>;
 
 const LR: f64 = 3e-3;
 
