@@ -10,6 +10,11 @@
 //! gemm calls per chunk of rows and one fused, vectorized pass over each
 //! row of logits while the row is in cache.
 //!
+//! AdamW ([`adamw`]) is the other: flex runs each of its dozen scalar and
+//! elementwise operations on one thread, a pass over memory each; the
+//! kernel does one parallel pass per bucket, in the same f32 arithmetic
+//! in the same order, so its results are bit-identical.
+//!
 //! Flex tensors are reached through [`as_flex`]: a downcast of the float
 //! primitive, so the same trainer code runs everywhere and only the CPU
 //! backend takes this path. Nothing is copied: a contiguous tensor's
@@ -18,7 +23,7 @@
 
 use std::any::Any;
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -51,9 +56,107 @@ impl HeadLayout {
 
 /// The tensor's flex primitive, when `X` is the flex backend; shares
 /// storage with `t`.
-pub fn as_flex<X: Backend>(t: &Tensor<X, 2>) -> Option<FlexTensor> {
+pub fn as_flex<X: Backend, const D: usize>(t: &Tensor<X, D>) -> Option<FlexTensor> {
     let primitive: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
     primitive.downcast::<FlexTensor>().ok().map(|p| *p)
+}
+
+/// Whether `X` is the flex backend.
+pub fn is_flex<X: Backend>() -> bool {
+    std::any::TypeId::of::<X::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
+}
+
+/// The tensor's own flex primitive (no other owner is added). Panics
+/// unless [`is_flex::<X>`](is_flex).
+fn into_flex<X: Backend, const D: usize>(t: Tensor<X, D>) -> FlexTensor {
+    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    *primitive
+        .downcast::<FlexTensor>()
+        .expect("a flex tensor: checked by is_flex")
+}
+
+/// A flex primitive as a tensor of `X`. Panics unless
+/// [`is_flex::<X>`](is_flex).
+fn from_flex<X: Backend, const D: usize>(t: FlexTensor) -> Tensor<X, D> {
+    let primitive: Box<dyn Any> = Box::new(t);
+    let primitive = *primitive
+        .downcast::<X::FloatTensorPrimitive>()
+        .expect("a flex tensor: checked by is_flex");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// One AdamW step's scalars, each formed in f64 and rounded once to f32
+/// (PyTorch's single-tensor AdamW).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// The gradient's clipping factor (1: none).
+    pub clip: f32,
+    pub b1_weight: f32,
+    pub b2: f32,
+    pub b2_weight: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `1 − lr·wd`, for buckets that decay.
+    pub decay: Option<f32>,
+}
+
+/// Elements per parallel task of [`adamw`].
+const ADAMW_CHUNK: usize = 1 << 15;
+
+/// AdamW on one bucket of flex tensors, in place where a tensor has no
+/// other owner: returns the new master, first and second moments. Panics
+/// unless [`is_flex::<X>`](is_flex).
+pub fn adamw<X: Backend>(
+    p: Tensor<X, 1>,
+    m: Tensor<X, 1>,
+    v: Tensor<X, 1>,
+    g: &Tensor<X, 1>,
+    s: &AdamWStep,
+) -> [Tensor<X, 1>; 3] {
+    let n = p.dims()[0];
+    let owned = |t: Tensor<X, 1>| {
+        let f = into_flex(t);
+        if f.as_slice::<f32>().is_some_and(|x| x.len() == n) {
+            f
+        } else {
+            f.to_contiguous()
+        }
+    };
+    let (mut pf, mut mf, mut vf) = (owned(p), owned(m), owned(v));
+    let gf = contiguous(into_flex(g.clone()));
+    let gs = gf.as_slice::<f32>().expect("contiguous");
+    let (ps, ms, vs) = (
+        pf.storage_mut::<f32>(),
+        mf.storage_mut::<f32>(),
+        vf.storage_mut::<f32>(),
+    );
+    assert!(
+        ps.len() == n && ms.len() == n && vs.len() == n && gs.len() == n,
+        "a bucket's master, moments and gradient have its length"
+    );
+    let s = *s;
+    ps.par_chunks_mut(ADAMW_CHUNK)
+        .zip(ms.par_chunks_mut(ADAMW_CHUNK))
+        .zip(vs.par_chunks_mut(ADAMW_CHUNK))
+        .zip(gs.par_chunks(ADAMW_CHUNK))
+        .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, &s));
+    [from_flex(pf), from_flex(mf), from_flex(vf)]
+}
+
+/// The tensor-op AdamW's arithmetic, element by element, in its order.
+fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWStep) {
+    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+        let g = if s.clip == 1.0 { g } else { g * s.clip };
+        *m += (g - *m) * s.b1_weight;
+        *v = *v * s.b2 + (g * g) * s.b2_weight;
+        let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+        let decayed = match s.decay {
+            Some(d) => *p * d,
+            None => *p,
+        };
+        *p = decayed - (*m * s.step_size) / denom;
+    }
 }
 
 /// A contiguous f32 view of a flex tensor (copied only when it is not

@@ -190,43 +190,84 @@ pub struct Dims {
     pub vocab_len: usize,
 }
 
-/// The rotary tables, `[max_seq_len, head_dim/2]`, frequencies
-/// θ^(−2j/head_dim).
-pub fn rope_tables(max_seq_len: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(max_seq_len * half);
-    let mut sin = Vec::with_capacity(max_seq_len * half);
-    for pos in 0..max_seq_len {
-        for j in 0..half {
-            let freq = theta.powf(-2.0 * j as f64 / head_dim as f64);
-            let angle = pos as f64 * freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
+/// The rotary embedding's tables for every position up to the model's
+/// length: `cos` and `sin` of each position's angles, `[positions,
+/// head_dim]` (each half-dimension's angle twice, as rotate-half pairs
+/// them), and `rot` (`[head_dim, head_dim]`), the signed permutation with
+/// `x · rot = cat(−x₂, x₁)`. The rotation is then two contiguous
+/// products with tables broadcast over the batch, and one small matrix
+/// product: no strided half-views (the CPU backends walk those element
+/// by element).
+pub struct Rope<X: Backend> {
+    cos: Tensor<X, 2>,
+    sin: Tensor<X, 2>,
+    rot: Tensor<X, 2>,
 }
 
-/// Rotary embedding of `x` `[b, heads, t, head_dim]`, rotate-half form.
-fn rope<X: Backend>(x: Tensor<X, 4>, cos: &Tensor<X, 2>, sin: &Tensor<X, 2>) -> Tensor<X, 4> {
-    let [b, n, t, hd] = x.dims();
-    let half = hd / 2;
-    let table = |c: &Tensor<X, 2>| {
-        c.clone()
-            .narrow(0, 0, t)
-            .unsqueeze::<4>()
-            .expand([b, n, t, half])
-    };
-    let (cos, sin) = (table(cos), table(sin));
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    Tensor::cat(
-        vec![
-            x1.clone() * cos.clone() - x2.clone() * sin.clone(),
-            x1 * sin + x2 * cos,
-        ],
-        3,
-    )
+impl<X: Backend> Clone for Rope<X> {
+    fn clone(&self) -> Self {
+        Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            rot: self.rot.clone(),
+        }
+    }
+}
+
+impl<X: Backend> Rope<X> {
+    pub fn new(max_seq_len: usize, head_dim: usize, theta: f64, device: &X::Device) -> Rope<X> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_seq_len * head_dim);
+        let mut sin = Vec::with_capacity(max_seq_len * head_dim);
+        for pos in 0..max_seq_len {
+            let angles: Vec<f64> = (0..half)
+                .map(|j| pos as f64 * theta.powf(-2.0 * j as f64 / head_dim as f64))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let mut rot = vec![0f32; head_dim * head_dim];
+        for j in 0..half {
+            rot[(j + half) * head_dim + j] = -1.0;
+            rot[j * head_dim + j + half] = 1.0;
+        }
+        Rope {
+            cos: from_vec(cos, [max_seq_len, head_dim], device),
+            sin: from_vec(sin, [max_seq_len, head_dim], device),
+            rot: from_vec(rot, [head_dim, head_dim], device),
+        }
+    }
+
+    fn map<Y: Backend>(&self, f: impl Fn(Tensor<X, 2>) -> Tensor<Y, 2>) -> Rope<Y> {
+        Rope {
+            cos: f(self.cos.clone()),
+            sin: f(self.sin.clone()),
+            rot: f(self.rot.clone()),
+        }
+    }
+
+    /// Rotates `x` `[b, t, heads, head_dim]` (the projection's own layout,
+    /// heads not yet a batch dimension) by each position's angles, times
+    /// `scale` (folded into the tables: the attention's 1/√d on the
+    /// queries costs no pass of its own).
+    fn apply(&self, x: Tensor<X, 4>, scale: f64) -> Tensor<X, 4> {
+        let [b, t, n, hd] = x.dims();
+        let table = |c: &Tensor<X, 2>| {
+            let c = c.clone().narrow(0, 0, t);
+            let c = if scale == 1.0 { c } else { c.mul_scalar(scale) };
+            // [t, n·hd], contiguous: broadcast over the batch only.
+            c.reshape([t, 1, hd])
+                .expand([t, n, hd])
+                .reshape([1, t * n * hd])
+        };
+        let flat = x.reshape([b * t * n, hd]);
+        let rotated = flat.clone().matmul(self.rot.clone());
+        let out = flat.reshape([b, t * n * hd]) * table(&self.cos)
+            + rotated.reshape([b, t * n * hd]) * table(&self.sin);
+        out.reshape([b, t, n, hd])
+    }
 }
 
 /// This rank's attention heads on `y` (`[b·t, d]`, already normed): its
@@ -235,18 +276,21 @@ fn rope<X: Backend>(x: Tensor<X, 4>, cos: &Tensor<X, 2>, sin: &Tensor<X, 2>) -> 
 fn attention<X: Backend>(
     y: Tensor<X, 2>,
     w: [Tensor<X, 2>; 4],
-    cos: &Tensor<X, 2>,
-    sin: &Tensor<X, 2>,
+    rope: &Rope<X>,
     b: usize,
     t: usize,
     dims: &Dims,
 ) -> Tensor<X, 2> {
     let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
     let [wq, wk, wv, wo] = w;
-    let heads = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]).swap_dims(1, 2);
-    let q = rope(heads(y.clone().matmul(wq), h), cos, sin);
-    let k = rope(heads(y.clone().matmul(wk), kv), cos, sin);
-    let v = heads(y.matmul(wv), kv);
+    let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
+    let q = rope.apply(split(y.clone().matmul(wq), h), 1.0 / (hd as f64).sqrt());
+    let k = rope.apply(split(y.clone().matmul(wk), kv), 1.0);
+    let (q, k, v) = (
+        q.swap_dims(1, 2),
+        k.swap_dims(1, 2),
+        split(y.matmul(wv), kv).swap_dims(1, 2),
+    );
     // Query head i reads KV head i / (h / kv).
     let group = |z: Tensor<X, 4>| {
         if kv == h {
@@ -258,11 +302,18 @@ fn attention<X: Backend>(
         }
     };
     let (k, v) = (group(k), group(v));
-    let mask = Tensor::<X, 2, Bool>::tril_mask([t, t], 0, &q.device())
-        .unsqueeze::<4>()
-        .expand([b, h, t, t]);
-    let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-    let probs = softmax(scores.mask_fill(mask, -1e9), 3);
+    // The causal mask as an additive bias, broadcast over batch and heads:
+    // where it is −1e9 the probabilities are 0, and so are their
+    // gradients, as with a masked fill.
+    let mask = Tensor::<X, 2, Bool>::tril_mask([t, t], 0, &q.device());
+    // The sum is taken as [b·h, t·t] + [1, t·t]: a broadcast over one
+    // leading dimension, which the CPU backends run as contiguous rows
+    // (over two, they walk it element by element).
+    let bias = Tensor::<X, 2>::zeros([t, t], &q.device())
+        .mask_fill(mask, -1e9)
+        .reshape([1, t * t]);
+    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * h, t * t]) + bias;
+    let probs = softmax(scores.reshape([b, h, t, t]), 3);
     probs
         .matmul(v)
         .swap_dims(1, 2)
@@ -282,15 +333,14 @@ fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
 fn block<X: Backend>(
     x: Tensor<X, 2>,
     mut weight: impl FnMut(BlockParam) -> Tensor<X, 2>,
-    cos: &Tensor<X, 2>,
-    sin: &Tensor<X, 2>,
+    rope: &Rope<X>,
     b: usize,
     t: usize,
     dims: &Dims,
 ) -> Tensor<X, 2> {
     use BlockParam::*;
     let y = rms_norm(x.clone(), weight(AttnNorm));
-    let x = x + attention(y, [Wq, Wk, Wv, Wo].map(&mut weight), cos, sin, b, t, dims);
+    let x = x + attention(y, [Wq, Wk, Wv, Wo].map(&mut weight), rope, b, t, dims);
     let y = rms_norm(x.clone(), weight(MlpNorm));
     x + mlp(y, [WGate, WUp, WDown].map(&mut weight))
 }
@@ -549,8 +599,7 @@ pub struct StageModel<B: AutodiffBackend> {
     /// Current values, one per slot, matrices as they are and norm gains
     /// as `[1, d]`.
     params: Vec<Tensor<B::InnerBackend, 2>>,
-    cos: Tensor<B::InnerBackend, 2>,
-    sin: Tensor<B::InnerBackend, 2>,
+    rope: Rope<B::InnerBackend>,
     dims: Dims,
     embed: Option<usize>,
     final_norm: Option<usize>,
@@ -591,9 +640,12 @@ impl<B: AutodiffBackend> StageModel<B> {
             vocab_start: v / tp * table.tp_rank as usize,
             vocab_len: v / tp,
         };
-        let (cos, sin) = rope_tables(cfg.max_seq_len as usize, dims.head_dim, cfg.rope_theta);
-        let half = dims.head_dim / 2;
-        let rows = cfg.max_seq_len as usize;
+        let rope = Rope::new(
+            cfg.max_seq_len as usize,
+            dims.head_dim,
+            cfg.rope_theta,
+            device,
+        );
         let embed = table.index(Role::Embed);
         let final_norm = table.index(Role::FinalNorm);
         let head = if cfg.tie_embeddings {
@@ -619,8 +671,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             .collect();
         StageModel {
             params: Vec::new(),
-            cos: from_vec(cos, [rows, half], device),
-            sin: from_vec(sin, [rows, half], device),
+            rope,
             dims,
             embed,
             final_norm,
@@ -698,11 +749,8 @@ impl<B: AutodiffBackend> StageModel<B> {
         t
     }
 
-    fn tables(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        (
-            Tensor::from_inner(self.cos.clone()),
-            Tensor::from_inner(self.sin.clone()),
-        )
+    fn rope(&self) -> Rope<B> {
+        self.rope.map(Tensor::from_inner)
     }
 
     /// A segment that norms the replicated stream `h` with gain `slot`;
@@ -750,7 +798,7 @@ impl<B: AutodiffBackend> StageModel<B> {
         }
         let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
         let device = &self.device;
-        let (cos, sin) = self.tables();
+        let rope = self.rope();
         let mut pieces = Vec::new();
         let mut h = match input {
             StageInput::Tokens(tokens) => {
@@ -782,7 +830,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 let partial = if attn {
                     use BlockParam::*;
                     let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
-                    attention(y_leaf.clone(), w, &cos, &sin, rows, seq, &self.dims)
+                    attention(y_leaf.clone(), w, &rope, rows, seq, &self.dims)
                 } else {
                     use BlockParam::*;
                     let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
@@ -839,7 +887,7 @@ impl<B: AutodiffBackend> StageModel<B> {
     ) -> Tape<B> {
         let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
         let mut leaves = Vec::new();
-        let (cos, sin) = self.tables();
+        let rope = self.rope();
         let (mut x, input) = match input {
             StageInput::Tokens(tokens) => {
                 let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
@@ -852,7 +900,7 @@ impl<B: AutodiffBackend> StageModel<B> {
         };
         for b in &self.blocks[chunk as usize] {
             let weight = |p| self.leaf(b.get(p), &mut leaves);
-            x = block(x, weight, &cos, &sin, rows, seq, &self.dims);
+            x = block(x, weight, &rope, rows, seq, &self.dims);
         }
         if !self.is_last(chunk) {
             let output = x.clone().inner();
@@ -953,7 +1001,7 @@ impl<B: AutodiffBackend> StageModel<B> {
         let mut x = p(self.embed.expect("embedding")).select(0, t);
         for b in &self.blocks[0] {
             let weight = |q| p(b.get(q));
-            x = block(x, weight, &self.cos, &self.sin, rows, seq, &self.dims);
+            x = block(x, weight, &self.rope, rows, seq, &self.dims);
         }
         let y = rms_norm(x, p(self.final_norm.expect("final norm")));
         let w = p(self.head.expect("head"));

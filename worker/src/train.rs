@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
+use crate::cpu;
 use crate::model::{
     GradAccum, Micro, StageInput, StageModel, Tape, Tp, accumulate, from_vec, to_vec,
 };
@@ -675,17 +676,22 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.steps += 1;
         let t = self.steps as i32;
         let c = &self.cfg;
-        let b1_weight = (1.0 - c.beta1) as f32;
-        let (b2, b2_weight) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
-        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
-        let eps = c.eps as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let s = cpu::AdamWStep {
+            clip,
+            b1_weight: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            b2_weight: (1.0 - c.beta2) as f32,
+            step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            eps: c.eps as f32,
+            decay: Some((1.0 - lr * c.weight_decay) as f32),
+        };
         let (masters, ms, vs) = (
             std::mem::take(&mut self.master),
             std::mem::take(&mut self.m),
             std::mem::take(&mut self.v),
         );
+        let flex = cpu::is_flex::<Inner<B>>();
         for (((b, g), (p, m)), v) in self
             .buckets
             .iter()
@@ -693,22 +699,44 @@ impl<B: AutodiffBackend> Trainer<B> {
             .zip(masters.into_iter().zip(ms))
             .zip(vs)
         {
-            let g = if clip == 1.0 {
-                g.clone()
-            } else {
-                g.clone().mul_scalar(clip)
+            let s = cpu::AdamWStep {
+                decay: s.decay.filter(|_| b.decay),
+                ..s
             };
-            let m = m.clone() + (g.clone() - m).mul_scalar(b1_weight);
-            let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(b2_weight);
-            let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(eps);
-            let p = if b.decay { p.mul_scalar(decay) } else { p };
-            self.master
-                .push(p - m.clone().mul_scalar(step_size) / denom);
+            let [p, m, v] = if flex {
+                cpu::adamw(p, m, v, g, &s)
+            } else {
+                adamw_by_tensor_ops(p, m, v, g, &s)
+            };
+            self.master.push(p);
             self.m.push(m);
             self.v.push(v);
         }
         self.refresh_params();
     }
+}
+
+/// [`cpu::adamw`] as tensor operations, for every other backend.
+fn adamw_by_tensor_ops<I: Backend>(
+    p: Tensor<I, 1>,
+    m: Tensor<I, 1>,
+    v: Tensor<I, 1>,
+    g: &Tensor<I, 1>,
+    s: &cpu::AdamWStep,
+) -> [Tensor<I, 1>; 3] {
+    let g = if s.clip == 1.0 {
+        g.clone()
+    } else {
+        g.clone().mul_scalar(s.clip)
+    };
+    let m = m.clone() + (g.clone() - m).mul_scalar(s.b1_weight);
+    let v = v.mul_scalar(s.b2) + (g.clone() * g).mul_scalar(s.b2_weight);
+    let denom = v.clone().sqrt().div_scalar(s.bc2_sqrt).add_scalar(s.eps);
+    let p = match s.decay {
+        Some(d) => p.mul_scalar(d),
+        None => p,
+    };
+    [p - m.clone().mul_scalar(s.step_size) / denom, m, v]
 }
 
 /// The group's elementwise sum of a device tensor through a host staging
@@ -795,4 +823,44 @@ fn sum_f64(group: &mut dyn Collective, x: f64) -> Result<f64, CollectiveError> {
     let mut buf = split_f64(x);
     group.all_reduce_sum(&mut buf)?;
     Ok(f64::from(buf[0]) + f64::from(buf[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// The CPU kernel's AdamW is the tensor operations' AdamW, bit for
+    /// bit, with and without clipping and decay, in place and on a master
+    /// that another tensor still shares (which must not change).
+    #[test]
+    fn the_adamw_kernel_is_bit_identical_to_the_tensor_ops() {
+        let n = 100_003;
+        let wave = |k: f32| (0..n).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
+        let dev = Default::default();
+        let t = |x: Vec<f32>| from_vec::<Flex, 1>(x, [n], &dev);
+        for (clip, decay) in [(1.0, None), (0.37, Some(0.999_7))] {
+            let s = cpu::AdamWStep {
+                clip,
+                b1_weight: 0.1,
+                b2: 0.95,
+                b2_weight: 0.05,
+                step_size: 3e-3,
+                bc2_sqrt: 0.31,
+                eps: 1e-8,
+                decay,
+            };
+            let (p, m, v, g) = (wave(0.1), wave(0.2), wave(0.3), wave(0.7));
+            let v: Vec<f32> = v.iter().map(|x| x * x).collect();
+            let want =
+                adamw_by_tensor_ops(t(p.clone()), t(m.clone()), t(v.clone()), &t(g.clone()), &s);
+            let shared = t(p.clone());
+            let got = cpu::adamw(shared.clone(), t(m), t(v), &t(g), &s);
+            for (w, g) in want.into_iter().zip(got) {
+                let (w, g) = (to_vec(w), to_vec(g));
+                assert!(w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+            assert_eq!(to_vec(shared), p, "a shared master is copied, not written");
+        }
+    }
 }
