@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use strata_coordinator::Coordinator;
+use strata_coordinator::{Coordinator, Inventory};
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::manifest::{Layout, TokenizerInfo};
@@ -189,7 +189,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let cfg = coordinator_config(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
-            args.world(),
+            Inventory::local(args.world()).map_err(|e| UserError(e.to_string()))?,
             None,
             Duration::from_secs(60),
         )?;

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use strata_coordinator::convert::state_from_pb;
 use strata_coordinator::job::JobState;
-use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
 use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
@@ -93,9 +93,16 @@ pub struct CoordinatorArgs {
     /// Where the job store and the runs' files live.
     #[arg(long, default_value = "strata-state")]
     pub state_dir: PathBuf,
-    /// Local worker slots (processes; they may oversubscribe the cores).
-    #[arg(long, default_value_t = 8)]
-    pub slots: u32,
+    /// Local worker slots for CPU jobs (processes; they may oversubscribe
+    /// the cores). Default 8, or one per GPU on a GPU machine.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// This machine's GPUs, one worker slot each (GPUs 0..N): what
+    /// `[device] backend = "cuda"` jobs lease, never two ranks on one GPU.
+    /// Default: the GPUs the driver reports, when strata is built with
+    /// the `cuda` feature; none otherwise.
+    #[arg(long)]
+    pub gpus: Option<u32>,
     /// The clients' bearer token. Off loopback without it, one is generated
     /// into STATE_DIR/token.
     #[arg(long)]
@@ -150,14 +157,14 @@ fn client_token(args: &CoordinatorArgs) -> anyhow::Result<Option<String>> {
 pub fn coordinator_config(
     listen: SocketAddr,
     state_dir: PathBuf,
-    slots: u32,
+    inventory: Inventory,
     client_token: Option<String>,
     heartbeat_timeout: Duration,
 ) -> anyhow::Result<CoordinatorConfig> {
     Ok(CoordinatorConfig {
         listen,
         state_dir,
-        slots,
+        inventory,
         worker_program: std::env::current_exe().context("the strata binary's path")?,
         worker_args: vec!["worker".into()],
         worker_env: Vec::new(),
@@ -166,15 +173,52 @@ pub fn coordinator_config(
     })
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    if args.slots == 0 {
-        return Err(UserError("--slots must be at least 1".into()).into());
+/// The GPUs the driver reports (0 without a driver), when built with
+/// CUDA.
+#[cfg(feature = "cuda")]
+fn detected_gpus() -> u32 {
+    match strata_worker::cuda::device_count() {
+        Ok(n) => n as u32,
+        Err(e) => {
+            tracing::info!(reason = %e, "no GPUs: CPU slots only");
+            0
+        }
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn detected_gpus() -> u32 {
+    0
+}
+
+/// The machine's slots from `--slots` and `--gpus`.
+fn local_inventory(args: &CoordinatorArgs) -> anyhow::Result<Inventory> {
+    let gpus = args.gpus.unwrap_or_else(detected_gpus);
+    let inventory = match (gpus, args.slots) {
+        (_, Some(0)) => return Err(UserError("--slots must be at least 1".into()).into()),
+        (0, slots) => Inventory::local(slots.unwrap_or(8)),
+        (g, Some(s)) if s != g => {
+            return Err(UserError(format!(
+                "--slots {s} with {g} GPUs: a GPU machine runs one worker per GPU (leave --slots out, or give --gpus 0 for CPU slots only)"
+            ))
+            .into());
+        }
+        (g, _) => Inventory::local_gpus(g),
+    };
+    Ok(inventory.map_err(|e| UserError(e.to_string()))?)
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let inventory = local_inventory(&args)?;
+    let (slots, gpus) = (
+        inventory.total_slots(),
+        inventory.nodes().iter().map(|n| n.gpus).sum::<u32>(),
+    );
     let token = client_token(&args)?;
     let cfg = coordinator_config(
         args.listen,
         args.state_dir.clone(),
-        args.slots,
+        inventory,
         token,
         Duration::from_secs(args.heartbeat_timeout_s),
     )?;
@@ -183,10 +227,9 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| UserError(e.to_string()))?;
         eprintln!(
-            "strata coordinator on http://{} (state in {}, {} slots); Ctrl-C stops it",
+            "strata coordinator on http://{} (state in {}, {slots} slots, {gpus} GPUs); Ctrl-C stops it",
             c.addr,
             args.state_dir.display(),
-            args.slots
         );
         let stop = c.shutdown_handle();
         tokio::spawn(async move {

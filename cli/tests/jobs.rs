@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::manifest::{Layout, TokenizerInfo};
@@ -106,7 +106,7 @@ fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
     CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.to_path_buf(),
-        slots,
+        inventory: Inventory::local(slots).unwrap(),
         worker_program: PathBuf::from(env!("CARGO_BIN_EXE_strata")),
         worker_args: vec!["worker".into()],
         worker_env: vec![("RUST_LOG".into(), "info".into())],
@@ -349,6 +349,16 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("model.d_model"), "{}", e.message());
 
+    // A GPU job on a coordinator without GPUs.
+    let cuda = format!("{}\n[device]\nbackend = \"cuda\"\n", recipe(&data, 4, 1));
+    let e = submit(&mut cl, cuda).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("device.backend") && e.message().contains("no GPUs"),
+        "{}",
+        e.message()
+    );
+
     let missing = recipe("file:///no/such/dataset", 4, 2);
     let e = submit(&mut cl, missing).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -445,6 +455,77 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    c.stop().await;
+}
+
+/// On a machine with (here, declared) GPUs each rank leases one: the
+/// launcher gives it `CUDA_VISIBLE_DEVICES` and its local rank, a second job
+/// gets the GPUs the first does not hold, a third waits for one, and a
+/// `cuda` job whose worker cannot reach a GPU fails naming the rank and the
+/// device. The workers are this package's binary behind a script that
+/// records the environment each was started with.
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_slots_are_leased_one_rank_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let envs = dir.path().join("envs");
+    std::fs::create_dir(&envs).unwrap();
+    let script = dir.path().join("worker.sh");
+    // Arguments: worker --coordinator URL --job ID --rank R.
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $STRATA_LOCAL_RANK\" > \"$ENV_DIR/$5-$7\"\nexec \"$STRATA\" \"$@\"\n",
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut cfg = config(&dir.path().join("state"), 1, None);
+    cfg.inventory = Inventory::local_gpus(3).unwrap();
+    cfg.worker_program = script;
+    cfg.worker_env.extend([
+        ("ENV_DIR".into(), envs.display().to_string()),
+        ("STRATA".into(), env!("CARGO_BIN_EXE_strata").into()),
+    ]);
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let env_of = |job: &str, rank: u32| {
+        let text = std::fs::read_to_string(envs.join(format!("{job}-{rank}"))).unwrap();
+        let (gpu, local) = text.trim().split_once(' ').unwrap();
+        (gpu.to_string(), local.to_string())
+    };
+
+    // CPU jobs run on GPU slots too, each rank holding its slot's GPU.
+    let a = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
+    until(&mut cl, &a, 120, |j| j.steps_done >= 1).await;
+    let b = submit(&mut cl, recipe(&data, 100_000, 1)).await.unwrap();
+    until(&mut cl, &b, 120, |j| j.steps_done >= 1).await;
+    assert_eq!(env_of(&a, 0), ("0".into(), "0".into()));
+    assert_eq!(env_of(&a, 1), ("1".into(), "1".into()));
+    assert_eq!(env_of(&b, 0), ("2".into(), "0".into()));
+
+    // No GPU is free: a cuda job waits; once a's GPUs are back it gets
+    // GPU 0, where this build cannot train.
+    let cuda = format!("{}\n[device]\nbackend = \"cuda\"\n", recipe(&data, 4, 1));
+    let g = submit(&mut cl, cuda).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&mut cl, &g).await.state(), pb::JobState::Queued);
+    cl.cancel_job(pb::CancelJobRequest {
+        job_id: a.clone(),
+        reason: "make room".into(),
+    })
+    .await
+    .unwrap();
+    let j = until(&mut cl, &g, 60, |j| j.state() == pb::JobState::Failed).await;
+    assert_eq!(env_of(&g, 0).0, "0");
+    let why = &j.failure_reason;
+    assert!(
+        why.contains("rank 0") && why.to_lowercase().contains("cuda"),
+        "{why}"
+    );
+    assert_eq!(get(&mut cl, &b).await.state(), pb::JobState::Running);
     c.stop().await;
 }
 

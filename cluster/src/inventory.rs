@@ -76,6 +76,21 @@ impl Inventory {
         }])
     }
 
+    /// This machine with one worker slot per GPU, GPUs `0..gpus` (as the
+    /// driver numbers them without `CUDA_VISIBLE_DEVICES`).
+    pub fn local_gpus(gpus: u32) -> Result<Inventory, InventoryError> {
+        Inventory::new(vec![Node {
+            name: "localhost".into(),
+            slots: gpus,
+            gpus,
+        }])
+    }
+
+    /// Whether any node has GPUs.
+    pub fn has_gpus(&self) -> bool {
+        self.nodes.iter().any(|n| n.gpus > 0)
+    }
+
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
     }

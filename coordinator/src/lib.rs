@@ -14,3 +14,5 @@ pub mod server;
 pub mod store;
 
 pub use server::{Coordinator, CoordinatorConfig};
+/// The slots a coordinator places workers in (its configuration).
+pub use strata_cluster::{Inventory, Node};

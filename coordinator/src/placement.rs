@@ -6,6 +6,11 @@
 //! one node (it exchanges activations twice per layer) and otherwise fills
 //! nodes in order, so a pipeline stage's replicas and neighbouring stages sit
 //! together where they fit.
+//!
+//! Slots already leased to running jobs are skipped: a slot, and the GPU it
+//! owns, belongs to one rank of one job at a time.
+
+use std::collections::HashSet;
 
 use serde::Serialize;
 use strata_cluster::{Inventory, Slot};
@@ -27,10 +32,14 @@ pub struct Placement {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
-    #[error("the job needs {needed} slots (tp·pp·dp = {layout}) but the inventory has {available}")]
+    #[error(
+        "the job needs {needed} slots (tp·pp·dp = {layout}) but the inventory has {available}{}",
+        if *.leased > 0 { format!(" free ({} leased to running jobs)", .leased) } else { String::new() }
+    )]
     NotEnoughSlots {
         needed: u32,
         available: u32,
+        leased: u32,
         layout: String,
     },
     #[error(
@@ -48,14 +57,25 @@ pub enum PlacementError {
     },
 }
 
-/// Places `layout`'s ranks on `inventory`'s slots.
-pub fn place(layout: Layout, inventory: &Inventory) -> Result<Placement, PlacementError> {
+/// Places `layout`'s ranks on `inventory`'s slots that are not `leased`.
+pub fn place(
+    layout: Layout,
+    inventory: &Inventory,
+    leased: &HashSet<Slot>,
+) -> Result<Placement, PlacementError> {
     let needed = layout.world_size();
-    let available = inventory.total_slots();
+    let leased_here = inventory
+        .nodes()
+        .iter()
+        .flat_map(Inventory::slots_of)
+        .filter(|s| leased.contains(s))
+        .count() as u32;
+    let available = inventory.total_slots() - leased_here;
     if needed > available {
         return Err(PlacementError::NotEnoughSlots {
             needed,
             available,
+            leased: leased_here,
             layout: format!("{}·{}·{}", layout.tp, layout.pp, layout.dp),
         });
     }
@@ -71,11 +91,14 @@ pub fn place(layout: Layout, inventory: &Inventory) -> Result<Placement, Placeme
             largest: largest.slots,
         });
     }
-    // Slots usable in whole tensor-parallel groups, node by node.
+    // Free slots usable in whole tensor-parallel groups, node by node.
     let mut usable: Vec<Slot> = Vec::new();
     for node in inventory.nodes() {
-        let whole = node.slots / layout.tp * layout.tp;
-        usable.extend(Inventory::slots_of(node).take(whole as usize));
+        let free: Vec<Slot> = Inventory::slots_of(node)
+            .filter(|s| !leased.contains(s))
+            .collect();
+        let whole = free.len() as u32 / layout.tp * layout.tp;
+        usable.extend(free.into_iter().take(whole as usize));
     }
     if (usable.len() as u32) < needed {
         return Err(PlacementError::Fragmented {
@@ -128,10 +151,52 @@ mod tests {
         .unwrap()
     }
 
+    fn none() -> HashSet<Slot> {
+        HashSet::new()
+    }
+
+    /// A second job gets the GPUs the first does not hold, never one of
+    /// its; a third that does not fit is refused with the numbers.
+    #[test]
+    fn leased_gpus_are_never_placed_again() {
+        let inv = Inventory::local_gpus(8).unwrap();
+        let first = place(Layout::new(2, 1, 1), &inv, &none()).unwrap();
+        let leased: HashSet<Slot> = first.assignments.iter().map(|a| a.slot.clone()).collect();
+        let second = place(Layout::new(2, 1, 2), &inv, &leased).unwrap();
+        let gpus: Vec<u32> = second
+            .assignments
+            .iter()
+            .map(|a| a.slot.gpu.unwrap())
+            .collect();
+        assert_eq!(gpus, [2, 3, 4, 5]);
+        let leased: HashSet<Slot> = leased
+            .into_iter()
+            .chain(second.assignments.iter().map(|a| a.slot.clone()))
+            .collect();
+        let e = place(Layout::new(1, 1, 4), &inv, &leased).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the job needs 4 slots (tp·pp·dp = 1·1·4) but the inventory has 2 free (6 leased to running jobs)"
+        );
+        // A tensor group needs its free slots on one node: one free GPU on
+        // each of two nodes is two slots but no place for a pair.
+        let two = inventory(&[4, 4]);
+        let leased: HashSet<Slot> = two
+            .nodes()
+            .iter()
+            .flat_map(|n| Inventory::slots_of(n).take(3))
+            .collect();
+        let e = place(Layout::new(2, 1, 1), &two, &leased).unwrap_err();
+        assert!(
+            matches!(e, PlacementError::Fragmented { fit: 0, .. }),
+            "{e}"
+        );
+    }
+
     #[test]
     fn megatron_layout_on_dgx_nodes() {
         // tp 8 inside each 8-GPU node, pp 2, dp 2: four nodes, one TP group each.
-        let p = place(Layout::new(8, 2, 2), &inventory(&[8, 8, 8, 8])).unwrap();
+        let p = place(Layout::new(8, 2, 2), &inventory(&[8, 8, 8, 8]), &none()).unwrap();
         for a in &p.assignments {
             assert_eq!(a.slot.node, format!("node-{}", a.rank.0 / 8));
             assert_eq!(a.slot.gpu, Some(a.coords.tp));
@@ -140,7 +205,7 @@ mod tests {
 
     #[test]
     fn local_cpu_slots() {
-        let p = place(Layout::new(1, 1, 2), &Inventory::local(8).unwrap()).unwrap();
+        let p = place(Layout::new(1, 1, 2), &Inventory::local(8).unwrap(), &none()).unwrap();
         assert_eq!(p.assignments.len(), 2);
         assert_eq!(p.assignments[1].slot.index, 1);
         assert_eq!(p.assignments[1].coords.dp, 1);
@@ -148,18 +213,18 @@ mod tests {
 
     #[test]
     fn errors_show_the_numbers() {
-        let e = place(Layout::new(2, 2, 4), &inventory(&[8])).unwrap_err();
+        let e = place(Layout::new(2, 2, 4), &inventory(&[8]), &none()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "the job needs 16 slots (tp·pp·dp = 2·2·4) but the inventory has 8"
         );
-        let e = place(Layout::new(8, 1, 1), &inventory(&[4, 4])).unwrap_err();
+        let e = place(Layout::new(8, 1, 1), &inventory(&[4, 4]), &none()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "a tensor-parallel group of 8 ranks must share a node, and the largest node (node-0) has 4 slots"
         );
         // 3 + 3 slots hold only two groups of 2.
-        let e = place(Layout::new(2, 1, 3), &inventory(&[3, 3])).unwrap_err();
+        let e = place(Layout::new(2, 1, 3), &inventory(&[3, 3]), &none()).unwrap_err();
         assert!(
             matches!(e, PlacementError::Fragmented { fit: 4, .. }),
             "{e}"
@@ -174,7 +239,7 @@ mod tests {
         ) {
             let layout = Layout::new(tp, pp, dp);
             let inv = inventory(&sizes);
-            if let Ok(p) = place(layout, &inv) {
+            if let Ok(p) = place(layout, &inv, &none()) {
                 prop_assert_eq!(p.assignments.len() as u32, layout.world_size());
                 let slots: HashSet<_> = p.assignments.iter().map(|a| a.slot.clone()).collect();
                 prop_assert_eq!(slots.len(), p.assignments.len(), "a slot used twice");

@@ -4,7 +4,7 @@
 //! jobs' processes; it is never held across an `.await`. Every change is
 //! committed to the [`Store`] before the call that made it is answered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use strata_cluster::{Inventory, LaunchSpec, Launcher, LocalHandle, LocalLauncher, WorkerHandle};
+use strata_cluster::{
+    Inventory, LaunchSpec, Launcher, LocalHandle, LocalLauncher, Slot, WorkerHandle,
+};
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
@@ -20,7 +22,7 @@ use strata_proto::auth::bearer_token;
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_server::{ControlService, ControlServiceServer};
 use strata_proto::v1::job_service_server::{JobService, JobServiceServer};
-use strata_recipe::{Layout, Rank, Recipe};
+use strata_recipe::{DeviceKind, Layout, Rank, Recipe};
 use tokio::sync::{Notify, broadcast};
 use tonic::{Request, Response, Status};
 
@@ -34,8 +36,9 @@ use crate::store::{Store, StoreError};
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
-    /// Local worker slots (processes; they may oversubscribe the cores).
-    pub slots: u32,
+    /// Where workers may run: this machine's CPU slots (processes; they may
+    /// oversubscribe the cores), or one slot per GPU.
+    pub inventory: Inventory,
     /// The program workers run (the `strata` binary) and the arguments
     /// before the worker's own (`["worker"]`).
     pub worker_program: PathBuf,
@@ -57,6 +60,8 @@ pub enum Event {
 }
 
 struct Running {
+    /// The slots (and GPUs) leased to the job's ranks, in rank order.
+    slots: Vec<Slot>,
     handles: Vec<LocalHandle>,
     addrs: Vec<Option<String>>,
     heartbeat: Vec<Instant>,
@@ -170,14 +175,18 @@ impl Engine {
         Ok(())
     }
 
-    fn free_slots(&self, state: &State) -> u32 {
-        let used: u32 = state
+    /// The slots running jobs hold.
+    fn leased(state: &State) -> HashSet<Slot> {
+        state
             .running
-            .keys()
-            .filter_map(|id| state.jobs.get(id))
-            .map(|j| j.layout.world_size())
-            .sum();
-        self.cfg.slots.saturating_sub(used)
+            .values()
+            .flat_map(|r| r.slots.iter().cloned())
+            .collect()
+    }
+
+    fn free_slots(&self, state: &State) -> u32 {
+        let leased = Engine::leased(state).len() as u32;
+        self.cfg.inventory.total_slots().saturating_sub(leased)
     }
 
     /// Starts queued jobs, first come first served, while they fit.
@@ -213,10 +222,7 @@ impl Engine {
             job.finished_unix_ms = now_unix_ms();
             self.save(state, job)
         };
-        let placement = match place(
-            job.layout,
-            &Inventory::local(self.free_slots(state)).expect("local inventory"),
-        ) {
+        let placement = match place(job.layout, &self.cfg.inventory, &Engine::leased(state)) {
             Ok(p) => p,
             Err(e) => return fail(state, job, e.to_string()),
         };
@@ -233,8 +239,11 @@ impl Engine {
                 .iter()
                 .any(|(k, _)| k == "RAYON_NUM_THREADS");
         let mut handles = Vec::with_capacity(world as usize);
+        let mut on_node: HashMap<&str, u32> = HashMap::new();
         for a in &placement.assignments {
             let rank = a.rank.0;
+            // The rank's index among this job's ranks on its node.
+            let local_rank = on_node.entry(a.slot.node.as_str()).or_default();
             let mut args = self.cfg.worker_args.clone();
             args.extend([
                 "--coordinator".into(),
@@ -246,6 +255,8 @@ impl Engine {
             ]);
             let mut env = self.cfg.worker_env.clone();
             env.push(("STRATA_JOB_TOKEN".into(), job.worker_token.clone()));
+            env.push(("STRATA_LOCAL_RANK".into(), local_rank.to_string()));
+            *local_rank += 1;
             if set_threads {
                 env.push(("RAYON_NUM_THREADS".into(), threads.max(1).to_string()));
             }
@@ -274,6 +285,11 @@ impl Engine {
         state.running.insert(
             job.job_id.clone(),
             Running {
+                slots: placement
+                    .assignments
+                    .iter()
+                    .map(|a| a.slot.clone())
+                    .collect(),
                 handles,
                 addrs: vec![None; n],
                 heartbeat: vec![Instant::now(); n],
@@ -456,10 +472,23 @@ impl Jobs {
         // The recipe's validation refused layouts that cannot split the
         // model (heads, KV heads, d_ffn, stages without layers).
         let layout = recipe.parallel.layout;
-        let slots = self.0.cfg.slots;
+        let inventory = &self.0.cfg.inventory;
+        if recipe.device == DeviceKind::Cuda && !inventory.has_gpus() {
+            return Err(Status::failed_precondition(
+                "device.backend: the recipe trains on cuda and this coordinator has no GPUs \
+                 (start it with --gpus N on a machine with NVIDIA GPUs, from a strata built \
+                 with --features cuda)",
+            ));
+        }
+        let slots = inventory.total_slots();
         if layout.world_size() > slots {
+            let what = if inventory.has_gpus() {
+                "GPUs (one worker each)"
+            } else {
+                "worker slots"
+            };
             return Err(Status::resource_exhausted(format!(
-                "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots}",
+                "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots} {what}",
                 layout.world_size(),
                 layout.tp,
                 layout.pp,

@@ -126,6 +126,33 @@ pub struct CheckpointConfig {
     pub dir: String,
 }
 
+/// What a worker computes on: `[device] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// burn's flex backend on the worker's share of the machine's cores.
+    #[default]
+    Cpu,
+    /// burn's CUDA backend on one NVIDIA GPU per worker (a binary built
+    /// with the `cuda` feature).
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A value the recipe left to a law, or that validation had to round, and
 /// how it was settled. `strata plan` prints these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +173,9 @@ pub struct Recipe {
     pub optimizer: AdamWConfig,
     pub schedule: Schedule,
     pub checkpoint: Option<CheckpointConfig>,
+    /// `[device] backend`.
+    #[serde(default)]
+    pub device: DeviceKind,
     pub resolutions: Vec<Resolution>,
 }
 

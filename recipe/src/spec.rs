@@ -25,6 +25,19 @@ pub struct RecipeSpec {
     pub optimizer: OptimizerSpec,
     pub schedule: ScheduleSpec,
     pub checkpoint: Option<CheckpointSpec>,
+    /// What the workers compute on; the CPU when left out.
+    #[serde(default)]
+    pub device: DeviceSpec,
+}
+
+/// `[device]`: what the workers compute on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// `cpu` (burn's flex backend, collectives over TCP) or `cuda` (one
+    /// NVIDIA GPU per worker).
+    #[serde(default)]
+    pub backend: crate::DeviceKind,
 }
 
 fn default_seed() -> i64 {

@@ -457,6 +457,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             optimizer: optimizer?,
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
+            device: spec.device.backend,
             resolutions: Vec::new(),
         })
     })();

@@ -753,3 +753,16 @@ fn interleaved_pipelines_need_a_layer_per_chunk_and_groups_of_pp_microbatches() 
         &["0"],
     );
 }
+
+#[test]
+fn the_device_is_the_cpu_unless_the_recipe_names_cuda() {
+    use strata_recipe::DeviceKind;
+    assert_eq!(parse(&[]).unwrap().device, DeviceKind::Cpu);
+    let r = parse(&[Set("device.backend", string("cuda"))]).unwrap();
+    assert_eq!(r.device, DeviceKind::Cuda);
+    let e = parse(&[Set("device.backend", string("tpu"))]).unwrap_err();
+    assert!(e.names("device.backend"), "{e}");
+    assert!(e.to_string().contains("tpu"), "{e}");
+    let e = parse(&[Set("device.gpus", int(2))]).unwrap_err();
+    assert!(e.names("device.gpus"), "{e}");
+}

@@ -61,6 +61,15 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// How many GPUs the driver reports (those in `CUDA_VISIBLE_DEVICES`, when
+/// set).
+pub fn device_count() -> Result<usize, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    Ok(CudaContext::device_count().map_err(driver)? as usize)
+}
+
 /// GPU `index` (among the visible ones), after checking that the driver
 /// and NVRTC load and that the device exists.
 pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use strata_dataplane::loader::{Loader, LoaderConfig};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
 use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
-use strata_recipe::{Coords, Layout, Recipe};
+use strata_recipe::{Coords, DeviceKind, Layout, Recipe};
 use tonic::transport::Channel;
 
 use crate::collective::{Collective, TcpEndpoint, TcpOptions};
@@ -172,6 +173,9 @@ fn train(
         .into_inner();
     let recipe = Recipe::from_toml_str(&assignment.spec_toml, &args.job)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    // The device before anything else, so that a rank without its GPU
+    // fails before its peers wait for it in the groups.
+    let device = Device::open(recipe.device, args.rank)?;
     let coords = assignment.coords.unwrap_or_default();
     let coords = Coords {
         dp: coords.dp,
@@ -203,13 +207,117 @@ fn train(
         .block_on(read_manifest(&loc))
         .map_err(|e| WorkerError::Data(e.to_string()))?;
     let loader_cfg = LoaderConfig::for_recipe(&recipe, coords.dp);
-    let mut loader = Loader::new(loc, manifest, &loader_cfg, None)
+    let loader = Loader::new(loc, manifest, &loader_cfg, None)
         .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
 
-    let device = Default::default();
+    let session = Session {
+        rt,
+        client,
+        args,
+        recipe,
+        coords,
+        groups,
+        members,
+        loader,
+        url,
+        step_now,
+        stop,
+        stop_reason,
+    };
+    match device {
+        Device::Cpu => steps::<CpuBackend>(session, Default::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(index) => {
+            steps::<Autodiff<crate::cuda::CudaFused>>(session, crate::cuda::device(index))
+        }
+    }
+}
+
+/// The device a worker trains on, found before it joins its groups.
+enum Device {
+    Cpu,
+    /// A GPU, by its index among the visible ones.
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+impl Device {
+    /// Opens what the recipe asks for: the CPU, or the first GPU this
+    /// worker sees (its launcher sets `CUDA_VISIBLE_DEVICES` to the one
+    /// GPU its slot leases). A missing GPU, driver or CUDA build is an
+    /// error that names the rank, the device and the host.
+    fn open(kind: DeviceKind, rank: u32) -> Result<Device, WorkerError> {
+        match kind {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => Device::cuda(rank),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(rank: u32) -> Result<Device, WorkerError> {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
+        let info = crate::cuda::probe(0).map_err(|e| {
+            WorkerError::Setup(format!(
+                "rank {rank}: GPU 0 of CUDA_VISIBLE_DEVICES={visible} on {}: {e}",
+                hostname()
+            ))
+        })?;
+        tracing::info!(
+            rank,
+            gpu = %info.name,
+            memory_gib = info.memory_bytes as f64 / f64::from(1u32 << 30),
+            visible = %visible,
+            "training on CUDA"
+        );
+        Ok(Device::Cuda(0))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn cuda(rank: u32) -> Result<Device, WorkerError> {
+        Err(WorkerError::Setup(format!(
+            "rank {rank} on {}: the recipe trains on cuda ([device] backend) but this strata was built without CUDA; rebuild it with `cargo build --release --features cuda`",
+            hostname()
+        )))
+    }
+}
+
+/// What a worker's steps need once its groups are joined and its data
+/// is open.
+struct Session<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: Client,
+    args: &'a WorkerArgs,
+    recipe: Recipe,
+    coords: Coords,
+    groups: Groups,
+    members: Members,
+    loader: Loader,
+    url: String,
+    step_now: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    stop_reason: Arc<Mutex<String>>,
+}
+
+/// Builds the rank's model part on `device` and trains it to the end.
+fn steps<B: AutodiffBackend>(s: Session<'_>, device: B::Device) -> Result<(), WorkerError> {
+    let Session {
+        rt,
+        mut client,
+        args,
+        recipe,
+        coords,
+        groups,
+        members,
+        mut loader,
+        url,
+        step_now,
+        stop,
+        stop_reason,
+    } = s;
+    let layout = recipe.parallel.layout;
     let chunks = recipe.parallel.virtual_stages;
     let table = ParamTable::interleaved(&recipe.model, layout, coords, chunks);
-    let mut trainer = Trainer::<CpuBackend>::new(
+    let mut trainer = Trainer::<B>::new(
         &recipe.model,
         table,
         recipe.seed,
