@@ -10,7 +10,9 @@
 # under /usr/local/cuda, or PyTorch's pip packages), then runs:
 #   1. 20 training steps of a small model on the GPU and on the CPU, and
 #      compares their losses (f32 on both: within 1e-3 relative);
-#   2. the benchmark pair on a 350M model at sequence 2048: strata's CUDA
+#   2. `strata demo --device cuda`: a coordinator leasing GPU 0 to a worker
+#      that trains on it, end to end through gRPC and the dataplane;
+#   3. the benchmark pair on a 350M model at sequence 2048: strata's CUDA
 #      backend, then PyTorch (bf16 autocast, fused AdamW, SDPA) on the same
 #      GPU, same shape, tokens and learning rates;
 # and prints one JSON summary (also written to OUT_DIR/summary.json, with
@@ -53,7 +55,9 @@ shape=(--seq 2048 --tokens-per-step 16384 --microbatches 4 --steps 4 --warmup 2)
 cuda=cuda
 run_step small-cuda 100 "$bin" bench train "$small" --backend cuda --steps 18 --warmup 2 --json ||
   { cuda=cuda-unfused; run_step small-cuda 100 "$bin" bench train "$small" --backend cuda-unfused --steps 18 --warmup 2 --json; }
-run_step small-cpu 90 "$bin" bench train "$small" --backend flex --steps 18 --warmup 2 --json
+run_step demo-cuda 60 "$bin" demo --device cuda --dp 1 --steps 10 --dir "$out/demo"
+echo $? >"$out/demo-cuda.rc"
+run_step small-cpu 45 "$bin" bench train "$small" --backend flex --steps 18 --warmup 2 --json
 run_step big-cuda 150 "$bin" bench train "$big" --backend "$cuda" "${shape[@]}" --json
 # PyTorch mirrors strata's run, or its description when that run failed.
 like="$out/big-cuda.json"
@@ -62,7 +66,7 @@ if ! [ -s "$like" ]; then
   "$bin" bench train "$big" "${shape[@]}" --describe >"$like"
 fi
 run_step big-torch 60 "$py" bench/torch_reference.py --like "$like"
-run_step big-torch-f32 75 "$py" bench/torch_reference.py --like "$like" --dtype f32
+run_step big-torch-f32 60 "$py" bench/torch_reference.py --like "$like" --dtype f32
 
 "$py" - "$out" <<'EOF'
 import json, os, sys
@@ -90,6 +94,12 @@ for k in ["small-cuda", "small-cpu", "big-cuda", "big-torch", "big-torch-f32"]:
         "backend", "device", "compute_dtype", "params", "seq_len", "tokens_per_step", "microbatches",
         "tokens_per_s", "step_s", "forward_s", "backward_s", "optimizer_s", "achieved_tflops", "mfu",
         "peak_memory_bytes", "host_elems_per_step"]}
+demo_log = os.path.join(out, "demo-cuda.json")
+demo_rc = open(os.path.join(out, "demo-cuda.rc")).read().strip() if os.path.exists(os.path.join(out, "demo-cuda.rc")) else "did not run"
+demo_tail = open(demo_log).read().strip().splitlines()[-4:] if os.path.exists(demo_log) else []
+err_log = os.path.join(out, "demo-cuda.log")
+err_tail = open(err_log).read().strip().splitlines()[-3:] if os.path.exists(err_log) else []
+summary["demo_cuda"] = {"exit": demo_rc, "pass": demo_rc == "0", "stdout_tail": demo_tail, "stderr_tail": err_tail}
 if "tokens_per_s" in s["big-cuda"]:
     for k in ["big-torch", "big-torch-f32"]:
         if "tokens_per_s" in s[k]:

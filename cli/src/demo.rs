@@ -45,6 +45,11 @@ pub struct DemoArgs {
     /// 2); each step then runs 1F1B over 2·pp microbatches.
     #[arg(long, default_value_t = 1)]
     pub pp: u32,
+    /// What the workers train on: `cpu`, or `cuda` (one NVIDIA GPU per
+    /// rank, GPUs 0..tp·pp·dp; needs a strata built with `--features
+    /// cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
 }
 
 impl DemoArgs {
@@ -106,7 +111,11 @@ kind = "wsd"
 warmup_tokens = {warmup}
 decay_tokens = {decay}
 decay_shape = "one_minus_sqrt"
+
+[device]
+backend = "{device}"
 "#,
+        device = args.device,
         warmup = (steps / 10).max(1) * tokens_per_step,
         decay = (steps / 5).max(1) * tokens_per_step,
     )
@@ -189,7 +198,12 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let cfg = coordinator_config(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
-            Inventory::local(args.world()).map_err(|e| UserError(e.to_string()))?,
+            if args.device == "cuda" {
+                Inventory::local_gpus(args.world())
+            } else {
+                Inventory::local(args.world())
+            }
+            .map_err(|e| UserError(e.to_string()))?,
             None,
             Duration::from_secs(60),
         )?;

@@ -245,7 +245,8 @@ impl Device {
     /// Opens what the recipe asks for: the CPU, or the first GPU this
     /// worker sees (its launcher sets `CUDA_VISIBLE_DEVICES` to the one
     /// GPU its slot leases). A missing GPU, driver or CUDA build is an
-    /// error that names the rank, the device and the host.
+    /// error that names the device and the host (the coordinator adds the
+    /// rank).
     fn open(kind: DeviceKind, rank: u32) -> Result<Device, WorkerError> {
         match kind {
             DeviceKind::Cpu => Ok(Device::Cpu),
@@ -258,7 +259,7 @@ impl Device {
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
         let info = crate::cuda::probe(0).map_err(|e| {
             WorkerError::Setup(format!(
-                "rank {rank}: GPU 0 of CUDA_VISIBLE_DEVICES={visible} on {}: {e}",
+                "GPU 0 of CUDA_VISIBLE_DEVICES={visible} on {}: {e}",
                 hostname()
             ))
         })?;
@@ -273,9 +274,9 @@ impl Device {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn cuda(rank: u32) -> Result<Device, WorkerError> {
+    fn cuda(_rank: u32) -> Result<Device, WorkerError> {
         Err(WorkerError::Setup(format!(
-            "rank {rank} on {}: the recipe trains on cuda ([device] backend) but this strata was built without CUDA; rebuild it with `cargo build --release --features cuda`",
+            "on {}: the recipe trains on cuda ([device] backend) but this strata was built without CUDA; rebuild it with `cargo build --release --features cuda`",
             hostname()
         )))
     }
