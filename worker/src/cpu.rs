@@ -242,25 +242,13 @@ pub fn head_cross_entropy(
         // SAFETY (all three): every pointer, extent and stride describes a
         // live slice checked above, and dst never aliases an operand.
         // z[i, t] = Σ_j y[i, j] W[t, j]
+        let z_view = Strided::new(zc.as_mut_ptr(), v as isize, 1);
         unsafe {
-            gemm::gemm(
-                c,
-                v,
-                d,
-                zc.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                yc.as_ptr(),
-                1,
-                d as isize,
-                w.as_ptr(),
-                sv,
-                sd,
-                0.0,
-                1.0,
-                false,
-                false,
+            gemm_into(
+                [c, v, d],
+                z_view,
+                Strided::new(yc.as_ptr(), d as isize, 1),
+                Strided::new(w.as_ptr(), sd, sv),
                 false,
                 par,
             );
@@ -270,56 +258,76 @@ pub fn head_cross_entropy(
             .zip(&targets[r0..r0 + c])
             .map(|(row, &t)| softmax_cross_entropy_row(row, t as usize, scale))
             .sum::<f64>();
+        let p = Strided::new(zc.as_ptr(), v as isize, 1);
         // dy[i, j] = Σ_t p[i, t] W[t, j]
         unsafe {
-            gemm::gemm(
-                c,
-                d,
-                v,
-                dy[r0 * d..].as_mut_ptr(),
-                1,
-                d as isize,
-                false,
-                zc.as_ptr(),
-                1,
-                v as isize,
-                w.as_ptr(),
-                sd,
-                sv,
-                0.0,
-                1.0,
-                false,
-                false,
+            gemm_into(
+                [c, d, v],
+                Strided::new(dy[r0 * d..].as_mut_ptr(), d as isize, 1),
+                p,
+                Strided::new(w.as_ptr(), sv, sd),
                 false,
                 par,
             );
         }
         // dW[t, j] += Σ_i p[i, t] y[i, j]
         unsafe {
-            gemm::gemm(
-                v,
-                d,
-                c,
-                dw.as_mut_ptr(),
-                sd,
-                sv,
+            gemm_into(
+                [v, d, c],
+                Strided::new(dw.as_mut_ptr(), sv, sd),
+                p.transposed(),
+                Strided::new(yc.as_ptr(), d as isize, 1),
                 r0 > 0,
-                zc.as_ptr(),
-                v as isize,
-                1,
-                yc.as_ptr(),
-                1,
-                d as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
                 par,
             );
         }
     }
     (loss, dy, dw)
+}
+
+/// A matrix for gemm: element (i, j) at `ptr + i·row + j·col`.
+#[derive(Debug, Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    row: isize,
+    col: isize,
+}
+
+impl<P> Strided<P> {
+    fn new(ptr: P, row: isize, col: isize) -> Strided<P> {
+        Strided { ptr, row, col }
+    }
+
+    fn transposed(self) -> Strided<P> {
+        Strided {
+            ptr: self.ptr,
+            row: self.col,
+            col: self.row,
+        }
+    }
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, or `+=` when `accumulate`.
+///
+/// # Safety
+/// Each view must address live f32 storage over its whole extent, and
+/// `dst` must not overlap an operand.
+#[allow(unsafe_code)]
+unsafe fn gemm_into(
+    [m, n, k]: [usize; 3],
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst.ptr, dst.col, dst.row, accumulate, lhs.ptr, lhs.col, lhs.row, rhs.ptr,
+            rhs.col, rhs.row, 1.0, 1.0, false, false, false, par,
+        );
+    }
 }
 
 /// One row of logits in place: its loss `log Σ exp(z) − z[target]`
