@@ -15,6 +15,11 @@
 //! kernel does one parallel pass per bucket, in the same f32 arithmetic
 //! in the same order, so its results are bit-identical.
 //!
+//! SwiGLU ([`swiglu`]), `silu(a) ⊙ b`, is a third: op by op it is a
+//! sigmoid, two products and, backward, half a dozen more serial passes
+//! over `[tokens, d_ffn]`; here it is one parallel pass each way, an
+//! autodiff operation of its own on `Autodiff<Flex>`.
+//!
 //! Flex tensors are reached through [`as_flex`]: a downcast of the float
 //! primitive, so the same trainer code runs everywhere and only the CPU
 //! backend takes this path. Nothing is copied: a contiguous tensor's
@@ -23,7 +28,13 @@
 
 use std::any::Any;
 
-use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_autodiff::NodeId;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -83,6 +94,181 @@ fn from_flex<X: Backend, const D: usize>(t: FlexTensor) -> Tensor<X, D> {
         .downcast::<X::FloatTensorPrimitive>()
         .expect("a flex tensor: checked by is_flex");
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// The trainer's CPU backend with autodiff, whose SwiGLU is [`swiglu`]'s
+/// own operation.
+type AutodiffFlex = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// Its tensors (burn-autodiff does not export the type's name).
+type AutodiffTensor = <AutodiffFlex as BackendTypes>::FloatTensorPrimitive;
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
+/// `silu(a) ⊙ b` (SwiGLU's gate times its up projection), `a` and `b`
+/// of one shape. On flex, with or without autodiff, one parallel pass
+/// forward and one backward; elsewhere burn's `silu` and a product.
+pub fn swiglu<X: Backend>(a: Tensor<X, 2>, b: Tensor<X, 2>) -> Tensor<X, 2> {
+    let id = std::any::TypeId::of::<X::FloatTensorPrimitive>();
+    if id == std::any::TypeId::of::<FlexTensor>() {
+        let out = swiglu_forward(&into_flex(a), &into_flex(b));
+        return from_flex(out);
+    }
+    if id == std::any::TypeId::of::<AutodiffTensor>() {
+        let cast = |t: Tensor<X, 2>| {
+            let p: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+            *p.downcast::<AutodiffTensor>().expect("checked by type id")
+        };
+        let out: Box<dyn Any> = Box::new(swiglu_autodiff(cast(a), cast(b)));
+        let out = *out
+            .downcast::<X::FloatTensorPrimitive>()
+            .expect("checked by type id");
+        return Tensor::from_primitive(TensorPrimitive::Float(out));
+    }
+    burn::tensor::activation::silu(a) * b
+}
+
+/// SwiGLU's backward: from the checkpointed `a` and `b` and the output's
+/// gradient, both inputs' gradients in one pass.
+#[derive(Debug)]
+struct SwiGluBackward;
+
+impl Backward<burn::backend::Flex, 2> for SwiGluBackward {
+    type State = (NodeId, NodeId);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let (a, b) = ops.state;
+        let a: FlexTensor = checkpointer.retrieve_node_output(a);
+        let b: FlexTensor = checkpointer.retrieve_node_output(b);
+        let grad: FlexTensor = grads.consume::<burn::backend::Flex>(&ops.node);
+        let (da, db) = swiglu_backward(&a, &b, &grad);
+        let [node_a, node_b] = ops.parents;
+        if let Some(node) = node_a {
+            grads.register::<burn::backend::Flex>(node.id, da);
+        }
+        if let Some(node) = node_b {
+            grads.register::<burn::backend::Flex>(node.id, db);
+        }
+    }
+}
+
+fn swiglu_autodiff(a: AutodiffTensor, b: AutodiffTensor) -> AutodiffTensor {
+    match SwiGluBackward
+        .prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (prep.checkpoint(&a), prep.checkpoint(&b));
+            prep.finish(state, swiglu_forward(&a.primitive, &b.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(swiglu_forward(&a.primitive, &b.primitive)),
+    }
+}
+
+/// Contiguous f32 storage of a flex tensor of `n` elements (copied when
+/// it is a strided view).
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(x) => std::borrow::Cow::Borrowed(x),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("contiguous")
+                .to_vec(),
+        ),
+    }
+}
+
+fn flex_of(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+    let shape = like.layout().shape().clone();
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn swiglu_forward(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let (av, bv) = (values(a), values(b));
+    assert_eq!(av.len(), bv.len(), "SwiGLU's inputs have one shape");
+    let mut out = vec![0f32; av.len()];
+    out.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(av.par_chunks(ELEMENTWISE_CHUNK))
+        .zip(bv.par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|((o, a), b)| swiglu_forward_chunk(o, a, b));
+    flex_of(out, a)
+}
+
+fn swiglu_backward(a: &FlexTensor, b: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let (av, bv, gv) = (values(a), values(b), values(g));
+    assert!(av.len() == bv.len() && av.len() == gv.len(), "one shape");
+    let mut da = vec![0f32; av.len()];
+    let mut db = vec![0f32; av.len()];
+    da.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(db.par_chunks_mut(ELEMENTWISE_CHUNK))
+        .zip(av.par_chunks(ELEMENTWISE_CHUNK))
+        .zip(bv.par_chunks(ELEMENTWISE_CHUNK))
+        .zip(gv.par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|((((da, db), a), b), g)| swiglu_backward_chunk(da, db, a, b, g));
+    (flex_of(da, a), flex_of(db, a))
+}
+
+/// `1 / (1 + e^(−x))`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp((-x).min(88.0)))
+}
+
+fn swiglu_forward_chunk(out: &mut [f32], a: &[f32], b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected.
+        #[allow(unsafe_code)]
+        return unsafe { swiglu_forward_avx512(out, a, b) };
+    }
+    swiglu_forward_portable(out, a, b);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn swiglu_forward_avx512(out: &mut [f32], a: &[f32], b: &[f32]) {
+    swiglu_forward_portable(out, a, b);
+}
+
+#[inline(always)]
+fn swiglu_forward_portable(out: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *o = a * sigmoid(a) * b;
+    }
+}
+
+fn swiglu_backward_chunk(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected.
+        #[allow(unsafe_code)]
+        return unsafe { swiglu_backward_avx512(da, db, a, b, g) };
+    }
+    swiglu_backward_portable(da, db, a, b, g);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn swiglu_backward_avx512(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f32]) {
+    swiglu_backward_portable(da, db, a, b, g);
+}
+
+/// `d silu(a) / da = σ(a)·(1 + a·(1 − σ(a)))`.
+#[inline(always)]
+fn swiglu_backward_portable(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f32]) {
+    for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+        let s = sigmoid(a);
+        *db = g * a * s;
+        *da = g * b * s * (1.0 + a * (1.0 - s));
+    }
 }
 
 /// One AdamW step's scalars, each formed in f64 and rounded once to f32

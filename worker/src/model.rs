@@ -32,7 +32,7 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use strata_recipe::ModelConfig;
@@ -325,7 +325,7 @@ fn attention<X: Backend>(
 /// tensor parallelism.
 fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
     let [gate, up, down] = w;
-    (silu(y.clone().matmul(gate)) * y.matmul(up)).matmul(down)
+    cpu::swiglu(y.clone().matmul(gate), y.matmul(up)).matmul(down)
 }
 
 /// One transformer block on the residual stream `x` (`[b·t, d]`), whole
