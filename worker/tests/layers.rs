@@ -428,26 +428,11 @@ fn swiglu_kernel_matches_silu_times_up_with_gradients() {
     let b_vals = noise(22, n * f);
     let up = noise(23, n * f);
     let device = Default::default();
-    let nd = Default::default();
     let run = |kernel: bool| {
         if kernel {
-            let a = from_vec::<F, 2>(a_vals.clone(), [n, f], &device).require_grad();
-            let b = from_vec::<F, 2>(b_vals.clone(), [n, f], &device).require_grad();
-            let out = strata_worker::cpu::swiglu(a.clone(), b.clone());
-            let g = (out.clone() * from_vec::<F, 2>(up.clone(), [n, f], &device))
-                .sum()
-                .backward();
-            let grads = (to_vec(a.grad(&g).unwrap()), to_vec(b.grad(&g).unwrap()));
-            (to_vec(out.inner()), grads)
+            swiglu_with_grads::<F>([&a_vals, &b_vals, &up], [n, f])
         } else {
-            let a = from_vec::<B, 2>(a_vals.clone(), [n, f], &nd).require_grad();
-            let b = from_vec::<B, 2>(b_vals.clone(), [n, f], &nd).require_grad();
-            let out = strata_worker::cpu::swiglu(a.clone(), b.clone());
-            let g = (out.clone() * from_vec::<B, 2>(up.clone(), [n, f], &nd))
-                .sum()
-                .backward();
-            let grads = (to_vec(a.grad(&g).unwrap()), to_vec(b.grad(&g).unwrap()));
-            (to_vec(out.inner()), grads)
+            swiglu_with_grads::<B>([&a_vals, &b_vals, &up], [n, f])
         }
     };
     let (out, (da, db)) = run(true);
@@ -463,4 +448,24 @@ fn swiglu_kernel_matches_silu_times_up_with_gradients() {
         from_vec::<Flex, 2>(b_vals.clone(), [n, f], &device),
     );
     assert_eq!(to_vec(plain), out);
+}
+
+/// An output and the gradients of its two inputs.
+type Grads2 = (Vec<f32>, (Vec<f32>, Vec<f32>));
+
+/// `swiglu(a, b)` and the gradients of `sum(swiglu(a, b) ⊙ up)` with
+/// respect to `a` and `b`, on `Z`.
+fn swiglu_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
+    [a, b, up]: [&[f32]; 3],
+    shape: [usize; 2],
+) -> Grads2 {
+    let device = Default::default();
+    let a = from_vec::<Z, 2>(a.to_vec(), shape, &device).require_grad();
+    let b = from_vec::<Z, 2>(b.to_vec(), shape, &device).require_grad();
+    let out = strata_worker::cpu::swiglu(a.clone(), b.clone());
+    let g = (out.clone() * from_vec::<Z, 2>(up.to_vec(), shape, &device))
+        .sum()
+        .backward();
+    let grads = (to_vec(a.grad(&g).unwrap()), to_vec(b.grad(&g).unwrap()));
+    (to_vec(out.inner()), grads)
 }
