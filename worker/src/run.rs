@@ -26,8 +26,9 @@ use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
 
 /// The CPU backend workers train on: burn-flex (gemm matmuls with AVX-512
 /// where the CPU has it, SIMD elementwise kernels, rayon threads) with
-/// autodiff; 1.7× NdArray's tokens/s on the 4-layer shape and 1.5× on the
-/// 124M one (`strata bench train`, 2 cores).
+/// autodiff, and strata's own kernels for the head, SwiGLU and AdamW
+/// (`cpu`); 5.4× NdArray's tokens/s on the 4-layer shape and 2.2× on the
+/// 124M one (`bench/cpu-pair.sh`, 2 cores).
 pub type CpuBackend = Autodiff<burn::backend::Flex>;
 
 /// What a worker is started with.
