@@ -65,35 +65,47 @@ impl HeadLayout {
     }
 }
 
-/// The tensor's flex primitive, when `X` is the flex backend; shares
-/// storage with `t`.
-pub fn as_flex<X: Backend, const D: usize>(t: &Tensor<X, D>) -> Option<FlexTensor> {
-    let primitive: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
-    primitive.downcast::<FlexTensor>().ok().map(|p| *p)
+/// Whether `X`'s float tensors are `P`s.
+fn primitive_is<X: Backend, P: 'static>() -> bool {
+    std::any::TypeId::of::<X::FloatTensorPrimitive>() == std::any::TypeId::of::<P>()
+}
+
+/// The tensor's own float primitive as the `P` it is (no other owner is
+/// added). Panics unless [`primitive_is::<X, P>`](primitive_is).
+fn into_primitive<P: 'static, X: Backend, const D: usize>(t: Tensor<X, D>) -> P {
+    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    *primitive
+        .downcast::<P>()
+        .expect("the backend's primitive: checked by primitive_is")
+}
+
+/// A `P` as a tensor of `X`. Panics unless
+/// [`primitive_is::<X, P>`](primitive_is).
+fn from_primitive<P: 'static, X: Backend, const D: usize>(p: P) -> Tensor<X, D> {
+    let primitive: Box<dyn Any> = Box::new(p);
+    let primitive = *primitive
+        .downcast::<X::FloatTensorPrimitive>()
+        .expect("the backend's primitive: checked by primitive_is");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// Whether `X` is the flex backend.
 pub fn is_flex<X: Backend>() -> bool {
-    std::any::TypeId::of::<X::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
+    primitive_is::<X, FlexTensor>()
 }
 
-/// The tensor's own flex primitive (no other owner is added). Panics
-/// unless [`is_flex::<X>`](is_flex).
+/// The tensor's flex primitive, when `X` is the flex backend; shares
+/// storage with `t`.
+pub fn as_flex<X: Backend, const D: usize>(t: &Tensor<X, D>) -> Option<FlexTensor> {
+    is_flex::<X>().then(|| into_flex(t.clone()))
+}
+
 fn into_flex<X: Backend, const D: usize>(t: Tensor<X, D>) -> FlexTensor {
-    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    *primitive
-        .downcast::<FlexTensor>()
-        .expect("a flex tensor: checked by is_flex")
+    into_primitive(t)
 }
 
-/// A flex primitive as a tensor of `X`. Panics unless
-/// [`is_flex::<X>`](is_flex).
 fn from_flex<X: Backend, const D: usize>(t: FlexTensor) -> Tensor<X, D> {
-    let primitive: Box<dyn Any> = Box::new(t);
-    let primitive = *primitive
-        .downcast::<X::FloatTensorPrimitive>()
-        .expect("a flex tensor: checked by is_flex");
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+    from_primitive(t)
 }
 
 /// The trainer's CPU backend with autodiff, whose SwiGLU is [`swiglu`]'s
@@ -110,21 +122,12 @@ const ELEMENTWISE_CHUNK: usize = 1 << 15;
 /// of one shape. On flex, with or without autodiff, one parallel pass
 /// forward and one backward; elsewhere burn's `silu` and a product.
 pub fn swiglu<X: Backend>(a: Tensor<X, 2>, b: Tensor<X, 2>) -> Tensor<X, 2> {
-    let id = std::any::TypeId::of::<X::FloatTensorPrimitive>();
-    if id == std::any::TypeId::of::<FlexTensor>() {
-        let out = swiglu_forward(&into_flex(a), &into_flex(b));
-        return from_flex(out);
+    if is_flex::<X>() {
+        return from_flex(swiglu_forward(&into_flex(a), &into_flex(b)));
     }
-    if id == std::any::TypeId::of::<AutodiffTensor>() {
-        let cast = |t: Tensor<X, 2>| {
-            let p: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-            *p.downcast::<AutodiffTensor>().expect("checked by type id")
-        };
-        let out: Box<dyn Any> = Box::new(swiglu_autodiff(cast(a), cast(b)));
-        let out = *out
-            .downcast::<X::FloatTensorPrimitive>()
-            .expect("checked by type id");
-        return Tensor::from_primitive(TensorPrimitive::Float(out));
+    if primitive_is::<X, AutodiffTensor>() {
+        let out = swiglu_autodiff(into_primitive(a), into_primitive(b));
+        return from_primitive(out);
     }
     burn::tensor::activation::silu(a) * b
 }
@@ -301,15 +304,17 @@ pub fn adamw<X: Backend>(
     s: &AdamWStep,
 ) -> [Tensor<X, 1>; 3] {
     let n = p.dims()[0];
-    let owned = |t: Tensor<X, 1>| {
-        let f = into_flex(t);
-        if f.as_slice::<f32>().is_some_and(|x| x.len() == n) {
+    // Written through `storage_mut`, which is the whole buffer: a view
+    // into a larger one is copied out first.
+    let whole = |t: Tensor<X, 1>| {
+        let f = contiguous(into_flex(t));
+        if f.storage::<f32>().len() == n {
             f
         } else {
             f.to_contiguous()
         }
     };
-    let (mut pf, mut mf, mut vf) = (owned(p), owned(m), owned(v));
+    let (mut pf, mut mf, mut vf) = (whole(p), whole(m), whole(v));
     let gf = contiguous(into_flex(g.clone()));
     let gs = gf.as_slice::<f32>().expect("contiguous");
     let (ps, ms, vs) = (

@@ -204,16 +204,6 @@ pub struct Rope<X: Backend> {
     rot: Tensor<X, 2>,
 }
 
-impl<X: Backend> Clone for Rope<X> {
-    fn clone(&self) -> Self {
-        Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            rot: self.rot.clone(),
-        }
-    }
-}
-
 impl<X: Backend> Rope<X> {
     pub fn new(max_seq_len: usize, head_dim: usize, theta: f64, device: &X::Device) -> Rope<X> {
         let half = head_dim / 2;
