@@ -20,6 +20,10 @@
 //! over `[tokens, d_ffn]`; here it is one parallel pass each way, an
 //! autodiff operation of its own on `Autodiff<Flex>`.
 //!
+//! Attention ([`causal_attention`]) is the fourth: rotary embeddings,
+//! causal scores, softmax and the product with the values as one
+//! operation, in parallel over sequences and heads (see its module).
+//!
 //! Flex tensors are reached through [`as_flex`]: a downcast of the float
 //! primitive, so the same trainer code runs everywhere and only the CPU
 //! backend takes this path. Nothing is copied: a contiguous tensor's
@@ -37,6 +41,10 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
+
+mod attention;
+
+pub use attention::{RopeTables, causal_attention, has_kernel};
 
 /// Rows of logits per chunk. Each chunk adds a `[vocab, d]` product into
 /// `dW`, read and written once, so fewer, larger chunks save that

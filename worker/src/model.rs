@@ -198,10 +198,14 @@ pub struct Dims {
 /// products with tables broadcast over the batch, and one small matrix
 /// product: no strided half-views (the CPU backends walk those element
 /// by element).
+///
+/// The CPU kernel ([`cpu::causal_attention`]) reads the same tables from
+/// the host (`tables`).
 pub struct Rope<X: Backend> {
     cos: Tensor<X, 2>,
     sin: Tensor<X, 2>,
     rot: Tensor<X, 2>,
+    tables: cpu::RopeTables,
 }
 
 impl<X: Backend> Rope<X> {
@@ -224,9 +228,10 @@ impl<X: Backend> Rope<X> {
             rot[j * head_dim + j + half] = 1.0;
         }
         Rope {
-            cos: from_vec(cos, [max_seq_len, head_dim], device),
-            sin: from_vec(sin, [max_seq_len, head_dim], device),
+            cos: from_vec(cos.clone(), [max_seq_len, head_dim], device),
+            sin: from_vec(sin.clone(), [max_seq_len, head_dim], device),
             rot: from_vec(rot, [head_dim, head_dim], device),
+            tables: cpu::RopeTables::new(cos, sin, head_dim),
         }
     }
 
@@ -235,6 +240,7 @@ impl<X: Backend> Rope<X> {
             cos: f(self.cos.clone()),
             sin: f(self.sin.clone()),
             rot: f(self.rot.clone()),
+            tables: self.tables.clone(),
         }
     }
 
@@ -274,13 +280,34 @@ fn attention<X: Backend>(
     let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
     let [wq, wk, wv, wo] = w;
     let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
-    let q = rope.apply(split(y.clone().matmul(wq), h), 1.0 / (hd as f64).sqrt());
-    let k = rope.apply(split(y.clone().matmul(wk), kv), 1.0);
-    let (q, k, v) = (
-        q.swap_dims(1, 2),
-        k.swap_dims(1, 2),
-        split(y.matmul(wv), kv).swap_dims(1, 2),
-    );
+    let q = split(y.clone().matmul(wq), h);
+    let k = split(y.clone().matmul(wk), kv);
+    let v = split(y.matmul(wv), kv);
+    causal_attention(q, k, v, rope)
+        .reshape([b * t, h * hd])
+        .matmul(wo)
+}
+
+/// Causal self-attention of `q` (`[b, t, h, hd]`) over `k` and `v` (`[b,
+/// t, kv, hd]`; query head `i` reads KV head `i / (h / kv)`), with rotary
+/// embeddings from position 0 and the scale 1/√hd: `[b, t, h, hd]`. On
+/// the CPU backend one operation ([`cpu::causal_attention`]); elsewhere
+/// tensor operations.
+pub fn causal_attention<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    rope: &Rope<X>,
+) -> Tensor<X, 4> {
+    let [b, t, h, hd] = q.dims();
+    let kv = k.dims()[2];
+    let scale = 1.0 / (hd as f64).sqrt();
+    if cpu::has_kernel::<X>() {
+        return cpu::causal_attention(q, k, v, &rope.tables, scale as f32);
+    }
+    let q = rope.apply(q, scale);
+    let k = rope.apply(k, 1.0);
+    let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
     // Query head i reads KV head i / (h / kv).
     let group = |z: Tensor<X, 4>| {
         if kv == h {
@@ -304,11 +331,7 @@ fn attention<X: Backend>(
         .reshape([1, t * t]);
     let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * h, t * t]) + bias;
     let probs = softmax(scores.reshape([b, h, t, t]), 3);
-    probs
-        .matmul(v)
-        .swap_dims(1, 2)
-        .reshape([b * t, h * hd])
-        .matmul(wo)
+    probs.matmul(v).swap_dims(1, 2)
 }
 
 /// This rank's columns of the SwiGLU MLP on `y`: a partial sum under

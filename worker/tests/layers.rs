@@ -3,7 +3,8 @@
 //! grouped KV heads, KV heads shared when tp exceeds them) for tp = 2 and
 //! 4, forward output and every gradient;
 //! the vocabulary-parallel cross-entropy against the plain one; and the
-//! fused head (chunked logits and loss) against autodiff.
+//! fused head (chunked logits and loss) against autodiff; the CPU
+//! kernels (SwiGLU, attention) against burn's tensor operations.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -11,8 +12,8 @@ use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    GradAccum, HeadLayout, Micro, StageInput, StageModel, Tp, cross_entropy, from_vec,
-    fused_head_cross_entropy, parallel_cross_entropy, to_vec,
+    GradAccum, HeadLayout, Micro, Rope, StageInput, StageModel, Tp, causal_attention,
+    cross_entropy, from_vec, fused_head_cross_entropy, parallel_cross_entropy, to_vec,
 };
 use strata_worker::params::ParamTable;
 
@@ -467,5 +468,66 @@ fn swiglu_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
         .sum()
         .backward();
     let grads = (to_vec(a.grad(&g).unwrap()), to_vec(b.grad(&g).unwrap()));
+    (to_vec(out.inner()), grads)
+}
+
+#[test]
+fn attention_kernel_matches_tensor_ops_with_gradients() {
+    // [b, t, h, kv, hd]: grouped KV heads over two query blocks (128 rows
+    // each, the second partial); every head its own KV head in one block.
+    for [b, t, h, kv, hd] in [[2, 150, 4, 2, 8], [1, 7, 3, 3, 4], [3, 129, 2, 1, 16]] {
+        let q = noise(31, b * t * h * hd)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect::<Vec<_>>();
+        let k = noise(32, b * t * kv * hd)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect::<Vec<_>>();
+        let v = noise(33, b * t * kv * hd);
+        let up = noise(34, b * t * h * hd);
+        let inputs = [&q[..], &k[..], &v[..], &up[..]];
+        let (out, grads) = attention_with_grads::<Autodiff<Flex>>(inputs, [b, t, h, kv, hd]);
+        let (out_want, grads_want) = attention_with_grads::<B>(inputs, [b, t, h, kv, hd]);
+        let case = format!("b {b} t {t} h {h} kv {kv} hd {hd}");
+        assert!(
+            rel(&out, &out_want) < 2e-6,
+            "{case}: out {:e}",
+            rel(&out, &out_want)
+        );
+        for (name, (g, want)) in ["dq", "dk", "dv"].iter().zip(grads.iter().zip(&grads_want)) {
+            let r = rel(g, want);
+            assert!(r < 1e-5, "{case}: {name} {r:e}");
+        }
+        // The inference path (flex without autodiff) is the same kernel.
+        let device = Default::default();
+        let rope = Rope::<Flex>::new(t, hd, 10000.0, &device);
+        let plain = causal_attention(
+            from_vec::<Flex, 4>(q.clone(), [b, t, h, hd], &device),
+            from_vec::<Flex, 4>(k.clone(), [b, t, kv, hd], &device),
+            from_vec::<Flex, 4>(v.clone(), [b, t, kv, hd], &device),
+            &rope,
+        );
+        assert_eq!(to_vec(plain), out, "{case}: inference path");
+    }
+}
+
+/// Causal attention's output and the gradients of `sum(out ⊙ up)` with
+/// respect to `q`, `k` and `v`, on `Z`.
+fn attention_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
+    [q, k, v, up]: [&[f32]; 4],
+    [b, t, h, kv, hd]: [usize; 5],
+) -> (Vec<f32>, [Vec<f32>; 3]) {
+    let device = Default::default();
+    let rope = Rope::<Z>::new(t, hd, 10000.0, &device);
+    let q = from_vec::<Z, 4>(q.to_vec(), [b, t, h, hd], &device).require_grad();
+    let k = from_vec::<Z, 4>(k.to_vec(), [b, t, kv, hd], &device).require_grad();
+    let v = from_vec::<Z, 4>(v.to_vec(), [b, t, kv, hd], &device).require_grad();
+    let out = causal_attention(q.clone(), k.clone(), v.clone(), &rope);
+    assert_eq!(out.dims(), [b, t, h, hd]);
+    let g = (out.clone() * from_vec::<Z, 4>(up.to_vec(), [b, t, h, hd], &device))
+        .sum()
+        .backward();
+    let grads = [&q, &k, &v].map(|x| to_vec(x.grad(&g).unwrap()));
     (to_vec(out.inner()), grads)
 }
