@@ -20,7 +20,9 @@
 //! over `[tokens, d_ffn]`; here it is one parallel pass each way, an
 //! autodiff operation of its own on `Autodiff<Flex>`.
 //!
-//! Attention ([`causal_attention`]) is the fourth: rotary embeddings,
+//! RMSNorm ([`rms_norm`]) likewise: one pass over the rows each way.
+//!
+//! Attention ([`causal_attention`]) is the fifth: rotary embeddings,
 //! causal scores, softmax and the product with the values as one
 //! operation, in parallel over sequences and heads (see its module).
 //!
@@ -43,8 +45,10 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 mod attention;
+mod norm;
 
 pub use attention::{RopeTables, causal_attention, has_kernel};
+pub use norm::rms_norm;
 
 /// Rows of logits per chunk. Each chunk adds a `[vocab, d]` product into
 /// `dW`, read and written once, so fewer, larger chunks save that

@@ -171,8 +171,14 @@ fn vocab_rows<X: Backend>(
     (ids::<X>(local, device), from_vec(mask, [n, 1], device))
 }
 
-/// RMSNorm over the last dimension with gain `g` (`[1, d]`).
+/// RMSNorm over the last dimension with gain `g` (`[1, d]`): one
+/// operation on the CPU backend ([`cpu::rms_norm`]), tensor operations
+/// elsewhere.
 pub fn rms_norm<X: Backend>(x: Tensor<X, 2>, g: Tensor<X, 2>) -> Tensor<X, 2> {
+    let (x, g) = match cpu::rms_norm(x, g, NORM_EPS as f32) {
+        Ok(y) => return y,
+        Err(inputs) => inputs,
+    };
     let inv = (x.clone().square().mean_dim(1) + NORM_EPS).sqrt().recip();
     x * inv * g
 }

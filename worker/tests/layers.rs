@@ -13,7 +13,7 @@ use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
     GradAccum, HeadLayout, Micro, Rope, StageInput, StageModel, Tp, causal_attention,
-    cross_entropy, from_vec, fused_head_cross_entropy, parallel_cross_entropy, to_vec,
+    cross_entropy, from_vec, fused_head_cross_entropy, parallel_cross_entropy, rms_norm, to_vec,
 };
 use strata_worker::params::ParamTable;
 
@@ -530,4 +530,44 @@ fn attention_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
         .backward();
     let grads = [&q, &k, &v].map(|x| to_vec(x.grad(&g).unwrap()));
     (to_vec(out.inner()), grads)
+}
+
+#[test]
+fn rms_norm_kernel_matches_tensor_ops_with_gradients() {
+    // 200 rows are three full tasks of 64 and a partial one.
+    for [n, d] in [[200, 48], [3, 5]] {
+        let x: Vec<f32> = noise(41, n * d).iter().map(|x| x * 4.0 + 0.5).collect();
+        let g: Vec<f32> = noise(42, d).iter().map(|x| x + 1.0).collect();
+        let up = noise(43, n * d);
+        let (y, [dx, dg]) = rms_norm_with_grads::<Autodiff<Flex>>([&x, &g, &up], [n, d]);
+        let (y_want, [dx_want, dg_want]) = rms_norm_with_grads::<B>([&x, &g, &up], [n, d]);
+        let (ry, rx, rg) = (rel(&y, &y_want), rel(&dx, &dx_want), rel(&dg, &dg_want));
+        assert!(
+            ry < 1e-6 && rx < 1e-5 && rg < 1e-5,
+            "[{n}, {d}]: y {ry:e}, dx {rx:e}, dg {rg:e}"
+        );
+        let device = Default::default();
+        let plain = rms_norm(
+            from_vec::<Flex, 2>(x.clone(), [n, d], &device),
+            from_vec::<Flex, 2>(g.clone(), [1, d], &device),
+        );
+        assert_eq!(to_vec(plain), y, "[{n}, {d}]: inference path");
+    }
+}
+
+/// RMSNorm's output and the gradients of `sum(y ⊙ up)` with respect to
+/// `x` and `g`, on `Z`.
+fn rms_norm_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
+    [x, g, up]: [&[f32]; 3],
+    [n, d]: [usize; 2],
+) -> (Vec<f32>, [Vec<f32>; 2]) {
+    let device = Default::default();
+    let x = from_vec::<Z, 2>(x.to_vec(), [n, d], &device).require_grad();
+    let g = from_vec::<Z, 2>(g.to_vec(), [1, d], &device).require_grad();
+    let y = rms_norm(x.clone(), g.clone());
+    let grads = (y.clone() * from_vec::<Z, 2>(up.to_vec(), [n, d], &device))
+        .sum()
+        .backward();
+    let grads = [&x, &g].map(|t| to_vec(t.grad(&grads).unwrap()));
+    (to_vec(y.inner()), grads)
 }

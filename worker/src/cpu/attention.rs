@@ -46,7 +46,10 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(cos: Vec<f32>, sin: Vec<f32>, head_dim: usize) -> RopeTables {
-        assert!(head_dim.is_multiple_of(2), "rotary embeddings pair dimensions");
+        assert!(
+            head_dim.is_multiple_of(2),
+            "rotary embeddings pair dimensions"
+        );
         assert_eq!(cos.len(), sin.len(), "one angle table each");
         assert_eq!(cos.len() % head_dim, 0, "whole rows of head_dim");
         RopeTables {
