@@ -21,6 +21,8 @@
 //! autodiff operation of its own on `Autodiff<Flex>`.
 //!
 //! RMSNorm ([`rms_norm`]) likewise: one pass over the rows each way.
+//! The projections' products ([`matmul`]) skip flex's zeroed and then
+//! realigned outputs and its copies of transposed views.
 //!
 //! Attention ([`causal_attention`]) is the fifth: rotary embeddings,
 //! causal scores, softmax and the product with the values as one
@@ -45,9 +47,11 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 mod attention;
+mod linear;
 mod norm;
 
 pub use attention::{RopeTables, causal_attention, has_kernel};
+pub use linear::matmul;
 pub use norm::rms_norm;
 
 /// Rows of logits per chunk. Each chunk adds a `[vocab, d]` product into

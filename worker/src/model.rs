@@ -286,12 +286,19 @@ fn attention<X: Backend>(
     let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
     let [wq, wk, wv, wo] = w;
     let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
-    let q = split(y.clone().matmul(wq), h);
-    let k = split(y.clone().matmul(wk), kv);
-    let v = split(y.matmul(wv), kv);
-    causal_attention(q, k, v, rope)
-        .reshape([b * t, h * hd])
-        .matmul(wo)
+    let q = split(linear(y.clone(), wq), h);
+    let k = split(linear(y.clone(), wk), kv);
+    let v = split(linear(y, wv), kv);
+    linear(causal_attention(q, k, v, rope).reshape([b * t, h * hd]), wo)
+}
+
+/// `x · w` for a projection: one operation on the CPU backend
+/// ([`cpu::matmul`]), burn's product elsewhere.
+fn linear<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>) -> Tensor<X, 2> {
+    match cpu::matmul(x, w) {
+        Ok(y) => y,
+        Err((x, w)) => x.matmul(w),
+    }
 }
 
 /// Causal self-attention of `q` (`[b, t, h, hd]`) over `k` and `v` (`[b,
@@ -344,7 +351,7 @@ pub fn causal_attention<X: Backend>(
 /// tensor parallelism.
 fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
     let [gate, up, down] = w;
-    cpu::swiglu(y.clone().matmul(gate), y.matmul(up)).matmul(down)
+    linear(cpu::swiglu(linear(y.clone(), gate), linear(y, up)), down)
 }
 
 /// One transformer block on the residual stream `x` (`[b·t, d]`), whole

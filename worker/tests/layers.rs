@@ -4,7 +4,8 @@
 //! 4, forward output and every gradient;
 //! the vocabulary-parallel cross-entropy against the plain one; and the
 //! fused head (chunked logits and loss) against autodiff; the CPU
-//! kernels (SwiGLU, attention) against burn's tensor operations.
+//! kernels (SwiGLU, RMSNorm, attention, projections) against burn's
+//! tensor operations.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -570,4 +571,58 @@ fn rms_norm_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
         .backward();
     let grads = [&x, &g].map(|t| to_vec(t.grad(&grads).unwrap()));
     (to_vec(y.inner()), grads)
+}
+
+#[test]
+fn matmul_kernel_matches_burns_product_with_gradients() {
+    for [n, k, m] in [[70, 48, 33], [1, 5, 1], [300, 7, 129]] {
+        let a = noise(51, n * k);
+        let b = noise(52, k * m);
+        let up = noise(53, n * m);
+        let got = matmul_with_grads::<Autodiff<Flex>>([&a, &b, &up], [n, k, m], true);
+        let want = matmul_with_grads::<B>([&a, &b, &up], [n, k, m], false);
+        for (name, (g, w)) in ["c", "da", "db"].iter().zip(got.iter().zip(&want)) {
+            let r = rel(g, w);
+            assert!(r < 1e-6, "[{n}, {k}] · [{k}, {m}]: {name} {r:e}");
+        }
+        let device = Default::default();
+        let plain = strata_worker::cpu::matmul(
+            from_vec::<Flex, 2>(a.clone(), [n, k], &device),
+            from_vec::<Flex, 2>(b.clone(), [k, m], &device),
+        );
+        assert_eq!(
+            to_vec(plain.unwrap_or_else(|_| panic!("flex takes the kernel"))),
+            got[0]
+        );
+    }
+    // Other backends are handed their inputs back.
+    let device = Default::default();
+    let other = strata_worker::cpu::matmul(
+        from_vec::<I, 2>(vec![1.0; 6], [2, 3], &device),
+        from_vec::<I, 2>(vec![1.0; 3], [3, 1], &device),
+    );
+    assert!(other.is_err());
+}
+
+/// `a · b` and the gradients of `sum((a · b) ⊙ up)` with respect to `a`
+/// and `b`, on `Z`, through the kernel or through burn's product.
+fn matmul_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
+    [a, b, up]: [&[f32]; 3],
+    [n, k, m]: [usize; 3],
+    kernel: bool,
+) -> [Vec<f32>; 3] {
+    let device = Default::default();
+    let a = from_vec::<Z, 2>(a.to_vec(), [n, k], &device).require_grad();
+    let b = from_vec::<Z, 2>(b.to_vec(), [k, m], &device).require_grad();
+    let c = if kernel {
+        strata_worker::cpu::matmul(a.clone(), b.clone())
+            .unwrap_or_else(|_| panic!("autodiff flex takes the kernel"))
+    } else {
+        a.clone().matmul(b.clone())
+    };
+    let grads = (c.clone() * from_vec::<Z, 2>(up.to_vec(), [n, m], &device))
+        .sum()
+        .backward();
+    let [da, db] = [&a, &b].map(|t| to_vec(t.grad(&grads).unwrap()));
+    [to_vec(c.inner()), da, db]
 }
