@@ -34,6 +34,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L >&2
 . scripts/gpu-env.sh "$out"
 # Per-step progress (and where a step stalls) in each step's log.
 export RUST_LOG="${RUST_LOG:-strata=info,strata_worker=debug}"
+# burn compiles a few hundred kernels with NVRTC and autotunes every matrix
+# shape in the first step (over 140 s on an H200 at the balanced level):
+# every step below shares one kernel cache, so later runs read back what
+# earlier ones compiled, and the autotuner tries fewer candidates unless
+# told otherwise. Both are in the summary.
+export STRATA_KERNEL_CACHE="${STRATA_KERNEL_CACHE:-/tmp/strata-kernels}"
+export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 
 # A step: its JSON report, or its error.
 run_step() {
@@ -80,7 +87,8 @@ def load(name):
         tail = open(log).read().strip().splitlines()[-3:] if os.path.exists(log) else []
         return {"error": " | ".join(tail) or "did not run"}
 s = {k: load(k) for k in ["small-cuda", "small-cpu", "big-cuda", "big-torch", "big-torch-f32"]}
-summary = {}
+summary = {"kernel_cache": os.environ.get("STRATA_KERNEL_CACHE"),
+           "autotune_level": os.environ.get("CUBECL_AUTOTUNE_LEVEL")}
 a, b = s["small-cuda"], s["small-cpu"]
 if "losses" in a and "losses" in b:
     rel = max(abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"]))

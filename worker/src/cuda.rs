@@ -3,6 +3,8 @@
 //! and panics on a missing library; this module turns that into an error
 //! that names what is missing), and what the device is.
 
+use std::path::{Path, PathBuf};
+
 use burn::backend::cuda::CudaDevice;
 use cudarc::driver::CudaContext;
 
@@ -71,8 +73,13 @@ pub fn device_count() -> Result<usize, CudaError> {
 }
 
 /// GPU `index` (among the visible ones), after checking that the driver
-/// and NVRTC load and that the device exists.
+/// and NVRTC load and that the device exists. Also points burn's kernel
+/// caches at [`kernel_cache_dir`] ([`persist_kernels`]), so call it
+/// before the first tensor operation on the GPU.
 pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {
+    if let Some(dir) = kernel_cache_dir() {
+        persist_kernels(&dir);
+    }
     if !driver_present() {
         return Err(CudaError::NoDriver);
     }
@@ -94,6 +101,47 @@ pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {
         memory_bytes: ctx.total_mem().map_err(driver)? as u64,
         capability: ctx.compute_capability().map_err(driver)?,
     })
+}
+
+/// Where compiled kernels and autotune results are kept between runs:
+/// `STRATA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/strata/kernels`, else
+/// `~/.cache/strata/kernels`.
+pub fn kernel_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("STRATA_KERNEL_CACHE") {
+        return Some(dir.into());
+    }
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(cache.join("strata").join("kernels"))
+}
+
+/// Makes burn's CUDA backend keep what it compiles: the PTX of every
+/// kernel (NVRTC; off by default) and the autotuner's choices (by default
+/// under a `target/` found above the working directory, which a deployed
+/// worker has none of) go under `dir`. The first step of a run compiles a
+/// few hundred kernels and autotunes every matrix shape, minutes on an
+/// H200; later runs on the machine read them back. A `cubecl.toml` that
+/// names its own caches, and the `CUBECL_*` variables, still apply.
+/// Returns whether the configuration was set: `false` once burn has read
+/// it (its configuration is set once per process).
+pub fn persist_kernels(dir: &Path) -> bool {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut state = CubeClRuntimeConfig::storage().lock();
+    if state.is_some() {
+        return false;
+    }
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none() {
+        config.compilation.cache = Some(CacheConfig::File(dir.join("ptx")));
+    }
+    if matches!(config.autotune.cache, CacheConfig::Target) {
+        config.autotune.cache = CacheConfig::File(dir.join("autotune"));
+    }
+    *state = Some(std::sync::Arc::new(config));
+    true
 }
 
 /// burn's device for GPU `index`, once [`probe`] found it.
