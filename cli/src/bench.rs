@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Subcommand, ValueEnum};
+use strata_recipe::{DeviceKind, Precision};
 use strata_worker::bench::{self, Peak, Target, TrainBench, TrainReport};
 
 use crate::format::table;
@@ -19,6 +20,12 @@ pub enum BenchCommand {
     /// synthetic tokens and report tokens/s, the step-time split, MFU and
     /// peak memory.
     Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,6 +69,11 @@ pub struct TrainArgs {
     /// datasheet default; CPUs have none).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// What the model computes in: f32, or bf16 (mixed precision: f32
+    /// master weights, norms, softmax and loss). bf16 on CUDA and f32 on
+    /// the CPU by default.
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -102,17 +114,33 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         tflops,
         source: "--peak-tflops".into(),
     });
-    let report = match args.backend {
-        BackendArg::Ndarray => {
-            bench::train::<Autodiff<NdArray<f32>>>(&recipe, &cfg, cpu_target("ndarray", user_peak))
+    let precision = match (args.precision, args.backend) {
+        (Some(PrecisionArg::F32), _) => Precision::F32,
+        (Some(PrecisionArg::Bf16), _) => Precision::Bf16,
+        (None, BackendArg::Ndarray | BackendArg::Flex) => Precision::default_for(DeviceKind::Cpu),
+        (None, BackendArg::Cuda | BackendArg::CudaUnfused) => {
+            Precision::default_for(DeviceKind::Cuda)
         }
+    };
+    if precision == Precision::Bf16 && args.backend == BackendArg::Ndarray {
+        return Err(UserError(
+            "--precision bf16: NdArray computes in f32 only; use --backend flex".into(),
+        )
+        .into());
+    }
+    let report = match args.backend {
+        BackendArg::Ndarray => bench::train::<Autodiff<NdArray<f32>>>(
+            &recipe,
+            &cfg,
+            cpu_target("ndarray", user_peak, precision),
+        ),
         BackendArg::Flex => bench::train::<Autodiff<burn::backend::Flex>>(
             &recipe,
             &cfg,
-            cpu_target("flex", user_peak),
+            cpu_target("flex", user_peak, precision),
         ),
         BackendArg::Cuda | BackendArg::CudaUnfused => {
-            cuda_train(&recipe, &cfg, args.backend, args.gpu, user_peak)?
+            cuda_train(&recipe, &cfg, args.backend, args.gpu, user_peak, precision)?
         }
     }
     .map_err(anyhow::Error::msg)?;
@@ -125,11 +153,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// A CPU backend: its default device, the process's peak RSS as memory.
-fn cpu_target<B: AutodiffBackend>(name: &str, peak: Option<Peak>) -> Target<B> {
+fn cpu_target<B: AutodiffBackend>(
+    name: &str,
+    peak: Option<Peak>,
+    precision: Precision,
+) -> Target<B> {
     Target {
         backend: name.into(),
         device_name: format!("CPU, {} threads", rayon_threads()),
-        compute_dtype: "f32".into(),
+        precision,
         device: Default::default(),
         peak,
         peak_memory: Box::new(bench::peak_rss_bytes),
@@ -150,6 +182,7 @@ fn cuda_train(
     backend: BackendArg,
     gpu: usize,
     user_peak: Option<Peak>,
+    precision: Precision,
 ) -> anyhow::Result<Result<TrainReport, String>> {
     use strata_worker::cuda;
 
@@ -165,6 +198,7 @@ fn cuda_train(
         name: &str,
         info: &cuda::GpuInfo,
         peak: Option<Peak>,
+        precision: Precision,
     ) -> Target<B> {
         let gpu = info.index;
         Target {
@@ -177,20 +211,22 @@ fn cuda_train(
                 info.capability.1,
                 info.memory_bytes as f64 / (1u64 << 30) as f64
             ),
-            compute_dtype: "f32".into(),
+            precision,
             device: cuda::device(gpu),
             peak,
             peak_memory: Box::new(move || cuda::memory_in_use(gpu)),
         }
     }
     Ok(match backend {
-        BackendArg::Cuda => {
-            bench::train::<Autodiff<cuda::CudaFused>>(recipe, cfg, target("cuda", &info, peak))
-        }
+        BackendArg::Cuda => bench::train::<Autodiff<cuda::CudaFused>>(
+            recipe,
+            cfg,
+            target("cuda", &info, peak, precision),
+        ),
         _ => bench::train::<Autodiff<cuda::CudaUnfused>>(
             recipe,
             cfg,
-            target("cuda-unfused", &info, peak),
+            target("cuda-unfused", &info, peak, precision),
         ),
     })
 }
@@ -202,6 +238,7 @@ fn cuda_train(
     _: BackendArg,
     _: usize,
     _: Option<Peak>,
+    _: Precision,
 ) -> anyhow::Result<Result<TrainReport, String>> {
     Err(UserError(
         "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"

@@ -147,6 +147,43 @@ impl DeviceKind {
     }
 }
 
+/// What the model computes in: `[device] precision`. Master weights,
+/// optimizer state and gradient sums are f32 either way; under `bf16` the
+/// parameters are cast for each step's matrix products and activations,
+/// while norms, the attention softmax and the cross-entropy run in f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The precision a backend computes in unless the recipe says: bf16 on
+    /// GPUs (their tensor cores), f32 on the CPU (where bf16 products are
+    /// converted to f32 and back, slower than f32 itself).
+    pub fn default_for(device: DeviceKind) -> Precision {
+        match device {
+            DeviceKind::Cpu => Precision::F32,
+            DeviceKind::Cuda => Precision::Bf16,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -176,6 +213,10 @@ pub struct Recipe {
     /// `[device] backend`.
     #[serde(default)]
     pub device: DeviceKind,
+    /// `[device] precision`, or the backend's default
+    /// ([`Precision::default_for`]).
+    #[serde(default)]
+    pub precision: Precision,
     pub resolutions: Vec<Resolution>,
 }
 

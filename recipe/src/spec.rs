@@ -38,6 +38,10 @@ pub struct DeviceSpec {
     /// NVIDIA GPU per worker).
     #[serde(default)]
     pub backend: crate::DeviceKind,
+    /// `f32` or `bf16` (mixed precision); bf16 on `cuda` and f32 on `cpu`
+    /// when left out.
+    #[serde(default)]
+    pub precision: Option<crate::Precision>,
 }
 
 fn default_seed() -> i64 {

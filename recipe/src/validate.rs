@@ -458,6 +458,10 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
             device: spec.device.backend,
+            precision: spec
+                .device
+                .precision
+                .unwrap_or(crate::Precision::default_for(spec.device.backend)),
             resolutions: Vec::new(),
         })
     })();

@@ -766,3 +766,21 @@ fn the_device_is_the_cpu_unless_the_recipe_names_cuda() {
     let e = parse(&[Set("device.gpus", int(2))]).unwrap_err();
     assert!(e.names("device.gpus"), "{e}");
 }
+
+#[test]
+fn precision_is_bf16_on_gpus_and_f32_on_the_cpu_unless_the_recipe_says() {
+    use strata_recipe::{DeviceKind, Precision};
+    assert_eq!(parse(&[]).unwrap().precision, Precision::F32);
+    let r = parse(&[Set("device.backend", string("cuda"))]).unwrap();
+    assert_eq!(r.precision, Precision::Bf16);
+    let r = parse(&[
+        Set("device.backend", string("cuda")),
+        Set("device.precision", string("f32")),
+    ])
+    .unwrap();
+    assert_eq!(r.precision, Precision::F32);
+    let r = parse(&[Set("device.precision", string("bf16"))]).unwrap();
+    assert_eq!((r.device, r.precision), (DeviceKind::Cpu, Precision::Bf16));
+    let e = parse(&[Set("device.precision", string("fp8"))]).unwrap_err();
+    assert!(e.names("device.precision"), "{e}");
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use strata_recipe::{AdamWConfig, ModelConfig, Recipe};
+use strata_recipe::{AdamWConfig, ModelConfig, Precision, Recipe};
 
 use crate::model::host_transfers;
 use crate::params::ParamTable;
@@ -137,7 +137,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct Target<B: AutodiffBackend> {
     pub backend: String,
     pub device_name: String,
-    pub compute_dtype: String,
+    /// What the model computes in (mixed precision under bf16).
+    pub precision: Precision,
     pub device: B::Device,
     pub peak: Option<Peak>,
     /// Peak memory in bytes so far, when the backend can tell.
@@ -215,7 +216,8 @@ pub fn train<B: AutodiffBackend>(
         recipe.optimizer,
         Groups::single(),
         target.device.clone(),
-    );
+    )
+    .with_precision(target.precision);
     tracing::info!(backend = %target.backend, params = trainer.n_params(), "model built");
     let mut report = describe(recipe, bench);
     let tps = bench.tokens_per_step as u64;
@@ -271,7 +273,7 @@ pub fn train<B: AutodiffBackend>(
         .map(|p| report.achieved_tflops / p.tflops);
     report.backend = target.backend;
     report.device = target.device_name;
-    report.compute_dtype = target.compute_dtype;
+    report.compute_dtype = target.precision.as_str().into();
     report.peak = target.peak;
     report.step_s = step_s;
     report.forward_s = fwd / n;

@@ -37,7 +37,7 @@
 use std::any::Any;
 
 use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_autodiff::NodeId;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -105,6 +105,15 @@ fn from_primitive<P: 'static, X: Backend, const D: usize>(p: P) -> Tensor<X, D> 
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
+/// Whether both tensors are f32, the only dtype the kernels take (under
+/// mixed precision the rest goes through burn's operations).
+fn f32_pair<X: Backend, const D: usize, const E: usize>(
+    a: &Tensor<X, D>,
+    b: &Tensor<X, E>,
+) -> bool {
+    a.dtype() == DType::F32 && b.dtype() == DType::F32
+}
+
 /// Whether `X` is the flex backend.
 pub fn is_flex<X: Backend>() -> bool {
     primitive_is::<X, FlexTensor>()
@@ -138,6 +147,9 @@ const ELEMENTWISE_CHUNK: usize = 1 << 15;
 /// of one shape. On flex, with or without autodiff, one parallel pass
 /// forward and one backward; elsewhere burn's `silu` and a product.
 pub fn swiglu<X: Backend>(a: Tensor<X, 2>, b: Tensor<X, 2>) -> Tensor<X, 2> {
+    if !f32_pair(&a, &b) {
+        return burn::tensor::activation::silu(a) * b;
+    }
     if is_flex::<X>() {
         return from_flex(swiglu_forward(&into_flex(a), &into_flex(b)));
     }
@@ -387,6 +399,9 @@ pub fn flex_head_cross_entropy<X: Backend>(
     denominator: f64,
     device: &X::Device,
 ) -> Option<(f64, Tensor<X, 2>, Tensor<X, 2>)> {
+    if !f32_pair(y, w) {
+        return None;
+    }
     let (yf, wf) = (contiguous(as_flex(y)?), contiguous(as_flex(w)?));
     let [n, d] = y.dims();
     let w_dims = w.dims();

@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 use strata_recipe::ModelConfig;
+use strata_recipe::Precision;
 
 use crate::collective::{Collective, CollectiveError};
 use crate::cpu;
@@ -44,6 +45,16 @@ use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
 
 /// RMSNorm's epsilon (Llama's).
 pub const NORM_EPS: f64 = 1e-5;
+
+/// `t` in `dtype`: the same tensor when it already is (f32 training never
+/// casts), else a cast, which autodiff differentiates back to `t`'s dtype.
+pub fn in_dtype<X: Backend, const D: usize>(t: Tensor<X, D>, dtype: DType) -> Tensor<X, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
 
 /// A rank's tensor-parallel group, and the time spent in its collectives.
 pub struct Tp<'a> {
@@ -77,15 +88,16 @@ impl<'a> Tp<'a> {
         r
     }
 
-    /// The group's sum of `t` (the identity for a group of one).
+    /// The group's sum of `t` (the identity for a group of one), in `t`'s
+    /// dtype (summed in f32).
     fn sum_tensor<I: Backend>(&mut self, t: Tensor<I, 2>) -> Result<Tensor<I, 2>, CollectiveError> {
         if self.size() == 1 {
             return Ok(t);
         }
-        let (shape, device) = (t.dims(), t.device());
+        let (shape, device, dtype) = (t.dims(), t.device(), t.dtype());
         let mut v = to_vec(t);
         self.all_reduce_sum(&mut v)?;
-        Ok(from_vec(v, shape, &device))
+        Ok(in_dtype(from_vec(v, shape, &device), dtype))
     }
 }
 
@@ -179,6 +191,12 @@ pub fn rms_norm<X: Backend>(x: Tensor<X, 2>, g: Tensor<X, 2>) -> Tensor<X, 2> {
         Ok(y) => return y,
         Err(inputs) => inputs,
     };
+    // Under mixed precision the norm is taken in f32.
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        let y = rms_norm(in_dtype(x, DType::F32), in_dtype(g, DType::F32));
+        return in_dtype(y, dtype);
+    }
     let inv = (x.clone().square().mean_dim(1) + NORM_EPS).sqrt().recip();
     x * inv * g
 }
@@ -256,8 +274,9 @@ impl<X: Backend> Rope<X> {
     /// queries costs no pass of its own).
     fn apply(&self, x: Tensor<X, 4>, scale: f64) -> Tensor<X, 4> {
         let [b, t, n, hd] = x.dims();
+        let dtype = x.dtype();
         let table = |c: &Tensor<X, 2>| {
-            let c = c.clone().narrow(0, 0, t);
+            let c = in_dtype(c.clone().narrow(0, 0, t), dtype);
             let c = if scale == 1.0 { c } else { c.mul_scalar(scale) };
             // [t, n·hd], contiguous: broadcast over the batch only.
             c.reshape([t, 1, hd])
@@ -265,7 +284,7 @@ impl<X: Backend> Rope<X> {
                 .reshape([1, t * n * hd])
         };
         let flat = x.reshape([b * t * n, hd]);
-        let rotated = flat.clone().matmul(self.rot.clone());
+        let rotated = flat.clone().matmul(in_dtype(self.rot.clone(), dtype));
         let out = flat.reshape([b, t * n * hd]) * table(&self.cos)
             + rotated.reshape([b, t * n * hd]) * table(&self.sin);
         out.reshape([b, t, n, hd])
@@ -315,7 +334,7 @@ pub fn causal_attention<X: Backend>(
     let [b, t, h, hd] = q.dims();
     let kv = k.dims()[2];
     let scale = 1.0 / (hd as f64).sqrt();
-    if cpu::has_kernel::<X>() {
+    if cpu::has_kernel::<X>() && q.dtype() == DType::F32 {
         return cpu::causal_attention(q, k, v, &rope.tables, scale as f32);
     }
     let q = rope.apply(q, scale);
@@ -342,8 +361,10 @@ pub fn causal_attention<X: Backend>(
     let bias = Tensor::<X, 2>::zeros([t, t], &q.device())
         .mask_fill(mask, -1e9)
         .reshape([1, t * t]);
-    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * h, t * t]) + bias;
-    let probs = softmax(scores.reshape([b, h, t, t]), 3);
+    // Under mixed precision the scores are taken to f32 for the softmax.
+    let dtype = q.dtype();
+    let scores = in_dtype(q.matmul(k.swap_dims(2, 3)), DType::F32).reshape([b * h, t * t]) + bias;
+    let probs = in_dtype(softmax(scores.reshape([b, h, t, t]), 3), dtype);
     probs.matmul(v).swap_dims(1, 2)
 }
 
@@ -446,11 +467,14 @@ fn head_by_tensor_ops<X: Backend>(
     let mut loss: Option<Tensor<X, 1>> = None;
     let mut dys = Vec::with_capacity(n.div_ceil(chunk));
     let mut dw: Option<Tensor<X, 2>> = None;
+    // Under mixed precision the logits go to f32 for the softmax and the
+    // loss, and their gradient back to the compute dtype for the products.
+    let dtype = y.dtype();
     for r0 in (0..n).step_by(chunk) {
         let r1 = (r0 + chunk).min(n);
         let c = r1 - r0;
         let yc = y.clone().slice(r0..r1);
-        let z = yc.clone().matmul(wt.clone());
+        let z = in_dtype(yc.clone().matmul(wt.clone()), DType::F32);
         let max = z.clone().max_dim(1);
         let tgt = token_ids::<X>(&targets[r0..r1], device).reshape([c, 1]);
         let picked = z.clone().gather(1, tgt.clone());
@@ -463,11 +487,12 @@ fn head_by_tensor_ops<X: Backend>(
             Tensor::full([c, 1], -scale, device),
             IndexingUpdateOp::Add,
         );
+        let p = in_dtype(p, dtype);
         dys.push(p.clone().matmul(w_rows.clone()));
         accumulate(&mut dw, yc.transpose().matmul(p));
     }
     let loss = loss.map_or(0.0, |l| f64::from(to_vec(l)[0]) / denominator);
-    let dw = dw.unwrap_or_else(|| Tensor::zeros([d, v], device));
+    let dw = dw.unwrap_or_else(|| in_dtype(Tensor::zeros([d, v], device), dtype));
     (loss, Tensor::cat(dys, 0), dw)
 }
 
@@ -487,6 +512,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     denominator: f64,
     tp: &mut Tp<'_>,
 ) -> Result<(f64, Tensor<B, 1>), CollectiveError> {
+    let z_local = in_dtype(z_local, DType::F32);
     let [n, vl] = z_local.dims();
     let device = z_local.device();
     let mut max = to_vec(z_local.clone().inner().max_dim(1));
@@ -551,8 +577,9 @@ impl<I: Backend> GradAccum<I> {
         }
     }
 
+    /// Adds a gradient, in f32 whatever the compute precision.
     fn add(&mut self, slot: usize, g: Tensor<I, 2>) {
-        accumulate(&mut self.grads[slot], g);
+        accumulate(&mut self.grads[slot], in_dtype(g, DType::F32));
     }
 }
 
@@ -565,7 +592,10 @@ impl<B: AutodiffBackend> Segment<B> {
         acc: &mut GradAccum<B::InnerBackend>,
     ) -> Option<Tensor<B::InnerBackend, 2>> {
         let root = match upstream {
-            Some(d) => (self.output * Tensor::from_inner(d)).sum(),
+            Some(d) => {
+                let d = in_dtype(d, self.output.dtype());
+                (self.output * Tensor::from_inner(d)).sum()
+            }
             None => self.output.sum(),
         };
         let grads = root.backward();
@@ -635,6 +665,9 @@ pub struct StageModel<B: AutodiffBackend> {
     /// Each model chunk's blocks (one chunk unless interleaved).
     blocks: Vec<Vec<BlockSlots>>,
     device: B::Device,
+    /// The parameters' and activations' dtype: f32, or bf16 under mixed
+    /// precision.
+    compute: DType,
 }
 
 impl<B: AutodiffBackend> StageModel<B> {
@@ -706,6 +739,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             blocks,
             device: device.clone(),
             table,
+            compute: DType::F32,
         }
     }
 
@@ -741,8 +775,22 @@ impl<B: AutodiffBackend> StageModel<B> {
             .slots
             .iter()
             .zip(flat)
-            .map(|(s, t)| t.reshape(slot_shape(s)))
+            .map(|(s, t)| in_dtype(t.reshape(slot_shape(s)), self.compute))
             .collect();
+    }
+
+    /// Computes in `precision` from the next [`StageModel::set_params`]
+    /// on (f32 unless set).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.compute = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+    }
+
+    /// The dtype the model computes in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     /// Drops the parameter values, so that the optimizer owns the only
@@ -832,7 +880,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
                 let (local, mask) =
                     vocab_rows::<B>(tokens, self.dims.vocab_start, self.dims.vocab_len, device);
-                let partial = table.select(0, local) * mask;
+                let partial = table.select(0, local) * in_dtype(mask, self.compute);
                 let h = tp.sum_tensor(partial.clone().inner())?;
                 pieces.push(Piece::Embed(Segment {
                     input: None,
@@ -841,7 +889,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 }));
                 h
             }
-            StageInput::Activation(h) => h,
+            StageInput::Activation(h) => in_dtype(h, self.compute),
         };
         for b in &self.blocks[chunk as usize] {
             for attn in [true, false] {
@@ -920,7 +968,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                 (table.select(0, token_ids(tokens, &self.device)), None)
             }
             StageInput::Activation(h) => {
-                let leaf = Tensor::<B, 2>::from_inner(h).require_grad();
+                let leaf = Tensor::<B, 2>::from_inner(in_dtype(h, self.compute)).require_grad();
                 (leaf.clone(), Some(leaf))
             }
         };
@@ -985,7 +1033,7 @@ impl<B: AutodiffBackend> StageModel<B> {
         acc: &mut GradAccum<B::InnerBackend>,
         tp: &mut Tp<'_>,
     ) -> Result<Option<Tensor<B::InnerBackend, 2>>, CollectiveError> {
-        let mut dh = upstream;
+        let mut dh = upstream.map(|d| in_dtype(d, self.compute));
         if let Some((slot, g)) = tape.head_grad {
             acc.add(slot, g);
         }

@@ -326,10 +326,12 @@ fn steps<B: AutodiffBackend>(s: Session<'_>, device: B::Device) -> Result<(), Wo
         recipe.optimizer,
         groups,
         device,
-    );
+    )
+    .with_precision(recipe.precision);
     let layers = trainer.table().chunks.clone();
     tracing::info!(
         params = trainer.n_params(),
+        precision = %recipe.precision,
         stage = coords.pp,
         layers = ?layers,
         steps = recipe.data.n_steps(),

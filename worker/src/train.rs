@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
-use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig};
+use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision};
 
 use crate::collective::{Collective, CollectiveError, Tag, local_group};
 use crate::cpu;
@@ -343,6 +343,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         trainer.refresh_params();
         trainer
+    }
+
+    /// Computes in `precision` from now on: under bf16 the parameters are
+    /// cast from the f32 master buckets after every optimizer step, the
+    /// activations and matrix products are bf16, norms, the attention
+    /// softmax and the cross-entropy run in f32, and gradients are summed
+    /// into the f32 buckets.
+    pub fn with_precision(mut self, precision: Precision) -> Trainer<B> {
+        self.model.set_precision(precision);
+        self.refresh_params();
+        self
     }
 
     pub fn model(&self) -> &StageModel<B> {

@@ -16,19 +16,19 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 
 use super::{
-    AutodiffTensor, Strided, from_flex, from_primitive, gemm_into, into_flex, into_primitive,
-    is_flex, primitive_is, values,
+    AutodiffTensor, Strided, f32_pair, from_flex, from_primitive, gemm_into, into_flex,
+    into_primitive, is_flex, primitive_is, values,
 };
 
 /// `a · b` for `a` `[n, k]` and `b` `[k, m]` on flex (with or without
-/// autodiff); `Err` with the inputs elsewhere.
+/// autodiff), both f32; `Err` with the inputs otherwise.
 #[allow(clippy::type_complexity)]
 pub fn matmul<X: Backend>(
     a: Tensor<X, 2>,
     b: Tensor<X, 2>,
 ) -> Result<Tensor<X, 2>, (Tensor<X, 2>, Tensor<X, 2>)> {
     let ([n, k], [kb, m]) = (a.dims(), b.dims());
-    if k != kb {
+    if k != kb || !f32_pair(&a, &b) {
         // burn's own product reports the mismatch.
         return Err((a, b));
     }

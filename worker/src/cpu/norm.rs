@@ -15,8 +15,8 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::{
-    AutodiffTensor, flex_of, from_flex, from_primitive, into_flex, into_primitive, is_flex,
-    primitive_is, values,
+    AutodiffTensor, f32_pair, flex_of, from_flex, from_primitive, into_flex, into_primitive,
+    is_flex, primitive_is, values,
 };
 
 /// Rows per parallel task.
@@ -32,7 +32,7 @@ pub fn rms_norm<X: Backend>(
     eps: f32,
 ) -> Result<Tensor<X, 2>, (Tensor<X, 2>, Tensor<X, 2>)> {
     let [n, d] = x.dims();
-    if g.dims() != [1, d] {
+    if g.dims() != [1, d] || !f32_pair(&x, &g) {
         return Err((x, g));
     }
     if is_flex::<X>() {
