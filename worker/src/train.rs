@@ -18,7 +18,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision};
 
-use crate::collective::{Collective, CollectiveError, Tag, local_group};
+use crate::collective::{Collective, CollectiveError, DeviceCollective, Staged, Tag, local_group};
 use crate::cpu;
 use crate::model::{
     GradAccum, Micro, StageInput, StageModel, Tape, Tp, accumulate, from_vec, to_vec,
@@ -583,8 +583,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let t = Instant::now();
         let mut local_loss = [local_loss as f32];
         if self.groups.dp.size() > 1 {
+            let mut dp = Staged::new(self.groups.dp.as_mut(), BUCKET_ELEMS);
             for g in &mut grads {
-                *g = all_reduce_staged(self.groups.dp.as_mut(), g.clone())
+                *g = dp
+                    .all_reduce_sum(g.clone())
                     .map_err(in_group(GroupKind::Data))?;
             }
             self.groups
@@ -598,7 +600,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .iter()
                 .position(|b| b.slots.start == i)
                 .expect("the embedding has a bucket of its own");
-            grads[b] = all_reduce_staged(emb.as_mut(), grads[b].clone())
+            grads[b] = Staged::new(emb.as_mut(), BUCKET_ELEMS)
+                .all_reduce_sum(grads[b].clone())
                 .map_err(in_group(GroupKind::Embedding))?;
         }
         let all_reduce = t.elapsed();
@@ -748,21 +751,6 @@ fn adamw_by_tensor_ops<I: Backend>(
         None => p,
     };
     [p - m.clone().mul_scalar(s.step_size) / denom, m, v]
-}
-
-/// The group's elementwise sum of a device tensor through a host staging
-/// buffer, in calls of at most [`BUCKET_ELEMS`].
-fn all_reduce_staged<I: Backend>(
-    group: &mut dyn Collective,
-    t: Tensor<I, 1>,
-) -> Result<Tensor<I, 1>, CollectiveError> {
-    let device = t.device();
-    let mut host = to_vec(t);
-    for chunk in host.chunks_mut(BUCKET_ELEMS) {
-        group.all_reduce_sum(chunk)?;
-    }
-    let n = host.len();
-    Ok(from_vec(host, [n], &device))
 }
 
 /// A stage's neighbours in the pipeline: stages s − 1 and s + 1 through

@@ -56,3 +56,46 @@ fn all_reduce_of_real_gradients_matches_a_plain_sum() {
         );
     }
 }
+
+#[test]
+fn staged_device_collectives_give_the_host_results_in_the_input_dtype() {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, FloatDType, Tensor};
+    use strata_worker::collective::{DeviceCollective, Staged};
+    use strata_worker::model::{from_vec, to_vec};
+
+    let n = 3;
+    // Whole numbers: every sum is exact in any order, and in bf16 (8 bits
+    // of mantissa) too.
+    let part = |r: usize| -> Vec<f32> { (0..6).map(|i| (r * 10 + i) as f32).collect() };
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        let results = on_group(local_group(n), |c| {
+            let r = c.rank();
+            let device = Default::default();
+            let t = || from_vec::<Flex, 1>(part(r), [6], &device).cast(dtype);
+            // Chunks of 4 elements: the 6-element bucket takes two calls.
+            let mut g = Staged::new(c, 4);
+            let sum: Tensor<Flex, 1> = g.all_reduce_sum(t()).unwrap();
+            let scattered = g.reduce_scatter_sum(t()).unwrap();
+            let gathered = g.all_gather(t()).unwrap();
+            let root = g.broadcast(2, t()).unwrap();
+            let dtypes = [&sum, &scattered, &gathered, &root].map(|x| x.dtype());
+            (
+                r,
+                [sum, scattered, gathered, root].map(to_vec),
+                dtypes,
+            )
+        });
+        let total: Vec<f32> = (0..6)
+            .map(|i| (0..n).map(|r| part(r)[i]).sum())
+            .collect();
+        for (r, [sum, scattered, gathered, root], dtypes) in results {
+            assert_eq!(dtypes, [DType::from(dtype); 4], "rank {r}: dtypes");
+            assert_eq!(sum, total, "rank {r}: all-reduce");
+            assert_eq!(scattered, total[r * 2..r * 2 + 2], "rank {r}: reduce-scatter");
+            let all: Vec<f32> = (0..n).flat_map(part).collect();
+            assert_eq!(gathered, all, "rank {r}: all-gather");
+            assert_eq!(root, part(2), "rank {r}: broadcast from 2");
+        }
+    }
+}

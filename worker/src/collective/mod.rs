@@ -10,11 +10,17 @@
 //!
 //! Ranks here are indices within the group, `0..size`; the layout maps them to
 //! world ranks.
+//!
+//! These are host collectives, on `f32` slices. [`DeviceCollective`] is
+//! the same group's operations on device tensors; [`Staged`] runs a host
+//! collective through a staging copy.
 
 pub mod conformance;
+mod device;
 mod local;
 pub mod tcp;
 
+pub use device::{DeviceCollective, Staged};
 pub use local::{LocalCollective, local_group};
 pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};
 
