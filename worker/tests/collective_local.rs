@@ -80,19 +80,17 @@ fn staged_device_collectives_give_the_host_results_in_the_input_dtype() {
             let gathered = g.all_gather(t()).unwrap();
             let root = g.broadcast(2, t()).unwrap();
             let dtypes = [&sum, &scattered, &gathered, &root].map(|x| x.dtype());
-            (
-                r,
-                [sum, scattered, gathered, root].map(to_vec),
-                dtypes,
-            )
+            (r, [sum, scattered, gathered, root].map(to_vec), dtypes)
         });
-        let total: Vec<f32> = (0..6)
-            .map(|i| (0..n).map(|r| part(r)[i]).sum())
-            .collect();
+        let total: Vec<f32> = (0..6).map(|i| (0..n).map(|r| part(r)[i]).sum()).collect();
         for (r, [sum, scattered, gathered, root], dtypes) in results {
             assert_eq!(dtypes, [DType::from(dtype); 4], "rank {r}: dtypes");
             assert_eq!(sum, total, "rank {r}: all-reduce");
-            assert_eq!(scattered, total[r * 2..r * 2 + 2], "rank {r}: reduce-scatter");
+            assert_eq!(
+                scattered,
+                total[r * 2..r * 2 + 2],
+                "rank {r}: reduce-scatter"
+            );
             let all: Vec<f32> = (0..n).flat_map(part).collect();
             assert_eq!(gathered, all, "rank {r}: all-gather");
             assert_eq!(root, part(2), "rank {r}: broadcast from 2");

@@ -285,9 +285,10 @@ impl Config {
         }
     }
 
-    /// The inverse map of [`Config::rotate`]'s gradient: `g` (`[t, hd]`,
-    /// the gradient of the rotated rows) back to the unrotated rows, times
-    /// `scale`, written to head `head` of `dst` (`[b, t, heads, hd]`).
+    /// [`Config::rotate`]'s backward: from `g` (`[t, hd]`, the gradient
+    /// of the rotated and scaled rows) the gradient of the unrotated rows,
+    /// written to head `head` of `dst` (`[b, t, heads, hd]`, sequence
+    /// `bi`). `scale` is the one `rotate` was given.
     ///
     /// # Safety
     /// `dst` addresses `b·t·heads·hd` live elements, and no other thread
