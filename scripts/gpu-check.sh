@@ -12,14 +12,17 @@
 #      precision, the GPU's default) and in f32, and on the CPU in f32, and
 #      compares the losses: f32 within 1e-3 relative, bf16 within 5e-3
 #      (flex's bf16 against its f32 on this model: 8.7e-5);
-#   2. `strata demo --device cuda`: a coordinator leasing GPU 0 to a worker
+#   2. `strata bench nccl`: NCCL's all-reduce, reduce-scatter, all-gather
+#      and broadcast on burn's CUDA tensors over every GPU present (one
+#      thread each), in f32 and bf16, against host sums;
+#   3. `strata demo --device cuda`: a coordinator leasing GPU 0 to a worker
 #      that trains on it, end to end through gRPC and the dataplane;
-#   3. the benchmark pair on a 350M model at sequence 2048: strata's CUDA
+#   4. the benchmark pair on a 350M model at sequence 2048: strata's CUDA
 #      backend, then PyTorch (bf16 autocast, fused AdamW, SDPA) on the same
 #      GPU, same shape, tokens and learning rates;
 # and prints one JSON summary (also written to OUT_DIR/summary.json, with
 # every step's report beside it). Each step has its own time limit, so the
-# whole script ends within 7.5 minutes (9 when the fused backend fails and
+# whole script ends within 8 minutes (9.5 when the fused backend fails and
 # the unfused one is tried) and reports what it reached.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,9 +65,10 @@ shape=(--seq 2048 --tokens-per-step 16384 --microbatches 4 --steps 4 --warmup 2)
 # burn's fused CUDA backend; if it fails, the unfused one tells whether
 # fusion is the cause.
 cuda=cuda
-run_step small-cuda 100 "$bin" bench train "$small" --backend cuda --precision bf16 --steps 18 --warmup 2 --json ||
-  { cuda=cuda-unfused; run_step small-cuda 100 "$bin" bench train "$small" --backend cuda-unfused --precision bf16 --steps 18 --warmup 2 --json; }
+run_step small-cuda 90 "$bin" bench train "$small" --backend cuda --precision bf16 --steps 18 --warmup 2 --json ||
+  { cuda=cuda-unfused; run_step small-cuda 90 "$bin" bench train "$small" --backend cuda-unfused --precision bf16 --steps 18 --warmup 2 --json; }
 run_step small-cuda-f32 60 "$bin" bench train "$small" --backend "$cuda" --precision f32 --steps 18 --warmup 2 --json
+run_step nccl 40 "$bin" bench nccl --json
 run_step demo-cuda 50 "$bin" demo --device cuda --dp 1 --steps 10 --dir "$out/demo"
 echo $? >"$out/demo-cuda.rc"
 run_step small-cpu 30 "$bin" bench train "$small" --backend flex --steps 18 --warmup 2 --json
@@ -88,7 +92,7 @@ def load(name):
         log = os.path.join(out, name + ".log")
         tail = open(log).read().strip().splitlines()[-3:] if os.path.exists(log) else []
         return {"error": " | ".join(tail) or "did not run"}
-s = {k: load(k) for k in ["small-cuda", "small-cuda-f32", "small-cpu", "big-cuda", "big-torch"]}
+s = {k: load(k) for k in ["small-cuda", "small-cuda-f32", "small-cpu", "big-cuda", "big-torch", "nccl"]}
 summary = {"kernel_cache": os.environ.get("STRATA_KERNEL_CACHE"),
            "autotune_level": os.environ.get("CUBECL_AUTOTUNE_LEVEL")}
 b = s["small-cpu"]
@@ -106,6 +110,7 @@ for k in ["small-cuda", "small-cuda-f32", "small-cpu", "big-cuda", "big-torch"]:
         "backend", "device", "compute_dtype", "params", "seq_len", "tokens_per_step", "microbatches",
         "tokens_per_s", "step_s", "forward_s", "backward_s", "optimizer_s", "achieved_tflops", "mfu",
         "peak_memory_bytes", "host_elems_per_step"]}
+summary["nccl"] = s["nccl"]
 demo_log = os.path.join(out, "demo-cuda.json")
 demo_rc = open(os.path.join(out, "demo-cuda.rc")).read().strip() if os.path.exists(os.path.join(out, "demo-cuda.rc")) else "did not run"
 demo_tail = open(demo_log).read().strip().splitlines()[-4:] if os.path.exists(demo_log) else []

@@ -20,6 +20,20 @@ pub enum BenchCommand {
     /// synthetic tokens and report tokens/s, the step-time split, MFU and
     /// peak memory.
     Train(TrainArgs),
+    /// NCCL's collectives on burn's CUDA tensors over this machine's GPUs
+    /// (one thread per GPU), checked against host sums in f32 and bf16,
+    /// and the time of a 64 MiB all-reduce (needs the `cuda` feature).
+    Nccl(NcclArgs),
+}
+
+#[derive(Args)]
+pub struct NcclArgs {
+    /// GPUs to use, from the first visible one; all of them by default.
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,7 +101,53 @@ pub struct TrainArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Train(args) => train(args),
+        BenchCommand::Nccl(args) => nccl(args),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn nccl(args: NcclArgs) -> anyhow::Result<()> {
+    let visible = strata_worker::cuda::device_count()?;
+    let gpus = args.gpus.unwrap_or(visible);
+    if gpus == 0 || gpus > visible {
+        return Err(UserError(format!(
+            "--gpus {gpus}: this machine has {visible} visible GPUs"
+        ))
+        .into());
+    }
+    let report = strata_worker::nccl::conformance(gpus)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for c in &report.checks {
+            let verdict = if c.pass { "ok" } else { "FAILED" };
+            println!(
+                "{:<15} {:<5} {verdict} {}",
+                c.op,
+                c.dtype,
+                c.detail.as_deref().unwrap_or("")
+            );
+        }
+        println!(
+            "NCCL {} over {} GPUs: 64 MiB all-reduce {:.3} ms",
+            report.nccl_version,
+            report.world_size,
+            report.all_reduce_64mib_s * 1e3
+        );
+    }
+    if !report.pass {
+        anyhow::bail!("NCCL conformance failed");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: NcclArgs) -> anyhow::Result<()> {
+    Err(UserError(
+        "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"
+            .into(),
+    )
+    .into())
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {

@@ -8,10 +8,12 @@
 //! decoder, Megatron tensor-parallel, cut into autodiff segments at every
 //! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
-//! [`cpu`]: the CPU backend's fused head kernel.
+//! [`cpu`]: the CPU backend's kernels (head, AdamW, SwiGLU, RMSNorm,
+//! attention, projections).
 //! [`bench`]: the single-rank training benchmark behind `strata bench
 //! train`. [`cuda`] (feature `cuda`): finding the driver, NVRTC and
-//! the GPU before burn's CUDA backend touches them.
+//! the GPU before burn's CUDA backend touches them. [`nccl`] (feature
+//! `cuda`): NCCL collectives on burn's CUDA tensors.
 //! A worker never learns how it was launched: it is handed a coordinator
 //! address, a job and a rank.
 
@@ -21,6 +23,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod params;
 pub mod pipeline;
 pub mod run;

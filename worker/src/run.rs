@@ -226,10 +226,28 @@ fn train(
         stop_reason,
     };
     match device {
-        Device::Cpu => steps::<CpuBackend>(session, Default::default()),
+        Device::Cpu => steps::<CpuBackend>(session, Default::default(), None),
         #[cfg(feature = "cuda")]
         Device::Cuda(index) => {
-            steps::<Autodiff<crate::cuda::CudaFused>>(session, crate::cuda::device(index))
+            let mut session = session;
+            // Gradients are summed over dp by NCCL on the GPUs; the id
+            // travels over the host dp group this attempt's rendezvous set
+            // up.
+            let dp: Option<crate::train::DeviceDp<Autodiff<crate::cuda::CudaFused>>> =
+                if session.groups.dp.size() > 1 {
+                    let nccl = crate::nccl::NcclGroup::over(session.groups.dp.as_mut(), index)
+                        .map_err(|e| {
+                            WorkerError::Setup(format!(
+                                "NCCL for the data-parallel group on {}: {e}",
+                                hostname()
+                            ))
+                        })?;
+                    tracing::info!(rank = session.args.rank, "data-parallel sums over NCCL");
+                    Some(Box::new(nccl))
+                } else {
+                    None
+                };
+            steps::<Autodiff<crate::cuda::CudaFused>>(session, crate::cuda::device(index), dp)
         }
     }
 }
@@ -301,7 +319,11 @@ struct Session<'a> {
 }
 
 /// Builds the rank's model part on `device` and trains it to the end.
-fn steps<B: AutodiffBackend>(s: Session<'_>, device: B::Device) -> Result<(), WorkerError> {
+fn steps<B: AutodiffBackend>(
+    s: Session<'_>,
+    device: B::Device,
+    dp_device: Option<crate::train::DeviceDp<B>>,
+) -> Result<(), WorkerError> {
     let Session {
         rt,
         mut client,
@@ -328,6 +350,9 @@ fn steps<B: AutodiffBackend>(s: Session<'_>, device: B::Device) -> Result<(), Wo
         device,
     )
     .with_precision(recipe.precision);
+    if let Some(dp) = dp_device {
+        trainer = trainer.with_device_dp(dp);
+    }
     let layers = trainer.table().chunks.clone();
     tracing::info!(
         params = trainer.n_params(),

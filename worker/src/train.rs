@@ -279,7 +279,13 @@ pub struct Trainer<B: AutodiffBackend> {
     steps: u64,
     cfg: AdamWConfig,
     groups: Groups,
+    /// The data-parallel sum on device memory (NCCL), when the backend
+    /// has one; otherwise `groups.dp` through [`Staged`].
+    dp_device: Option<DeviceDp<B>>,
 }
+
+/// A data-parallel group's collectives on the trainer's device.
+pub type DeviceDp<B> = Box<dyn DeviceCollective<Inner<B>> + Send>;
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// The rank holding `table`'s parameters, initialised from `seed`.
@@ -340,6 +346,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             steps: 0,
             cfg,
             groups,
+            dp_device: None,
         };
         trainer.refresh_params();
         trainer
@@ -353,6 +360,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn with_precision(mut self, precision: Precision) -> Trainer<B> {
         self.model.set_precision(precision);
         self.refresh_params();
+        self
+    }
+
+    /// Sums gradients over the data-parallel replicas through `dp` (the
+    /// same members as the host dp group, which still carries the loss)
+    /// instead of staging them through host memory.
+    pub fn with_device_dp(mut self, dp: DeviceDp<B>) -> Trainer<B> {
+        assert_eq!(dp.size(), self.groups.dp.size(), "the dp group's members");
+        assert_eq!(dp.rank(), self.groups.dp.rank(), "this rank's place in dp");
+        self.dp_device = Some(dp);
         self
     }
 
@@ -583,7 +600,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         let t = Instant::now();
         let mut local_loss = [local_loss as f32];
         if self.groups.dp.size() > 1 {
-            let mut dp = Staged::new(self.groups.dp.as_mut(), BUCKET_ELEMS);
+            let mut staged;
+            let dp: &mut dyn DeviceCollective<Inner<B>> = match self.dp_device.as_deref_mut() {
+                Some(device) => device,
+                None => {
+                    staged = Staged::new(self.groups.dp.as_mut(), BUCKET_ELEMS);
+                    &mut staged
+                }
+            };
             for g in &mut grads {
                 *g = dp
                     .all_reduce_sum(g.clone())

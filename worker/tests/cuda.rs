@@ -2,7 +2,8 @@
 //! GPU, every entry point is an error that names what is missing, not a
 //! panic; on a machine with a GPU, a small model trains on it with the
 //! losses of the CPU run, step for step, and nothing model-sized crosses
-//! the host. `.ci/run` runs this file (where there is no GPU, the GPU test
+//! the host; NCCL conforms on every GPU present (or its absence is an
+//! error naming the library). `.ci/run` runs this file (where there is no GPU, the GPU test
 //! says that it was skipped and why).
 #![cfg(feature = "cuda")]
 
@@ -122,4 +123,25 @@ fn training_on_the_gpu_follows_the_cpu() {
         moved <= 2 * 4 * 32 + 2,
         "a step moved {moved} host elements"
     );
+}
+
+#[test]
+fn nccl_conforms_on_every_gpu_or_its_absence_is_named() {
+    use strata_worker::nccl;
+    if !nccl::library_present() {
+        let e = nccl::NcclId::new().err().expect("no NCCL, no id");
+        assert!(e.to_string().contains("libnccl.so.2"), "{e}");
+        let e = nccl::conformance(1).unwrap_err();
+        assert!(e.to_string().contains("LD_LIBRARY_PATH"), "{e}");
+        println!("skipped: NCCL conformance ({e})");
+        return;
+    }
+    match cuda::device_count() {
+        Ok(n) if n > 0 => {
+            let report = nccl::conformance(n).expect("NCCL conformance runs");
+            assert!(report.pass, "{report:?}");
+            assert_eq!(report.checks.len(), 8 * n);
+        }
+        other => println!("skipped: NCCL is here but no GPU ({other:?})"),
+    }
 }

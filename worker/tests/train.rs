@@ -6,7 +6,11 @@
 //! flex, the backend workers train on (its head runs the CPU kernel).
 
 use burn::backend::{Autodiff, Flex};
+use burn::tensor::Tensor;
 use strata_recipe::{AdamWConfig, Layout, ModelConfig, Precision};
+use strata_worker::collective::{
+    Collective, DeviceCollective, LocalCollective, Result as CResult, Staged, local_group,
+};
 use strata_worker::params::ParamTable;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
@@ -81,7 +85,7 @@ fn train(cfg: &ModelConfig, layout: Layout, m: usize, steps: usize) -> Run {
 
 /// The same with `chunks` model chunks per stage (interleaved 1F1B).
 fn train_chunks(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) -> Run {
-    train_in(cfg, layout, m, chunks, steps, Precision::F32)
+    train_in(cfg, layout, m, chunks, steps, Precision::F32, false)
 }
 
 /// [`train_chunks`] computing in `precision`.
@@ -92,18 +96,34 @@ fn train_in(
     chunks: u32,
     steps: usize,
     precision: Precision,
+    device_dp: bool,
 ) -> Run {
     let tokens = 512;
     let world = Groups::local_world(layout, cfg.tie_embeddings, chunks);
+    // With `device_dp` (tp = pp = 1), gradients are summed through a
+    // device collective of their own rather than the host dp group.
+    let mut device: Vec<Option<LocalCollective>> = if device_dp {
+        assert_eq!((layout.tp, layout.pp), (1, 1), "one member per dp rank");
+        local_group(layout.dp as usize)
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        (0..layout.dp).map(|_| None).collect()
+    };
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = world
             .into_iter()
             .map(|(c, groups)| {
+                let device = device[c.dp as usize].take();
                 s.spawn(move || {
                     let table = ParamTable::interleaved(cfg, layout, c, chunks);
                     let mut trainer =
                         Trainer::<B>::new(cfg, table, 7, adamw(), groups, Default::default())
                             .with_precision(precision);
+                    if let Some(member) = device {
+                        trainer = trainer.with_device_dp(Box::new(OnDevice(member)));
+                    }
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for step in 0..steps {
                         let seq = seq_of(step);
@@ -245,13 +265,75 @@ fn every_layout_matches_one_process() {
     }
 }
 
+/// All-reduces [`OnDevice`] ran, over the test binary.
+static ON_DEVICE_SUMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A device collective of its own (as NCCL is beside the host groups):
+/// the in-process backend through a staging copy, in small calls.
+struct OnDevice(LocalCollective);
+
+impl DeviceCollective<Flex> for OnDevice {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn all_reduce_sum(&mut self, t: Tensor<Flex, 1>) -> CResult<Tensor<Flex, 1>> {
+        ON_DEVICE_SUMS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Staged::new(&mut self.0, 1000).all_reduce_sum(t)
+    }
+    fn reduce_scatter_sum(&mut self, t: Tensor<Flex, 1>) -> CResult<Tensor<Flex, 1>> {
+        Staged::new(&mut self.0, 1000).reduce_scatter_sum(t)
+    }
+    fn all_gather(&mut self, t: Tensor<Flex, 1>) -> CResult<Tensor<Flex, 1>> {
+        Staged::new(&mut self.0, 1000).all_gather(t)
+    }
+    fn broadcast(&mut self, root: usize, t: Tensor<Flex, 1>) -> CResult<Tensor<Flex, 1>> {
+        Staged::new(&mut self.0, 1000).broadcast(root, t)
+    }
+}
+
+#[test]
+fn a_device_collective_for_dp_gives_the_host_groups_results() {
+    // Two replicas: each element's sum is a + b in either order, so the
+    // result is the same bit for bit however the buffers are cut.
+    let cfg = tiny(true);
+    let layout = Layout::new(1, 1, 2);
+    let host = train(&cfg, layout, 2, 3);
+    let before = ON_DEVICE_SUMS.load(std::sync::atomic::Ordering::SeqCst);
+    let device = train_in(&cfg, layout, 2, 1, 3, Precision::F32, true);
+    // Every bucket of every step on both replicas went through it.
+    let sums = ON_DEVICE_SUMS.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        sums >= 3 * 2,
+        "{sums} all-reduces through the device collective"
+    );
+    assert_eq!(device.losses, host.losses);
+    assert_eq!(device.norms, host.norms);
+    for ((name, x), (_, y)) in device.params.iter().zip(&host.params) {
+        assert!(
+            x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn bf16_mixed_precision_follows_f32() {
     let steps = 6;
     for tie in [true, false] {
         let cfg = tiny(tie);
         let f32_run = train(&cfg, Layout::new(1, 1, 1), 1, steps);
-        let one = train_in(&cfg, Layout::new(1, 1, 1), 1, 1, steps, Precision::Bf16);
+        let one = train_in(
+            &cfg,
+            Layout::new(1, 1, 1),
+            1,
+            1,
+            steps,
+            Precision::Bf16,
+            false,
+        );
         assert!(
             one.losses[steps - 1] < one.losses[0] - 0.5,
             "bf16 learns: {:?}",
@@ -269,7 +351,7 @@ fn bf16_mixed_precision_follows_f32() {
         // rounding.
         for (tp, pp, dp, m) in [(2, 2, 1, 2), (1, 1, 2, 2)] {
             let layout = Layout::new(tp, pp, dp);
-            let run = train_in(&cfg, layout, m, 1, steps, Precision::Bf16);
+            let run = train_in(&cfg, layout, m, 1, steps, Precision::Bf16, false);
             for (s, (x, y)) in run.losses.iter().zip(&one.losses).enumerate() {
                 let rel = (x - y).abs() / y;
                 assert!(
