@@ -220,11 +220,7 @@ impl NcclGroup {
                     gpu: self.gpu,
                     what: format!("the tensor's device memory: {e:?}"),
                 })?;
-        let elem = if dtype == sys::ncclDataType_t::ncclFloat32 {
-            4
-        } else {
-            2
-        };
+        let elem = elem_bytes(dtype);
         let ptr = resource.resource().ptr;
         if (resource.resource().size as usize) < len * elem {
             return Err(NcclError::Shape {
@@ -257,6 +253,15 @@ impl Drop for NcclGroup {
         unsafe {
             let _ = result::comm_destroy(self.comm);
         }
+    }
+}
+
+/// Bytes per element of the dtypes carried (f32, bf16).
+fn elem_bytes(dtype: sys::ncclDataType_t) -> usize {
+    if dtype == sys::ncclDataType_t::ncclFloat32 {
+        4
+    } else {
+        2
     }
 }
 
@@ -320,11 +325,7 @@ impl DeviceCollective<CudaFused> for NcclGroup {
         // In place: member r's part r of the buffer receives the result.
         let out = self
             .in_place("reduce_scatter", t, |g, ptr, len, dtype| {
-                let elem = if dtype == sys::ncclDataType_t::ncclFloat32 {
-                    4
-                } else {
-                    2
-                };
+                let elem = elem_bytes(dtype);
                 // SAFETY: as in all_reduce; the receive buffer is part
                 // `rank` of the same buffer, which NCCL allows in place.
                 let r = unsafe {
@@ -357,11 +358,7 @@ impl DeviceCollective<CudaFused> for NcclGroup {
         parts[rank] = t;
         let whole = Tensor::cat(parts, 0);
         self.in_place("all_gather", whole, |g, ptr, total, dtype| {
-            let elem = if dtype == sys::ncclDataType_t::ncclFloat32 {
-                4
-            } else {
-                2
-            };
+            let elem = elem_bytes(dtype);
             // SAFETY: as in all_reduce; the send buffer is part `rank` of
             // the receive buffer, which NCCL allows in place.
             let r = unsafe {
