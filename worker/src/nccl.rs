@@ -32,12 +32,12 @@ pub enum NcclError {
         "NCCL (libnccl.so.2) was not found: put a CUDA toolkit's lib64, or the lib directory of PyTorch's nvidia-nccl pip package, on LD_LIBRARY_PATH (scripts/gpu-env.sh does)"
     )]
     NoLibrary,
-    #[error("NCCL {op} failed with {status:?} (group rank {rank} of {size})")]
+    #[error("NCCL {op} failed with {status:?} ({place})")]
     Call {
         op: &'static str,
         status: sys::ncclResult_t,
-        rank: usize,
-        size: usize,
+        /// Which member, or this process before there is a group.
+        place: String,
     },
     #[error("GPU {gpu}: {what}")]
     Device { gpu: usize, what: String },
@@ -45,6 +45,22 @@ pub enum NcclError {
     Shape { op: &'static str, what: String },
     #[error("exchanging the NCCL id over the host group: {0}")]
     Host(#[from] CollectiveError),
+}
+
+/// The error of NCCL call `op` made at `place`.
+fn failed(
+    op: &'static str,
+    place: impl Into<String>,
+) -> impl FnOnce(result::NcclError) -> NcclError {
+    move |e| NcclError::Call {
+        op,
+        status: e.0,
+        place: place.into(),
+    }
+}
+
+fn member_of(rank: usize, size: usize) -> String {
+    format!("group rank {rank} of {size}")
 }
 
 /// Whether the NCCL library can be loaded.
@@ -65,12 +81,7 @@ impl NcclId {
         if !library_present() {
             return Err(NcclError::NoLibrary);
         }
-        let id = result::get_uniqueid().map_err(|e| NcclError::Call {
-            op: "get_unique_id",
-            status: e.0,
-            rank: 0,
-            size: 0,
-        })?;
+        let id = result::get_uniqueid().map_err(failed("get_unique_id", "this process"))?;
         Ok(NcclId(id.internal.map(|c| c as u8)))
     }
 
@@ -131,14 +142,8 @@ impl NcclGroup {
         #[allow(unsafe_code)]
         let comm = unsafe {
             ctx.bind_to_thread().map_err(|e| device(&e))?;
-            result::comm_init_rank(comm.as_mut_ptr(), size as i32, unique, rank as i32).map_err(
-                |e| NcclError::Call {
-                    op: "comm_init_rank",
-                    status: e.0,
-                    rank,
-                    size,
-                },
-            )?;
+            result::comm_init_rank(comm.as_mut_ptr(), size as i32, unique, rank as i32)
+                .map_err(failed("comm_init_rank", member_of(rank, size)))?;
             comm.assume_init()
         };
         Ok(NcclGroup {
@@ -168,12 +173,8 @@ impl NcclGroup {
         op: &'static str,
         r: Result<result::NcclStatus, result::NcclError>,
     ) -> Result<(), NcclError> {
-        r.map(|_| ()).map_err(|e| NcclError::Call {
-            op,
-            status: e.0,
-            rank: self.rank,
-            size: self.size,
-        })
+        r.map(|_| ())
+            .map_err(failed(op, member_of(self.rank, self.size)))
     }
 
     /// Runs `f` with the device address of a fresh copy of `t` (`len`
@@ -266,10 +267,7 @@ fn elem_bytes(dtype: sys::ncclDataType_t) -> usize {
 }
 
 fn to_collective(e: NcclError) -> CollectiveError {
-    CollectiveError::Io {
-        peer: 0,
-        source: std::io::Error::other(e.to_string()),
-    }
+    CollectiveError::Device(e.to_string())
 }
 
 #[allow(unsafe_code)] // NCCL's raw interface on addresses checked above
@@ -443,12 +441,7 @@ pub fn conformance(gpus: usize) -> Result<Conformance, NcclError> {
     if !library_present() {
         return Err(NcclError::NoLibrary);
     }
-    let version = result::get_nccl_version().map_err(|e| NcclError::Call {
-        op: "get_version",
-        status: e.0,
-        rank: 0,
-        size: gpus,
-    })?;
+    let version = result::get_nccl_version().map_err(failed("get_version", "this process"))?;
     let id = NcclId::new()?;
     let results: Vec<Result<(Vec<Check>, f64), NcclError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..gpus)

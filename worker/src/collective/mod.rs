@@ -113,6 +113,10 @@ pub enum CollectiveError {
     },
     #[error("link to group rank {peer}: {source}")]
     Io { peer: usize, source: std::io::Error },
+    /// A device collective (NCCL) failed on this member's side; no peer
+    /// is known to be the cause.
+    #[error("on the device: {0}")]
+    Device(String),
 }
 
 impl CollectiveError {
@@ -123,7 +127,9 @@ impl CollectiveError {
             | CollectiveError::WrongMessage { peer, .. }
             | CollectiveError::SizeMismatch { peer, .. }
             | CollectiveError::Io { peer, .. } => Some(*peer),
-            CollectiveError::NoSuchPeer { .. } | CollectiveError::BadBuffer { .. } => None,
+            CollectiveError::NoSuchPeer { .. }
+            | CollectiveError::BadBuffer { .. }
+            | CollectiveError::Device(_) => None,
         }
     }
 }
