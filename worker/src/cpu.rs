@@ -50,7 +50,7 @@ mod attention;
 mod linear;
 mod norm;
 
-pub use attention::{RopeTables, causal_attention, has_kernel};
+pub use attention::{Qkv, RopeTables, causal_attention};
 pub use linear::matmul;
 pub use norm::rms_norm;
 

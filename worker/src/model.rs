@@ -35,8 +35,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use strata_recipe::ModelConfig;
-use strata_recipe::Precision;
+use strata_recipe::{ModelConfig, Precision};
 
 use crate::collective::{Collective, CollectiveError};
 use crate::cpu;
@@ -334,9 +333,10 @@ pub fn causal_attention<X: Backend>(
     let [b, t, h, hd] = q.dims();
     let kv = k.dims()[2];
     let scale = 1.0 / (hd as f64).sqrt();
-    if cpu::has_kernel::<X>() && q.dtype() == DType::F32 {
-        return cpu::causal_attention(q, k, v, &rope.tables, scale as f32);
-    }
+    let (q, k, v) = match cpu::causal_attention(q, k, v, &rope.tables, scale as f32) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
     let q = rope.apply(q, scale);
     let k = rope.apply(k, 1.0);
     let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));

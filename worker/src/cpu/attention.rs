@@ -27,8 +27,8 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::{
-    AutodiffTensor, Strided, exp, exp_shifted_in_place, flex_of, from_flex, from_primitive,
-    gemm_into, into_flex, into_primitive, is_flex, max_of, primitive_is, values,
+    AutodiffTensor, Strided, exp, exp_shifted_in_place, f32_pair, flex_of, from_flex,
+    from_primitive, gemm_into, into_flex, into_primitive, is_flex, max_of, primitive_is, values,
 };
 
 /// Query rows per block: the scores of a block are `[BLOCK, t]`.
@@ -64,23 +64,25 @@ impl RopeTables {
     }
 }
 
-/// Whether `X` runs [`causal_attention`] (flex, with or without
-/// autodiff).
-pub fn has_kernel<X: Backend>() -> bool {
-    is_flex::<X>() || primitive_is::<X, AutodiffTensor>()
-}
+/// The inputs [`causal_attention`] hands back when it does not run.
+pub type Qkv<X> = (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>);
 
 /// `softmax(mask(rope(q)·rope(k)ᵀ · scale)) · v` per head, causal: `q`
 /// is `[b, t, h, hd]`, `k` and `v` `[b, t, kv, hd]` (query head `i` reads
 /// KV head `i / (h / kv)`), positions from 0; the result is `[b, t, h,
-/// hd]`. Panics unless [`has_kernel::<X>`](has_kernel).
+/// hd]`. On flex (with or without autodiff) and f32; `Err` with the
+/// inputs otherwise.
 pub fn causal_attention<X: Backend>(
     q: Tensor<X, 4>,
     k: Tensor<X, 4>,
     v: Tensor<X, 4>,
     rope: &RopeTables,
     scale: f32,
-) -> Tensor<X, 4> {
+) -> Result<Tensor<X, 4>, Qkv<X>> {
+    let kernel = is_flex::<X>() || primitive_is::<X, AutodiffTensor>();
+    if !kernel || !f32_pair(&q, &k) || !f32_pair(&q, &v) {
+        return Err((q, k, v));
+    }
     let [b, t, h, hd] = q.dims();
     let [kb, kt, kv, khd] = k.dims();
     assert_eq!([kb, kt, khd], [b, t, hd], "keys match the queries");
@@ -97,7 +99,7 @@ pub fn causal_attention<X: Backend>(
     if is_flex::<X>() {
         let (q, k, v) = (into_flex(q), into_flex(k), into_flex(v));
         let (out, _) = config.forward(&values(&q), &values(&k), &values(&v));
-        return from_flex(flex_of(out, &q));
+        return Ok(from_flex(flex_of(out, &q)));
     }
     let q: AutodiffTensor = into_primitive(q);
     let k: AutodiffTensor = into_primitive(k);
@@ -112,7 +114,7 @@ pub fn causal_attention<X: Backend>(
         &values(&v.primitive),
     );
     let out = flex_of(out, &q.primitive);
-    from_primitive(match prep {
+    Ok(from_primitive(match prep {
         OpsKind::Tracked(prep) => {
             let state = Saved {
                 q: q.primitive,
@@ -125,7 +127,7 @@ pub fn causal_attention<X: Backend>(
             prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    }))
 }
 
 #[derive(Debug, Clone, Copy)]
