@@ -474,13 +474,15 @@ fn member(rank: usize, n: usize, id: NcclId) -> Result<(Vec<Check>, f64), NcclEr
     let device = crate::cuda::device(rank);
     let len = 6 * n;
     let host = |v: Vec<f32>, dtype: DType| {
+        let n = v.len();
         in_dtype(
-            crate::model::from_vec::<CudaFused, 1>(v, [len.max(1)], &device),
+            crate::model::from_vec::<CudaFused, 1>(v, [n], &device),
             dtype,
         )
     };
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
     let sum: Vec<f32> = (0..len)
-        .map(|i| (0..n).map(|r| input(r, len)[i]).sum())
+        .map(|i| inputs.iter().map(|x| x[i]).sum())
         .collect();
     let mut checks = Vec::new();
     let mut check = |op: &'static str, dtype: &'static str, got: Vec<f32>, want: &[f32]| {
@@ -505,7 +507,7 @@ fn member(rank: usize, n: usize, id: NcclId) -> Result<(Vec<Check>, f64), NcclEr
         what: e.to_string(),
     };
     for (dtype, name) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
-        let mine = || host(input(rank, len), dtype);
+        let mine = || host(inputs[rank].clone(), dtype);
         let got = g.all_reduce_sum(mine()).map_err(err)?;
         check("all_reduce", name, crate::model::to_vec(got), &sum);
         let got = g.reduce_scatter_sum(mine()).map_err(err)?;
@@ -515,21 +517,12 @@ fn member(rank: usize, n: usize, id: NcclId) -> Result<(Vec<Check>, f64), NcclEr
             crate::model::to_vec(got),
             &sum[rank * 6..rank * 6 + 6],
         );
-        let part = in_dtype(
-            crate::model::from_vec::<CudaFused, 1>(input(rank, 6), [6], &device),
-            dtype,
-        );
-        let got = g.all_gather(part).map_err(err)?;
+        let got = g.all_gather(host(input(rank, 6), dtype)).map_err(err)?;
         let all: Vec<f32> = (0..n).flat_map(|r| input(r, 6)).collect();
         check("all_gather", name, crate::model::to_vec(got), &all);
         let root = n - 1;
         let got = g.broadcast(root, mine()).map_err(err)?;
-        check(
-            "broadcast",
-            name,
-            crate::model::to_vec(got),
-            &input(root, len),
-        );
+        check("broadcast", name, crate::model::to_vec(got), &inputs[root]);
     }
     let big = Tensor::<CudaFused, 1>::ones([16 << 20], &device);
     let big = g.all_reduce_sum(big).map_err(err)?;
