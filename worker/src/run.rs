@@ -26,9 +26,10 @@ use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
 
 /// The CPU backend workers train on: burn-flex (gemm matmuls with AVX-512
 /// where the CPU has it, SIMD elementwise kernels, rayon threads) with
-/// autodiff, and strata's own kernels for the head, SwiGLU and AdamW
-/// (`cpu`); 5.4× NdArray's tokens/s on the 4-layer shape and 2.2× on the
-/// 124M one (`bench/cpu-pair.sh`, 2 cores).
+/// autodiff, and strata's own kernels for the head, attention, RMSNorm,
+/// SwiGLU, the projections and AdamW (`cpu`); 8.3× NdArray's tokens/s on
+/// the 4-layer shape and 3.1× on the 124M one (`bench/cpu-pair.sh`, 2
+/// cores).
 pub type CpuBackend = Autodiff<burn::backend::Flex>;
 
 /// What a worker is started with.
