@@ -213,12 +213,55 @@ impl Planner {
         (p.end - p.start) / self.sources[i].batch
     }
 
-    /// Plans the step at `cursor` and advances it.
-    pub fn next(&self, cursor: &mut Cursor) -> PlannedStep {
+    /// Whether `cursor` is a position in this plan: one count per bucket
+    /// the curriculum draws from, a cycle that exists, no bucket drawn past
+    /// its part of the cycle. A cursor saved under another dataset or
+    /// curriculum fails here, naming what does not fit, rather than
+    /// silently starting over.
+    pub fn check(&self, cursor: &Cursor) -> Result<(), LoaderError> {
+        let bad = |m: String| {
+            Err(LoaderError::Config(format!(
+                "the loader cursor at step {}: {m}",
+                cursor.step
+            )))
+        };
         if cursor.used.len() != self.sources.len() {
-            // A cursor from another dataset or curriculum: start its cycle over.
-            cursor.used = vec![0; self.sources.len()];
+            let lens: Vec<String> = self.sources.iter().map(|s| s.seq_len.to_string()).collect();
+            return bad(format!(
+                "counts draws from {} buckets, but this dataset and curriculum draw from {} ({})",
+                cursor.used.len(),
+                self.sources.len(),
+                lens.join(", ")
+            ));
         }
+        if cursor.cycle >= self.cycles {
+            return bad(format!(
+                "is in cycle {} of a curriculum with {} cycles",
+                cursor.cycle, self.cycles
+            ));
+        }
+        for (i, (&used, s)) in cursor.used.iter().zip(&self.sources).enumerate() {
+            let max = self.steps_in_part(i, cursor.cycle);
+            if used > max {
+                return bad(format!(
+                    "took {used} steps from the bucket of {} tokens, which holds {max} in cycle {}",
+                    s.seq_len, cursor.cycle
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans the step at `cursor` and advances it.
+    ///
+    /// # Panics
+    /// If `cursor` is not a position in this plan (see [`Planner::check`]).
+    pub fn next(&self, cursor: &mut Cursor) -> PlannedStep {
+        assert_eq!(
+            cursor.used.len(),
+            self.sources.len(),
+            "a cursor of another plan (Planner::check refuses it)"
+        );
         loop {
             let weights: Vec<f64> = (0..self.sources.len())
                 .map(|i| {
@@ -329,6 +372,9 @@ impl Loader {
         cursor: Option<Cursor>,
     ) -> Result<Loader, LoaderError> {
         let planner = Planner::new(&manifest, cfg)?;
+        if let Some(c) = &cursor {
+            planner.check(c)?;
+        }
         let cursor = cursor.unwrap_or_else(|| planner.start());
         let shard_starts = manifest
             .buckets

@@ -83,6 +83,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// CRC-32 of the manifest's JSON: equal for two copies of a dataset
+    /// (the JSON lists every shard's own CRC-32), different for another
+    /// decomposition. A checkpoint records it, so that a resumed loader
+    /// cursor is only ever applied to the data it counted.
+    pub fn fingerprint(&self) -> u32 {
+        crc32fast::hash(&serde_json::to_vec(self).expect("a manifest serializes"))
+    }
+
     pub fn bucket(&self, seq_len: u64) -> Option<&BucketInfo> {
         self.buckets.iter().find(|b| b.seq_len == seq_len)
     }

@@ -499,6 +499,52 @@ async fn resuming_from_a_cursor_continues_the_same_stream() {
     assert_eq!(got, expected);
 }
 
+/// A cursor saved under another plan is refused with what does not fit,
+/// never silently restarted: fewer buckets (a shorter context), fewer
+/// cycles, or a count past what its bucket holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_another_plan_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loc, m) = synthetic(dir.path(), 3, 6, 128).await;
+    let c = cfg(Curriculum::Named(NamedCurriculum::GrowLinear), 3, 128, 0, 1);
+    let mut loader = Loader::new(loc.clone(), m.clone(), &c, None).unwrap();
+    for _ in 0..60 {
+        loader.next_batch().await.unwrap();
+    }
+    let saved = loader.cursor().clone();
+    assert!(saved.cycle > 0, "the cursor has left the first cycle");
+    let err =
+        |cfg: &LoaderConfig, cursor| match Loader::new(loc.clone(), m.clone(), cfg, Some(cursor)) {
+            Ok(_) => panic!("a cursor of another plan was taken"),
+            Err(e) => e.to_string(),
+        };
+    let shorter = LoaderConfig {
+        max_seq_len: Some(32),
+        ..c.clone()
+    };
+    let e = err(&shorter, saved.clone());
+    assert!(
+        e.contains("step 60") && e.contains("4 buckets") && e.contains("draw from 3"),
+        "{e}"
+    );
+    let e = err(
+        &LoaderConfig {
+            cycles: 1,
+            ..c.clone()
+        },
+        saved.clone(),
+    );
+    assert!(e.contains("cycle") && e.contains("1 cycles"), "{e}");
+    let mut over = saved.clone();
+    over.used[0] = 1_000;
+    let e = err(&c, over);
+    assert!(
+        e.contains("took 1000 steps from the bucket of 8 tokens"),
+        "{e}"
+    );
+    assert!(Loader::new(loc, m, &c, Some(saved)).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dataset_that_cannot_feed_the_step_is_refused_with_the_numbers() {
     let dir = tempfile::tempdir().unwrap();

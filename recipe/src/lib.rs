@@ -16,6 +16,7 @@ pub mod layout;
 pub mod model;
 pub mod plan;
 pub mod quantity;
+pub mod resume;
 pub mod schedule;
 pub mod spec;
 mod validate;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use layout::{Coords, Layout, Rank};
 pub use model::ModelConfig;
 pub use quantity::{CurriculumSpec as Curriculum, NamedCurriculum, Quantity};
+pub use resume::resume_conflicts;
 pub use schedule::{Decay, DecayShape, Phase, PowerLaw, Schedule, ScheduleKind};
 pub use spec::RecipeSpec;
 

@@ -8,6 +8,8 @@
 //! decoder, Megatron tensor-parallel, cut into autodiff segments at every
 //! collective. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
+//! [`checkpoint`]: sharded checkpoints on object storage, written in the
+//! background and read back under any layout.
 //! [`cpu`]: the CPU backend's kernels (head, AdamW, SwiGLU, RMSNorm,
 //! attention, projections).
 //! [`bench`]: the single-rank training benchmark behind `strata bench
@@ -18,6 +20,7 @@
 //! address, a job and a rank.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod collective;
 pub mod cpu;
 #[cfg(feature = "cuda")]

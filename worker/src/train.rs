@@ -409,6 +409,50 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
+    /// Whether every rank of the job passed `ok = true`: a flag reduced
+    /// over the tensor-, pipeline- and data-parallel groups in turn, which
+    /// together span the world. Every rank must call it.
+    pub fn all_ok(&mut self, ok: bool) -> Result<bool, TrainError> {
+        let mut bad = [if ok { 0.0f32 } else { 1.0 }];
+        for (kind, g) in [
+            (GroupKind::Tensor, &mut self.groups.tp),
+            (GroupKind::Pipeline, &mut self.groups.pp),
+            (GroupKind::Data, &mut self.groups.dp),
+        ] {
+            g.all_reduce_max(&mut bad).map_err(in_group(kind))?;
+        }
+        Ok(bad[0] == 0.0)
+    }
+
+    /// Continues from a checkpoint: the master weights (the table's flat
+    /// layout) and AdamW's state replace the trainer's, on its device.
+    ///
+    /// # Panics
+    /// If a buffer's length is not the table's.
+    pub fn restore(&mut self, master: &[f32], state: &AdamWState) {
+        let n = self.n_params();
+        for (what, len) in [
+            ("master weights", master.len()),
+            ("exp_avg", state.m.len()),
+            ("exp_avg_sq", state.v.len()),
+        ] {
+            assert_eq!(len, n, "restored {what} for a table of {n} elements");
+        }
+        self.model.release_params();
+        let device = self.model.device().clone();
+        let upload = |flat: &[f32]| -> Vec<Tensor<Inner<B>, 1>> {
+            self.buckets
+                .iter()
+                .map(|b| from_vec(flat[b.range.clone()].to_vec(), [b.range.len()], &device))
+                .collect()
+        };
+        self.master = upload(master);
+        self.m = upload(&state.m);
+        self.v = upload(&state.v);
+        self.steps = state.step;
+        self.refresh_params();
+    }
+
     fn flat_on_host(&self, buckets: &[Tensor<Inner<B>, 1>]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n_params());
         for t in buckets {

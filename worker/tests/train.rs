@@ -7,7 +7,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
-use strata_recipe::{AdamWConfig, Layout, ModelConfig, Precision};
+use strata_recipe::{Layout, ModelConfig, Precision};
 use strata_worker::collective::{
     Collective, DeviceCollective, LocalCollective, Result as CResult, Staged, local_group,
 };
@@ -16,59 +16,8 @@ use strata_worker::train::{Groups, LocalBatch, Trainer};
 
 type B = Autodiff<Flex>;
 
-const LR: f64 = 3e-3;
-
-fn tiny(tie: bool) -> ModelConfig {
-    ModelConfig {
-        n_layers: 3,
-        d_model: 32,
-        n_heads: 4,
-        n_kv_heads: 2,
-        d_ffn: 88,
-        vocab_size: 250,
-        padded_vocab_size: 256,
-        max_seq_len: 32,
-        rope_theta: 10000.0,
-        tie_embeddings: tie,
-    }
-}
-
-fn adamw() -> AdamWConfig {
-    AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    }
-}
-
-/// A global batch of `rows` sequences: a noisy repeating pattern, so there
-/// is something to learn.
-fn batch(step: usize, rows: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut inputs = Vec::new();
-    let mut targets = Vec::new();
-    for r in 0..rows {
-        let mut x = (step * 7919 + r * 104_729) as u64;
-        let row: Vec<u32> = (0..=seq)
-            .map(|i| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let noise = (x >> 60) as u32;
-                (((i + r) % 17) as u32 * 13 + if noise == 0 { 5 } else { 0 }) % 250
-            })
-            .collect();
-        inputs.extend_from_slice(&row[..seq]);
-        targets.extend_from_slice(&row[1..]);
-    }
-    (inputs, targets)
-}
-
-/// The sequence length of a step: the curriculum's bucket changes.
-fn seq_of(step: usize) -> usize {
-    [16, 8, 32, 8, 16, 32][step % 6]
-}
+mod common;
+use common::{LR, adamw, batch, seq_of, tiny};
 
 struct Run {
     losses: Vec<f64>,

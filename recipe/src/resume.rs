@@ -1,0 +1,127 @@
+//! What a run may change when it continues from a checkpoint.
+//!
+//! A checkpoint holds the model's parameters, the optimizer's moments and
+//! the data loader's cursor. Whatever those depend on must not change:
+//! every field of `[model]` (the parameters' shapes and what they mean),
+//! the seed (it keys the curriculum's generator), and the curriculum, its
+//! cycles and the tokens per step (the cursor counts steps of that plan).
+//! Everything else may: the parallel layout (checkpoints are resharded
+//! from their logical slices), the total tokens, the learning-rate
+//! schedule (a WSD cooldown branched from a stable-phase checkpoint), the
+//! optimizer's hyperparameters, the device and precision, checkpointing
+//! itself. The dataset may move to another URL if its contents are the
+//! same (the worker compares the dataset's fingerprint).
+
+use crate::{Problem, Recipe};
+
+/// The fields of `now` that cannot continue a run saved under `saved`,
+/// each naming the field and both values. Empty when `now` can resume.
+pub fn resume_conflicts(saved: &Recipe, now: &Recipe) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut differ = |field: &str, a: String, b: String| {
+        if a != b {
+            out.push(Problem {
+                field: field.to_string(),
+                message: format!(
+                    "was {a} when the checkpoint was saved, now {b}; a checkpoint continues only the run it was saved from"
+                ),
+            });
+        }
+    };
+    match (
+        toml::Value::try_from(saved.model),
+        toml::Value::try_from(now.model),
+    ) {
+        (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let show = |v: Option<&toml::Value>| v.map_or("absent".into(), |v| v.to_string());
+                differ(&format!("model.{k}"), show(a.get(k)), show(b.get(k)));
+            }
+        }
+        _ => differ(
+            "model",
+            format!("{:?}", saved.model),
+            format!("{:?}", now.model),
+        ),
+    }
+    differ("seed", saved.seed.to_string(), now.seed.to_string());
+    differ(
+        "data.curriculum",
+        format!("{:?}", saved.data.curriculum),
+        format!("{:?}", now.data.curriculum),
+    );
+    differ(
+        "data.cycles",
+        saved.data.cycles.to_string(),
+        now.data.cycles.to_string(),
+    );
+    differ(
+        "data.tokens_per_step",
+        saved.data.tokens_per_step.to_string(),
+        now.data.tokens_per_step.to_string(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = include_str!("../../examples/tiny-cpu.toml");
+
+    fn recipe(edit: &[(&str, &str)]) -> Recipe {
+        let mut text = BASE.to_string();
+        for (from, to) in edit {
+            assert!(text.contains(from), "{from}");
+            text = text.replacen(from, to, 1);
+        }
+        Recipe::from_toml_str(&text, "t").unwrap()
+    }
+
+    #[test]
+    fn layout_length_and_schedule_may_change() {
+        let saved = recipe(&[]);
+        let now = recipe(&[
+            ("dp = 2", "dp = 1"),
+            ("total_tokens = \"2.4576M\"", "total_tokens = \"4.9152M\""),
+            ("decay_tokens = 491520", "decay_tokens = 983040"),
+            ("lr = 3e-3", "lr = 2e-3"),
+        ]);
+        assert_eq!(resume_conflicts(&saved, &now), []);
+    }
+
+    #[test]
+    fn the_model_and_the_data_plan_may_not() {
+        let saved = recipe(&[]);
+        let now = recipe(&[
+            ("d_ffn = 352", "d_ffn = 384"),
+            ("vocab_size = 50257", "vocab_size = 50000"),
+            ("seed = 1234", "seed = 1"),
+            ("tokens_per_step = 8192", "tokens_per_step = 16384"),
+            ("cycles = 8", "cycles = 4"),
+        ]);
+        let fields: Vec<String> = resume_conflicts(&saved, &now)
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "model.d_ffn",
+                "model.padded_vocab_size",
+                "model.vocab_size",
+                "seed",
+                "data.cycles",
+                "data.tokens_per_step"
+            ]
+        );
+        let p = &resume_conflicts(&saved, &recipe(&[("d_ffn = 352", "d_ffn = 384")]))[0];
+        assert!(
+            p.message.contains("352") && p.message.contains("384"),
+            "{p}"
+        );
+    }
+}

@@ -1,0 +1,809 @@
+//! Sharded checkpoints on object storage, read back under any layout.
+//!
+//! A checkpoint of step `n` lives under `<root>/step-0000000n/`:
+//!
+//! ```text
+//! model/pp00-tp01.safetensors   parameters (master weights, f32)
+//! optim/pp00-tp01.safetensors   AdamW's moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
+//! manifest.json                 written last: a checkpoint without it does not exist
+//! ```
+//!
+//! Each tensor is keyed by its logical name (the [`ParamTable`]'s) and
+//! holds one slice of the full tensor; the manifest lists every file with
+//! its size, CRC-32 and tensors (name, full shape, slice), and the run's
+//! step, tokens seen, layout, recipe, loader cursor and attempt. Every
+//! element is written once: only data-parallel replica 0 writes, only the
+//! first tensor-parallel holder of a slice (replicated norm gains, KV heads
+//! shared by several ranks), and never the last stage's mirror of a tied
+//! embedding. A rank reading it back cuts the slices its own table needs
+//! out of whichever files hold them, so a run resumes on another
+//! (tp, pp, dp) layout from the same files.
+//!
+//! Saving is in two parts: [`Snapshot::take`] copies the rank's state to
+//! host memory (the only time the step stalls), and a [`Saver`] thread
+//! encodes and uploads it while training goes on, retrying failed writes.
+//! Once every writing rank's files are up, one party [`commit`]s the
+//! manifest.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use strata_dataplane::loader::Cursor;
+use strata_dataplane::store::{Location, StoreError};
+use strata_recipe::ModelConfig;
+
+use crate::params::{ParamSlot, ParamTable, logical_params};
+use crate::train::AdamWState;
+
+/// The manifest's `format`.
+pub const FORMAT: &str = "strata-checkpoint";
+/// The manifest's `version`; a reader refuses others.
+pub const VERSION: u32 = 1;
+/// Attempts at each object write before a save is given up.
+const WRITE_ATTEMPTS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An object that does not hold what the manifest says it does.
+    #[error("{url}: {why}")]
+    Corrupt { url: String, why: String },
+    /// A checkpoint that cannot serve: incomplete, or of another model.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// Which of a parameter's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The master weights.
+    Param,
+    /// AdamW's first moment.
+    ExpAvg,
+    /// AdamW's second moment.
+    ExpAvgSq,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Param, Kind::ExpAvg, Kind::ExpAvgSq];
+
+    /// The tensor's key in its file.
+    fn key(self, name: &str) -> String {
+        match self {
+            Kind::Param => name.to_string(),
+            Kind::ExpAvg => format!("{name}.exp_avg"),
+            Kind::ExpAvgSq => format!("{name}.exp_avg_sq"),
+        }
+    }
+}
+
+/// One tensor of a shard file: a slice of a logical parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorEntry {
+    /// The logical parameter (`blocks.3.wq`).
+    pub name: String,
+    pub kind: Kind,
+    pub full_shape: Vec<usize>,
+    /// `[start, end)` of each dimension.
+    pub slice: Vec<[usize; 2]>,
+}
+
+impl TensorEntry {
+    fn ranges(&self) -> Vec<Range<usize>> {
+        self.slice.iter().map(|&[a, b]| a..b).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.slice.iter().map(|[a, b]| b - a).product()
+    }
+}
+
+/// One file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardRecord {
+    /// Relative to the checkpoint's folder (`model/pp00-tp00.safetensors`).
+    pub key: String,
+    pub bytes: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// The layout a checkpoint was saved under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedLayout {
+    pub tp: u32,
+    pub pp: u32,
+    pub dp: u32,
+    pub virtual_stages: u32,
+}
+
+/// Where the data loader stood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataState {
+    /// The dataset's URL when saved.
+    pub dataset: String,
+    /// [`strata_dataplane::manifest::Manifest::fingerprint`] of that dataset.
+    pub fingerprint: u32,
+    /// The cursor after the checkpoint's last step: the next batch read
+    /// is the first one the uninterrupted run would have read next.
+    pub cursor: Cursor,
+}
+
+/// A complete checkpoint's description, `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub job: String,
+    /// The attempt of the job that wrote it.
+    pub attempt: u32,
+    /// Steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// AdamW's step count (its bias corrections).
+    pub optimizer_steps: u64,
+    pub layout: SavedLayout,
+    /// The model the tensors belong to.
+    pub model: ModelConfig,
+    /// The recipe as the job ran it (TOML).
+    pub recipe: String,
+    /// Absent for a run with no data loader (tests, benchmarks).
+    pub data: Option<DataState>,
+    pub shards: Vec<ShardRecord>,
+    /// Seconds since the Unix epoch when the manifest was written.
+    pub written_at: u64,
+}
+
+/// The folder of step `step`'s checkpoint, relative to the root.
+pub fn step_dir(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{}/{key}", prefix.trim_end_matches('/'))
+    }
+}
+
+impl Manifest {
+    /// Total bytes of the checkpoint's files.
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Checks that the files hold every element of every parameter of
+    /// `self.model`, each kind exactly once, with shapes that agree.
+    pub fn check_complete(&self) -> Result<()> {
+        let bad = |m: String| Err(CheckpointError::Invalid(format!("step {}: {m}", self.step)));
+        if self.format != FORMAT || self.version != VERSION {
+            return bad(format!(
+                "format {} version {}, this strata reads {FORMAT} version {VERSION}",
+                self.format, self.version
+            ));
+        }
+        let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
+        let specs = logical_params(&self.model);
+        for shard in &self.shards {
+            for t in &shard.tensors {
+                let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
+                    return bad(format!(
+                        "{} holds `{}`, which the model has no parameter of",
+                        shard.key, t.name
+                    ));
+                };
+                let fits = spec.full_shape == t.full_shape
+                    && t.slice.len() == t.full_shape.len()
+                    && t.slice
+                        .iter()
+                        .zip(&t.full_shape)
+                        .all(|(&[a, b], &n)| a < b && b <= n);
+                if !fits {
+                    return bad(format!(
+                        "{}: `{}` as slice {:?} of {:?}, the model's is {:?}",
+                        shard.key, t.name, t.slice, t.full_shape, spec.full_shape
+                    ));
+                }
+                *covered.entry((spec.name.as_str(), t.kind)).or_default() += t.len();
+            }
+        }
+        for spec in &specs {
+            let want: usize = spec.full_shape.iter().product();
+            for kind in Kind::ALL {
+                let have = covered
+                    .get(&(spec.name.as_str(), kind))
+                    .copied()
+                    .unwrap_or(0);
+                if have != want {
+                    return bad(format!(
+                        "`{}` ({kind:?}) has {have} of its {want} elements in the files",
+                        spec.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A file ready to upload.
+struct Encoded {
+    key: String,
+    data: Vec<u8>,
+    tensors: Vec<TensorEntry>,
+}
+
+/// One parameter's part as this rank writes it.
+struct Piece {
+    slot: ParamSlot,
+    /// Param, exp_avg, exp_avg_sq.
+    values: [Vec<f32>; 3],
+}
+
+/// A rank's state copied to host memory at the end of a step, ready to
+/// be written in the background.
+pub struct Snapshot {
+    pub step: u64,
+    /// `pp00-tp00`: the rank's place in the saving layout.
+    name: String,
+    pieces: Vec<Piece>,
+    /// Seconds the copy took (the step's stall).
+    pub copy_s: f64,
+}
+
+impl Snapshot {
+    /// The parts of `table`'s parameters this rank writes, cut from its
+    /// flat master weights and moments (`values`, `state`). Empty on
+    /// data-parallel replicas other than 0.
+    pub fn take(
+        step: u64,
+        table: &ParamTable,
+        dp_rank: u32,
+        values: impl FnOnce() -> (Vec<f32>, AdamWState),
+    ) -> Snapshot {
+        let t = Instant::now();
+        let name = format!("pp{:02}-tp{:02}", table.stage, table.tp_rank);
+        let writes: Vec<&ParamSlot> = table
+            .slots
+            .iter()
+            .filter(|s| dp_rank == 0 && s.replica == 0 && !s.mirror)
+            .collect();
+        let pieces = if writes.is_empty() {
+            Vec::new()
+        } else {
+            let (master, state) = values();
+            writes
+                .into_iter()
+                .map(|s| Piece {
+                    slot: s.clone(),
+                    values: [
+                        master[s.range()].to_vec(),
+                        state.m[s.range()].to_vec(),
+                        state.v[s.range()].to_vec(),
+                    ],
+                })
+                .collect()
+        };
+        Snapshot {
+            step,
+            name,
+            pieces,
+            copy_s: t.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Whether this rank writes anything.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The model and optimizer files, in safetensors.
+    fn encode(&self) -> Result<Vec<Encoded>> {
+        if self.pieces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (folder, kinds) in [
+            ("model", &[Kind::Param][..]),
+            ("optim", &[Kind::ExpAvg, Kind::ExpAvgSq][..]),
+        ] {
+            let mut tensors = Vec::new();
+            let mut views = Vec::new();
+            for p in &self.pieces {
+                for &kind in kinds {
+                    let entry = TensorEntry {
+                        name: p.slot.spec.name.clone(),
+                        kind,
+                        full_shape: p.slot.spec.full_shape.clone(),
+                        slice: p.slot.slice.iter().map(|r| [r.start, r.end]).collect(),
+                    };
+                    let data = &p.values[kind as usize];
+                    let view = TensorView::new(
+                        Dtype::F32,
+                        p.slot.shape.clone(),
+                        bytemuck::cast_slice(data),
+                    )
+                    .map_err(|e| CheckpointError::Invalid(format!("{}: {e}", entry.name)))?;
+                    views.push((kind.key(&entry.name), view));
+                    tensors.push(entry);
+                }
+            }
+            let slices: HashMap<String, (&[usize], &[[usize; 2]])> = tensors
+                .iter()
+                .map(|t| (kind_key(t), (&t.full_shape[..], &t.slice[..])))
+                .collect();
+            let info = HashMap::from([
+                ("format".to_string(), FORMAT.to_string()),
+                ("step".to_string(), self.step.to_string()),
+                (
+                    "slices".to_string(),
+                    serde_json::to_string(&slices).expect("slices serialize"),
+                ),
+            ]);
+            let data = safetensors::serialize(views, Some(info))
+                .map_err(|e| CheckpointError::Invalid(format!("{}: {e}", self.name)))?;
+            out.push(Encoded {
+                key: format!("{folder}/{}.safetensors", self.name),
+                data,
+                tensors,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn kind_key(t: &TensorEntry) -> String {
+    t.kind.key(&t.name)
+}
+
+/// What writing one rank's files did.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub step: u64,
+    pub shards: Vec<ShardRecord>,
+    pub bytes: u64,
+    /// Encoding and upload, in the background.
+    pub write_s: f64,
+    /// Writes that failed and were tried again.
+    pub retries: u32,
+}
+
+/// A save that failed after its retries; training goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint of step {step}: {error}")]
+pub struct SaveFailed {
+    pub step: u64,
+    #[source]
+    pub error: CheckpointError,
+}
+
+/// What became of one save.
+pub type SaveResult = std::result::Result<Saved, SaveFailed>;
+
+/// Writes `snapshot`'s files under `root/step-…/`, each tried up to four
+/// times (0.5, 1 and 2 s apart) before the save fails.
+pub async fn write_snapshot(loc: &Location, root: &str, snapshot: &Snapshot) -> Result<Saved> {
+    let t = Instant::now();
+    let dir = join(root, &step_dir(snapshot.step));
+    let mut shards = Vec::new();
+    let mut retries = 0;
+    for file in snapshot.encode()? {
+        let key = join(&dir, &file.key);
+        let crc32 = crc32fast::hash(&file.data);
+        let bytes = file.data.len() as u64;
+        let data = Bytes::from(file.data);
+        let mut wait = Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            match loc.put(&key, data.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt < WRITE_ATTEMPTS => {
+                    tracing::warn!(key = %loc.url_of(&key), attempt, error = %e, "checkpoint write failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                    retries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        shards.push(ShardRecord {
+            key: file.key,
+            bytes,
+            crc32,
+            tensors: file.tensors,
+        });
+    }
+    Ok(Saved {
+        step: snapshot.step,
+        bytes: shards.iter().map(|s| s.bytes).sum(),
+        shards,
+        write_s: t.elapsed().as_secs_f64(),
+        retries,
+    })
+}
+
+/// Makes step `manifest.step`'s checkpoint exist: checks that its files
+/// cover the whole model, then writes its manifest.
+pub async fn commit(loc: &Location, root: &str, manifest: &Manifest) -> Result<()> {
+    manifest.check_complete()?;
+    let key = join(root, &format!("{}/manifest.json", step_dir(manifest.step)));
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+    loc.put(&key, Bytes::from(json)).await?;
+    Ok(())
+}
+
+/// The complete checkpoints under `root`, oldest first, and the manifests
+/// that could not be read (key and why).
+pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
+    let keys = loc.list().await?;
+    let prefix = join(root, "");
+    let mut found = Vec::new();
+    let mut unreadable = Vec::new();
+    for key in keys {
+        let Some(rest) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(dir) = rest.strip_suffix("/manifest.json") else {
+            continue;
+        };
+        if !dir.starts_with("step-") || dir.contains('/') {
+            continue;
+        }
+        let bytes = loc.get(&key).await?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(m) if step_dir(m.step) == dir => found.push(m),
+            Ok(m) => unreadable.push((
+                loc.url_of(&key),
+                format!("says step {} but lies in {dir}", m.step),
+            )),
+            Err(e) => unreadable.push((loc.url_of(&key), e.to_string())),
+        }
+    }
+    found.sort_by_key(|m| m.step);
+    Ok((found, unreadable))
+}
+
+/// Deletes every complete checkpoint older than the newest `keep`, manifest
+/// first (a half-deleted checkpoint is then an incomplete one, which does
+/// not exist). Returns the steps deleted.
+pub async fn prune(loc: &Location, root: &str, keep: usize) -> Result<Vec<u64>> {
+    let (found, _) = list(loc, root).await?;
+    let old = found.len().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for m in &found[..old] {
+        let dir = join(root, &step_dir(m.step));
+        loc.delete(&join(&dir, "manifest.json")).await?;
+        for s in &m.shards {
+            loc.delete(&join(&dir, &s.key)).await?;
+        }
+        deleted.push(m.step);
+    }
+    Ok(deleted)
+}
+
+/// A rank's state read back from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    /// The master weights in the table's flat layout.
+    pub master: Vec<f32>,
+    pub state: AdamWState,
+}
+
+/// Reads the parts of `manifest`'s checkpoint that `table` holds, from
+/// whichever files hold them, checking each file's size and CRC-32.
+pub async fn read_rank(
+    loc: &Location,
+    root: &str,
+    manifest: &Manifest,
+    table: &ParamTable,
+) -> Result<Restored> {
+    manifest.check_complete()?;
+    let dir = join(root, &step_dir(manifest.step));
+    let mut flat: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; table.total]);
+    let mut filled = vec![[0usize; 3]; table.slots.len()];
+    for shard in &manifest.shards {
+        let needed = shard.tensors.iter().any(|t| {
+            table
+                .slots
+                .iter()
+                .any(|s| s.spec.name == t.name && overlap(&s.slice, &t.ranges()).is_some())
+        });
+        if !needed {
+            continue;
+        }
+        let key = join(&dir, &shard.key);
+        let url = loc.url_of(&key);
+        let corrupt = |why: String| CheckpointError::Corrupt {
+            url: url.clone(),
+            why,
+        };
+        let data = loc.get(&key).await?;
+        if data.len() as u64 != shard.bytes {
+            return Err(corrupt(format!(
+                "{} bytes, the manifest says {} (truncated or rewritten)",
+                data.len(),
+                shard.bytes
+            )));
+        }
+        let crc = crc32fast::hash(&data);
+        if crc != shard.crc32 {
+            return Err(corrupt(format!(
+                "CRC-32 {crc:08x}, the manifest says {:08x}",
+                shard.crc32
+            )));
+        }
+        let file = SafeTensors::deserialize(&data).map_err(|e| corrupt(e.to_string()))?;
+        for t in &shard.tensors {
+            let src_slice = t.ranges();
+            for (i, slot) in table.slots.iter().enumerate() {
+                if slot.spec.name != t.name {
+                    continue;
+                }
+                let Some(common) = overlap(&slot.slice, &src_slice) else {
+                    continue;
+                };
+                let view = file
+                    .tensor(&t.kind.key(&t.name))
+                    .map_err(|e| corrupt(format!("`{}`: {e}", t.kind.key(&t.name))))?;
+                let want: Vec<usize> = src_slice.iter().map(|r| r.len()).collect();
+                if view.dtype() != Dtype::F32 || view.shape() != want {
+                    return Err(corrupt(format!(
+                        "`{}` is {:?} {:?}, the manifest says F32 {want:?}",
+                        t.kind.key(&t.name),
+                        view.dtype(),
+                        view.shape()
+                    )));
+                }
+                let out = &mut flat[t.kind as usize][slot.range()];
+                filled[i][t.kind as usize] +=
+                    copy_region(view.data(), &src_slice, out, &slot.slice, &common);
+            }
+        }
+    }
+    for (slot, got) in table.slots.iter().zip(&filled) {
+        for kind in Kind::ALL {
+            if got[kind as usize] != slot.len {
+                return Err(CheckpointError::Invalid(format!(
+                    "step {}: the files hold {} of the {} elements of `{}` ({kind:?}) this rank needs",
+                    manifest.step, got[kind as usize], slot.len, slot.spec.name
+                )));
+            }
+        }
+    }
+    let [master, m, v] = flat;
+    Ok(Restored {
+        master,
+        state: AdamWState {
+            step: manifest.optimizer_steps,
+            m,
+            v,
+        },
+    })
+}
+
+/// The intersection of two slices, if not empty.
+fn overlap(a: &[Range<usize>], b: &[Range<usize>]) -> Option<Vec<Range<usize>>> {
+    let r: Vec<Range<usize>> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.start.max(y.start)..x.end.min(y.end))
+        .collect();
+    r.iter().all(|x| x.start < x.end).then_some(r)
+}
+
+/// Copies `region` of the full tensor from `src` (little-endian f32 bytes
+/// of slice `src_slice`, row-major) into `dst` (slice `dst_slice`).
+/// Returns the elements copied.
+fn copy_region(
+    src: &[u8],
+    src_slice: &[Range<usize>],
+    dst: &mut [f32],
+    dst_slice: &[Range<usize>],
+    region: &[Range<usize>],
+) -> usize {
+    // Row-major strides of both slices, and the region's rows as runs of
+    // the last dimension.
+    let strides = |s: &[Range<usize>]| {
+        let mut st = vec![1usize; s.len()];
+        for d in (0..s.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * s[d + 1].len();
+        }
+        st
+    };
+    let (ss, ds) = (strides(src_slice), strides(dst_slice));
+    let last = region.len() - 1;
+    let run = region[last].len();
+    let outer: Vec<Range<usize>> = region[..last].to_vec();
+    let mut index: Vec<usize> = outer.iter().map(|r| r.start).collect();
+    let mut copied = 0;
+    loop {
+        let at = |slice: &[Range<usize>], st: &[usize]| {
+            let mut off = (region[last].start - slice[last].start) * st[last];
+            for (d, &i) in index.iter().enumerate() {
+                off += (i - slice[d].start) * st[d];
+            }
+            off
+        };
+        let (s, d) = (at(src_slice, &ss), at(dst_slice, &ds));
+        for (k, x) in dst[d..d + run].iter_mut().enumerate() {
+            let b = (s + k) * 4;
+            *x = f32::from_le_bytes([src[b], src[b + 1], src[b + 2], src[b + 3]]);
+        }
+        copied += run;
+        // Next index of the outer dimensions, last fastest.
+        let mut d = outer.len();
+        loop {
+            if d == 0 {
+                return copied;
+            }
+            d -= 1;
+            index[d] += 1;
+            if index[d] < outer[d].end {
+                break;
+            }
+            index[d] = outer[d].start;
+        }
+    }
+}
+
+/// A checkpoint a run continues from, with the newer ones passed over.
+#[derive(Debug)]
+pub struct Resumed {
+    pub manifest: Manifest,
+    pub restored: Restored,
+    /// Newer checkpoints that could not be read, newest first: step and
+    /// why (as this rank saw it, or that another rank refused it).
+    pub skipped: Vec<(u64, String)>,
+}
+
+/// Picks the newest checkpoint among `candidates` (oldest first, as
+/// [`list`] gives them) that every rank can read, and reads this rank's
+/// part. `agree(ok)` must return whether every rank of the job passed
+/// `ok = true` for the same candidate (a collective over the world), so
+/// that all ranks fall back together when one finds a corrupt file.
+/// `None` when no candidate can be read.
+pub fn resume_agreed(
+    rt: &tokio::runtime::Handle,
+    loc: &Location,
+    root: &str,
+    candidates: &[Manifest],
+    table: &ParamTable,
+    mut agree: impl FnMut(bool) -> std::result::Result<bool, String>,
+) -> std::result::Result<Option<Resumed>, String> {
+    let mut skipped = Vec::new();
+    for m in candidates.iter().rev() {
+        let mine = rt.block_on(read_rank(loc, root, m, table));
+        let ok = agree(mine.is_ok())?;
+        match (mine, ok) {
+            (Ok(restored), true) => {
+                return Ok(Some(Resumed {
+                    manifest: m.clone(),
+                    restored,
+                    skipped,
+                }));
+            }
+            (Err(e), _) => {
+                tracing::warn!(step = m.step, error = %e, "checkpoint unusable; trying the one before");
+                skipped.push((m.step, e.to_string()));
+            }
+            (Ok(_), false) => {
+                tracing::warn!(
+                    step = m.step,
+                    "another rank could not read this checkpoint; trying the one before"
+                );
+                skipped.push((m.step, "another rank could not read its part".to_string()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Writes rank snapshots in the background, one at a time, on a thread of
+/// its own (with its own runtime for the object store's I/O).
+pub struct Saver {
+    tx: Option<mpsc::Sender<Snapshot>>,
+    rx: mpsc::Receiver<SaveResult>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl Saver {
+    /// A saver writing under `root` of `loc`.
+    pub fn new(loc: Location, root: String) -> Saver {
+        let (tx, jobs) = mpsc::channel::<Snapshot>();
+        let (done, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-saver".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the checkpoint saver");
+                for snapshot in jobs {
+                    let r = rt
+                        .block_on(write_snapshot(&loc, &root, &snapshot))
+                        .map_err(|error| SaveFailed {
+                            step: snapshot.step,
+                            error,
+                        });
+                    drop(snapshot);
+                    if done.send(r).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the checkpoint saver");
+        Saver {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            in_flight: 0,
+        }
+    }
+
+    /// Hands `snapshot` to the background thread. A save still in flight
+    /// is waited for first (one snapshot in memory at a time); its result
+    /// is returned with the time waited.
+    pub fn save(&mut self, snapshot: Snapshot) -> (Vec<SaveResult>, Duration) {
+        let t = Instant::now();
+        let done = self.wait();
+        self.tx
+            .as_ref()
+            .expect("the saver is open")
+            .send(snapshot)
+            .expect("the checkpoint saver thread is alive");
+        self.in_flight += 1;
+        (done, t.elapsed())
+    }
+
+    /// The saves finished since the last call, without waiting.
+    pub fn finished(&mut self) -> Vec<SaveResult> {
+        let mut out = Vec::new();
+        while let Ok(r) = self.rx.try_recv() {
+            self.in_flight -= 1;
+            out.push(r);
+        }
+        out
+    }
+
+    /// Waits for every save handed over.
+    pub fn wait(&mut self) -> Vec<SaveResult> {
+        let mut out = Vec::new();
+        while self.in_flight > 0 {
+            out.push(
+                self.rx
+                    .recv()
+                    .expect("the checkpoint saver thread is alive"),
+            );
+            self.in_flight -= 1;
+        }
+        out
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
