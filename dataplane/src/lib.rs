@@ -1,6 +1,7 @@
 //! The dataplane: raw text → dataset-decomposition buckets on object storage
 //! → steps of sequences for the workers.
 //!
+//! - [`checkpoint`]: the checkpoint format: manifests, listing, pruning.
 //! - [`corpus`] finds documents in files and folders and runs a decompose.
 //! - [`tokenize`]: offline tiktoken BPEs.
 //! - [`decompose`]: one document into power-of-two pieces.
@@ -13,6 +14,7 @@
 //! The dataplane knows nothing of gRPC.
 
 mod bpe;
+pub mod checkpoint;
 pub mod corpus;
 pub mod decompose;
 pub mod loader;

@@ -1,17 +1,8 @@
 //! Sharded checkpoints on object storage, read back under any layout.
 //!
-//! A checkpoint of step `n` lives under `<root>/step-0000000n/`:
-//!
-//! ```text
-//! model/pp00-tp01.safetensors   parameters (master weights, f32)
-//! optim/pp00-tp01.safetensors   AdamW's moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
-//! manifest.json                 written last: a checkpoint without it does not exist
-//! ```
-//!
-//! Each tensor is keyed by its logical name (the [`ParamTable`]'s) and
-//! holds one slice of the full tensor; the manifest lists every file with
-//! its size, CRC-32 and tensors (name, full shape, slice), and the run's
-//! step, tokens seen, layout, recipe, loader cursor and attempt. Every
+//! The format ([`strata_dataplane::checkpoint`], re-exported here) keys
+//! each tensor by its logical name (the [`ParamTable`]'s) and its slice of
+//! the full tensor. Every
 //! element is written once: only data-parallel replica 0 writes, only the
 //! first tensor-parallel holder of a slice (replicated norm gains, KV heads
 //! shared by several ranks), and never the last stage's mirror of a tied
@@ -33,214 +24,71 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
-use serde::{Deserialize, Serialize};
-use strata_dataplane::loader::Cursor;
-use strata_dataplane::store::{Location, StoreError};
-use strata_recipe::ModelConfig;
+pub use strata_dataplane::checkpoint::{
+    CheckpointError, DataState, FORMAT, Kind, Manifest, SavedLayout, ShardRecord, TensorEntry,
+    VERSION, join, list, prune, step_dir, write_manifest,
+};
+use strata_dataplane::store::Location;
 
 use crate::params::{ParamSlot, ParamTable, logical_params};
 use crate::train::AdamWState;
 
-/// The manifest's `format`.
-pub const FORMAT: &str = "strata-checkpoint";
-/// The manifest's `version`; a reader refuses others.
-pub const VERSION: u32 = 1;
 /// Attempts at each object write before a save is given up.
 const WRITE_ATTEMPTS: u32 = 4;
 
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// An object that does not hold what the manifest says it does.
-    #[error("{url}: {why}")]
-    Corrupt { url: String, why: String },
-    /// A checkpoint that cannot serve: incomplete, or of another model.
-    #[error("{0}")]
-    Invalid(String),
-}
-
 type Result<T> = std::result::Result<T, CheckpointError>;
 
-/// Which of a parameter's tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// The master weights.
-    Param,
-    /// AdamW's first moment.
-    ExpAvg,
-    /// AdamW's second moment.
-    ExpAvgSq,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Param, Kind::ExpAvg, Kind::ExpAvgSq];
-
-    /// The tensor's key in its file.
-    fn key(self, name: &str) -> String {
-        match self {
-            Kind::Param => name.to_string(),
-            Kind::ExpAvg => format!("{name}.exp_avg"),
-            Kind::ExpAvgSq => format!("{name}.exp_avg_sq"),
+/// Checks that `m`'s files hold every element of every parameter of
+/// its model, each kind exactly once, with shapes that agree.
+pub fn check_complete(m: &Manifest) -> Result<()> {
+    let bad = |why: String| Err(CheckpointError::Invalid(format!("step {}: {why}", m.step)));
+    if m.format != FORMAT || m.version != VERSION {
+        return bad(format!(
+            "format {} version {}, this strata reads {FORMAT} version {VERSION}",
+            m.format, m.version
+        ));
+    }
+    let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
+    let specs = logical_params(&m.model);
+    for shard in &m.shards {
+        for t in &shard.tensors {
+            let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
+                return bad(format!(
+                    "{} holds `{}`, which the model has no parameter of",
+                    shard.key, t.name
+                ));
+            };
+            let fits = spec.full_shape == t.full_shape
+                && t.slice.len() == t.full_shape.len()
+                && t.slice
+                    .iter()
+                    .zip(&t.full_shape)
+                    .all(|(&[a, b], &n)| a < b && b <= n);
+            if !fits {
+                return bad(format!(
+                    "{}: `{}` as slice {:?} of {:?}, the model's is {:?}",
+                    shard.key, t.name, t.slice, t.full_shape, spec.full_shape
+                ));
+            }
+            *covered.entry((spec.name.as_str(), t.kind)).or_default() += t.len();
         }
     }
-}
-
-/// One tensor of a shard file: a slice of a logical parameter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TensorEntry {
-    /// The logical parameter (`blocks.3.wq`).
-    pub name: String,
-    pub kind: Kind,
-    pub full_shape: Vec<usize>,
-    /// `[start, end)` of each dimension.
-    pub slice: Vec<[usize; 2]>,
-}
-
-impl TensorEntry {
-    fn ranges(&self) -> Vec<Range<usize>> {
-        self.slice.iter().map(|&[a, b]| a..b).collect()
-    }
-
-    fn len(&self) -> usize {
-        self.slice.iter().map(|[a, b]| b - a).product()
-    }
-}
-
-/// One file of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShardRecord {
-    /// Relative to the checkpoint's folder (`model/pp00-tp00.safetensors`).
-    pub key: String,
-    pub bytes: u64,
-    /// CRC-32 (IEEE) of the whole file.
-    pub crc32: u32,
-    pub tensors: Vec<TensorEntry>,
-}
-
-/// The layout a checkpoint was saved under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedLayout {
-    pub tp: u32,
-    pub pp: u32,
-    pub dp: u32,
-    pub virtual_stages: u32,
-}
-
-/// Where the data loader stood.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataState {
-    /// The dataset's URL when saved.
-    pub dataset: String,
-    /// [`strata_dataplane::manifest::Manifest::fingerprint`] of that dataset.
-    pub fingerprint: u32,
-    /// The cursor after the checkpoint's last step: the next batch read
-    /// is the first one the uninterrupted run would have read next.
-    pub cursor: Cursor,
-}
-
-/// A complete checkpoint's description, `manifest.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format: String,
-    pub version: u32,
-    pub job: String,
-    /// The attempt of the job that wrote it.
-    pub attempt: u32,
-    /// Steps completed.
-    pub step: u64,
-    pub tokens_seen: u64,
-    /// AdamW's step count (its bias corrections).
-    pub optimizer_steps: u64,
-    pub layout: SavedLayout,
-    /// The model the tensors belong to.
-    pub model: ModelConfig,
-    /// The recipe as the job ran it (TOML).
-    pub recipe: String,
-    /// Absent for a run with no data loader (tests, benchmarks).
-    pub data: Option<DataState>,
-    pub shards: Vec<ShardRecord>,
-    /// Seconds since the Unix epoch when the manifest was written.
-    pub written_at: u64,
-}
-
-/// The folder of step `step`'s checkpoint, relative to the root.
-pub fn step_dir(step: u64) -> String {
-    format!("step-{step:08}")
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{}/{key}", prefix.trim_end_matches('/'))
-    }
-}
-
-impl Manifest {
-    /// Total bytes of the checkpoint's files.
-    pub fn bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.bytes).sum()
-    }
-
-    /// Checks that the files hold every element of every parameter of
-    /// `self.model`, each kind exactly once, with shapes that agree.
-    pub fn check_complete(&self) -> Result<()> {
-        let bad = |m: String| Err(CheckpointError::Invalid(format!("step {}: {m}", self.step)));
-        if self.format != FORMAT || self.version != VERSION {
-            return bad(format!(
-                "format {} version {}, this strata reads {FORMAT} version {VERSION}",
-                self.format, self.version
-            ));
-        }
-        let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
-        let specs = logical_params(&self.model);
-        for shard in &self.shards {
-            for t in &shard.tensors {
-                let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
-                    return bad(format!(
-                        "{} holds `{}`, which the model has no parameter of",
-                        shard.key, t.name
-                    ));
-                };
-                let fits = spec.full_shape == t.full_shape
-                    && t.slice.len() == t.full_shape.len()
-                    && t.slice
-                        .iter()
-                        .zip(&t.full_shape)
-                        .all(|(&[a, b], &n)| a < b && b <= n);
-                if !fits {
-                    return bad(format!(
-                        "{}: `{}` as slice {:?} of {:?}, the model's is {:?}",
-                        shard.key, t.name, t.slice, t.full_shape, spec.full_shape
-                    ));
-                }
-                *covered.entry((spec.name.as_str(), t.kind)).or_default() += t.len();
+    for spec in &specs {
+        let want: usize = spec.full_shape.iter().product();
+        for kind in Kind::ALL {
+            let have = covered
+                .get(&(spec.name.as_str(), kind))
+                .copied()
+                .unwrap_or(0);
+            if have != want {
+                return bad(format!(
+                    "`{}` ({kind:?}) has {have} of its {want} elements in the files",
+                    spec.name
+                ));
             }
         }
-        for spec in &specs {
-            let want: usize = spec.full_shape.iter().product();
-            for kind in Kind::ALL {
-                let have = covered
-                    .get(&(spec.name.as_str(), kind))
-                    .copied()
-                    .unwrap_or(0);
-                if have != want {
-                    return bad(format!(
-                        "`{}` ({kind:?}) has {have} of its {want} elements in the files",
-                        spec.name
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// A file ready to upload.
@@ -443,60 +291,8 @@ pub async fn write_snapshot(loc: &Location, root: &str, snapshot: &Snapshot) -> 
 /// Makes step `manifest.step`'s checkpoint exist: checks that its files
 /// cover the whole model, then writes its manifest.
 pub async fn commit(loc: &Location, root: &str, manifest: &Manifest) -> Result<()> {
-    manifest.check_complete()?;
-    let key = join(root, &format!("{}/manifest.json", step_dir(manifest.step)));
-    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
-    loc.put(&key, Bytes::from(json)).await?;
-    Ok(())
-}
-
-/// The complete checkpoints under `root`, oldest first, and the manifests
-/// that could not be read (key and why).
-pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
-    let keys = loc.list().await?;
-    let prefix = join(root, "");
-    let mut found = Vec::new();
-    let mut unreadable = Vec::new();
-    for key in keys {
-        let Some(rest) = key.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(dir) = rest.strip_suffix("/manifest.json") else {
-            continue;
-        };
-        if !dir.starts_with("step-") || dir.contains('/') {
-            continue;
-        }
-        let bytes = loc.get(&key).await?;
-        match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(m) if step_dir(m.step) == dir => found.push(m),
-            Ok(m) => unreadable.push((
-                loc.url_of(&key),
-                format!("says step {} but lies in {dir}", m.step),
-            )),
-            Err(e) => unreadable.push((loc.url_of(&key), e.to_string())),
-        }
-    }
-    found.sort_by_key(|m| m.step);
-    Ok((found, unreadable))
-}
-
-/// Deletes every complete checkpoint older than the newest `keep`, manifest
-/// first (a half-deleted checkpoint is then an incomplete one, which does
-/// not exist). Returns the steps deleted.
-pub async fn prune(loc: &Location, root: &str, keep: usize) -> Result<Vec<u64>> {
-    let (found, _) = list(loc, root).await?;
-    let old = found.len().saturating_sub(keep);
-    let mut deleted = Vec::new();
-    for m in &found[..old] {
-        let dir = join(root, &step_dir(m.step));
-        loc.delete(&join(&dir, "manifest.json")).await?;
-        for s in &m.shards {
-            loc.delete(&join(&dir, &s.key)).await?;
-        }
-        deleted.push(m.step);
-    }
-    Ok(deleted)
+    check_complete(manifest)?;
+    write_manifest(loc, root, manifest).await
 }
 
 /// A rank's state read back from a checkpoint.
@@ -515,7 +311,7 @@ pub async fn read_rank(
     manifest: &Manifest,
     table: &ParamTable,
 ) -> Result<Restored> {
-    manifest.check_complete()?;
+    check_complete(manifest)?;
     let dir = join(root, &step_dir(manifest.step));
     let mut flat: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; table.total]);
     let mut filled = vec![[0usize; 3]; table.slots.len()];

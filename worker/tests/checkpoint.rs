@@ -357,7 +357,7 @@ fn every_element_is_written_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
     let m = &found[0];
-    m.check_complete().unwrap();
+    checkpoint::check_complete(m).unwrap();
     let keys: Vec<&str> = m.shards.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(
         keys.len(),

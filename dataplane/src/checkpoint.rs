@@ -1,0 +1,236 @@
+//! The checkpoint format on object storage: what a checkpoint's manifest
+//! says, and the operations that need no tensors (writing the manifest,
+//! listing complete checkpoints, pruning old ones).
+//!
+//! A checkpoint of step `n` lives under `<root>/step-0000000n/`:
+//!
+//! ```text
+//! model/pp00-tp01.safetensors   parameters (master weights, f32)
+//! optim/pp00-tp01.safetensors   AdamW's moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
+//! manifest.json                 written last: a checkpoint without it does not exist
+//! ```
+//!
+//! Each tensor is one slice of a logical parameter, keyed by its name; the
+//! manifest lists every file with its size, CRC-32 and tensors (name, full
+//! shape, slice), and the run's step, tokens seen, layout, recipe, loader
+//! cursor and attempt. The worker writes and reads the tensors
+//! (`strata_worker::checkpoint`); the coordinator commits manifests, lists
+//! and prunes, and never opens a tensor file.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use strata_recipe::ModelConfig;
+
+use crate::loader::Cursor;
+use crate::store::{Location, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An object that does not hold what the manifest says it does.
+    #[error("{url}: {why}")]
+    Corrupt { url: String, why: String },
+    /// A checkpoint that cannot serve: incomplete, or of another model.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// The manifest's `format`.
+pub const FORMAT: &str = "strata-checkpoint";
+/// The manifest's `version`; a reader refuses others.
+pub const VERSION: u32 = 1;
+/// Which of a parameter's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The master weights.
+    Param,
+    /// AdamW's first moment.
+    ExpAvg,
+    /// AdamW's second moment.
+    ExpAvgSq,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Param, Kind::ExpAvg, Kind::ExpAvgSq];
+
+    /// The tensor's key in its file.
+    pub fn key(self, name: &str) -> String {
+        match self {
+            Kind::Param => name.to_string(),
+            Kind::ExpAvg => format!("{name}.exp_avg"),
+            Kind::ExpAvgSq => format!("{name}.exp_avg_sq"),
+        }
+    }
+}
+
+/// One tensor of a shard file: a slice of a logical parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorEntry {
+    /// The logical parameter (`blocks.3.wq`).
+    pub name: String,
+    pub kind: Kind,
+    pub full_shape: Vec<usize>,
+    /// `[start, end)` of each dimension.
+    pub slice: Vec<[usize; 2]>,
+}
+
+/// One file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardRecord {
+    /// Relative to the checkpoint's folder (`model/pp00-tp00.safetensors`).
+    pub key: String,
+    pub bytes: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// The layout a checkpoint was saved under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedLayout {
+    pub tp: u32,
+    pub pp: u32,
+    pub dp: u32,
+    pub virtual_stages: u32,
+}
+
+/// Where the data loader stood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataState {
+    /// The dataset's URL when saved.
+    pub dataset: String,
+    /// [`strata_dataplane::manifest::Manifest::fingerprint`] of that dataset.
+    pub fingerprint: u32,
+    /// The cursor after the checkpoint's last step: the next batch read
+    /// is the first one the uninterrupted run would have read next.
+    pub cursor: Cursor,
+}
+
+/// A complete checkpoint's description, `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub job: String,
+    /// The attempt of the job that wrote it.
+    pub attempt: u32,
+    /// Steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// AdamW's step count (its bias corrections).
+    pub optimizer_steps: u64,
+    pub layout: SavedLayout,
+    /// The model the tensors belong to.
+    pub model: ModelConfig,
+    /// The recipe as the job ran it (TOML).
+    pub recipe: String,
+    /// Absent for a run with no data loader (tests, benchmarks).
+    pub data: Option<DataState>,
+    pub shards: Vec<ShardRecord>,
+    /// Seconds since the Unix epoch when the manifest was written.
+    pub written_at: u64,
+}
+
+/// The folder of step `step`'s checkpoint, relative to the root.
+pub fn step_dir(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// `key` under `prefix` (an empty prefix is the root).
+pub fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{}/{key}", prefix.trim_end_matches('/'))
+    }
+}
+
+impl Manifest {
+    /// Total bytes of the checkpoint's files.
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+impl TensorEntry {
+    /// The slice as ranges.
+    pub fn ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.slice.iter().map(|&[a, b]| a..b).collect()
+    }
+
+    /// Elements in the slice.
+    pub fn len(&self) -> usize {
+        self.slice.iter().map(|[a, b]| b - a).product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Makes step `manifest.step`'s checkpoint exist by writing its manifest
+/// (whoever calls it has seen every file written).
+pub async fn write_manifest(loc: &Location, root: &str, manifest: &Manifest) -> Result<()> {
+    let key = join(root, &format!("{}/manifest.json", step_dir(manifest.step)));
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+    loc.put(&key, Bytes::from(json)).await?;
+    Ok(())
+}
+
+/// The complete checkpoints under `root`, oldest first, and the manifests
+/// that could not be read (key and why).
+pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
+    let keys = loc.list().await?;
+    let prefix = join(root, "");
+    let mut found = Vec::new();
+    let mut unreadable = Vec::new();
+    for key in keys {
+        let Some(rest) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(dir) = rest.strip_suffix("/manifest.json") else {
+            continue;
+        };
+        if !dir.starts_with("step-") || dir.contains('/') {
+            continue;
+        }
+        let bytes = loc.get(&key).await?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(m) if step_dir(m.step) == dir => found.push(m),
+            Ok(m) => unreadable.push((
+                loc.url_of(&key),
+                format!("says step {} but lies in {dir}", m.step),
+            )),
+            Err(e) => unreadable.push((loc.url_of(&key), e.to_string())),
+        }
+    }
+    found.sort_by_key(|m| m.step);
+    Ok((found, unreadable))
+}
+
+/// Deletes every complete checkpoint older than the newest `keep`, manifest
+/// first (a half-deleted checkpoint is then an incomplete one, which does
+/// not exist). Returns the steps deleted.
+pub async fn prune(loc: &Location, root: &str, keep: usize) -> Result<Vec<u64>> {
+    let (found, _) = list(loc, root).await?;
+    let old = found.len().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for m in &found[..old] {
+        let dir = join(root, &step_dir(m.step));
+        loc.delete(&join(&dir, "manifest.json")).await?;
+        for s in &m.shards {
+            loc.delete(&join(&dir, &s.key)).await?;
+        }
+        deleted.push(m.step);
+    }
+    Ok(deleted)
+}
