@@ -268,6 +268,10 @@ pub struct WorkerArgs {
     pub job: String,
     #[arg(long)]
     pub rank: u32,
+    /// The job's attempt this worker belongs to (the coordinator refuses
+    /// calls of any other).
+    #[arg(long, default_value_t = 1)]
+    pub attempt: u32,
     /// The address the collective listener binds (port 0: any free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub collective_bind: SocketAddr,
@@ -281,6 +285,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         coordinator: args.coordinator,
         job: args.job,
         rank: args.rank,
+        attempt: args.attempt,
         token,
         collective_bind: args.collective_bind,
     })
@@ -436,6 +441,18 @@ pub fn job_json(j: &pb::Job) -> serde_json::Value {
         "started_unix_ms": j.started_unix_ms,
         "finished_unix_ms": j.finished_unix_ms,
         "run_dir": j.run_dir,
+        "last_checkpoint_step": j.last_checkpoint_step,
+        "checkpoint_errors": j.checkpoint_errors,
+        "attempts": j.attempts.iter().map(|a| json!({
+            "number": a.number,
+            "started_unix_ms": a.started_unix_ms,
+            "ended_unix_ms": a.ended_unix_ms,
+            "from_step": a.from_step,
+            "end_state": if a.end_state == 0 { None } else { Some(state_name(a.end_state)) },
+            "cause": a.cause,
+            "steps_lost": a.steps_lost,
+            "last_step": a.last_step,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -475,6 +492,145 @@ pub fn status(args: JobArgs) -> anyhow::Result<()> {
             );
             if !j.failure_reason.is_empty() {
                 println!("reason: {}", j.failure_reason);
+            }
+            match j.last_checkpoint_step {
+                Some(step) => println!("last checkpoint: step {step}"),
+                None => println!("last checkpoint: none"),
+            }
+            for e in &j.checkpoint_errors {
+                println!("checkpoint not completed: {e}");
+            }
+            for a in &j.attempts {
+                let from = if a.from_step == 0 {
+                    "from scratch".to_string()
+                } else {
+                    format!("from step {}", a.from_step)
+                };
+                let end = if a.end_state == 0 {
+                    "running".to_string()
+                } else {
+                    format!(
+                        "{} at step {}, {} steps lost",
+                        state_name(a.end_state),
+                        a.last_step,
+                        a.steps_lost
+                    )
+                };
+                let cause = a.cause.lines().next().unwrap_or("");
+                println!(
+                    "attempt {}: {from}, {end}{}",
+                    a.number,
+                    if cause.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {cause}")
+                    }
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct ResumeArgs {
+    pub job: String,
+    /// The checkpoint's step (default: the latest complete one; an older
+    /// one is passed over when a file of the latest is corrupt).
+    #[arg(long)]
+    pub from_step: Option<u64>,
+    /// Continue on another layout: the checkpoint is resharded.
+    #[arg(long)]
+    pub tp: Option<u32>,
+    #[arg(long)]
+    pub pp: Option<u32>,
+    #[arg(long)]
+    pub dp: Option<u32>,
+    /// Delete the checkpoints after --from-step, which the resumed run
+    /// would otherwise write over.
+    #[arg(long)]
+    pub discard_newer: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let j = c
+            .resume_job(pb::ResumeJobRequest {
+                job_id: args.job,
+                from_step: args.from_step.unwrap_or(0),
+                tp: args.tp.unwrap_or(0),
+                pp: args.pp.unwrap_or(0),
+                dp: args.dp.unwrap_or(0),
+                discard_newer: args.discard_newer,
+            })
+            .await
+            .map_err(|s| status_error("ResumeJob", s))?
+            .into_inner();
+        let l = j.layout.unwrap_or_default();
+        println!(
+            "{} {} from step {} (attempt {}, tp={} pp={} dp={})",
+            j.job_id,
+            state_name(j.state),
+            j.steps_done,
+            j.attempts
+                .last()
+                .map_or(1, |a| a.number + u32::from(a.end_state != 0)),
+            l.tp,
+            l.pp,
+            l.dp
+        );
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct CheckpointsArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let list = c
+            .list_checkpoints(pb::ListCheckpointsRequest { job_id: args.job })
+            .await
+            .map_err(|s| status_error("ListCheckpoints", s))?
+            .into_inner()
+            .checkpoints;
+        if args.json {
+            let v: Vec<_> = list
+                .iter()
+                .map(|k| {
+                    json!({
+                        "step": k.step,
+                        "tokens": k.tokens,
+                        "bytes": k.bytes,
+                        "attempt": k.attempt,
+                        "written_unix_ms": k.written_unix_ms,
+                        "stall_s": k.stall_s,
+                        "write_s": k.write_s,
+                        "url": k.url,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{:>8} {:>14} {:>12} {:>8} {:>9} {:>9}  URL",
+                "STEP", "TOKENS", "BYTES", "ATTEMPT", "STALL_S", "WRITE_S"
+            );
+            for k in &list {
+                println!(
+                    "{:>8} {:>14} {:>12} {:>8} {:>9.3} {:>9.3}  {}",
+                    k.step, k.tokens, k.bytes, k.attempt, k.stall_s, k.write_s, k.url
+                );
             }
         }
         Ok(())

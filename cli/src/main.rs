@@ -79,6 +79,10 @@ enum Command {
     List(jobs::ListArgs),
     /// Stop a job and all its workers.
     Cancel(jobs::CancelArgs),
+    /// Continue an ended job from a checkpoint, on its layout or another.
+    Resume(jobs::ResumeArgs),
+    /// A job's complete checkpoints: step, tokens, size, stall.
+    Checkpoints(jobs::CheckpointsArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -125,6 +129,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => jobs::status(args),
         Command::List(args) => jobs::list(args),
         Command::Cancel(args) => jobs::cancel(args),
+        Command::Resume(args) => jobs::resume(args),
+        Command::Checkpoints(args) => jobs::checkpoints(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

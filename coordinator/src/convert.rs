@@ -2,7 +2,9 @@
 
 use strata_proto::v1 as pb;
 
-use crate::job::{JobRecord, JobState, StageTimes, StepRecord, StepTimes};
+use crate::job::{
+    AttemptRecord, CheckpointRecord, JobRecord, JobState, StageTimes, StepRecord, StepTimes,
+};
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
@@ -46,6 +48,35 @@ pub fn job_to_pb(j: &JobRecord) -> pb::Job {
         started_unix_ms: j.started_unix_ms,
         finished_unix_ms: j.finished_unix_ms,
         run_dir: j.run_dir.clone(),
+        attempts: j.attempts.iter().map(attempt_to_pb).collect(),
+        last_checkpoint_step: j.last_checkpoint(),
+        checkpoint_errors: j.checkpoint_errors.clone(),
+    }
+}
+
+pub fn attempt_to_pb(a: &AttemptRecord) -> pb::Attempt {
+    pb::Attempt {
+        number: a.number,
+        started_unix_ms: a.started_unix_ms,
+        ended_unix_ms: a.ended_unix_ms,
+        from_step: a.from_step,
+        end_state: a.end_state.map_or(pb::JobState::Unspecified, state_to_pb) as i32,
+        cause: a.cause.clone(),
+        steps_lost: a.steps_lost,
+        last_step: a.last_step,
+    }
+}
+
+pub fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::Checkpoint {
+    pb::Checkpoint {
+        step: c.step,
+        tokens: c.tokens,
+        bytes: c.bytes,
+        attempt: c.attempt,
+        written_unix_ms: c.written_unix_ms,
+        stall_s: c.stall_s,
+        write_s: c.write_s,
+        url: c.url.clone(),
     }
 }
 

@@ -33,6 +33,10 @@ impl JobState {
                 | (Running, Succeeded)
                 | (Running, Failed)
                 | (Running, Cancelled)
+                // Resumed from a checkpoint: a new attempt.
+                | (Failed, Queued)
+                | (Cancelled, Queued)
+                | (Succeeded, Queued)
         )
     }
 
@@ -69,6 +73,62 @@ pub struct JobRecord {
     pub run_dir: String,
     /// The secret the job's workers present on every control call.
     pub worker_token: String,
+    /// Every attempt so far, the current one last (numbered from 1).
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// Complete checkpoints, oldest first (pruned ones removed).
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Set while queued to continue from a checkpoint: its step, 0 for
+    /// the latest.
+    #[serde(default)]
+    pub resume_from: Option<u64>,
+    /// Checkpoints that could not be completed, newest last (at most 10).
+    #[serde(default)]
+    pub checkpoint_errors: Vec<String>,
+}
+
+impl JobRecord {
+    /// The current (or last) attempt's number; 0 before the first.
+    pub fn attempt(&self) -> u32 {
+        self.attempts.last().map_or(0, |a| a.number)
+    }
+
+    /// The latest complete checkpoint's step.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.checkpoints.last().map(|c| c.step)
+    }
+}
+
+/// One run of a job's workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub started_unix_ms: i64,
+    pub ended_unix_ms: i64,
+    /// The checkpoint step it started from (0: from scratch).
+    pub from_step: u64,
+    /// How it ended; `None` while it runs.
+    pub end_state: Option<JobState>,
+    pub cause: String,
+    /// Steps done past the last complete checkpoint when it ended.
+    pub steps_lost: u64,
+    pub last_step: u64,
+}
+
+/// A checkpoint whose manifest the coordinator wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub attempt: u32,
+    pub written_unix_ms: i64,
+    /// The longest step stall of any rank (copying its state out).
+    pub stall_s: f64,
+    /// The longest background write of any rank.
+    pub write_s: f64,
+    pub url: String,
 }
 
 /// Where a step's wall time went, in seconds (rank 0's view).

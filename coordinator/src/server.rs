@@ -15,6 +15,7 @@ use futures::Stream;
 use strata_cluster::{
     Inventory, LaunchSpec, Launcher, LocalHandle, LocalLauncher, Slot, WorkerHandle,
 };
+use strata_dataplane::checkpoint::{self as ckpt, Manifest, ShardRecord};
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
@@ -26,8 +27,10 @@ use strata_recipe::{DeviceKind, Layout, Rank, Recipe};
 use tokio::sync::{Notify, broadcast};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{job_to_pb, state_from_pb, step_from_pb, step_to_pb};
-use crate::job::{JobRecord, JobState, StepRecord, now_unix_ms, random_token};
+use crate::convert::{checkpoint_to_pb, job_to_pb, state_from_pb, step_from_pb, step_to_pb};
+use crate::job::{
+    AttemptRecord, CheckpointRecord, JobRecord, JobState, StepRecord, now_unix_ms, random_token,
+};
 use crate::placement::place;
 use crate::store::{Store, StoreError};
 
@@ -66,6 +69,20 @@ struct Running {
     addrs: Vec<Option<String>>,
     heartbeat: Vec<Instant>,
     done: Vec<bool>,
+    /// Checkpoints some ranks have written their files of, by step.
+    checkpoints: BTreeMap<u64, PendingCheckpoint>,
+}
+
+/// A checkpoint being written: what each rank reported.
+#[derive(Default)]
+struct PendingCheckpoint {
+    reported: HashSet<u32>,
+    /// Rank 0's manifest, without shards.
+    manifest: Option<Manifest>,
+    shards: Vec<ShardRecord>,
+    failures: Vec<String>,
+    stall_s: f64,
+    write_s: f64,
 }
 
 impl Running {
@@ -238,6 +255,7 @@ impl Engine {
                 .worker_env
                 .iter()
                 .any(|(k, _)| k == "RAYON_NUM_THREADS");
+        let attempt = job.attempt() + 1;
         let mut handles = Vec::with_capacity(world as usize);
         let mut on_node: HashMap<&str, u32> = HashMap::new();
         for a in &placement.assignments {
@@ -252,6 +270,8 @@ impl Engine {
                 job.job_id.clone(),
                 "--rank".into(),
                 rank.to_string(),
+                "--attempt".into(),
+                attempt.to_string(),
             ]);
             let mut env = self.cfg.worker_env.clone();
             env.push(("STRATA_JOB_TOKEN".into(), job.worker_token.clone()));
@@ -278,9 +298,23 @@ impl Engine {
                 }
             }
         }
-        tracing::info!(job = %job.job_id, world, "launched workers");
+        tracing::info!(job = %job.job_id, world, attempt, "launched workers");
         job.state = JobState::Running;
         job.started_unix_ms = now_unix_ms();
+        job.attempts.push(AttemptRecord {
+            number: attempt,
+            started_unix_ms: job.started_unix_ms,
+            ended_unix_ms: 0,
+            from_step: match job.resume_from {
+                Some(0) => job.last_checkpoint().unwrap_or(0),
+                Some(step) => step,
+                None => 0,
+            },
+            end_state: None,
+            cause: String::new(),
+            steps_lost: 0,
+            last_step: job.steps_done,
+        });
         let n = world as usize;
         state.running.insert(
             job.job_id.clone(),
@@ -294,6 +328,7 @@ impl Engine {
                 addrs: vec![None; n],
                 heartbeat: vec![Instant::now(); n],
                 done: vec![false; n],
+                checkpoints: BTreeMap::new(),
             },
         );
         self.save(state, job)
@@ -330,8 +365,20 @@ impl Engine {
             _ => tracing::info!(job = %id, state = to.name(), reason = %reason, "job ended"),
         }
         job.state = to;
-        job.failure_reason = reason;
         job.finished_unix_ms = now_unix_ms();
+        let last_checkpoint = job.last_checkpoint().unwrap_or(0);
+        let steps_done = job.steps_done;
+        if let Some(a) = job.attempts.last_mut()
+            && a.end_state.is_none()
+        {
+            a.end_state = Some(to);
+            a.cause = reason.clone();
+            a.ended_unix_ms = job.finished_unix_ms;
+            a.last_step = steps_done;
+            a.steps_lost = steps_done.saturating_sub(last_checkpoint.max(a.from_step));
+        }
+        job.failure_reason = reason;
+        job.resume_from = None;
         self.save(state, job)?;
         self.reap(state);
         self.schedule(state);
@@ -405,11 +452,15 @@ impl Engine {
         self.store.close();
     }
 
+    /// Checks a worker call: its job's token, a rank in the world, and the
+    /// job's current attempt (a worker of an ended attempt is refused, so
+    /// it cannot disturb the next one).
     fn check_worker(
         &self,
         req_meta: &tonic::metadata::MetadataMap,
         job_id: &str,
         rank: u32,
+        attempt: u32,
     ) -> Result<JobRecord, Status> {
         let state = self.lock();
         let job = state
@@ -427,6 +478,13 @@ impl Engine {
             return Err(Status::invalid_argument(format!(
                 "rank {rank} is outside job {job_id}'s world of {}",
                 job.layout.world_size()
+            )));
+        }
+        if attempt != job.attempt() {
+            tracing::warn!(job = %job_id, rank, attempt, current = job.attempt(), "call from a worker of another attempt");
+            return Err(Status::failed_precondition(format!(
+                "job {job_id}: attempt {attempt} has ended; the job is on attempt {}",
+                job.attempt()
             )));
         }
         Ok(job)
@@ -567,6 +625,10 @@ impl JobService for Jobs {
             finished_unix_ms: 0,
             run_dir: run_dir.display().to_string(),
             worker_token: random_token().map_err(|e| Status::internal(format!("token: {e}")))?,
+            attempts: Vec::new(),
+            checkpoints: Vec::new(),
+            resume_from: None,
+            checkpoint_errors: Vec::new(),
         };
         let mut state = engine.lock();
         engine.save(&mut state, job).map_err(store_status)?;
@@ -664,6 +726,61 @@ impl JobService for Jobs {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn resume_job(
+        &self,
+        req: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let job = self.job(&req.job_id)?;
+        let (spec, recipe, chosen) = self.plan_resume(&job, &req).await?;
+        let engine = &self.0;
+        let mut state = engine.lock();
+        let Some(mut job) = state.jobs.get(&req.job_id).cloned() else {
+            return Err(Status::not_found(format!("no job {}", req.job_id)));
+        };
+        if !job.state.can_become(JobState::Queued) {
+            return Err(Status::failed_precondition(format!(
+                "job {} is {}",
+                job.job_id,
+                job.state.name()
+            )));
+        }
+        job.spec_toml = spec;
+        job.layout = recipe.parallel.layout;
+        job.microbatches = recipe.parallel.microbatches;
+        job.steps_total = recipe.data.n_steps();
+        job.state = JobState::Queued;
+        job.failure_reason.clear();
+        job.finished_unix_ms = 0;
+        job.resume_from = Some(req.from_step);
+        job.steps_done = chosen.step;
+        job.tokens_done = chosen.tokens_seen;
+        job.checkpoints.retain(|c| c.step <= chosen.step);
+        engine
+            .store
+            .put_job_truncating(&job, chosen.step)
+            .map_err(store_status)?;
+        state.jobs.insert(job.job_id.clone(), job.clone());
+        Engine::publish(&mut state, &job);
+        state.queue.push(job.job_id.clone());
+        tracing::info!(job = %job.job_id, from_step = chosen.step, layout = %job.layout, "job resumes");
+        engine.schedule(&mut state);
+        let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        self.authorize(&req)?;
+        let job = self.job(&req.get_ref().job_id)?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
+        }))
+    }
+
     async fn get_metrics(
         &self,
         req: Request<pb::GetMetricsRequest>,
@@ -679,6 +796,108 @@ impl JobService for Jobs {
         Ok(Response::new(pb::GetMetricsResponse {
             steps: steps.iter().map(step_to_pb).collect(),
         }))
+    }
+}
+
+impl Jobs {
+    /// Checks that `job` can continue from a checkpoint and returns its
+    /// new recipe text, the recipe, and the checkpoint chosen.
+    async fn plan_resume(
+        &self,
+        job: &JobRecord,
+        req: &pb::ResumeJobRequest,
+    ) -> Result<(String, Recipe, Manifest), Status> {
+        let refuse = |m: String| Err(Status::failed_precondition(m));
+        if !job.state.is_final() {
+            return refuse(format!(
+                "job {} is {}; only an ended job resumes (cancel it first)",
+                job.job_id,
+                job.state.name()
+            ));
+        }
+        let recipe = Recipe::from_toml_str(&job.spec_toml, &job.name)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(cfg) = recipe.checkpoint.clone() else {
+            return refuse(format!(
+                "job {} has no [checkpoint] section: it saved nothing to resume from",
+                job.job_id
+            ));
+        };
+        let loc = Location::parse(&cfg.dir, false)
+            .map_err(|e| Status::failed_precondition(format!("checkpoint.dir: {e}")))?;
+        let (found, unreadable) = ckpt::list(&loc, &job.job_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("checkpoint.dir: {e}")))?;
+        for (url, why) in &unreadable {
+            tracing::warn!(job = %job.job_id, %url, %why, "unreadable checkpoint manifest");
+        }
+        let steps: Vec<String> = found.iter().map(|m| m.step.to_string()).collect();
+        let chosen = if req.from_step == 0 {
+            found.last()
+        } else {
+            found.iter().find(|m| m.step == req.from_step)
+        };
+        let Some(chosen) = chosen.cloned() else {
+            return refuse(format!(
+                "job {} has no complete checkpoint{} under {}/{} (complete: {})",
+                job.job_id,
+                if req.from_step == 0 {
+                    String::new()
+                } else {
+                    format!(" of step {}", req.from_step)
+                },
+                cfg.dir,
+                job.job_id,
+                if steps.is_empty() {
+                    "none".to_string()
+                } else {
+                    steps.join(", ")
+                }
+            ));
+        };
+        let newer: Vec<&Manifest> = found.iter().filter(|m| m.step > chosen.step).collect();
+        if !newer.is_empty() && !req.discard_newer {
+            let list: Vec<String> = newer.iter().map(|m| m.step.to_string()).collect();
+            return refuse(format!(
+                "job {} has checkpoints after step {} (steps {}); resuming from {} abandons them: pass --discard-newer to delete them",
+                job.job_id,
+                chosen.step,
+                list.join(", "),
+                chosen.step
+            ));
+        }
+        let layout = |v: u32| (v > 0).then_some(v);
+        let spec = if req.tp + req.pp + req.dp > 0 {
+            strata_recipe::resume::relayout(
+                &job.spec_toml,
+                layout(req.tp),
+                layout(req.pp),
+                layout(req.dp),
+            )
+            .map_err(|e| Status::internal(format!("changing the layout: {e}")))?
+        } else {
+            job.spec_toml.clone()
+        };
+        let now = self.validate(&spec, &job.name).await?;
+        if let Ok(saved) = Recipe::from_toml_str(&chosen.recipe, &job.name) {
+            let conflicts = strata_recipe::resume_conflicts(&saved, &now);
+            if !conflicts.is_empty() {
+                let list: Vec<String> = conflicts.iter().map(|p| p.to_string()).collect();
+                return refuse(format!(
+                    "job {} cannot continue from step {}: {}",
+                    job.job_id,
+                    chosen.step,
+                    list.join("; ")
+                ));
+            }
+        }
+        for m in newer {
+            ckpt::delete(&loc, &job.job_id, m)
+                .await
+                .map_err(|e| Status::unavailable(format!("deleting step {}: {e}", m.step)))?;
+            tracing::info!(job = %job.job_id, step = m.step, "deleted a checkpoint the resume abandons");
+        }
+        Ok((spec, now, chosen))
     }
 }
 
@@ -723,7 +942,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        engine.check_worker(&meta, &req.job_id, req.rank)?;
+        engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let mut state = engine.lock();
         let run = state.running.get_mut(&req.job_id).ok_or_else(|| {
             Status::failed_precondition(format!("job {} is not running", req.job_id))
@@ -741,7 +960,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::Assignment>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        let job = engine.check_worker(&meta, &req.job_id, req.rank)?;
+        let job = engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let addrs = loop {
             let notified = engine.changed.notified();
             {
@@ -792,6 +1011,9 @@ impl ControlService for Control {
                 group(pb::GroupKind::Data, layout.dp_group(rank)),
             ],
             run_dir: job.run_dir.clone(),
+            attempt: job.attempt(),
+            resume: job.resume_from.is_some(),
+            resume_from_step: job.resume_from.unwrap_or(0),
         }))
     }
 
@@ -801,7 +1023,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        let job = engine.check_worker(&meta, &req.job_id, req.rank)?;
+        let job = engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let mut state = engine.lock();
         match state.running.get_mut(&req.job_id) {
             Some(run) => {
@@ -824,7 +1046,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        let mut job = engine.check_worker(&meta, &req.job_id, req.rank)?;
+        let mut job = engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let steps: Vec<StepRecord> = req.steps.iter().map(step_from_pb).collect();
         let Some(last) = steps.last() else {
             return Ok(Response::new(pb::ReportMetricsResponse {}));
@@ -842,6 +1064,9 @@ impl ControlService for Control {
         job.steps_done = last.step;
         job.tokens_done = last.tokens;
         job.last_loss = Some(last.loss);
+        if let (Some(step), Some(a)) = (req.resumed_from_step, job.attempts.last_mut()) {
+            a.from_step = step;
+        }
         engine.store.put_steps(&job, &steps).map_err(store_status)?;
         state.jobs.insert(job.job_id.clone(), job);
         if let Some(tx) = state.watchers.get(&req.job_id) {
@@ -858,7 +1083,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ReportDoneResponse>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        engine.check_worker(&meta, &req.job_id, req.rank)?;
+        engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         if !req.ok {
             // A rank that fails because a peer died reports first more often
             // than not: give the peer's exit a moment to show, and record
@@ -899,6 +1124,157 @@ impl ControlService for Control {
                 .map_err(store_status)?;
         }
         Ok(Response::new(pb::ReportDoneResponse {}))
+    }
+
+    async fn report_checkpoint(
+        &self,
+        req: Request<pb::ReportCheckpointRequest>,
+    ) -> Result<Response<pb::ReportCheckpointResponse>, Status> {
+        let (meta, req) = (req.metadata().clone(), req.into_inner());
+        let committed = self.checkpoint_report(&meta, req).await?;
+        Ok(Response::new(pb::ReportCheckpointResponse { committed }))
+    }
+}
+
+impl Control {
+    /// Records rank `req.rank`'s part of a checkpoint; the report that
+    /// completes it writes the manifest (outside the lock), prunes what
+    /// `keep_last` lets go, and records the checkpoint on the job.
+    async fn checkpoint_report(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+        req: pb::ReportCheckpointRequest,
+    ) -> Result<bool, Status> {
+        let engine = &self.0;
+        let job = engine.check_worker(meta, &req.job_id, req.rank, req.attempt)?;
+        let world = job.layout.world_size();
+        let bad = |what: &str, e: serde_json::Error| {
+            Status::invalid_argument(format!("rank {}: {what}: {e}", req.rank))
+        };
+        let shards: Vec<ShardRecord> = if req.shards_json.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(&req.shards_json).map_err(|e| bad("shards_json", e))?
+        };
+        let manifest: Option<Manifest> = if req.manifest_json.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&req.manifest_json).map_err(|e| bad("manifest_json", e))?)
+        };
+        let complete = {
+            let mut state = engine.lock();
+            let run = state.running.get_mut(&req.job_id).ok_or_else(|| {
+                Status::failed_precondition(format!("job {} is not running", req.job_id))
+            })?;
+            let p = run.checkpoints.entry(req.step).or_default();
+            if !p.reported.insert(req.rank) {
+                return Err(Status::already_exists(format!(
+                    "rank {} already reported the checkpoint of step {}",
+                    req.rank, req.step
+                )));
+            }
+            if !req.ok {
+                p.failures.push(format!("rank {}: {}", req.rank, req.error));
+            }
+            p.shards.extend(shards);
+            if manifest.is_some() {
+                p.manifest = manifest;
+            }
+            p.stall_s = p.stall_s.max(req.stall_s);
+            p.write_s = p.write_s.max(req.write_s);
+            if p.reported.len() as u32 == world {
+                run.checkpoints.remove(&req.step)
+            } else {
+                None
+            }
+        };
+        let Some(p) = complete else {
+            return Ok(false);
+        };
+        let recipe = Recipe::from_toml_str(&job.spec_toml, &job.name)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(cfg) = recipe.checkpoint.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "job {} has no [checkpoint] section",
+                job.job_id
+            )));
+        };
+        let outcome = match (p.failures.is_empty(), p.manifest) {
+            (false, _) => Err(p.failures.join("; ")),
+            (true, None) => Err("rank 0 sent no manifest".to_string()),
+            (true, Some(mut m)) => {
+                m.shards = p.shards;
+                m.shards.sort_by(|a, b| a.key.cmp(&b.key));
+                m.written_at = (now_unix_ms() / 1000) as u64;
+                commit_checkpoint(&cfg.dir, &job.job_id, &m, cfg.keep_last)
+                    .await
+                    .map(|pruned| (m, pruned))
+            }
+        };
+        let mut state = engine.lock();
+        let Some(mut job) = state.jobs.get(&req.job_id).cloned() else {
+            return Ok(false);
+        };
+        let committed = match outcome {
+            Ok((m, pruned)) => {
+                tracing::info!(job = %job.job_id, step = m.step, bytes = m.bytes(), stall_s = p.stall_s, write_s = p.write_s, "checkpoint complete");
+                job.checkpoints
+                    .retain(|c| !pruned.contains(&c.step) && c.step != m.step);
+                job.checkpoints.push(CheckpointRecord {
+                    step: m.step,
+                    tokens: m.tokens_seen,
+                    bytes: m.bytes(),
+                    attempt: m.attempt,
+                    written_unix_ms: now_unix_ms(),
+                    stall_s: p.stall_s,
+                    write_s: p.write_s,
+                    url: format!(
+                        "{}/{}/{}",
+                        cfg.dir.trim_end_matches('/'),
+                        job.job_id,
+                        ckpt::step_dir(m.step)
+                    ),
+                });
+                job.checkpoints.sort_by_key(|c| c.step);
+                true
+            }
+            Err(why) => {
+                let why = format!("step {}: {why}", req.step);
+                tracing::warn!(job = %job.job_id, reason = %why, "checkpoint not completed");
+                job.checkpoint_errors.push(why);
+                let n = job.checkpoint_errors.len();
+                job.checkpoint_errors.drain(..n.saturating_sub(10));
+                false
+            }
+        };
+        engine.save(&mut state, job).map_err(store_status)?;
+        Ok(committed)
+    }
+}
+
+/// Writes checkpoint `m`'s manifest under `dir`/`job`, then deletes the
+/// complete checkpoints beyond the newest `keep_last`. Returns the steps
+/// deleted.
+async fn commit_checkpoint(
+    dir: &str,
+    job: &str,
+    m: &Manifest,
+    keep_last: Option<u64>,
+) -> Result<Vec<u64>, String> {
+    let loc = Location::parse(dir, true).map_err(|e| e.to_string())?;
+    ckpt::write_manifest(&loc, job, m)
+        .await
+        .map_err(|e| format!("writing the manifest: {e}"))?;
+    match keep_last {
+        Some(keep) => match ckpt::prune(&loc, job, keep as usize).await {
+            Ok(pruned) => Ok(pruned),
+            Err(e) => {
+                // The checkpoint is complete; an old one stays behind.
+                tracing::warn!(job, error = %e, "pruning old checkpoints failed");
+                Ok(Vec::new())
+            }
+        },
+        None => Ok(Vec::new()),
     }
 }
 

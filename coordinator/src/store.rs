@@ -143,6 +143,27 @@ impl Store {
         })
     }
 
+    /// Replaces a job and deletes its steps after `step` in one
+    /// transaction (a resumed job forgets what its abandoned attempt did
+    /// past the checkpoint it continues from).
+    pub fn put_job_truncating(&self, job: &JobRecord, step: u64) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let job_bytes = serde_json::to_vec(job).expect("a job serialises");
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            {
+                let mut t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+                let id = job.job_id.as_str();
+                t.retain_in((id, step.saturating_add(1))..=(id, u64::MAX), |_, _| false)
+                    .map_err(|e| self.err(e))?;
+                tx.open_table(JOBS)
+                    .map_err(|e| self.err(e))?
+                    .insert(id, job_bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))
+        })
+    }
+
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err(e))?;
@@ -207,6 +228,10 @@ mod tests {
             finished_unix_ms: 0,
             run_dir: "/runs/t".into(),
             worker_token: "secret".into(),
+            attempts: Vec::new(),
+            checkpoints: Vec::new(),
+            resume_from: None,
+            checkpoint_errors: Vec::new(),
         }
     }
 
@@ -227,6 +252,29 @@ mod tests {
             }],
             bubble_theory: 0.2,
         }
+    }
+
+    #[test]
+    fn a_resumed_job_forgets_the_steps_after_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (job("a"), job("b"));
+        let steps: Vec<StepRecord> = (1..=6).map(step).collect();
+        store.put_steps(&a, &steps).unwrap();
+        store.put_steps(&b, &steps).unwrap();
+        store.put_job_truncating(&a, 4).unwrap();
+        let kept: Vec<u64> = store
+            .steps("a", 0, 0)
+            .unwrap()
+            .iter()
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(kept, [1, 2, 3, 4]);
+        assert_eq!(
+            store.steps("b", 0, 0).unwrap().len(),
+            6,
+            "another job's steps stay"
+        );
     }
 
     #[test]

@@ -217,19 +217,25 @@ pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(Str
     Ok((found, unreadable))
 }
 
-/// Deletes every complete checkpoint older than the newest `keep`, manifest
-/// first (a half-deleted checkpoint is then an incomplete one, which does
-/// not exist). Returns the steps deleted.
+/// Deletes checkpoint `m`, manifest first: a half-deleted checkpoint is
+/// then an incomplete one, which does not exist.
+pub async fn delete(loc: &Location, root: &str, m: &Manifest) -> Result<()> {
+    let dir = join(root, &step_dir(m.step));
+    loc.delete(&join(&dir, "manifest.json")).await?;
+    for s in &m.shards {
+        loc.delete(&join(&dir, &s.key)).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every complete checkpoint older than the newest `keep`.
+/// Returns the steps deleted.
 pub async fn prune(loc: &Location, root: &str, keep: usize) -> Result<Vec<u64>> {
     let (found, _) = list(loc, root).await?;
     let old = found.len().saturating_sub(keep);
     let mut deleted = Vec::new();
     for m in &found[..old] {
-        let dir = join(root, &step_dir(m.step));
-        loc.delete(&join(&dir, "manifest.json")).await?;
-        for s in &m.shards {
-            loc.delete(&join(&dir, &s.key)).await?;
-        }
+        delete(loc, root, m).await?;
         deleted.push(m.step);
     }
     Ok(deleted)

@@ -66,6 +66,32 @@ pub fn resume_conflicts(saved: &Recipe, now: &Recipe) -> Vec<Problem> {
     out
 }
 
+/// `spec_toml` with its `[parallel]` layout changed where a value is
+/// given (comments are not kept). The result still has to pass
+/// validation: the new layout must split the model and the batch.
+pub fn relayout(
+    spec_toml: &str,
+    tp: Option<u32>,
+    pp: Option<u32>,
+    dp: Option<u32>,
+) -> Result<String, String> {
+    let mut doc: toml::Table = spec_toml
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let parallel = doc
+        .entry("parallel")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(parallel) = parallel.as_table_mut() else {
+        return Err("parallel: not a table".into());
+    };
+    for (key, value) in [("tp", tp), ("pp", pp), ("dp", dp)] {
+        if let Some(v) = value {
+            parallel.insert(key.into(), toml::Value::Integer(i64::from(v)));
+        }
+    }
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +105,15 @@ mod tests {
             text = text.replacen(from, to, 1);
         }
         Recipe::from_toml_str(&text, "t").unwrap()
+    }
+
+    #[test]
+    fn relayout_changes_only_the_layout() {
+        let text = relayout(BASE, Some(2), None, Some(1)).unwrap();
+        let r = Recipe::from_toml_str(&text, "t").unwrap();
+        let l = r.parallel.layout;
+        assert_eq!((l.tp, l.pp, l.dp), (2, 1, 1));
+        assert_eq!(resume_conflicts(&recipe(&[]), &r), []);
     }
 
     #[test]

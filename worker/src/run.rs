@@ -20,6 +20,7 @@ use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::{Coords, DeviceKind, Layout, Recipe};
 use tonic::transport::Channel;
 
+use crate::checkpoint;
 use crate::collective::{Collective, TcpEndpoint, TcpOptions};
 use crate::params::ParamTable;
 use crate::train::{GroupKind, Groups, LocalBatch, TrainError, Trainer};
@@ -38,6 +39,8 @@ pub struct WorkerArgs {
     pub coordinator: String,
     pub job: String,
     pub rank: u32,
+    /// The job's attempt this worker was started for.
+    pub attempt: u32,
     /// The job's worker token (`STRATA_JOB_TOKEN`).
     pub token: String,
     /// The address this worker's collective listener binds (port 0: any).
@@ -109,6 +112,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         rank: args.rank,
         ok,
         error,
+        attempt: args.attempt,
     }));
     result?;
     done.map(|_| ()).map_err(rpc("ReportDone"))
@@ -134,6 +138,7 @@ fn train(
         host: hostname(),
         pid: std::process::id(),
         collective_addr: addr.to_string(),
+        attempt: args.attempt,
     }))
     .map_err(rpc("Register"))?;
 
@@ -143,7 +148,8 @@ fn train(
     let stop = Arc::new(AtomicBool::new(false));
     let stop_reason = Arc::new(Mutex::new(String::new()));
     {
-        let (mut c, job, rank) = (client.clone(), args.job.clone(), args.rank);
+        let (mut c, job, rank, attempt) =
+            (client.clone(), args.job.clone(), args.rank, args.attempt);
         let (step_now, stop, stop_reason) = (step_now.clone(), stop.clone(), stop_reason.clone());
         rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -153,6 +159,7 @@ fn train(
                     job_id: job.clone(),
                     rank,
                     step: step_now.load(Ordering::Relaxed),
+                    attempt,
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if r.get_ref().stop => {
@@ -170,6 +177,7 @@ fn train(
         .block_on(client.get_assignment(pb::GetAssignmentRequest {
             job_id: args.job.clone(),
             rank: args.rank,
+            attempt: args.attempt,
         }))
         .map_err(rpc("GetAssignment"))?
         .into_inner();
@@ -185,9 +193,11 @@ fn train(
         tp: coords.tp,
     };
     let layout = recipe.parallel.layout;
+    // Group names carry the attempt: a worker of an ended attempt cannot
+    // join the next one's groups.
     let (groups, members) = join_groups(
         &endpoint,
-        &args.job,
+        &format!("{}/a{}", args.job, args.attempt),
         coords,
         layout,
         &assignment.groups,
@@ -208,19 +218,17 @@ fn train(
     let manifest = rt
         .block_on(read_manifest(&loc))
         .map_err(|e| WorkerError::Data(e.to_string()))?;
-    let loader_cfg = LoaderConfig::for_recipe(&recipe, coords.dp);
-    let loader = Loader::new(loc, manifest, &loader_cfg, None)
-        .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
-
     let session = Session {
         rt,
         client,
         args,
         recipe,
+        spec_toml: assignment.spec_toml.clone(),
+        resume: assignment.resume.then_some(assignment.resume_from_step),
         coords,
         groups,
         members,
-        loader,
+        data: (loc, manifest),
         url,
         step_now,
         stop,
@@ -309,10 +317,15 @@ struct Session<'a> {
     client: Client,
     args: &'a WorkerArgs,
     recipe: Recipe,
+    /// The recipe's text, as checkpoints record it.
+    spec_toml: String,
+    /// Continue from a checkpoint: its step, 0 for the latest.
+    resume: Option<u64>,
     coords: Coords,
     groups: Groups,
     members: Members,
-    loader: Loader,
+    /// The dataset and its manifest.
+    data: (Location, strata_dataplane::manifest::Manifest),
     url: String,
     step_now: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -330,10 +343,12 @@ fn steps<B: AutodiffBackend>(
         mut client,
         args,
         recipe,
+        spec_toml,
+        resume,
         coords,
         groups,
         members,
-        mut loader,
+        data,
         url,
         step_now,
         stop,
@@ -365,9 +380,39 @@ fn steps<B: AutodiffBackend>(
     );
 
     let tps = recipe.data.tokens_per_step;
+    let (data_loc, dataset) = data;
+    let fingerprint = dataset.fingerprint();
+    let mut checkpoints = Checkpoints::open(&recipe, &args.job)?;
+    let resumed = match (&mut checkpoints, resume) {
+        (Some(ck), Some(from)) => {
+            Some(ck.resume(rt, &mut trainer, from, &recipe, &url, fingerprint)?)
+        }
+        (Some(ck), None) => {
+            ck.refuse_existing(rt)?;
+            None
+        }
+        (None, Some(_)) => {
+            return Err(WorkerError::Setup(
+                "asked to resume, but the recipe has no [checkpoint] section".into(),
+            ));
+        }
+        (None, None) => None,
+    };
+    let first_step = resumed.as_ref().map_or(1, |(step, _)| step + 1);
+    let loader_cfg = LoaderConfig::for_recipe(&recipe, coords.dp);
+    let mut loader = Loader::new(
+        data_loc,
+        dataset,
+        &loader_cfg,
+        resumed.map(|(_, cursor)| cursor),
+    )
+    .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
+    let mut resumed_from = (first_step > 1).then_some(first_step - 1);
+
     let microbatches = recipe.parallel.microbatches.max(1) as usize;
     let report = coords.dp == 0 && coords.pp == 0 && coords.tp == 0;
-    for step in 1..=recipe.data.n_steps() {
+    let n_steps = recipe.data.n_steps();
+    for step in first_step..=n_steps {
         if stop.load(Ordering::SeqCst) {
             return Err(WorkerError::Stopped(
                 stop_reason.lock().expect("reason lock").clone(),
@@ -440,11 +485,286 @@ fn steps<B: AutodiffBackend>(
                 job_id: args.job.clone(),
                 rank: args.rank,
                 steps: vec![metrics],
+                attempt: args.attempt,
+                resumed_from_step: resumed_from.take(),
             }))
             .map_err(rpc("ReportMetrics"))?;
         }
+        if let Some(ck) = &mut checkpoints {
+            if step % ck.every == 0 || step == n_steps {
+                let header = report.then(|| {
+                    checkpoint_header(
+                        &args.job,
+                        args.attempt,
+                        step,
+                        tps,
+                        &trainer,
+                        &recipe,
+                        &spec_toml,
+                        &url,
+                        fingerprint,
+                        loader.cursor(),
+                    )
+                });
+                ck.save(step, &trainer, coords.dp, header);
+            }
+            ck.report(rt, &mut client, args, false)?;
+        }
+    }
+    if let Some(ck) = &mut checkpoints {
+        ck.report(rt, &mut client, args, true)?;
     }
     Ok(())
+}
+
+/// The manifest of step `step`'s checkpoint as rank 0 sends it (the
+/// coordinator adds every rank's files).
+#[allow(clippy::too_many_arguments)]
+fn checkpoint_header<B: AutodiffBackend>(
+    job: &str,
+    attempt: u32,
+    step: u64,
+    tps: u64,
+    trainer: &Trainer<B>,
+    recipe: &Recipe,
+    spec_toml: &str,
+    dataset: &str,
+    fingerprint: u32,
+    cursor: &strata_dataplane::loader::Cursor,
+) -> checkpoint::Manifest {
+    let l = recipe.parallel.layout;
+    checkpoint::Manifest {
+        format: checkpoint::FORMAT.into(),
+        version: checkpoint::VERSION,
+        job: job.into(),
+        attempt,
+        step,
+        tokens_seen: step * tps,
+        optimizer_steps: trainer.optimizer_steps(),
+        layout: checkpoint::SavedLayout {
+            tp: l.tp,
+            pp: l.pp,
+            dp: l.dp,
+            virtual_stages: recipe.parallel.virtual_stages,
+        },
+        model: recipe.model,
+        recipe: spec_toml.into(),
+        data: Some(checkpoint::DataState {
+            dataset: dataset.into(),
+            fingerprint,
+            cursor: cursor.clone(),
+        }),
+        shards: Vec::new(),
+        written_at: 0,
+    }
+}
+
+/// A worker's checkpoints: where they go, the background saver, and the
+/// saves not yet reported to the coordinator.
+struct Checkpoints {
+    loc: Location,
+    /// The job's folder under `[checkpoint] dir`.
+    root: String,
+    every: u64,
+    saver: checkpoint::Saver,
+    /// Rank 0's manifests of saves in flight, by step.
+    headers: std::collections::HashMap<u64, checkpoint::Manifest>,
+    /// Each save's stall: the copy out, plus waiting for the save before.
+    stalls: std::collections::HashMap<u64, f64>,
+    done: Vec<checkpoint::SaveResult>,
+}
+
+impl Checkpoints {
+    fn open(recipe: &Recipe, job: &str) -> Result<Option<Checkpoints>, WorkerError> {
+        let Some(cfg) = &recipe.checkpoint else {
+            return Ok(None);
+        };
+        let loc = Location::parse(&cfg.dir, true)
+            .map_err(|e| WorkerError::Setup(format!("checkpoint.dir: {e}")))?;
+        Ok(Some(Checkpoints {
+            saver: checkpoint::Saver::new(loc.clone(), job.to_string()),
+            loc,
+            root: job.to_string(),
+            every: cfg.every_steps.max(1),
+            headers: Default::default(),
+            stalls: Default::default(),
+            done: Vec::new(),
+        }))
+    }
+
+    /// A job starting from scratch must not find checkpoints of its own
+    /// id: they belong to an earlier job (a coordinator whose state was
+    /// wiped numbers jobs again from 1) and would be mixed with this one's.
+    fn refuse_existing(&self, rt: &tokio::runtime::Runtime) -> Result<(), WorkerError> {
+        let (found, _) = rt
+            .block_on(checkpoint::list(&self.loc, &self.root))
+            .map_err(|e| WorkerError::Setup(format!("checkpoint.dir: {e}")))?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let steps: Vec<String> = found.iter().map(|m| m.step.to_string()).collect();
+        Err(WorkerError::Setup(format!(
+            "checkpoint.dir: {} already holds checkpoints of job {} (steps {}) and this attempt starts from scratch; resume the job (`strata resume`), or give the recipe another [checkpoint] dir",
+            self.loc.url_of(&self.root),
+            self.root,
+            steps.join(", ")
+        )))
+    }
+
+    /// Restores the trainer from the checkpoint of step `from` (0: the
+    /// newest every rank can read) and returns its step and the loader's
+    /// cursor. The recipe and the dataset must be those the checkpoint
+    /// continues.
+    fn resume<B: AutodiffBackend>(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        trainer: &mut Trainer<B>,
+        from: u64,
+        recipe: &Recipe,
+        dataset_url: &str,
+        fingerprint: u32,
+    ) -> Result<(u64, strata_dataplane::loader::Cursor), WorkerError> {
+        let setup = |m: String| WorkerError::Setup(format!("resuming: {m}"));
+        let (mut found, _) = rt
+            .block_on(checkpoint::list(&self.loc, &self.root))
+            .map_err(|e| setup(format!("checkpoint.dir: {e}")))?;
+        found.retain(|m| if from == 0 { true } else { m.step == from });
+        let table = trainer.table().clone();
+        let r =
+            checkpoint::resume_agreed(rt.handle(), &self.loc, &self.root, &found, &table, |ok| {
+                trainer.all_ok(ok).map_err(|e| e.to_string())
+            })
+            .map_err(setup)?;
+        let Some(r) = r else {
+            return Err(setup(format!(
+                "no readable checkpoint{} under {}",
+                if from == 0 {
+                    String::new()
+                } else {
+                    format!(" of step {from}")
+                },
+                self.loc.url_of(&self.root)
+            )));
+        };
+        for (step, why) in &r.skipped {
+            tracing::warn!(step, reason = %why, "passed over an unreadable checkpoint");
+        }
+        let m = &r.manifest;
+        let saved = Recipe::from_toml_str(&m.recipe, &recipe.name)
+            .map_err(|e| setup(format!("the recipe of step {}'s checkpoint: {e}", m.step)))?;
+        let conflicts = strata_recipe::resume_conflicts(&saved, recipe);
+        if !conflicts.is_empty() {
+            let list: Vec<String> = conflicts.iter().map(|p| p.to_string()).collect();
+            return Err(setup(list.join("; ")));
+        }
+        let Some(data) = &m.data else {
+            return Err(setup(format!(
+                "step {}'s checkpoint has no loader cursor",
+                m.step
+            )));
+        };
+        if data.fingerprint != fingerprint {
+            return Err(setup(format!(
+                "data.dataset: {dataset_url} is not the dataset step {}'s checkpoint was trained on ({}; fingerprint {:08x}, now {fingerprint:08x})",
+                m.step, data.dataset, data.fingerprint
+            )));
+        }
+        if data.cursor.step != m.step {
+            return Err(setup(format!(
+                "step {}'s checkpoint holds a loader cursor at step {}",
+                m.step, data.cursor.step
+            )));
+        }
+        trainer.restore(&r.restored.master, &r.restored.state);
+        tracing::info!(step = m.step, layout = ?m.layout, "resumed from a checkpoint");
+        Ok((m.step, data.cursor.clone()))
+    }
+
+    /// Copies the trainer's state out (the step's stall) and hands it to
+    /// the background saver.
+    fn save<B: AutodiffBackend>(
+        &mut self,
+        step: u64,
+        trainer: &Trainer<B>,
+        dp_rank: u32,
+        header: Option<checkpoint::Manifest>,
+    ) {
+        let snapshot = checkpoint::Snapshot::take(step, trainer.table(), dp_rank, || {
+            (trainer.master(), trainer.optimizer_state())
+        });
+        let copy_s = snapshot.copy_s;
+        let (done, waited) = self.saver.save(snapshot);
+        self.done.extend(done);
+        let stall = copy_s + waited.as_secs_f64();
+        tracing::info!(
+            step,
+            stall_s = stall,
+            "checkpoint copied out; writing in the background"
+        );
+        self.stalls.insert(step, stall);
+        if let Some(h) = header {
+            self.headers.insert(step, h);
+        }
+    }
+
+    /// Tells the coordinator about finished saves (all of them, waiting,
+    /// when `wait`). A failed save is reported and training goes on.
+    fn report(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        client: &mut Client,
+        args: &WorkerArgs,
+        wait: bool,
+    ) -> Result<(), WorkerError> {
+        let mut done = std::mem::take(&mut self.done);
+        done.extend(if wait {
+            self.saver.wait()
+        } else {
+            self.saver.finished()
+        });
+        for r in done {
+            let step = match &r {
+                Ok(s) => s.step,
+                Err(f) => f.step,
+            };
+            let header = self.headers.remove(&step);
+            let stall_s = self.stalls.remove(&step).unwrap_or(0.0);
+            let mut req = pb::ReportCheckpointRequest {
+                job_id: args.job.clone(),
+                rank: args.rank,
+                attempt: args.attempt,
+                step,
+                ok: r.is_ok(),
+                stall_s,
+                manifest_json: header
+                    .map(|h| serde_json::to_string(&h).expect("a manifest serializes"))
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            match r {
+                Ok(saved) => {
+                    tracing::info!(
+                        step,
+                        bytes = saved.bytes,
+                        write_s = saved.write_s,
+                        retries = saved.retries,
+                        "checkpoint files written"
+                    );
+                    req.shards_json =
+                        serde_json::to_string(&saved.shards).expect("shards serialize");
+                    req.write_s = saved.write_s;
+                    req.retries = saved.retries;
+                }
+                Err(f) => {
+                    tracing::error!(step, error = %f, "checkpoint not written; training goes on");
+                    req.error = f.to_string();
+                }
+            }
+            rt.block_on(client.report_checkpoint(req))
+                .map_err(rpc("ReportCheckpoint"))?;
+        }
+        Ok(())
+    }
 }
 
 fn hostname() -> String {

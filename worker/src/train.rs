@@ -400,6 +400,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.flat_on_host(&self.grads)
     }
 
+    /// Optimizer steps taken (AdamW's bias corrections count them).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.steps
+    }
+
     /// The optimizer's state, copied to the host.
     pub fn optimizer_state(&self) -> AdamWState {
         AdamWState {
