@@ -9,7 +9,7 @@ mod inventory;
 mod local;
 
 pub use inventory::{Inventory, InventoryError, Node, Slot};
-pub use local::{LocalHandle, LocalLauncher};
+pub use local::{LocalHandle, LocalJobLauncher, LocalLauncher, LocalRanks};
 
 use std::path::PathBuf;
 
@@ -84,6 +84,38 @@ pub trait WorkerHandle {
     fn try_wait(&mut self) -> Result<Option<Exit>, LaunchError>;
     /// Stops the worker (if still running) and reaps it.
     fn kill(&mut self) -> Result<Exit, LaunchError>;
+    /// Asks the worker to stop (SIGTERM): it may finish what it is doing
+    /// (a checkpoint) and exit. Does not wait.
+    fn terminate(&mut self) -> Result<(), LaunchError>;
     /// The last `n` lines of the worker's log, for failure reports.
     fn log_tail(&self, n: usize) -> Vec<String>;
+}
+
+/// Starts and stops every rank of one attempt of a job: the coordinator's
+/// view of a launcher. Object-safe, so the coordinator holds whichever it
+/// was configured with (local processes; Slurm later).
+pub trait JobLauncher: Send + Sync {
+    /// Starts one worker per spec (in rank order). On failure nothing
+    /// started is left running.
+    fn start(&self, ranks: &[LaunchSpec]) -> Result<Box<dyn Ranks>, LaunchError>;
+}
+
+/// The worker processes of one attempt.
+pub trait Ranks: Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// How rank `rank`'s process ended, `None` while it runs; never blocks.
+    fn exit(&mut self, rank: usize) -> Result<Option<Exit>, LaunchError>;
+    /// Asks every running rank to stop (SIGTERM).
+    fn terminate(&mut self);
+    /// Kills every rank still running (SIGKILL) and reaps it.
+    fn kill(&mut self);
+    /// Whether every rank has ended.
+    fn all_ended(&mut self) -> bool {
+        (0..self.len()).all(|r| !matches!(self.exit(r), Ok(None)))
+    }
+    /// The last `n` lines of rank `rank`'s log.
+    fn log_tail(&self, rank: usize, n: usize) -> Vec<String>;
 }

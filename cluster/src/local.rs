@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use crate::{Exit, LaunchError, LaunchSpec, Launcher, WorkerHandle};
+use crate::{Exit, JobLauncher, LaunchError, LaunchSpec, Launcher, Ranks, WorkerHandle};
 
 /// Starts each worker as a child process of the caller, its output in its log
 /// file. Only slots on `localhost` are reachable.
@@ -113,6 +113,29 @@ impl WorkerHandle for LocalHandle {
         Ok(exit)
     }
 
+    #[allow(unsafe_code)]
+    fn terminate(&mut self) -> Result<(), LaunchError> {
+        if self.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) with a pid this handle spawned and has not reaped
+        // (try_wait saw it running), so the pid cannot have been reused.
+        let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+        if r != 0 {
+            let source = std::io::Error::last_os_error();
+            // It exited between the poll and the signal.
+            if source.raw_os_error() != Some(libc::ESRCH) {
+                return Err(LaunchError::Control {
+                    rank: self.rank,
+                    what: "cannot signal worker process",
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn log_tail(&self, n: usize) -> Vec<String> {
         // Read at most the last 64 KiB: enough for any sane `n` lines.
         let Ok(mut f) = File::open(&self.log_path) else {
@@ -133,6 +156,54 @@ impl WorkerHandle for LocalHandle {
             .iter()
             .map(|s| s.to_string())
             .collect()
+    }
+}
+
+/// [`LocalLauncher`] for a whole attempt.
+#[derive(Debug, Default, Clone)]
+pub struct LocalJobLauncher;
+
+/// An attempt's local worker processes. Dropped, it kills what still runs.
+pub struct LocalRanks(Vec<LocalHandle>);
+
+impl JobLauncher for LocalJobLauncher {
+    fn start(&self, ranks: &[LaunchSpec]) -> Result<Box<dyn Ranks>, LaunchError> {
+        let mut started = Vec::with_capacity(ranks.len());
+        for spec in ranks {
+            // On an error the handles started so far drop, killing them.
+            started.push(LocalLauncher.launch(spec)?);
+        }
+        Ok(Box::new(LocalRanks(started)))
+    }
+}
+
+impl Ranks for LocalRanks {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn exit(&mut self, rank: usize) -> Result<Option<Exit>, LaunchError> {
+        self.0[rank].try_wait()
+    }
+
+    fn terminate(&mut self) {
+        for h in &mut self.0 {
+            if let Err(e) = h.terminate() {
+                tracing::warn!(error = %e, "worker process control failed");
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        for h in &mut self.0 {
+            if let Err(e) = h.kill() {
+                tracing::warn!(error = %e, "worker process control failed");
+            }
+        }
+    }
+
+    fn log_tail(&self, rank: usize, n: usize) -> Vec<String> {
+        self.0[rank].log_tail(n)
     }
 }
 
@@ -199,6 +270,39 @@ mod tests {
         assert_eq!(h.kill().unwrap(), Exit::Signal(9));
         // Killing again reports the same end.
         assert_eq!(h.kill().unwrap(), Exit::Signal(9));
+    }
+
+    #[test]
+    fn terminate_asks_and_kill_insists() {
+        let dir = tempfile::tempdir().unwrap();
+        // Exits 7 on SIGTERM.
+        let graceful = "trap 'exit 7' TERM; while true; do sleep 0.05; done";
+        // Ignores SIGTERM.
+        let stubborn = "trap '' TERM; while true; do sleep 0.05; done";
+        let mut ranks = LocalJobLauncher
+            .start(&[
+                spec(dir.path(), graceful, "localhost", None),
+                LaunchSpec {
+                    rank: 4,
+                    log_path: dir.path().join("logs/rank-4.log"),
+                    ..spec(dir.path(), stubborn, "localhost", None)
+                },
+            ])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!ranks.all_ended());
+        ranks.terminate();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ranks.exit(0).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "rank 3 ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ranks.exit(0).unwrap(), Some(Exit::Code(7)));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(ranks.exit(1).unwrap(), None, "rank 4 ignores SIGTERM");
+        ranks.kill();
+        assert_eq!(ranks.exit(1).unwrap(), Some(Exit::Signal(9)));
+        assert!(ranks.all_ended());
     }
 
     #[test]

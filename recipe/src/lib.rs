@@ -121,6 +121,26 @@ pub struct AdamWConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultConfig {
+    /// New attempts after failures before the job fails.
+    pub max_restarts: u32,
+    /// Restarts older than this do not count.
+    pub restart_window_s: u64,
+    /// A step that takes longer than this is a hang.
+    pub hang_timeout_s: u64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> FaultConfig {
+        FaultConfig {
+            max_restarts: 3,
+            restart_window_s: 3600,
+            hang_timeout_s: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointConfig {
     pub every_steps: u64,
     /// Complete checkpoints kept; `None` keeps all.
@@ -212,6 +232,9 @@ pub struct Recipe {
     pub optimizer: AdamWConfig,
     pub schedule: Schedule,
     pub checkpoint: Option<CheckpointConfig>,
+    /// `[fault]`.
+    #[serde(default)]
+    pub fault: FaultConfig,
     /// `[device] backend`.
     #[serde(default)]
     pub device: DeviceKind,

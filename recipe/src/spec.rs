@@ -28,6 +28,48 @@ pub struct RecipeSpec {
     /// What the workers compute on; the CPU when left out.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// How the coordinator handles failures; the defaults when left out.
+    #[serde(default)]
+    pub fault: FaultSpec,
+}
+
+/// `[fault]`: automatic recovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// New attempts after failures (from the latest checkpoint) before the
+    /// job fails; 0 fails it at the first.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: i64,
+    /// Only restarts within this many seconds count toward `max_restarts`.
+    #[serde(default = "default_restart_window_s")]
+    pub restart_window_s: i64,
+    /// A rank whose step does not advance for this long is hung: its
+    /// attempt is restarted.
+    #[serde(default = "default_hang_timeout_s")]
+    pub hang_timeout_s: i64,
+}
+
+impl Default for FaultSpec {
+    fn default() -> FaultSpec {
+        FaultSpec {
+            max_restarts: default_max_restarts(),
+            restart_window_s: default_restart_window_s(),
+            hang_timeout_s: default_hang_timeout_s(),
+        }
+    }
+}
+
+fn default_max_restarts() -> i64 {
+    3
+}
+
+fn default_restart_window_s() -> i64 {
+    3600
+}
+
+fn default_hang_timeout_s() -> i64 {
+    600
 }
 
 /// `[device]`: what the workers compute on.

@@ -11,8 +11,8 @@ use crate::quantity::{CurriculumSpec, Quantity, STEP_LAW};
 use crate::schedule::{Decay, DecayShape, PowerLaw, Schedule, ScheduleKind};
 use crate::spec::{RecipeSpec, ScheduleKindName, ScheduleSpec};
 use crate::{
-    AdamWConfig, CheckpointConfig, DataConfig, Layout, ParallelConfig, Problem, Recipe,
-    RecipeError, Resolution,
+    AdamWConfig, CheckpointConfig, DataConfig, FaultConfig, Layout, ParallelConfig, Problem,
+    Recipe, RecipeError, Resolution,
 };
 
 /// Token counts must be exact in `f64`, which every schedule computes in.
@@ -447,6 +447,25 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         }
     };
 
+    // [fault]
+    let f = &spec.fault;
+    let max_restarts = u32::try_from(f.max_restarts).ok();
+    if max_restarts.is_none() {
+        c.fail(
+            "fault.max_restarts",
+            format!("must be 0 (never restart) or more, got {}", f.max_restarts),
+        );
+    }
+    let restart_window_s = c.positive("fault.restart_window_s", f.restart_window_s);
+    let hang_timeout_s = c.positive("fault.hang_timeout_s", f.hang_timeout_s);
+    let fault = (|| {
+        Some(FaultConfig {
+            max_restarts: max_restarts?,
+            restart_window_s: restart_window_s?,
+            hang_timeout_s: hang_timeout_s?,
+        })
+    })();
+
     let recipe = (|| {
         Some(Recipe {
             name: name.clone(),
@@ -457,6 +476,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             optimizer: optimizer?,
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
+            fault: fault?,
             device: spec.device.backend,
             precision: spec
                 .device

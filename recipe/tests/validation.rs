@@ -252,6 +252,19 @@ fn sizes_must_be_positive() {
         "checkpoint.keep_last",
         &["-3"],
     );
+    check(
+        &[Set("fault.max_restarts", int(-1))],
+        "fault.max_restarts",
+        &["-1"],
+    );
+    check(
+        &[Set("fault.hang_timeout_s", int(0))],
+        "fault.hang_timeout_s",
+        &["positive"],
+    );
+    let r = parse(&[Set("fault.max_restarts", int(0))]).unwrap();
+    assert_eq!(r.fault.max_restarts, 0);
+    assert_eq!(r.fault.hang_timeout_s, 600, "the default");
 }
 
 #[test]
