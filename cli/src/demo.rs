@@ -288,6 +288,6 @@ fn summarise(job: &strata_proto::v1::Job, steps: &[strata_proto::v1::StepMetrics
         );
     }
     println!("files: {}", shown(dir));
-    println!("  worker logs: {}/rank-*.log", job.run_dir);
+    println!("  worker logs: {}/attempt-*/rank-*.log", job.run_dir);
     println!("  job store:   {}/state", shown(dir));
 }

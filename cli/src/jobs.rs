@@ -107,9 +107,13 @@ pub struct CoordinatorArgs {
     /// into STATE_DIR/token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Seconds of silence after which a worker fails its job.
+    /// Seconds of silence after which a worker fails its attempt.
     #[arg(long, default_value_t = 60)]
     pub heartbeat_timeout_s: u64,
+    /// Seconds the workers of a cancelled or failed attempt get between
+    /// SIGTERM (they save a checkpoint and leave) and SIGKILL.
+    #[arg(long, default_value_t = 30)]
+    pub stop_grace_s: u64,
 }
 
 /// A token file's contents, trimmed; an unreadable or empty file is the
@@ -170,6 +174,7 @@ pub fn coordinator_config(
         worker_env: Vec::new(),
         client_token,
         heartbeat_timeout,
+        stop_grace: Duration::from_secs(30),
     })
 }
 
@@ -222,6 +227,10 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         token,
         Duration::from_secs(args.heartbeat_timeout_s),
     )?;
+    let cfg = CoordinatorConfig {
+        stop_grace: Duration::from_secs(args.stop_grace_s),
+        ..cfg
+    };
     runtime()?.block_on(async move {
         let mut c = Coordinator::start(cfg)
             .await
@@ -740,16 +749,26 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
     })
 }
 
+/// Every recorded step of `job`, following the coordinator's pages.
 pub async fn fetch_metrics(c: &mut Client, job: &str) -> anyhow::Result<Vec<pb::StepMetrics>> {
-    Ok(c.get_metrics(pb::GetMetricsRequest {
-        job_id: job.to_string(),
-        from_step: 0,
-        limit: 0,
-    })
-    .await
-    .map_err(|s| status_error("GetMetrics", s))?
-    .into_inner()
-    .steps)
+    let mut out = Vec::new();
+    let mut from_step = 0;
+    loop {
+        let page = c
+            .get_metrics(pb::GetMetricsRequest {
+                job_id: job.to_string(),
+                from_step,
+                limit: 0,
+            })
+            .await
+            .map_err(|s| status_error("GetMetrics", s))?
+            .into_inner();
+        out.extend(page.steps);
+        if page.next_from_step == 0 {
+            return Ok(out);
+        }
+        from_step = page.next_from_step;
+    }
 }
 
 pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {

@@ -235,7 +235,11 @@ fn demo_trains_and_summarises() {
         "{stdout}"
     );
     assert!(dir.path().join("dataset/manifest.json").exists());
-    assert!(dir.path().join("state/runs/demo-1/rank-1.log").exists());
+    assert!(
+        dir.path()
+            .join("state/runs/demo-1/attempt-1/rank-1.log")
+            .exists()
+    );
 }
 
 #[test]
@@ -274,7 +278,7 @@ fn demo_takes_tensor_and_pipeline_parallelism() {
     for r in 0..4 {
         assert!(
             dir.path()
-                .join(format!("state/runs/demo-1/rank-{r}.log"))
+                .join(format!("state/runs/demo-1/attempt-1/rank-{r}.log"))
                 .exists()
         );
     }

@@ -97,6 +97,8 @@ total_tokens = {total}
 lr = 1e-3
 [schedule]
 kind = "constant"
+[fault]
+max_restarts = 0
 "#,
         total = steps * 128
     )
@@ -112,6 +114,7 @@ fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
         worker_env: vec![("RUST_LOG".into(), "info".into())],
         client_token: token.map(str::to_string),
         heartbeat_timeout: Duration::from_secs(30),
+        stop_grace: Duration::from_secs(30),
     }
 }
 
@@ -161,7 +164,11 @@ async fn until(
 /// Ranks and pids of the worker processes of job `job` of the coordinator
 /// at `c` (other tests' coordinators number their jobs alike), from /proc.
 fn worker_pids(c: &Coordinator, job: &str) -> Vec<(u32, u32)> {
-    let url = format!("http://{}", c.addr);
+    worker_procs(&format!("http://{}", c.addr), job)
+}
+
+/// [`worker_pids`] by the coordinator's URL (it may be gone).
+fn worker_procs(url: &str, job: &str) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -300,7 +307,7 @@ async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
     for r in 0..2 {
         assert!(
             Path::new(&job.run_dir)
-                .join(format!("rank-{r}.log"))
+                .join(format!("attempt-1/rank-{r}.log"))
                 .exists()
         );
     }
@@ -583,38 +590,49 @@ async fn a_silent_worker_fails_the_job() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_coordinator_keeps_every_job_and_runs_its_queue() {
+async fn a_restarted_coordinator_continues_its_jobs_and_runs_its_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path()).await;
+    let data = dataset_40(dir.path()).await;
     let state = dir.path().join("state");
-    let c = Coordinator::start(config(&state, 2, None)).await.unwrap();
+    let ck = dir.path().join("checkpoints");
+    let c = Coordinator::start(config(&state, 8, None)).await.unwrap();
     let mut cl = client(&c).await;
-    let long = submit(&mut cl, recipe(&data, 100_000, 2)).await.unwrap();
-    let queued = submit(&mut cl, recipe(&data, 4, 2)).await.unwrap();
-    until(&mut cl, &long, 120, |j| j.steps_done >= 2).await;
-    assert_eq!(get(&mut cl, &queued).await.state(), pb::JobState::Queued);
-    c.stop().await;
-
-    let c = Coordinator::start(config(&state, 2, None)).await.unwrap();
-    let mut cl = client(&c).await;
-    let j = get(&mut cl, &long).await;
-    assert_eq!(j.state(), pb::JobState::Failed);
-    assert!(
-        j.failure_reason.contains("coordinator"),
-        "{}",
-        j.failure_reason
-    );
-    let history = cl
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: long.clone(),
-            from_step: 0,
-            limit: 0,
-        })
+    let steps = 24;
+    let long = submit(&mut cl, recipe_ck(&data, steps, (2, 2, 2), &ck, 4))
         .await
-        .unwrap()
-        .into_inner()
-        .steps;
-    assert!(history.len() >= 2 && history.len() as u64 == j.steps_done);
+        .unwrap();
+    let queued = submit(&mut cl, recipe3d(&data, 4, (2, 2, 2), true))
+        .await
+        .unwrap();
+    until(&mut cl, &long, 120, |j| {
+        j.last_checkpoint_step.unwrap_or(0) >= 4
+    })
+    .await;
+    assert_eq!(get(&mut cl, &queued).await.state(), pb::JobState::Queued);
+    let url = format!("http://{}", c.addr);
+    c.stop().await;
+    assert!(
+        worker_procs(&url, &long).is_empty(),
+        "workers outlived their coordinator"
+    );
+
+    // The next coordinator on the same state continues the job from its
+    // checkpoint before it starts the queued one.
+    let c = Coordinator::start(config(&state, 8, None)).await.unwrap();
+    let mut cl = client(&c).await;
+    let j = until(&mut cl, &long, 300, |j| {
+        j.state() != pb::JobState::Running && j.state() != pb::JobState::Restarting
+    })
+    .await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
+    assert!(j.attempts[0].interrupted && j.attempts[0].cause.contains("coordinator"));
+    assert!(j.attempts[1].from_step >= 4);
+    let history = metrics(&mut cl, &long).await;
+    assert_eq!(
+        history.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
     let q = until(&mut cl, &queued, 120, |j| {
         j.state() == pb::JobState::Succeeded
     })
@@ -910,9 +928,11 @@ async fn interleaved_pipelines_train_like_one_process() {
 async fn a_dead_pipeline_stage_fails_the_job_naming_it() {
     let f = fixture(8, None, Duration::from_secs(30)).await;
     let mut cl = f.cl.clone();
-    let id = submit(&mut cl, recipe3d(&f.data, 100_000, (2, 2, 1), true))
-        .await
-        .unwrap();
+    let spec = format!(
+        "{}[fault]\nmax_restarts = 0\n",
+        recipe3d(&f.data, 100_000, (2, 2, 1), true)
+    );
+    let id = submit(&mut cl, spec).await.unwrap();
     until(&mut cl, &id, 120, |j| j.steps_done >= 1).await;
     assert_eq!(worker_pids(&f.c, &id).len(), 4);
     f.signal_rank(&id, 2, "-KILL");
@@ -1003,10 +1023,14 @@ async fn a_killed_job_resumes_from_its_checkpoint_exactly() {
         );
     }
 
-    // The same job, its rank 5 killed once a checkpoint is complete.
-    let b = submit(&mut cl, recipe_ck(&data, steps, l, &ck, 4))
-        .await
-        .unwrap();
+    // The same job, its rank 5 killed once a checkpoint is complete (and
+    // no automatic restart).
+    let b = submit(
+        &mut cl,
+        recipe_fault(&data, steps, l, &ck, "max_restarts = 0"),
+    )
+    .await
+    .unwrap();
     let e = resume(&mut cl, &b, 0, (0, 0, 0), false).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
@@ -1085,5 +1109,189 @@ async fn a_killed_job_resumes_from_its_checkpoint_exactly() {
             y.loss
         );
     }
+    c.stop().await;
+}
+
+/// [`recipe_ck`] with a `[fault]` section.
+fn recipe_fault(data: &str, steps: u64, l: (u32, u32, u32), dir: &Path, fault: &str) -> String {
+    format!("{}[fault]\n{fault}\n", recipe_ck(data, steps, l, dir, 4))
+}
+
+/// Waits for job `id` to end.
+async fn ended(cl: &mut JobServiceClient<Channel>, id: &str, secs: u64) -> pb::Job {
+    until(cl, id, secs, |j| {
+        !matches!(
+            j.state(),
+            pb::JobState::Queued | pb::JobState::Running | pb::JobState::Restarting
+        )
+    })
+    .await
+}
+
+/// The uninterrupted run's losses, to hold recovered runs to.
+async fn straight_run(
+    cl: &mut JobServiceClient<Channel>,
+    data: &str,
+    steps: u64,
+    dir: &Path,
+) -> Vec<pb::StepMetrics> {
+    let id = submit(cl, recipe_ck(data, steps, (2, 2, 2), dir, 4))
+        .await
+        .unwrap();
+    let j = ended(cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    metrics(cl, &id).await
+}
+
+fn assert_bit_identical(want: &[pb::StepMetrics], got: &[pb::StepMetrics], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for (x, y) in want.iter().zip(got) {
+        assert_eq!(
+            (x.step, x.loss.to_bits()),
+            (y.step, y.loss.to_bits()),
+            "{what}: step {}: {} vs {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+    }
+}
+
+/// SIGKILL of one worker of a (2, 2, 2) run, and separately SIGSTOP of
+/// one (silent: a stopped process or a lost machine), and a rank whose
+/// step stops moving while its heartbeats go on (a hang): each job
+/// restarts from its latest checkpoint by itself and ends with the
+/// uninterrupted run's losses, bit for bit, its attempts recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_attempt_restarts_from_the_latest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let mut cfg = config(&dir.path().join("state"), 8, None);
+    cfg.heartbeat_timeout = Duration::from_secs(3);
+    cfg.worker_env.push((
+        "STRATA_FAULT_HANG_AT".into(),
+        "layout-2-2-2-4:1:6:14".into(),
+    ));
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let ck = dir.path().join("checkpoints");
+    let steps = 24;
+    let want = straight_run(&mut cl, &data, steps, &dir.path().join("straight")).await;
+
+    for (sig, rank) in [("-KILL", 3u32), ("-STOP", 5)] {
+        let id = submit(
+            &mut cl,
+            recipe_fault(&data, steps, (2, 2, 2), &ck, "max_restarts = 2"),
+        )
+        .await
+        .unwrap();
+        until(&mut cl, &id, 300, |j| {
+            j.last_checkpoint_step.unwrap_or(0) >= 8
+        })
+        .await;
+        let (_, pid) = worker_pids(&c, &id)
+            .into_iter()
+            .find(|(r, _)| *r == rank)
+            .expect("the rank runs");
+        let killed = Instant::now();
+        let before = get(&mut cl, &id).await.steps_done;
+        signal(pid, sig);
+        // Recovery time: from the signal to the next step completed.
+        let j = until(&mut cl, &id, 300, |j| {
+            j.attempts.len() == 2
+                && j.state() == pb::JobState::Running
+                && j.steps_done > j.attempts[1].from_step
+        })
+        .await;
+        eprintln!(
+            "{sig} at step {before}: step {} done {:.2} s later (resumed from {})",
+            j.steps_done,
+            killed.elapsed().as_secs_f64(),
+            j.attempts[1].from_step
+        );
+        let j = ended(&mut cl, &id, 300).await;
+        assert_eq!(
+            j.state(),
+            pb::JobState::Succeeded,
+            "{sig}: {}",
+            j.failure_reason
+        );
+        assert_eq!(j.attempts.len(), 2, "{sig}: {:?}", j.attempts);
+        let cause = &j.attempts[0].cause;
+        assert!(cause.contains(&format!("rank {rank}")), "{sig}: {cause}");
+        if sig == "-STOP" {
+            assert!(cause.contains("no heartbeat"), "{cause}");
+            // Killed by now: SIGKILL ends a stopped process too.
+            assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        }
+        assert_bit_identical(&want, &metrics(&mut cl, &id).await, sig);
+    }
+
+    // A hang: rank 6 of attempt 1 of job 4 stops before step 14 and
+    // keeps heartbeating; the hang timeout restarts the attempt.
+    let id = submit(
+        &mut cl,
+        recipe_fault(&data, steps, (2, 2, 2), &ck, "hang_timeout_s = 3"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(id, "layout-2-2-2-4");
+    let j = ended(&mut cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
+    let cause = &j.attempts[0].cause;
+    // Every rank waits for rank 6 at step 13: all are named.
+    assert!(
+        cause.contains("hung")
+            && cause.contains("ranks 0, 1, 2, 3, 4, 5, 6, 7")
+            && cause.contains("at 13"),
+        "{cause}"
+    );
+    assert_eq!(j.attempts[1].from_step, 12);
+    assert_bit_identical(&want, &metrics(&mut cl, &id).await, "hang");
+    c.stop().await;
+}
+
+/// Past `[fault] max_restarts` failures the job fails, naming every
+/// attempt's cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_keeps_failing_fails_naming_every_attempt() {
+    let Fixture {
+        dir,
+        data: _,
+        c,
+        mut cl,
+    } = fixture(8, None, Duration::from_secs(30)).await;
+    let data = dataset_40(dir.path()).await;
+    let ck = dir.path().join("checkpoints");
+    let id = submit(
+        &mut cl,
+        recipe_fault(&data, 100_000, (1, 1, 2), &ck, "max_restarts = 1"),
+    )
+    .await
+    .unwrap();
+    for attempt in 1..=2 {
+        until(&mut cl, &id, 120, |j| {
+            j.attempts.len() == attempt
+                && j.state() == pb::JobState::Running
+                && j.steps_done > j.attempts[attempt - 1].from_step
+        })
+        .await;
+        let (_, pid) = worker_pids(&c, &id)
+            .into_iter()
+            .find(|(r, _)| *r == 1)
+            .expect("rank 1 runs");
+        signal(pid, "-KILL");
+    }
+    let j = ended(&mut cl, &id, 60).await;
+    assert_eq!(j.state(), pb::JobState::Failed);
+    let why = &j.failure_reason;
+    assert!(
+        why.contains("max_restarts = 1")
+            && why.contains("attempt 1: rank 1")
+            && why.contains("attempt 2: rank 1"),
+        "{why}"
+    );
+    until_workers_gone(&c, &id, "workers outlived the failure").await;
     c.stop().await;
 }

@@ -10,6 +10,7 @@ pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
         JobState::Queued => pb::JobState::Queued,
         JobState::Running => pb::JobState::Running,
+        JobState::Restarting => pb::JobState::Restarting,
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
@@ -21,6 +22,7 @@ pub fn state_from_pb(s: pb::JobState) -> Option<JobState> {
         pb::JobState::Unspecified => None,
         pb::JobState::Queued => Some(JobState::Queued),
         pb::JobState::Running => Some(JobState::Running),
+        pb::JobState::Restarting => Some(JobState::Restarting),
         pb::JobState::Succeeded => Some(JobState::Succeeded),
         pb::JobState::Failed => Some(JobState::Failed),
         pb::JobState::Cancelled => Some(JobState::Cancelled),
@@ -64,6 +66,7 @@ pub fn attempt_to_pb(a: &AttemptRecord) -> pb::Attempt {
         cause: a.cause.clone(),
         steps_lost: a.steps_lost,
         last_step: a.last_step,
+        interrupted: a.interrupted,
     }
 }
 

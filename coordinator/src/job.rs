@@ -9,6 +9,9 @@ use strata_recipe::Layout;
 pub enum JobState {
     Queued,
     Running,
+    /// An attempt failed: its workers are being stopped and a new attempt
+    /// will continue from the latest checkpoint.
+    Restarting,
     Succeeded,
     Failed,
     Cancelled,
@@ -33,6 +36,10 @@ impl JobState {
                 | (Running, Succeeded)
                 | (Running, Failed)
                 | (Running, Cancelled)
+                | (Running, Restarting)
+                | (Restarting, Running)
+                | (Restarting, Failed)
+                | (Restarting, Cancelled)
                 // Resumed from a checkpoint: a new attempt.
                 | (Failed, Queued)
                 | (Cancelled, Queued)
@@ -44,6 +51,7 @@ impl JobState {
         match self {
             JobState::Queued => "queued",
             JobState::Running => "running",
+            JobState::Restarting => "restarting",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
@@ -64,6 +72,7 @@ pub struct JobRecord {
     pub steps_total: u64,
     pub steps_done: u64,
     pub tokens_done: u64,
+    #[serde(with = "float::option")]
     pub last_loss: Option<f64>,
     pub failure_reason: String,
     pub submitted_unix_ms: i64,
@@ -114,6 +123,10 @@ pub struct AttemptRecord {
     /// Steps done past the last complete checkpoint when it ended.
     pub steps_lost: u64,
     pub last_step: u64,
+    /// Ended by the coordinator's own restart, not by the job: it does
+    /// not count toward `[fault] max_restarts`.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 /// A checkpoint whose manifest the coordinator wrote.
@@ -131,13 +144,78 @@ pub struct CheckpointRecord {
     pub url: String,
 }
 
+/// Floats as JSON numbers, and the non-finite ones (an infinite gradient
+/// norm) as the strings `"NaN"`, `"inf"` and `"-inf"`: serde_json writes
+/// them as `null` and then cannot read them back as `f64`, which made a
+/// job's whole history unreadable. `null` from such older records reads
+/// as NaN.
+pub mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f64(*x)
+        } else if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if *x > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+        Null(()),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(x) => Ok(x),
+            Repr::Null(()) => Ok(f64::NAN),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!(
+                    "`{other}` is not a number"
+                ))),
+            },
+        }
+    }
+
+    /// The same for an optional float.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        #[derive(Serialize, Deserialize)]
+        struct Wrap(#[serde(with = "super")] f64);
+
+        pub fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            x.map(Wrap).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
 /// Where a step's wall time went, in seconds (rank 0's view).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepTimes {
+    #[serde(with = "float")]
     pub data_s: f64,
+    #[serde(with = "float")]
     pub forward_s: f64,
+    #[serde(with = "float")]
     pub backward_s: f64,
+    #[serde(with = "float")]
     pub all_reduce_s: f64,
+    #[serde(with = "float")]
     pub optimizer_s: f64,
 }
 
@@ -145,13 +223,19 @@ pub struct StepTimes {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageTimes {
     pub stage: u32,
+    #[serde(with = "float")]
     pub forward_s: f64,
+    #[serde(with = "float")]
     pub backward_s: f64,
     /// Blocked waiting for neighbouring stages.
+    #[serde(with = "float")]
     pub wait_s: f64,
+    #[serde(with = "float")]
     pub pipeline_s: f64,
     /// `wait_s / pipeline_s`.
+    #[serde(with = "float")]
     pub bubble: f64,
+    #[serde(with = "float")]
     pub tp_comm_s: f64,
 }
 
@@ -160,9 +244,13 @@ pub struct StageTimes {
 pub struct StepRecord {
     pub step: u64,
     pub tokens: u64,
+    #[serde(with = "float")]
     pub loss: f64,
+    #[serde(with = "float")]
     pub lr: f64,
+    #[serde(with = "float")]
     pub tokens_per_s: f64,
+    #[serde(with = "float")]
     pub grad_norm: f64,
     pub seq_log2: u32,
     pub times: StepTimes,
@@ -172,6 +260,7 @@ pub struct StepRecord {
     pub stages: Vec<StageTimes>,
     /// 1F1B's theoretical bubble, (p − 1) / (m + p − 1).
     #[serde(default)]
+    #[serde(with = "float")]
     pub bubble_theory: f64,
 }
 

@@ -3,15 +3,20 @@
 //!
 //! [`placement`] maps a job's world ranks onto an inventory's slots;
 //! [`store`] keeps jobs and their step history durably (redb); [`server`]
-//! is the engine (queue, launch, heartbeats, failure causes) behind the
-//! `JobService` and `ControlService` gRPC services. Wire types stay at the
-//! edge ([`convert`]); the engine works on [`job`]'s domain types.
+//! is the engine (queue, attempts, restarts, checkpoint commits) behind the
+//! `JobService` and `ControlService` gRPC services, with one supervisor per
+//! attempt (`supervisor`: processes, heartbeats, progress, stopping).
+//! Wire types stay at the edge ([`convert`]); the engine works on [`job`]'s
+//! domain types, and its one error type ([`error`]) becomes a gRPC status
+//! in one place.
 
 pub mod convert;
+pub mod error;
 pub mod job;
 pub mod placement;
 pub mod server;
 pub mod store;
+mod supervisor;
 
 pub use server::{Coordinator, CoordinatorConfig};
 /// The slots a coordinator places workers in (its configuration).

@@ -1,8 +1,23 @@
 //! The coordinator's engine and its two gRPC services.
 //!
-//! One mutex guards the in-memory mirror of the store and the running
-//! jobs' processes; it is never held across an `.await`. Every change is
-//! committed to the [`Store`] before the call that made it is answered.
+//! One mutex guards the in-memory state: the jobs (a mirror of the
+//! store), the queue, one [`Supervisor`] per attempt whose processes are
+//! alive, and watchers. It is never held across an `.await`, and nothing
+//! slow runs under it: processes are signalled, not waited for (a stopping
+//! attempt winds down in the monitor's ticks), step metrics are queued to
+//! the store's writer thread, checkpoint manifests are written outside it.
+//! Every change to a job is made to the record in the map under one hold
+//! of the lock and committed to the [`Store`] before the call that made it
+//! is answered; a handler never writes back a copy taken earlier. A panic
+//! under the lock does not poison later calls.
+//!
+//! A job moves QUEUED → RUNNING → (RESTARTING → RUNNING …) → SUCCEEDED,
+//! FAILED or CANCELLED. Each RUNNING spell is an attempt: a failure (a
+//! process that ended, a silent or hung rank, a rank's own report) stops
+//! the attempt's workers and, within `[fault] max_restarts` per
+//! `restart_window_s`, starts the next attempt from the latest complete
+//! checkpoint. Worker calls carry their attempt; calls of an ended attempt
+//! are refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,9 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use strata_cluster::{
-    Inventory, LaunchSpec, Launcher, LocalHandle, LocalLauncher, Slot, WorkerHandle,
-};
+use strata_cluster::{Inventory, JobLauncher, LaunchSpec, LocalJobLauncher, Slot};
 use strata_dataplane::checkpoint::{self as ckpt, Manifest, ShardRecord};
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::reader::read_manifest;
@@ -23,16 +36,18 @@ use strata_proto::auth::bearer_token;
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_server::{ControlService, ControlServiceServer};
 use strata_proto::v1::job_service_server::{JobService, JobServiceServer};
-use strata_recipe::{DeviceKind, Layout, Rank, Recipe};
+use strata_recipe::{DeviceKind, FaultConfig, Layout, Rank, Recipe};
 use tokio::sync::{Notify, broadcast};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{checkpoint_to_pb, job_to_pb, state_from_pb, step_from_pb, step_to_pb};
+use crate::error::EngineError;
 use crate::job::{
     AttemptRecord, CheckpointRecord, JobRecord, JobState, StepRecord, now_unix_ms, random_token,
 };
 use crate::placement::place;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -51,8 +66,11 @@ pub struct CoordinatorConfig {
     /// The bearer token clients must present; `None` when the coordinator
     /// listens on loopback only.
     pub client_token: Option<String>,
-    /// A worker silent for this long fails its job.
+    /// A worker silent for this long fails its attempt.
     pub heartbeat_timeout: Duration,
+    /// How long the workers of a cancelled or failed attempt get between
+    /// SIGTERM (they save a checkpoint and leave) and SIGKILL.
+    pub stop_grace: Duration,
 }
 
 /// What watchers of a job hear.
@@ -62,66 +80,22 @@ pub enum Event {
     Step(StepRecord),
 }
 
-struct Running {
-    /// The slots (and GPUs) leased to the job's ranks, in rank order.
-    slots: Vec<Slot>,
-    handles: Vec<LocalHandle>,
-    addrs: Vec<Option<String>>,
-    heartbeat: Vec<Instant>,
-    done: Vec<bool>,
-    /// Checkpoints some ranks have written their files of, by step.
-    checkpoints: BTreeMap<u64, PendingCheckpoint>,
-}
-
-/// A checkpoint being written: what each rank reported.
-#[derive(Default)]
-struct PendingCheckpoint {
-    reported: HashSet<u32>,
-    /// Rank 0's manifest, without shards.
-    manifest: Option<Manifest>,
-    shards: Vec<ShardRecord>,
-    failures: Vec<String>,
-    stall_s: f64,
-    write_s: f64,
-}
-
-impl Running {
-    /// The first rank (other than `except`) whose process ended before it
-    /// finished, with its exit status and last log lines.
-    fn ended_early(&mut self, except: Option<usize>) -> Option<String> {
-        for (r, h) in self.handles.iter_mut().enumerate() {
-            if Some(r) == except || self.done[r] {
-                continue;
-            }
-            match h.try_wait() {
-                Ok(Some(exit)) => {
-                    return Some(format!(
-                        "rank {r} ended ({exit}) before finishing; last log lines:\n{}",
-                        h.log_tail(20).join("\n")
-                    ));
-                }
-                Ok(None) => {}
-                Err(e) => return Some(e.to_string()),
-            }
-        }
-        None
-    }
-}
-
 #[derive(Default)]
 struct State {
     jobs: BTreeMap<String, JobRecord>,
-    /// Submission order of queued jobs.
+    /// Jobs waiting for slots, in the order they start: restarting jobs
+    /// first, then queued ones by submission.
     queue: Vec<String>,
-    running: HashMap<String, Running>,
-    /// Workers of ended jobs, reaped (or killed after a grace period).
-    draining: Vec<(LocalHandle, Instant)>,
+    /// The attempt of each job whose processes are alive (running or
+    /// stopping); it holds their slots until they are gone.
+    attempts: HashMap<String, Supervisor>,
     watchers: HashMap<String, broadcast::Sender<Event>>,
 }
 
 pub struct Engine {
     cfg: CoordinatorConfig,
     store: Store,
+    launcher: Arc<dyn JobLauncher>,
     state: Mutex<State>,
     /// Woken when a job's registrations or state change.
     changed: Notify,
@@ -129,47 +103,119 @@ pub struct Engine {
     worker_url: Mutex<String>,
     /// Set once shutting down: nothing new is launched.
     stopping: std::sync::atomic::AtomicBool,
+    /// Becomes true when the server starts shutting down; watch streams
+    /// end then.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-fn store_status(e: StoreError) -> Status {
-    tracing::error!(error = %e, "job store failure");
-    Status::internal(e.to_string())
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// How long a shutting-down server waits for the calls in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long the workers of a failed attempt get between SIGTERM and
+/// SIGKILL.
+const FAILED_GRACE: Duration = Duration::from_secs(2);
+
+/// The job's `[fault]` settings (the defaults for a recipe that no
+/// longer parses).
+fn fault_of(job: &JobRecord) -> FaultConfig {
+    Recipe::from_toml_str(&job.spec_toml, &job.name)
+        .map(|r| r.fault)
+        .unwrap_or_default()
+}
+
+/// Closes `job`'s current attempt: how it ended, why, and the steps done
+/// past its last complete checkpoint.
+fn close_attempt(job: &mut JobRecord, end: JobState, cause: &str, interrupted: bool) {
+    let last_checkpoint = job.last_checkpoint().unwrap_or(0);
+    let steps_done = job.steps_done;
+    if let Some(a) = job.attempts.last_mut()
+        && a.end_state.is_none()
+    {
+        a.end_state = Some(end);
+        a.cause = cause.to_string();
+        a.ended_unix_ms = now_unix_ms();
+        a.last_step = steps_done;
+        a.steps_lost = steps_done.saturating_sub(last_checkpoint.max(a.from_step));
+        a.interrupted = interrupted;
+    }
+}
+
+/// Readies `job` for its next attempt: from the latest checkpoint when it
+/// has one, otherwise from scratch, forgetting the steps after that point.
+fn prepare_restart(store: &Store, job: &mut JobRecord) -> Result<()> {
+    let from = job.last_checkpoint();
+    job.state = JobState::Restarting;
+    job.resume_from = from.map(|_| 0);
+    let step = from.unwrap_or(0);
+    let tps = job.tokens_done.checked_div(job.steps_done).unwrap_or(0);
+    job.steps_done = step;
+    job.tokens_done = step * tps;
+    store.flush()?;
+    store.put_job_truncating(job, step)?;
+    Ok(())
 }
 
 impl Engine {
     /// Opens the store in `cfg.state_dir`. Jobs that were running when the
-    /// coordinator last stopped are failed (their workers are gone); queued
-    /// jobs stay queued.
-    pub fn open(cfg: CoordinatorConfig) -> Result<Arc<Engine>, StoreError> {
+    /// coordinator last stopped get a new attempt from their latest
+    /// checkpoint (their workers went with that coordinator); queued jobs
+    /// stay queued.
+    pub fn open(cfg: CoordinatorConfig, launcher: Arc<dyn JobLauncher>) -> Result<Arc<Engine>> {
         let store = Store::open(&cfg.state_dir)?;
         let mut state = State::default();
         let mut jobs = store.jobs()?;
         jobs.sort_by_key(|j| (j.submitted_unix_ms, j.job_id.clone()));
+        let mut restarting = Vec::new();
         for mut job in jobs {
-            if job.state == JobState::Running {
-                job.state = JobState::Failed;
-                job.failure_reason = "the coordinator stopped while the job ran, and its workers with it; resubmit the job".into();
-                job.finished_unix_ms = now_unix_ms();
-                store.put_job(&job)?;
-                tracing::warn!(job = %job.job_id, "failed a job left running by the previous coordinator");
+            // Progress is written with the step metrics, not with every
+            // change of the record.
+            if let Some(last) = store.last_step(&job.job_id)?
+                && last.step > job.steps_done
+            {
+                job.steps_done = last.step;
+                job.tokens_done = last.tokens;
+                job.last_loss = Some(last.loss);
             }
-            if job.state == JobState::Queued {
+            if matches!(job.state, JobState::Running | JobState::Restarting) {
+                close_attempt(
+                    &mut job,
+                    JobState::Failed,
+                    "the coordinator stopped, and the attempt's workers with it",
+                    true,
+                );
+                prepare_restart(&store, &mut job)?;
+                tracing::warn!(job = %job.job_id, from_step = job.steps_done, "resuming a job the previous coordinator left running");
+                restarting.push(job.job_id.clone());
+            } else if job.state == JobState::Queued {
                 state.queue.push(job.job_id.clone());
             }
             state.jobs.insert(job.job_id.clone(), job);
         }
+        restarting.append(&mut state.queue);
+        state.queue = restarting;
         Ok(Arc::new(Engine {
             worker_url: Mutex::new(format!("http://{}", cfg.listen)),
             cfg,
             store,
+            launcher,
             state: Mutex::new(state),
             changed: Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         }))
     }
 
+    /// The state, even after a panic under the lock: every change to a job
+    /// is made whole before it is stored, so what a panic interrupted is at
+    /// worst not done, and later calls must still be served.
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("coordinator state lock")
+        self.state.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("a call panicked while holding the coordinator's lock; going on");
+            self.state.clear_poison();
+            poisoned.into_inner()
+        })
     }
 
     /// Tells `job`'s watchers; once it has ended, its channel is dropped
@@ -184,7 +230,7 @@ impl Engine {
     }
 
     /// Commits `job`, mirrors it and tells its watchers.
-    fn save(&self, state: &mut State, job: JobRecord) -> Result<(), StoreError> {
+    fn save(&self, state: &mut State, job: JobRecord) -> Result<()> {
         self.store.put_job(&job)?;
         state.jobs.insert(job.job_id.clone(), job.clone());
         Engine::publish(state, &job);
@@ -192,12 +238,30 @@ impl Engine {
         Ok(())
     }
 
-    /// The slots running jobs hold.
+    /// Applies `f` to job `id`'s record, commits it and tells watchers,
+    /// all under the caller's hold of the lock.
+    fn update(
+        &self,
+        state: &mut State,
+        id: &str,
+        f: impl FnOnce(&mut JobRecord),
+    ) -> Result<JobRecord> {
+        let mut job = state
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no job {id}")))?;
+        f(&mut job);
+        self.save(state, job.clone())?;
+        Ok(job)
+    }
+
+    /// The slots whose processes are alive.
     fn leased(state: &State) -> HashSet<Slot> {
         state
-            .running
+            .attempts
             .values()
-            .flat_map(|r| r.slots.iter().cloned())
+            .flat_map(|s| s.slots.iter().cloned())
             .collect()
     }
 
@@ -206,7 +270,8 @@ impl Engine {
         self.cfg.inventory.total_slots().saturating_sub(leased)
     }
 
-    /// Starts queued jobs, first come first served, while they fit.
+    /// Starts waiting jobs in queue order while they fit; a restarting job
+    /// waits for its previous attempt's processes to be gone.
     fn schedule(&self, state: &mut State) {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
@@ -216,11 +281,12 @@ impl Engine {
                 state.queue.remove(0);
                 continue;
             };
-            if job.state != JobState::Queued {
+            if !matches!(job.state, JobState::Queued | JobState::Restarting) {
                 state.queue.remove(0);
                 continue;
             }
-            if job.layout.world_size() > self.free_slots(state) {
+            if state.attempts.contains_key(&id) || job.layout.world_size() > self.free_slots(state)
+            {
                 break;
             }
             state.queue.remove(0);
@@ -230,10 +296,11 @@ impl Engine {
         }
     }
 
-    fn launch(&self, state: &mut State, mut job: JobRecord) -> Result<(), StoreError> {
+    fn launch(&self, state: &mut State, mut job: JobRecord) -> Result<()> {
         let world = job.layout.world_size();
         let fail = |state: &mut State, mut job: JobRecord, why: String| {
             tracing::error!(job = %job.job_id, reason = %why, "job failed to start");
+            close_attempt(&mut job, JobState::Failed, &why, false);
             job.state = JobState::Failed;
             job.failure_reason = why;
             job.finished_unix_ms = now_unix_ms();
@@ -243,7 +310,11 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return fail(state, job, e.to_string()),
         };
-        let url = self.worker_url.lock().expect("url lock").clone();
+        let url = self
+            .worker_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         // Workers on this machine share its cores: each CPU backend gets
         // its share of threads (oversubscribed, two workers on two cores
         // trained 12% slower), unless the operator chose a count.
@@ -256,8 +327,8 @@ impl Engine {
                 .iter()
                 .any(|(k, _)| k == "RAYON_NUM_THREADS");
         let attempt = job.attempt() + 1;
-        let mut handles = Vec::with_capacity(world as usize);
         let mut on_node: HashMap<&str, u32> = HashMap::new();
+        let mut specs = Vec::with_capacity(world as usize);
         for a in &placement.assignments {
             let rank = a.rank.0;
             // The rank's index among this job's ranks on its node.
@@ -280,214 +351,252 @@ impl Engine {
             if set_threads {
                 env.push(("RAYON_NUM_THREADS".into(), threads.max(1).to_string()));
             }
-            let spec = LaunchSpec {
+            specs.push(LaunchSpec {
                 rank,
                 slot: a.slot.clone(),
                 program: self.cfg.worker_program.clone(),
                 args,
                 env,
-                log_path: PathBuf::from(&job.run_dir).join(format!("rank-{rank}.log")),
-            };
-            match LocalLauncher.launch(&spec) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    for mut h in handles {
-                        let _ = h.kill();
-                    }
-                    return fail(state, job, e.to_string());
-                }
-            }
+                log_path: PathBuf::from(&job.run_dir)
+                    .join(format!("attempt-{attempt}"))
+                    .join(format!("rank-{rank}.log")),
+            });
         }
-        tracing::info!(job = %job.job_id, world, attempt, "launched workers");
+        let ranks = match self.launcher.start(&specs) {
+            Ok(r) => r,
+            Err(e) => return fail(state, job, e.to_string()),
+        };
+        tracing::info!(job = %job.job_id, world, attempt, from_step = job.steps_done, "launched workers");
         job.state = JobState::Running;
         job.started_unix_ms = now_unix_ms();
         job.attempts.push(AttemptRecord {
             number: attempt,
             started_unix_ms: job.started_unix_ms,
             ended_unix_ms: 0,
-            from_step: match job.resume_from {
-                Some(0) => job.last_checkpoint().unwrap_or(0),
-                Some(step) => step,
-                None => 0,
+            from_step: if job.resume_from.is_some() {
+                job.steps_done
+            } else {
+                0
             },
             end_state: None,
             cause: String::new(),
             steps_lost: 0,
             last_step: job.steps_done,
+            interrupted: false,
         });
-        let n = world as usize;
-        state.running.insert(
+        let hang = Duration::from_secs(fault_of(&job).hang_timeout_s);
+        state.attempts.insert(
             job.job_id.clone(),
-            Running {
-                slots: placement
+            Supervisor::new(
+                attempt,
+                placement
                     .assignments
                     .iter()
                     .map(|a| a.slot.clone())
                     .collect(),
-                handles,
-                addrs: vec![None; n],
-                heartbeat: vec![Instant::now(); n],
-                done: vec![false; n],
-                checkpoints: BTreeMap::new(),
-            },
+                ranks,
+                job.steps_done,
+                hang,
+            ),
         );
         self.save(state, job)
     }
 
-    /// Ends a running or queued job: stops its workers, records why, and
-    /// starts whatever now fits.
+    /// Ends a job for good (succeeded, cancelled, or failed with no
+    /// restart left): closes its attempt, asks its workers to stop within
+    /// `grace`, records why, and starts whatever now fits.
     fn end(
         &self,
         state: &mut State,
         id: &str,
         to: JobState,
         reason: String,
-    ) -> Result<(), StoreError> {
-        let Some(mut job) = state.jobs.get(id).cloned() else {
+        grace: Duration,
+    ) -> Result<()> {
+        let Some(job) = state.jobs.get(id) else {
             return Ok(());
         };
         if !job.state.can_become(to) {
             return Ok(());
         }
-        if let Some(run) = state.running.remove(id) {
-            let grace = if to == JobState::Succeeded {
-                Duration::from_secs(10)
-            } else {
-                Duration::ZERO
-            };
-            for h in run.handles {
-                state.draining.push((h, Instant::now() + grace));
-            }
+        if let Some(sup) = state.attempts.get_mut(id) {
+            sup.stop(grace);
         }
         state.queue.retain(|q| q != id);
         match to {
             JobState::Failed => tracing::error!(job = %id, reason = %reason, "job failed"),
             _ => tracing::info!(job = %id, state = to.name(), reason = %reason, "job ended"),
         }
-        job.state = to;
-        job.finished_unix_ms = now_unix_ms();
-        let last_checkpoint = job.last_checkpoint().unwrap_or(0);
-        let steps_done = job.steps_done;
-        if let Some(a) = job.attempts.last_mut()
-            && a.end_state.is_none()
-        {
-            a.end_state = Some(to);
-            a.cause = reason.clone();
-            a.ended_unix_ms = job.finished_unix_ms;
-            a.last_step = steps_done;
-            a.steps_lost = steps_done.saturating_sub(last_checkpoint.max(a.from_step));
-        }
-        job.failure_reason = reason;
-        job.resume_from = None;
-        self.save(state, job)?;
-        self.reap(state);
+        self.update(state, id, |job| {
+            close_attempt(job, to, &reason, false);
+            job.state = to;
+            job.finished_unix_ms = now_unix_ms();
+            job.failure_reason = reason;
+            job.resume_from = None;
+        })?;
         self.schedule(state);
         Ok(())
     }
 
-    fn reap(&self, state: &mut State) {
-        let now = Instant::now();
-        state
-            .draining
-            .retain_mut(|(h, deadline)| match h.try_wait() {
-                Ok(Some(_)) | Err(_) => false,
-                Ok(None) if now >= *deadline => {
-                    let _ = h.kill();
-                    false
-                }
-                Ok(None) => true,
-            });
+    /// Attempt `attempt` of job `id` cannot go on because of `cause`: its
+    /// workers are stopped, and the job restarts from its latest
+    /// checkpoint unless it has failed `[fault] max_restarts` times within
+    /// `restart_window_s` already; then it fails, naming every attempt's
+    /// cause.
+    fn fail_attempt(&self, state: &mut State, id: &str, attempt: u32, cause: String) -> Result<()> {
+        let Some(job) = state.jobs.get(id).cloned() else {
+            return Ok(());
+        };
+        if job.state != JobState::Running || job.attempt() != attempt {
+            return Ok(());
+        }
+        let fault = fault_of(&job);
+        let now = now_unix_ms();
+        let window_start = now - (fault.restart_window_s as i64).saturating_mul(1000);
+        // Failures in the window, this one included.
+        let failures = 1 + job
+            .attempts
+            .iter()
+            .filter(|a| {
+                a.end_state == Some(JobState::Failed)
+                    && !a.interrupted
+                    && a.ended_unix_ms >= window_start
+            })
+            .count();
+        if failures > fault.max_restarts as usize {
+            let mut causes: Vec<String> = job
+                .attempts
+                .iter()
+                .filter(|a| a.end_state.is_some())
+                .map(|a| format!("attempt {}: {}", a.number, a.cause))
+                .collect();
+            causes.push(format!("attempt {attempt}: {cause}"));
+            let reason = if fault.max_restarts == 0 {
+                cause
+            } else {
+                format!(
+                    "{} attempts failed within {} s ([fault] max_restarts = {}):\n{}",
+                    failures,
+                    fault.restart_window_s,
+                    fault.max_restarts,
+                    causes.join("\n")
+                )
+            };
+            return self.end(state, id, JobState::Failed, reason, FAILED_GRACE);
+        }
+        tracing::warn!(job = %id, attempt, reason = %cause, restart = failures, of = fault.max_restarts, "attempt failed; restarting");
+        // A failed attempt's group is broken: nothing is left to save, and
+        // a stopped or hung rank never answers SIGTERM.
+        if let Some(sup) = state.attempts.get_mut(id) {
+            sup.stop(FAILED_GRACE);
+        }
+        let mut job = job;
+        close_attempt(&mut job, JobState::Failed, &cause, false);
+        job.failure_reason = format!(
+            "attempt {attempt} failed ({} of {} restarts): {cause}",
+            failures, fault.max_restarts
+        );
+        prepare_restart(&self.store, &mut job)?;
+        state.jobs.insert(id.to_string(), job.clone());
+        Engine::publish(state, &job);
+        self.changed.notify_waiters();
+        state.queue.retain(|q| q != id);
+        state.queue.insert(0, id.to_string());
+        Ok(())
     }
 
-    /// Checks running jobs' processes and heartbeats; called periodically.
+    /// Checks running attempts (processes, heartbeats, progress), winds
+    /// down stopping ones, and starts what fits; called periodically.
     pub fn monitor(&self) {
         let mut state = self.lock();
         let mut failures = Vec::new();
-        for (id, run) in state.running.iter_mut() {
-            if let Some(why) = run.ended_early(None) {
-                failures.push((id.clone(), why));
-                continue;
-            }
-            for r in 0..run.handles.len() {
-                let silent = run.heartbeat[r].elapsed();
-                if !run.done[r] && silent > self.cfg.heartbeat_timeout {
-                    failures.push((
-                        id.clone(),
-                        format!(
-                            "rank {r} sent no heartbeat for {:.0} s (limit {:.0} s)",
-                            silent.as_secs_f64(),
-                            self.cfg.heartbeat_timeout.as_secs_f64()
-                        ),
-                    ));
-                    break;
+        let mut gone = Vec::new();
+        for (id, sup) in state.attempts.iter_mut() {
+            if sup.is_running() {
+                if let Some(why) = sup.check(self.cfg.heartbeat_timeout) {
+                    failures.push((id.clone(), sup.attempt, why));
                 }
+            } else if sup.wind_down() {
+                gone.push(id.clone());
             }
         }
-        for (id, why) in failures {
-            if let Err(e) = self.end(&mut state, &id, JobState::Failed, why) {
+        for (id, attempt, why) in failures {
+            if let Err(e) = self.fail_attempt(&mut state, &id, attempt, why) {
                 tracing::error!(job = %id, error = %e, "job store failure");
             }
         }
-        self.reap(&mut state);
+        for id in gone {
+            state.attempts.remove(&id);
+        }
+        self.schedule(&mut state);
     }
 
-    /// Stops every running job's workers (the coordinator is shutting
-    /// down); they are recorded as failed with the reason.
+    /// Stops every worker (the coordinator is shutting down): SIGTERM,
+    /// then SIGKILL for any still there after a few seconds. Their jobs
+    /// stay RUNNING in the store, and the next coordinator on this state
+    /// folder continues them from their latest checkpoints.
     pub fn shutdown(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut state = self.lock();
-        let ids: Vec<String> = state.running.keys().cloned().collect();
-        for id in ids {
-            let _ = self.end(
-                &mut state,
-                &id,
-                JobState::Failed,
-                "the coordinator shut down while the job ran; resubmit the job".into(),
-            );
+        for sup in state.attempts.values_mut() {
+            sup.stop(Duration::from_secs(3));
         }
-        for (mut h, _) in state.draining.drain(..) {
-            let _ = h.kill();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !state.attempts.values_mut().all(|s| s.wind_down()) {
+            std::thread::sleep(Duration::from_millis(50));
         }
+        for sup in state.attempts.values_mut() {
+            sup.kill();
+        }
+        state.attempts.clear();
+        drop(state);
         self.store.close();
     }
 
     /// Checks a worker call: its job's token, a rank in the world, and the
     /// job's current attempt (a worker of an ended attempt is refused, so
-    /// it cannot disturb the next one).
+    /// it cannot disturb the next one). The job as it is now, to read.
     fn check_worker(
         &self,
         req_meta: &tonic::metadata::MetadataMap,
         job_id: &str,
         rank: u32,
         attempt: u32,
-    ) -> Result<JobRecord, Status> {
+    ) -> Result<JobRecord> {
         let state = self.lock();
         let job = state
             .jobs
             .get(job_id)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+            .ok_or_else(|| EngineError::NotFound(format!("no job {job_id}")))?;
         if bearer_token(req_meta) != Some(job.worker_token.as_str()) {
             tracing::warn!(job = %job_id, rank, "worker call with a wrong or missing job token");
-            return Err(Status::unauthenticated(format!(
+            return Err(EngineError::Unauthenticated(format!(
                 "job {job_id}: wrong or missing worker token"
             )));
         }
         if rank >= job.layout.world_size() {
-            return Err(Status::invalid_argument(format!(
+            return Err(EngineError::Invalid(format!(
                 "rank {rank} is outside job {job_id}'s world of {}",
                 job.layout.world_size()
             )));
         }
         if attempt != job.attempt() {
             tracing::warn!(job = %job_id, rank, attempt, current = job.attempt(), "call from a worker of another attempt");
-            return Err(Status::failed_precondition(format!(
+            return Err(EngineError::Precondition(format!(
                 "job {job_id}: attempt {attempt} has ended; the job is on attempt {}",
                 job.attempt()
             )));
         }
-        Ok(job)
+        Ok(job.clone())
+    }
+
+    /// A panic under the engine's lock, for the test that later calls are
+    /// still served.
+    #[cfg(test)]
+    fn panic_under_lock(&self) {
+        let _state = self.lock();
+        panic!("a bug under the lock");
     }
 }
 
@@ -499,43 +608,49 @@ pub struct Jobs(pub Arc<Engine>);
 #[derive(Clone)]
 pub struct Control(pub Arc<Engine>);
 
+/// Most steps one `GetMetrics` page holds, and the bytes it stays under
+/// (tonic refuses messages over 4 MiB by default).
+const PAGE_STEPS: usize = 100_000;
+const PAGE_BYTES: usize = 2 << 20;
+
 impl Jobs {
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<()> {
         if let Some(token) = &self.0.cfg.client_token
             && bearer_token(req.metadata()) != Some(token.as_str())
         {
             tracing::warn!(peer = ?req.remote_addr(), "client call with a wrong or missing token");
-            return Err(Status::unauthenticated(
-                "wrong or missing bearer token (see the coordinator's --token-file)",
+            return Err(EngineError::Unauthenticated(
+                "wrong or missing bearer token (see the coordinator's --token-file)".into(),
             ));
         }
         Ok(())
     }
 
-    fn job(&self, id: &str) -> Result<JobRecord, Status> {
+    fn job(&self, id: &str) -> Result<JobRecord> {
         self.0
             .lock()
             .jobs
             .get(id)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+            .ok_or_else(|| EngineError::NotFound(format!("no job {id}")))
     }
 
     /// Refuses what cannot run: an invalid recipe (a layout that cannot
     /// split the model among them), more ranks than slots, a dataset that
     /// is missing or cannot feed the recipe.
-    async fn validate(&self, spec: &str, default_name: &str) -> Result<Recipe, Status> {
+    async fn validate(&self, spec: &str, default_name: &str) -> Result<Recipe> {
         let recipe = Recipe::from_toml_str(spec, default_name)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         // The recipe's validation refused layouts that cannot split the
         // model (heads, KV heads, d_ffn, stages without layers).
         let layout = recipe.parallel.layout;
         let inventory = &self.0.cfg.inventory;
         if recipe.device == DeviceKind::Cuda && !inventory.has_gpus() {
-            return Err(Status::failed_precondition(
+            return Err(EngineError::Precondition(
                 "device.backend: the recipe trains on cuda and this coordinator has no GPUs \
                  (start it with --gpus N on a machine with NVIDIA GPUs, from a strata built \
-                 with --features cuda)",
+                 with --features cuda)"
+                    .into(),
             ));
         }
         let slots = inventory.total_slots();
@@ -545,7 +660,7 @@ impl Jobs {
             } else {
                 "worker slots"
             };
-            return Err(Status::resource_exhausted(format!(
+            return Err(EngineError::Exhausted(format!(
                 "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots} {what}",
                 layout.world_size(),
                 layout.tp,
@@ -554,13 +669,13 @@ impl Jobs {
             )));
         }
         let url = &recipe.data.dataset;
-        let bad_data = |why: String| Status::invalid_argument(format!("data.dataset: {why}"));
+        let bad_data = |why: String| EngineError::Invalid(format!("data.dataset: {why}"));
         let loc = Location::parse(url, false).map_err(|e| bad_data(e.to_string()))?;
         let manifest = read_manifest(&loc)
             .await
             .map_err(|e| bad_data(e.to_string()))?;
         if u64::from(manifest.tokenizer.vocab_size) > recipe.model.vocab_size {
-            return Err(Status::invalid_argument(format!(
+            return Err(EngineError::Invalid(format!(
                 "model.vocab_size: {} is smaller than the dataset's tokenizer ({}, {} ids)",
                 recipe.model.vocab_size, manifest.tokenizer.name, manifest.tokenizer.vocab_size
             )));
@@ -569,245 +684,15 @@ impl Jobs {
             .map_err(|e| bad_data(format!("{url}: {e}")))?;
         Ok(recipe)
     }
-}
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl JobService for Jobs {
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let default_name = if req.default_name.is_empty() {
-            "job"
-        } else {
-            &req.default_name
-        };
-        let recipe = match self.validate(&req.spec_toml, default_name).await {
-            Ok(r) => r,
-            Err(s) => {
-                tracing::info!(code = ?s.code(), message = %s.message(), "refused a job");
-                return Err(s);
-            }
-        };
-        let engine = &self.0;
-        let n = engine.store.next_job_number().map_err(store_status)?;
-        let slug: String = recipe
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let job_id = format!("{slug}-{n}");
-        let run_dir = engine.cfg.state_dir.join("runs").join(&job_id);
-        let job = JobRecord {
-            job_id: job_id.clone(),
-            name: recipe.name.clone(),
-            spec_toml: req.spec_toml,
-            state: JobState::Queued,
-            layout: recipe.parallel.layout,
-            microbatches: recipe.parallel.microbatches,
-            steps_total: recipe.data.n_steps(),
-            steps_done: 0,
-            tokens_done: 0,
-            last_loss: None,
-            failure_reason: String::new(),
-            submitted_unix_ms: now_unix_ms(),
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            run_dir: run_dir.display().to_string(),
-            worker_token: random_token().map_err(|e| Status::internal(format!("token: {e}")))?,
-            attempts: Vec::new(),
-            checkpoints: Vec::new(),
-            resume_from: None,
-            checkpoint_errors: Vec::new(),
-        };
-        let mut state = engine.lock();
-        engine.save(&mut state, job).map_err(store_status)?;
-        state.queue.push(job_id.clone());
-        tracing::info!(job = %job_id, world = recipe.parallel.layout.world_size(), "job queued");
-        engine.schedule(&mut state);
-        Ok(Response::new(pb::SubmitJobResponse { job_id }))
-    }
-
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.authorize(&req)?;
-        Ok(Response::new(job_to_pb(&self.job(&req.get_ref().job_id)?)))
-    }
-
-    async fn list_jobs(
-        &self,
-        req: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.authorize(&req)?;
-        let wanted: Vec<JobState> = req.get_ref().states().filter_map(state_from_pb).collect();
-        let state = self.0.lock();
-        let mut jobs: Vec<&JobRecord> = state
-            .jobs
-            .values()
-            .filter(|j| wanted.is_empty() || wanted.contains(&j.state))
-            .collect();
-        jobs.sort_by_key(|j| (j.submitted_unix_ms, j.job_id.clone()));
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(job_to_pb).collect(),
-        }))
-    }
-
-    async fn cancel_job(
-        &self,
-        req: Request<pb::CancelJobRequest>,
-    ) -> Result<Response<pb::Job>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let job = self.job(&req.job_id)?;
-        if job.state.is_final() {
-            return Err(Status::failed_precondition(format!(
-                "job {} already {}",
-                job.job_id,
-                job.state.name()
-            )));
-        }
-        let reason = if req.reason.is_empty() {
-            "cancelled by a client".to_string()
-        } else {
-            format!("cancelled: {}", req.reason)
-        };
-        let engine = &self.0;
-        let mut state = engine.lock();
-        engine
-            .end(&mut state, &req.job_id, JobState::Cancelled, reason)
-            .map_err(store_status)?;
-        let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
-        Ok(Response::new(job_to_pb(&job)))
-    }
-
-    type WatchJobStream = EventStream;
-
-    async fn watch_job(
-        &self,
-        req: Request<pb::WatchJobRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let engine = self.0.clone();
-        // Subscribe before reading history so nothing falls in between.
-        let (job, rx) = {
-            let mut state = engine.lock();
-            let job = state
-                .jobs
-                .get(&req.job_id)
-                .cloned()
-                .ok_or_else(|| Status::not_found(format!("no job {}", req.job_id)))?;
-            // An ended job's stream ends after its history: no channel.
-            let rx = if job.state.is_final() {
-                broadcast::channel(1).1
-            } else {
-                state
-                    .watchers
-                    .entry(req.job_id.clone())
-                    .or_insert_with(|| broadcast::channel(4096).0)
-                    .subscribe()
-            };
-            (job, rx)
-        };
-        let history = engine
-            .store
-            .steps(&req.job_id, req.from_step, 0)
-            .map_err(store_status)?;
-        let stream = watch_stream(job, history, rx);
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn resume_job(
-        &self,
-        req: Request<pb::ResumeJobRequest>,
-    ) -> Result<Response<pb::Job>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let job = self.job(&req.job_id)?;
-        let (spec, recipe, chosen) = self.plan_resume(&job, &req).await?;
-        let engine = &self.0;
-        let mut state = engine.lock();
-        let Some(mut job) = state.jobs.get(&req.job_id).cloned() else {
-            return Err(Status::not_found(format!("no job {}", req.job_id)));
-        };
-        if !job.state.can_become(JobState::Queued) {
-            return Err(Status::failed_precondition(format!(
-                "job {} is {}",
-                job.job_id,
-                job.state.name()
-            )));
-        }
-        job.spec_toml = spec;
-        job.layout = recipe.parallel.layout;
-        job.microbatches = recipe.parallel.microbatches;
-        job.steps_total = recipe.data.n_steps();
-        job.state = JobState::Queued;
-        job.failure_reason.clear();
-        job.finished_unix_ms = 0;
-        job.resume_from = Some(req.from_step);
-        job.steps_done = chosen.step;
-        job.tokens_done = chosen.tokens_seen;
-        job.checkpoints.retain(|c| c.step <= chosen.step);
-        engine
-            .store
-            .put_job_truncating(&job, chosen.step)
-            .map_err(store_status)?;
-        state.jobs.insert(job.job_id.clone(), job.clone());
-        Engine::publish(&mut state, &job);
-        state.queue.push(job.job_id.clone());
-        tracing::info!(job = %job.job_id, from_step = chosen.step, layout = %job.layout, "job resumes");
-        engine.schedule(&mut state);
-        let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
-        Ok(Response::new(job_to_pb(&job)))
-    }
-
-    async fn list_checkpoints(
-        &self,
-        req: Request<pb::ListCheckpointsRequest>,
-    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
-        self.authorize(&req)?;
-        let job = self.job(&req.get_ref().job_id)?;
-        Ok(Response::new(pb::ListCheckpointsResponse {
-            checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
-        }))
-    }
-
-    async fn get_metrics(
-        &self,
-        req: Request<pb::GetMetricsRequest>,
-    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        self.job(&req.job_id)?;
-        let steps = self
-            .0
-            .store
-            .steps(&req.job_id, req.from_step, req.limit as usize)
-            .map_err(store_status)?;
-        Ok(Response::new(pb::GetMetricsResponse {
-            steps: steps.iter().map(step_to_pb).collect(),
-        }))
-    }
-}
-
-impl Jobs {
     /// Checks that `job` can continue from a checkpoint and returns its
     /// new recipe text, the recipe, and the checkpoint chosen.
     async fn plan_resume(
         &self,
         job: &JobRecord,
         req: &pb::ResumeJobRequest,
-    ) -> Result<(String, Recipe, Manifest), Status> {
-        let refuse = |m: String| Err(Status::failed_precondition(m));
+    ) -> Result<(String, Recipe, Manifest)> {
+        let refuse = |m: String| Err(EngineError::Precondition(m));
         if !job.state.is_final() {
             return refuse(format!(
                 "job {} is {}; only an ended job resumes (cancel it first)",
@@ -816,7 +701,7 @@ impl Jobs {
             ));
         }
         let recipe = Recipe::from_toml_str(&job.spec_toml, &job.name)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(format!("the job's recipe: {e}")))?;
         let Some(cfg) = recipe.checkpoint.clone() else {
             return refuse(format!(
                 "job {} has no [checkpoint] section: it saved nothing to resume from",
@@ -824,10 +709,10 @@ impl Jobs {
             ));
         };
         let loc = Location::parse(&cfg.dir, false)
-            .map_err(|e| Status::failed_precondition(format!("checkpoint.dir: {e}")))?;
+            .map_err(|e| EngineError::Precondition(format!("checkpoint.dir: {e}")))?;
         let (found, unreadable) = ckpt::list(&loc, &job.job_id)
             .await
-            .map_err(|e| Status::unavailable(format!("checkpoint.dir: {e}")))?;
+            .map_err(|e| EngineError::Unavailable(format!("checkpoint.dir: {e}")))?;
         for (url, why) in &unreadable {
             tracing::warn!(job = %job.job_id, %url, %why, "unreadable checkpoint manifest");
         }
@@ -874,7 +759,7 @@ impl Jobs {
                 layout(req.pp),
                 layout(req.dp),
             )
-            .map_err(|e| Status::internal(format!("changing the layout: {e}")))?
+            .map_err(|e| EngineError::Invalid(format!("changing the layout: {e}")))?
         } else {
             job.spec_toml.clone()
         };
@@ -894,10 +779,285 @@ impl Jobs {
         for m in newer {
             ckpt::delete(&loc, &job.job_id, m)
                 .await
-                .map_err(|e| Status::unavailable(format!("deleting step {}: {e}", m.step)))?;
+                .map_err(|e| EngineError::Unavailable(format!("deleting step {}: {e}", m.step)))?;
             tracing::info!(job = %job.job_id, step = m.step, "deleted a checkpoint the resume abandons");
         }
         Ok((spec, now, chosen))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let default_name = if req.default_name.is_empty() {
+            "job"
+        } else {
+            &req.default_name
+        };
+        let recipe = match self.validate(&req.spec_toml, default_name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(reason = %e, "refused a job");
+                return Err(e.into());
+            }
+        };
+        let engine = &self.0;
+        let n = engine.store.next_job_number().map_err(EngineError::from)?;
+        let slug: String = recipe
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let job_id = format!("{slug}-{n}");
+        let run_dir = engine.cfg.state_dir.join("runs").join(&job_id);
+        let job = JobRecord {
+            job_id: job_id.clone(),
+            name: recipe.name.clone(),
+            spec_toml: req.spec_toml,
+            state: JobState::Queued,
+            layout: recipe.parallel.layout,
+            microbatches: recipe.parallel.microbatches,
+            steps_total: recipe.data.n_steps(),
+            steps_done: 0,
+            tokens_done: 0,
+            last_loss: None,
+            failure_reason: String::new(),
+            submitted_unix_ms: now_unix_ms(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            run_dir: run_dir.display().to_string(),
+            worker_token: random_token().map_err(|e| Status::internal(format!("token: {e}")))?,
+            attempts: Vec::new(),
+            checkpoints: Vec::new(),
+            resume_from: None,
+            checkpoint_errors: Vec::new(),
+        };
+        let mut state = engine.lock();
+        engine.save(&mut state, job)?;
+        state.queue.push(job_id.clone());
+        tracing::info!(job = %job_id, world = recipe.parallel.layout.world_size(), "job queued");
+        engine.schedule(&mut state);
+        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(job_to_pb(&self.job(&req.get_ref().job_id)?)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.authorize(&req)?;
+        let wanted: Vec<JobState> = req.get_ref().states().filter_map(state_from_pb).collect();
+        let state = self.0.lock();
+        let mut jobs: Vec<&JobRecord> = state
+            .jobs
+            .values()
+            .filter(|j| wanted.is_empty() || wanted.contains(&j.state))
+            .collect();
+        jobs.sort_by_key(|j| (j.submitted_unix_ms, j.job_id.clone()));
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_to_pb).collect(),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let reason = if req.reason.is_empty() {
+            "cancelled by a client".to_string()
+        } else {
+            format!("cancelled: {}", req.reason)
+        };
+        let engine = &self.0;
+        let mut state = engine.lock();
+        let job = state
+            .jobs
+            .get(&req.job_id)
+            .ok_or_else(|| EngineError::NotFound(format!("no job {}", req.job_id)))?;
+        if job.state.is_final() {
+            return Err(EngineError::Precondition(format!(
+                "job {} already {}",
+                job.job_id,
+                job.state.name()
+            ))
+            .into());
+        }
+        // The workers get the grace period to save a checkpoint and leave.
+        engine.end(
+            &mut state,
+            &req.job_id,
+            JobState::Cancelled,
+            reason,
+            engine.cfg.stop_grace,
+        )?;
+        let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let engine = self.0.clone();
+        // Subscribe before reading history so nothing falls in between.
+        let (job, rx) = {
+            let mut state = engine.lock();
+            let job = state
+                .jobs
+                .get(&req.job_id)
+                .cloned()
+                .ok_or_else(|| EngineError::NotFound(format!("no job {}", req.job_id)))?;
+            // An ended job's stream ends after its history: no channel.
+            let rx = if job.state.is_final() {
+                broadcast::channel(1).1
+            } else {
+                state
+                    .watchers
+                    .entry(req.job_id.clone())
+                    .or_insert_with(|| broadcast::channel(4096).0)
+                    .subscribe()
+            };
+            (job, rx)
+        };
+        let history = tokio::task::spawn_blocking(move || {
+            engine.store.flush()?;
+            engine.store.steps(&req.job_id, req.from_step, 0)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(EngineError::from)?;
+        let mut closing = self.0.closing.subscribe();
+        let stream = futures::StreamExt::take_until(
+            watch_stream(job, history, rx),
+            Box::pin(async move {
+                let _ = closing.wait_for(|c| *c).await;
+            }),
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        self.job(&req.job_id)?;
+        let engine = self.0.clone();
+        let limit = if req.limit == 0 {
+            PAGE_STEPS
+        } else {
+            (req.limit as usize).min(PAGE_STEPS)
+        };
+        let steps = tokio::task::spawn_blocking(move || {
+            engine.store.flush()?;
+            engine.store.steps(&req.job_id, req.from_step, limit + 1)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(EngineError::from)?;
+        // Whole steps up to the page's size; the rest on the next page.
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut next_from_step = 0;
+        for s in &steps {
+            let m = step_to_pb(s);
+            let len = strata_proto::encoded_len(&m) + 8;
+            if out.len() == limit || (bytes + len > PAGE_BYTES && !out.is_empty()) {
+                next_from_step = s.step;
+                break;
+            }
+            bytes += len;
+            out.push(m);
+        }
+        if req.limit > 0 && out.len() == req.limit as usize {
+            // The caller asked for this many: more may follow all the same.
+            next_from_step = steps.get(out.len()).map_or(0, |s| s.step);
+        }
+        Ok(Response::new(pb::GetMetricsResponse {
+            steps: out,
+            next_from_step,
+        }))
+    }
+
+    async fn resume_job(
+        &self,
+        req: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let job = self.job(&req.job_id)?;
+        let (spec, recipe, chosen) = self.plan_resume(&job, &req).await?;
+        let engine = &self.0;
+        let mut state = engine.lock();
+        let Some(mut job) = state.jobs.get(&req.job_id).cloned() else {
+            return Err(EngineError::NotFound(format!("no job {}", req.job_id)).into());
+        };
+        if !job.state.can_become(JobState::Queued) {
+            return Err(EngineError::Precondition(format!(
+                "job {} is {}",
+                job.job_id,
+                job.state.name()
+            ))
+            .into());
+        }
+        job.spec_toml = spec;
+        job.layout = recipe.parallel.layout;
+        job.microbatches = recipe.parallel.microbatches;
+        job.steps_total = recipe.data.n_steps();
+        job.state = JobState::Queued;
+        job.failure_reason.clear();
+        job.finished_unix_ms = 0;
+        job.resume_from = Some(req.from_step);
+        job.steps_done = chosen.step;
+        job.tokens_done = chosen.tokens_seen;
+        job.checkpoints.retain(|c| c.step <= chosen.step);
+        engine.store.flush().map_err(EngineError::from)?;
+        engine
+            .store
+            .put_job_truncating(&job, chosen.step)
+            .map_err(EngineError::from)?;
+        state.jobs.insert(job.job_id.clone(), job.clone());
+        Engine::publish(&mut state, &job);
+        state.queue.push(job.job_id.clone());
+        tracing::info!(job = %job.job_id, from_step = chosen.step, layout = %job.layout, "job resumes");
+        engine.schedule(&mut state);
+        let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        self.authorize(&req)?;
+        let job = self.job(&req.get_ref().job_id)?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
+        }))
     }
 }
 
@@ -944,12 +1104,10 @@ impl ControlService for Control {
         let engine = &self.0;
         engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let mut state = engine.lock();
-        let run = state.running.get_mut(&req.job_id).ok_or_else(|| {
-            Status::failed_precondition(format!("job {} is not running", req.job_id))
-        })?;
-        run.addrs[req.rank as usize] = Some(req.collective_addr.clone());
-        run.heartbeat[req.rank as usize] = Instant::now();
-        tracing::info!(job = %req.job_id, rank = req.rank, host = %req.host, pid = req.pid, collective = %req.collective_addr, "worker registered");
+        let sup = running(&mut state, &req.job_id)?;
+        sup.addrs[req.rank as usize] = Some(req.collective_addr.clone());
+        sup.beat(req.rank as usize, None);
+        tracing::info!(job = %req.job_id, rank = req.rank, attempt = req.attempt, host = %req.host, pid = req.pid, collective = %req.collective_addr, "worker registered");
         engine.changed.notify_waiters();
         Ok(Response::new(pb::RegisterResponse {}))
     }
@@ -964,18 +1122,17 @@ impl ControlService for Control {
         let addrs = loop {
             let notified = engine.changed.notified();
             {
-                let state = engine.lock();
-                match state.running.get(&req.job_id) {
-                    None => {
-                        return Err(Status::failed_precondition(format!(
-                            "job {} is not running",
-                            req.job_id
-                        )));
-                    }
-                    Some(run) if run.addrs.iter().all(Option::is_some) => {
-                        break run.addrs.iter().flatten().cloned().collect::<Vec<_>>();
-                    }
-                    Some(_) => {}
+                let mut state = engine.lock();
+                let sup = running(&mut state, &req.job_id)?;
+                if sup.attempt != req.attempt {
+                    return Err(EngineError::Precondition(format!(
+                        "job {}: attempt {} has ended",
+                        req.job_id, req.attempt
+                    ))
+                    .into());
+                }
+                if sup.addrs.iter().all(Option::is_some) {
+                    break sup.addrs.iter().flatten().cloned().collect::<Vec<_>>();
                 }
             }
             // Re-check periodically too: a lost wake-up costs a second.
@@ -1025,15 +1182,15 @@ impl ControlService for Control {
         let engine = &self.0;
         let job = engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let mut state = engine.lock();
-        match state.running.get_mut(&req.job_id) {
-            Some(run) => {
-                run.heartbeat[req.rank as usize] = Instant::now();
+        match state.attempts.get_mut(&req.job_id) {
+            Some(sup) if sup.is_running() => {
+                sup.beat(req.rank as usize, Some(req.step));
                 Ok(Response::new(pb::HeartbeatResponse {
                     stop: false,
                     stop_reason: String::new(),
                 }))
             }
-            None => Ok(Response::new(pb::HeartbeatResponse {
+            _ => Ok(Response::new(pb::HeartbeatResponse {
                 stop: true,
                 stop_reason: format!("job {} is {}", job.job_id, job.state.name()),
             })),
@@ -1046,29 +1203,29 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let (meta, req) = (req.metadata().clone(), req.into_inner());
         let engine = &self.0;
-        let mut job = engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
+        engine.check_worker(&meta, &req.job_id, req.rank, req.attempt)?;
         let steps: Vec<StepRecord> = req.steps.iter().map(step_from_pb).collect();
-        let Some(last) = steps.last() else {
+        let Some(last) = steps.last().cloned() else {
             return Ok(Response::new(pb::ReportMetricsResponse {}));
         };
         let mut state = engine.lock();
-        if !state.running.contains_key(&req.job_id) {
-            return Err(Status::failed_precondition(format!(
-                "job {} is not running",
-                req.job_id
-            )));
-        }
-        if let Some(run) = state.running.get_mut(&req.job_id) {
-            run.heartbeat[req.rank as usize] = Instant::now();
-        }
+        running(&mut state, &req.job_id)?.beat(req.rank as usize, Some(last.step));
+        // Progress is kept in memory and goes to the store with the steps
+        // (the record itself is written at the job's next change).
+        let job = state
+            .jobs
+            .get_mut(&req.job_id)
+            .expect("a running job exists");
         job.steps_done = last.step;
         job.tokens_done = last.tokens;
         job.last_loss = Some(last.loss);
         if let (Some(step), Some(a)) = (req.resumed_from_step, job.attempts.last_mut()) {
             a.from_step = step;
         }
-        engine.store.put_steps(&job, &steps).map_err(store_status)?;
-        state.jobs.insert(job.job_id.clone(), job);
+        engine
+            .store
+            .queue_steps(&req.job_id, steps.clone())
+            .map_err(EngineError::from)?;
         if let Some(tx) = state.watchers.get(&req.job_id) {
             for s in steps {
                 let _ = tx.send(Event::Step(s));
@@ -1089,21 +1246,22 @@ impl ControlService for Control {
             // than not: give the peer's exit a moment to show, and record
             // that as the cause.
             let own = format!("rank {}: {}", req.rank, req.error);
-            for attempt in 0..20 {
+            for tries in 0..20 {
                 {
                     let mut state = engine.lock();
-                    let Some(run) = state.running.get_mut(&req.job_id) else {
+                    let Some(sup) = state.attempts.get_mut(&req.job_id) else {
                         return Ok(Response::new(pb::ReportDoneResponse {}));
                     };
-                    let cause = run.ended_early(Some(req.rank as usize));
-                    if cause.is_some() || attempt == 19 {
+                    if !sup.is_running() || sup.attempt != req.attempt {
+                        return Ok(Response::new(pb::ReportDoneResponse {}));
+                    }
+                    let cause = sup.ended_early(Some(req.rank as usize));
+                    if cause.is_some() || tries == 19 {
                         let why = match cause {
                             Some(c) => format!("{c}\n(then {own})"),
                             None => own,
                         };
-                        engine
-                            .end(&mut state, &req.job_id, JobState::Failed, why)
-                            .map_err(store_status)?;
+                        engine.fail_attempt(&mut state, &req.job_id, req.attempt, why)?;
                         return Ok(Response::new(pb::ReportDoneResponse {}));
                     }
                 }
@@ -1111,17 +1269,21 @@ impl ControlService for Control {
             }
         }
         let mut state = engine.lock();
-        let all_done = match state.running.get_mut(&req.job_id) {
-            Some(run) => {
-                run.done[req.rank as usize] = true;
-                run.done.iter().all(|d| *d)
+        let all_done = match state.attempts.get_mut(&req.job_id) {
+            Some(sup) if sup.is_running() => {
+                sup.done[req.rank as usize] = true;
+                sup.done.iter().all(|d| *d)
             }
-            None => false,
+            _ => false,
         };
         if all_done {
-            engine
-                .end(&mut state, &req.job_id, JobState::Succeeded, String::new())
-                .map_err(store_status)?;
+            engine.end(
+                &mut state,
+                &req.job_id,
+                JobState::Succeeded,
+                String::new(),
+                Duration::from_secs(10),
+            )?;
         }
         Ok(Response::new(pb::ReportDoneResponse {}))
     }
@@ -1136,6 +1298,16 @@ impl ControlService for Control {
     }
 }
 
+/// The running attempt of job `id`.
+fn running<'a>(state: &'a mut State, id: &str) -> Result<&'a mut Supervisor> {
+    match state.attempts.get_mut(id) {
+        Some(sup) if sup.is_running() => Ok(sup),
+        _ => Err(EngineError::Precondition(format!(
+            "job {id} is not running"
+        ))),
+    }
+}
+
 impl Control {
     /// Records rank `req.rank`'s part of a checkpoint; the report that
     /// completes it writes the manifest (outside the lock), prunes what
@@ -1144,12 +1316,12 @@ impl Control {
         &self,
         meta: &tonic::metadata::MetadataMap,
         req: pb::ReportCheckpointRequest,
-    ) -> Result<bool, Status> {
+    ) -> Result<bool> {
         let engine = &self.0;
         let job = engine.check_worker(meta, &req.job_id, req.rank, req.attempt)?;
         let world = job.layout.world_size();
         let bad = |what: &str, e: serde_json::Error| {
-            Status::invalid_argument(format!("rank {}: {what}: {e}", req.rank))
+            EngineError::Invalid(format!("rank {}: {what}: {e}", req.rank))
         };
         let shards: Vec<ShardRecord> = if req.shards_json.is_empty() {
             Vec::new()
@@ -1163,12 +1335,20 @@ impl Control {
         };
         let complete = {
             let mut state = engine.lock();
-            let run = state.running.get_mut(&req.job_id).ok_or_else(|| {
-                Status::failed_precondition(format!("job {} is not running", req.job_id))
-            })?;
-            let p = run.checkpoints.entry(req.step).or_default();
+            // A stopping attempt still completes the checkpoint its
+            // workers save on their way out.
+            let sup = match state.attempts.get_mut(&req.job_id) {
+                Some(sup) if sup.attempt == req.attempt => sup,
+                _ => {
+                    return Err(EngineError::Precondition(format!(
+                        "job {}: attempt {} has no live workers",
+                        req.job_id, req.attempt
+                    )));
+                }
+            };
+            let p = sup.checkpoints.entry(req.step).or_default();
             if !p.reported.insert(req.rank) {
-                return Err(Status::already_exists(format!(
+                return Err(EngineError::AlreadyExists(format!(
                     "rank {} already reported the checkpoint of step {}",
                     req.rank, req.step
                 )));
@@ -1183,7 +1363,7 @@ impl Control {
             p.stall_s = p.stall_s.max(req.stall_s);
             p.write_s = p.write_s.max(req.write_s);
             if p.reported.len() as u32 == world {
-                run.checkpoints.remove(&req.step)
+                sup.checkpoints.remove(&req.step)
             } else {
                 None
             }
@@ -1192,9 +1372,9 @@ impl Control {
             return Ok(false);
         };
         let recipe = Recipe::from_toml_str(&job.spec_toml, &job.name)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(format!("the job's recipe: {e}")))?;
         let Some(cfg) = recipe.checkpoint.clone() else {
-            return Err(Status::failed_precondition(format!(
+            return Err(EngineError::Precondition(format!(
                 "job {} has no [checkpoint] section",
                 job.job_id
             )));
@@ -1215,6 +1395,7 @@ impl Control {
         let Some(mut job) = state.jobs.get(&req.job_id).cloned() else {
             return Ok(false);
         };
+        // The record as it is now, changed under this one hold of the lock.
         let committed = match outcome {
             Ok((m, pruned)) => {
                 tracing::info!(job = %job.job_id, step = m.step, bytes = m.bytes(), stall_s = p.stall_s, write_s = p.write_s, "checkpoint complete");
@@ -1247,7 +1428,7 @@ impl Control {
                 false
             }
         };
-        engine.save(&mut state, job).map_err(store_status)?;
+        engine.save(&mut state, job)?;
         Ok(committed)
     }
 }
@@ -1289,7 +1470,7 @@ pub struct Coordinator {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Engine(#[from] EngineError),
     #[error("listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -1303,8 +1484,17 @@ pub enum StartError {
 }
 
 impl Coordinator {
-    /// Binds, opens the store and serves until [`Coordinator::stop`].
-    pub async fn start(mut cfg: CoordinatorConfig) -> Result<Coordinator, StartError> {
+    /// Binds, opens the store and serves until [`Coordinator::stop`],
+    /// launching workers as local processes.
+    pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, StartError> {
+        Coordinator::start_with(cfg, Arc::new(LocalJobLauncher)).await
+    }
+
+    /// [`Coordinator::start`] with another launcher.
+    pub async fn start_with(
+        mut cfg: CoordinatorConfig,
+        launcher: Arc<dyn JobLauncher>,
+    ) -> Result<Coordinator, StartError> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -1320,13 +1510,14 @@ impl Coordinator {
             source,
         })?;
         cfg.listen = addr;
-        let engine = Engine::open(cfg)?;
+        let engine = Engine::open(cfg, launcher)?;
         let worker_host = if addr.ip().is_unspecified() {
             SocketAddr::from(([127, 0, 0, 1], addr.port()))
         } else {
             addr
         };
-        *engine.worker_url.lock().expect("url lock") = format!("http://{worker_host}");
+        *engine.worker_url.lock().unwrap_or_else(|e| e.into_inner()) =
+            format!("http://{worker_host}");
         {
             let mut state = engine.lock();
             engine.schedule(&mut state);
@@ -1342,14 +1533,31 @@ impl Coordinator {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tokio_stream_from(listener);
         let svc_engine = engine.clone();
+        let closing = engine.closing.clone();
         let task = tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let mut closed = closing.subscribe();
+            let serve = tonic::transport::Server::builder()
                 .add_service(JobServiceServer::new(Jobs(svc_engine.clone())))
                 .add_service(ControlServiceServer::new(Control(svc_engine.clone())))
-                .serve_with_incoming_shutdown(incoming, async {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.await;
-                })
-                .await;
+                    // Open watch streams end now: a graceful shutdown
+                    // waits for every call in flight.
+                    closing.send_replace(true);
+                });
+            // A client that stops reading a stream holds its call open
+            // past any signal the stream could see: its connection goes
+            // after a grace period.
+            let result = tokio::select! {
+                r = serve => r,
+                _ = async {
+                    let _ = closed.wait_for(|c| *c).await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {
+                    tracing::warn!("calls still open {} s into the shutdown; closing their connections", SHUTDOWN_GRACE.as_secs());
+                    Ok(())
+                }
+            };
             monitor_task.abort();
             svc_engine.shutdown();
             result
@@ -1363,8 +1571,9 @@ impl Coordinator {
         })
     }
 
-    /// Stops serving, stops running jobs' workers (recorded as failed) and
-    /// waits until the server is down.
+    /// Stops serving, stops every worker (their jobs continue under the
+    /// next coordinator on this state folder) and waits until the server
+    /// is down.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -1395,4 +1604,47 @@ fn tokio_stream_from(
         });
         Some((r, l))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> CoordinatorConfig {
+        CoordinatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.to_path_buf(),
+            inventory: Inventory::local(2).unwrap(),
+            worker_program: "/bin/false".into(),
+            worker_args: Vec::new(),
+            worker_env: Vec::new(),
+            client_token: None,
+            heartbeat_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(1),
+        }
+    }
+
+    /// A bug that panics under the engine's lock fails its own call, not
+    /// every call after it.
+    #[test]
+    fn a_panic_under_the_lock_does_not_take_later_calls_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path()), Arc::new(LocalJobLauncher)).unwrap();
+        let e = engine.clone();
+        assert!(
+            std::thread::spawn(move || e.panic_under_lock())
+                .join()
+                .is_err()
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let jobs = rt
+            .block_on(
+                Jobs(engine.clone())
+                    .list_jobs(Request::new(pb::ListJobsRequest { states: Vec::new() })),
+            )
+            .unwrap();
+        assert!(jobs.into_inner().jobs.is_empty());
+        engine.monitor();
+        engine.shutdown();
+    }
 }

@@ -1,8 +1,16 @@
-//! The durable job store: one redb file in the state folder. Every change
-//! is committed before the coordinator answers the call that made it, so a
-//! restart finds every job and its step history as the clients last saw it.
+//! The durable job store: one redb file in the state folder. A job's
+//! record is committed before the coordinator answers the call that
+//! changed it. Step metrics, the one high-rate write, go through a writer
+//! thread that commits them in batches (one durable commit per 100 ms
+//! window, off the async threads); [`Store::flush`] waits for what was
+//! queued, and readers of the history flush first. A coordinator that
+//! dies loses at most the last window of metrics, which its jobs' next
+//! attempts report again.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -18,6 +26,8 @@ pub enum StoreError {
     Db { path: PathBuf, source: redb::Error },
     #[error("job store {path} is closed (the coordinator is stopping)")]
     Closed { path: PathBuf },
+    #[error("job store {path}: writing step metrics: {why}")]
+    Writer { path: PathBuf, why: String },
     #[error("job store {path}: record {key} is corrupt: {source}")]
     Corrupt {
         path: PathBuf,
@@ -26,10 +36,21 @@ pub enum StoreError {
     },
 }
 
+type Db = Arc<std::sync::RwLock<Option<Database>>>;
+/// A batch of a job's steps, with its sequence number.
+type Batch = (u64, String, Vec<StepRecord>);
+/// The last sequence number committed, and the writer's last failure.
+type Committed = Arc<(Mutex<(u64, Option<String>)>, Condvar)>;
+
 pub struct Store {
     /// `None` once closed (the coordinator is stopping).
-    db: std::sync::RwLock<Option<Database>>,
+    db: Db,
     path: PathBuf,
+    /// Batches of steps for the writer thread.
+    log: Mutex<Option<mpsc::Sender<Batch>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    queued: Mutex<u64>,
+    committed: Committed,
 }
 
 impl Store {
@@ -47,23 +68,106 @@ impl Store {
         tx.open_table(STEPS).map_err(|e| err(e.into()))?;
         tx.open_table(META).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;
+        let db: Db = Arc::new(std::sync::RwLock::new(Some(db)));
+        let (tx, rx) = mpsc::channel();
+        let committed = Arc::new((Mutex::new((0, None)), Condvar::new()));
+        let writer = {
+            let (db, committed, at) = (db.clone(), committed.clone(), path.clone());
+            std::thread::Builder::new()
+                .name("metrics-writer".into())
+                .spawn(move || write_steps(&db, &at, &rx, &committed))
+                .map_err(|e| StoreError::Db {
+                    path: path.clone(),
+                    source: redb::Error::Io(e),
+                })?
+        };
         Ok(Store {
-            db: std::sync::RwLock::new(Some(db)),
+            db,
             path,
+            log: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            queued: Mutex::new(0),
+            committed,
         })
     }
 
-    /// Closes the database file; later calls fail. A new coordinator can
-    /// then open it in the same process.
+    /// Commits what is queued and closes the database file; later calls
+    /// fail. A new coordinator can then open it in the same process.
     pub fn close(&self) {
-        self.db.write().expect("store lock").take();
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.join();
+        }
+        self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Queues `steps` of job `job_id` for the writer thread; they are
+    /// durable after the next [`Store::flush`] or within about 100 ms.
+    pub fn queue_steps(&self, job_id: &str, steps: Vec<StepRecord>) -> Result<(), StoreError> {
+        let mut seq = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = log.as_ref() else {
+            return Err(StoreError::Closed {
+                path: self.path.clone(),
+            });
+        };
+        *seq += 1;
+        tx.send((*seq, job_id.to_string(), steps))
+            .map_err(|_| StoreError::Closed {
+                path: self.path.clone(),
+            })
+    }
+
+    /// Waits until every step queued so far is committed; the writer's
+    /// last failure, if it had one since.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let want = *self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, cv) = &*self.committed;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while done.0 < want {
+            let (d, timeout) = cv
+                .wait_timeout(done, Duration::from_secs(30))
+                .unwrap_or_else(|e| e.into_inner());
+            done = d;
+            if timeout.timed_out() && done.0 < want {
+                return Err(StoreError::Closed {
+                    path: self.path.clone(),
+                });
+            }
+        }
+        match done.1.take() {
+            Some(why) => Err(StoreError::Writer {
+                path: self.path.clone(),
+                why,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The last step recorded for `job_id`.
+    pub fn last_step(&self, job_id: &str) -> Result<Option<StepRecord>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+            let mut range = t
+                .range((job_id, 0)..=(job_id, u64::MAX))
+                .map_err(|e| self.err(e))?;
+            match range.next_back() {
+                Some(row) => {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let (id, step) = k.value();
+                    Ok(Some(self.decode(&format!("{id}/{step}"), v.value())?))
+                }
+                None => Ok(None),
+            }
+        })
     }
 
     fn with_db<T>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let guard = self.db.read().expect("store lock");
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         match guard.as_ref() {
             Some(db) => f(db),
             None => Err(StoreError::Closed {
@@ -201,6 +305,59 @@ impl Store {
             }
             Ok(out)
         })
+    }
+}
+
+impl Drop for Store {
+    /// The writer thread holds the database too: stop it, so the file is
+    /// free for the next store opened on it.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread: takes every batch queued within 100 ms of the first
+/// and commits them in one transaction.
+fn write_steps(db: &Db, path: &Path, rx: &mpsc::Receiver<Batch>, committed: &Committed) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let until = std::time::Instant::now() + Duration::from_millis(100);
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let last = batch.last().map_or(0, |b| b.0);
+        let result = (|| -> Result<(), redb::Error> {
+            let guard = db.read().unwrap_or_else(|e| e.into_inner());
+            let Some(db) = guard.as_ref() else {
+                return Err(redb::Error::Io(std::io::Error::other(
+                    "the store is closed",
+                )));
+            };
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(STEPS)?;
+                for (_, job, steps) in &batch {
+                    for s in steps {
+                        let bytes = serde_json::to_vec(s).expect("a step serialises");
+                        t.insert((job.as_str(), s.step), bytes.as_slice())?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        let (lock, cv) = &**committed;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        done.0 = last;
+        if let Err(e) = result {
+            tracing::error!(store = %path.display(), error = %e, "step metrics not written");
+            done.1 = Some(e.to_string());
+        }
+        cv.notify_all();
     }
 }
 

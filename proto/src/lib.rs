@@ -6,6 +6,11 @@
 
 pub mod auth;
 
+/// Bytes `m` takes on the wire (to page replies under tonic's 4 MiB).
+pub fn encoded_len(m: &impl prost::Message) -> usize {
+    m.encoded_len()
+}
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("strata.v1");

@@ -71,6 +71,61 @@ pub enum WorkerError {
 
 type Client = ControlServiceClient<WithBearer<Channel>>;
 
+/// A worker whose coordinator has been unreachable this long stops: its
+/// attempt is over (a restarted coordinator starts a new one).
+const ORPHAN_AFTER: Duration = Duration::from_secs(120);
+
+/// Whether a failed call means the coordinator will not have this worker
+/// (an ended attempt, a job it does not know, another token).
+fn refused(e: &tonic::Status) -> bool {
+    use tonic::Code::*;
+    matches!(e.code(), FailedPrecondition | NotFound | Unauthenticated)
+}
+
+/// A request to stop, from the coordinator or a signal; the first reason
+/// is kept.
+#[derive(Default)]
+struct Stop {
+    flag: AtomicBool,
+    reason: Mutex<String>,
+    leaving: AtomicBool,
+}
+
+impl Stop {
+    fn request(&self, reason: &str) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.flag.swap(true, Ordering::SeqCst) {
+            tracing::info!(reason, "asked to stop");
+            *r = reason.to_string();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ends the process after `grace` unless it has left by then (a rank
+    /// hung in a step, or waiting on a peer that is gone, never reaches
+    /// the step boundary where stops are agreed).
+    fn leave_after(&self, grace: Duration) {
+        if self.leaving.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            tracing::error!("did not stop within {} s; exiting", grace.as_secs());
+            std::process::exit(3);
+        });
+    }
+}
+
 fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
     move |status| WorkerError::Rpc {
         call,
@@ -143,16 +198,30 @@ fn train(
     .map_err(rpc("Register"))?;
 
     // Heartbeats from the runtime's threads, whatever the training thread
-    // is doing; a stop request is seen at the next step.
+    // is doing; a stop request (the coordinator's, or SIGTERM) is seen at
+    // the next step, where every rank agrees to stop after the same one.
     let step_now = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_reason = Arc::new(Mutex::new(String::new()));
+    let stop = Arc::new(Stop::default());
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                    stop.request("SIGTERM");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot watch for SIGTERM"),
+            }
+        });
+    }
     {
         let (mut c, job, rank, attempt) =
             (client.clone(), args.job.clone(), args.rank, args.attempt);
-        let (step_now, stop, stop_reason) = (step_now.clone(), stop.clone(), stop_reason.clone());
+        let (step_now, stop) = (step_now.clone(), stop.clone());
         rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut unreachable_since: Option<Instant> = None;
             loop {
                 tick.tick().await;
                 let req = pb::HeartbeatRequest {
@@ -163,11 +232,28 @@ fn train(
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if r.get_ref().stop => {
-                        *stop_reason.lock().expect("reason lock") = r.into_inner().stop_reason;
-                        stop.store(true, Ordering::SeqCst);
+                        stop.request(&r.into_inner().stop_reason);
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    Ok(_) => unreachable_since = None,
+                    Err(e) if refused(&e) => {
+                        // This attempt has ended: leave, even from a hung step.
+                        stop.request(&format!(
+                            "the coordinator refused this attempt: {}",
+                            e.message()
+                        ));
+                        stop.leave_after(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        let since = *unreachable_since.get_or_insert_with(Instant::now);
+                        tracing::warn!(error = %e, "heartbeat failed");
+                        if since.elapsed() > ORPHAN_AFTER {
+                            stop.request(&format!(
+                                "the coordinator has been unreachable for {} s",
+                                ORPHAN_AFTER.as_secs()
+                            ));
+                            stop.leave_after(Duration::from_secs(30));
+                        }
+                    }
                 }
             }
         });
@@ -232,7 +318,6 @@ fn train(
         url,
         step_now,
         stop,
-        stop_reason,
     };
     match device {
         Device::Cpu => steps::<CpuBackend>(session, Default::default(), None),
@@ -328,8 +413,7 @@ struct Session<'a> {
     data: (Location, strata_dataplane::manifest::Manifest),
     url: String,
     step_now: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    stop_reason: Arc<Mutex<String>>,
+    stop: Arc<Stop>,
 }
 
 /// Builds the rank's model part on `device` and trains it to the end.
@@ -352,7 +436,6 @@ fn steps<B: AutodiffBackend>(
         url,
         step_now,
         stop,
-        stop_reason,
     } = s;
     let layout = recipe.parallel.layout;
     let chunks = recipe.parallel.virtual_stages;
@@ -412,11 +495,51 @@ fn steps<B: AutodiffBackend>(
     let microbatches = recipe.parallel.microbatches.max(1) as usize;
     let report = coords.dp == 0 && coords.pp == 0 && coords.tp == 0;
     let n_steps = recipe.data.n_steps();
+    let hang_at = fault_hang_at(args);
+    let mut saved_at = first_step - 1;
     for step in first_step..=n_steps {
-        if stop.load(Ordering::SeqCst) {
-            return Err(WorkerError::Stopped(
-                stop_reason.lock().expect("reason lock").clone(),
-            ));
+        // Every rank stops after the same step, so that they can save it
+        // together: any rank's request stops them all.
+        let go_on = trainer
+            .all_ok(!stop.requested())
+            .map_err(|e| WorkerError::Collective {
+                step,
+                what: members.describe(&e),
+            })?;
+        if !go_on {
+            let done = step - 1;
+            if let Some(ck) = &mut checkpoints
+                && done > saved_at
+            {
+                let header = report.then(|| {
+                    checkpoint_header(
+                        &args.job,
+                        args.attempt,
+                        done,
+                        tps,
+                        &trainer,
+                        &recipe,
+                        &spec_toml,
+                        &url,
+                        fingerprint,
+                        loader.cursor(),
+                    )
+                });
+                ck.save(done, &trainer, coords.dp, header);
+                ck.report(rt, &mut client, args, true)?;
+            }
+            let reason = if stop.requested() {
+                stop.reason()
+            } else {
+                "another rank was asked to stop".to_string()
+            };
+            return Err(WorkerError::Stopped(reason));
+        }
+        if hang_at == Some(step) {
+            tracing::warn!(step, "STRATA_FAULT_HANG_AT: hanging here, heartbeats go on");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         let t0 = Instant::now();
         let batch = rt
@@ -507,6 +630,7 @@ fn steps<B: AutodiffBackend>(
                     )
                 });
                 ck.save(step, &trainer, coords.dp, header);
+                saved_at = step;
             }
             ck.report(rt, &mut client, args, false)?;
         }
@@ -515,6 +639,26 @@ fn steps<B: AutodiffBackend>(
         ck.report(rt, &mut client, args, true)?;
     }
     Ok(())
+}
+
+/// Fault injection for the recovery tests: `STRATA_FAULT_HANG_AT =
+/// "JOB:ATTEMPT:RANK:STEP"` makes that rank of that attempt of that job
+/// stop training before that step while its heartbeats go on (a hung
+/// collective or kernel, as the coordinator sees it).
+fn fault_hang_at(args: &WorkerArgs) -> Option<u64> {
+    let spec = std::env::var("STRATA_FAULT_HANG_AT").ok()?;
+    let (job, rest) = spec.split_once(':')?;
+    let parts: Vec<u64> = rest.split(':').filter_map(|p| p.parse().ok()).collect();
+    match parts[..] {
+        [attempt, rank, step]
+            if job == args.job
+                && attempt == u64::from(args.attempt)
+                && rank == u64::from(args.rank) =>
+        {
+            Some(step)
+        }
+        _ => None,
+    }
 }
 
 /// The manifest of step `step`'s checkpoint as rank 0 sends it (the

@@ -1,0 +1,210 @@
+//! One supervisor per attempt: its worker processes, their registrations,
+//! heartbeats and progress, the checkpoints being written, and the
+//! stopping of its processes (SIGTERM, then SIGKILL after a grace period).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use strata_cluster::{Ranks, Slot};
+use strata_dataplane::checkpoint::{Manifest, ShardRecord};
+
+/// A checkpoint being written: what each rank reported.
+#[derive(Default)]
+pub(crate) struct PendingCheckpoint {
+    pub reported: HashSet<u32>,
+    /// Rank 0's manifest, without shards.
+    pub manifest: Option<Manifest>,
+    pub shards: Vec<ShardRecord>,
+    pub failures: Vec<String>,
+    pub stall_s: f64,
+    pub write_s: f64,
+}
+
+/// Where an attempt's processes are in their life.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Phase {
+    Running,
+    /// Asked to stop (SIGTERM at `since`); killed at `kill_at`.
+    Stopping {
+        since: Instant,
+        kill_at: Instant,
+    },
+}
+
+pub(crate) struct Supervisor {
+    pub attempt: u32,
+    /// The slots (and GPUs) leased to the attempt's ranks, in rank order,
+    /// until its processes are gone.
+    pub slots: Vec<Slot>,
+    ranks: Box<dyn Ranks>,
+    /// Each rank's collective endpoint, once registered.
+    pub addrs: Vec<Option<String>>,
+    heartbeat: Vec<Instant>,
+    /// Each rank's last reported step and when it last moved.
+    progress: Vec<(u64, Instant)>,
+    pub done: Vec<bool>,
+    pub checkpoints: BTreeMap<u64, PendingCheckpoint>,
+    pub phase: Phase,
+    hang_timeout: Duration,
+}
+
+impl Supervisor {
+    pub fn new(
+        attempt: u32,
+        slots: Vec<Slot>,
+        ranks: Box<dyn Ranks>,
+        first_step: u64,
+        hang_timeout: Duration,
+    ) -> Supervisor {
+        let n = ranks.len();
+        let now = Instant::now();
+        Supervisor {
+            attempt,
+            slots,
+            ranks,
+            addrs: vec![None; n],
+            heartbeat: vec![now; n],
+            progress: vec![(first_step, now); n],
+            done: vec![false; n],
+            checkpoints: BTreeMap::new(),
+            phase: Phase::Running,
+            hang_timeout,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    /// A heartbeat (or any call) from `rank`, at `step`.
+    pub fn beat(&mut self, rank: usize, step: Option<u64>) {
+        let now = Instant::now();
+        self.heartbeat[rank] = now;
+        if let Some(step) = step
+            && step > self.progress[rank].0
+        {
+            self.progress[rank] = (step, now);
+        }
+    }
+
+    /// The first rank (other than `except`) whose process ended before it
+    /// finished, with its exit status and last log lines.
+    pub fn ended_early(&mut self, except: Option<usize>) -> Option<String> {
+        for r in 0..self.ranks.len() {
+            if Some(r) == except || self.done[r] {
+                continue;
+            }
+            match self.ranks.exit(r) {
+                Ok(Some(exit)) => {
+                    return Some(format!(
+                        "rank {r} ended ({exit}) before finishing; last log lines:\n{}",
+                        self.ranks.log_tail(r, 20).join("\n")
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        None
+    }
+
+    /// Why a running attempt cannot go on: a process that ended, a rank
+    /// silent past `heartbeat_timeout` (the process is stopped or its
+    /// machine is gone), or a rank whose step has not moved for the hang
+    /// timeout (its heartbeat thread lives, its training does not).
+    pub fn check(&mut self, heartbeat_timeout: Duration) -> Option<String> {
+        if !self.is_running() {
+            return None;
+        }
+        if let Some(why) = self.ended_early(None) {
+            return Some(why);
+        }
+        for r in 0..self.ranks.len() {
+            if self.done[r] {
+                continue;
+            }
+            let silent = self.heartbeat[r].elapsed();
+            if silent > heartbeat_timeout {
+                return Some(format!(
+                    "rank {r} sent no heartbeat for {:.0} s (limit {:.0} s)",
+                    silent.as_secs_f64(),
+                    heartbeat_timeout.as_secs_f64()
+                ));
+            }
+        }
+        self.hung()
+    }
+
+    /// Whether a rank's step has not moved for the hang timeout. One hung
+    /// rank soon holds up every other in a collective, so the ranks
+    /// furthest behind are named: the culprit is among them.
+    fn hung(&self) -> Option<String> {
+        let live: Vec<(usize, u64, Duration)> = (0..self.progress.len())
+            .filter(|&r| !self.done[r])
+            .map(|r| (r, self.progress[r].0, self.progress[r].1.elapsed()))
+            .collect();
+        let longest = live.iter().map(|s| s.2).max()?;
+        if longest <= self.hang_timeout {
+            return None;
+        }
+        let lowest = live.iter().map(|s| s.1).min()?;
+        let behind: Vec<String> = live
+            .iter()
+            .filter(|s| s.1 == lowest)
+            .map(|s| s.0.to_string())
+            .collect();
+        Some(format!(
+            "hung: the step of rank{} {} has stayed at {lowest} for {:.0} s ([fault] hang_timeout_s = {})",
+            if behind.len() == 1 { "" } else { "s" },
+            behind.join(", "),
+            longest.as_secs_f64(),
+            self.hang_timeout.as_secs()
+        ))
+    }
+
+    /// Asks every process to stop now (SIGTERM) and to be gone within
+    /// `grace` (then SIGKILL).
+    pub fn stop(&mut self, grace: Duration) {
+        if let Phase::Stopping { .. } = self.phase {
+            return;
+        }
+        let now = Instant::now();
+        self.ranks.terminate();
+        self.phase = Phase::Stopping {
+            since: now,
+            kill_at: now + grace,
+        };
+    }
+
+    /// For a stopping attempt: kills what outlived its grace period.
+    /// True once every process has ended.
+    pub fn wind_down(&mut self) -> bool {
+        match self.phase {
+            Phase::Running => false,
+            Phase::Stopping { since, kill_at } => {
+                if self.ranks.all_ended() {
+                    tracing::debug!(
+                        attempt = self.attempt,
+                        after_s = since.elapsed().as_secs_f64(),
+                        "every worker of the attempt has ended"
+                    );
+                    return true;
+                }
+                if Instant::now() >= kill_at {
+                    tracing::warn!(
+                        attempt = self.attempt,
+                        "workers outlived their grace period; killing them"
+                    );
+                    self.ranks.kill();
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// Kills every process now (the coordinator is going away).
+    pub fn kill(&mut self) {
+        self.ranks.kill();
+    }
+}
