@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -26,6 +28,7 @@ pub const SECRET_KEY: &str = "strata-test-secret";
 pub struct S3Server {
     addr: SocketAddr,
     root: tempfile::TempDir,
+    failing_puts: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,9 +41,11 @@ impl S3Server {
             std::fs::create_dir_all(root.path().join(b)).expect("bucket folder");
         }
         let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs over a folder");
+        let failing_puts = Arc::new(AtomicUsize::new(0));
         let mut builder = S3ServiceBuilder::new(LargeReads {
             inner: fs,
             root: root.path().to_path_buf(),
+            failing_puts: failing_puts.clone(),
         });
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = builder.build();
@@ -62,7 +67,18 @@ impl S3Server {
                 });
             }
         });
-        S3Server { addr, root, task }
+        S3Server {
+            addr,
+            root,
+            failing_puts,
+            task,
+        }
+    }
+
+    /// The next `n` PUTs fail with `503 Service Unavailable` (an
+    /// overloaded or restarting store), as seen by the client.
+    pub fn fail_next_puts(&self, n: usize) {
+        self.failing_puts.store(n, Ordering::SeqCst);
     }
 
     pub fn endpoint(&self) -> String {
@@ -104,10 +120,12 @@ impl Drop for S3Server {
     }
 }
 
-/// s3s-fs with GET bodies read 1 MiB at a time.
+/// s3s-fs with GET bodies read 1 MiB at a time, and PUTs that fail on
+/// request.
 struct LargeReads {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
+    failing_puts: Arc<AtomicUsize>,
 }
 
 const READ_CHUNK: usize = 1 << 20;
@@ -129,7 +147,6 @@ macro_rules! delegating_impl {
 }
 
 delegating_impl! {
-        put_object: PutObjectInput => PutObjectOutput,
         head_object: HeadObjectInput => HeadObjectOutput,
         delete_object: DeleteObjectInput => DeleteObjectOutput,
         delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
@@ -143,6 +160,19 @@ delegating_impl! {
         upload_part: UploadPartInput => UploadPartOutput,
         complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
         abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput;
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let failing = self
+            .failing_puts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(s3s::s3_error!(ServiceUnavailable, "failing on request"));
+        }
+        self.inner.put_object(req).await
+    }
 
     async fn get_object(
         &self,

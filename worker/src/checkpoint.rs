@@ -98,20 +98,17 @@ struct Encoded {
     tensors: Vec<TensorEntry>,
 }
 
-/// One parameter's part as this rank writes it.
-struct Piece {
-    slot: ParamSlot,
-    /// Param, exp_avg, exp_avg_sq.
-    values: [Vec<f32>; 3],
-}
-
 /// A rank's state copied to host memory at the end of a step, ready to
 /// be written in the background.
 pub struct Snapshot {
     pub step: u64,
     /// `pp00-tp00`: the rank's place in the saving layout.
     name: String,
-    pieces: Vec<Piece>,
+    /// The slots this rank writes.
+    slots: Vec<ParamSlot>,
+    /// The rank's flat master weights, exp_avg and exp_avg_sq (empty when
+    /// it writes nothing): slices of them are written, never copied again.
+    flat: [Vec<f32>; 3],
     /// Seconds the copy took (the step's stall).
     pub copy_s: f64,
 }
@@ -133,38 +130,29 @@ impl Snapshot {
             .iter()
             .filter(|s| dp_rank == 0 && s.replica == 0 && !s.mirror)
             .collect();
-        let pieces = if writes.is_empty() {
-            Vec::new()
+        let flat = if writes.is_empty() {
+            Default::default()
         } else {
             let (master, state) = values();
-            writes
-                .into_iter()
-                .map(|s| Piece {
-                    slot: s.clone(),
-                    values: [
-                        master[s.range()].to_vec(),
-                        state.m[s.range()].to_vec(),
-                        state.v[s.range()].to_vec(),
-                    ],
-                })
-                .collect()
+            [master, state.m, state.v]
         };
         Snapshot {
             step,
             name,
-            pieces,
+            slots: writes.into_iter().cloned().collect(),
+            flat,
             copy_s: t.elapsed().as_secs_f64(),
         }
     }
 
     /// Whether this rank writes anything.
     pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
+        self.slots.is_empty()
     }
 
     /// The model and optimizer files, in safetensors.
     fn encode(&self) -> Result<Vec<Encoded>> {
-        if self.pieces.is_empty() {
+        if self.slots.is_empty() {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
@@ -174,21 +162,20 @@ impl Snapshot {
         ] {
             let mut tensors = Vec::new();
             let mut views = Vec::new();
-            for p in &self.pieces {
+            for slot in &self.slots {
                 for &kind in kinds {
                     let entry = TensorEntry {
-                        name: p.slot.spec.name.clone(),
+                        name: slot.spec.name.clone(),
                         kind,
-                        full_shape: p.slot.spec.full_shape.clone(),
-                        slice: p.slot.slice.iter().map(|r| [r.start, r.end]).collect(),
+                        full_shape: slot.spec.full_shape.clone(),
+                        slice: slot.slice.iter().map(|r| [r.start, r.end]).collect(),
                     };
-                    let data = &p.values[kind as usize];
-                    let view = TensorView::new(
-                        Dtype::F32,
-                        p.slot.shape.clone(),
-                        bytemuck::cast_slice(data),
-                    )
-                    .map_err(|e| CheckpointError::Invalid(format!("{}: {e}", entry.name)))?;
+                    let data = &self.flat[kind as usize][slot.range()];
+                    let view =
+                        TensorView::new(Dtype::F32, slot.shape.clone(), bytemuck::cast_slice(data))
+                            .map_err(|e| {
+                                CheckpointError::Invalid(format!("{}: {e}", entry.name))
+                            })?;
                     views.push((kind.key(&entry.name), view));
                     tensors.push(entry);
                 }

@@ -125,6 +125,18 @@ pub fn as_flex<X: Backend, const D: usize>(t: &Tensor<X, D>) -> Option<FlexTenso
     is_flex::<X>().then(|| into_flex(t.clone()))
 }
 
+/// Appends `t`'s values to `out` in one copy, reading flex's storage in
+/// place; false (nothing appended) on other backends.
+pub fn extend_host<X: Backend, const D: usize>(t: &Tensor<X, D>, out: &mut Vec<f32>) -> bool {
+    match as_flex(t) {
+        Some(f) if f.dtype() == burn::tensor::DType::F32 => {
+            out.extend_from_slice(&values(&f));
+            true
+        }
+        _ => false,
+    }
+}
+
 fn into_flex<X: Backend, const D: usize>(t: Tensor<X, D>) -> FlexTensor {
     into_primitive(t)
 }

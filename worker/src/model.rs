@@ -112,7 +112,7 @@ pub fn host_transfers() -> u64 {
     HOST_ELEMS.with(|c| c.get())
 }
 
-fn count_transfer(n: usize) {
+pub(crate) fn count_transfer(n: usize) {
     HOST_ELEMS.with(|c| c.set(c.get() + n as u64));
 }
 

@@ -461,7 +461,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn flat_on_host(&self, buckets: &[Tensor<Inner<B>, 1>]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n_params());
         for t in buckets {
-            out.extend(to_vec(t.clone()));
+            if cpu::extend_host(t, &mut out) {
+                crate::model::count_transfer(t.shape().num_elements());
+            } else {
+                out.extend(to_vec(t.clone()));
+            }
         }
         out
     }
