@@ -496,6 +496,15 @@ fn steps<B: AutodiffBackend>(
     let report = coords.dp == 0 && coords.pp == 0 && coords.tp == 0;
     let n_steps = recipe.data.n_steps();
     let hang_at = fault_hang_at(args);
+    let about = Run {
+        job: &args.job,
+        attempt: args.attempt,
+        tps,
+        recipe: &recipe,
+        spec_toml: &spec_toml,
+        dataset: &url,
+        fingerprint,
+    };
     let mut saved_at = first_step - 1;
     for step in first_step..=n_steps {
         // Every rank stops after the same step, so that they can save it
@@ -511,20 +520,7 @@ fn steps<B: AutodiffBackend>(
             if let Some(ck) = &mut checkpoints
                 && done > saved_at
             {
-                let header = report.then(|| {
-                    checkpoint_header(
-                        &args.job,
-                        args.attempt,
-                        done,
-                        tps,
-                        &trainer,
-                        &recipe,
-                        &spec_toml,
-                        &url,
-                        fingerprint,
-                        loader.cursor(),
-                    )
-                });
+                let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
                 ck.save(done, &trainer, coords.dp, header);
                 ck.report(rt, &mut client, args, true)?;
             }
@@ -615,20 +611,7 @@ fn steps<B: AutodiffBackend>(
         }
         if let Some(ck) = &mut checkpoints {
             if step % ck.every == 0 || step == n_steps {
-                let header = report.then(|| {
-                    checkpoint_header(
-                        &args.job,
-                        args.attempt,
-                        step,
-                        tps,
-                        &trainer,
-                        &recipe,
-                        &spec_toml,
-                        &url,
-                        fingerprint,
-                        loader.cursor(),
-                    )
-                });
+                let header = report.then(|| about.manifest(step, &trainer, loader.cursor()));
                 ck.save(step, &trainer, coords.dp, header);
                 saved_at = step;
             }
@@ -661,45 +644,51 @@ fn fault_hang_at(args: &WorkerArgs) -> Option<u64> {
     }
 }
 
-/// The manifest of step `step`'s checkpoint as rank 0 sends it (the
-/// coordinator adds every rank's files).
-#[allow(clippy::too_many_arguments)]
-fn checkpoint_header<B: AutodiffBackend>(
-    job: &str,
+/// What a checkpoint's manifest says of the run.
+struct Run<'a> {
+    job: &'a str,
     attempt: u32,
-    step: u64,
     tps: u64,
-    trainer: &Trainer<B>,
-    recipe: &Recipe,
-    spec_toml: &str,
-    dataset: &str,
+    recipe: &'a Recipe,
+    spec_toml: &'a str,
+    dataset: &'a str,
     fingerprint: u32,
-    cursor: &strata_dataplane::loader::Cursor,
-) -> checkpoint::Manifest {
-    let l = recipe.parallel.layout;
-    checkpoint::Manifest {
-        format: checkpoint::FORMAT.into(),
-        version: checkpoint::VERSION,
-        job: job.into(),
-        attempt,
-        step,
-        tokens_seen: step * tps,
-        optimizer_steps: trainer.optimizer_steps(),
-        layout: checkpoint::SavedLayout {
-            tp: l.tp,
-            pp: l.pp,
-            dp: l.dp,
-            virtual_stages: recipe.parallel.virtual_stages,
-        },
-        model: recipe.model,
-        recipe: spec_toml.into(),
-        data: Some(checkpoint::DataState {
-            dataset: dataset.into(),
-            fingerprint,
-            cursor: cursor.clone(),
-        }),
-        shards: Vec::new(),
-        written_at: 0,
+}
+
+impl Run<'_> {
+    /// The manifest of step `step`'s checkpoint as rank 0 sends it (the
+    /// coordinator adds every rank's files).
+    fn manifest<B: AutodiffBackend>(
+        &self,
+        step: u64,
+        trainer: &Trainer<B>,
+        cursor: &strata_dataplane::loader::Cursor,
+    ) -> checkpoint::Manifest {
+        let l = self.recipe.parallel.layout;
+        checkpoint::Manifest {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            job: self.job.into(),
+            attempt: self.attempt,
+            step,
+            tokens_seen: step * self.tps,
+            optimizer_steps: trainer.optimizer_steps(),
+            layout: checkpoint::SavedLayout {
+                tp: l.tp,
+                pp: l.pp,
+                dp: l.dp,
+                virtual_stages: self.recipe.parallel.virtual_stages,
+            },
+            model: self.recipe.model,
+            recipe: self.spec_toml.into(),
+            data: Some(checkpoint::DataState {
+                dataset: self.dataset.into(),
+                fingerprint: self.fingerprint,
+                cursor: cursor.clone(),
+            }),
+            shards: Vec::new(),
+            written_at: 0,
+        }
     }
 }
 

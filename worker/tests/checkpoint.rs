@@ -9,14 +9,14 @@ mod common;
 use std::ops::RangeInclusive;
 
 use burn::backend::{Autodiff, Flex};
-use common::{LR, adamw, batch, seq_of, tiny};
+use common::{LR, adamw, micro, rank_batch, tiny};
 use strata_dataplane::store::Location;
 use strata_recipe::{Layout, ModelConfig};
 use strata_worker::checkpoint::{
     self, FORMAT, Manifest, SavedLayout, Saver, Snapshot, VERSION, step_dir,
 };
 use strata_worker::params::ParamTable;
-use strata_worker::train::{Groups, LocalBatch, Trainer};
+use strata_worker::train::{Groups, Trainer};
 
 type B = Autodiff<Flex>;
 
@@ -101,20 +101,8 @@ fn segment(
                     let mut saved = Vec::new();
                     for step in steps {
                         let i = step as usize - 1;
-                        let seq = seq_of(i);
-                        let rows = TOKENS / seq;
-                        let (inputs, targets) = batch(i, rows, seq);
-                        let per = rows / layout.dp as usize * seq;
-                        let mine = c.dp as usize * per..(c.dp as usize + 1) * per;
-                        let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
-                        let mb = per / m;
-                        let micro: Vec<LocalBatch<'_>> = (0..m)
-                            .map(|k| LocalBatch {
-                                inputs: &inputs[k * mb..(k + 1) * mb],
-                                targets: &targets[k * mb..(k + 1) * mb],
-                                seq_len: seq,
-                            })
-                            .collect();
+                        let (inputs, targets, seq) = rank_batch(i, TOKENS, layout.dp, c.dp);
+                        let micro = micro(&inputs, &targets, m, seq);
                         let st = trainer.step(step, &micro, TOKENS as u64, LR).unwrap();
                         out.steps.push(step);
                         out.losses.push(st.loss);

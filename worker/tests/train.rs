@@ -17,7 +17,7 @@ use strata_worker::train::{Groups, LocalBatch, Trainer};
 type B = Autodiff<Flex>;
 
 mod common;
-use common::{LR, adamw, batch, seq_of, tiny};
+use common::{LR, adamw, batch, micro, rank_batch, tiny};
 
 struct Run {
     losses: Vec<f64>,
@@ -75,20 +75,8 @@ fn train_in(
                     }
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for step in 0..steps {
-                        let seq = seq_of(step);
-                        let rows = tokens / seq;
-                        let (inputs, targets) = batch(step, rows, seq);
-                        let per = rows / layout.dp as usize * seq;
-                        let mine = c.dp as usize * per..(c.dp as usize + 1) * per;
-                        let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
-                        let mb = per / m;
-                        let micro: Vec<LocalBatch<'_>> = (0..m)
-                            .map(|i| LocalBatch {
-                                inputs: &inputs[i * mb..(i + 1) * mb],
-                                targets: &targets[i * mb..(i + 1) * mb],
-                                seq_len: seq,
-                            })
-                            .collect();
+                        let (inputs, targets, seq) = rank_batch(step, tokens, layout.dp, c.dp);
+                        let micro = micro(&inputs, &targets, m, seq);
                         let st = trainer
                             .step(step as u64 + 1, &micro, tokens as u64, LR)
                             .unwrap_or_else(|e| panic!("{layout} rank {c:?} step {step}: {e}"));

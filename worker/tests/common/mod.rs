@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use strata_recipe::{AdamWConfig, ModelConfig};
+use strata_worker::train::LocalBatch;
 
 pub const LR: f64 = 3e-3;
 
@@ -58,4 +59,37 @@ pub fn batch(step: usize, rows: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
 /// The sequence length of a step: the curriculum's bucket changes.
 pub fn seq_of(step: usize) -> usize {
     [16, 8, 32, 8, 16, 32][step % 6]
+}
+
+/// Data-parallel rank `dp_rank`'s share (of `dp`) of step `step`'s batch
+/// of `tokens`: its inputs and targets, and the sequence length.
+pub fn rank_batch(
+    step: usize,
+    tokens: usize,
+    dp: u32,
+    dp_rank: u32,
+) -> (Vec<u32>, Vec<u32>, usize) {
+    let seq = seq_of(step);
+    let rows = tokens / seq;
+    let (inputs, targets) = batch(step, rows, seq);
+    let per = rows / dp as usize * seq;
+    let mine = dp_rank as usize * per..(dp_rank as usize + 1) * per;
+    (inputs[mine.clone()].to_vec(), targets[mine].to_vec(), seq)
+}
+
+/// `m` equal microbatches of a rank's share.
+pub fn micro<'a>(
+    inputs: &'a [u32],
+    targets: &'a [u32],
+    m: usize,
+    seq: usize,
+) -> Vec<LocalBatch<'a>> {
+    let mb = inputs.len() / m;
+    (0..m)
+        .map(|i| LocalBatch {
+            inputs: &inputs[i * mb..(i + 1) * mb],
+            targets: &targets[i * mb..(i + 1) * mb],
+            seq_len: seq,
+        })
+        .collect()
 }
