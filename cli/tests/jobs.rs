@@ -1295,3 +1295,62 @@ async fn a_job_that_keeps_failing_fails_naming_every_attempt() {
     until_workers_gone(&c, &id, "workers outlived the failure").await;
     c.stop().await;
 }
+
+/// A cancelled job's workers stop after the same step, save it and leave:
+/// the checkpoint is complete although no periodic one was due, and the
+/// job resumes from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_saves_its_last_step() {
+    let Fixture {
+        dir,
+        data: _,
+        c,
+        mut cl,
+    } = fixture(4, None, Duration::from_secs(30)).await;
+    let data = dataset_40(dir.path()).await;
+    let ck = dir.path().join("checkpoints");
+    let id = submit(&mut cl, recipe_ck(&data, 100_000, (1, 2, 2), &ck, 100_000))
+        .await
+        .unwrap();
+    until(&mut cl, &id, 120, |j| j.steps_done >= 3).await;
+    let j = cl
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "enough".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let at_cancel = j.steps_done;
+    until_workers_gone(&c, &id, "workers outlived their grace period").await;
+    let j = get(&mut cl, &id).await;
+    assert_eq!(j.state(), pb::JobState::Cancelled);
+    for r in 0..4 {
+        let log = Path::new(&j.run_dir).join(format!("attempt-1/rank-{r}.log"));
+        eprintln!(
+            "--- rank {r}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    let saved = j.last_checkpoint_step.expect("a checkpoint at cancel");
+    assert!(
+        saved >= at_cancel,
+        "saved {saved}, cancelled at {at_cancel}"
+    );
+    assert_eq!(j.attempts[0].steps_lost, 0, "{:?}", j.attempts[0]);
+    let j = resume(&mut cl, &id, 0, (0, 0, 0), false).await.unwrap();
+    assert_eq!(j.steps_done, saved);
+    let j = until(&mut cl, &id, 120, |j| {
+        j.attempts.len() == 2 && j.steps_done > saved
+    })
+    .await;
+    assert_eq!(j.attempts[1].from_step, saved);
+    cl.cancel_job(pb::CancelJobRequest {
+        job_id: id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    until_workers_gone(&c, &id, "workers outlived their grace period").await;
+    c.stop().await;
+}

@@ -142,6 +142,20 @@ fn close_attempt(job: &mut JobRecord, end: JobState, cause: &str, interrupted: b
     }
 }
 
+/// An ended attempt whose workers were still finishing (a cancel's grace
+/// period) reported more steps or a checkpoint: its record follows.
+fn settle_attempt(job: &mut JobRecord, attempt: u32) {
+    let last_checkpoint = job.last_checkpoint().unwrap_or(0);
+    let steps_done = job.steps_done;
+    if let Some(a) = job.attempts.last_mut()
+        && a.number == attempt
+        && a.end_state.is_some()
+    {
+        a.last_step = steps_done;
+        a.steps_lost = steps_done.saturating_sub(last_checkpoint.max(a.from_step));
+    }
+}
+
 /// Readies `job` for its next attempt: from the latest checkpoint when it
 /// has one, otherwise from scratch, forgetting the steps after that point.
 fn prepare_restart(store: &Store, job: &mut JobRecord) -> Result<()> {
@@ -1209,19 +1223,31 @@ impl ControlService for Control {
             return Ok(Response::new(pb::ReportMetricsResponse {}));
         };
         let mut state = engine.lock();
-        running(&mut state, &req.job_id)?.beat(req.rank as usize, Some(last.step));
+        // A stopping attempt's steps count too: its workers finish the
+        // step they are in, then save it.
+        match state.attempts.get_mut(&req.job_id) {
+            Some(sup) if sup.attempt == req.attempt => sup.beat(req.rank as usize, Some(last.step)),
+            _ => {
+                return Err(EngineError::Precondition(format!(
+                    "job {} has no live attempt {}",
+                    req.job_id, req.attempt
+                ))
+                .into());
+            }
+        }
         // Progress is kept in memory and goes to the store with the steps
         // (the record itself is written at the job's next change).
         let job = state
             .jobs
             .get_mut(&req.job_id)
-            .expect("a running job exists");
+            .expect("a job with a live attempt exists");
         job.steps_done = last.step;
         job.tokens_done = last.tokens;
         job.last_loss = Some(last.loss);
         if let (Some(step), Some(a)) = (req.resumed_from_step, job.attempts.last_mut()) {
             a.from_step = step;
         }
+        settle_attempt(job, req.attempt);
         engine
             .store
             .queue_steps(&req.job_id, steps.clone())
@@ -1417,6 +1443,7 @@ impl Control {
                     ),
                 });
                 job.checkpoints.sort_by_key(|c| c.step);
+                settle_attempt(&mut job, req.attempt);
                 true
             }
             Err(why) => {

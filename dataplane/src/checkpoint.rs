@@ -5,8 +5,8 @@
 //! A checkpoint of step `n` lives under `<root>/step-0000000n/`:
 //!
 //! ```text
-//! model/pp00-tp01.safetensors   parameters (master weights, f32)
-//! optim/pp00-tp01.safetensors   AdamW's moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
+//! model/a1-pp00-tp01.safetensors   parameters (master weights, f32)
+//! optim/a1-pp00-tp01.safetensors   AdamW's moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
 //! manifest.json                 written last: a checkpoint without it does not exist
 //! ```
 //!
@@ -83,7 +83,8 @@ pub struct TensorEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardRecord {
-    /// Relative to the checkpoint's folder (`model/pp00-tp00.safetensors`).
+    /// Relative to the checkpoint's folder (`model/a1-pp00-tp00.safetensors`:
+    /// the attempt that wrote it, the stage and the tensor-parallel rank).
     pub key: String,
     pub bytes: u64,
     /// CRC-32 (IEEE) of the whole file.
@@ -218,12 +219,20 @@ pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(Str
 }
 
 /// Deletes checkpoint `m`, manifest first: a half-deleted checkpoint is
-/// then an incomplete one, which does not exist.
+/// then an incomplete one, which does not exist. Every other object in
+/// its folder goes too (files an ended attempt wrote there and never saw
+/// committed).
 pub async fn delete(loc: &Location, root: &str, m: &Manifest) -> Result<()> {
     let dir = join(root, &step_dir(m.step));
     loc.delete(&join(&dir, "manifest.json")).await?;
     for s in &m.shards {
         loc.delete(&join(&dir, &s.key)).await?;
+    }
+    let inside = format!("{dir}/");
+    for key in loc.list().await? {
+        if key.starts_with(&inside) {
+            loc.delete(&key).await?;
+        }
     }
     Ok(())
 }

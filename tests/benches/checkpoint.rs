@@ -96,7 +96,7 @@ fn main() {
     let mut results = serde_json::Map::new();
     for (name, loc) in &stores {
         let t = Instant::now();
-        let snap = Snapshot::take(1, &table, 0, || {
+        let snap = Snapshot::take(1, 1, &table, 0, || {
             (trainer.master(), trainer.optimizer_state())
         });
         let stall = t.elapsed().as_secs_f64();

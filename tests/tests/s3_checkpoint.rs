@@ -75,7 +75,7 @@ fn trained_pair() -> Vec<(Snapshot, Vec<f32>, ParamTable)> {
                         t.step(step, &micro, 64, 1e-3).unwrap();
                     }
                     let snap =
-                        Snapshot::take(2, &table, c.dp, || (t.master(), t.optimizer_state()));
+                        Snapshot::take(2, 1, &table, c.dp, || (t.master(), t.optimizer_state()));
                     (snap, t.master(), table)
                 })
             })
@@ -164,7 +164,7 @@ fn checkpoints_on_s3_survive_failed_writes_and_name_corrupt_objects() {
     let snap = |step| {
         let (_, master, table) = &ranks[0];
         let master = master.clone();
-        Snapshot::take(step, table, 0, move || {
+        Snapshot::take(step, 1, table, 0, move || {
             let n = master.len();
             (
                 master,
@@ -193,7 +193,7 @@ fn checkpoints_on_s3_survive_failed_writes_and_name_corrupt_objects() {
         .root()
         .join("ckpt/runs")
         .join(ROOT)
-        .join("step-00000002/optim/pp00-tp01.safetensors");
+        .join("step-00000002/optim/a1-pp00-tp01.safetensors");
     let mut bytes = std::fs::read(&object).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -203,7 +203,7 @@ fn checkpoints_on_s3_survive_failed_writes_and_name_corrupt_objects() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("s3://ckpt/runs/job-3/step-00000002/optim/pp00-tp01.safetensors")
+        e.contains("s3://ckpt/runs/job-3/step-00000002/optim/a1-pp00-tp01.safetensors")
             && e.contains("CRC-32"),
         "{e}"
     );

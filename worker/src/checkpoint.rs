@@ -102,7 +102,8 @@ struct Encoded {
 /// be written in the background.
 pub struct Snapshot {
     pub step: u64,
-    /// `pp00-tp00`: the rank's place in the saving layout.
+    /// `a1-pp00-tp00`: the attempt and the rank's place in the saving
+    /// layout.
     name: String,
     /// The slots this rank writes.
     slots: Vec<ParamSlot>,
@@ -116,15 +117,18 @@ pub struct Snapshot {
 impl Snapshot {
     /// The parts of `table`'s parameters this rank writes, cut from its
     /// flat master weights and moments (`values`, `state`). Empty on
-    /// data-parallel replicas other than 0.
+    /// data-parallel replicas other than 0. The files' names carry
+    /// `attempt`, so that a worker of an ended attempt still writing can
+    /// never overwrite a file the next attempt's manifest lists.
     pub fn take(
         step: u64,
+        attempt: u32,
         table: &ParamTable,
         dp_rank: u32,
         values: impl FnOnce() -> (Vec<f32>, AdamWState),
     ) -> Snapshot {
         let t = Instant::now();
-        let name = format!("pp{:02}-tp{:02}", table.stage, table.tp_rank);
+        let name = format!("a{attempt}-pp{:02}-tp{:02}", table.stage, table.tp_rank);
         let writes: Vec<&ParamSlot> = table
             .slots
             .iter()

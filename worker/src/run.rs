@@ -89,6 +89,9 @@ struct Stop {
     flag: AtomicBool,
     reason: Mutex<String>,
     leaving: AtomicBool,
+    /// The attempt is over for the coordinator: nothing is saved on the
+    /// way out (no manifest would be committed for it).
+    abandoned: AtomicBool,
 }
 
 impl Stop {
@@ -98,6 +101,12 @@ impl Stop {
             tracing::info!(reason, "asked to stop");
             *r = reason.to_string();
         }
+    }
+
+    /// Stops without saving: this attempt has ended.
+    fn abandon(&self, reason: &str) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        self.request(reason);
     }
 
     fn requested(&self) -> bool {
@@ -237,7 +246,7 @@ fn train(
                     Ok(_) => unreachable_since = None,
                     Err(e) if refused(&e) => {
                         // This attempt has ended: leave, even from a hung step.
-                        stop.request(&format!(
+                        stop.abandon(&format!(
                             "the coordinator refused this attempt: {}",
                             e.message()
                         ));
@@ -247,7 +256,7 @@ fn train(
                         let since = *unreachable_since.get_or_insert_with(Instant::now);
                         tracing::warn!(error = %e, "heartbeat failed");
                         if since.elapsed() > ORPHAN_AFTER {
-                            stop.request(&format!(
+                            stop.abandon(&format!(
                                 "the coordinator has been unreachable for {} s",
                                 ORPHAN_AFTER.as_secs()
                             ));
@@ -465,7 +474,7 @@ fn steps<B: AutodiffBackend>(
     let tps = recipe.data.tokens_per_step;
     let (data_loc, dataset) = data;
     let fingerprint = dataset.fingerprint();
-    let mut checkpoints = Checkpoints::open(&recipe, &args.job)?;
+    let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt)?;
     let resumed = match (&mut checkpoints, resume) {
         (Some(ck), Some(from)) => {
             Some(ck.resume(rt, &mut trainer, from, &recipe, &url, fingerprint)?)
@@ -519,6 +528,7 @@ fn steps<B: AutodiffBackend>(
             let done = step - 1;
             if let Some(ck) = &mut checkpoints
                 && done > saved_at
+                && !stop.abandoned.load(Ordering::SeqCst)
             {
                 let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
                 ck.save(done, &trainer, coords.dp, header);
@@ -699,6 +709,8 @@ struct Checkpoints {
     /// The job's folder under `[checkpoint] dir`.
     root: String,
     every: u64,
+    /// This worker's attempt, in its files' names.
+    attempt: u32,
     saver: checkpoint::Saver,
     /// Rank 0's manifests of saves in flight, by step.
     headers: std::collections::HashMap<u64, checkpoint::Manifest>,
@@ -708,7 +720,7 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    fn open(recipe: &Recipe, job: &str) -> Result<Option<Checkpoints>, WorkerError> {
+    fn open(recipe: &Recipe, job: &str, attempt: u32) -> Result<Option<Checkpoints>, WorkerError> {
         let Some(cfg) = &recipe.checkpoint else {
             return Ok(None);
         };
@@ -719,6 +731,7 @@ impl Checkpoints {
             loc,
             root: job.to_string(),
             every: cfg.every_steps.max(1),
+            attempt,
             headers: Default::default(),
             stalls: Default::default(),
             done: Vec::new(),
@@ -822,9 +835,10 @@ impl Checkpoints {
         dp_rank: u32,
         header: Option<checkpoint::Manifest>,
     ) {
-        let snapshot = checkpoint::Snapshot::take(step, trainer.table(), dp_rank, || {
-            (trainer.master(), trainer.optimizer_state())
-        });
+        let snapshot =
+            checkpoint::Snapshot::take(step, self.attempt, trainer.table(), dp_rank, || {
+                (trainer.master(), trainer.optimizer_state())
+            });
         let copy_s = snapshot.copy_s;
         let (done, waited) = self.saver.save(snapshot);
         self.done.extend(done);

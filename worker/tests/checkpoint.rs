@@ -108,7 +108,7 @@ fn segment(
                         out.losses.push(st.loss);
                         out.norms.push(st.grad_norm);
                         if save.contains(&step) {
-                            let snap = Snapshot::take(step, &table, c.dp, || {
+                            let snap = Snapshot::take(step, 1, &table, c.dp, || {
                                 (trainer.master(), trainer.optimizer_state())
                             });
                             saved.extend(saver.save(snap).0.into_iter().map(|r| r.unwrap()));
@@ -257,13 +257,13 @@ fn a_corrupt_checkpoint_falls_back_to_the_one_before() {
     let straight = segment(&cfg, layout, 1, 1..=10, &loc, false, &[4, 6, 8]);
     let ck = |step: u64, file: &str| dir.path().join(ROOT).join(step_dir(step)).join(file);
     // Step 8: one flipped byte in tp rank 1's optimizer file.
-    let path = ck(8, "optim/pp00-tp01.safetensors");
+    let path = ck(8, "optim/a1-pp00-tp01.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() - 5;
     bytes[at] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
     // Step 6: tp rank 0's model file cut short.
-    let path = ck(6, "model/pp00-tp00.safetensors");
+    let path = ck(6, "model/a1-pp00-tp00.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
 
@@ -275,7 +275,7 @@ fn a_corrupt_checkpoint_falls_back_to_the_one_before() {
     // tp slice. It saw step 6's truncation itself and step 8 through its
     // peer's refusal.
     assert!(
-        resumed.skipped[1].1.contains("pp00-tp00.safetensors")
+        resumed.skipped[1].1.contains("a1-pp00-tp00.safetensors")
             && resumed.skipped[1].1.contains("bytes"),
         "{:?}",
         resumed.skipped
@@ -303,7 +303,7 @@ fn only_committed_checkpoints_exist_and_pruning_keeps_the_newest() {
         dir.path()
             .join(ROOT)
             .join(step_dir(7))
-            .join("model/pp00-tp00.safetensors"),
+            .join("model/a1-pp00-tp00.safetensors"),
         b"half",
     )
     .unwrap();
@@ -326,7 +326,7 @@ fn only_committed_checkpoints_exist_and_pruning_keeps_the_newest() {
         !dir.path()
             .join(ROOT)
             .join(step_dir(2))
-            .join("model/pp00-tp00.safetensors")
+            .join("model/a1-pp00-tp00.safetensors")
             .exists()
     );
     let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
@@ -355,7 +355,7 @@ fn every_element_is_written_once() {
     let mut partial = m.clone();
     partial
         .shards
-        .retain(|s| s.key != "model/pp01-tp01.safetensors");
+        .retain(|s| s.key != "model/a1-pp01-tp01.safetensors");
     partial.step = 2;
     let e = rt
         .block_on(checkpoint::commit(&loc, ROOT, &partial))
