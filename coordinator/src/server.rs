@@ -1223,10 +1223,18 @@ impl ControlService for Control {
             return Ok(Response::new(pb::ReportMetricsResponse {}));
         };
         let mut state = engine.lock();
-        // A stopping attempt's steps count too: its workers finish the
-        // step they are in, then save it.
+        // A stopping attempt's steps count too when the job has ended (a
+        // cancel: its workers finish the step they are in, then save it);
+        // not when a failed attempt is being replaced, whose next attempt
+        // starts from the checkpoint already chosen.
+        let restarting = state
+            .jobs
+            .get(&req.job_id)
+            .is_some_and(|j| j.state == JobState::Restarting);
         match state.attempts.get_mut(&req.job_id) {
-            Some(sup) if sup.attempt == req.attempt => sup.beat(req.rank as usize, Some(last.step)),
+            Some(sup) if sup.attempt == req.attempt && !restarting => {
+                sup.beat(req.rank as usize, Some(last.step))
+            }
             _ => {
                 return Err(EngineError::Precondition(format!(
                     "job {} has no live attempt {}",
@@ -1362,9 +1370,14 @@ impl Control {
         let complete = {
             let mut state = engine.lock();
             // A stopping attempt still completes the checkpoint its
-            // workers save on their way out.
+            // workers save on their way out, unless it failed and is
+            // being replaced.
+            let restarting = state
+                .jobs
+                .get(&req.job_id)
+                .is_some_and(|j| j.state == JobState::Restarting);
             let sup = match state.attempts.get_mut(&req.job_id) {
-                Some(sup) if sup.attempt == req.attempt => sup,
+                Some(sup) if sup.attempt == req.attempt && !restarting => sup,
                 _ => {
                     return Err(EngineError::Precondition(format!(
                         "job {}: attempt {} has no live workers",
