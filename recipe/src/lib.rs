@@ -120,6 +120,20 @@ pub struct AdamWConfig {
     pub grad_clip: Option<f64>,
 }
 
+impl Default for AdamWConfig {
+    /// A recipe's `[optimizer]` defaults: β = (0.9, 0.95), ε = 1e-8,
+    /// weight decay 0.1, gradients clipped to norm 1.
+    fn default() -> AdamWConfig {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: Some(1.0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultConfig {
     /// New attempts after failures before the job fails.

@@ -183,19 +183,19 @@ pub struct OptimizerSpec {
 }
 
 fn default_beta1() -> f64 {
-    0.9
+    crate::AdamWConfig::default().beta1
 }
 fn default_beta2() -> f64 {
-    0.95
+    crate::AdamWConfig::default().beta2
 }
 fn default_eps() -> f64 {
-    1e-8
+    crate::AdamWConfig::default().eps
 }
 fn default_weight_decay() -> f64 {
-    0.1
+    crate::AdamWConfig::default().weight_decay
 }
 fn default_grad_clip() -> f64 {
-    1.0
+    crate::AdamWConfig::default().grad_clip.unwrap_or(0.0)
 }
 
 /// `[schedule]`. One flat table whose `kind` says which keys apply; a key

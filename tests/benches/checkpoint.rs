@@ -60,13 +60,7 @@ fn main() {
         tie_embeddings: true,
     };
     let table = ParamTable::whole(&cfg);
-    let adamw = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    };
+    let adamw = AdamWConfig::default();
     let trainer = Trainer::<B>::new(
         &cfg,
         table.clone(),

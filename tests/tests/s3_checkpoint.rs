@@ -35,13 +35,7 @@ fn model() -> ModelConfig {
 }
 
 fn adamw() -> AdamWConfig {
-    AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    }
+    AdamWConfig::default()
 }
 
 /// Two steps under tp = 2, so that the moments are not zero; each rank's

@@ -96,13 +96,7 @@ fn run(cfg: ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) ->
             .map(|c| Box::new(c) as Box<dyn Collective>)
             .collect()
     });
-    let adamw = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    };
+    let adamw = AdamWConfig::default();
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = world
             .into_iter()

@@ -31,13 +31,7 @@ fn tiny() -> ModelConfig {
 }
 
 fn adamw() -> AdamWConfig {
-    AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    }
+    AdamWConfig::default()
 }
 
 /// Per-step losses and host elements moved of `steps` steps of 4 × 32

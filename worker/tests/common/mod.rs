@@ -25,13 +25,7 @@ pub fn tiny(tie: bool) -> ModelConfig {
 }
 
 pub fn adamw() -> AdamWConfig {
-    AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        grad_clip: Some(1.0),
-    }
+    AdamWConfig::default()
 }
 
 /// A global batch of `rows` sequences: a noisy repeating pattern, so there
