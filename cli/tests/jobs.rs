@@ -1354,3 +1354,103 @@ async fn a_cancelled_job_saves_its_last_step() {
     until_workers_gone(&c, &id, "workers outlived their grace period").await;
     c.stop().await;
 }
+
+/// A coordinator process killed with SIGKILL mid-run, and another started
+/// on its state folder and address: the job finishes from its checkpoint
+/// with the uninterrupted run's losses, bit for bit, and the orphaned
+/// workers of the killed coordinator's attempt, refused by the new one,
+/// leave by themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let state = dir.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--slots", "4"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let connect = || async {
+        let t = Instant::now();
+        loop {
+            if let Ok(c) = JobServiceClient::connect(url.clone()).await {
+                return c;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no coordinator at {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut first = start();
+    let mut cl = connect().await;
+    let steps = 24;
+    let l = (1, 2, 2);
+    let straight = submit(
+        &mut cl,
+        recipe_ck(&data, steps, l, &dir.path().join("a"), 4),
+    )
+    .await
+    .unwrap();
+    let j = ended(&mut cl, &straight, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let want = metrics(&mut cl, &straight).await;
+
+    let id = submit(
+        &mut cl,
+        recipe_ck(&data, steps, l, &dir.path().join("b"), 4),
+    )
+    .await
+    .unwrap();
+    until(&mut cl, &id, 300, |j| {
+        j.last_checkpoint_step.unwrap_or(0) >= 8
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Its workers outlive it (rank 0's next report fails, or the new
+    // coordinator refuses their attempt).
+    let orphans = worker_procs(&url, &id);
+
+    let mut second = start();
+    let mut cl = connect().await;
+    let j = ended(&mut cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
+    assert!(j.attempts[0].interrupted);
+    assert_bit_identical(&want, &metrics(&mut cl, &id).await, "after SIGKILL");
+    // The orphans were refused and left.
+    let t = Instant::now();
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    while orphans.iter().any(|(_, pid)| alive(pid)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "orphaned workers outlived the new coordinator's refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
