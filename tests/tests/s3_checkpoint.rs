@@ -154,7 +154,7 @@ fn checkpoints_on_s3_survive_failed_writes_and_name_corrupt_objects() {
     // A save whose writes keep failing is reported, and the next one is
     // written.
     let loc2 = loc.clone();
-    let mut saver = Saver::new(loc2, "job-4".into());
+    let mut saver = Saver::new(loc2, "job-4".into(), rt.handle().clone());
     let snap = |step| {
         let (_, master, table) = &ranks[0];
         let master = master.clone();

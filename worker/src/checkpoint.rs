@@ -514,16 +514,18 @@ pub struct Saver {
 
 impl Saver {
     /// A saver writing under `root` of `loc`.
-    pub fn new(loc: Location, root: String) -> Saver {
+    ///
+    /// The writes run on `rt` (a multi-threaded runtime, whose I/O is
+    /// always driven), the runtime the rest of the process reaches `loc`
+    /// through: an HTTP client's pooled connections belong to the runtime
+    /// that opened them, and one opened on a runtime of the saver's own,
+    /// idle between saves, would stall the next reader that reuses it.
+    pub fn new(loc: Location, root: String, rt: tokio::runtime::Handle) -> Saver {
         let (tx, jobs) = mpsc::channel::<Snapshot>();
         let (done, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("checkpoint-saver".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for the checkpoint saver");
                 for snapshot in jobs {
                     let r = rt
                         .block_on(write_snapshot(&loc, &root, &snapshot))

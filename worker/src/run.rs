@@ -474,7 +474,7 @@ fn steps<B: AutodiffBackend>(
     let tps = recipe.data.tokens_per_step;
     let (data_loc, dataset) = data;
     let fingerprint = dataset.fingerprint();
-    let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt)?;
+    let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt, rt.handle())?;
     let resumed = match (&mut checkpoints, resume) {
         (Some(ck), Some(from)) => {
             Some(ck.resume(rt, &mut trainer, from, &recipe, &url, fingerprint)?)
@@ -720,14 +720,19 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    fn open(recipe: &Recipe, job: &str, attempt: u32) -> Result<Option<Checkpoints>, WorkerError> {
+    fn open(
+        recipe: &Recipe,
+        job: &str,
+        attempt: u32,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Option<Checkpoints>, WorkerError> {
         let Some(cfg) = &recipe.checkpoint else {
             return Ok(None);
         };
         let loc = Location::parse(&cfg.dir, true)
             .map_err(|e| WorkerError::Setup(format!("checkpoint.dir: {e}")))?;
         Ok(Some(Checkpoints {
-            saver: checkpoint::Saver::new(loc.clone(), job.to_string()),
+            saver: checkpoint::Saver::new(loc.clone(), job.to_string(), rt.clone()),
             loc,
             root: job.to_string(),
             every: cfg.every_steps.max(1),

@@ -96,7 +96,7 @@ fn segment(
                         from = Some(r.manifest.step);
                         skipped = r.skipped;
                     }
-                    let mut saver = Saver::new(loc.clone(), ROOT.to_string());
+                    let mut saver = Saver::new(loc.clone(), ROOT.to_string(), handle.clone());
                     let mut out = Losses::default();
                     let mut saved = Vec::new();
                     for step in steps {
