@@ -98,6 +98,24 @@ pub async fn read_shard(
     decode_shard(&dataset.url_of(&info.key), bytes, info, row_len)
 }
 
+/// Whether `bytes` are the object a manifest describes: its size, then
+/// its CRC-32 (IEEE). The error says which and both values.
+pub fn verify_object(bytes: &[u8], size: u64, crc32: u32) -> Result<(), String> {
+    if bytes.len() as u64 != size {
+        return Err(format!(
+            "{} bytes, the manifest says {size} (truncated or rewritten)",
+            bytes.len()
+        ));
+    }
+    let crc = crc32fast::hash(bytes);
+    if crc != crc32 {
+        return Err(format!(
+            "checksum (CRC-32) {crc:08x} does not match the manifest's {crc32:08x}"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a fetched shard's size and CRC against the manifest and decodes
 /// it (CPU work: callers on an async runtime run it on a blocking thread).
 pub fn decode_shard(
@@ -110,20 +128,7 @@ pub fn decode_shard(
         url: url.to_string(),
         why,
     };
-    if bytes.len() as u64 != info.bytes {
-        return Err(bad(format!(
-            "{} bytes, the manifest says {}",
-            bytes.len(),
-            info.bytes
-        )));
-    }
-    let crc = crc32fast::hash(&bytes);
-    if crc != info.crc32 {
-        return Err(bad(format!(
-            "checksum {crc:08x} does not match the manifest's {:08x}",
-            info.crc32
-        )));
-    }
+    verify_object(&bytes, info.bytes, info.crc32).map_err(bad)?;
     let reader = FileReader::try_new(Cursor::new(bytes), None).map_err(|e| bad(e.to_string()))?;
     let batches: Vec<RecordBatch> = reader
         .collect::<Result<_, _>>()

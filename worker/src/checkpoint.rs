@@ -28,6 +28,7 @@ pub use strata_dataplane::checkpoint::{
     CheckpointError, DataState, FORMAT, Kind, Manifest, SavedLayout, ShardRecord, TensorEntry,
     VERSION, join, list, prune, step_dir, write_manifest,
 };
+use strata_dataplane::reader::verify_object;
 use strata_dataplane::store::Location;
 
 use crate::params::{ParamSlot, ParamTable, logical_params};
@@ -323,20 +324,7 @@ pub async fn read_rank(
             why,
         };
         let data = loc.get(&key).await?;
-        if data.len() as u64 != shard.bytes {
-            return Err(corrupt(format!(
-                "{} bytes, the manifest says {} (truncated or rewritten)",
-                data.len(),
-                shard.bytes
-            )));
-        }
-        let crc = crc32fast::hash(&data);
-        if crc != shard.crc32 {
-            return Err(corrupt(format!(
-                "CRC-32 {crc:08x}, the manifest says {:08x}",
-                shard.crc32
-            )));
-        }
+        verify_object(&data, shard.bytes, shard.crc32).map_err(corrupt)?;
         let file = SafeTensors::deserialize(&data).map_err(|e| corrupt(e.to_string()))?;
         for t in &shard.tensors {
             let src_slice = t.ranges();
