@@ -190,7 +190,7 @@ pub async fn write_manifest(loc: &Location, root: &str, manifest: &Manifest) -> 
 /// The complete checkpoints under `root`, oldest first, and the manifests
 /// that could not be read (key and why).
 pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
-    let keys = loc.list().await?;
+    let keys = loc.list_in(root).await?;
     let prefix = join(root, "");
     let mut found = Vec::new();
     let mut unreadable = Vec::new();
@@ -229,7 +229,7 @@ pub async fn delete(loc: &Location, root: &str, m: &Manifest) -> Result<()> {
         loc.delete(&join(&dir, &s.key)).await?;
     }
     let inside = format!("{dir}/");
-    for key in loc.list().await? {
+    for key in loc.list_in(&dir).await? {
         if key.starts_with(&inside) {
             loc.delete(&key).await?;
         }

@@ -250,13 +250,24 @@ impl Location {
 
     /// Every key under this location, relative to it, sorted.
     pub async fn list(&self) -> Result<Vec<String>, StoreError> {
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        self.list_in("").await
+    }
+
+    /// Every key under `folder` of this location (all of it when empty),
+    /// relative to the location, sorted. Only that folder is listed.
+    pub async fn list_in(&self, folder: &str) -> Result<Vec<String>, StoreError> {
+        let path = if folder.is_empty() {
+            self.prefix.clone()
+        } else {
+            self.path(folder.trim_end_matches('/'))
+        };
+        let prefix = (!path.as_ref().is_empty()).then_some(&path);
         let metas: Vec<_> = self
             .store
             .list(prefix)
             .try_collect()
             .await
-            .map_err(|e| self.io("", e))?;
+            .map_err(|e| self.io(folder, e))?;
         let strip = if self.prefix.as_ref().is_empty() {
             String::new()
         } else {
