@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,7 @@ use crate::job::{
     AttemptRecord, CheckpointRecord, JobRecord, JobState, StepRecord, now_unix_ms, random_token,
 };
 use crate::placement::place;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::supervisor::Supervisor;
 
 /// How a coordinator runs.
@@ -166,7 +167,6 @@ fn prepare_restart(store: &Store, job: &mut JobRecord) -> Result<()> {
     let tps = job.tokens_done.checked_div(job.steps_done).unwrap_or(0);
     job.steps_done = step;
     job.tokens_done = step * tps;
-    store.flush()?;
     store.put_job_truncating(job, step)?;
     Ok(())
 }
@@ -986,35 +986,30 @@ impl JobService for Jobs {
         } else {
             (req.limit as usize).min(PAGE_STEPS)
         };
-        let steps = tokio::task::spawn_blocking(move || {
+        // Whole steps up to the page's size, read no further than the
+        // first that does not fit: its step starts the next page.
+        let page = tokio::task::spawn_blocking(move || {
             engine.store.flush()?;
-            engine.store.steps(&req.job_id, req.from_step, limit + 1)
+            let mut page = pb::GetMetricsResponse::default();
+            let mut bytes = 0;
+            engine.store.visit_steps(&req.job_id, req.from_step, |s| {
+                let m = step_to_pb(&s);
+                let len = strata_proto::encoded_len(&m) + 8;
+                if page.steps.len() == limit || (bytes + len > PAGE_BYTES && !page.steps.is_empty())
+                {
+                    page.next_from_step = s.step;
+                    return ControlFlow::Break(());
+                }
+                bytes += len;
+                page.steps.push(m);
+                ControlFlow::Continue(())
+            })?;
+            Ok::<_, StoreError>(page)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(EngineError::from)?;
-        // Whole steps up to the page's size; the rest on the next page.
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        let mut next_from_step = 0;
-        for s in &steps {
-            let m = step_to_pb(s);
-            let len = strata_proto::encoded_len(&m) + 8;
-            if out.len() == limit || (bytes + len > PAGE_BYTES && !out.is_empty()) {
-                next_from_step = s.step;
-                break;
-            }
-            bytes += len;
-            out.push(m);
-        }
-        if req.limit > 0 && out.len() == req.limit as usize {
-            // The caller asked for this many: more may follow all the same.
-            next_from_step = steps.get(out.len()).map_or(0, |s| s.step);
-        }
-        Ok(Response::new(pb::GetMetricsResponse {
-            steps: out,
-            next_from_step,
-        }))
+        Ok(Response::new(page))
     }
 
     async fn resume_job(
@@ -1049,7 +1044,6 @@ impl JobService for Jobs {
         job.steps_done = chosen.step;
         job.tokens_done = chosen.tokens_seen;
         job.checkpoints.retain(|c| c.step <= chosen.step);
-        engine.store.flush().map_err(EngineError::from)?;
         engine
             .store
             .put_job_truncating(&job, chosen.step)

@@ -7,6 +7,7 @@
 //! dies loses at most the last window of metrics, which its jobs' next
 //! attempts report again.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -226,7 +227,9 @@ impl Store {
         })
     }
 
-    /// Appends steps and updates their job in one transaction.
+    /// Appends steps and updates their job in one transaction, synchronously
+    /// (the tests' way to make a history; the coordinator queues steps).
+    #[cfg(test)]
     pub fn put_steps(&self, job: &JobRecord, steps: &[StepRecord]) -> Result<(), StoreError> {
         self.with_db(|db| {
             let job_bytes = serde_json::to_vec(job).expect("a job serialises");
@@ -249,8 +252,10 @@ impl Store {
 
     /// Replaces a job and deletes its steps after `step` in one
     /// transaction (a resumed job forgets what its abandoned attempt did
-    /// past the checkpoint it continues from).
+    /// past the checkpoint it continues from). Steps still queued for the
+    /// writer are committed first, so none lands after the cut.
     pub fn put_job_truncating(&self, job: &JobRecord, step: u64) -> Result<(), StoreError> {
+        self.flush()?;
         self.with_db(|db| {
             let job_bytes = serde_json::to_vec(job).expect("a job serialises");
             let tx = db.begin_write().map_err(|e| self.err(e))?;
@@ -288,22 +293,40 @@ impl Store {
         from: u64,
         limit: usize,
     ) -> Result<Vec<StepRecord>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_steps(job_id, from, |s| {
+            out.push(s);
+            if limit > 0 && out.len() >= limit {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Hands steps `from..` of a job to `f` in step order, until it breaks;
+    /// no record after that is read.
+    pub fn visit_steps(
+        &self,
+        job_id: &str,
+        from: u64,
+        mut f: impl FnMut(StepRecord) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err(e))?;
             let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
-            let mut out = Vec::new();
             for row in t
                 .range((job_id, from)..=(job_id, u64::MAX))
                 .map_err(|e| self.err(e))?
             {
                 let (k, v) = row.map_err(|e| self.err(e))?;
                 let (id, step) = k.value();
-                out.push(self.decode(&format!("{id}/{step}"), v.value())?);
-                if limit > 0 && out.len() >= limit {
+                if f(self.decode(&format!("{id}/{step}"), v.value())?).is_break() {
                     break;
                 }
             }
-            Ok(out)
+            Ok(())
         })
     }
 }
