@@ -130,7 +130,9 @@ pub fn as_flex<X: Backend, const D: usize>(t: &Tensor<X, D>) -> Option<FlexTenso
 pub fn extend_host<X: Backend, const D: usize>(t: &Tensor<X, D>, out: &mut Vec<f32>) -> bool {
     match as_flex(t) {
         Some(f) if f.dtype() == burn::tensor::DType::F32 => {
-            out.extend_from_slice(&values(&f));
+            let v = values(&f);
+            crate::model::count_transfer(v.len());
+            out.extend_from_slice(&v);
             true
         }
         _ => false,

@@ -461,9 +461,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn flat_on_host(&self, buckets: &[Tensor<Inner<B>, 1>]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n_params());
         for t in buckets {
-            if cpu::extend_host(t, &mut out) {
-                crate::model::count_transfer(t.shape().num_elements());
-            } else {
+            if !cpu::extend_host(t, &mut out) {
                 out.extend(to_vec(t.clone()));
             }
         }
