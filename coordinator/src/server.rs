@@ -246,10 +246,15 @@ impl Engine {
     /// Commits `job`, mirrors it and tells its watchers.
     fn save(&self, state: &mut State, job: JobRecord) -> Result<()> {
         self.store.put_job(&job)?;
-        state.jobs.insert(job.job_id.clone(), job.clone());
-        Engine::publish(state, &job);
-        self.changed.notify_waiters();
+        self.mirror(state, job);
         Ok(())
+    }
+
+    /// Mirrors `job`, already committed, and tells its watchers.
+    fn mirror(&self, state: &mut State, job: JobRecord) {
+        Engine::publish(state, &job);
+        state.jobs.insert(job.job_id.clone(), job);
+        self.changed.notify_waiters();
     }
 
     /// Applies `f` to job `id`'s record, commits it and tells watchers,
@@ -511,9 +516,7 @@ impl Engine {
             failures, fault.max_restarts
         );
         prepare_restart(&self.store, &mut job)?;
-        state.jobs.insert(id.to_string(), job.clone());
-        Engine::publish(state, &job);
-        self.changed.notify_waiters();
+        self.mirror(state, job);
         state.queue.retain(|q| q != id);
         state.queue.insert(0, id.to_string());
         Ok(())
@@ -1048,10 +1051,9 @@ impl JobService for Jobs {
             .store
             .put_job_truncating(&job, chosen.step)
             .map_err(EngineError::from)?;
-        state.jobs.insert(job.job_id.clone(), job.clone());
-        Engine::publish(&mut state, &job);
-        state.queue.push(job.job_id.clone());
         tracing::info!(job = %job.job_id, from_step = chosen.step, layout = %job.layout, "job resumes");
+        state.queue.push(job.job_id.clone());
+        engine.mirror(&mut state, job);
         engine.schedule(&mut state);
         let job = state.jobs.get(&req.job_id).cloned().expect("job exists");
         Ok(Response::new(job_to_pb(&job)))
