@@ -10,6 +10,8 @@ use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use std::sync::Arc;
+use strata_coordinator::cluster::{JobLauncher, LocalJobLauncher, SlurmConfig, SlurmJobLauncher};
 use strata_coordinator::convert::state_from_pb;
 use strata_coordinator::job::JobState;
 use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
@@ -111,9 +113,53 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 60)]
     pub heartbeat_timeout_s: u64,
     /// Seconds the workers of a cancelled or failed attempt get between
-    /// SIGTERM (they save a checkpoint and leave) and SIGKILL.
+    /// SIGTERM (they save a checkpoint and leave) and SIGKILL; under Slurm
+    /// also how long before the time limit Slurm sends SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub stop_grace_s: u64,
+    /// Where workers run: `local` (processes on this machine) or `slurm`
+    /// (one allocation per attempt, from this machine as a submit host).
+    #[arg(long, value_enum, default_value_t = LauncherKind::Local)]
+    pub launcher: LauncherKind,
+    /// The URL workers reach this coordinator at [default: the listening
+    /// address; on 0.0.0.0 under Slurm, this machine's name].
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// How workers publish their collective address, for workers on other
+    /// machines (Slurm): an IP or `iface:NAME` [default: the address their
+    /// node reaches the coordinator from].
+    #[arg(long)]
+    pub worker_advertise: Option<String>,
+    #[command(flatten)]
+    pub slurm: SlurmArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherKind {
+    Local,
+    Slurm,
+}
+
+/// `--launcher slurm`'s settings; a recipe's `[slurm]` section overrides
+/// partition, account, qos and time for its job.
+#[derive(Args)]
+pub struct SlurmArgs {
+    /// The Slurm partition [default: the cluster's default partition].
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[arg(long)]
+    pub account: Option<String>,
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Each allocation's time limit (Slurm's formats: HH:MM:SS, D-HH:MM, …).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// GPUs per node, one rank each [default: what Slurm reports (Gres)].
+    #[arg(long)]
+    pub gpus_per_node: Option<u32>,
+    /// CPUs each rank gets; a CPU node offers CPUs / this many slots.
+    #[arg(long, default_value_t = 1)]
+    pub cpus_per_task: u32,
 }
 
 /// A token file's contents, trimmed; an unreadable or empty file is the
@@ -175,6 +221,7 @@ pub fn coordinator_config(
         client_token,
         heartbeat_timeout,
         stop_grace: Duration::from_secs(30),
+        advertise_url: None,
     })
 }
 
@@ -213,32 +260,88 @@ fn local_inventory(args: &CoordinatorArgs) -> anyhow::Result<Inventory> {
     Ok(inventory.map_err(|e| UserError(e.to_string()))?)
 }
 
+/// This coordinator's mark on its Slurm allocations, kept in the state
+/// folder so that the next coordinator on it finds them.
+fn owner_id(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("coordinator-id");
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
+    }
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let id: String = strata_coordinator::job::random_token()
+        .context("random id")?
+        .chars()
+        .take(12)
+        .collect();
+    crate::write_atomically(&path, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
+/// The launcher `--launcher` names, with the worker arguments it needs.
+fn launcher(args: &CoordinatorArgs) -> anyhow::Result<(Arc<dyn JobLauncher>, Vec<String>)> {
+    match args.launcher {
+        LauncherKind::Local => Ok((Arc::new(LocalJobLauncher), Vec::new())),
+        LauncherKind::Slurm => {
+            let s = &args.slurm;
+            let cfg = SlurmConfig {
+                partition: s.partition.clone(),
+                account: s.account.clone(),
+                qos: s.qos.clone(),
+                time: s.time.clone(),
+                gpus_per_node: s.gpus_per_node,
+                cpus_per_task: s.cpus_per_task,
+                signal_grace_s: args.stop_grace_s,
+                owner: owner_id(&args.state_dir)?,
+                poll: Duration::from_secs(1),
+            };
+            let launcher = SlurmJobLauncher::new(cfg).map_err(|e| UserError(e.to_string()))?;
+            // Ranks on other nodes reach each other's listeners.
+            let mut worker = vec!["--collective-bind".to_string(), "0.0.0.0:0".to_string()];
+            if let Some(a) = &args.worker_advertise {
+                worker.extend(["--advertise".to_string(), a.clone()]);
+            }
+            Ok((Arc::new(launcher), worker))
+        }
+    }
+}
+
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let inventory = local_inventory(&args)?;
-    let (slots, gpus) = (
-        inventory.total_slots(),
-        inventory.nodes().iter().map(|n| n.gpus).sum::<u32>(),
-    );
+    let (launcher, extra_worker_args) = launcher(&args)?;
+    let inventory = if args.launcher == LauncherKind::Local {
+        local_inventory(&args)?
+    } else {
+        // Replaced by the nodes Slurm reports.
+        Inventory::local(1).map_err(|e| UserError(e.to_string()))?
+    };
     let token = client_token(&args)?;
-    let cfg = coordinator_config(
+    let mut cfg = coordinator_config(
         args.listen,
         args.state_dir.clone(),
         inventory,
         token,
         Duration::from_secs(args.heartbeat_timeout_s),
     )?;
-    let cfg = CoordinatorConfig {
-        stop_grace: Duration::from_secs(args.stop_grace_s),
-        ..cfg
-    };
+    cfg.stop_grace = Duration::from_secs(args.stop_grace_s);
+    cfg.advertise_url = args.advertise_url.clone();
+    cfg.worker_args.extend(extra_worker_args);
     runtime()?.block_on(async move {
-        let mut c = Coordinator::start(cfg)
+        let mut c = Coordinator::start_with(cfg, launcher)
             .await
             .map_err(|e| UserError(e.to_string()))?;
+        let inventory = c.engine.inventory();
+        let (slots, gpus) = (
+            inventory.total_slots(),
+            inventory.nodes().iter().map(|n| n.gpus).sum::<u32>(),
+        );
         eprintln!(
-            "strata coordinator on http://{} (state in {}, {slots} slots, {gpus} GPUs); Ctrl-C stops it",
+            "strata coordinator on http://{} (state in {}, {}: {slots} slots on {} nodes, {gpus} GPUs); Ctrl-C stops it",
             c.addr,
             args.state_dir.display(),
+            c.engine.launcher_description(),
+            inventory.nodes().len(),
         );
         let stop = c.shutdown_handle();
         tokio::spawn(async move {
@@ -275,7 +378,9 @@ pub struct WorkerArgs {
     pub coordinator: String,
     #[arg(long)]
     pub job: String,
-    #[arg(long)]
+    /// The worker's world rank (launchers set STRATA_RANK: one command
+    /// starts every rank of a Slurm allocation).
+    #[arg(long, env = "STRATA_RANK")]
     pub rank: u32,
     /// The job's attempt this worker belongs to (the coordinator refuses
     /// calls of any other).
@@ -284,21 +389,38 @@ pub struct WorkerArgs {
     /// The address the collective listener binds (port 0: any free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub collective_bind: SocketAddr,
+    /// The address other ranks reach this one's collective listener at,
+    /// when it binds all interfaces (0.0.0.0): an IP, or `iface:NAME` for
+    /// that network interface's IPv4 address. Default: the address this
+    /// machine reaches the coordinator from.
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let token = std::env::var("STRATA_JOB_TOKEN").map_err(|_| {
         UserError("STRATA_JOB_TOKEN is not set (workers are started by the coordinator)".into())
     })?;
-    strata_worker::run::run(strata_worker::run::WorkerArgs {
+    let rank = args.rank;
+    match strata_worker::run::run(strata_worker::run::WorkerArgs {
         coordinator: args.coordinator,
         job: args.job,
-        rank: args.rank,
+        rank,
         attempt: args.attempt,
         token,
         collective_bind: args.collective_bind,
-    })
-    .map_err(|e| anyhow::anyhow!("rank {}: {e}", args.rank))
+        advertise: args.advertise,
+    }) {
+        Ok(()) => Ok(()),
+        // Stopped on request (SIGTERM, or the coordinator's), its last
+        // step saved: the conventional status of a SIGTERM'd process, which
+        // launchers read as "stopped", not "failed".
+        Err(e @ strata_worker::run::WorkerError::Stopped(_)) => {
+            tracing::warn!(rank, "{e}");
+            std::process::exit(strata_coordinator::cluster::STOPPED_STATUS);
+        }
+        Err(e) => Err(anyhow::anyhow!("rank {rank}: {e}")),
+    }
 }
 
 // ------------------------------------------------------------- clients ---
@@ -591,6 +713,56 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
             l.pp,
             l.dp
         );
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct NodesArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+pub fn nodes(args: NodesArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let r = c
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|s| status_error("ListNodes", s))?
+            .into_inner();
+        if args.json {
+            let nodes: Vec<_> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": n.name,
+                        "cpus": n.cpus,
+                        "gpus": n.gpus,
+                        "slots": n.slots,
+                        "leased": n.leased,
+                        "state": n.state,
+                    })
+                })
+                .collect();
+            let v = json!({ "launcher": r.launcher, "nodes": nodes });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{}", r.launcher);
+            println!(
+                "{:<16} {:>5} {:>5} {:>6} {:>7}  STATE",
+                "NODE", "CPUS", "GPUS", "SLOTS", "LEASED"
+            );
+            for n in &r.nodes {
+                println!(
+                    "{:<16} {:>5} {:>5} {:>6} {:>7}  {}",
+                    n.name, n.cpus, n.gpus, n.slots, n.leased, n.state
+                );
+            }
+        }
         Ok(())
     })
 }

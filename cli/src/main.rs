@@ -83,6 +83,8 @@ enum Command {
     Resume(jobs::ResumeArgs),
     /// A job's complete checkpoints: step, tokens, size, stall.
     Checkpoints(jobs::CheckpointsArgs),
+    /// The nodes workers run on (Slurm: from sinfo), their slots and state.
+    Nodes(jobs::NodesArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -131,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(args) => jobs::cancel(args),
         Command::Resume(args) => jobs::resume(args),
         Command::Checkpoints(args) => jobs::checkpoints(args),
+        Command::Nodes(args) => jobs::nodes(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

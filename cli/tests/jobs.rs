@@ -3,163 +3,20 @@
 //! refusals that name the culprit, cancel, a killed worker, a silent
 //! worker, a coordinator restart in the middle of a queue, and tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use futures::StreamExt;
-use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
-use strata_dataplane::corpus::{Quiet, decompose_corpus};
-use strata_dataplane::decompose::{Buckets, SplitLong};
-use strata_dataplane::manifest::{Layout, TokenizerInfo};
-use strata_dataplane::store::Location;
-use strata_dataplane::tokenize::TokenizerKind;
-use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+use strata_coordinator::{Coordinator, Inventory};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_proto::v1::job_service_client::JobServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
-
-/// A small dataset (a few State of the Union addresses) in buckets of
-/// 16..64 tokens.
-async fn dataset(dir: &Path) -> String {
-    let corpus = strata_tests::corpora().join("sotu");
-    let inputs: Vec<PathBuf> = [
-        "1790_george_washington_n.txt",
-        "1791_george_washington_n.txt",
-        "1863_abraham_lincoln_r.txt",
-    ]
-    .iter()
-    .map(|f| corpus.join(f))
-    .collect();
-    decompose(dir, "dataset", &inputs).await
-}
-
-/// The first 40 State of the Union addresses: each document's tail gives
-/// the 16- and 32-token buckets a piece, enough for a curriculum that
-/// draws from every bucket.
-async fn dataset_40(dir: &Path) -> String {
-    let corpus = strata_tests::corpora().join("sotu");
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    inputs.sort();
-    inputs.truncate(40);
-    decompose(dir, "dataset-40", &inputs).await
-}
-
-async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
-    let out = dir.join(name);
-    let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
-    let tok = TokenizerKind::R50k.load();
-    let w = DatasetWriter::create(
-        loc,
-        WriterOptions {
-            tokenizer: TokenizerInfo::of(&tok),
-            layout: Layout::Decomposed {
-                split_long: SplitLong::Largest,
-            },
-            buckets: Buckets::new(4, 6).unwrap(),
-            seed: 0,
-            shard_bytes: 1 << 20,
-            overwrite: false,
-        },
-    )
-    .await
-    .unwrap();
-    decompose_corpus(inputs, tok, w, &Quiet).await.unwrap();
-    format!("file://{}", out.display())
-}
-
-fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
-    format!(
-        r#"name = "tiny"
-seed = 3
-[model]
-n_layers = 1
-d_model = 16
-n_heads = 2
-d_ffn = 32
-vocab_size = 50257
-max_seq_len = 64
-tie_embeddings = true
-[parallel]
-dp = {dp}
-[data]
-dataset = "{dataset}"
-curriculum = "uniform"
-tokens_per_step = 128
-total_tokens = {total}
-[optimizer]
-lr = 1e-3
-[schedule]
-kind = "constant"
-[fault]
-max_restarts = 0
-"#,
-        total = steps * 128
-    )
-}
-
-fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
-    CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state.to_path_buf(),
-        inventory: Inventory::local(slots).unwrap(),
-        worker_program: PathBuf::from(env!("CARGO_BIN_EXE_strata")),
-        worker_args: vec!["worker".into()],
-        worker_env: vec![("RUST_LOG".into(), "info".into())],
-        client_token: token.map(str::to_string),
-        heartbeat_timeout: Duration::from_secs(30),
-        stop_grace: Duration::from_secs(30),
-    }
-}
-
-async fn client(c: &Coordinator) -> JobServiceClient<Channel> {
-    JobServiceClient::connect(format!("http://{}", c.addr))
-        .await
-        .unwrap()
-}
-
-async fn submit(cl: &mut JobServiceClient<Channel>, spec: String) -> Result<String, tonic::Status> {
-    cl.submit_job(pb::SubmitJobRequest {
-        spec_toml: spec,
-        default_name: "t".into(),
-    })
-    .await
-    .map(|r| r.into_inner().job_id)
-}
-
-async fn get(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
-    cl.get_job(pb::GetJobRequest { job_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls until `f(job)` holds (panics after `secs`).
-async fn until(
-    cl: &mut JobServiceClient<Channel>,
-    id: &str,
-    secs: u64,
-    f: impl Fn(&pb::Job) -> bool,
-) -> pb::Job {
-    let start = Instant::now();
-    loop {
-        let j = get(cl, id).await;
-        if f(&j) {
-            return j;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "job {id} never got there: {j:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Ranks and pids of the worker processes of job `job` of the coordinator
 /// at `c` (other tests' coordinators number their jobs alike), from /proc.
@@ -187,10 +44,14 @@ fn worker_procs(url: &str, job: &str) -> Vec<(u32, u32)> {
                 .windows(2)
                 .any(|w| w[0] == "--coordinator" && w[1] == url)
         {
-            let rank = args
-                .windows(2)
-                .find(|w| w[0] == "--rank")
-                .and_then(|w| w[1].parse().ok())
+            // Launchers give the rank in the environment.
+            let Ok(env) = std::fs::read(e.path().join("environ")) else {
+                continue;
+            };
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|v| v.strip_prefix(b"STRATA_RANK="))
+                .and_then(|r| String::from_utf8_lossy(r).parse().ok())
                 .unwrap();
             out.push((rank, pid));
         }
@@ -478,10 +339,11 @@ async fn gpu_slots_are_leased_one_rank_each() {
     let envs = dir.path().join("envs");
     std::fs::create_dir(&envs).unwrap();
     let script = dir.path().join("worker.sh");
-    // Arguments: worker --coordinator URL --job ID --rank R.
+    // Arguments: worker --coordinator URL --job ID …; the rank is in
+    // STRATA_RANK.
     std::fs::write(
         &script,
-        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $STRATA_LOCAL_RANK\" > \"$ENV_DIR/$5-$7\"\nexec \"$STRATA\" \"$@\"\n",
+        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $STRATA_LOCAL_RANK\" > \"$ENV_DIR/$5-$STRATA_RANK\"\nexec \"$STRATA\" \"$@\"\n",
     )
     .unwrap();
     #[cfg(unix)]
@@ -727,52 +589,6 @@ async fn tokens_guard_clients_and_workers() {
     c.stop().await;
 }
 
-/// A recipe for every layout: two layers (pp up to 2), four query heads
-/// and two KV heads (tp up to 2), two microbatches per replica.
-fn recipe3d(dataset: &str, steps: u64, (tp, pp, dp): (u32, u32, u32), tied: bool) -> String {
-    format!(
-        r#"name = "layout-{tp}-{pp}-{dp}"
-seed = 5
-[model]
-n_layers = 2
-d_model = 16
-n_heads = 4
-n_kv_heads = 2
-d_ffn = 32
-vocab_size = 50257
-max_seq_len = 64
-tie_embeddings = {tied}
-[parallel]
-tp = {tp}
-pp = {pp}
-dp = {dp}
-microbatches = 2
-[data]
-dataset = "{dataset}"
-curriculum = "uniform"
-tokens_per_step = 256
-total_tokens = {total}
-[optimizer]
-lr = 3e-3
-[schedule]
-kind = "constant"
-"#,
-        total = steps * 256
-    )
-}
-
-async fn metrics(cl: &mut JobServiceClient<Channel>, id: &str) -> Vec<pb::StepMetrics> {
-    cl.get_metrics(pb::GetMetricsRequest {
-        job_id: id.into(),
-        from_step: 0,
-        limit: 0,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .steps
-}
-
 /// The same recipe, seed and data under every (tp, pp, dp) layout, with
 /// real worker processes and TCP collectives, gives the single process's
 /// per-step losses, tied and untied, over a curriculum that visits
@@ -947,15 +763,6 @@ async fn a_dead_pipeline_stage_fails_the_job_naming_it() {
     f.c.stop().await;
 }
 
-/// [`recipe3d`] saving a checkpoint every `every` steps under `dir`.
-fn recipe_ck(dataset: &str, steps: u64, l: (u32, u32, u32), dir: &Path, every: u64) -> String {
-    format!(
-        "{}[checkpoint]\nevery_steps = {every}\nkeep_last = 3\ndir = \"file://{}\"\n",
-        recipe3d(dataset, steps, l, true),
-        dir.display()
-    )
-}
-
 async fn resume(
     cl: &mut JobServiceClient<Channel>,
     id: &str,
@@ -1117,17 +924,6 @@ fn recipe_fault(data: &str, steps: u64, l: (u32, u32, u32), dir: &Path, fault: &
     format!("{}[fault]\n{fault}\n", recipe_ck(data, steps, l, dir, 4))
 }
 
-/// Waits for job `id` to end.
-async fn ended(cl: &mut JobServiceClient<Channel>, id: &str, secs: u64) -> pb::Job {
-    until(cl, id, secs, |j| {
-        !matches!(
-            j.state(),
-            pb::JobState::Queued | pb::JobState::Running | pb::JobState::Restarting
-        )
-    })
-    .await
-}
-
 /// The uninterrupted run's losses, to hold recovered runs to.
 async fn straight_run(
     cl: &mut JobServiceClient<Channel>,
@@ -1141,20 +937,6 @@ async fn straight_run(
     let j = ended(cl, &id, 300).await;
     assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
     metrics(cl, &id).await
-}
-
-fn assert_bit_identical(want: &[pb::StepMetrics], got: &[pb::StepMetrics], what: &str) {
-    assert_eq!(want.len(), got.len(), "{what}");
-    for (x, y) in want.iter().zip(got) {
-        assert_eq!(
-            (x.step, x.loss.to_bits()),
-            (y.step, y.loss.to_bits()),
-            "{what}: step {}: {} vs {}",
-            x.step,
-            x.loss,
-            y.loss
-        );
-    }
 }
 
 /// SIGKILL of one worker of a (2, 2, 2) run, and separately SIGSTOP of

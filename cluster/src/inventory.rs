@@ -21,6 +21,18 @@ pub struct Node {
     pub gpus: u32,
 }
 
+/// A node as its cluster reports it, with the worker slots it offers now
+/// (0 when it takes no work: down, drained, not responding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub cpus: u32,
+    pub gpus: u32,
+    pub slots: u32,
+    /// The cluster's word for its state (`idle`, `mixed`, `drained`, …).
+    pub state: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InventoryError {
     #[error("node {node}: has no slots")]
@@ -84,6 +96,20 @@ impl Inventory {
             slots: gpus,
             gpus,
         }])
+    }
+
+    /// The usable nodes of a cluster's report (`None` if there are none).
+    pub fn from_status(nodes: &[NodeStatus]) -> Option<Inventory> {
+        let usable: Vec<Node> = nodes
+            .iter()
+            .filter(|n| n.slots > 0)
+            .map(|n| Node {
+                name: n.name.clone(),
+                slots: n.slots,
+                gpus: if n.gpus > 0 { n.slots } else { 0 },
+            })
+            .collect();
+        Inventory::new(usable).ok()
     }
 
     /// Whether any node has GPUs.

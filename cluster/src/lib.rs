@@ -7,11 +7,18 @@
 
 mod inventory;
 mod local;
+pub mod slurm;
 
-pub use inventory::{Inventory, InventoryError, Node, Slot};
+pub use inventory::{Inventory, InventoryError, Node, NodeStatus, Slot};
 pub use local::{LocalHandle, LocalJobLauncher, LocalLauncher, LocalRanks};
+pub use slurm::{SlurmConfig, SlurmJobLauncher, SlurmOptions};
 
 use std::path::PathBuf;
+
+/// The exit status of a worker that stopped on request (SIGTERM, or its
+/// coordinator's), its last step saved: a SIGTERM'd process's conventional
+/// status.
+pub const STOPPED_STATUS: i32 = 143;
 
 /// What to start in a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +75,8 @@ pub enum LaunchError {
     },
     #[error("rank {rank}: slot on node {node}, which this launcher cannot reach")]
     UnreachableNode { rank: u32, node: String },
+    #[error("slurm: {0}")]
+    Slurm(String),
 }
 
 /// Starts workers. Implementations: [`LocalLauncher`] (processes on this
@@ -91,13 +100,44 @@ pub trait WorkerHandle {
     fn log_tail(&self, n: usize) -> Vec<String>;
 }
 
+/// Which attempt of which job a launcher starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartInfo {
+    pub job: String,
+    pub attempt: u32,
+    /// The job's own Slurm settings (other launchers ignore them).
+    pub slurm: SlurmOptions,
+}
+
 /// Starts and stops every rank of one attempt of a job: the coordinator's
 /// view of a launcher. Object-safe, so the coordinator holds whichever it
-/// was configured with (local processes; Slurm later).
+/// was configured with (local processes, Slurm).
 pub trait JobLauncher: Send + Sync {
     /// Starts one worker per spec (in rank order). On failure nothing
     /// started is left running.
-    fn start(&self, ranks: &[LaunchSpec]) -> Result<Box<dyn Ranks>, LaunchError>;
+    fn start(&self, ranks: &[LaunchSpec], info: &StartInfo) -> Result<Box<dyn Ranks>, LaunchError>;
+
+    /// The nodes as the cluster reports them now, for a launcher whose
+    /// nodes change (Slurm); `None` for a fixed inventory.
+    fn inventory(&self) -> Option<Result<Vec<NodeStatus>, LaunchError>> {
+        None
+    }
+
+    /// Whether the ranks run on this machine, sharing its cores.
+    fn shares_this_machine(&self) -> bool {
+        true
+    }
+
+    /// Where workers run, for messages.
+    fn describe(&self) -> String {
+        "this machine".into()
+    }
+
+    /// Cancels what a previous coordinator on the same state left running
+    /// (its allocations); what was cancelled, for the record.
+    fn reclaim(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The worker processes of one attempt.
@@ -112,6 +152,16 @@ pub trait Ranks: Send {
     fn terminate(&mut self);
     /// Kills every rank still running (SIGKILL) and reaps it.
     fn kill(&mut self);
+    /// Why the attempt's ranks are gone as a whole (their allocation
+    /// ended: cancelled, preempted, a node lost, a time limit), once known.
+    fn lost(&mut self) -> Option<String> {
+        None
+    }
+    /// Why the ranks have not started yet (an allocation waiting in a
+    /// queue); `None` once they run.
+    fn waiting(&mut self) -> Option<String> {
+        None
+    }
     /// Whether every rank has ended.
     fn all_ended(&mut self) -> bool {
         (0..self.len()).all(|r| !matches!(self.exit(r), Ok(None)))

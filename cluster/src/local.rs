@@ -137,26 +137,31 @@ impl WorkerHandle for LocalHandle {
     }
 
     fn log_tail(&self, n: usize) -> Vec<String> {
-        // Read at most the last 64 KiB: enough for any sane `n` lines.
-        let Ok(mut f) = File::open(&self.log_path) else {
-            return Vec::new();
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let start = len.saturating_sub(64 * 1024);
-        if f.seek(SeekFrom::Start(start)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_err() {
-            return Vec::new();
-        }
-        let text = String::from_utf8_lossy(&buf);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        tail(&self.log_path, n)
     }
+}
+
+/// The last `n` lines of the file at `path` (none if unreadable).
+pub(crate) fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    // Read at most the last 64 KiB: enough for any sane `n` lines.
+    let Ok(mut f) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// [`LocalLauncher`] for a whole attempt.
@@ -167,7 +172,11 @@ pub struct LocalJobLauncher;
 pub struct LocalRanks(Vec<LocalHandle>);
 
 impl JobLauncher for LocalJobLauncher {
-    fn start(&self, ranks: &[LaunchSpec]) -> Result<Box<dyn Ranks>, LaunchError> {
+    fn start(
+        &self,
+        ranks: &[LaunchSpec],
+        _info: &crate::StartInfo,
+    ) -> Result<Box<dyn Ranks>, LaunchError> {
         let mut started = Vec::with_capacity(ranks.len());
         for spec in ranks {
             // On an error the handles started so far drop, killing them.
@@ -280,14 +289,17 @@ mod tests {
         // Ignores SIGTERM.
         let stubborn = "trap '' TERM; while true; do sleep 0.05; done";
         let mut ranks = LocalJobLauncher
-            .start(&[
-                spec(dir.path(), graceful, "localhost", None),
-                LaunchSpec {
-                    rank: 4,
-                    log_path: dir.path().join("logs/rank-4.log"),
-                    ..spec(dir.path(), stubborn, "localhost", None)
-                },
-            ])
+            .start(
+                &[
+                    spec(dir.path(), graceful, "localhost", None),
+                    LaunchSpec {
+                        rank: 4,
+                        log_path: dir.path().join("logs/rank-4.log"),
+                        ..spec(dir.path(), stubborn, "localhost", None)
+                    },
+                ],
+                &crate::StartInfo::default(),
+            )
             .unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(!ranks.all_ended());

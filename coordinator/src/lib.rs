@@ -19,5 +19,6 @@ pub mod store;
 mod supervisor;
 
 pub use server::{Coordinator, CoordinatorConfig};
-/// The slots a coordinator places workers in (its configuration).
+/// The launchers and slots a coordinator places workers with.
+pub use strata_cluster as cluster;
 pub use strata_cluster::{Inventory, Node};

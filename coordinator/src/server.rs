@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use strata_cluster::{Inventory, JobLauncher, LaunchSpec, LocalJobLauncher, Slot};
+use strata_cluster::{
+    Inventory, JobLauncher, LaunchSpec, LocalJobLauncher, NodeStatus, Slot, SlurmOptions, StartInfo,
+};
 use strata_dataplane::checkpoint::{self as ckpt, Manifest, ShardRecord};
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::reader::read_manifest;
@@ -56,8 +58,13 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     /// Where workers may run: this machine's CPU slots (processes; they may
-    /// oversubscribe the cores), or one slot per GPU.
+    /// oversubscribe the cores), or one slot per GPU. A launcher that
+    /// reports its nodes (Slurm) replaces it with theirs.
     pub inventory: Inventory,
+    /// The URL workers reach the coordinator at; `None`: the listening
+    /// address (on all interfaces: this machine's name, or 127.0.0.1 for
+    /// workers on this machine).
+    pub advertise_url: Option<String>,
     /// The program workers run (the `strata` binary) and the arguments
     /// before the worker's own (`["worker"]`).
     pub worker_program: PathBuf,
@@ -97,6 +104,9 @@ pub struct Engine {
     cfg: CoordinatorConfig,
     store: Store,
     launcher: Arc<dyn JobLauncher>,
+    /// The slots placement uses, and the nodes as the launcher last
+    /// reported them.
+    inventory: Mutex<(Inventory, Vec<NodeStatus>)>,
     state: Mutex<State>,
     /// Woken when a job's registrations or state change.
     changed: Notify,
@@ -110,6 +120,32 @@ pub struct Engine {
 }
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// How often a launcher's nodes are asked for again.
+const INVENTORY_REFRESH: Duration = Duration::from_secs(10);
+
+/// This machine's name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A fixed inventory's nodes, as a launcher would report them.
+fn static_nodes(inventory: &Inventory) -> Vec<NodeStatus> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    inventory
+        .nodes()
+        .iter()
+        .map(|n| NodeStatus {
+            name: n.name.clone(),
+            cpus,
+            gpus: n.gpus,
+            slots: n.slots,
+            state: "up".into(),
+        })
+        .collect()
+}
 
 /// How long a shutting-down server waits for the calls in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -178,6 +214,15 @@ impl Engine {
     /// stay queued.
     pub fn open(cfg: CoordinatorConfig, launcher: Arc<dyn JobLauncher>) -> Result<Arc<Engine>> {
         let store = Store::open(&cfg.state_dir)?;
+        let nodes = match launcher.inventory() {
+            Some(Ok(nodes)) => nodes,
+            Some(Err(e)) => return Err(EngineError::Unavailable(e.to_string())),
+            None => static_nodes(&cfg.inventory),
+        };
+        let inventory = Inventory::from_status(&nodes).unwrap_or_else(|| cfg.inventory.clone());
+        // Allocations a previous coordinator on this state left: their
+        // workers are stopped, and their jobs go on from checkpoints.
+        let reclaimed = launcher.reclaim();
         let mut state = State::default();
         let mut jobs = store.jobs()?;
         jobs.sort_by_key(|j| (j.submitted_unix_ms, j.job_id.clone()));
@@ -193,12 +238,15 @@ impl Engine {
                 job.last_loss = Some(last.loss);
             }
             if matches!(job.state, JobState::Running | JobState::Restarting) {
-                close_attempt(
-                    &mut job,
-                    JobState::Failed,
-                    "the coordinator stopped, and the attempt's workers with it",
-                    true,
-                );
+                let cause = if reclaimed.is_empty() {
+                    "the coordinator stopped, and the attempt's workers with it".to_string()
+                } else {
+                    format!(
+                        "the coordinator stopped; the next one cancelled what it left running ({})",
+                        reclaimed.join(", ")
+                    )
+                };
+                close_attempt(&mut job, JobState::Failed, &cause, true);
                 prepare_restart(&store, &mut job)?;
                 tracing::warn!(job = %job.job_id, from_step = job.steps_done, "resuming a job the previous coordinator left running");
                 restarting.push(job.job_id.clone());
@@ -214,6 +262,7 @@ impl Engine {
             cfg,
             store,
             launcher,
+            inventory: Mutex::new((inventory, nodes)),
             state: Mutex::new(state),
             changed: Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -285,8 +334,62 @@ impl Engine {
     }
 
     fn free_slots(&self, state: &State) -> u32 {
-        let leased = Engine::leased(state).len() as u32;
-        self.cfg.inventory.total_slots().saturating_sub(leased)
+        let inventory = self.inventory();
+        let leased = Engine::leased(state)
+            .iter()
+            .filter(|s| inventory.nodes().iter().any(|n| n.name == s.node))
+            .count() as u32;
+        inventory.total_slots().saturating_sub(leased)
+    }
+
+    /// Where workers run, in words.
+    pub fn launcher_description(&self) -> String {
+        self.launcher.describe()
+    }
+
+    /// The slots placement uses now.
+    pub fn inventory(&self) -> Inventory {
+        self.inventory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The nodes as the launcher last reported them, with the slots this
+    /// coordinator's jobs lease on each.
+    pub fn nodes(&self) -> Vec<(NodeStatus, u32)> {
+        let nodes = self
+            .inventory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone();
+        let leased = Engine::leased(&self.lock());
+        nodes
+            .into_iter()
+            .map(|n| {
+                let used = leased.iter().filter(|s| s.node == n.name).count() as u32;
+                (n, used)
+            })
+            .collect()
+    }
+
+    /// Asks the launcher for its nodes again (Slurm: a drained node takes
+    /// no new ranks); called periodically, off the engine's lock.
+    pub fn refresh_inventory(&self) {
+        match self.launcher.inventory() {
+            None => {}
+            Some(Ok(nodes)) => {
+                let mut inv = self.inventory.lock().unwrap_or_else(|e| e.into_inner());
+                match Inventory::from_status(&nodes) {
+                    Some(usable) => inv.0 = usable,
+                    None => tracing::warn!("no node takes work now; keeping the last inventory"),
+                }
+                inv.1 = nodes;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "cannot refresh the inventory"),
+        }
     }
 
     /// Starts waiting jobs in queue order while they fit; a restarting job
@@ -325,7 +428,7 @@ impl Engine {
             job.finished_unix_ms = now_unix_ms();
             self.save(state, job)
         };
-        let placement = match place(job.layout, &self.cfg.inventory, &Engine::leased(state)) {
+        let placement = match place(job.layout, &self.inventory(), &Engine::leased(state)) {
             Ok(p) => p,
             Err(e) => return fail(state, job, e.to_string()),
         };
@@ -339,7 +442,8 @@ impl Engine {
         // trained 12% slower), unless the operator chose a count.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get())
             / placement.assignments.len().max(1);
-        let set_threads = std::env::var_os("RAYON_NUM_THREADS").is_none()
+        let set_threads = self.launcher.shares_this_machine()
+            && std::env::var_os("RAYON_NUM_THREADS").is_none()
             && !self
                 .cfg
                 .worker_env
@@ -358,13 +462,12 @@ impl Engine {
                 url.clone(),
                 "--job".into(),
                 job.job_id.clone(),
-                "--rank".into(),
-                rank.to_string(),
                 "--attempt".into(),
                 attempt.to_string(),
             ]);
             let mut env = self.cfg.worker_env.clone();
             env.push(("STRATA_JOB_TOKEN".into(), job.worker_token.clone()));
+            env.push(("STRATA_RANK".into(), rank.to_string()));
             env.push(("STRATA_LOCAL_RANK".into(), local_rank.to_string()));
             *local_rank += 1;
             if set_threads {
@@ -381,7 +484,20 @@ impl Engine {
                     .join(format!("rank-{rank}.log")),
             });
         }
-        let ranks = match self.launcher.start(&specs) {
+        let slurm = Recipe::from_toml_str(&job.spec_toml, &job.name)
+            .map(|r| r.slurm)
+            .unwrap_or_default();
+        let info = StartInfo {
+            job: job.job_id.clone(),
+            attempt,
+            slurm: SlurmOptions {
+                partition: slurm.partition,
+                account: slurm.account,
+                qos: slurm.qos,
+                time: slurm.time,
+            },
+        };
+        let ranks = match self.launcher.start(&specs, &info) {
             Ok(r) => r,
             Err(e) => return fail(state, job, e.to_string()),
         };
@@ -661,7 +777,14 @@ impl Jobs {
         // The recipe's validation refused layouts that cannot split the
         // model (heads, KV heads, d_ffn, stages without layers).
         let layout = recipe.parallel.layout;
-        let inventory = &self.0.cfg.inventory;
+        let inventory = &self.0.inventory();
+        if let Some(t) = &recipe.slurm.time
+            && strata_cluster::slurm::parse_slurm_time(t).is_none()
+        {
+            return Err(EngineError::Invalid(format!(
+                "slurm.time: {t:?} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"
+            )));
+        }
         if recipe.device == DeviceKind::Cuda && !inventory.has_gpus() {
             return Err(EngineError::Precondition(
                 "device.backend: the recipe trains on cuda and this coordinator has no GPUs \
@@ -677,12 +800,20 @@ impl Jobs {
             } else {
                 "worker slots"
             };
+            let nodes: Vec<String> = inventory
+                .nodes()
+                .iter()
+                .map(|n| format!("{} {}", n.name, n.slots))
+                .collect();
             return Err(EngineError::Exhausted(format!(
-                "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots} {what}",
+                "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots} {what} on {} ({}: {})",
                 layout.world_size(),
                 layout.tp,
                 layout.pp,
-                layout.dp
+                layout.dp,
+                self.0.launcher.describe(),
+                if nodes.len() == 1 { "1 node" } else { "nodes" },
+                nodes.join(", ")
             )));
         }
         let url = &recipe.data.dataset;
@@ -1067,6 +1198,30 @@ impl JobService for Jobs {
         let job = self.job(&req.get_ref().job_id)?;
         Ok(Response::new(pb::ListCheckpointsResponse {
             checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.authorize(&req)?;
+        let nodes = self
+            .0
+            .nodes()
+            .into_iter()
+            .map(|(n, leased)| pb::NodeInfo {
+                name: n.name,
+                cpus: n.cpus,
+                gpus: n.gpus,
+                slots: n.slots,
+                leased,
+                state: n.state,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            launcher: self.0.launcher.describe(),
         }))
     }
 }
@@ -1547,13 +1702,16 @@ impl Coordinator {
         })?;
         cfg.listen = addr;
         let engine = Engine::open(cfg, launcher)?;
-        let worker_host = if addr.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        } else {
-            addr
+        let url = match &engine.cfg.advertise_url {
+            Some(url) => url.clone(),
+            None if !addr.ip().is_unspecified() => format!("http://{addr}"),
+            // Workers on other machines reach this one by its name.
+            None if !engine.launcher.shares_this_machine() => {
+                format!("http://{}:{}", host_name(), addr.port())
+            }
+            None => format!("http://127.0.0.1:{}", addr.port()),
         };
-        *engine.worker_url.lock().unwrap_or_else(|e| e.into_inner()) =
-            format!("http://{worker_host}");
+        *engine.worker_url.lock().unwrap_or_else(|e| e.into_inner()) = url;
         {
             let mut state = engine.lock();
             engine.schedule(&mut state);
@@ -1561,9 +1719,15 @@ impl Coordinator {
         let monitor = engine.clone();
         let monitor_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut refreshed = Instant::now();
             loop {
                 tick.tick().await;
                 monitor.monitor();
+                if refreshed.elapsed() >= INVENTORY_REFRESH {
+                    refreshed = Instant::now();
+                    let engine = monitor.clone();
+                    let _ = tokio::task::spawn_blocking(move || engine.refresh_inventory()).await;
+                }
             }
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -1657,6 +1821,7 @@ mod tests {
             client_token: None,
             heartbeat_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(1),
+            advertise_url: None,
         }
     }
 

@@ -46,6 +46,8 @@ pub(crate) struct Supervisor {
     pub checkpoints: BTreeMap<u64, PendingCheckpoint>,
     pub phase: Phase,
     hang_timeout: Duration,
+    /// Why the ranks have not started, while they wait.
+    waiting: Option<String>,
 }
 
 impl Supervisor {
@@ -69,6 +71,7 @@ impl Supervisor {
             checkpoints: BTreeMap::new(),
             phase: Phase::Running,
             hang_timeout,
+            waiting: None,
         }
     }
 
@@ -90,6 +93,11 @@ impl Supervisor {
     /// The first rank (other than `except`) whose process ended before it
     /// finished, with its exit status and last log lines.
     pub fn ended_early(&mut self, except: Option<usize>) -> Option<String> {
+        // The whole attempt went (its allocation ended): that is the
+        // cause, whatever each rank's exit says.
+        if let Some(why) = self.ranks.lost() {
+            return Some(why);
+        }
         for r in 0..self.ranks.len() {
             if Some(r) == except || self.done[r] {
                 continue;
@@ -116,6 +124,19 @@ impl Supervisor {
         if !self.is_running() {
             return None;
         }
+        // Ranks not started yet (an allocation in Slurm's queue) are not
+        // silent, nor hung: their clocks start when they do.
+        if let Some(why) = self.ranks.waiting() {
+            let now = Instant::now();
+            if self.waiting.as_deref() != Some(why.as_str()) {
+                tracing::info!(attempt = self.attempt, reason = %why, "waiting for the attempt's ranks to start");
+                self.waiting = Some(why);
+            }
+            self.heartbeat.fill(now);
+            self.progress.iter_mut().for_each(|p| p.1 = now);
+            return None;
+        }
+        self.waiting = None;
         if let Some(why) = self.ended_early(None) {
             return Some(why);
         }

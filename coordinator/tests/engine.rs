@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use strata_cluster::{Exit, Inventory, JobLauncher, LaunchError, LaunchSpec, Ranks};
+use strata_cluster::{Exit, Inventory, JobLauncher, LaunchError, LaunchSpec, Ranks, StartInfo};
 use strata_coordinator::{Coordinator, CoordinatorConfig};
 use strata_dataplane::checkpoint::{FORMAT, Manifest, SavedLayout, VERSION};
 use strata_dataplane::decompose::{Buckets, SplitLong};
@@ -31,7 +31,7 @@ struct FakeLauncher {
 struct FakeRanks(Vec<Option<Exit>>);
 
 impl JobLauncher for FakeLauncher {
-    fn start(&self, ranks: &[LaunchSpec]) -> Result<Box<dyn Ranks>, LaunchError> {
+    fn start(&self, ranks: &[LaunchSpec], _: &StartInfo) -> Result<Box<dyn Ranks>, LaunchError> {
         self.started.lock().unwrap().push(ranks.to_vec());
         Ok(Box::new(FakeRanks(vec![None; ranks.len()])))
     }
@@ -149,6 +149,7 @@ async fn setup() -> Setup {
         client_token: None,
         heartbeat_timeout: Duration::from_secs(600),
         stop_grace: Duration::from_secs(1),
+        advertise_url: None,
     };
     let c = Coordinator::start_with(cfg, Arc::new(launcher.clone()))
         .await

@@ -154,6 +154,21 @@ impl Default for FaultConfig {
     }
 }
 
+/// `[slurm]`: a job's own Slurm settings, over the coordinator's
+/// (`strata coordinator --launcher slurm --partition …`). Other launchers
+/// ignore them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSection {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// Each attempt's time limit, in Slurm's formats (`HH:MM:SS`,
+    /// `D-HH:MM`, …). An attempt that reaches it saves a checkpoint (Slurm
+    /// signals the workers ahead of it) and the next attempt goes on.
+    pub time: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointConfig {
     pub every_steps: u64,
@@ -249,6 +264,9 @@ pub struct Recipe {
     /// `[fault]`.
     #[serde(default)]
     pub fault: FaultConfig,
+    /// `[slurm]`.
+    #[serde(default)]
+    pub slurm: SlurmSection,
     /// `[device] backend`.
     #[serde(default)]
     pub device: DeviceKind,

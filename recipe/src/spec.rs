@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::SlurmSection;
 use crate::quantity::{CurriculumSpec, Quantity};
 use crate::schedule::DecayShape;
 
@@ -31,6 +32,8 @@ pub struct RecipeSpec {
     /// How the coordinator handles failures; the defaults when left out.
     #[serde(default)]
     pub fault: FaultSpec,
+    #[serde(default)]
+    pub slurm: SlurmSection,
 }
 
 /// `[fault]`: automatic recovery.

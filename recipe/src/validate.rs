@@ -466,6 +466,21 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         })
     })();
 
+    // [slurm]
+    let slurm = spec.slurm.clone();
+    for (field, v) in [
+        ("slurm.partition", &slurm.partition),
+        ("slurm.account", &slurm.account),
+        ("slurm.qos", &slurm.qos),
+        ("slurm.time", &slurm.time),
+    ] {
+        if let Some(v) = v
+            && (v.trim().is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            c.fail(field, format!("{v:?} is not a Slurm name or time"));
+        }
+    }
+
     let recipe = (|| {
         Some(Recipe {
             name: name.clone(),
@@ -477,6 +492,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
             fault: fault?,
+            slurm: slurm.clone(),
             device: spec.device.backend,
             precision: spec
                 .device

@@ -4,7 +4,7 @@
 //! The worker is handed a coordinator URL, a job, a rank and the job's
 //! token; it never learns which launcher started it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +45,10 @@ pub struct WorkerArgs {
     pub token: String,
     /// The address this worker's collective listener binds (port 0: any).
     pub collective_bind: SocketAddr,
+    /// What to publish as the listener's address when it binds every
+    /// interface: an IP, or `iface:NAME`; `None`: the address this machine
+    /// reaches the coordinator from.
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,9 +197,11 @@ fn train(
             args.collective_bind
         ))
     })?;
-    let addr = endpoint
+    let bound = endpoint
         .local_addr()
         .map_err(|e| WorkerError::Setup(format!("collective listener: {e}")))?;
+    let addr = advertised(bound, args.advertise.as_deref(), &args.coordinator)?;
+    tracing::info!(%bound, %addr, "collective listener");
     rt.block_on(client.register(pb::RegisterRequest {
         job_id: args.job.clone(),
         rank: args.rank,
@@ -916,6 +922,96 @@ impl Checkpoints {
                 .map_err(rpc("ReportCheckpoint"))?;
         }
         Ok(())
+    }
+}
+
+/// The address the other ranks reach a listener bound at `bound` at: that
+/// address itself, unless it is every interface (0.0.0.0 or ::); then the
+/// one `advertise` names (an IP, or `iface:NAME`), or else the address of
+/// the interface this machine reaches the coordinator through.
+pub fn advertised(
+    bound: SocketAddr,
+    advertise: Option<&str>,
+    coordinator: &str,
+) -> Result<SocketAddr, WorkerError> {
+    let setup = |m: String| WorkerError::Setup(m);
+    let ip = match advertise {
+        Some(a) => {
+            if let Some(name) = a.strip_prefix("iface:") {
+                interface_ipv4(name).ok_or_else(|| {
+                    setup(format!(
+                        "--advertise {a}: no network interface {name} with an IPv4 address"
+                    ))
+                })?
+            } else {
+                a.parse::<IpAddr>().map_err(|e| {
+                    setup(format!(
+                        "--advertise {a:?}: not an IP address or iface:NAME ({e})"
+                    ))
+                })?
+            }
+        }
+        None if !bound.ip().is_unspecified() => return Ok(bound),
+        None => route_to(coordinator).map_err(|e| {
+            setup(format!(
+                "cannot tell which address reaches the coordinator {coordinator} (give --advertise): {e}"
+            ))
+        })?,
+    };
+    Ok(SocketAddr::new(ip, bound.port()))
+}
+
+/// This machine's address on the route to `url`'s host: a UDP socket
+/// "connected" there (no packet is sent) is bound to it.
+fn route_to(url: &str) -> std::io::Result<IpAddr> {
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let target = std::net::ToSocketAddrs::to_socket_addrs(host)?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host} resolves to no address")))?;
+    let any: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(target)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+/// The IPv4 address of network interface `name`.
+#[allow(unsafe_code)]
+fn interface_ipv4(name: &str) -> Option<IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that stays valid
+    // until freeifaddrs, which is called once below; every pointer read
+    // is checked for null first.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut found = None;
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null()
+                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                && std::ffi::CStr::from_ptr(ifa.ifa_name).to_str() == Ok(name)
+            {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                found = Some(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
+                break;
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+        found
     }
 }
 

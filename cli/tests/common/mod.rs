@@ -1,0 +1,241 @@
+//! Helpers shared by the coordinator tests: datasets cut from the test
+//! corpora, recipes, an in-process coordinator's config, and calls.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
+use strata_dataplane::corpus::{Quiet, decompose_corpus};
+use strata_dataplane::decompose::{Buckets, SplitLong};
+use strata_dataplane::manifest::{Layout, TokenizerInfo};
+use strata_dataplane::store::Location;
+use strata_dataplane::tokenize::TokenizerKind;
+use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+use strata_proto::v1 as pb;
+use strata_proto::v1::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+
+/// A small dataset (a few State of the Union addresses) in buckets of
+/// 16..64 tokens.
+pub async fn dataset(dir: &Path) -> String {
+    let corpus = strata_tests::corpora().join("sotu");
+    let inputs: Vec<PathBuf> = [
+        "1790_george_washington_n.txt",
+        "1791_george_washington_n.txt",
+        "1863_abraham_lincoln_r.txt",
+    ]
+    .iter()
+    .map(|f| corpus.join(f))
+    .collect();
+    decompose(dir, "dataset", &inputs).await
+}
+
+/// The first 40 State of the Union addresses: each document's tail gives
+/// the 16- and 32-token buckets a piece, enough for a curriculum that
+/// draws from every bucket.
+pub async fn dataset_40(dir: &Path) -> String {
+    let corpus = strata_tests::corpora().join("sotu");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    inputs.sort();
+    inputs.truncate(40);
+    decompose(dir, "dataset-40", &inputs).await
+}
+
+pub async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
+    let out = dir.join(name);
+    let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
+    let tok = TokenizerKind::R50k.load();
+    let w = DatasetWriter::create(
+        loc,
+        WriterOptions {
+            tokenizer: TokenizerInfo::of(&tok),
+            layout: Layout::Decomposed {
+                split_long: SplitLong::Largest,
+            },
+            buckets: Buckets::new(4, 6).unwrap(),
+            seed: 0,
+            shard_bytes: 1 << 20,
+            overwrite: false,
+        },
+    )
+    .await
+    .unwrap();
+    decompose_corpus(inputs, tok, w, &Quiet).await.unwrap();
+    format!("file://{}", out.display())
+}
+
+pub fn recipe(dataset: &str, steps: u64, dp: u32) -> String {
+    format!(
+        r#"name = "tiny"
+seed = 3
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ffn = 32
+vocab_size = 50257
+max_seq_len = 64
+tie_embeddings = true
+[parallel]
+dp = {dp}
+[data]
+dataset = "{dataset}"
+curriculum = "uniform"
+tokens_per_step = 128
+total_tokens = {total}
+[optimizer]
+lr = 1e-3
+[schedule]
+kind = "constant"
+[fault]
+max_restarts = 0
+"#,
+        total = steps * 128
+    )
+}
+
+pub fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state.to_path_buf(),
+        inventory: Inventory::local(slots).unwrap(),
+        worker_program: PathBuf::from(env!("CARGO_BIN_EXE_strata")),
+        worker_args: vec!["worker".into()],
+        worker_env: vec![("RUST_LOG".into(), "info".into())],
+        client_token: token.map(str::to_string),
+        heartbeat_timeout: Duration::from_secs(30),
+        stop_grace: Duration::from_secs(30),
+        advertise_url: None,
+    }
+}
+
+pub async fn client(c: &Coordinator) -> JobServiceClient<Channel> {
+    JobServiceClient::connect(format!("http://{}", c.addr))
+        .await
+        .unwrap()
+}
+
+pub async fn submit(
+    cl: &mut JobServiceClient<Channel>,
+    spec: String,
+) -> Result<String, tonic::Status> {
+    cl.submit_job(pb::SubmitJobRequest {
+        spec_toml: spec,
+        default_name: "t".into(),
+    })
+    .await
+    .map(|r| r.into_inner().job_id)
+}
+
+pub async fn get(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
+    cl.get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls until `f(job)` holds (panics after `secs`).
+pub async fn until(
+    cl: &mut JobServiceClient<Channel>,
+    id: &str,
+    secs: u64,
+    f: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let start = Instant::now();
+    loop {
+        let j = get(cl, id).await;
+        if f(&j) {
+            return j;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "job {id} never got there: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A recipe for every layout: two layers (pp up to 2), four query heads
+/// and two KV heads (tp up to 2), two microbatches per replica.
+pub fn recipe3d(dataset: &str, steps: u64, (tp, pp, dp): (u32, u32, u32), tied: bool) -> String {
+    format!(
+        r#"name = "layout-{tp}-{pp}-{dp}"
+seed = 5
+[model]
+n_layers = 2
+d_model = 16
+n_heads = 4
+n_kv_heads = 2
+d_ffn = 32
+vocab_size = 50257
+max_seq_len = 64
+tie_embeddings = {tied}
+[parallel]
+tp = {tp}
+pp = {pp}
+dp = {dp}
+microbatches = 2
+[data]
+dataset = "{dataset}"
+curriculum = "uniform"
+tokens_per_step = 256
+total_tokens = {total}
+[optimizer]
+lr = 3e-3
+[schedule]
+kind = "constant"
+"#,
+        total = steps * 256
+    )
+}
+
+pub async fn metrics(cl: &mut JobServiceClient<Channel>, id: &str) -> Vec<pb::StepMetrics> {
+    cl.get_metrics(pb::GetMetricsRequest {
+        job_id: id.into(),
+        from_step: 0,
+        limit: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .steps
+}
+
+/// [`recipe3d`] saving a checkpoint every `every` steps under `dir`.
+pub fn recipe_ck(dataset: &str, steps: u64, l: (u32, u32, u32), dir: &Path, every: u64) -> String {
+    format!(
+        "{}[checkpoint]\nevery_steps = {every}\nkeep_last = 3\ndir = \"file://{}\"\n",
+        recipe3d(dataset, steps, l, true),
+        dir.display()
+    )
+}
+
+/// Waits for job `id` to end.
+pub async fn ended(cl: &mut JobServiceClient<Channel>, id: &str, secs: u64) -> pb::Job {
+    until(cl, id, secs, |j| {
+        !matches!(
+            j.state(),
+            pb::JobState::Queued | pb::JobState::Running | pb::JobState::Restarting
+        )
+    })
+    .await
+}
+
+pub fn assert_bit_identical(want: &[pb::StepMetrics], got: &[pb::StepMetrics], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for (x, y) in want.iter().zip(got) {
+        assert_eq!(
+            (x.step, x.loss.to_bits()),
+            (y.step, y.loss.to_bits()),
+            "{what}: step {}: {} vs {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+    }
+}

@@ -1,0 +1,889 @@
+//! Workers on a Slurm cluster: one allocation (`sbatch`) per attempt, its
+//! ranks started by one `srun` inside it, placed rank by rank on the nodes
+//! the coordinator chose (`--distribution=arbitrary` with a host file), and
+//! the allocation watched with `squeue` until it ends.
+//!
+//! The attempt's folder (the parent of the ranks' log paths) must be on a
+//! file system every node shares: the batch script, the workers'
+//! environment file (mode 0600: it holds the job's token), the host file,
+//! the ranks' logs and their exit files live there.
+//!
+//! Each rank runs under a small shell wrapper that forwards SIGTERM to the
+//! worker and writes the worker's exit status to `rank-R.exit`: srun alone
+//! reports only the step's end. A worker that stops on SIGTERM (after it
+//! saved a checkpoint) exits 143; when strata did not send that signal,
+//! Slurm did (`scancel`, preemption, the `--signal` ahead of a time limit),
+//! and the rank's exit is held until the allocation's own end names the
+//! cause.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{Exit, JobLauncher, LaunchError, LaunchSpec, NodeStatus, Ranks, StartInfo};
+
+/// How the coordinator uses Slurm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmConfig {
+    /// The partition (`None`: the cluster's default partition).
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// The time limit of each allocation, in any of Slurm's formats.
+    pub time: Option<String>,
+    /// GPUs per node, one rank each; `None`: what Slurm reports (`Gres`),
+    /// 0 for CPU workers.
+    pub gpus_per_node: Option<u32>,
+    /// CPUs each CPU rank gets (a GPU rank gets this many too).
+    pub cpus_per_task: u32,
+    /// Seconds before the time limit at which Slurm sends SIGTERM (the
+    /// workers save a checkpoint and leave).
+    pub signal_grace_s: u64,
+    /// Marks this coordinator's allocations (their comment is
+    /// `strata:OWNER:JOB:ATTEMPT`), so a restarted coordinator finds them.
+    pub owner: String,
+    /// How often the allocations are polled.
+    pub poll: Duration,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            partition: None,
+            account: None,
+            qos: None,
+            time: None,
+            gpus_per_node: None,
+            cpus_per_task: 1,
+            signal_grace_s: 60,
+            owner: "strata".into(),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A job's own Slurm settings (the recipe's `[slurm]` section), over the
+/// coordinator's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlurmOptions {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    pub time: Option<String>,
+}
+
+fn slurm_err(what: impl Into<String>) -> LaunchError {
+    LaunchError::Slurm(what.into())
+}
+
+/// Runs a Slurm command; its stdout, or an error with its stderr.
+fn slurm(program: &str, args: &[String]) -> Result<String, LaunchError> {
+    let out = Command::new(program).args(args).output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            slurm_err(format!(
+                "{program} is not on PATH (is this machine a Slurm submit host?)"
+            ))
+        } else {
+            slurm_err(format!("cannot run {program}: {e}"))
+        }
+    })?;
+    if !out.status.success() {
+        return Err(slurm_err(format!(
+            "{program} {}: {} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The number of GPUs in a `Gres` field (`gpu:4`, `gpu:a100:2(S:0-1)`,
+/// `gpu:1,shard:8`, `(null)`).
+pub fn parse_gres_gpus(gres: &str) -> u32 {
+    gres.split(',')
+        .filter_map(|g| {
+            let g = g.split('(').next()?;
+            let mut parts = g.split(':');
+            if parts.next()? != "gpu" {
+                return None;
+            }
+            parts.next_back().and_then(|n| n.parse::<u32>().ok())
+        })
+        .sum()
+}
+
+/// Whether a node in `sinfo`'s long state takes new work: idle, mixed or
+/// allocated nodes do; down, drained, draining, failing, not responding
+/// (`*`) or powered-down (`~`) ones do not.
+fn usable(state: &str) -> bool {
+    if state.ends_with('*') || state.ends_with('~') || state.ends_with('#') {
+        return false;
+    }
+    let base = state.trim_end_matches(|c: char| !c.is_ascii_alphabetic());
+    matches!(
+        base,
+        "idle" | "mixed" | "allocated" | "completing" | "planned"
+    )
+}
+
+/// Parses `sinfo -h -N -o '%N|%c|%G|%T|%P'` into node statuses: the nodes
+/// of `partition` (or of the default one, marked `*`), each once.
+pub fn parse_sinfo(
+    text: &str,
+    partition: Option<&str>,
+    gpus_per_node: Option<u32>,
+    cpus_per_task: u32,
+) -> Vec<NodeStatus> {
+    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.trim().split('|').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let part = f[4];
+        let in_partition = match partition {
+            Some(p) => part.trim_end_matches('*') == p,
+            None => part.ends_with('*'),
+        };
+        if !in_partition {
+            continue;
+        }
+        let cpus = f[1].parse::<u32>().unwrap_or(0);
+        let gpus = gpus_per_node.unwrap_or_else(|| parse_gres_gpus(f[2]));
+        let state = f[3].to_string();
+        let slots = if !usable(&state) {
+            0
+        } else if gpus > 0 {
+            gpus.min(cpus / cpus_per_task.max(1))
+        } else {
+            cpus / cpus_per_task.max(1)
+        };
+        nodes.insert(
+            f[0].to_string(),
+            NodeStatus {
+                name: f[0].to_string(),
+                cpus,
+                gpus,
+                slots,
+                state,
+            },
+        );
+    }
+    nodes.into_values().collect()
+}
+
+/// An allocation's state, as `squeue` last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocState {
+    /// `PENDING`, `RUNNING`, `COMPLETING`, `CANCELLED`, `TIMEOUT`, …; `GONE`
+    /// when the controller no longer knows the job.
+    pub state: String,
+    pub reason: String,
+    /// Seconds used and the time limit in seconds (`None`: unlimited).
+    pub elapsed_s: u64,
+    pub limit_s: Option<u64>,
+}
+
+impl AllocState {
+    fn is_final(&self) -> bool {
+        !matches!(
+            self.state.as_str(),
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+        )
+    }
+
+    fn waiting(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "PENDING" | "CONFIGURING" | "SUSPENDED" | "REQUEUED"
+        )
+    }
+}
+
+/// Parses Slurm's durations: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
+/// `D-HH:MM:SS`; `None` for `UNLIMITED`, `INVALID` or `NOT_SET`.
+pub fn parse_slurm_time(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().ok()?, r),
+        None => (0, s),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    let secs = match (s.contains('-'), parts.as_slice()) {
+        (false, [m]) => m * 60,
+        (false, [m, sec]) => m * 60 + sec,
+        (false, [h, m, sec]) => h * 3600 + m * 60 + sec,
+        (true, [h]) => h * 3600,
+        (true, [h, m]) => h * 3600 + m * 60,
+        (true, [h, m, sec]) => h * 3600 + m * 60 + sec,
+        _ => return None,
+    };
+    Some(days * 86400 + secs)
+}
+
+/// Parses one `squeue -h --states=all -o '%i|%T|%r|%M|%l'` line.
+fn parse_squeue_line(line: &str) -> Option<(String, AllocState)> {
+    let f: Vec<&str> = line.trim().split('|').collect();
+    if f.len() < 5 {
+        return None;
+    }
+    Some((
+        f[0].to_string(),
+        AllocState {
+            state: f[1].to_string(),
+            reason: f[2].to_string(),
+            elapsed_s: parse_slurm_time(f[3]).unwrap_or(0),
+            limit_s: parse_slurm_time(f[4]),
+        },
+    ))
+}
+
+/// The state of allocation `id`.
+fn query(id: &str) -> Result<AllocState, LaunchError> {
+    let args = ["-h", "--states=all", "-j", id, "-o", "%i|%T|%r|%M|%l"].map(String::from);
+    match slurm("squeue", &args) {
+        Ok(out) => Ok(out
+            .lines()
+            .filter_map(parse_squeue_line)
+            .find(|(j, _)| j == id)
+            .map(|(_, s)| s)
+            .unwrap_or_else(gone)),
+        // Once purged (MinJobAge), squeue refuses the id.
+        Err(LaunchError::Slurm(e)) if e.contains("Invalid job id") => Ok(gone()),
+        Err(e) => Err(e),
+    }
+}
+
+fn gone() -> AllocState {
+    AllocState {
+        state: "GONE".into(),
+        reason: String::new(),
+        elapsed_s: 0,
+        limit_s: None,
+    }
+}
+
+/// Starts each attempt as one Slurm allocation.
+pub struct SlurmJobLauncher {
+    cfg: SlurmConfig,
+}
+
+impl SlurmJobLauncher {
+    /// Checks that Slurm answers (`sinfo`), then launches through it.
+    pub fn new(cfg: SlurmConfig) -> Result<SlurmJobLauncher, LaunchError> {
+        if cfg.cpus_per_task == 0 {
+            return Err(slurm_err("cpus_per_task must be at least 1"));
+        }
+        if let Some(t) = &cfg.time
+            && parse_slurm_time(t).is_none()
+        {
+            return Err(slurm_err(format!(
+                "time {t:?} is not a Slurm time limit (MM, HH:MM:SS, D-HH:MM, …)"
+            )));
+        }
+        let launcher = SlurmJobLauncher { cfg };
+        launcher.nodes()?;
+        Ok(launcher)
+    }
+
+    pub fn config(&self) -> &SlurmConfig {
+        &self.cfg
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeStatus>, LaunchError> {
+        let out = slurm(
+            "sinfo",
+            &["-h", "-N", "-o", "%N|%c|%G|%T|%P"].map(String::from),
+        )?;
+        let nodes = parse_sinfo(
+            &out,
+            self.cfg.partition.as_deref(),
+            self.cfg.gpus_per_node,
+            self.cfg.cpus_per_task,
+        );
+        if nodes.is_empty() {
+            return Err(slurm_err(match &self.cfg.partition {
+                Some(p) => format!("partition {p} has no nodes (or does not exist): see `sinfo`"),
+                None => "the cluster has no default partition; give --partition".into(),
+            }));
+        }
+        Ok(nodes)
+    }
+
+    /// The batch script, the rank wrapper, the host file and the workers'
+    /// environment file of one attempt, written into `dir`.
+    fn write_files(
+        &self,
+        dir: &Path,
+        ranks: &[LaunchSpec],
+        gpus: bool,
+    ) -> Result<PathBuf, LaunchError> {
+        let io = |what: &str, path: &Path, e: std::io::Error| {
+            slurm_err(format!("cannot write {what} {}: {e}", path.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io("folder", dir, e))?;
+        let first = &ranks[0];
+        // Every rank runs the same command: the launcher sets the rank.
+        for r in ranks {
+            let own = |env: &[(String, String)]| -> Vec<(String, String)> {
+                env.iter()
+                    .filter(|(k, _)| !RANK_VARS.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            };
+            if r.program != first.program || r.args != first.args || own(&r.env) != own(&first.env)
+            {
+                return Err(slurm_err(format!(
+                    "rank {}: its command or environment differs from rank {}'s; one srun starts every rank",
+                    r.rank, first.rank
+                )));
+            }
+            if r.log_path.parent() != Some(dir) {
+                return Err(slurm_err(format!(
+                    "rank {}: log {} is outside the attempt's folder {}",
+                    r.rank,
+                    r.log_path.display(),
+                    dir.display()
+                )));
+            }
+        }
+        let hosts: String = ranks.iter().map(|r| format!("{}\n", r.slot.node)).collect();
+        let hostfile = dir.join("hostfile");
+        std::fs::write(&hostfile, hosts).map_err(|e| io("host file", &hostfile, e))?;
+
+        // The environment (the job's token among it) in a file only its
+        // owner reads: never on a command line, nor in Slurm's records.
+        let env_path = dir.join("worker.env");
+        let mut env = String::new();
+        for (k, v) in &first.env {
+            if RANK_VARS.contains(&k.as_str()) {
+                continue;
+            }
+            env.push_str(&format!("export {k}={}\n", shell_quote(v)));
+        }
+        write_private(&env_path, env.as_bytes()).map_err(|e| io("environment", &env_path, e))?;
+
+        let d = shell_quote(&dir.to_string_lossy());
+        let cmd: Vec<String> = std::iter::once(first.program.to_string_lossy().into_owned())
+            .chain(first.args.iter().cloned())
+            .map(|a| shell_quote(&a))
+            .collect();
+        let threads = if gpus {
+            String::new()
+        } else {
+            "export RAYON_NUM_THREADS=\"${RAYON_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}\"\n".into()
+        };
+        let wrapper = format!(
+            r#"#!/bin/sh
+# One rank of a strata attempt, started by srun: the worker, with SIGTERM
+# forwarded, and its exit status written where the coordinator reads it.
+dir={d}
+. "$dir/worker.env"
+export STRATA_RANK="$SLURM_PROCID" STRATA_LOCAL_RANK="$SLURM_LOCALID"
+{threads}rm -f "$dir/rank-$SLURM_PROCID.exit"
+{cmd} &
+pid=$!
+term=0
+trap 'term=1; kill -TERM $pid 2>/dev/null' TERM
+while :; do
+  term=0
+  wait $pid
+  rc=$?
+  [ $term = 1 ] || break
+done
+echo $rc > "$dir/rank-$SLURM_PROCID.exit.tmp" && mv "$dir/rank-$SLURM_PROCID.exit.tmp" "$dir/rank-$SLURM_PROCID.exit"
+exit $rc
+"#,
+            cmd = cmd.join(" ")
+        );
+        let wrapper_path = dir.join("rank.sh");
+        std::fs::write(&wrapper_path, wrapper).map_err(|e| io("rank wrapper", &wrapper_path, e))?;
+
+        let gpu_arg = if gpus { " --gpus-per-task=1" } else { "" };
+        let batch = format!(
+            r#"#!/bin/sh
+# A strata attempt: every rank, placed as the coordinator chose.
+dir={d}
+export SLURM_HOSTFILE="$dir/hostfile"
+exec srun --distribution=arbitrary --ntasks={n} --cpus-per-task={c}{gpu_arg} \
+  --kill-on-bad-exit=0 --input=none --output="$dir/rank-%t.log" \
+  /bin/sh "$dir/rank.sh"
+"#,
+            n = ranks.len(),
+            c = self.cfg.cpus_per_task,
+        );
+        let batch_path = dir.join("attempt.sbatch");
+        std::fs::write(&batch_path, batch).map_err(|e| io("batch script", &batch_path, e))?;
+        Ok(batch_path)
+    }
+}
+
+/// The variables the launcher sets per rank.
+const RANK_VARS: [&str; 3] = ["STRATA_RANK", "STRATA_LOCAL_RANK", "CUDA_VISIBLE_DEVICES"];
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    opts.open(path)?.write_all(bytes)
+}
+
+impl JobLauncher for SlurmJobLauncher {
+    fn start(&self, ranks: &[LaunchSpec], info: &StartInfo) -> Result<Box<dyn Ranks>, LaunchError> {
+        let Some(first) = ranks.first() else {
+            return Err(slurm_err("an attempt with no ranks"));
+        };
+        let dir = first
+            .log_path
+            .parent()
+            .ok_or_else(|| slurm_err("a rank log path without a folder"))?
+            .to_path_buf();
+        let gpus = ranks.iter().any(|r| r.slot.gpu.is_some());
+        let batch = self.write_files(&dir, ranks, gpus)?;
+        let mut nodes: Vec<&str> = Vec::new();
+        for r in ranks {
+            if !nodes.contains(&r.slot.node.as_str()) {
+                nodes.push(&r.slot.node);
+            }
+        }
+        let per_node = nodes
+            .iter()
+            .map(|n| ranks.iter().filter(|r| r.slot.node == *n).count())
+            .max()
+            .unwrap_or(1);
+        let o = &info.slurm;
+        let pick = |job: &Option<String>, ours: &Option<String>| job.clone().or(ours.clone());
+        let mut args: Vec<String> = vec![
+            "--parsable".into(),
+            format!("--job-name=strata-{}-a{}", info.job, info.attempt),
+            format!(
+                "--comment=strata:{}:{}:{}",
+                self.cfg.owner, info.job, info.attempt
+            ),
+            format!("--nodes={}", nodes.len()),
+            format!("--nodelist={}", nodes.join(",")),
+            format!("--ntasks={}", ranks.len()),
+            format!("--ntasks-per-node={per_node}"),
+            format!("--cpus-per-task={}", self.cfg.cpus_per_task),
+            format!("--signal=TERM@{}", self.cfg.signal_grace_s),
+            // A lost node or a preemption ends the allocation; strata
+            // starts the next attempt itself, from a checkpoint.
+            "--no-requeue".into(),
+            format!("--chdir={}", dir.display()),
+            format!("--output={}", dir.join("slurm-batch.log").display()),
+        ];
+        if gpus {
+            args.push("--gpus-per-task=1".into());
+        }
+        for (flag, v) in [
+            ("partition", pick(&o.partition, &self.cfg.partition)),
+            ("account", pick(&o.account, &self.cfg.account)),
+            ("qos", pick(&o.qos, &self.cfg.qos)),
+            ("time", pick(&o.time, &self.cfg.time)),
+        ] {
+            if let Some(v) = v {
+                args.push(format!("--{flag}={v}"));
+            }
+        }
+        args.push(batch.to_string_lossy().into_owned());
+        let out = slurm("sbatch", &args)?;
+        let id = out
+            .trim()
+            .split(';')
+            .next()
+            .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
+            .ok_or_else(|| slurm_err(format!("sbatch printed no job id: {out:?}")))?
+            .to_string();
+        tracing::info!(job = %info.job, attempt = info.attempt, slurm_job = %id, nodes = %nodes.join(","), ranks = ranks.len(), "submitted the attempt's allocation");
+        let watch = Arc::new(Watch {
+            state: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        });
+        {
+            let (watch, id, poll) = (watch.clone(), id.clone(), self.cfg.poll);
+            std::thread::Builder::new()
+                .name(format!("slurm-{id}"))
+                .spawn(move || {
+                    while !watch.stop.load(Ordering::SeqCst) {
+                        match query(&id) {
+                            Ok(s) => *watch.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
+                            Err(e) => tracing::warn!(slurm_job = %id, error = %e, "cannot poll the allocation"),
+                        }
+                        std::thread::sleep(poll);
+                    }
+                })
+                .map_err(|e| slurm_err(format!("poller thread: {e}")))?;
+        }
+        Ok(Box::new(SlurmRanks {
+            id,
+            name: format!("strata-{}-a{}", info.job, info.attempt),
+            dir,
+            exits: vec![None; ranks.len()],
+            watch,
+            terminated: false,
+            cancelled: false,
+            ran: false,
+            held_since: None,
+            grace_s: self.cfg.signal_grace_s,
+        }))
+    }
+
+    fn inventory(&self) -> Option<Result<Vec<NodeStatus>, LaunchError>> {
+        Some(self.nodes())
+    }
+
+    fn shares_this_machine(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "Slurm partition {} ({} CPUs per rank)",
+            self.cfg.partition.as_deref().unwrap_or("(default)"),
+            self.cfg.cpus_per_task
+        )
+    }
+
+    fn reclaim(&self) -> Vec<String> {
+        let out = match slurm("squeue", &["-h", "-o", "%i|%j|%k|%T"].map(String::from)) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list allocations a previous coordinator left");
+                return Vec::new();
+            }
+        };
+        let mine = format!("strata:{}:", self.cfg.owner);
+        let mut found = Vec::new();
+        for line in out.lines() {
+            let f: Vec<&str> = line.trim().split('|').collect();
+            if f.len() < 4 || !f[2].starts_with(&mine) {
+                continue;
+            }
+            match slurm("scancel", &[f[0].to_string()]) {
+                Ok(_) => {
+                    tracing::warn!(
+                        slurm_job = f[0],
+                        name = f[1],
+                        "cancelled an allocation a previous coordinator left"
+                    );
+                    found.push(format!("Slurm job {} ({})", f[0], f[1]));
+                }
+                Err(e) => {
+                    tracing::error!(slurm_job = f[0], error = %e, "cannot cancel a leftover allocation")
+                }
+            }
+        }
+        found
+    }
+}
+
+struct Watch {
+    state: Mutex<Option<AllocState>>,
+    stop: AtomicBool,
+}
+
+/// How long a rank's SIGTERM exit waits for the allocation's end to name
+/// the cause.
+const HOLD: Duration = Duration::from_secs(120);
+
+/// The ranks of one attempt: one Slurm allocation. Dropped, it cancels the
+/// allocation unless it has ended: no Slurm job is left behind.
+pub struct SlurmRanks {
+    id: String,
+    name: String,
+    dir: PathBuf,
+    exits: Vec<Option<Exit>>,
+    watch: Arc<Watch>,
+    /// Whether strata sent SIGTERM (a stop it asked for).
+    terminated: bool,
+    /// Whether strata cancelled the allocation.
+    cancelled: bool,
+    /// Whether the allocation has been seen running.
+    ran: bool,
+    /// Since when a rank's exit on a SIGTERM strata did not send is held.
+    held_since: Option<Instant>,
+    grace_s: u64,
+}
+
+impl SlurmRanks {
+    pub fn slurm_job(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> Option<AllocState> {
+        self.watch
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A rank's exit status from its exit file.
+    fn read_exit(&mut self, rank: usize) -> Option<Exit> {
+        if self.exits[rank].is_none() {
+            let path = self.dir.join(format!("rank-{rank}.exit"));
+            let rc = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
+            self.exits[rank] = rc.map(|rc| {
+                if rc > 128 && rc != STOPPED {
+                    Exit::Signal(rc - 128)
+                } else {
+                    Exit::Code(rc)
+                }
+            });
+        }
+        self.exits[rank].clone()
+    }
+
+    /// Why the allocation ended, as the attempt's cause.
+    fn cause(&self, s: &AllocState) -> String {
+        let job = format!("Slurm job {} ({})", self.id, self.name);
+        let reason = if s.reason.is_empty() || s.reason == "None" {
+            String::new()
+        } else {
+            format!(": {}", s.reason)
+        };
+        let near_limit = s
+            .limit_s
+            .is_some_and(|l| s.elapsed_s + self.grace_s + 60 >= l);
+        match s.state.as_str() {
+            "CANCELLED" => {
+                format!("{job} was cancelled outside strata (scancel or an operator){reason}")
+            }
+            "TIMEOUT" => format!("{job} reached its time limit{reason}"),
+            "NODE_FAIL" => format!("{job} lost a node (NODE_FAIL){reason}"),
+            "PREEMPTED" => format!("{job} was preempted{reason}"),
+            "BOOT_FAIL" => format!("{job}: a node failed to boot (BOOT_FAIL){reason}"),
+            "DEADLINE" => format!("{job} reached its deadline{reason}"),
+            "OUT_OF_MEMORY" => format!("{job} ran out of memory{reason}"),
+            "GONE" => format!("{job} is no longer known to the Slurm controller"),
+            st if near_limit => format!(
+                "{job} neared its time limit: Slurm sent SIGTERM {} s ahead and the job ended ({st})",
+                self.grace_s
+            ),
+            st => format!("{job} ended ({st}){reason} before its ranks finished"),
+        }
+    }
+}
+
+use crate::STOPPED_STATUS as STOPPED;
+
+impl Ranks for SlurmRanks {
+    fn len(&self) -> usize {
+        self.exits.len()
+    }
+
+    fn exit(&mut self, rank: usize) -> Result<Option<Exit>, LaunchError> {
+        let exit = self.read_exit(rank);
+        // A rank that stopped on a SIGTERM strata did not send: Slurm sent
+        // it, and the allocation's end says why. Hold the exit until then.
+        if exit == Some(Exit::Code(STOPPED)) && !self.terminated {
+            let ended = self.state().is_some_and(|s| s.is_final());
+            let since = *self.held_since.get_or_insert_with(Instant::now);
+            if !ended && since.elapsed() < HOLD {
+                return Ok(None);
+            }
+        }
+        Ok(exit)
+    }
+
+    fn lost(&mut self) -> Option<String> {
+        let s = self.state()?;
+        if self.cancelled {
+            return None;
+        }
+        if s.waiting() && self.ran {
+            // Requeued by an operator (`scontrol requeue`): its ranks are
+            // gone, and the attempt with them.
+            return Some(format!(
+                "Slurm job {} ({}) was requeued ({})",
+                self.id, self.name, s.reason
+            ));
+        }
+        self.ran |= !s.waiting();
+        s.is_final().then(|| self.cause(&s))
+    }
+
+    fn waiting(&mut self) -> Option<String> {
+        let s = self.state()?;
+        (s.waiting() && !self.ran).then(|| {
+            format!(
+                "Slurm job {} is {}{}",
+                self.id,
+                s.state,
+                if s.reason.is_empty() || s.reason == "None" {
+                    String::new()
+                } else {
+                    format!(" ({})", s.reason)
+                }
+            )
+        })
+    }
+
+    fn terminate(&mut self) {
+        self.terminated = true;
+        // A queued allocation has nothing to stop: cancel it.
+        let pending = self.state().is_none_or(|s| s.waiting());
+        let args = if pending {
+            self.cancelled = true;
+            vec![self.id.clone()]
+        } else {
+            vec!["--signal=TERM".into(), self.id.clone()]
+        };
+        if let Err(e) = slurm("scancel", &args) {
+            tracing::warn!(slurm_job = %self.id, error = %e, "cannot signal the allocation");
+        }
+    }
+
+    fn kill(&mut self) {
+        self.terminated = true;
+        self.cancelled = true;
+        if let Err(e) = slurm("scancel", std::slice::from_ref(&self.id)) {
+            tracing::warn!(slurm_job = %self.id, error = %e, "cannot cancel the allocation");
+        }
+    }
+
+    fn all_ended(&mut self) -> bool {
+        if self.state().is_some_and(|s| s.is_final()) {
+            return true;
+        }
+        (0..self.exits.len()).all(|r| self.read_exit(r).is_some())
+    }
+
+    fn log_tail(&self, rank: usize, n: usize) -> Vec<String> {
+        crate::local::tail(&self.dir.join(format!("rank-{rank}.log")), n)
+    }
+}
+
+impl Drop for SlurmRanks {
+    /// Leaves no allocation behind. One whose ranks all exited ends by
+    /// itself in a moment (its batch script returns) and keeps its own end
+    /// state (COMPLETED); any other, or one still there after a few
+    /// seconds, is cancelled. Off the caller's thread: it may hold the
+    /// coordinator's lock.
+    fn drop(&mut self) {
+        self.watch.stop.store(true, Ordering::SeqCst);
+        let settling =
+            !self.cancelled && (0..self.exits.len()).all(|r| self.read_exit(r).is_some());
+        let id = self.id.clone();
+        let cancel = move || {
+            let deadline = Instant::now() + Duration::from_secs(if settling { 10 } else { 0 });
+            loop {
+                match query(&id) {
+                    Ok(s) if s.is_final() => return,
+                    _ if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(250))
+                    }
+                    _ => break,
+                }
+            }
+            if let Err(e) = slurm("scancel", std::slice::from_ref(&id)) {
+                tracing::error!(slurm_job = %id, error = %e, "cannot cancel the allocation; cancel it by hand");
+            }
+        };
+        if std::thread::Builder::new()
+            .name(format!("slurm-end-{}", self.id))
+            .spawn(cancel.clone())
+            .is_err()
+        {
+            cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gres_counts_gpus_of_any_type() {
+        assert_eq!(parse_gres_gpus("(null)"), 0);
+        assert_eq!(parse_gres_gpus("gpu:4"), 4);
+        assert_eq!(parse_gres_gpus("gpu:a100:2(S:0-1)"), 2);
+        assert_eq!(parse_gres_gpus("gpu:h100:4(S:0),gpu:a10:2,shard:8"), 6);
+    }
+
+    #[test]
+    fn sinfo_lists_the_partitions_usable_nodes_with_their_slots() {
+        let text = "n1|4|(null)|idle|debug*\n\
+                    n2|4|(null)|drained|debug*\n\
+                    n3|8|(null)|mixed|debug*\n\
+                    n3|8|(null)|mixed|long\n\
+                    g1|64|gpu:h100:8(S:0-1)|allocated|gpu\n\
+                    n4|4|(null)|idle*|debug*\n";
+        let nodes = parse_sinfo(text, None, None, 2);
+        let got: Vec<(&str, u32, u32)> = nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.cpus, n.slots))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("n1", 4, 2), ("n2", 4, 0), ("n3", 8, 4), ("n4", 4, 0)]
+        );
+        let gpu = parse_sinfo(text, Some("gpu"), None, 4);
+        assert_eq!(gpu.len(), 1);
+        assert_eq!((gpu[0].gpus, gpu[0].slots), (8, 8));
+        // An explicit count wins over Gres.
+        let forced = parse_sinfo(text, Some("long"), Some(2), 1);
+        assert_eq!((forced[0].gpus, forced[0].slots), (2, 2));
+    }
+
+    #[test]
+    fn slurm_durations_parse_in_every_format() {
+        assert_eq!(parse_slurm_time("5"), Some(300));
+        assert_eq!(parse_slurm_time("5:30"), Some(330));
+        assert_eq!(parse_slurm_time("1:00:01"), Some(3601));
+        assert_eq!(parse_slurm_time("2-3"), Some(2 * 86400 + 3 * 3600));
+        assert_eq!(parse_slurm_time("1-00:10"), Some(86400 + 600));
+        assert_eq!(parse_slurm_time("1-00:00:05"), Some(86405));
+        assert_eq!(parse_slurm_time("UNLIMITED"), None);
+        assert_eq!(parse_slurm_time("1:2:3:4"), None);
+    }
+
+    #[test]
+    fn squeue_lines_parse() {
+        let (id, s) = parse_squeue_line("17|CANCELLED|None|0:42|10:00").unwrap();
+        assert_eq!(id, "17");
+        assert!(s.is_final() && !s.waiting());
+        assert_eq!((s.elapsed_s, s.limit_s), (42, Some(600)));
+        let (_, p) = parse_squeue_line("18|PENDING|Resources|0:00|UNLIMITED").unwrap();
+        assert!(p.waiting() && !p.is_final());
+        assert_eq!(p.limit_s, None);
+    }
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        let v = "it's a $HOME `x` \"y\"";
+        let out = Command::new("/bin/sh")
+            .args(["-c", &format!("printf %s {}", shell_quote(v))])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), v);
+    }
+}
