@@ -331,6 +331,57 @@ async fn an_outside_scancel_ends_the_attempt_and_the_job_recovers() {
     c.stop().await;
 }
 
+/// A job longer than its allocations' time limit (`[slurm] time = "1"`,
+/// one minute): Slurm's SIGTERM ahead of each limit makes the workers save
+/// and leave, and the next allocation goes on from there. Reaching a time
+/// limit is not a failure: with `max_restarts = 0` the job still
+/// finishes, each interrupted attempt saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn time_limits_chain_allocations_without_counting_as_failures() {
+    if !slurm_up() {
+        return;
+    }
+    let _one = CLUSTER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let owner = owner();
+    let c = slurm_coordinator(&dir.path().join("state"), &owner).await;
+    let mut cl = client(&c).await;
+    // About 45 s of training on this machine; Slurm signals 30 s before
+    // the limit, or up to a minute earlier (its timer's resolution).
+    let spec = format!(
+        "{}[fault]\nmax_restarts = 0\n[slurm]\ntime = \"1\"\n",
+        recipe_ck(&data, 600, (1, 2, 2), &dir.path().join("ck"), 50)
+    );
+    let id = submit(&mut cl, spec).await.unwrap();
+    let j = ended(&mut cl, &id, 600).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    for a in &j.attempts {
+        eprintln!(
+            "slurm: attempt {}: steps {}..{} in {:.1} s: {}",
+            a.number,
+            a.from_step,
+            a.last_step,
+            (a.ended_unix_ms - a.started_unix_ms) as f64 / 1e3,
+            a.cause
+        );
+    }
+    assert!(j.attempts.len() >= 2, "{j:?}");
+    for a in &j.attempts[..j.attempts.len() - 1] {
+        assert!(
+            a.cause.contains("time limit"),
+            "attempt {}: {}",
+            a.number,
+            a.cause
+        );
+        assert!(a.interrupted, "attempt {}", a.number);
+        assert_eq!(a.steps_lost, 0, "attempt {}", a.number);
+    }
+    assert_eq!(metrics(&mut cl, &id).await.len(), 600);
+    until_no_allocation(&owner, 20, "after the chain").await;
+    c.stop().await;
+}
+
 /// The coordinator binary, as a process that can be killed.
 fn coordinator_process(state: &Path, port: u16) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_strata"))

@@ -109,6 +109,16 @@ pub struct StartInfo {
     pub slurm: SlurmOptions,
 }
 
+/// How an attempt's ranks went as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    pub cause: String,
+    /// The cluster took the ranks back on its own schedule (a time limit
+    /// reached, a preemption), not because anything failed: such an end
+    /// does not count toward a job's restart limit.
+    pub interruption: bool,
+}
+
 /// Starts and stops every rank of one attempt of a job: the coordinator's
 /// view of a launcher. Object-safe, so the coordinator holds whichever it
 /// was configured with (local processes, Slurm).
@@ -154,7 +164,7 @@ pub trait Ranks: Send {
     fn kill(&mut self);
     /// Why the attempt's ranks are gone as a whole (their allocation
     /// ended: cancelled, preempted, a node lost, a time limit), once known.
-    fn lost(&mut self) -> Option<String> {
+    fn lost(&mut self) -> Option<Lost> {
         None
     }
     /// Why the ranks have not started yet (an allocation waiting in a

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{Exit, JobLauncher, LaunchError, LaunchSpec, NodeStatus, Ranks, StartInfo};
+use crate::{Exit, JobLauncher, LaunchError, LaunchSpec, Lost, NodeStatus, Ranks, StartInfo};
 
 /// How the coordinator uses Slurm.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -662,7 +662,7 @@ impl SlurmRanks {
     }
 
     /// Why the allocation ended, as the attempt's cause.
-    fn cause(&self, s: &AllocState) -> String {
+    fn cause(&self, s: &AllocState) -> Lost {
         let job = format!("Slurm job {} ({})", self.id, self.name);
         let reason = if s.reason.is_empty() || s.reason == "None" {
             String::new()
@@ -672,7 +672,9 @@ impl SlurmRanks {
         let near_limit = s
             .limit_s
             .is_some_and(|l| s.elapsed_s + self.grace_s + 60 >= l);
-        match s.state.as_str() {
+        let interruption = matches!(s.state.as_str(), "TIMEOUT" | "PREEMPTED")
+            || (near_limit && !matches!(s.state.as_str(), "CANCELLED" | "NODE_FAIL" | "GONE"));
+        let cause = match s.state.as_str() {
             "CANCELLED" => {
                 format!("{job} was cancelled outside strata (scancel or an operator){reason}")
             }
@@ -684,10 +686,15 @@ impl SlurmRanks {
             "OUT_OF_MEMORY" => format!("{job} ran out of memory{reason}"),
             "GONE" => format!("{job} is no longer known to the Slurm controller"),
             st if near_limit => format!(
-                "{job} neared its time limit: Slurm sent SIGTERM {} s ahead and the job ended ({st})",
+                "{job} neared its time limit of {} s: Slurm sent the SIGTERM asked for {} s ahead, and the job ended ({st})",
+                s.limit_s.unwrap_or(0),
                 self.grace_s
             ),
             st => format!("{job} ended ({st}){reason} before its ranks finished"),
+        };
+        Lost {
+            cause,
+            interruption,
         }
     }
 }
@@ -713,7 +720,7 @@ impl Ranks for SlurmRanks {
         Ok(exit)
     }
 
-    fn lost(&mut self) -> Option<String> {
+    fn lost(&mut self) -> Option<Lost> {
         let s = self.state()?;
         if self.cancelled {
             return None;
@@ -721,10 +728,13 @@ impl Ranks for SlurmRanks {
         if s.waiting() && self.ran {
             // Requeued by an operator (`scontrol requeue`): its ranks are
             // gone, and the attempt with them.
-            return Some(format!(
-                "Slurm job {} ({}) was requeued ({})",
-                self.id, self.name, s.reason
-            ));
+            return Some(Lost {
+                cause: format!(
+                    "Slurm job {} ({}) was requeued ({})",
+                    self.id, self.name, s.reason
+                ),
+                interruption: false,
+            });
         }
         self.ran |= !s.waiting();
         s.is_final().then(|| self.cause(&s))

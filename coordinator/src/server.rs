@@ -588,17 +588,24 @@ impl Engine {
         let fault = fault_of(&job);
         let now = now_unix_ms();
         let window_start = now - (fault.restart_window_s as i64).saturating_mul(1000);
-        // Failures in the window, this one included.
-        let failures = 1 + job
+        // A time limit or a preemption is the cluster's schedule, not a
+        // failure: it does not count toward the restart limit.
+        let interruption = state
             .attempts
-            .iter()
-            .filter(|a| {
-                a.end_state == Some(JobState::Failed)
-                    && !a.interrupted
-                    && a.ended_unix_ms >= window_start
-            })
-            .count();
-        if failures > fault.max_restarts as usize {
+            .get(id)
+            .is_some_and(|s| s.attempt == attempt && s.interruption);
+        // Failures in the window, this one included.
+        let failures = usize::from(!interruption)
+            + job
+                .attempts
+                .iter()
+                .filter(|a| {
+                    a.end_state == Some(JobState::Failed)
+                        && !a.interrupted
+                        && a.ended_unix_ms >= window_start
+                })
+                .count();
+        if !interruption && failures > fault.max_restarts as usize {
             let mut causes: Vec<String> = job
                 .attempts
                 .iter()
@@ -626,11 +633,15 @@ impl Engine {
             sup.stop(FAILED_GRACE);
         }
         let mut job = job;
-        close_attempt(&mut job, JobState::Failed, &cause, false);
-        job.failure_reason = format!(
-            "attempt {attempt} failed ({} of {} restarts): {cause}",
-            failures, fault.max_restarts
-        );
+        close_attempt(&mut job, JobState::Failed, &cause, interruption);
+        job.failure_reason = if interruption {
+            format!("attempt {attempt} was interrupted (not counted as a failure): {cause}")
+        } else {
+            format!(
+                "attempt {attempt} failed ({} of {} restarts): {cause}",
+                failures, fault.max_restarts
+            )
+        };
         prepare_restart(&self.store, &mut job)?;
         self.mirror(state, job);
         state.queue.retain(|q| q != id);

@@ -48,6 +48,9 @@ pub(crate) struct Supervisor {
     hang_timeout: Duration,
     /// Why the ranks have not started, while they wait.
     waiting: Option<String>,
+    /// The launcher took the ranks back on its schedule (a time limit, a
+    /// preemption): the attempt ends without counting as a failure.
+    pub interruption: bool,
 }
 
 impl Supervisor {
@@ -72,6 +75,7 @@ impl Supervisor {
             phase: Phase::Running,
             hang_timeout,
             waiting: None,
+            interruption: false,
         }
     }
 
@@ -95,8 +99,9 @@ impl Supervisor {
     pub fn ended_early(&mut self, except: Option<usize>) -> Option<String> {
         // The whole attempt went (its allocation ended): that is the
         // cause, whatever each rank's exit says.
-        if let Some(why) = self.ranks.lost() {
-            return Some(why);
+        if let Some(lost) = self.ranks.lost() {
+            self.interruption = lost.interruption;
+            return Some(lost.cause);
         }
         for r in 0..self.ranks.len() {
             if Some(r) == except || self.done[r] {

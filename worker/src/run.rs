@@ -1130,3 +1130,33 @@ fn join_groups(
         Members(joined),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_address_is_one_peers_can_reach() {
+        let bound: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        let coord = "http://127.0.0.1:7070";
+        // A specific address is published as bound.
+        assert_eq!(advertised(bound, None, coord).unwrap(), bound);
+        // Every interface: the one that reaches the coordinator, …
+        assert_eq!(advertised(any, None, coord).unwrap(), bound);
+        // … a named interface's, or an explicit IP, with the bound port.
+        assert_eq!(advertised(any, Some("iface:lo"), coord).unwrap(), bound);
+        assert_eq!(
+            advertised(any, Some("10.1.2.3"), coord).unwrap(),
+            "10.1.2.3:4000".parse().unwrap()
+        );
+        let err = advertised(any, Some("iface:nope0"), coord)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no network interface nope0"), "{err}");
+        let err = advertised(any, Some("a host"), coord)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not an IP address or iface:NAME"), "{err}");
+    }
+}
