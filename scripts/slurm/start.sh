@@ -12,6 +12,8 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1
     || { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; }
 fi
 
+command -v pgrep >/dev/null 2>&1 || apt-get install -y -q procps >/dev/null
+
 mkdir -p /etc/slurm /var/spool/strata-slurm/ctld /run/strata-slurm /var/log/strata-slurm
 if ! cmp -s "$here/slurm.conf" /etc/slurm/slurm.conf; then
   cp "$here/slurm.conf" /etc/slurm/slurm.conf
@@ -24,19 +26,17 @@ fi
 chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
-if ! pgrep -x munged >/dev/null; then
-  runuser -u munge -- munged
-fi
-
-if ! pgrep -x slurmctld >/dev/null; then
-  slurmctld
-fi
-for n in n1 n2; do
-  mkdir -p "/var/spool/strata-slurm/d-$n"
-  if ! pgrep -f "slurmd -N $n\$" >/dev/null; then
-    slurmd -N "$n"
-  fi
-done
+# Starts whichever daemon is not running (one that was stopping a moment
+# ago included).
+daemons() {
+  pgrep -x munged >/dev/null || runuser -u munge -- munged || true
+  pgrep -x slurmctld >/dev/null || slurmctld || true
+  for n in n1 n2; do
+    mkdir -p "/var/spool/strata-slurm/d-$n"
+    pgrep -f "slurmd -N $n\$" >/dev/null || slurmd -N "$n" || true
+  done
+}
+daemons
 
 # Up means both nodes idle (or allocated by an earlier run) in the debug
 # partition.
@@ -47,6 +47,7 @@ for _ in $(seq 1 60); do
     exit 0
   fi
   sleep 0.5
+  daemons
 done
 echo "slurm: the test cluster did not come up; sinfo says:" >&2
 sinfo -N -l >&2 || true
