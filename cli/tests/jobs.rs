@@ -1165,19 +1165,7 @@ async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
             .spawn()
             .unwrap()
     };
-    let connect = || async {
-        let t = Instant::now();
-        loop {
-            if let Ok(c) = JobServiceClient::connect(url.clone()).await {
-                return c;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no coordinator at {url}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let connect = || connect(&url);
     let mut first = start();
     let mut cl = connect().await;
     let steps = 24;

@@ -42,6 +42,22 @@ fn slurm_up() -> bool {
     up
 }
 
+/// The cluster to this test alone, a folder and a dataset in it; `None`
+/// (the test is skipped) without a cluster.
+async fn cluster_test() -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    String,
+)> {
+    if !slurm_up() {
+        return None;
+    }
+    let one = CLUSTER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    Some((one, dir, data))
+}
+
 /// A unique mark for one test's allocations.
 fn owner() -> String {
     let nanos = std::time::SystemTime::now()
@@ -144,12 +160,9 @@ async fn timed(
 /// refused with the numbers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
-    if !slurm_up() {
+    let Some((_one, dir, data)) = cluster_test().await else {
         return;
-    }
-    let _one = CLUSTER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
+    };
     let spec = recipe3d(&data, 12, (1, 2, 2), true);
     let want = local_run(&data, spec.clone(), &dir.path().join("local")).await;
 
@@ -236,12 +249,9 @@ async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
 /// `[slurm] time` is each allocation's limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outside_scancel_ends_the_attempt_and_the_job_recovers() {
-    if !slurm_up() {
+    let Some((_one, dir, data)) = cluster_test().await else {
         return;
-    }
-    let _one = CLUSTER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
+    };
     let steps = 60;
     let want = local_run(
         &data,
@@ -338,12 +348,9 @@ async fn an_outside_scancel_ends_the_attempt_and_the_job_recovers() {
 /// finishes, each interrupted attempt saying why.
 #[tokio::test(flavor = "multi_thread")]
 async fn time_limits_chain_allocations_without_counting_as_failures() {
-    if !slurm_up() {
+    let Some((_one, dir, data)) = cluster_test().await else {
         return;
-    }
-    let _one = CLUSTER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
+    };
     let owner = owner();
     let c = slurm_coordinator(&dir.path().join("state"), &owner).await;
     let mut cl = client(&c).await;
@@ -396,31 +403,14 @@ fn coordinator_process(state: &Path, port: u16) -> std::process::Child {
         .unwrap()
 }
 
-async fn connect(url: &str) -> JobServiceClient<Channel> {
-    let t = Instant::now();
-    loop {
-        if let Ok(c) = JobServiceClient::connect(url.to_string()).await {
-            return c;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no coordinator at {url}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `strata cancel` leaves no allocation; a coordinator killed while its
 /// job's allocation waits in Slurm's queue is replaced by one that
 /// cancels that allocation and starts the job again; nothing leaks.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
-    if !slurm_up() {
+    let Some((_one, dir, data)) = cluster_test().await else {
         return;
-    }
-    let _one = CLUSTER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
+    };
 
     // Cancel of a running job.
     let owner = owner();

@@ -239,3 +239,18 @@ pub fn assert_bit_identical(want: &[pb::StepMetrics], got: &[pb::StepMetrics], w
         );
     }
 }
+
+/// A client of the coordinator at `url`, once it answers (30 s at most).
+pub async fn connect(url: &str) -> JobServiceClient<Channel> {
+    let t = Instant::now();
+    loop {
+        if let Ok(c) = JobServiceClient::connect(url.to_string()).await {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no coordinator at {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
