@@ -268,10 +268,43 @@ fn query(id: &str) -> Result<AllocState, LaunchError> {
             .find(|(j, _)| j == id)
             .map(|(_, s)| s)
             .unwrap_or_else(gone)),
-        // Once purged (MinJobAge), squeue refuses the id.
-        Err(LaunchError::Slurm(e)) if e.contains("Invalid job id") => Ok(gone()),
+        // Once purged (MinJobAge), squeue refuses the id; accounting
+        // (sacct, where slurmdbd runs) still knows how it ended.
+        Err(LaunchError::Slurm(e)) if e.contains("Invalid job id") => {
+            Ok(accounted(id).unwrap_or_else(gone))
+        }
         Err(e) => Err(e),
     }
+}
+
+/// How allocation `id` ended, from Slurm's accounting; `None` where there
+/// is none (no slurmdbd) or it does not know the job.
+fn accounted(id: &str) -> Option<AllocState> {
+    let args = [
+        "-n",
+        "-X",
+        "-P",
+        "-j",
+        id,
+        "--format=JobID,State,Reason,Elapsed,Timelimit",
+    ]
+    .map(String::from);
+    let out = slurm("sacct", &args).ok()?;
+    parse_sacct(&out, id)
+}
+
+/// Parses `sacct -n -X -P --format=JobID,State,Reason,Elapsed,Timelimit`
+/// (its state may read `CANCELLED by 1000`).
+fn parse_sacct(text: &str, id: &str) -> Option<AllocState> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.trim().split('|').collect();
+        (f.len() >= 5 && f[0] == id).then(|| AllocState {
+            state: f[1].split_whitespace().next().unwrap_or("GONE").to_string(),
+            reason: f[2].to_string(),
+            elapsed_s: parse_slurm_time(f[3]).unwrap_or(0),
+            limit_s: parse_slurm_time(f[4]),
+        })
+    })
 }
 
 fn gone() -> AllocState {
@@ -885,6 +918,16 @@ mod tests {
         let (_, p) = parse_squeue_line("18|PENDING|Resources|0:00|UNLIMITED").unwrap();
         assert!(p.waiting() && !p.is_final());
         assert_eq!(p.limit_s, None);
+    }
+
+    #[test]
+    fn sacct_lines_parse() {
+        let text = "41|CANCELLED by 0|None|00:01:05|01:00:00\n";
+        let s = parse_sacct(text, "41").unwrap();
+        assert_eq!(s.state, "CANCELLED");
+        assert_eq!((s.elapsed_s, s.limit_s), (65, Some(3600)));
+        assert!(s.is_final());
+        assert_eq!(parse_sacct(text, "42"), None);
     }
 
     #[test]
