@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod demo;
+mod export;
 mod format;
 mod jobs;
 mod plan;
@@ -85,6 +86,12 @@ enum Command {
     Checkpoints(jobs::CheckpointsArgs),
     /// The nodes workers run on (Slurm: from sinfo), their slots and state.
     Nodes(jobs::NodesArgs),
+    /// Write a checkpoint as a Hugging Face Llama (config.json,
+    /// model.safetensors), gathered from any layout.
+    Export(export::ExportArgs),
+    /// A checkpoint's mean next-token loss on exact token sequences or a
+    /// text file.
+    Eval(export::EvalArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -134,6 +141,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume(args) => jobs::resume(args),
         Command::Checkpoints(args) => jobs::checkpoints(args),
         Command::Nodes(args) => jobs::nodes(args),
+        Command::Export(args) => export::export(args),
+        Command::Eval(args) => export::eval(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -25,6 +25,7 @@ pub mod collective;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod export;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -1,0 +1,345 @@
+//! `strata export` (a checkpoint as a Hugging Face Llama) and `strata eval`
+//! (a checkpoint's loss on given tokens or text).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use strata_dataplane::checkpoint::{self as ckpt, Manifest};
+use strata_dataplane::reader::read_manifest;
+use strata_dataplane::store::Location;
+use strata_dataplane::tokenize::{Tokenizer, TokenizerSpec};
+use strata_proto::v1 as pb;
+use strata_recipe::Recipe;
+use strata_worker::checkpoint::read_rank;
+use strata_worker::export::{mean_loss, write_hf};
+use strata_worker::params::ParamTable;
+
+use crate::UserError;
+use crate::jobs::{Connect, status_error};
+
+/// Which checkpoint: a job's (through its coordinator), or a checkpoint
+/// folder's URL.
+#[derive(Args)]
+pub struct CheckpointRef {
+    /// The job whose checkpoint to use.
+    #[arg(required_unless_present = "checkpoint")]
+    pub job: Option<String>,
+    /// A checkpoint folder instead (`…/JOB/step-00000100`, a path,
+    /// file:// or s3:// URL): no coordinator needed.
+    #[arg(long, conflicts_with = "job")]
+    pub checkpoint: Option<String>,
+    /// The checkpoint's step [default: the latest complete one].
+    #[arg(long)]
+    pub step: Option<u64>,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+/// A complete checkpoint and its whole model's master weights.
+struct Loaded {
+    manifest: Manifest,
+    url: String,
+    master: Vec<f32>,
+}
+
+impl CheckpointRef {
+    /// The checkpoint folder's URL.
+    async fn url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.checkpoint {
+            return Ok(url.trim_end_matches('/').to_string());
+        }
+        let job = self
+            .job
+            .clone()
+            .expect("clap requires a job or --checkpoint");
+        let mut c = self.connect.client().await?;
+        let list = c
+            .list_checkpoints(pb::ListCheckpointsRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .map_err(|s| status_error("ListCheckpoints", s))?
+            .into_inner()
+            .checkpoints;
+        let steps: Vec<String> = list.iter().map(|k| k.step.to_string()).collect();
+        let chosen = match self.step {
+            Some(s) => list.iter().find(|k| k.step == s),
+            None => list.last(),
+        };
+        chosen.map(|k| k.url.clone()).ok_or_else(|| {
+            UserError(match self.step {
+                Some(s) => format!(
+                    "job {job} has no complete checkpoint at step {s} (it has: {})",
+                    if steps.is_empty() {
+                        "none".into()
+                    } else {
+                        steps.join(", ")
+                    }
+                ),
+                None => format!("job {job} has no complete checkpoint"),
+            })
+            .into()
+        })
+    }
+
+    async fn load(&self) -> anyhow::Result<Loaded> {
+        let url = self.url().await?;
+        // `…/JOB/step-NNNNNNNN`: the job's folder and the step's.
+        let (root_url, dir) = url
+            .rsplit_once('/')
+            .filter(|(_, d)| d.starts_with("step-"))
+            .ok_or_else(|| {
+                UserError(format!(
+                    "{url}: not a checkpoint folder (…/JOB/step-NNNNNNNN)"
+                ))
+            })?;
+        let loc =
+            Location::parse(root_url, false).map_err(|e| UserError(format!("{root_url}: {e}")))?;
+        let (found, unreadable) = ckpt::list(&loc, "")
+            .await
+            .with_context(|| format!("listing the checkpoints in {root_url}"))?;
+        let manifest = found
+            .into_iter()
+            .find(|m| ckpt::step_dir(m.step) == dir)
+            .ok_or_else(|| {
+                let why = unreadable
+                    .iter()
+                    .find(|(u, _)| u.contains(dir))
+                    .map(|(_, w)| format!(": its manifest is unreadable ({w})"))
+                    .unwrap_or_else(|| ": no manifest (incomplete or deleted)".into());
+                UserError(format!("{url} is not a complete checkpoint{why}"))
+            })?;
+        let table = ParamTable::whole(&manifest.model);
+        let restored = read_rank(&loc, "", &manifest, &table)
+            .await
+            .with_context(|| format!("reading {url}"))?;
+        Ok(Loaded {
+            manifest,
+            url,
+            master: restored.master,
+        })
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+/// The tokenizer of the dataset `manifest`'s recipe trained on.
+async fn dataset_tokenizer(manifest: &Manifest) -> anyhow::Result<(TokenizerSpec, String)> {
+    let recipe = Recipe::from_toml_str(&manifest.recipe, &manifest.job)
+        .map_err(|e| anyhow::anyhow!("the checkpoint's recipe: {e}"))?;
+    let url = &recipe.data.dataset;
+    let loc = Location::parse(url, false).map_err(|e| UserError(format!("{url}: {e}")))?;
+    let data = read_manifest(&loc)
+        .await
+        .map_err(|e| UserError(format!("the job's dataset {url}: {e}")))?;
+    let name = data.tokenizer.name;
+    let spec = match name.strip_prefix("hf:") {
+        Some(path) => TokenizerSpec::HuggingFace(PathBuf::from(path)),
+        None => name
+            .parse()
+            .map_err(|e: String| UserError(format!("the dataset's tokenizer: {e}")))?,
+    };
+    Ok((spec, name))
+}
+
+// -------------------------------------------------------------- export ---
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub from: CheckpointRef,
+    /// The folder to write (created; files in it are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Largest `model.safetensors` file, in MiB, before the weights are
+    /// sharded with an index (as `transformers` does).
+    #[arg(long, default_value_t = 5000)]
+    pub max_shard_mib: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let loaded = args.from.load().await?;
+        let m = &loaded.manifest;
+        let table = ParamTable::whole(&m.model);
+        let out = write_hf(
+            &args.out,
+            &m.model,
+            &table,
+            &loaded.master,
+            args.max_shard_mib.max(1) << 20,
+        )
+        .map_err(|e| UserError(e.to_string()))?;
+        // The tokenizer travels when it is a Hugging Face one.
+        let tokenizer = match dataset_tokenizer(m).await {
+            Ok((TokenizerSpec::HuggingFace(path), _)) => {
+                let dest = args.out.join("tokenizer.json");
+                std::fs::copy(&path, &dest)
+                    .map_err(|e| UserError(format!("copying {}: {e}", path.display())))?;
+                format!("tokenizer.json (from {})", path.display())
+            }
+            Ok((TokenizerSpec::Tiktoken(kind), _)) => format!(
+                "none written: the dataset used the built-in {} tokenizer ({})",
+                kind.name(),
+                hf_equivalent(kind.name())
+            ),
+            Err(e) => format!("none written: {e:#}"),
+        };
+        if args.json {
+            let v = json!({
+                "checkpoint": loaded.url,
+                "step": m.step,
+                "out": out.dir,
+                "files": out.files,
+                "tensors": out.tensors,
+                "parameters": out.parameters,
+                "bytes": out.bytes,
+                "tokenizer": tokenizer,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "exported step {} of {} ({} parameters, {} tensors) to {}: {}",
+                m.step,
+                m.job,
+                out.parameters,
+                out.tensors,
+                out.dir.display(),
+                out.files.join(", ")
+            );
+            println!("tokenizer: {tokenizer}");
+        }
+        Ok(())
+    })
+}
+
+/// Where a built-in tokenizer's Hugging Face twin lives.
+fn hf_equivalent(name: &str) -> &'static str {
+    match name {
+        "r50k" => "GPT-2's: AutoTokenizer.from_pretrained(\"gpt2\")",
+        "cl100k" => "tiktoken's cl100k_base; no Hugging Face tokenizer.json is bundled",
+        _ => "tiktoken's; no Hugging Face tokenizer.json is bundled",
+    }
+}
+
+// ---------------------------------------------------------------- eval ---
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub from: CheckpointRef,
+    /// Exact token sequences: a JSON array of arrays of token ids; each
+    /// sequence's tokens 1..n are predicted from those before.
+    #[arg(long, conflicts_with = "input")]
+    pub tokens: Option<PathBuf>,
+    /// A text file, tokenized with the dataset's tokenizer and cut into
+    /// windows of max_seq_len tokens.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `text`'s tokens in consecutive windows of `len` (the last may be
+/// shorter; one of a single token predicts nothing and is dropped).
+fn windows(ids: &[u32], len: usize) -> Vec<Vec<u32>> {
+    ids.chunks(len)
+        .filter(|w| w.len() >= 2)
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+fn read_tokens(path: &Path) -> anyhow::Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UserError(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str::<Vec<Vec<u32>>>(&text).map_err(|e| {
+        UserError(format!(
+            "{}: not a JSON array of arrays of token ids: {e}",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        // The inputs are checked before the checkpoint is read.
+        let tokens = match (&args.tokens, &args.input) {
+            (Some(path), _) => Some((read_tokens(path)?, path.display().to_string())),
+            (None, Some(_)) => None,
+            (None, None) => {
+                return Err(UserError(
+                    "give --tokens FILE.json or --input FILE (evaluation on a held-out split needs a dataset decomposed with one)"
+                        .into(),
+                )
+                .into());
+            }
+        };
+        let loaded = args.from.load().await?;
+        let m = &loaded.manifest;
+        let (sequences, source) = match (tokens, &args.input) {
+            (Some(t), _) => t,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| UserError(format!("cannot read {}: {e}", path.display())))?;
+                let (spec, name) = dataset_tokenizer(m).await?;
+                let tok: Tokenizer = spec
+                    .load()
+                    .map_err(|e| UserError(format!("tokenizer {name}: {e}")))?;
+                let ids = tok.encode(&text);
+                (
+                    windows(&ids, m.model.max_seq_len as usize),
+                    format!("{} ({name}, {} tokens)", path.display(), ids.len()),
+                )
+            }
+            (None, None) => unreachable!("checked above"),
+        };
+        let model = m.model;
+        let master = loaded.master;
+        let r = tokio::task::spawn_blocking(move || mean_loss(&model, &master, &sequences))
+            .await
+            .context("evaluation thread")?
+            .map_err(|e| UserError(format!("{source}: {e}")))?;
+        if args.json {
+            let v = json!({
+                "checkpoint": loaded.url,
+                "step": m.step,
+                "source": source,
+                "loss": r.loss,
+                "tokens": r.tokens,
+                "sequences": r.sequences,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "step {} of {}: mean loss {:.6} over {} tokens in {} sequences ({source})",
+                m.step, m.job, r.loss, r.tokens, r.sequences
+            );
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_windows_predict_every_token_but_each_first() {
+        let ids: Vec<u32> = (0..10).collect();
+        assert_eq!(
+            windows(&ids, 4),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+        );
+        assert_eq!(windows(&ids[..9], 4).len(), 2);
+    }
+}

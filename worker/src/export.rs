@@ -1,0 +1,367 @@
+//! A trained model for the ecosystem, and its loss on given tokens.
+//!
+//! [`write_hf`] writes a Hugging Face Llama checkpoint (`config.json` and
+//! `model.safetensors`, sharded with an index when large) from the whole
+//! model's master weights, which [`crate::checkpoint::read_rank`] gathers
+//! from any layout. strata's parameters are Hugging Face's up to names and
+//! the orientation of the projections (strata keeps them `[in, out]`,
+//! `torch.nn.Linear` `[out, in]`): RoPE's convention, grouped KV heads,
+//! RMSNorm's epsilon and the tied head are the same, as
+//! `tests/reference.rs` pins against `transformers`.
+//!
+//! [`mean_loss`] is the mean next-token cross-entropy of a checkpoint on
+//! exact token sequences: each sequence's tokens 1..n predicted from
+//! those before, every predicted token weighted alike.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+use strata_recipe::ModelConfig;
+
+use crate::model::{NORM_EPS, StageModel, to_vec};
+use crate::params::ParamTable;
+use crate::run::CpuBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, ExportError>;
+
+/// Hugging Face's name for strata's parameter `name`, and whether its
+/// values are transposed on the way (`[in, out]` → `[out, in]`).
+pub fn hf_name(name: &str) -> Option<(String, bool)> {
+    match name {
+        "embed" => return Some(("model.embed_tokens.weight".into(), false)),
+        "final_norm" => return Some(("model.norm.weight".into(), false)),
+        "head" => return Some(("lm_head.weight".into(), true)),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blocks.")?;
+    let (layer, param) = rest.split_once('.')?;
+    let layer: u32 = layer.parse().ok()?;
+    let (hf, t) = match param {
+        "attn_norm" => ("input_layernorm.weight", false),
+        "wq" => ("self_attn.q_proj.weight", true),
+        "wk" => ("self_attn.k_proj.weight", true),
+        "wv" => ("self_attn.v_proj.weight", true),
+        "wo" => ("self_attn.o_proj.weight", true),
+        "mlp_norm" => ("post_attention_layernorm.weight", false),
+        "w_gate" => ("mlp.gate_proj.weight", true),
+        "w_up" => ("mlp.up_proj.weight", true),
+        "w_down" => ("mlp.down_proj.weight", true),
+        _ => return None,
+    };
+    Some((format!("model.layers.{layer}.{hf}"), t))
+}
+
+/// `transformers`' `LlamaConfig` for `cfg`. The vocabulary is the padded
+/// one: the embedding's rows (the tokenizer's ids are its first rows).
+pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ffn,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": NORM_EPS,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": null,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    })
+}
+
+/// One exported tensor.
+pub struct HfTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The whole model's parameters (`master`, in `table`'s flat layout; the
+/// table must be [`ParamTable::whole`]'s) under Hugging Face's names and
+/// orientation.
+pub fn hf_tensors(table: &ParamTable, master: &[f32]) -> Result<Vec<HfTensor>> {
+    if master.len() != table.total {
+        return Err(ExportError::Invalid(format!(
+            "{} values for a model of {} parameters",
+            master.len(),
+            table.total
+        )));
+    }
+    let mut out = Vec::with_capacity(table.slots.len());
+    for slot in &table.slots {
+        if slot.mirror {
+            continue;
+        }
+        if slot.shape != slot.spec.full_shape {
+            return Err(ExportError::Invalid(format!(
+                "{}: holds {:?} of {:?}; export needs the whole model",
+                slot.spec.name, slot.shape, slot.spec.full_shape
+            )));
+        }
+        let (name, transpose) = hf_name(&slot.spec.name).ok_or_else(|| {
+            ExportError::Invalid(format!("{}: no Hugging Face name", slot.spec.name))
+        })?;
+        let values = &master[slot.range()];
+        let (shape, data) = match (transpose, slot.shape.as_slice()) {
+            (true, &[rows, cols]) => {
+                let mut t = vec![0f32; values.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        t[c * rows + r] = values[r * cols + c];
+                    }
+                }
+                (vec![cols, rows], t)
+            }
+            _ => (slot.shape.clone(), values.to_vec()),
+        };
+        out.push(HfTensor { name, shape, data });
+    }
+    Ok(out)
+}
+
+/// What [`write_hf`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Exported {
+    pub dir: PathBuf,
+    pub files: Vec<String>,
+    pub tensors: usize,
+    pub parameters: usize,
+    pub bytes: u64,
+}
+
+/// Writes `config.json` and the weights (f32) into `dir`: one
+/// `model.safetensors`, or, past `max_shard_bytes`, shards
+/// `model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`,
+/// as `transformers` writes them.
+pub fn write_hf(
+    dir: &Path,
+    cfg: &ModelConfig,
+    table: &ParamTable,
+    master: &[f32],
+    max_shard_bytes: u64,
+) -> Result<Exported> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tensors = hf_tensors(table, master)?;
+    // Shards of whole tensors, in model order, each under the limit
+    // unless one tensor alone is larger.
+    let mut shards: Vec<Vec<&HfTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in &tensors {
+        let b = 4 * t.data.len() as u64;
+        if size > 0 && size + b > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += b;
+        shards.last_mut().expect("a shard").push(t);
+    }
+    let n = shards.len();
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = shard
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    bytemuck::cast_slice::<f32, u8>(&t.data).to_vec(),
+                    t.shape.clone(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = bytes
+            .iter()
+            .map(|(name, b, shape)| {
+                let v = TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+                Ok((name.clone(), v))
+            })
+            .collect::<Result<_>>()?;
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let data = safetensors::serialize(views, Some(meta))
+            .map_err(|e| ExportError::Invalid(format!("{file}: {e}")))?;
+        total += bytes.iter().map(|b| b.1.len() as u64).sum::<u64>();
+        let path = dir.join(&file);
+        std::fs::write(&path, data).map_err(io(&path))?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), json!(file));
+        }
+        files.push(file);
+    }
+    if n > 1 {
+        let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        let path = dir.join("model.safetensors.index.json");
+        write_json(&path, &index)?;
+        files.push("model.safetensors.index.json".into());
+    }
+    let path = dir.join("config.json");
+    write_json(&path, &hf_config(cfg))?;
+    files.push("config.json".into());
+    Ok(Exported {
+        dir: dir.to_path_buf(),
+        files,
+        tensors: tensors.len(),
+        parameters: tensors.iter().map(|t| t.data.len()).sum(),
+        bytes: total,
+    })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    std::fs::write(path, text + "\n").map_err(|source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A checkpoint's loss on token sequences.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalLoss {
+    /// Mean cross-entropy (nats) over every predicted token.
+    pub loss: f64,
+    /// Tokens predicted (each sequence's length less one, summed).
+    pub tokens: u64,
+    pub sequences: usize,
+}
+
+/// The mean next-token loss of the whole model (`master`, in
+/// [`ParamTable::whole`]'s layout) on `sequences`, on the CPU: each
+/// sequence's tokens 1..n predicted from those before. Sequences of fewer
+/// than 2 tokens, longer than `max_seq_len`, or with ids outside the
+/// vocabulary are refused, naming the sequence.
+pub fn mean_loss(cfg: &ModelConfig, master: &[f32], sequences: &[Vec<u32>]) -> Result<EvalLoss> {
+    for (i, s) in sequences.iter().enumerate() {
+        if s.len() < 2 {
+            return Err(ExportError::Invalid(format!(
+                "sequence {i}: {} tokens; at least 2 are needed (the first predicts the second)",
+                s.len()
+            )));
+        }
+        if s.len() as u64 > cfg.max_seq_len {
+            return Err(ExportError::Invalid(format!(
+                "sequence {i}: {} tokens, more than the model's max_seq_len {}",
+                s.len(),
+                cfg.max_seq_len
+            )));
+        }
+        if let Some(t) = s.iter().find(|&&t| u64::from(t) >= cfg.padded_vocab_size) {
+            return Err(ExportError::Invalid(format!(
+                "sequence {i}: token id {t} is outside the vocabulary ({} rows)",
+                cfg.padded_vocab_size
+            )));
+        }
+    }
+    if sequences.is_empty() {
+        return Err(ExportError::Invalid("no sequences to evaluate".into()));
+    }
+    let table = ParamTable::whole(cfg);
+    if master.len() != table.total {
+        return Err(ExportError::Invalid(format!(
+            "{} values for a model of {} parameters",
+            master.len(),
+            table.total
+        )));
+    }
+    let device = Default::default();
+    let mut model = StageModel::<CpuBackend>::new_empty(cfg, table, &device);
+    model.load(master);
+    let mut sum = 0f64;
+    let mut tokens = 0u64;
+    for s in sequences {
+        let seq = s.len() - 1;
+        let logits = model.logits(&s[..seq], 1, seq);
+        let v = cfg.padded_vocab_size as usize;
+        let z = to_vec(logits);
+        for (row, &target) in s[1..].iter().enumerate() {
+            let r = &z[row * v..(row + 1) * v];
+            let max = r
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let lse = r
+                .iter()
+                .map(|&x| (f64::from(x) - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            sum += lse - f64::from(r[target as usize]);
+        }
+        tokens += seq as u64;
+    }
+    Ok(EvalLoss {
+        loss: sum / tokens as f64,
+        tokens,
+        sequences: sequences.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_parameter_has_a_hugging_face_name() {
+        let cfg = ModelConfig {
+            n_layers: 2,
+            d_model: 16,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ffn: 32,
+            vocab_size: 100,
+            padded_vocab_size: 128,
+            max_seq_len: 16,
+            rope_theta: 10000.0,
+            tie_embeddings: false,
+        };
+        let table = ParamTable::whole(&cfg);
+        let master: Vec<f32> = (0..table.total).map(|i| i as f32).collect();
+        let t = hf_tensors(&table, &master).unwrap();
+        assert_eq!(t.len(), 2 + 2 * 9 + 1);
+        let q = t
+            .iter()
+            .find(|t| t.name == "model.layers.1.self_attn.k_proj.weight")
+            .unwrap();
+        // [in = 16, out = 8] becomes [out, in]: element (o, i) is (i, o).
+        assert_eq!(q.shape, vec![8, 16]);
+        let slot = table.get("blocks.1.wk").unwrap();
+        assert_eq!(q.data[3 * 16 + 5], master[slot.offset + 5 * 8 + 3]);
+        assert!(
+            t.iter()
+                .any(|t| t.name == "lm_head.weight" && t.shape == vec![128, 16])
+        );
+        assert_eq!(hf_name("blocks.x.wq"), None);
+        assert_eq!(hf_name("nonsense"), None);
+    }
+}
