@@ -4,6 +4,7 @@ mod bench;
 mod data;
 mod demo;
 mod export;
+mod fit;
 mod format;
 mod jobs;
 mod plan;
@@ -92,6 +93,10 @@ enum Command {
     /// A checkpoint's mean next-token loss on exact token sequences or a
     /// text file.
     Eval(export::EvalArgs),
+    /// Fit scaling laws to a CSV of runs: Chinchilla's L(N, D), and the
+    /// learning rate and batch size as power laws in N and D, with
+    /// bootstrap intervals.
+    Fit(fit::FitArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -143,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes(args) => jobs::nodes(args),
         Command::Export(args) => export::export(args),
         Command::Eval(args) => export::eval(args),
+        Command::Fit(args) => fit::run(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

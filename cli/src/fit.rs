@@ -1,0 +1,235 @@
+//! `strata fit`: scaling laws fitted to a table of runs.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+use strata_sweep::fit::{
+    ChinchillaOptions, Interval, LossPoint, chinchilla_intervals, fit_chinchilla, fit_power_law,
+    power_law_intervals,
+};
+
+use crate::UserError;
+use crate::format::sci;
+
+#[derive(Args)]
+pub struct FitArgs {
+    /// A CSV of runs with a header row: columns `n` (parameters), `d`
+    /// (tokens) and `loss` for Chinchilla's law, plus `lr` and/or `batch`
+    /// for their power laws in N and D. Lines starting with `#` are
+    /// comments.
+    pub runs: PathBuf,
+    /// Bootstrap resamples for the 95% intervals (0: none).
+    #[arg(long, default_value_t = 200)]
+    pub bootstrap: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The CSV's named columns, each a number per run.
+struct Table {
+    columns: Vec<String>,
+    rows: Vec<Vec<f64>>,
+}
+
+impl Table {
+    fn read(path: &Path) -> anyhow::Result<Table> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| UserError(format!("cannot read {}: {e}", path.display())))?;
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
+        let (_, header) = lines
+            .next()
+            .ok_or_else(|| UserError(format!("{}: no header row", path.display())))?;
+        let columns: Vec<String> = header.split(',').map(|c| c.trim().to_lowercase()).collect();
+        let mut rows = Vec::new();
+        for (i, line) in lines {
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            if cells.len() != columns.len() {
+                return Err(UserError(format!(
+                    "{}:{}: {} cells for {} columns",
+                    path.display(),
+                    i + 1,
+                    cells.len(),
+                    columns.len()
+                ))
+                .into());
+            }
+            let row = cells
+                .iter()
+                .zip(&columns)
+                .map(|(c, name)| {
+                    c.parse::<f64>().map_err(|_| {
+                        UserError(format!(
+                            "{}:{}: column {name}: {c:?} is not a number",
+                            path.display(),
+                            i + 1
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<f64>, _>>()?;
+            rows.push(row);
+        }
+        Ok(Table { columns, rows })
+    }
+
+    fn column(&self, name: &str) -> Option<Vec<f64>> {
+        let j = self.columns.iter().position(|c| c == name)?;
+        Some(self.rows.iter().map(|r| r[j]).collect())
+    }
+}
+
+fn intervals_json(ci: &Option<Vec<Interval>>) -> serde_json::Value {
+    match ci {
+        Some(ci) => json!(ci),
+        None => json!(null),
+    }
+}
+
+fn print_intervals(ci: &Option<Vec<Interval>>, values: &[(&str, f64)]) {
+    for (i, (name, v)) in values.iter().enumerate() {
+        match ci.as_ref().and_then(|c| c.get(i)) {
+            Some(c) => println!(
+                "  {name:<16} {:>12}  [{}, {}]",
+                sci(*v),
+                sci(c.low),
+                sci(c.high)
+            ),
+            None => println!("  {name:<16} {:>12}", sci(*v)),
+        }
+    }
+}
+
+pub fn run(args: FitArgs) -> anyhow::Result<()> {
+    let t = Table::read(&args.runs)?;
+    let what = args.runs.display().to_string();
+    let (Some(n), Some(d)) = (t.column("n"), t.column("d")) else {
+        return Err(UserError(format!(
+            "{what}: needs columns n and d (found: {})",
+            t.columns.join(", ")
+        ))
+        .into());
+    };
+    let mut out = serde_json::Map::new();
+    let mut fitted = false;
+    if let Some(loss) = t.column("loss") {
+        let points: Vec<LossPoint> = (0..n.len())
+            .map(|i| LossPoint {
+                n: n[i],
+                d: d[i],
+                loss: loss[i],
+            })
+            .collect();
+        let opts = ChinchillaOptions::default();
+        let fit = fit_chinchilla(&points, &opts).map_err(|e| UserError(format!("{what}: {e}")))?;
+        let ci = (args.bootstrap > 0)
+            .then(|| chinchilla_intervals(&points, &fit, &opts, args.bootstrap, args.seed))
+            .flatten();
+        let l = fit.law;
+        if !args.json {
+            println!(
+                "L(N, D) = E + A/N^alpha + B/D^beta over {} runs (rms log residual {:.4}; 95% bootstrap intervals of {} resamples):",
+                fit.points, fit.rms_log_residual, args.bootstrap
+            );
+            print_intervals(
+                &ci,
+                &[
+                    ("E", l.e),
+                    ("A", l.a),
+                    ("B", l.b),
+                    ("alpha", l.alpha),
+                    ("beta", l.beta),
+                    ("N* ~ C^a, a =", l.n_exponent()),
+                ],
+            );
+            for c in [1e18, 1e20, 1e22, 1e24] {
+                let (n, d) = l.optimal(c);
+                println!(
+                    "  compute-optimal at C = {}: N = {}, D = {}, L = {:.4}",
+                    sci(c),
+                    sci(n),
+                    sci(d),
+                    l.loss(n, d)
+                );
+            }
+        }
+        let frontier: Vec<_> = [1e18, 1e20, 1e22, 1e24]
+            .iter()
+            .map(|&c| {
+                let (n, d) = l.optimal(c);
+                json!({ "flops": c, "n": n, "d": d, "loss": l.loss(n, d) })
+            })
+            .collect();
+        out.insert(
+            "chinchilla".into(),
+            json!({ "fit": fit, "intervals": intervals_json(&ci), "frontier": frontier }),
+        );
+        fitted = true;
+    }
+    for col in ["lr", "batch"] {
+        let Some(y) = t.column(col) else { continue };
+        let xs: Vec<Vec<f64>> = (0..n.len()).map(|i| vec![n[i], d[i]]).collect();
+        let fit = fit_power_law(&["N", "D"], &xs, &y)
+            .map_err(|e| UserError(format!("{what}: {col}: {e}")))?;
+        let ci = (args.bootstrap > 0)
+            .then(|| power_law_intervals(&xs, &y, &fit, args.bootstrap, args.seed))
+            .flatten();
+        if !args.json {
+            println!(
+                "{col} = c * N^p * D^q over {} runs (R² in logs {:.4}):",
+                fit.points, fit.r2_log
+            );
+            print_intervals(
+                &ci,
+                &[
+                    ("c", fit.coefficient),
+                    ("p (N)", fit.exponents[0]),
+                    ("q (D)", fit.exponents[1]),
+                ],
+            );
+        }
+        out.insert(
+            col.into(),
+            json!({ "fit": fit, "intervals": intervals_json(&ci) }),
+        );
+        fitted = true;
+    }
+    if !fitted {
+        return Err(UserError(format!(
+            "{what}: nothing to fit: give a loss, lr or batch column"
+        ))
+        .into());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Object(out))?
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_tables_name_the_bad_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.csv");
+        std::fs::write(&path, "# a sweep\nN,D,loss\n1e8,2e9,3.1\n1e9,2e10,x\n").unwrap();
+        let e = Table::read(&path).err().unwrap().to_string();
+        assert!(e.ends_with("runs.csv:4: column loss: \"x\" is not a number"), "{e}");
+        std::fs::write(&path, "n,d,loss\n1e8,2e9\n").unwrap();
+        let e = Table::read(&path).err().unwrap().to_string();
+        assert!(e.ends_with("runs.csv:2: 2 cells for 3 columns"), "{e}");
+        std::fs::write(&path, "n,d,loss\n1e8,2e9,3.5\n").unwrap();
+        let t = Table::read(&path).unwrap();
+        assert_eq!(t.column("loss"), Some(vec![3.5]));
+        assert_eq!(t.column("lr"), None);
+    }
+}
