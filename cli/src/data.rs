@@ -56,6 +56,11 @@ pub struct DecomposeArgs {
     /// Replace a complete dataset at the output.
     #[arg(long)]
     overwrite: bool,
+    /// Keep this fraction of the documents (whole, chosen by a draw seeded
+    /// with --seed and each document's id) out of training: the held-out
+    /// split that `strata eval` and a recipe's `[eval]` use.
+    #[arg(long, default_value_t = 0.0)]
+    holdout_fraction: f64,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -192,9 +197,12 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     let summary = rt.block_on(async {
         let out = Location::parse(&args.output, true).map_err(store_error)?;
-        let writer = DatasetWriter::create(out, opts)
+        let mut writer = DatasetWriter::create(out, opts)
             .await
             .map_err(write_error)?;
+        writer
+            .hold_out(args.holdout_fraction)
+            .map_err(|e| UserError(format!("--holdout-fraction: {e}")))?;
         let show_bar = !args.json && std::io::stderr().is_terminal();
         let bar = Bar(if show_bar {
             let b = ProgressBar::new(0);
@@ -233,6 +241,15 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
         );
         for s in &summary.skipped {
             println!("  skipped {s}");
+        }
+        if let Some(h) = &m.holdout {
+            println!(
+                "held out {} documents ({} tokens, {:.1}% of documents asked) in {}",
+                h.n_documents,
+                count(h.n_tokens as f64),
+                100.0 * h.fraction,
+                h.key
+            );
         }
         print!("{}", bucket_table(m));
     }

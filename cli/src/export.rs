@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
-use strata_dataplane::reader::read_manifest;
+use strata_dataplane::manifest::Manifest as DatasetManifest;
+use strata_dataplane::reader::{read_holdout, read_manifest};
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::{Tokenizer, TokenizerSpec};
 use strata_proto::v1 as pb;
@@ -130,8 +131,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
-/// The tokenizer of the dataset `manifest`'s recipe trained on.
-async fn dataset_tokenizer(manifest: &Manifest) -> anyhow::Result<(TokenizerSpec, String)> {
+/// The dataset the checkpoint's recipe trained on: where, and its
+/// manifest.
+async fn dataset_of(manifest: &Manifest) -> anyhow::Result<(Location, DatasetManifest)> {
     let recipe = Recipe::from_toml_str(&manifest.recipe, &manifest.job)
         .map_err(|e| anyhow::anyhow!("the checkpoint's recipe: {e}"))?;
     let url = &recipe.data.dataset;
@@ -139,6 +141,12 @@ async fn dataset_tokenizer(manifest: &Manifest) -> anyhow::Result<(TokenizerSpec
     let data = read_manifest(&loc)
         .await
         .map_err(|e| UserError(format!("the job's dataset {url}: {e}")))?;
+    Ok((loc, data))
+}
+
+/// The tokenizer of the dataset `manifest`'s recipe trained on.
+async fn dataset_tokenizer(manifest: &Manifest) -> anyhow::Result<(TokenizerSpec, String)> {
+    let (_, data) = dataset_of(manifest).await?;
     let name = data.tokenizer.name;
     let spec = match name.strip_prefix("hf:") {
         Some(path) => TokenizerSpec::HuggingFace(PathBuf::from(path)),
@@ -245,6 +253,11 @@ pub struct EvalArgs {
     /// windows of max_seq_len tokens.
     #[arg(long)]
     pub input: Option<PathBuf>,
+    /// Without --tokens or --input: the job's held-out split (a dataset
+    /// decomposed with --holdout-fraction), in windows of max_seq_len; at
+    /// most this many of its tokens [default: all].
+    #[arg(long)]
+    pub holdout_tokens: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -273,16 +286,9 @@ fn read_tokens(path: &Path) -> anyhow::Result<Vec<Vec<u32>>> {
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         // The inputs are checked before the checkpoint is read.
-        let tokens = match (&args.tokens, &args.input) {
-            (Some(path), _) => Some((read_tokens(path)?, path.display().to_string())),
-            (None, Some(_)) => None,
-            (None, None) => {
-                return Err(UserError(
-                    "give --tokens FILE.json or --input FILE (evaluation on a held-out split needs a dataset decomposed with one)"
-                        .into(),
-                )
-                .into());
-            }
+        let tokens = match &args.tokens {
+            Some(path) => Some((read_tokens(path)?, path.display().to_string())),
+            None => None,
         };
         let loaded = args.from.load().await?;
         let m = &loaded.manifest;
@@ -301,7 +307,25 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                     format!("{} ({name}, {} tokens)", path.display(), ids.len()),
                 )
             }
-            (None, None) => unreachable!("checked above"),
+            (None, None) => {
+                let (loc, data) = dataset_of(m).await?;
+                let url = loc.url().to_string();
+                let ids = read_holdout(&loc, &data)
+                    .await
+                    .map_err(|e| UserError(e.to_string()))?
+                    .ok_or_else(|| {
+                        UserError(format!(
+                            "the job's dataset {url} has no held-out split (decompose it with --holdout-fraction F), so give --tokens FILE.json or --input FILE"
+                        ))
+                    })?;
+                let keep = args
+                    .holdout_tokens
+                    .map_or(ids.len(), |n| (n as usize).min(ids.len()));
+                (
+                    windows(&ids[..keep], m.model.max_seq_len as usize),
+                    format!("the held-out split of {url} ({keep} tokens)"),
+                )
+            }
         };
         let model = m.model;
         let master = loaded.master;

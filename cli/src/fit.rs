@@ -223,7 +223,10 @@ mod tests {
         let path = dir.path().join("runs.csv");
         std::fs::write(&path, "# a sweep\nN,D,loss\n1e8,2e9,3.1\n1e9,2e10,x\n").unwrap();
         let e = Table::read(&path).err().unwrap().to_string();
-        assert!(e.ends_with("runs.csv:4: column loss: \"x\" is not a number"), "{e}");
+        assert!(
+            e.ends_with("runs.csv:4: column loss: \"x\" is not a number"),
+            "{e}"
+        );
         std::fs::write(&path, "n,d,loss\n1e8,2e9\n").unwrap();
         let e = Table::read(&path).err().unwrap().to_string();
         assert!(e.ends_with("runs.csv:2: 2 cells for 3 columns"), "{e}");

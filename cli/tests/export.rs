@@ -233,6 +233,44 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
     let (ok, _, err) = strata(&["eval", id, "--coordinator", &url]);
     assert!(!ok && err.contains("--tokens"), "{err}");
 
+    // The held-out split of a dataset decomposed with one: by default,
+    // and capped.
+    let corpus = strata_tests::corpora().join("sotu");
+    let mut inputs: Vec<std::path::PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    inputs.sort();
+    inputs.truncate(40);
+    let held = decompose_holding_out(dir.path(), "held", &inputs, 0.2).await;
+    let spec = format!(
+        "{}[checkpoint]\nevery_steps = 4\ndir = \"file://{}\"\n",
+        recipe3d(&held, 4, (1, 1, 1), true).replace("layout-1-1-1", "held"),
+        dir.path().join("ck").display()
+    );
+    let h = submit(&mut cl, spec).await.unwrap();
+    let j = ended(&mut cl, &h, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let all = json_of(&["eval", &h, "--coordinator", &url, "--json"]);
+    assert!(
+        all["source"].as_str().unwrap().contains("held-out split"),
+        "{all}"
+    );
+    assert!(all["tokens"].as_u64().unwrap() > 1000, "{all}");
+    let capped = json_of(&[
+        "eval",
+        &h,
+        "--coordinator",
+        &url,
+        "--holdout-tokens",
+        "200",
+        "--json",
+    ]);
+    // 200 tokens in windows of 64: 64 + 64 + 64 + 8, each predicting all
+    // but its first.
+    assert_eq!(capped["tokens"], 196, "{capped}");
+    assert_eq!(capped["sequences"], 4, "{capped}");
+
     // A text file, tokenized with the dataset's tokenizer.
     let text = dir.path().join("text.txt");
     std::fs::write(

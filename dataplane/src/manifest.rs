@@ -80,7 +80,29 @@ pub struct Manifest {
     /// Tokens left over below the smallest bucket. Always
     /// `n_tokens_in = Σ bucket.n_tokens + n_tokens_dropped`.
     pub n_tokens_dropped: u64,
+    /// Whole documents kept out of training, for evaluation; absent when
+    /// none were (and then absent from the JSON, so older datasets keep
+    /// their fingerprints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<HoldoutInfo>,
 }
+
+/// The held-out split: whole documents, chosen by a seeded draw per
+/// document, never cut into buckets. Their tokens (end-of-text included)
+/// are one stream of little-endian u32 in `key`, documents in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutInfo {
+    /// Each document's chance of being held out.
+    pub fraction: f64,
+    pub n_documents: u64,
+    pub n_tokens: u64,
+    pub key: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// The fraction is validated to lie in [0, 1): never NaN.
+impl Eq for HoldoutInfo {}
 
 impl Manifest {
     /// CRC-32 of the manifest's JSON: equal for two copies of a dataset

@@ -26,6 +26,29 @@ pub enum ReadError {
     Store(#[from] StoreError),
 }
 
+/// The held-out split's tokens (documents in order, end-of-text after
+/// each), checked against the manifest's size and CRC-32; `None` when the
+/// dataset has no held-out split.
+pub async fn read_holdout(
+    dataset: &Location,
+    manifest: &Manifest,
+) -> Result<Option<Vec<u32>>, ReadError> {
+    let Some(h) = &manifest.holdout else {
+        return Ok(None);
+    };
+    let bytes = dataset.get(&h.key).await?;
+    verify_object(&bytes, h.bytes, h.crc32).map_err(|why| ReadError::BadShard {
+        url: dataset.url_of(&h.key),
+        why,
+    })?;
+    Ok(Some(
+        bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    ))
+}
+
 /// Reads and checks `manifest.json` at `dataset`.
 pub async fn read_manifest(dataset: &Location) -> Result<Manifest, ReadError> {
     let url = dataset.url_of(MANIFEST_KEY);

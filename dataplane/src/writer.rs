@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::decompose::{Buckets, decompose};
 use crate::manifest::{
-    BucketInfo, Layout, MANIFEST_KEY, Manifest, SCHEMA_VERSION, ShardInfo, TokenizerInfo,
+    BucketInfo, HoldoutInfo, Layout, MANIFEST_KEY, Manifest, SCHEMA_VERSION, ShardInfo,
+    TokenizerInfo,
 };
 use crate::rng::SplitMix64;
 use crate::store::{Location, StoreError};
@@ -70,7 +71,15 @@ pub fn bucket_dir(log2: u32) -> String {
     format!("D{log2:02}")
 }
 
+/// `tokens` as little-endian bytes.
+fn bytemuck_u32_le(tokens: &[u32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
 fn is_dataset_object(key: &str) -> bool {
+    if key == HOLDOUT_KEY {
+        return true;
+    }
     let Some((dir, file)) = key.split_once('/') else {
         return false;
     };
@@ -127,7 +136,19 @@ pub struct DatasetWriter {
     /// Concat-and-chunk: the sequence being filled, and where it started.
     carry: Vec<u32>,
     carry_start: (u64, u64),
+    /// Each document's chance of being held out, and the held-out
+    /// documents' tokens and count.
+    holdout_fraction: f64,
+    holdout: Vec<u32>,
+    holdout_docs: u64,
 }
+
+/// The held-out split's object.
+pub const HOLDOUT_KEY: &str = "holdout/tokens.u32le";
+
+/// Salts the per-document draw of the held-out split, so it is independent
+/// of the draws that cut the same document into buckets.
+const HOLDOUT_SALT: u64 = 0x686f_6c64_6f75_7421;
 
 impl DatasetWriter {
     /// Prepares `out`: refuses a complete dataset unless `overwrite`, and
@@ -187,6 +208,9 @@ impl DatasetWriter {
             n_tokens_dropped: 0,
             carry: Vec::new(),
             carry_start: (0, 0),
+            holdout_fraction: 0.0,
+            holdout: Vec::new(),
+            holdout_docs: 0,
         })
     }
 
@@ -197,10 +221,36 @@ impl DatasetWriter {
         self.n_skipped += 1;
     }
 
+    /// Keeps each document out of training with chance `fraction` (a draw
+    /// seeded by the dataset's seed and the document's id), into the
+    /// held-out split. Before the first document.
+    pub fn hold_out(&mut self, fraction: f64) -> Result<(), WriteError> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(WriteError::Options(format!(
+                "holdout fraction {fraction} must be at least 0 and below 1"
+            )));
+        }
+        if self.next_doc_id > 0 {
+            return Err(WriteError::Options(
+                "the holdout fraction is set before the first document".into(),
+            ));
+        }
+        self.holdout_fraction = fraction;
+        Ok(())
+    }
+
     /// Adds one tokenized document (end-of-text already appended).
     pub async fn add_document(&mut self, tokens: &[u32]) -> Result<(), WriteError> {
         let doc_id = self.next_doc_id;
         self.next_doc_id += 1;
+        if self.holdout_fraction > 0.0
+            && SplitMix64::for_key(self.opts.seed ^ HOLDOUT_SALT, doc_id).next_f64()
+                < self.holdout_fraction
+        {
+            self.holdout.extend_from_slice(tokens);
+            self.holdout_docs += 1;
+            return Ok(());
+        }
         self.n_tokens_in += tokens.len() as u64;
         match self.opts.layout {
             Layout::Decomposed { split_long } => {
@@ -331,6 +381,21 @@ impl DatasetWriter {
                 shards: p.shards.iter().flatten().cloned().collect(),
             })
             .collect();
+        let holdout = if self.holdout_fraction > 0.0 {
+            let bytes = Bytes::from(bytemuck_u32_le(&self.holdout));
+            let info = HoldoutInfo {
+                fraction: self.holdout_fraction,
+                n_documents: self.holdout_docs,
+                n_tokens: self.holdout.len() as u64,
+                key: HOLDOUT_KEY.into(),
+                bytes: bytes.len() as u64,
+                crc32: crc32fast::hash(&bytes),
+            };
+            self.out.put(HOLDOUT_KEY, bytes).await?;
+            Some(info)
+        } else {
+            None
+        };
         let (min_log2, max_log2) = match self.opts.layout {
             Layout::Decomposed { .. } => (self.opts.buckets.min_log2, self.opts.buckets.max_log2),
             Layout::ConcatChunk { seq_len } => (seq_len.trailing_zeros(), seq_len.trailing_zeros()),
@@ -348,6 +413,7 @@ impl DatasetWriter {
             n_documents_skipped: self.n_skipped,
             n_tokens_in: self.n_tokens_in,
             n_tokens_dropped: self.n_tokens_dropped,
+            holdout,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         self.out.put(MANIFEST_KEY, Bytes::from(json)).await?;

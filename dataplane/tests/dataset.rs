@@ -8,7 +8,7 @@ use strata_dataplane::corpus::{DecomposeSummary, Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig, Planner};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
-use strata_dataplane::reader::{ReadError, read_manifest, read_shard};
+use strata_dataplane::reader::{ReadError, read_holdout, read_manifest, read_shard};
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
 use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
@@ -580,4 +580,74 @@ async fn a_dataset_that_cannot_feed_the_step_is_refused_with_the_numbers() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("dp rank 2"), "{err}");
+}
+
+/// A quarter of 200 documents held out: whole documents, never in a
+/// bucket, their tokens in order in the held-out object, the same ones for
+/// the same seed; the split is recorded and checked like a shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_out_documents_stay_whole_and_out_of_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, fraction: f64| {
+        let loc = Location::parse(dir.path().join(name).to_str().unwrap(), true).unwrap();
+        async move {
+            let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 4, 6))
+                .await
+                .unwrap();
+            w.hold_out(fraction).unwrap();
+            // Document d: 40 + d % 50 tokens, every one of them d.
+            for d in 0..200u32 {
+                w.add_document(&vec![d; 40 + (d % 50) as usize])
+                    .await
+                    .unwrap();
+            }
+            let m = w.finish().await.unwrap();
+            (loc, m)
+        }
+    };
+    let (loc, m) = write("a", 0.25).await;
+    let h = m.holdout.clone().unwrap();
+    assert!((35..=65).contains(&h.n_documents), "{h:?}");
+    let held = read_holdout(&loc, &m).await.unwrap().unwrap();
+    assert_eq!(held.len() as u64, h.n_tokens);
+    let mut docs: Vec<u32> = held.clone();
+    docs.dedup();
+    assert_eq!(docs.len() as u64, h.n_documents);
+    assert!(docs.windows(2).all(|w| w[0] < w[1]), "documents in order");
+    for &d in &docs {
+        let n = held.iter().filter(|&&t| t == d).count();
+        assert_eq!(n, 40 + (d % 50) as usize, "document {d} whole");
+    }
+    let trained: std::collections::HashSet<u32> = all_rows(&loc, &m)
+        .await
+        .into_iter()
+        .flat_map(|r| r.1)
+        .collect();
+    assert!(
+        docs.iter().all(|d| !trained.contains(d)),
+        "a held-out document was trained on"
+    );
+    assert_eq!(
+        m.n_tokens_in,
+        m.buckets.iter().map(|b| b.n_tokens).sum::<u64>() + m.n_tokens_dropped
+    );
+    // The same seed holds out the same documents; no split, no record.
+    let (_, again) = write("b", 0.25).await;
+    assert_eq!(again.holdout.as_ref().map(|h| h.crc32), Some(h.crc32));
+    let (loc_c, none) = write("c", 0.0).await;
+    assert!(none.holdout.is_none());
+    assert_eq!(read_holdout(&loc_c, &none).await.unwrap(), None);
+    // A damaged split is named.
+    std::fs::write(dir.path().join("a").join(&h.key), b"\0\0\0\0").unwrap();
+    let e = read_holdout(&loc, &m).await.unwrap_err().to_string();
+    assert!(
+        e.contains("holdout/tokens.u32le") && e.contains("4 bytes"),
+        "{e}"
+    );
+    // Fractions outside [0, 1) are refused.
+    let loc_d = Location::parse(dir.path().join("d").to_str().unwrap(), true).unwrap();
+    let mut w = DatasetWriter::create(loc_d, opts(dd(), 4, 6))
+        .await
+        .unwrap();
+    assert!(w.hold_out(1.0).unwrap_err().to_string().contains("below 1"));
 }

@@ -47,10 +47,20 @@ pub async fn dataset_40(dir: &Path) -> String {
 }
 
 pub async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
+    decompose_holding_out(dir, name, inputs, 0.0).await
+}
+
+/// [`decompose`] with a `fraction` of the documents held out.
+pub async fn decompose_holding_out(
+    dir: &Path,
+    name: &str,
+    inputs: &[PathBuf],
+    fraction: f64,
+) -> String {
     let out = dir.join(name);
     let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
     let tok = TokenizerKind::R50k.load();
-    let w = DatasetWriter::create(
+    let mut w = DatasetWriter::create(
         loc,
         WriterOptions {
             tokenizer: TokenizerInfo::of(&tok),
@@ -65,6 +75,7 @@ pub async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
     )
     .await
     .unwrap();
+    w.hold_out(fraction).unwrap();
     decompose_corpus(inputs, tok, w, &Quiet).await.unwrap();
     format!("file://{}", out.display())
 }
