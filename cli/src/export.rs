@@ -250,12 +250,13 @@ pub struct EvalArgs {
     #[arg(long, conflicts_with = "input")]
     pub tokens: Option<PathBuf>,
     /// A text file, tokenized with the dataset's tokenizer and cut into
-    /// windows of max_seq_len tokens.
+    /// windows of max_seq_len + 1 tokens.
     #[arg(long)]
     pub input: Option<PathBuf>,
     /// Without --tokens or --input: the job's held-out split (a dataset
-    /// decomposed with --holdout-fraction), in windows of max_seq_len; at
-    /// most this many of its tokens [default: all].
+    /// decomposed with --holdout-fraction), in windows of max_seq_len + 1
+    /// (as `[eval]` during training); at most this many of its tokens
+    /// [default: all].
     #[arg(long)]
     pub holdout_tokens: Option<u64>,
     #[arg(long)]
@@ -303,7 +304,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                     .map_err(|e| UserError(format!("tokenizer {name}: {e}")))?;
                 let ids = tok.encode(&text);
                 (
-                    windows(&ids, m.model.max_seq_len as usize),
+                    windows(&ids, m.model.max_seq_len as usize + 1),
                     format!("{} ({name}, {} tokens)", path.display(), ids.len()),
                 )
             }
@@ -322,7 +323,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                     .holdout_tokens
                     .map_or(ids.len(), |n| (n as usize).min(ids.len()));
                 (
-                    windows(&ids[..keep], m.model.max_seq_len as usize),
+                    windows(&ids[..keep], m.model.max_seq_len as usize + 1),
                     format!("the held-out split of {url} ({keep} tokens)"),
                 )
             }

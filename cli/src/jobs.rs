@@ -909,6 +909,7 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
             "optimizer_s": t.optimizer_s,
         },
         "bubble_theory": s.bubble_theory,
+        "eval_loss": s.eval_loss,
         "stages": s.stages.iter().map(|st| json!({
             "stage": st.stage,
             "forward_s": st.forward_s,
@@ -952,19 +953,21 @@ pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "{:>6} {:>12} {:>8} {:>10} {:>10} {:>6} {:>8} {:>8}",
-                "STEP", "TOKENS", "LOSS", "LR", "TOK/S", "SEQ", "BUBBLE", "TP-COMM"
+                "{:>6} {:>12} {:>8} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8}",
+                "STEP", "TOKENS", "LOSS", "EVAL", "LR", "TOK/S", "SEQ", "BUBBLE", "TP-COMM"
             );
             for s in &steps {
                 // The worst stage's bubble, and the largest tp collective
                 // time (seconds), beside the theory in the header line.
                 let bubble = s.stages.iter().map(|st| st.bubble).fold(0.0, f64::max);
                 let tp = s.stages.iter().map(|st| st.tp_comm_s).fold(0.0, f64::max);
+                let eval = s.eval_loss.map_or(String::new(), |l| format!("{l:.4}"));
                 println!(
-                    "{:>6} {:>12} {:>8.4} {:>10.3e} {:>10.0} {:>6} {:>7.1}% {:>7.3}s",
+                    "{:>6} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.0} {:>6} {:>7.1}% {:>7.3}s",
                     s.step,
                     s.tokens,
                     s.loss,
+                    eval,
                     s.lr,
                     s.tokens_per_s,
                     1u64 << s.seq_log2,

@@ -203,7 +203,7 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
     // Bad input names the culprit.
     let id = "layout-2-2-1-1";
     let long = dir.path().join("long.json");
-    std::fs::write(&long, format!("[[1, 2], {:?}]", vec![7u32; 65])).unwrap();
+    std::fs::write(&long, format!("[[1, 2], {:?}]", vec![7u32; 66])).unwrap();
     let (ok, _, err) = strata(&[
         "eval",
         id,
@@ -213,7 +213,7 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
         long.to_str().unwrap(),
     ]);
     assert!(
-        !ok && err.contains("sequence 1: 65 tokens, more than the model's max_seq_len 64"),
+        !ok && err.contains("sequence 1: 66 tokens, more than max_seq_len + 1 = 65"),
         "{err}"
     );
     let (ok, _, err) = strata(&[
@@ -243,14 +243,71 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
     inputs.sort();
     inputs.truncate(40);
     let held = decompose_holding_out(dir.path(), "held", &inputs, 0.2).await;
-    let spec = format!(
-        "{}[checkpoint]\nevery_steps = 4\ndir = \"file://{}\"\n",
-        recipe3d(&held, 4, (1, 1, 1), true).replace("layout-1-1-1", "held"),
-        dir.path().join("ck").display()
+    // [eval] on it: 16 windows of 65 tokens after every 2 steps, under
+    // one process, (1, 2, 2) and (2, 2, 1), give the same held-out losses,
+    // and
+    // `strata eval` of the step-4 checkpoint on the same windows agrees.
+    let with_eval = |layout: (u32, u32, u32)| {
+        format!(
+            "{}[checkpoint]\nevery_steps = 4\ndir = \"file://{}\"\n[eval]\nevery_steps = 2\ntokens = 1040\n",
+            recipe3d(&held, 4, layout, true).replace("name = \"layout", "name = \"held"),
+            dir.path().join("ck").display()
+        )
+    };
+    let mut evals = Vec::new();
+    let mut h = String::new();
+    for layout in [(1, 1, 1), (1, 2, 2), (2, 2, 1)] {
+        let id = submit(&mut cl, with_eval(layout)).await.unwrap();
+        let j = ended(&mut cl, &id, 300).await;
+        assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+        let steps = metrics(&mut cl, &id).await;
+        let e: Vec<(u64, f64)> = steps
+            .iter()
+            .filter_map(|s| s.eval_loss.map(|l| (s.step, l)))
+            .collect();
+        assert_eq!(
+            e.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![2, 4],
+            "{layout:?}"
+        );
+        evals.push(e);
+        if layout == (1, 1, 1) {
+            h = id;
+        }
+    }
+    for (a, b) in evals[0].iter().zip(&evals[1]) {
+        assert!(
+            relative(a.1, b.1) < 1e-5,
+            "step {}: {} vs {}",
+            a.0,
+            a.1,
+            b.1
+        );
+    }
+    let same = json_of(&[
+        "eval",
+        &h,
+        "--coordinator",
+        &url,
+        "--holdout-tokens",
+        "1040",
+        "--json",
+    ]);
+    assert_eq!(same["tokens"], 16 * 64, "{same}");
+    let theirs = same["loss"].as_f64().unwrap();
+    assert!(
+        relative(evals[0][1].1, theirs) < 1e-5,
+        "[eval] {} vs strata eval {theirs}",
+        evals[0][1].1
     );
-    let h = submit(&mut cl, spec).await.unwrap();
-    let j = ended(&mut cl, &h, 300).await;
-    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    // [eval] on a dataset without a held-out split is refused at submission.
+    let no_split = submit(&mut cl, with_eval((1, 1, 1)).replace(&held, &data))
+        .await
+        .unwrap_err();
+    assert!(
+        no_split.message().contains("eval: the dataset"),
+        "{no_split:?}"
+    );
     let all = json_of(&["eval", &h, "--coordinator", &url, "--json"]);
     assert!(
         all["source"].as_str().unwrap().contains("held-out split"),
@@ -266,7 +323,7 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
         "200",
         "--json",
     ]);
-    // 200 tokens in windows of 64: 64 + 64 + 64 + 8, each predicting all
+    // 200 tokens in windows of 65: 65 + 65 + 65 + 5, each predicting all
     // but its first.
     assert_eq!(capped["tokens"], 196, "{capped}");
     assert_eq!(capped["sequences"], 4, "{capped}");

@@ -262,6 +262,13 @@ pub struct StepRecord {
     #[serde(default)]
     #[serde(with = "float")]
     pub bubble_theory: f64,
+    /// The held-out loss, on steps that evaluated (`[eval]`).
+    #[serde(
+        default,
+        with = "float::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eval_loss: Option<f64>,
 }
 
 pub fn now_unix_ms() -> i64 {

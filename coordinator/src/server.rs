@@ -841,6 +841,22 @@ impl Jobs {
         }
         Planner::new(&manifest, &LoaderConfig::for_recipe(&recipe, 0))
             .map_err(|e| bad_data(format!("{url}: {e}")))?;
+        if let Some(ev) = &recipe.eval {
+            let window = recipe.model.max_seq_len + 1;
+            let Some(h) = &manifest.holdout else {
+                return Err(EngineError::Invalid(format!(
+                    "eval: the dataset {url} has no held-out split (decompose it with --holdout-fraction F)"
+                )));
+            };
+            let need = u64::from(layout.dp) * u64::from(recipe.parallel.microbatches.max(1));
+            let rows = ev.rows(recipe.model.max_seq_len).min(h.n_tokens / window);
+            if rows < need {
+                return Err(EngineError::Invalid(format!(
+                    "eval.tokens: the held-out split of {url} has {} tokens, {rows} windows of {window} for this evaluation; {need} are needed (dp · microbatches)",
+                    h.n_tokens
+                )));
+            }
+        }
         Ok(recipe)
     }
 

@@ -431,6 +431,7 @@ mod tests {
                 ..StageTimes::default()
             }],
             bubble_theory: 0.2,
+            eval_loss: Some(3.5),
         }
     }
 

@@ -154,6 +154,23 @@ impl Default for FaultConfig {
     }
 }
 
+/// `[eval]`: the held-out loss during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    pub every_steps: u64,
+    /// Held-out tokens per evaluation (whole windows of max_seq_len + 1).
+    pub tokens: u64,
+}
+
+impl EvalConfig {
+    /// The evaluation's sequences of `seq_len` predicted tokens (each
+    /// window has one more, its first input): as many whole windows as
+    /// `tokens` holds.
+    pub fn rows(&self, seq_len: u64) -> u64 {
+        self.tokens / (seq_len + 1)
+    }
+}
+
 /// `[slurm]`: a job's own Slurm settings, over the coordinator's
 /// (`strata coordinator --launcher slurm --partition …`). Other launchers
 /// ignore them.
@@ -261,6 +278,9 @@ pub struct Recipe {
     pub optimizer: AdamWConfig,
     pub schedule: Schedule,
     pub checkpoint: Option<CheckpointConfig>,
+    /// `[eval]`.
+    #[serde(default)]
+    pub eval: Option<EvalConfig>,
     /// `[fault]`.
     #[serde(default)]
     pub fault: FaultConfig,

@@ -26,6 +26,8 @@ pub struct RecipeSpec {
     pub optimizer: OptimizerSpec,
     pub schedule: ScheduleSpec,
     pub checkpoint: Option<CheckpointSpec>,
+    /// Evaluation on the dataset's held-out split during training.
+    pub eval: Option<EvalSpec>,
     /// What the workers compute on; the CPU when left out.
     #[serde(default)]
     pub device: DeviceSpec,
@@ -248,6 +250,16 @@ impl ScheduleKindName {
             ScheduleKindName::Power => "power",
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Evaluate after every this many steps (and after the last).
+    pub every_steps: i64,
+    /// Held-out tokens per evaluation: the split's first ones, in windows
+    /// of max_seq_len + 1.
+    pub tokens: Quantity,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,8 +11,8 @@ use crate::quantity::{CurriculumSpec, Quantity, STEP_LAW};
 use crate::schedule::{Decay, DecayShape, PowerLaw, Schedule, ScheduleKind};
 use crate::spec::{RecipeSpec, ScheduleKindName, ScheduleSpec};
 use crate::{
-    AdamWConfig, CheckpointConfig, DataConfig, FaultConfig, Layout, ParallelConfig, Problem,
-    Recipe, RecipeError, Resolution,
+    AdamWConfig, CheckpointConfig, DataConfig, EvalConfig, FaultConfig, Layout, ParallelConfig,
+    Problem, Recipe, RecipeError, Resolution,
 };
 
 /// Token counts must be exact in `f64`, which every schedule computes in.
@@ -447,6 +447,40 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         }
     };
 
+    // [eval]
+    let eval = match &spec.eval {
+        None => Some(None),
+        Some(e) => {
+            let every_steps = c.positive("eval.every_steps", e.every_steps);
+            let tokens = c.tokens("eval.tokens", e.tokens, false);
+            let eval = (|| {
+                Some(EvalConfig {
+                    every_steps: every_steps?,
+                    tokens: tokens?,
+                })
+            })();
+            // Every microbatch of every data-parallel replica evaluates
+            // at least one window.
+            if let (Some(ev), Some(m), Some(p)) = (eval, &model, &parallel) {
+                let rows = ev.rows(m.max_seq_len);
+                let need = u64::from(p.layout.dp) * u64::from(p.microbatches.max(1));
+                if rows < need {
+                    c.fail(
+                        "eval.tokens",
+                        format!(
+                            "{} tokens make {rows} windows of max_seq_len + 1 = {}; the {} data-parallel replicas of {} microbatches need {need}",
+                            ev.tokens,
+                            m.max_seq_len + 1,
+                            p.layout.dp,
+                            p.microbatches.max(1)
+                        ),
+                    );
+                }
+            }
+            eval.map(Some)
+        }
+    };
+
     // [fault]
     let f = &spec.fault;
     let max_restarts = u32::try_from(f.max_restarts).ok();
@@ -491,6 +525,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             optimizer: optimizer?,
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
+            eval: eval?,
             fault: fault?,
             slurm: slurm.clone(),
             device: spec.device.backend,

@@ -797,3 +797,37 @@ fn precision_is_bf16_on_gpus_and_f32_on_the_cpu_unless_the_recipe_says() {
     let e = parse(&[Set("device.precision", string("fp8"))]).unwrap_err();
     assert!(e.names("device.precision"), "{e}");
 }
+
+#[test]
+fn eval_needs_a_window_per_microbatch_of_every_replica() {
+    let r = parse(&[
+        Set("eval.every_steps", int(50)),
+        Set("eval.tokens", string("8M")),
+    ])
+    .unwrap();
+    let ev = r.eval.unwrap();
+    assert_eq!((ev.every_steps, ev.tokens), (50, 8_000_000));
+    assert_eq!(ev.rows(512), 8_000_000 / 513);
+    // dp 2 × 4 microbatches need 8 windows of 513 tokens.
+    check(
+        &[
+            Set("eval.every_steps", int(50)),
+            Set("eval.tokens", int(4000)),
+        ],
+        "eval.tokens",
+        &["4000 tokens make 7 windows", "513", "need 8"],
+    );
+    check(
+        &[
+            Set("eval.every_steps", int(0)),
+            Set("eval.tokens", int(100_000)),
+        ],
+        "eval.every_steps",
+        &["0"],
+    );
+    check(
+        &[Set("slurm.time", string("an hour"))],
+        "slurm.time",
+        &["an hour"],
+    );
+}

@@ -259,9 +259,10 @@ pub struct EvalLoss {
 
 /// The mean next-token loss of the whole model (`master`, in
 /// [`ParamTable::whole`]'s layout) on `sequences`, on the CPU: each
-/// sequence's tokens 1..n predicted from those before. Sequences of fewer
-/// than 2 tokens, longer than `max_seq_len`, or with ids outside the
-/// vocabulary are refused, naming the sequence.
+/// sequence's tokens 1..n predicted from those before (so a sequence has
+/// at most `max_seq_len + 1` tokens: `max_seq_len` inputs). Sequences of
+/// fewer than 2 tokens, longer, or with ids outside the vocabulary are
+/// refused, naming the sequence.
 pub fn mean_loss(cfg: &ModelConfig, master: &[f32], sequences: &[Vec<u32>]) -> Result<EvalLoss> {
     for (i, s) in sequences.iter().enumerate() {
         if s.len() < 2 {
@@ -270,10 +271,11 @@ pub fn mean_loss(cfg: &ModelConfig, master: &[f32], sequences: &[Vec<u32>]) -> R
                 s.len()
             )));
         }
-        if s.len() as u64 > cfg.max_seq_len {
+        if s.len() as u64 > cfg.max_seq_len + 1 {
             return Err(ExportError::Invalid(format!(
-                "sequence {i}: {} tokens, more than the model's max_seq_len {}",
+                "sequence {i}: {} tokens, more than max_seq_len + 1 = {} (the model reads at most {} inputs)",
                 s.len(),
+                cfg.max_seq_len + 1,
                 cfg.max_seq_len
             )));
         }

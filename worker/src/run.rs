@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use strata_dataplane::loader::{Loader, LoaderConfig};
-use strata_dataplane::reader::read_manifest;
+use strata_dataplane::reader::{read_holdout, read_manifest};
 use strata_dataplane::store::Location;
 use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
@@ -480,6 +480,27 @@ fn steps<B: AutodiffBackend>(
     let tps = recipe.data.tokens_per_step;
     let (data_loc, dataset) = data;
     let fingerprint = dataset.fingerprint();
+    let eval = match recipe.eval {
+        None => None,
+        Some(ev) => {
+            let tokens = rt
+                .block_on(read_holdout(&data_loc, &dataset))
+                .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?
+                .ok_or_else(|| {
+                    WorkerError::Data(format!(
+                        "{url}: [eval] needs a held-out split (decompose with --holdout-fraction)"
+                    ))
+                })?;
+            Some(EvalSet::new(
+                &tokens,
+                ev,
+                recipe.model.max_seq_len as usize,
+                coords.dp,
+                layout.dp,
+                recipe.parallel.microbatches.max(1) as usize,
+            )?)
+        }
+    };
     let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt, rt.handle())?;
     let resumed = match (&mut checkpoints, resume) {
         (Some(ck), Some(from)) => {
@@ -577,6 +598,17 @@ fn steps<B: AutodiffBackend>(
                 what: members.describe(&e),
             })?;
         step_now.store(step, Ordering::Relaxed);
+        let eval_loss = match &eval {
+            Some(e) if step % e.every == 0 || step == n_steps => Some(
+                trainer
+                    .evaluate(step, &e.micro(), e.tokens)
+                    .map_err(|err| WorkerError::Collective {
+                        step,
+                        what: format!("evaluation: {}", members.describe(&err)),
+                    })?,
+            ),
+            _ => None,
+        };
         if !stats.loss.is_finite() {
             return Err(WorkerError::Data(format!(
                 "step {step}: the loss is {} (lr {lr:e}, gradient norm {:e})",
@@ -615,6 +647,7 @@ fn steps<B: AutodiffBackend>(
                     })
                     .collect(),
                 bubble_theory: layout.bubble_fraction(microbatches as u32, chunks),
+                eval_loss,
             };
             rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
                 job_id: args.job.clone(),
@@ -638,6 +671,80 @@ fn steps<B: AutodiffBackend>(
         ck.report(rt, &mut client, args, true)?;
     }
     Ok(())
+}
+
+/// This replica's share of the held-out evaluation batch: the split's
+/// first `[eval] tokens` in windows of `max_seq_len + 1` (inputs, and
+/// targets one token on), rows dealt to the data-parallel replicas in
+/// contiguous runs (sizes differing by at most one) and each replica's
+/// rows to its microbatches alike: every layout evaluates the same
+/// windows.
+struct EvalSet {
+    every: u64,
+    seq: usize,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    /// Each microbatch's first row and row count.
+    parts: Vec<(usize, usize)>,
+    /// Target tokens of the whole batch, every replica's.
+    tokens: u64,
+}
+
+impl EvalSet {
+    fn new(
+        held_out: &[u32],
+        ev: strata_recipe::EvalConfig,
+        seq: usize,
+        replica: u32,
+        replicas: u32,
+        microbatches: usize,
+    ) -> Result<EvalSet, WorkerError> {
+        let window = seq + 1;
+        let rows = (ev.rows(seq as u64) as usize).min(held_out.len() / window);
+        let need = replicas as usize * microbatches;
+        if rows < need {
+            return Err(WorkerError::Data(format!(
+                "[eval] the held-out split ({} tokens) makes {rows} windows of {window} tokens; {replicas} data-parallel replicas of {microbatches} microbatches need {need}",
+                held_out.len()
+            )));
+        }
+        let deal = |n: usize, parts: usize, k: usize| (k * n / parts, (k + 1) * n / parts);
+        let (first, last) = deal(rows, replicas as usize, replica as usize);
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        for r in first..last {
+            inputs.extend_from_slice(&held_out[r * window..r * window + seq]);
+            targets.extend_from_slice(&held_out[r * window + 1..(r + 1) * window]);
+        }
+        let mine = last - first;
+        let parts = (0..microbatches)
+            .map(|k| {
+                let (a, b) = deal(mine, microbatches, k);
+                (a, b - a)
+            })
+            .collect();
+        Ok(EvalSet {
+            every: ev.every_steps,
+            seq,
+            inputs,
+            targets,
+            parts,
+            tokens: (rows * seq) as u64,
+        })
+    }
+
+    fn micro(&self) -> Vec<LocalBatch<'_>> {
+        self.parts
+            .iter()
+            .map(|&(first, rows)| {
+                let span = first * self.seq..(first + rows) * self.seq;
+                LocalBatch {
+                    inputs: &self.inputs[span.clone()],
+                    targets: &self.targets[span],
+                    seq_len: self.seq,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Fault injection for the recovery tests: `STRATA_FAULT_HANG_AT =

@@ -753,6 +753,75 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// The mean next-token loss of an evaluation batch, forward only:
+    /// `micro` are this rank's microbatches of it (every rank of a
+    /// data-parallel replica is given the same ones, as in a step) and
+    /// `global_tokens` counts the batch's targets on every replica. The
+    /// pipeline runs the training schedule's forwards in its order (the
+    /// backwards and their messages left out, so it cannot deadlock where
+    /// the schedule does not), tagged apart from training steps; nothing
+    /// is kept for a backward and the parameters do not change. Every rank
+    /// returns the same value.
+    pub fn evaluate(
+        &mut self,
+        step: u64,
+        micro: &[LocalBatch<'_>],
+        global_tokens: u64,
+    ) -> Result<f64, TrainError> {
+        // Bit 23 of the tag's 24 step bits marks evaluation traffic.
+        let tag_step = step | 1 << 23;
+        let table = self.model.table();
+        let (stages, stage) = (table.pp, table.stage);
+        let d = self.model.dims().d_model;
+        let m = micro.len() as u32;
+        let chunks = self.model.chunks();
+        let mut tp = Tp::new(self.groups.tp.as_mut());
+        let mut links = Links {
+            pp: self.groups.pp.as_mut(),
+            wrap: self.groups.wrap.as_deref_mut(),
+            stage: stage as usize,
+            stages: stages as usize,
+        };
+        let mut local_loss = 0.0f64;
+        for ChunkOp { op, chunk } in schedule(stages, stage, m, chunks) {
+            let PipeOp::Forward(i) = op else { continue };
+            let vs = chunk * stages + stage;
+            let mb = &micro[i as usize];
+            let seq = mb.seq_len;
+            let rows = mb.inputs.len() / seq;
+            let input = if self.model.is_first(chunk) {
+                StageInput::Tokens(mb.inputs)
+            } else {
+                let mut buf = vec![0f32; rows * seq * d];
+                links.recv(false, Tag::activation(tag_step, vs, i), &mut buf)?;
+                StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
+            };
+            let last = self.model.is_last(chunk);
+            let micro = Micro {
+                rows,
+                seq,
+                targets: last.then_some(mb.targets),
+                denominator: global_tokens as f64,
+            };
+            let tape = self
+                .model
+                .forward(chunk, input, &micro, &mut tp)
+                .map_err(in_group(GroupKind::Tensor))?;
+            if let Some(out) = &tape.output {
+                links.send(
+                    true,
+                    Tag::activation(tag_step, vs + 1, i),
+                    &to_vec(out.clone()),
+                )?;
+            }
+            local_loss += tape.loss;
+        }
+        // The last stage's sum, over the replicas, then over the stages.
+        let replicas =
+            sum_f64(self.groups.dp.as_mut(), local_loss).map_err(in_group(GroupKind::Data))?;
+        sum_f64(self.groups.pp.as_mut(), replicas).map_err(in_group(GroupKind::Pipeline))
+    }
+
     /// AdamW with decoupled weight decay (Loshchilov & Hutter) on
     /// gradients scaled by `clip`, as tensor operations over each bucket on
     /// the device, in the arithmetic of PyTorch's single-tensor AdamW:
