@@ -574,6 +574,7 @@ pub fn job_json(j: &pb::Job) -> serde_json::Value {
         "run_dir": j.run_dir,
         "last_checkpoint_step": j.last_checkpoint_step,
         "checkpoint_errors": j.checkpoint_errors,
+        "parent": (!j.parent_job.is_empty()).then(|| json!({"job": j.parent_job, "step": j.parent_step})),
         "attempts": j.attempts.iter().map(|a| json!({
             "number": a.number,
             "started_unix_ms": a.started_unix_ms,
@@ -623,6 +624,9 @@ pub fn status(args: JobArgs) -> anyhow::Result<()> {
             );
             if !j.failure_reason.is_empty() {
                 println!("reason: {}", j.failure_reason);
+            }
+            if !j.parent_job.is_empty() {
+                println!("branch of {} at step {}", j.parent_job, j.parent_step);
             }
             match j.last_checkpoint_step {
                 Some(step) => println!("last checkpoint: step {step}"),
@@ -840,19 +844,108 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "{:<28} {:<10} {:>12} {:>10}",
+                "{:<34} {:<10} {:>12} {:>10}",
                 "JOB", "STATE", "STEP", "LOSS"
             );
-            for j in &jobs {
+            // Branches under their parents, as a tree.
+            for (j, depth) in tree(&jobs) {
+                let name = if depth == 0 {
+                    j.job_id.clone()
+                } else {
+                    format!(
+                        "{}└ {} (from {})",
+                        "  ".repeat(depth - 1),
+                        j.job_id,
+                        j.parent_step
+                    )
+                };
                 println!(
-                    "{:<28} {:<10} {:>12} {:>10}",
-                    j.job_id,
+                    "{:<34} {:<10} {:>12} {:>10}",
+                    name,
                     state_name(j.state),
                     format!("{}/{}", j.steps_done, j.steps_total),
                     j.last_loss.map_or("-".into(), |l| format!("{l:.4}"))
                 );
             }
         }
+        Ok(())
+    })
+}
+
+/// `jobs` in submission order with each branch right under its parent
+/// (depth-first), and each job's depth; a branch whose parent is not in
+/// the list stands at the top.
+pub fn tree(jobs: &[pb::Job]) -> Vec<(&pb::Job, usize)> {
+    fn visit<'a>(
+        jobs: &'a [pb::Job],
+        j: &'a pb::Job,
+        depth: usize,
+        out: &mut Vec<(&'a pb::Job, usize)>,
+    ) {
+        out.push((j, depth));
+        for c in jobs.iter().filter(|c| c.parent_job == j.job_id) {
+            visit(jobs, c, depth + 1, out);
+        }
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if j.parent_job.is_empty() || !jobs.iter().any(|p| p.job_id == j.parent_job) {
+            visit(jobs, j, 0, &mut out);
+        }
+    }
+    out
+}
+
+#[derive(Args)]
+pub struct BranchArgs {
+    /// The parent: a job with a WSD or Power schedule.
+    pub job: String,
+    /// The parent's checkpoint to branch from (in its stable phase).
+    #[arg(long)]
+    pub from_step: u64,
+    /// The decay's length in tokens (e.g. 4e9, "500M"); the branch ends
+    /// there.
+    #[arg(long, value_parser = parse_tokens)]
+    pub decay_tokens: u64,
+    /// linear, cosine, one_minus_sqrt, ... [default: the parent's].
+    #[arg(long)]
+    pub decay_shape: Option<String>,
+    /// The LR at the decay's end, as a fraction of its start [default: the
+    /// parent's].
+    #[arg(long)]
+    pub final_lr_fraction: Option<f64>,
+    /// The branch's name [default: PARENT-cooldown-TOKENS].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
+fn parse_tokens(s: &str) -> Result<u64, String> {
+    match strata_recipe::quantity::parse_with_suffix(s) {
+        Some(x) if x.is_finite() && x >= 1.0 && x.fract() == 0.0 => Ok(x as u64),
+        _ => Err(format!(
+            "`{s}` is not a positive whole token count (e.g. 4e9, 500M)"
+        )),
+    }
+}
+
+pub fn branch(args: BranchArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut c = args.connect.client().await?;
+        let j = c
+            .branch_job(pb::BranchJobRequest {
+                parent_id: args.job,
+                from_step: args.from_step,
+                decay_tokens: args.decay_tokens,
+                decay_shape: args.decay_shape.unwrap_or_default(),
+                final_lr_fraction: args.final_lr_fraction,
+                name: args.name.unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| status_error("BranchJob", s))?
+            .into_inner();
+        println!("{}", j.job_id);
         Ok(())
     })
 }

@@ -83,6 +83,9 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// Continue an ended job from a checkpoint, on its layout or another.
     Resume(jobs::ResumeArgs),
+    /// Start a cooldown branch of a WSD or Power job from one of its
+    /// stable-phase checkpoints: the decay starts there.
+    Branch(jobs::BranchArgs),
     /// A job's complete checkpoints: step, tokens, size, stall.
     Checkpoints(jobs::CheckpointsArgs),
     /// The nodes workers run on (Slurm: from sinfo), their slots and state.
@@ -145,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(args) => jobs::cancel(args),
         Command::Resume(args) => jobs::resume(args),
         Command::Checkpoints(args) => jobs::checkpoints(args),
+        Command::Branch(args) => jobs::branch(args),
         Command::Nodes(args) => jobs::nodes(args),
         Command::Export(args) => export::export(args),
         Command::Eval(args) => export::eval(args),

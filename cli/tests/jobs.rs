@@ -1224,3 +1224,102 @@ async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// A WSD job's stable-phase checkpoint branched into a cooldown: the
+/// branch is a new job that starts from the parent's step-8 checkpoint
+/// (its first loss is the parent's step-9 loss, bit for bit: same weights,
+/// same data), decays to 0 over its 1,024 tokens and ends at step 12,
+/// records its parent, and `strata list` shows it under the parent.
+/// Branches from a checkpoint inside the decay, from a missing step, or of
+/// a schedule without a decay are refused saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_branch_decays_from_a_stable_phase_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let ck = dir.path().join("ck");
+    // 16 steps of 256 tokens: warmup 2 steps, stable to step 12, decay 4.
+    let spec = recipe_ck(&data, 16, (1, 1, 1), &ck, 4).replace(
+        "kind = \"constant\"",
+        "kind = \"wsd\"\nwarmup_tokens = 512\ndecay_tokens = 1024",
+    );
+    let parent = submit(&mut cl, spec.clone()).await.unwrap();
+    let j = ended(&mut cl, &parent, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let want = metrics(&mut cl, &parent).await;
+
+    let branch = |from_step: u64, decay_tokens: u64| pb::BranchJobRequest {
+        parent_id: parent.clone(),
+        from_step,
+        decay_tokens,
+        decay_shape: String::new(),
+        final_lr_fraction: None,
+        name: String::new(),
+    };
+    let b = cl.branch_job(branch(8, 1024)).await.unwrap().into_inner();
+    assert_eq!((b.parent_job.as_str(), b.parent_step), (parent.as_str(), 8));
+    assert_eq!((b.steps_done, b.steps_total), (8, 12));
+    let j = ended(&mut cl, &b.job_id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    assert_eq!(j.attempts[0].from_step, 8);
+    let got = metrics(&mut cl, &b.job_id).await;
+    assert_eq!(
+        got.iter().map(|s| s.step).collect::<Vec<_>>(),
+        vec![9, 10, 11, 12]
+    );
+    assert_eq!(got[0].loss.to_bits(), want[8].loss.to_bits(), "step 9");
+    assert!(
+        got.windows(2).all(|w| w[1].lr < w[0].lr),
+        "the branch decays: {:?}",
+        got.iter().map(|s| s.lr).collect::<Vec<_>>()
+    );
+    assert_eq!(got[3].lr, 0.0);
+    assert_eq!(
+        want[11].lr, want[8].lr,
+        "the parent is still stable at step 12"
+    );
+    assert_ne!(got[3].loss, want[11].loss);
+
+    // Refusals.
+    let e = cl.branch_job(branch(16, 1024)).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("past the start of its decay (3072 tokens)"),
+        "{e:?}"
+    );
+    let e = cl.branch_job(branch(5, 1024)).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("no complete checkpoint at step 5 (it has: 8, 12, 16)"),
+        "{e:?}"
+    );
+    let flat = submit(&mut cl, recipe_ck(&data, 4, (1, 1, 1), &ck, 4))
+        .await
+        .unwrap();
+    ended(&mut cl, &flat, 300).await;
+    let e = cl
+        .branch_job(pb::BranchJobRequest {
+            parent_id: flat.clone(),
+            ..branch(4, 256)
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("follows a constant schedule"), "{e:?}");
+
+    // The tree.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["list", "--coordinator", &format!("http://{}", c.addr)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let p = lines.iter().position(|l| l.starts_with(&parent)).unwrap();
+    assert!(
+        lines[p + 1].starts_with(&format!("└ {} (from 8)", b.job_id)),
+        "{text}"
+    );
+    c.stop().await;
+}

@@ -53,6 +53,8 @@ pub fn job_to_pb(j: &JobRecord) -> pb::Job {
         attempts: j.attempts.iter().map(attempt_to_pb).collect(),
         last_checkpoint_step: j.last_checkpoint(),
         checkpoint_errors: j.checkpoint_errors.clone(),
+        parent_job: j.parent.as_ref().map_or(String::new(), |p| p.job.clone()),
+        parent_step: j.parent.as_ref().map_or(0, |p| p.step),
     }
 }
 

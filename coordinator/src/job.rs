@@ -95,6 +95,16 @@ pub struct JobRecord {
     /// Checkpoints that could not be completed, newest last (at most 10).
     #[serde(default)]
     pub checkpoint_errors: Vec<String>,
+    /// A branch's parent and the parent's checkpoint it starts from.
+    #[serde(default)]
+    pub parent: Option<BranchOf>,
+}
+
+/// Where a branch starts: a checkpoint of another job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchOf {
+    pub job: String,
+    pub step: u64,
 }
 
 impl JobRecord {
@@ -106,6 +116,13 @@ impl JobRecord {
     /// The latest complete checkpoint's step.
     pub fn last_checkpoint(&self) -> Option<u64> {
         self.checkpoints.last().map(|c| c.step)
+    }
+
+    /// The step a restart continues from: the latest own checkpoint, or a
+    /// branch's parent checkpoint before it has one.
+    pub fn restart_step(&self) -> Option<u64> {
+        self.last_checkpoint()
+            .or_else(|| self.parent.as_ref().map(|p| p.step))
     }
 }
 

@@ -46,7 +46,8 @@ use tonic::{Request, Response, Status};
 use crate::convert::{checkpoint_to_pb, job_to_pb, state_from_pb, step_from_pb, step_to_pb};
 use crate::error::EngineError;
 use crate::job::{
-    AttemptRecord, CheckpointRecord, JobRecord, JobState, StepRecord, now_unix_ms, random_token,
+    AttemptRecord, BranchOf, CheckpointRecord, JobRecord, JobState, StepRecord, now_unix_ms,
+    random_token,
 };
 use crate::placement::place;
 use crate::store::{Store, StoreError};
@@ -84,7 +85,7 @@ pub struct CoordinatorConfig {
 /// What watchers of a job hear.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Job(JobRecord),
+    Job(Box<JobRecord>),
     Step(StepRecord),
 }
 
@@ -193,12 +194,100 @@ fn settle_attempt(job: &mut JobRecord, attempt: u32) {
     }
 }
 
+/// A branch's recipe — the parent's, its decay starting at the tokens
+/// the chosen checkpoint had seen and lasting `decay_tokens`, the run
+/// ending there — and that checkpoint.
+fn branch_spec(
+    parent: &JobRecord,
+    req: &pb::BranchJobRequest,
+) -> Result<(String, CheckpointRecord)> {
+    let refuse = |m: String| Err(EngineError::Precondition(m));
+    let Some(ck) = parent.checkpoints.iter().find(|c| c.step == req.from_step) else {
+        let have: Vec<String> = parent
+            .checkpoints
+            .iter()
+            .map(|c| c.step.to_string())
+            .collect();
+        return refuse(format!(
+            "job {}: no complete checkpoint at step {} (it has: {})",
+            parent.job_id,
+            req.from_step,
+            if have.is_empty() {
+                "none".into()
+            } else {
+                have.join(", ")
+            }
+        ));
+    };
+    let recipe = Recipe::from_toml_str(&parent.spec_toml, &parent.name)
+        .map_err(|e| EngineError::Invalid(format!("job {}'s recipe: {e}", parent.job_id)))?;
+    let Some(decay) = recipe.schedule.decay() else {
+        return refuse(format!(
+            "job {} follows a {} schedule; a branch decays the stable phase of a wsd or power run",
+            parent.job_id,
+            recipe.schedule.name()
+        ));
+    };
+    if decay.tokens > 0 && ck.tokens > decay.start_tokens {
+        return refuse(format!(
+            "step {} of job {} ({} tokens) is past the start of its decay ({} tokens): branch from a stable-phase checkpoint",
+            ck.step, parent.job_id, ck.tokens, decay.start_tokens
+        ));
+    }
+    if req.decay_tokens == 0 {
+        return Err(EngineError::Invalid(
+            "decay_tokens: must be positive".into(),
+        ));
+    }
+    let mut doc: toml::Table = parent
+        .spec_toml
+        .parse()
+        .map_err(|e| EngineError::Invalid(format!("job {}'s recipe: {e}", parent.job_id)))?;
+    let int = |x: u64| toml::Value::Integer(i64::try_from(x).unwrap_or(i64::MAX));
+    let table = |doc: &mut toml::Table, key: &str| -> Result<toml::Table> {
+        match doc.remove(key) {
+            Some(toml::Value::Table(t)) => Ok(t),
+            None => Ok(toml::Table::new()),
+            Some(_) => Err(EngineError::Invalid(format!("[{key}] is not a table"))),
+        }
+    };
+    let mut schedule = table(&mut doc, "schedule")?;
+    schedule.insert("decay_start_tokens".into(), int(ck.tokens));
+    schedule.insert("decay_tokens".into(), int(req.decay_tokens));
+    if !req.decay_shape.is_empty() {
+        schedule.insert(
+            "decay_shape".into(),
+            toml::Value::String(req.decay_shape.clone()),
+        );
+    }
+    if let Some(f) = req.final_lr_fraction {
+        schedule.insert("final_lr_fraction".into(), toml::Value::Float(f));
+    }
+    doc.insert("schedule".into(), toml::Value::Table(schedule));
+    let mut data = table(&mut doc, "data")?;
+    data.insert("total_tokens".into(), int(ck.tokens + req.decay_tokens));
+    doc.insert("data".into(), toml::Value::Table(data));
+    let name = if req.name.is_empty() {
+        format!("{}-cooldown-{}", parent.name, req.decay_tokens)
+    } else {
+        req.name.clone()
+    };
+    doc.insert("name".into(), toml::Value::String(name));
+    let text = toml::to_string(&doc)
+        .map_err(|e| EngineError::Invalid(format!("the branch's recipe: {e}")))?;
+    Ok((text, ck.clone()))
+}
+
 /// Readies `job` for its next attempt: from the latest checkpoint when it
 /// has one, otherwise from scratch, forgetting the steps after that point.
 fn prepare_restart(store: &Store, job: &mut JobRecord) -> Result<()> {
-    let from = job.last_checkpoint();
+    let from = job.restart_step();
     job.state = JobState::Restarting;
-    job.resume_from = from.map(|_| 0);
+    // The latest own checkpoint (0), or a branch's parent's step.
+    job.resume_from = match (job.last_checkpoint(), from) {
+        (Some(_), _) => Some(0),
+        (None, from) => from,
+    };
     let step = from.unwrap_or(0);
     let tps = job.tokens_done.checked_div(job.steps_done).unwrap_or(0);
     job.steps_done = step;
@@ -285,7 +374,7 @@ impl Engine {
     /// (watchers still get what was sent, then the stream ends).
     fn publish(state: &mut State, job: &JobRecord) {
         if let Some(tx) = state.watchers.get(&job.job_id) {
-            let _ = tx.send(Event::Job(job.clone()));
+            let _ = tx.send(Event::Job(Box::new(job.clone())));
         }
         if job.state.is_final() {
             state.watchers.remove(&job.job_id);
@@ -779,6 +868,61 @@ impl Jobs {
             .ok_or_else(|| EngineError::NotFound(format!("no job {id}")))
     }
 
+    /// Records a validated job and queues it; a branch starts from its
+    /// parent's checkpoint (the step and the tokens seen there).
+    fn queue_new(
+        &self,
+        recipe: &Recipe,
+        spec_toml: String,
+        parent: Option<(BranchOf, u64)>,
+    ) -> Result<String> {
+        let engine = &self.0;
+        let n = engine.store.next_job_number()?;
+        let slug: String = recipe
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let job_id = format!("{slug}-{n}");
+        let run_dir = engine.cfg.state_dir.join("runs").join(&job_id);
+        let job = JobRecord {
+            job_id: job_id.clone(),
+            name: recipe.name.clone(),
+            spec_toml,
+            state: JobState::Queued,
+            layout: recipe.parallel.layout,
+            microbatches: recipe.parallel.microbatches,
+            steps_total: recipe.data.n_steps(),
+            steps_done: parent.as_ref().map_or(0, |(p, _)| p.step),
+            tokens_done: parent.as_ref().map_or(0, |(_, tokens)| *tokens),
+            last_loss: None,
+            failure_reason: String::new(),
+            submitted_unix_ms: now_unix_ms(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            run_dir: run_dir.display().to_string(),
+            worker_token: random_token()
+                .map_err(|e| EngineError::Unavailable(format!("token: {e}")))?,
+            attempts: Vec::new(),
+            checkpoints: Vec::new(),
+            resume_from: parent.as_ref().map(|(p, _)| p.step),
+            checkpoint_errors: Vec::new(),
+            parent: parent.as_ref().map(|(p, _)| p.clone()),
+        };
+        let mut state = engine.lock();
+        engine.save(&mut state, job)?;
+        state.queue.push(job_id.clone());
+        tracing::info!(job = %job_id, world = recipe.parallel.layout.world_size(), "job queued");
+        engine.schedule(&mut state);
+        Ok(job_id)
+    }
+
     /// Refuses what cannot run: an invalid recipe (a layout that cannot
     /// split the model among them), more ranks than slots, a dataset that
     /// is missing or cannot feed the recipe.
@@ -983,49 +1127,38 @@ impl JobService for Jobs {
                 return Err(e.into());
             }
         };
-        let engine = &self.0;
-        let n = engine.store.next_job_number().map_err(EngineError::from)?;
-        let slug: String = recipe
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let job_id = format!("{slug}-{n}");
-        let run_dir = engine.cfg.state_dir.join("runs").join(&job_id);
-        let job = JobRecord {
-            job_id: job_id.clone(),
-            name: recipe.name.clone(),
-            spec_toml: req.spec_toml,
-            state: JobState::Queued,
-            layout: recipe.parallel.layout,
-            microbatches: recipe.parallel.microbatches,
-            steps_total: recipe.data.n_steps(),
-            steps_done: 0,
-            tokens_done: 0,
-            last_loss: None,
-            failure_reason: String::new(),
-            submitted_unix_ms: now_unix_ms(),
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            run_dir: run_dir.display().to_string(),
-            worker_token: random_token().map_err(|e| Status::internal(format!("token: {e}")))?,
-            attempts: Vec::new(),
-            checkpoints: Vec::new(),
-            resume_from: None,
-            checkpoint_errors: Vec::new(),
-        };
-        let mut state = engine.lock();
-        engine.save(&mut state, job)?;
-        state.queue.push(job_id.clone());
-        tracing::info!(job = %job_id, world = recipe.parallel.layout.world_size(), "job queued");
-        engine.schedule(&mut state);
+        let job_id = self.queue_new(&recipe, req.spec_toml, None)?;
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn branch_job(
+        &self,
+        req: Request<pb::BranchJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let parent = self.job(&req.parent_id)?;
+        let (spec, ck) = branch_spec(&parent, &req)?;
+        let recipe = match self.validate(&spec, &parent.name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(reason = %e, "refused a branch");
+                return Err(EngineError::Invalid(format!("the branch's recipe: {e}")).into());
+            }
+        };
+        let id = self.queue_new(
+            &recipe,
+            spec,
+            Some((
+                BranchOf {
+                    job: parent.job_id.clone(),
+                    step: ck.step,
+                },
+                ck.tokens,
+            )),
+        )?;
+        tracing::info!(job = %id, parent = %parent.job_id, from_step = ck.step, "branch queued");
+        Ok(Response::new(job_to_pb(&self.job(&id)?)))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -1363,6 +1496,12 @@ impl ControlService for Control {
             attempt: job.attempt(),
             resume: job.resume_from.is_some(),
             resume_from_step: job.resume_from.unwrap_or(0),
+            // A branch without checkpoints of its own starts from its
+            // parent's.
+            resume_from_job: match &job.parent {
+                Some(p) if job.checkpoints.is_empty() => p.job.clone(),
+                _ => String::new(),
+            },
         }))
     }
 

@@ -412,6 +412,7 @@ mod tests {
             checkpoints: Vec::new(),
             resume_from: None,
             checkpoint_errors: Vec::new(),
+            parent: None,
         }
     }
 

@@ -326,6 +326,8 @@ fn train(
         recipe,
         spec_toml: assignment.spec_toml.clone(),
         resume: assignment.resume.then_some(assignment.resume_from_step),
+        resume_job: (!assignment.resume_from_job.is_empty())
+            .then(|| assignment.resume_from_job.clone()),
         coords,
         groups,
         members,
@@ -421,6 +423,9 @@ struct Session<'a> {
     spec_toml: String,
     /// Continue from a checkpoint: its step, 0 for the latest.
     resume: Option<u64>,
+    /// The job whose checkpoint to resume from, when not this one's (a
+    /// branch's parent).
+    resume_job: Option<String>,
     coords: Coords,
     groups: Groups,
     members: Members,
@@ -444,6 +449,7 @@ fn steps<B: AutodiffBackend>(
         recipe,
         spec_toml,
         resume,
+        resume_job,
         coords,
         groups,
         members,
@@ -504,7 +510,8 @@ fn steps<B: AutodiffBackend>(
     let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt, rt.handle())?;
     let resumed = match (&mut checkpoints, resume) {
         (Some(ck), Some(from)) => {
-            Some(ck.resume(rt, &mut trainer, from, &recipe, &url, fingerprint)?)
+            let root = resume_job.as_deref().unwrap_or(&args.job);
+            Some(ck.resume(rt, &mut trainer, (root, from), &recipe, &url, fingerprint)?)
         }
         (Some(ck), None) => {
             ck.refuse_existing(rt)?;
@@ -883,22 +890,21 @@ impl Checkpoints {
         &mut self,
         rt: &tokio::runtime::Runtime,
         trainer: &mut Trainer<B>,
-        from: u64,
+        (root, from): (&str, u64),
         recipe: &Recipe,
         dataset_url: &str,
         fingerprint: u32,
     ) -> Result<(u64, strata_dataplane::loader::Cursor), WorkerError> {
         let setup = |m: String| WorkerError::Setup(format!("resuming: {m}"));
         let (mut found, _) = rt
-            .block_on(checkpoint::list(&self.loc, &self.root))
+            .block_on(checkpoint::list(&self.loc, root))
             .map_err(|e| setup(format!("checkpoint.dir: {e}")))?;
         found.retain(|m| if from == 0 { true } else { m.step == from });
         let table = trainer.table().clone();
-        let r =
-            checkpoint::resume_agreed(rt.handle(), &self.loc, &self.root, &found, &table, |ok| {
-                trainer.all_ok(ok).map_err(|e| e.to_string())
-            })
-            .map_err(setup)?;
+        let r = checkpoint::resume_agreed(rt.handle(), &self.loc, root, &found, &table, |ok| {
+            trainer.all_ok(ok).map_err(|e| e.to_string())
+        })
+        .map_err(setup)?;
         let Some(r) = r else {
             return Err(setup(format!(
                 "no readable checkpoint{} under {}",
@@ -907,7 +913,7 @@ impl Checkpoints {
                 } else {
                     format!(" of step {from}")
                 },
-                self.loc.url_of(&self.root)
+                self.loc.url_of(root)
             )));
         };
         for (step, why) in &r.skipped {
