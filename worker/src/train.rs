@@ -518,34 +518,17 @@ impl<B: AutodiffBackend> Trainer<B> {
             let vs = chunk * stages + stage;
             match op {
                 PipeOp::Forward(i) => {
-                    let mb = &micro[i as usize];
-                    let seq = mb.seq_len;
-                    let rows = mb.inputs.len() / seq;
-                    let input = if self.model.is_first(chunk) {
-                        StageInput::Tokens(mb.inputs)
-                    } else {
-                        let mut buf = vec![0f32; rows * seq * d];
-                        let t = Instant::now();
-                        links.recv(false, Tag::activation(step, vs, i), &mut buf)?;
-                        wait += t.elapsed();
-                        StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
-                    };
                     let t = Instant::now();
-                    let last = self.model.is_last(chunk);
-                    let micro = Micro {
-                        rows,
-                        seq,
-                        targets: last.then_some(mb.targets),
-                        denominator: global_tokens as f64,
-                    };
-                    let tape = self
-                        .model
-                        .forward(chunk, input, &micro, &mut tp)
-                        .map_err(in_group(GroupKind::Tensor))?;
-                    if let Some(out) = &tape.output {
-                        links.send(true, Tag::activation(step, vs + 1, i), &to_vec(out.clone()))?;
-                    }
-                    forward += t.elapsed();
+                    let (tape, waited) = forward_one(
+                        &self.model,
+                        &mut links,
+                        &mut tp,
+                        (step, chunk, i),
+                        &micro[i as usize],
+                        global_tokens,
+                    )?;
+                    wait += waited;
+                    forward += t.elapsed() - waited;
                     local_loss += tape.loss;
                     tapes[(chunk * m + i) as usize] = Some(tape);
                 }
@@ -772,7 +755,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         let tag_step = step | 1 << 23;
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
-        let d = self.model.dims().d_model;
         let m = micro.len() as u32;
         let chunks = self.model.chunks();
         let mut tp = Tp::new(self.groups.tp.as_mut());
@@ -785,35 +767,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut local_loss = 0.0f64;
         for ChunkOp { op, chunk } in schedule(stages, stage, m, chunks) {
             let PipeOp::Forward(i) = op else { continue };
-            let vs = chunk * stages + stage;
-            let mb = &micro[i as usize];
-            let seq = mb.seq_len;
-            let rows = mb.inputs.len() / seq;
-            let input = if self.model.is_first(chunk) {
-                StageInput::Tokens(mb.inputs)
-            } else {
-                let mut buf = vec![0f32; rows * seq * d];
-                links.recv(false, Tag::activation(tag_step, vs, i), &mut buf)?;
-                StageInput::Activation(from_vec(buf, [rows * seq, d], self.model.device()))
-            };
-            let last = self.model.is_last(chunk);
-            let micro = Micro {
-                rows,
-                seq,
-                targets: last.then_some(mb.targets),
-                denominator: global_tokens as f64,
-            };
-            let tape = self
-                .model
-                .forward(chunk, input, &micro, &mut tp)
-                .map_err(in_group(GroupKind::Tensor))?;
-            if let Some(out) = &tape.output {
-                links.send(
-                    true,
-                    Tag::activation(tag_step, vs + 1, i),
-                    &to_vec(out.clone()),
-                )?;
-            }
+            let (tape, _) = forward_one(
+                &self.model,
+                &mut links,
+                &mut tp,
+                (tag_step, chunk, i),
+                &micro[i as usize],
+                global_tokens,
+            )?;
             local_loss += tape.loss;
         }
         // The last stage's sum, over the replicas, then over the stages.
@@ -872,6 +833,54 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.refresh_params();
     }
+}
+
+/// One forward of a pipeline schedule: microbatch `i` of model chunk
+/// `chunk`, its input received from the previous virtual stage (unless the
+/// chunk embeds) and its output sent to the next (unless it ends the
+/// model), messages tagged with `tag_step`. The tape, and the time blocked
+/// receiving.
+fn forward_one<B: AutodiffBackend>(
+    model: &StageModel<B>,
+    links: &mut Links<'_>,
+    tp: &mut Tp<'_>,
+    (tag_step, chunk, i): (u64, u32, u32),
+    mb: &LocalBatch<'_>,
+    global_tokens: u64,
+) -> Result<(Tape<B>, Duration), TrainError> {
+    let stages = model.table().pp;
+    let vs = chunk * stages + model.table().stage;
+    let d = model.dims().d_model;
+    let seq = mb.seq_len;
+    let rows = mb.inputs.len() / seq;
+    let mut waited = Duration::ZERO;
+    let input = if model.is_first(chunk) {
+        StageInput::Tokens(mb.inputs)
+    } else {
+        let mut buf = vec![0f32; rows * seq * d];
+        let t = Instant::now();
+        links.recv(false, Tag::activation(tag_step, vs, i), &mut buf)?;
+        waited = t.elapsed();
+        StageInput::Activation(from_vec(buf, [rows * seq, d], model.device()))
+    };
+    let last = model.is_last(chunk);
+    let micro = Micro {
+        rows,
+        seq,
+        targets: last.then_some(mb.targets),
+        denominator: global_tokens as f64,
+    };
+    let tape = model
+        .forward(chunk, input, &micro, tp)
+        .map_err(in_group(GroupKind::Tensor))?;
+    if let Some(out) = &tape.output {
+        links.send(
+            true,
+            Tag::activation(tag_step, vs + 1, i),
+            &to_vec(out.clone()),
+        )?;
+    }
+    Ok((tape, waited))
 }
 
 /// [`cpu::adamw`] as tensor operations, for every other backend.
