@@ -14,11 +14,15 @@ use crate::format::sci;
 
 #[derive(Args)]
 pub struct FitArgs {
-    /// A CSV of runs with a header row: columns `n` (parameters), `d`
-    /// (tokens) and `loss` for Chinchilla's law, plus `lr` and/or `batch`
-    /// for their power laws in N and D. Lines starting with `#` are
-    /// comments.
+    /// A CSV of runs with a header row (`strata results --csv` writes
+    /// one): columns `n` (parameters), `d` (tokens) and a loss for
+    /// Chinchilla's law, plus `lr` and/or `batch` for their power laws in
+    /// N and D. Lines starting with `#` are comments.
     pub runs: PathBuf,
+    /// The loss column [default: `loss`, else `eval_loss`, else
+    /// `train_loss`].
+    #[arg(long)]
+    pub loss_column: Option<String>,
     /// Bootstrap resamples for the 95% intervals (0: none).
     #[arg(long, default_value_t = 200)]
     pub bootstrap: usize,
@@ -28,10 +32,12 @@ pub struct FitArgs {
     pub json: bool,
 }
 
-/// The CSV's named columns, each a number per run.
+/// The CSV's named columns; a column is read as numbers when asked for.
 struct Table {
+    path: String,
     columns: Vec<String>,
-    rows: Vec<Vec<f64>>,
+    /// Each row's cells and its line number.
+    rows: Vec<(usize, Vec<String>)>,
 }
 
 impl Table {
@@ -48,7 +54,7 @@ impl Table {
         let columns: Vec<String> = header.split(',').map(|c| c.trim().to_lowercase()).collect();
         let mut rows = Vec::new();
         for (i, line) in lines {
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            let cells = split_csv(line);
             if cells.len() != columns.len() {
                 return Err(UserError(format!(
                     "{}:{}: {} cells for {} columns",
@@ -59,28 +65,56 @@ impl Table {
                 ))
                 .into());
             }
-            let row = cells
-                .iter()
-                .zip(&columns)
-                .map(|(c, name)| {
-                    c.parse::<f64>().map_err(|_| {
-                        UserError(format!(
-                            "{}:{}: column {name}: {c:?} is not a number",
-                            path.display(),
-                            i + 1
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<f64>, _>>()?;
-            rows.push(row);
+            rows.push((i + 1, cells));
         }
-        Ok(Table { columns, rows })
+        Ok(Table {
+            path: path.display().to_string(),
+            columns,
+            rows,
+        })
     }
 
-    fn column(&self, name: &str) -> Option<Vec<f64>> {
-        let j = self.columns.iter().position(|c| c == name)?;
-        Some(self.rows.iter().map(|r| r[j]).collect())
+    /// Column `name` as numbers (`None` without such a column); a cell
+    /// that is not one is named by line and column.
+    fn column(&self, name: &str) -> anyhow::Result<Option<Vec<f64>>> {
+        let Some(j) = self.columns.iter().position(|c| c == name) else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(self.rows.len());
+        for (line, cells) in &self.rows {
+            let c = cells[j].trim();
+            out.push(c.parse::<f64>().map_err(|_| {
+                UserError(format!(
+                    "{}:{line}: column {name}: {c:?} is not a number",
+                    self.path
+                ))
+            })?);
+        }
+        Ok(Some(out))
     }
+
+    fn has(&self, name: &str) -> bool {
+        self.columns.iter().any(|c| c == name)
+    }
+}
+
+/// A CSV line's cells, with double-quoted cells (`""` a quote inside).
+fn split_csv(line: &str) -> Vec<String> {
+    let mut cells = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                cells.last_mut().expect("a cell").push('"');
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => cells.push(String::new()),
+            (c, _) => cells.last_mut().expect("a cell").push(c),
+        }
+    }
+    cells
 }
 
 fn intervals_json(ci: &Option<Vec<Interval>>) -> serde_json::Value {
@@ -107,7 +141,7 @@ fn print_intervals(ci: &Option<Vec<Interval>>, values: &[(&str, f64)]) {
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let t = Table::read(&args.runs)?;
     let what = args.runs.display().to_string();
-    let (Some(n), Some(d)) = (t.column("n"), t.column("d")) else {
+    let (Some(n), Some(d)) = (t.column("n")?, t.column("d")?) else {
         return Err(UserError(format!(
             "{what}: needs columns n and d (found: {})",
             t.columns.join(", ")
@@ -116,7 +150,23 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     };
     let mut out = serde_json::Map::new();
     let mut fitted = false;
-    if let Some(loss) = t.column("loss") {
+    let loss_column = match &args.loss_column {
+        Some(c) => Some(c.to_lowercase()),
+        None => ["loss", "eval_loss", "train_loss"]
+            .iter()
+            .find(|c| t.has(c))
+            .map(|c| c.to_string()),
+    };
+    if let Some(col) = &loss_column
+        && !t.has(col)
+    {
+        return Err(UserError(format!("{what}: no column {col}")).into());
+    }
+    let loss = match &loss_column {
+        Some(c) => t.column(c)?,
+        None => None,
+    };
+    if let Some(loss) = loss {
         let points: Vec<LossPoint> = (0..n.len())
             .map(|i| LossPoint {
                 n: n[i],
@@ -171,7 +221,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         fitted = true;
     }
     for col in ["lr", "batch"] {
-        let Some(y) = t.column(col) else { continue };
+        let Some(y) = t.column(col)? else { continue };
         let xs: Vec<Vec<f64>> = (0..n.len()).map(|i| vec![n[i], d[i]]).collect();
         let fit = fit_power_law(&["N", "D"], &xs, &y)
             .map_err(|e| UserError(format!("{what}: {col}: {e}")))?;
@@ -221,18 +271,29 @@ mod tests {
     fn run_tables_name_the_bad_cell() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("runs.csv");
-        std::fs::write(&path, "# a sweep\nN,D,loss\n1e8,2e9,3.1\n1e9,2e10,x\n").unwrap();
-        let e = Table::read(&path).err().unwrap().to_string();
+        std::fs::write(
+            &path,
+            "# a sweep\nN,D,loss,name\n1e8,2e9,3.1,\"a, b\"\n1e9,2e10,x,c\n",
+        )
+        .unwrap();
+        let t = Table::read(&path).unwrap();
+        assert_eq!(t.column("n").unwrap(), Some(vec![1e8, 1e9]));
+        let e = t.column("loss").err().unwrap().to_string();
         assert!(
             e.ends_with("runs.csv:4: column loss: \"x\" is not a number"),
             "{e}"
         );
+        assert_eq!(t.rows[0].1[3], "a, b");
         std::fs::write(&path, "n,d,loss\n1e8,2e9\n").unwrap();
         let e = Table::read(&path).err().unwrap().to_string();
         assert!(e.ends_with("runs.csv:2: 2 cells for 3 columns"), "{e}");
         std::fs::write(&path, "n,d,loss\n1e8,2e9,3.5\n").unwrap();
         let t = Table::read(&path).unwrap();
-        assert_eq!(t.column("loss"), Some(vec![3.5]));
-        assert_eq!(t.column("lr"), None);
+        assert_eq!(t.column("loss").unwrap(), Some(vec![3.5]));
+        assert_eq!(t.column("lr").unwrap(), None);
+        assert_eq!(
+            split_csv("a,\"b \"\"q\"\"\",,c"),
+            vec!["a", "b \"q\"", "", "c"]
+        );
     }
 }

@@ -9,6 +9,7 @@ mod format;
 mod jobs;
 mod plan;
 mod plot;
+mod results;
 mod schedule;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,10 @@ enum Command {
     /// learning rate and batch size as power laws in N and D, with
     /// bootstrap intervals.
     Fit(fit::FitArgs),
+    /// The results table of jobs (N, D, FLOPs, peak LR, batch, final
+    /// train and held-out losses, wall time) as CSV, Parquet or JSON: what
+    /// `strata fit` reads.
+    Results(results::ResultsArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -153,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::export(args),
         Command::Eval(args) => export::eval(args),
         Command::Fit(args) => fit::run(args),
+        Command::Results(args) => results::run(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -1309,6 +1309,43 @@ async fn a_branch_decays_from_a_stable_phase_checkpoint() {
         .unwrap_err();
     assert!(e.message().contains("follows a constant schedule"), "{e:?}");
 
+    // The results table of these three jobs, as CSV and Parquet; a fit
+    // of it says why it cannot (three runs).
+    let url = format!("http://{}", c.addr);
+    let csv = dir.path().join("results.csv");
+    let pq = dir.path().join("results.parquet");
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["results", "--coordinator", &url, "--csv"])
+        .arg(&csv)
+        .arg("--parquet")
+        .arg(&pq)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(
+        lines[0].starts_with("job,name,state,parent,parent_step,n,n_total,d,"),
+        "{table}"
+    );
+    let row = lines.iter().find(|l| l.starts_with(&b.job_id)).unwrap();
+    assert!(row.contains(&format!(",succeeded,{parent},8,")), "{row}");
+    assert!(row.contains(",3072,"), "D of the branch: {row}");
+    assert!(std::fs::read(&pq).unwrap().starts_with(b"PAR1"));
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("fit")
+        .arg(&csv)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 points; the fit needs at least 6"), "{err}");
+
     // The tree.
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["list", "--coordinator", &format!("http://{}", c.addr)])

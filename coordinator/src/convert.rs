@@ -55,6 +55,7 @@ pub fn job_to_pb(j: &JobRecord) -> pb::Job {
         checkpoint_errors: j.checkpoint_errors.clone(),
         parent_job: j.parent.as_ref().map_or(String::new(), |p| p.job.clone()),
         parent_step: j.parent.as_ref().map_or(0, |p| p.step),
+        spec_toml: j.spec_toml.clone(),
     }
 }
 
