@@ -575,6 +575,7 @@ pub fn job_json(j: &pb::Job) -> serde_json::Value {
         "last_checkpoint_step": j.last_checkpoint_step,
         "checkpoint_errors": j.checkpoint_errors,
         "parent": (!j.parent_job.is_empty()).then(|| json!({"job": j.parent_job, "step": j.parent_step})),
+        "waiting": (!j.waiting.is_empty()).then(|| j.waiting.clone()),
         "attempts": j.attempts.iter().map(|a| json!({
             "number": a.number,
             "started_unix_ms": a.started_unix_ms,
@@ -627,6 +628,9 @@ pub fn status(args: JobArgs) -> anyhow::Result<()> {
             }
             if !j.parent_job.is_empty() {
                 println!("branch of {} at step {}", j.parent_job, j.parent_step);
+            }
+            if !j.waiting.is_empty() {
+                println!("waiting: {}", j.waiting);
             }
             match j.last_checkpoint_step {
                 Some(step) => println!("last checkpoint: step {step}"),

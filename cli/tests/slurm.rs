@@ -467,6 +467,17 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
     }
     let left = live(&owner);
     assert_eq!(left[0].2, "PENDING", "{left:?}");
+    // The job says what it waits for.
+    let t = Instant::now();
+    loop {
+        let j = get(&mut cl, &id).await;
+        if j.waiting.contains("is PENDING") {
+            assert!(j.waiting.contains(&left[0].0), "{}", j.waiting);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "not waiting: {j:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     first.kill().unwrap();
     first.wait().unwrap();
     // The killed coordinator's allocation outlives it...

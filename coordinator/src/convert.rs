@@ -56,6 +56,7 @@ pub fn job_to_pb(j: &JobRecord) -> pb::Job {
         parent_job: j.parent.as_ref().map_or(String::new(), |p| p.job.clone()),
         parent_step: j.parent.as_ref().map_or(0, |p| p.step),
         spec_toml: j.spec_toml.clone(),
+        waiting: String::new(),
     }
 }
 

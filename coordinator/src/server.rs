@@ -1163,7 +1163,13 @@ impl JobService for Jobs {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         self.authorize(&req)?;
-        Ok(Response::new(job_to_pb(&self.job(&req.get_ref().job_id)?)))
+        let state = self.0.lock();
+        let id = &req.get_ref().job_id;
+        let job = state
+            .jobs
+            .get(id)
+            .ok_or_else(|| EngineError::NotFound(format!("no job {id}")))?;
+        Ok(Response::new(live_job_to_pb(&state, job)))
     }
 
     async fn list_jobs(
@@ -1180,7 +1186,10 @@ impl JobService for Jobs {
             .collect();
         jobs.sort_by_key(|j| (j.submitted_unix_ms, j.job_id.clone()));
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(job_to_pb).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|j| live_job_to_pb(&state, j))
+                .collect(),
         }))
     }
 
@@ -1647,6 +1656,20 @@ impl ControlService for Control {
         let committed = self.checkpoint_report(&meta, req).await?;
         Ok(Response::new(pb::ReportCheckpointResponse { committed }))
     }
+}
+
+/// A job as clients see it: its record, and what its live attempt is
+/// waiting for.
+fn live_job_to_pb(state: &State, job: &JobRecord) -> pb::Job {
+    let mut pb = job_to_pb(job);
+    if let Some(w) = state
+        .attempts
+        .get(&job.job_id)
+        .and_then(|s| s.waiting.clone())
+    {
+        pb.waiting = w;
+    }
+    pb
 }
 
 /// The running attempt of job `id`.

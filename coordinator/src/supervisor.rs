@@ -47,7 +47,7 @@ pub(crate) struct Supervisor {
     pub phase: Phase,
     hang_timeout: Duration,
     /// Why the ranks have not started, while they wait.
-    waiting: Option<String>,
+    pub waiting: Option<String>,
     /// The launcher took the ranks back on its schedule (a time limit, a
     /// preemption): the attempt ends without counting as a failure.
     pub interruption: bool,
