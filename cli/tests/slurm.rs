@@ -205,15 +205,6 @@ async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
     let attempt = Path::new(&j.run_dir).join("attempt-1");
     let hosts = std::fs::read_to_string(attempt.join("hostfile")).unwrap();
     assert_eq!(hosts, "n1\nn1\nn2\nn2\n");
-    for r in 0..4 {
-        assert_eq!(
-            std::fs::read_to_string(attempt.join(format!("rank-{r}.exit")))
-                .unwrap()
-                .trim(),
-            "0",
-            "rank {r}"
-        );
-    }
     // The token travels in a file only its owner reads, never in argv.
     let env = attempt.join("worker.env");
     #[cfg(unix)]
@@ -234,6 +225,17 @@ async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
         assert!(!text.contains(token), "{f} holds the token");
     }
     until_no_allocation(&owner, 20, "after success").await;
+    // Every rank's wrapper wrote its exit status (once the allocation is
+    // over: a rank reports done before its process has exited).
+    for r in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(attempt.join(format!("rank-{r}.exit")))
+                .unwrap()
+                .trim(),
+            "0",
+            "rank {r}"
+        );
+    }
     let states = allocations(&owner, "all");
     assert_eq!(states[0].2, "COMPLETED", "{states:?}");
     eprintln!("slurm: from submission (sbatch) to the first step: {first_step_s:.2} s");
