@@ -18,7 +18,7 @@ use strata_worker::export::{mean_loss, write_hf};
 use strata_worker::params::ParamTable;
 
 use crate::UserError;
-use crate::jobs::{Connect, status_error};
+use crate::jobs::{Connect, runtime, status_error};
 
 /// Which checkpoint: a job's (through its coordinator), or a checkpoint
 /// folder's URL.
@@ -122,13 +122,6 @@ impl CheckpointRef {
             master: restored.master,
         })
     }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")
 }
 
 /// The dataset the checkpoint's recipe trained on: where, and its

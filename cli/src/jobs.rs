@@ -78,7 +78,7 @@ pub fn status_error(call: &str, s: tonic::Status) -> anyhow::Error {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -9,7 +9,7 @@ use strata_recipe::plan::Plan;
 use strata_sweep::results::{ResultRow, to_csv, to_parquet};
 
 use crate::UserError;
-use crate::jobs::{Connect, fetch_metrics, state_name, status_error};
+use crate::jobs::{Connect, fetch_metrics, runtime, state_name, status_error};
 
 #[derive(Args)]
 pub struct ResultsArgs {
@@ -60,10 +60,7 @@ fn row(j: &pb::Job, steps: &[pb::StepMetrics]) -> anyhow::Result<ResultRow> {
 }
 
 pub fn run(args: ResultsArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
+    runtime()?.block_on(async move {
         let mut c = args.connect.client().await?;
         let jobs: Vec<pb::Job> = if args.jobs.is_empty() {
             c.list_jobs(pb::ListJobsRequest {

@@ -445,7 +445,7 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
     .unwrap()
     .trim()
     .to_string();
-    let cancel_blocker = scopeguard(blocker.clone());
+    let cancel_blocker = ScancelOnDrop(blocker.clone());
     let state = dir.path().join("proc-state");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -519,10 +519,6 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
 /// Cancels Slurm job `id` when dropped (a test that fails leaves no
 /// blocker behind).
 struct ScancelOnDrop(String);
-
-fn scopeguard(id: String) -> ScancelOnDrop {
-    ScancelOnDrop(id)
-}
 
 impl Drop for ScancelOnDrop {
     fn drop(&mut self) {
