@@ -327,6 +327,7 @@ async fn an_outside_scancel_ends_the_attempt_and_the_job_recovers() {
     // sure before the next allocation needs it.
     let _ = Command::new("scontrol")
         .args(["update", "nodename=n2", "state=resume"])
+        .stderr(std::process::Stdio::null())
         .status();
 
     let j = ended(&mut cl, &id, 300).await;

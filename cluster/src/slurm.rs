@@ -825,15 +825,16 @@ impl Ranks for SlurmRanks {
 }
 
 impl Drop for SlurmRanks {
-    /// Leaves no allocation behind. One whose ranks all exited ends by
-    /// itself in a moment (its batch script returns) and keeps its own end
-    /// state (COMPLETED); any other, or one still there after a few
-    /// seconds, is cancelled. Off the caller's thread: it may hold the
+    /// Leaves no allocation behind. One strata did not cancel is given a
+    /// few seconds to end by itself: its ranks report done before their
+    /// processes exit, and once they have, the batch script returns and
+    /// the allocation keeps its own end state (COMPLETED) and every rank's
+    /// exit file. One still there after that, or one strata cancelled, is
+    /// cancelled now. Off the caller's thread: it may hold the
     /// coordinator's lock.
     fn drop(&mut self) {
         self.watch.stop.store(true, Ordering::SeqCst);
-        let settling =
-            !self.cancelled && (0..self.exits.len()).all(|r| self.read_exit(r).is_some());
+        let settling = !self.cancelled;
         let id = self.id.clone();
         let cancel = move || {
             let deadline = Instant::now() + Duration::from_secs(if settling { 10 } else { 0 });
