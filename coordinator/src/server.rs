@@ -267,6 +267,10 @@ fn branch_spec(
     let mut data = table(&mut doc, "data")?;
     data.insert("total_tokens".into(), int(ck.tokens + req.decay_tokens));
     doc.insert("data".into(), toml::Value::Table(data));
+    // The parent's kept steps are its branch points, not the branch's.
+    if let Some(toml::Value::Table(c)) = doc.get_mut("checkpoint") {
+        c.remove("keep_steps");
+    }
     let name = if req.name.is_empty() {
         format!("{}-cooldown-{}", parent.name, req.decay_tokens)
     } else {
@@ -1765,7 +1769,7 @@ impl Control {
                 m.shards = p.shards;
                 m.shards.sort_by(|a, b| a.key.cmp(&b.key));
                 m.written_at = (now_unix_ms() / 1000) as u64;
-                commit_checkpoint(&cfg.dir, &job.job_id, &m, cfg.keep_last)
+                commit_checkpoint(&cfg, &job.job_id, &m)
                     .await
                     .map(|pruned| (m, pruned))
             }
@@ -1813,21 +1817,20 @@ impl Control {
     }
 }
 
-/// Writes checkpoint `m`'s manifest under `dir`/`job`, then deletes the
-/// complete checkpoints beyond the newest `keep_last`. Returns the steps
-/// deleted.
+/// Writes checkpoint `m`'s manifest under the job's checkpoint folder,
+/// then deletes the complete checkpoints beyond the newest `keep_last`
+/// (never a `keep_steps` one). Returns the steps deleted.
 async fn commit_checkpoint(
-    dir: &str,
+    cfg: &strata_recipe::CheckpointConfig,
     job: &str,
     m: &Manifest,
-    keep_last: Option<u64>,
 ) -> Result<Vec<u64>, String> {
-    let loc = Location::parse(dir, true).map_err(|e| e.to_string())?;
+    let loc = Location::parse(&cfg.dir, true).map_err(|e| e.to_string())?;
     ckpt::write_manifest(&loc, job, m)
         .await
         .map_err(|e| format!("writing the manifest: {e}"))?;
-    match keep_last {
-        Some(keep) => match ckpt::prune(&loc, job, keep as usize).await {
+    match cfg.keep_last {
+        Some(keep) => match ckpt::prune(&loc, job, keep as usize, &cfg.keep_steps).await {
             Ok(pruned) => Ok(pruned),
             Err(e) => {
                 // The checkpoint is complete; an old one stays behind.

@@ -237,10 +237,12 @@ pub async fn delete(loc: &Location, root: &str, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Deletes every complete checkpoint older than the newest `keep`.
-/// Returns the steps deleted.
-pub async fn prune(loc: &Location, root: &str, keep: usize) -> Result<Vec<u64>> {
+/// Deletes every complete checkpoint older than the newest `keep`, except
+/// the `pinned` steps (which do not count toward `keep`). Returns the
+/// steps deleted.
+pub async fn prune(loc: &Location, root: &str, keep: usize, pinned: &[u64]) -> Result<Vec<u64>> {
     let (found, _) = list(loc, root).await?;
+    let found: Vec<&Manifest> = found.iter().filter(|m| !pinned.contains(&m.step)).collect();
     let old = found.len().saturating_sub(keep);
     let mut deleted = Vec::new();
     for m in &found[..old] {

@@ -192,6 +192,18 @@ pub struct CheckpointConfig {
     /// Complete checkpoints kept; `None` keeps all.
     pub keep_last: Option<u64>,
     pub dir: String,
+    /// Steps also saved and never pruned, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_steps: Vec<u64>,
+}
+
+impl CheckpointConfig {
+    /// Whether the run saves a checkpoint after `step` (of `n_steps`).
+    pub fn saves_at(&self, step: u64, n_steps: u64) -> bool {
+        step % self.every_steps.max(1) == 0
+            || step == n_steps
+            || self.keep_steps.binary_search(&step).is_ok()
+    }
 }
 
 /// What a worker computes on: `[device] backend`.

@@ -271,6 +271,10 @@ pub struct CheckpointSpec {
     pub keep_last: i64,
     /// Object-store URL of the run's checkpoint folder.
     pub dir: String,
+    /// Steps also saved, besides every `every_steps`, and never pruned by
+    /// `keep_last` (the branch points of a cooldown sweep).
+    #[serde(default)]
+    pub keep_steps: Vec<i64>,
 }
 
 fn default_keep_last() -> i64 {

@@ -437,11 +437,29 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 );
             }
             let dir = c.storage_url("checkpoint.dir", &ck.dir);
+            let n_steps = run.map(|r| r.total / r.tokens_per_step);
+            let mut keep_steps = Vec::with_capacity(ck.keep_steps.len());
+            for (i, &s) in ck.keep_steps.iter().enumerate() {
+                match (u64::try_from(s), n_steps) {
+                    (Ok(s), Some(n)) if (1..=n).contains(&s) => keep_steps.push(s),
+                    (Ok(s), None) if s >= 1 => keep_steps.push(s),
+                    _ => c.fail(
+                        &format!("checkpoint.keep_steps[{i}]"),
+                        format!(
+                            "must be a step of the run (1..={}), got {s}",
+                            n_steps.map_or("N".to_string(), |n| n.to_string())
+                        ),
+                    ),
+                }
+            }
+            keep_steps.sort_unstable();
+            keep_steps.dedup();
             (|| {
                 Some(Some(CheckpointConfig {
                     every_steps: every_steps?,
                     keep_last: keep_last.map(|k| (k > 0).then_some(k))?,
                     dir: dir?,
+                    keep_steps,
                 }))
             })()
         }

@@ -253,6 +253,14 @@ fn sizes_must_be_positive() {
         &["-3"],
     );
     check(
+        &[Set(
+            "checkpoint.keep_steps",
+            Value::Array(vec![int(5), int(0)]),
+        )],
+        "checkpoint.keep_steps[1]",
+        &["a step of the run", "got 0"],
+    );
+    check(
         &[Set("fault.max_restarts", int(-1))],
         "fault.max_restarts",
         &["-1"],
@@ -830,4 +838,20 @@ fn eval_needs_a_window_per_microbatch_of_every_replica() {
         "slurm.time",
         &["an hour"],
     );
+}
+
+#[test]
+fn kept_checkpoint_steps_are_saved_besides_the_interval() {
+    let r = parse(&[Set(
+        "checkpoint.keep_steps",
+        Value::Array(vec![int(7), int(3), int(7)]),
+    )])
+    .unwrap();
+    let ck = r.checkpoint.unwrap();
+    assert_eq!(ck.keep_steps, [3, 7]);
+    let n = r.data.n_steps();
+    assert!(n > 200, "{n}");
+    let saved: Vec<u64> = (1..=n).filter(|&s| ck.saves_at(s, n)).collect();
+    assert_eq!(&saved[..4], [3, 7, 100, 200]);
+    assert_eq!(saved.last(), Some(&n));
 }

@@ -666,7 +666,7 @@ fn steps<B: AutodiffBackend>(
             .map_err(rpc("ReportMetrics"))?;
         }
         if let Some(ck) = &mut checkpoints {
-            if step % ck.every == 0 || step == n_steps {
+            if ck.cfg.saves_at(step, n_steps) {
                 let header = report.then(|| about.manifest(step, &trainer, loader.cursor()));
                 ck.save(step, &trainer, coords.dp, header);
                 saved_at = step;
@@ -828,7 +828,8 @@ struct Checkpoints {
     loc: Location,
     /// The job's folder under `[checkpoint] dir`.
     root: String,
-    every: u64,
+    /// When to save: every N steps, the last, and the kept steps.
+    cfg: strata_recipe::CheckpointConfig,
     /// This worker's attempt, in its files' names.
     attempt: u32,
     saver: checkpoint::Saver,
@@ -855,7 +856,7 @@ impl Checkpoints {
             saver: checkpoint::Saver::new(loc.clone(), job.to_string(), rt.clone()),
             loc,
             root: job.to_string(),
-            every: cfg.every_steps.max(1),
+            cfg: cfg.clone(),
             attempt,
             headers: Default::default(),
             stalls: Default::default(),

@@ -313,7 +313,7 @@ fn only_committed_checkpoints_exist_and_pruning_keeps_the_newest() {
     let m = &found[2];
     assert_eq!(m.shards.len(), 2, "one model and one optimizer file");
     assert_eq!(m.bytes(), m.shards.iter().map(|s| s.bytes).sum::<u64>());
-    let deleted = rt.block_on(checkpoint::prune(&loc, ROOT, 2)).unwrap();
+    let deleted = rt.block_on(checkpoint::prune(&loc, ROOT, 2, &[])).unwrap();
     assert_eq!(deleted, [2]);
     assert!(
         !dir.path()
@@ -331,6 +331,13 @@ fn only_committed_checkpoints_exist_and_pruning_keeps_the_newest() {
     );
     let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
     assert_eq!(found.iter().map(|m| m.step).collect::<Vec<_>>(), [4, 6]);
+    // A pinned step (a branch point) is neither deleted nor counted.
+    let deleted = rt.block_on(checkpoint::prune(&loc, ROOT, 1, &[4])).unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    let deleted = rt.block_on(checkpoint::prune(&loc, ROOT, 0, &[4])).unwrap();
+    assert_eq!(deleted, [6]);
+    let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
+    assert_eq!(found.iter().map(|m| m.step).collect::<Vec<_>>(), [4]);
 }
 
 /// Every element is written once: the manifest of a (2, 2, 2) tied run
