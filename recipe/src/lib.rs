@@ -200,7 +200,7 @@ pub struct CheckpointConfig {
 impl CheckpointConfig {
     /// Whether the run saves a checkpoint after `step` (of `n_steps`).
     pub fn saves_at(&self, step: u64, n_steps: u64) -> bool {
-        step % self.every_steps.max(1) == 0
+        step.is_multiple_of(self.every_steps.max(1))
             || step == n_steps
             || self.keep_steps.binary_search(&step).is_ok()
     }
