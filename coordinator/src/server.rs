@@ -239,46 +239,19 @@ fn branch_spec(
             "decay_tokens: must be positive".into(),
         ));
     }
-    let mut doc: toml::Table = parent
-        .spec_toml
-        .parse()
-        .map_err(|e| EngineError::Invalid(format!("job {}'s recipe: {e}", parent.job_id)))?;
-    let int = |x: u64| toml::Value::Integer(i64::try_from(x).unwrap_or(i64::MAX));
-    let table = |doc: &mut toml::Table, key: &str| -> Result<toml::Table> {
-        match doc.remove(key) {
-            Some(toml::Value::Table(t)) => Ok(t),
-            None => Ok(toml::Table::new()),
-            Some(_) => Err(EngineError::Invalid(format!("[{key}] is not a table"))),
-        }
-    };
-    let mut schedule = table(&mut doc, "schedule")?;
-    schedule.insert("decay_start_tokens".into(), int(ck.tokens));
-    schedule.insert("decay_tokens".into(), int(req.decay_tokens));
-    if !req.decay_shape.is_empty() {
-        schedule.insert(
-            "decay_shape".into(),
-            toml::Value::String(req.decay_shape.clone()),
-        );
-    }
-    if let Some(f) = req.final_lr_fraction {
-        schedule.insert("final_lr_fraction".into(), toml::Value::Float(f));
-    }
-    doc.insert("schedule".into(), toml::Value::Table(schedule));
-    let mut data = table(&mut doc, "data")?;
-    data.insert("total_tokens".into(), int(ck.tokens + req.decay_tokens));
-    doc.insert("data".into(), toml::Value::Table(data));
-    // The parent's kept steps are its branch points, not the branch's.
-    if let Some(toml::Value::Table(c)) = doc.get_mut("checkpoint") {
-        c.remove("keep_steps");
-    }
     let name = if req.name.is_empty() {
         format!("{}-cooldown-{}", parent.name, req.decay_tokens)
     } else {
         req.name.clone()
     };
-    doc.insert("name".into(), toml::Value::String(name));
-    let text = toml::to_string(&doc)
-        .map_err(|e| EngineError::Invalid(format!("the branch's recipe: {e}")))?;
+    let decay = strata_recipe::resume::BranchDecay {
+        start_tokens: ck.tokens,
+        tokens: req.decay_tokens,
+        shape: (!req.decay_shape.is_empty()).then(|| req.decay_shape.clone()),
+        final_lr_fraction: req.final_lr_fraction,
+    };
+    let text = strata_recipe::resume::branch(&parent.spec_toml, &decay, &name)
+        .map_err(|e| EngineError::Invalid(format!("job {}'s recipe: {e}", parent.job_id)))?;
     Ok((text, ck.clone()))
 }
 

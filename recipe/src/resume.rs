@@ -92,6 +92,52 @@ pub fn relayout(
     toml::to_string(&doc).map_err(|e| e.to_string())
 }
 
+/// A cooldown branch's decay: where it starts (the tokens its checkpoint
+/// had seen), how long it lasts, its shape and final fraction (`None`
+/// keeps the parent's).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BranchDecay {
+    pub start_tokens: u64,
+    pub tokens: u64,
+    pub shape: Option<String>,
+    pub final_lr_fraction: Option<f64>,
+}
+
+/// A branch's recipe: the parent's `spec_toml` with its decay starting at
+/// `decay.start_tokens` and lasting `decay.tokens`, the run ending there,
+/// named `name`; the parent's kept checkpoint steps (its branch points)
+/// dropped. The result still has to pass validation.
+pub fn branch(spec_toml: &str, decay: &BranchDecay, name: &str) -> Result<String, String> {
+    let mut doc: toml::Table = spec_toml
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let int = |x: u64| toml::Value::Integer(i64::try_from(x).unwrap_or(i64::MAX));
+    fn table<'a>(doc: &'a mut toml::Table, key: &str) -> Result<&'a mut toml::Table, String> {
+        doc.entry(key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("[{key}] is not a table"))
+    }
+    let schedule = table(&mut doc, "schedule")?;
+    schedule.insert("decay_start_tokens".into(), int(decay.start_tokens));
+    schedule.insert("decay_tokens".into(), int(decay.tokens));
+    if let Some(shape) = &decay.shape {
+        schedule.insert("decay_shape".into(), toml::Value::String(shape.clone()));
+    }
+    if let Some(f) = decay.final_lr_fraction {
+        schedule.insert("final_lr_fraction".into(), toml::Value::Float(f));
+    }
+    table(&mut doc, "data")?.insert(
+        "total_tokens".into(),
+        int(decay.start_tokens.saturating_add(decay.tokens)),
+    );
+    if let Some(toml::Value::Table(c)) = doc.get_mut("checkpoint") {
+        c.remove("keep_steps");
+    }
+    doc.insert("name".into(), toml::Value::String(name.to_string()));
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

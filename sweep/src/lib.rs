@@ -1,5 +1,7 @@
-//! Scaling-law sweeps' pure parts: the results table ([`results`]) and
-//! the fits with their intervals ([`fit`]).
+//! Scaling-law sweeps' pure parts: sweep files expanded into validated
+//! jobs ([`spec`]), the results table ([`results`]) and the fits with
+//! their intervals ([`fit`]).
 
 pub mod fit;
 pub mod results;
+pub mod spec;
