@@ -1,6 +1,7 @@
 //! `strata`: the command-line face of strata.
 
 mod bench;
+mod chart;
 mod data;
 mod demo;
 mod export;
@@ -11,6 +12,7 @@ mod plan;
 mod plot;
 mod results;
 mod schedule;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -105,6 +107,8 @@ enum Command {
     /// train and held-out losses, wall time) as CSV, Parquet or JSON: what
     /// `strata fit` reads.
     Results(results::ResultsArgs),
+    /// Sweeps: submit a sweep file, follow, cancel, resubmit and report them.
+    Sweep(sweep::SweepArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => export::eval(args),
         Command::Fit(args) => fit::run(args),
         Command::Results(args) => results::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

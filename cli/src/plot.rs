@@ -15,7 +15,7 @@ const BOTTOM: f64 = 70.0;
 const SAMPLES: usize = 800;
 const PHASE_FILLS: [&str; 4] = ["#e8f0fe", "#fef7e0", "#fce8e6", "#e6f4ea"];
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -23,7 +23,7 @@ fn escape(s: &str) -> String {
 }
 
 /// "Nice" tick spacing: 1, 2 or 5 times a power of ten, about `n` ticks.
-fn tick_step(max: f64, n: f64) -> f64 {
+pub(crate) fn tick_step(max: f64, n: f64) -> f64 {
     let raw = max / n;
     let mag = 10f64.powf(raw.log10().floor());
     let r = raw / mag;

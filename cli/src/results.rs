@@ -28,7 +28,7 @@ pub struct ResultsArgs {
 }
 
 /// A job's row: its recipe's sizes and schedule, its last losses.
-fn row(j: &pb::Job, steps: &[pb::StepMetrics]) -> anyhow::Result<ResultRow> {
+pub(crate) fn row(j: &pb::Job, steps: &[pb::StepMetrics]) -> anyhow::Result<ResultRow> {
     let recipe = Recipe::from_toml_str(&j.spec_toml, &j.name)
         .map_err(|e| UserError(format!("job {}: its recipe: {e}", j.job_id)))?;
     let plan = Plan::new(&recipe);

@@ -8,7 +8,7 @@
 //! attempt (`supervisor`: processes, heartbeats, progress, stopping).
 //! Wire types stay at the edge ([`convert`]); the engine works on [`job`]'s
 //! domain types, and its one error type ([`error`]) becomes a gRPC status
-//! in one place.
+//! in one place. [`sweeps`] runs a sweep file's points as jobs.
 
 pub mod convert;
 pub mod error;
@@ -17,6 +17,7 @@ pub mod placement;
 pub mod server;
 pub mod store;
 mod supervisor;
+pub mod sweeps;
 
 pub use server::{Coordinator, CoordinatorConfig};
 /// The launchers and slots a coordinator places workers with.

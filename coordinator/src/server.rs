@@ -90,8 +90,10 @@ pub enum Event {
 }
 
 #[derive(Default)]
-struct State {
-    jobs: BTreeMap<String, JobRecord>,
+pub(crate) struct State {
+    pub(crate) jobs: BTreeMap<String, JobRecord>,
+    /// Every sweep (a mirror of the store).
+    pub(crate) sweeps: BTreeMap<String, crate::sweeps::SweepRecord>,
     /// Jobs waiting for slots, in the order they start: restarting jobs
     /// first, then queued ones by submission.
     queue: Vec<String>,
@@ -118,6 +120,8 @@ pub struct Engine {
     /// Becomes true when the server starts shutting down; watch streams
     /// end then.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Held by whoever advances or changes sweeps: one at a time.
+    pub(crate) advancing: tokio::sync::Mutex<()>,
 }
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -323,6 +327,9 @@ impl Engine {
         }
         restarting.append(&mut state.queue);
         state.queue = restarting;
+        for s in store.sweeps()? {
+            state.sweeps.insert(s.sweep_id.clone(), s);
+        }
         Ok(Arc::new(Engine {
             worker_url: Mutex::new(format!("http://{}", cfg.listen)),
             cfg,
@@ -333,18 +340,28 @@ impl Engine {
             changed: Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+            advancing: tokio::sync::Mutex::new(()),
         }))
     }
 
     /// The state, even after a panic under the lock: every change to a job
     /// is made whole before it is stored, so what a panic interrupted is at
     /// worst not done, and later calls must still be served.
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| {
             tracing::error!("a call panicked while holding the coordinator's lock; going on");
             self.state.clear_poison();
             poisoned.into_inner()
         })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether the coordinator is shutting down (nothing new starts).
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Tells `job`'s watchers; once it has ended, its channel is dropped
@@ -847,7 +864,7 @@ impl Jobs {
 
     /// Records a validated job and queues it; a branch starts from its
     /// parent's checkpoint (the step and the tokens seen there).
-    fn queue_new(
+    pub(crate) fn queue_new(
         &self,
         recipe: &Recipe,
         spec_toml: String,
@@ -855,18 +872,7 @@ impl Jobs {
     ) -> Result<String> {
         let engine = &self.0;
         let n = engine.store.next_job_number()?;
-        let slug: String = recipe
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let job_id = format!("{slug}-{n}");
+        let job_id = format!("{}-{n}", crate::sweeps::slug(&recipe.name));
         let run_dir = engine.cfg.state_dir.join("runs").join(&job_id);
         let job = JobRecord {
             job_id: job_id.clone(),
@@ -903,7 +909,7 @@ impl Jobs {
     /// Refuses what cannot run: an invalid recipe (a layout that cannot
     /// split the model among them), more ranks than slots, a dataset that
     /// is missing or cannot feed the recipe.
-    async fn validate(&self, spec: &str, default_name: &str) -> Result<Recipe> {
+    pub(crate) async fn validate(&self, spec: &str, default_name: &str) -> Result<Recipe> {
         let recipe = Recipe::from_toml_str(spec, default_name)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         // The recipe's validation refused layouts that cannot split the
@@ -979,6 +985,49 @@ impl Jobs {
             }
         }
         Ok(recipe)
+    }
+
+    /// Queues a cooldown branch of `req.parent_id`; its job id.
+    pub(crate) async fn branch(&self, req: &pb::BranchJobRequest) -> Result<String> {
+        let parent = self.job(&req.parent_id)?;
+        let (spec, ck) = branch_spec(&parent, req)?;
+        let recipe = match self.validate(&spec, &parent.name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(reason = %e, "refused a branch");
+                return Err(EngineError::Invalid(format!("the branch's recipe: {e}")));
+            }
+        };
+        let id = self.queue_new(
+            &recipe,
+            spec,
+            Some((
+                BranchOf {
+                    job: parent.job_id.clone(),
+                    step: ck.step,
+                },
+                ck.tokens,
+            )),
+        )?;
+        tracing::info!(job = %id, parent = %parent.job_id, from_step = ck.step, "branch queued");
+        Ok(id)
+    }
+
+    /// Cancels job `id` unless it has ended; its workers get the grace
+    /// period to save a checkpoint and leave.
+    pub(crate) fn cancel_live(&self, id: &str, reason: &str) -> Result<()> {
+        let engine = &self.0;
+        let mut state = engine.lock();
+        if state.jobs.get(id).is_some_and(|j| !j.state.is_final()) {
+            engine.end(
+                &mut state,
+                id,
+                JobState::Cancelled,
+                reason.to_string(),
+                engine.cfg.stop_grace,
+            )?;
+        }
+        Ok(())
     }
 
     /// Checks that `job` can continue from a checkpoint and returns its
@@ -1113,29 +1162,61 @@ impl JobService for Jobs {
         req: Request<pb::BranchJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         self.authorize(&req)?;
-        let req = req.into_inner();
-        let parent = self.job(&req.parent_id)?;
-        let (spec, ck) = branch_spec(&parent, &req)?;
-        let recipe = match self.validate(&spec, &parent.name).await {
-            Ok(r) => r,
+        let id = self.branch(&req.into_inner()).await?;
+        Ok(Response::new(job_to_pb(&self.job(&id)?)))
+    }
+
+    async fn submit_sweep(
+        &self,
+        req: Request<pb::SubmitSweepRequest>,
+    ) -> Result<Response<pb::Sweep>, Status> {
+        self.authorize(&req)?;
+        let id = match Jobs::submit_sweep(self, &req.get_ref().sweep_toml).await {
+            Ok(id) => id,
             Err(e) => {
-                tracing::info!(reason = %e, "refused a branch");
-                return Err(EngineError::Invalid(format!("the branch's recipe: {e}")).into());
+                tracing::info!(reason = %e, "refused a sweep");
+                return Err(e.into());
             }
         };
-        let id = self.queue_new(
-            &recipe,
-            spec,
-            Some((
-                BranchOf {
-                    job: parent.job_id.clone(),
-                    step: ck.step,
-                },
-                ck.tokens,
-            )),
-        )?;
-        tracing::info!(job = %id, parent = %parent.job_id, from_step = ck.step, "branch queued");
-        Ok(Response::new(job_to_pb(&self.job(&id)?)))
+        Ok(Response::new(self.sweep_pb(&id)?))
+    }
+
+    async fn get_sweep(
+        &self,
+        req: Request<pb::GetSweepRequest>,
+    ) -> Result<Response<pb::Sweep>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(self.sweep_pb(&req.get_ref().sweep_id)?))
+    }
+
+    async fn list_sweeps(
+        &self,
+        req: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: self.list_sweeps_pb(),
+        }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        req: Request<pb::CancelSweepRequest>,
+    ) -> Result<Response<pb::Sweep>, Status> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        Jobs::cancel_sweep(self, &req.sweep_id, &req.reason).await?;
+        Ok(Response::new(self.sweep_pb(&req.sweep_id)?))
+    }
+
+    async fn resubmit_sweep(
+        &self,
+        req: Request<pb::ResubmitSweepRequest>,
+    ) -> Result<Response<pb::Sweep>, Status> {
+        self.authorize(&req)?;
+        let id = &req.get_ref().sweep_id;
+        Jobs::resubmit_sweep(self, id).await?;
+        Ok(Response::new(self.sweep_pb(id)?))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -1881,6 +1962,14 @@ impl Coordinator {
             let mut state = engine.lock();
             engine.schedule(&mut state);
         }
+        let sweeper = Jobs(engine.clone());
+        let sweep_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                sweeper.advance_sweeps().await;
+            }
+        });
         let monitor = engine.clone();
         let monitor_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -1924,6 +2013,7 @@ impl Coordinator {
                 }
             };
             monitor_task.abort();
+            sweep_task.abort();
             svc_engine.shutdown();
             result
         });

@@ -16,10 +16,12 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::job::{JobRecord, StepRecord};
+use crate::sweeps::SweepRecord;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const STEPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("steps");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SWEEPS: TableDefinition<&str, &[u8]> = TableDefinition::new("sweeps");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,6 +70,7 @@ impl Store {
         tx.open_table(JOBS).map_err(|e| err(e.into()))?;
         tx.open_table(STEPS).map_err(|e| err(e.into()))?;
         tx.open_table(META).map_err(|e| err(e.into()))?;
+        tx.open_table(SWEEPS).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;
         let db: Db = Arc::new(std::sync::RwLock::new(Some(db)));
         let (tx, rx) = mpsc::channel();
@@ -270,6 +273,32 @@ impl Store {
                     .map_err(|e| self.err(e))?;
             }
             tx.commit().map_err(|e| self.err(e))
+        })
+    }
+
+    /// Inserts or replaces a sweep.
+    pub fn put_sweep(&self, sweep: &SweepRecord) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let bytes = serde_json::to_vec(sweep).expect("a sweep serialises");
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            tx.open_table(SWEEPS)
+                .map_err(|e| self.err(e))?
+                .insert(sweep.sweep_id.as_str(), bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))
+        })
+    }
+
+    pub fn sweeps(&self) -> Result<Vec<SweepRecord>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(SWEEPS).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                out.push(self.decode(k.value(), v.value())?);
+            }
+            Ok(out)
         })
     }
 

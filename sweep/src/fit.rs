@@ -201,6 +201,11 @@ struct HuberLse<'p> {
 impl HuberLse<'_> {
     /// Objective and gradient.
     fn eval(&self, p: &[f64]) -> (f64, [f64; 5]) {
+        // Off the finite numbers (a start at infinity, a line search
+        // overshooting): no descent there, never a NaN.
+        if !p.iter().all(|x| x.is_finite()) {
+            return (f64::INFINITY, [0.0; 5]);
+        }
         let (a, b, e, alpha, beta) = (p[0], p[1], p[2], p[3], p[4]);
         let mut f = 0.0;
         let mut g = [0.0; 5];
@@ -226,6 +231,9 @@ impl HuberLse<'_> {
             g[2] += dh * s[2];
             g[3] -= dh * s[0] * ln_n;
             g[4] -= dh * s[1] * ln_d;
+        }
+        if !f.is_finite() || !g.iter().all(|x| x.is_finite()) {
+            return (f64::INFINITY, [0.0; 5]);
         }
         (f, g)
     }
@@ -261,7 +269,13 @@ fn lbfgs(problem: HuberLse<'_>, start: Vec<f64>, max_iters: u64) -> Option<(Vec<
         .ok()?;
     let best = res.state.best_param?;
     let cost = res.state.best_cost;
-    (cost.is_finite() && best.iter().all(|x| x.is_finite())).then_some((best, cost))
+    // A minimum whose constants overflow (A = e^a = ∞ balanced by a huge
+    // α) is no law: the points do not pin it down.
+    let law = to_law(&best);
+    let finite = [law.a, law.b, law.e, law.alpha, law.beta]
+        .iter()
+        .all(|x| x.is_finite() && *x > 0.0);
+    (cost.is_finite() && finite).then_some((best, cost))
 }
 
 fn log_points(points: &[LossPoint]) -> Vec<(f64, f64, f64)> {
@@ -359,10 +373,19 @@ pub fn fit_chinchilla(
     let (p, f) = best.ok_or_else(|| {
         FitError::degenerate(
             CHINCHILLA,
-            format!("no L-BFGS run of the {starts} starts reached a finite minimum"),
+            format!(
+                "no L-BFGS run of the {starts} starts reached a minimum with finite, positive constants: the points do not determine L(N, D) (sizes or token counts too close, or loss not falling with them)"
+            ),
         )
     })?;
-    Ok(summarize(points, &p, f, converged, starts))
+    let fit = summarize(points, &p, f, converged, starts);
+    if !fit.rms_log_residual.is_finite() {
+        return Err(FitError::degenerate(
+            CHINCHILLA,
+            "the best fit predicts no finite loss at some point",
+        ));
+    }
+    Ok(fit)
 }
 
 /// Refits `points` from `start` alone (for bootstrap resamples, as
@@ -374,7 +397,7 @@ pub fn refit_chinchilla(
 ) -> Result<ChinchillaFit, FitError> {
     check_chinchilla(points)?;
     let logs = log_points(points);
-    let start = vec![
+    let start: Vec<f64> = vec![
         start.a.ln(),
         start.b.ln(),
         start.e.ln(),
@@ -543,6 +566,109 @@ fn solve(mut m: Vec<Vec<f64>>, mut v: Vec<f64>) -> Option<Vec<f64>> {
         x[r] = (v[r] - s) / m[r][r];
     }
     Some(x)
+}
+
+/// One run of a hyperparameter sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RunPoint {
+    pub n: f64,
+    pub d: f64,
+    pub lr: f64,
+    pub batch: f64,
+    pub loss: f64,
+}
+
+/// The runs near the optimum: in each group of runs with the same N and
+/// D, those whose loss is within `tolerance` (relative: 0.0025 is
+/// 0.25%) of the group's best. Indices into `runs`, in order.
+pub fn near_optimal(runs: &[RunPoint], tolerance: f64) -> Vec<usize> {
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    runs.iter()
+        .enumerate()
+        .filter(|(_, r)| r.loss.is_finite())
+        .filter(|(_, r)| {
+            let best = runs
+                .iter()
+                .filter(|o| same(o.n, r.n) && same(o.d, r.d) && o.loss.is_finite())
+                .map(|o| o.loss)
+                .fold(f64::INFINITY, f64::min);
+            r.loss <= best * (1.0 + tolerance)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Which hyperparameter [`fit_optimal`] fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hyper {
+    Lr,
+    Batch,
+}
+
+/// The optimal learning rate or batch as a power law in N and D, fitted
+/// by least squares in logs over the near-optimal runs (as Step Law and
+/// DeepSeek do); a variable the sweep does not vary is left out. The
+/// runs used, with the law.
+pub fn fit_optimal(
+    runs: &[RunPoint],
+    what: Hyper,
+    tolerance: f64,
+) -> Result<(Vec<usize>, PowerLaw), FitError> {
+    const OPTIMAL: &str = "optimal-hyperparameter fit";
+    let value = |r: &RunPoint| match what {
+        Hyper::Lr => r.lr,
+        Hyper::Batch => r.batch,
+    };
+    let name = match what {
+        Hyper::Lr => "lr",
+        Hyper::Batch => "batch",
+    };
+    if let Some(first) = runs.first()
+        && runs.iter().all(|r| value(r) == value(first))
+    {
+        return Err(FitError::degenerate(
+            OPTIMAL,
+            format!(
+                "every run has {name} = {}: the sweep does not vary it",
+                value(first)
+            ),
+        ));
+    }
+    let near = near_optimal(runs, tolerance);
+    if near.is_empty() {
+        return Err(FitError::TooFew {
+            what: OPTIMAL,
+            n: 0,
+            needed: 3,
+        });
+    }
+    let varies = |f: fn(&RunPoint) -> f64| {
+        let v0 = f(&runs[near[0]]);
+        near.iter()
+            .any(|&i| (f(&runs[i]) - v0).abs() > 1e-9 * v0.abs())
+    };
+    type Var = (&'static str, fn(&RunPoint) -> f64);
+    let mut vars: Vec<Var> = Vec::new();
+    if varies(|r| r.n) {
+        vars.push(("N", |r| r.n));
+    }
+    if varies(|r| r.d) {
+        vars.push(("D", |r| r.d));
+    }
+    if vars.is_empty() {
+        return Err(FitError::degenerate(
+            OPTIMAL,
+            "every near-optimal run has the same N and D: vary the model size or the tokens",
+        ));
+    }
+    let names: Vec<&str> = vars.iter().map(|v| v.0).collect();
+    let xs: Vec<Vec<f64>> = near
+        .iter()
+        .map(|&i| vars.iter().map(|v| (v.1)(&runs[i])).collect())
+        .collect();
+    let ys: Vec<f64> = near.iter().map(|&i| value(&runs[i])).collect();
+    let law = fit_power_law(&names, &xs, &ys)?;
+    Ok((near, law))
 }
 
 /// A constant with its bootstrap interval.

@@ -3,8 +3,8 @@
 //! its published points, and degenerate inputs refused with the reason.
 
 use strata_sweep::fit::{
-    ChinchillaOptions, FitError, LossPoint, chinchilla_intervals, fit_chinchilla, fit_power_law,
-    normals, power_law_intervals,
+    ChinchillaOptions, FitError, Hyper, LossPoint, RunPoint, chinchilla_intervals, fit_chinchilla,
+    fit_optimal, fit_power_law, near_optimal, normals, power_law_intervals,
 };
 
 /// Hoffmann et al.'s published law (approach 3).
@@ -221,5 +221,44 @@ fn degenerate_inputs_say_why_instead_of_fitting_nan() {
     assert_eq!(
         e,
         "power-law fit: point 1: x = -2 (must be finite and positive)"
+    );
+}
+
+/// The optimal learning rate's law comes back from a grid of runs around
+/// a chosen optimum lr*(N) = 0.5 · N^−0.3, one lr per size being nearest.
+#[test]
+fn the_optimal_lr_law_is_recovered_from_a_grid() {
+    let mut runs = Vec::new();
+    for n in [1e6, 4e6, 1.6e7, 6.4e7] {
+        let best = 0.5 * f64::powf(n, -0.3);
+        for k in -8..=8 {
+            let lr = 1e-3 * 2f64.powf(k as f64 / 4.0) * (n / 1e6).powf(-0.3) * 2.3;
+            let loss = 3.0 + 1e7 / n * 0.1 + 0.05 * (lr / best).ln().powi(2);
+            runs.push(RunPoint {
+                n,
+                d: 1e9,
+                lr,
+                batch: 65536.0,
+                loss,
+            });
+        }
+    }
+    let (near, law) = fit_optimal(&runs, Hyper::Lr, 1e-4).unwrap();
+    assert_eq!(near.len(), 4, "one nearest lr per size: {near:?}");
+    assert_eq!(law.variables, ["N"], "D does not vary");
+    assert!((law.exponents[0] + 0.3).abs() < 0.03, "{law:?}");
+    assert!((law.coefficient / 0.5).ln().abs() < 0.5, "{law:?}");
+    // A looser tolerance takes in neighbours on both sides.
+    assert!(near_optimal(&runs, 0.01).len() > 4);
+    // Every run the same size and tokens: nothing to fit against.
+    let one: Vec<RunPoint> = runs.iter().copied().filter(|r| r.n == 1e6).collect();
+    let e = fit_optimal(&one, Hyper::Lr, 0.5).unwrap_err().to_string();
+    assert!(e.contains("the same N and D"), "{e}");
+    let e = fit_optimal(&runs, Hyper::Batch, 1e-4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("every run has batch = 65536: the sweep does not vary it"),
+        "{e}"
     );
 }
