@@ -59,8 +59,12 @@ pub struct DecomposeArgs {
     /// Keep this fraction of the documents (whole, chosen by a draw seeded
     /// with --seed and each document's id) out of training: the held-out
     /// split that `strata eval` and a recipe's `[eval]` use.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, conflicts_with = "holdout_docs")]
     holdout_fraction: f64,
+    /// Keep exactly this many documents (whole, chosen by a draw seeded
+    /// with --seed) out of training instead.
+    #[arg(long)]
+    holdout_docs: Option<u64>,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -200,9 +204,18 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
         let mut writer = DatasetWriter::create(out, opts)
             .await
             .map_err(write_error)?;
-        writer
-            .hold_out(args.holdout_fraction)
-            .map_err(|e| UserError(format!("--holdout-fraction: {e}")))?;
+        match args.holdout_docs {
+            Some(n) => {
+                let total = strata_dataplane::corpus::count_documents(&args.input)
+                    .map_err(|e| UserError(e.to_string()))?;
+                writer
+                    .hold_out_documents(n, total)
+                    .map_err(|e| UserError(format!("--holdout-docs: {e}")))?;
+            }
+            None => writer
+                .hold_out(args.holdout_fraction)
+                .map_err(|e| UserError(format!("--holdout-fraction: {e}")))?,
+        }
         let show_bar = !args.json && std::io::stderr().is_terminal();
         let bar = Bar(if show_bar {
             let b = ProgressBar::new(0);

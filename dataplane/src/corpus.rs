@@ -143,6 +143,30 @@ fn read_source(src: &Source, docs: &mut Vec<Doc>) -> Result<(), CorpusError> {
     Ok(())
 }
 
+/// How many documents `inputs` offer (a text file is one; each non-blank
+/// line of a JSON-lines file is one), the unreadable ones included, as
+/// [`decompose_corpus`] numbers them.
+pub fn count_documents(inputs: &[PathBuf]) -> Result<u64, CorpusError> {
+    let mut sources = Vec::new();
+    for input in inputs {
+        collect(input, &mut sources)?;
+    }
+    let mut n = 0u64;
+    for src in &sources {
+        n += match src.kind {
+            SourceKind::Text => 1,
+            SourceKind::Jsonl => {
+                let bytes = std::fs::read(&src.path).map_err(io(&src.path))?;
+                bytes
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                    .count() as u64
+            }
+        };
+    }
+    Ok(n)
+}
+
 /// What `strata decompose` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecomposeSummary {

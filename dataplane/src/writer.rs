@@ -139,6 +139,9 @@ pub struct DatasetWriter {
     /// Each document's chance of being held out, and the held-out
     /// documents' tokens and count.
     holdout_fraction: f64,
+    /// Exactly this many of the corpus's documents held out: (still to
+    /// choose, documents still to come), by selection sampling.
+    holdout_select: Option<(u64, u64)>,
     holdout: Vec<u32>,
     holdout_docs: u64,
 }
@@ -209,6 +212,7 @@ impl DatasetWriter {
             carry: Vec::new(),
             carry_start: (0, 0),
             holdout_fraction: 0.0,
+            holdout_select: None,
             holdout: Vec::new(),
             holdout_docs: 0,
         })
@@ -217,8 +221,46 @@ impl DatasetWriter {
     /// Counts a document that was read but not kept (not UTF-8, empty): it
     /// takes a document id so ids match the input order.
     pub fn skip_document(&mut self) {
+        // A skipped document chosen for the held-out split leaves it one
+        // short; the manifest counts what was held out.
+        self.held_out(self.next_doc_id);
         self.next_doc_id += 1;
         self.n_skipped += 1;
+    }
+
+    /// Keeps exactly `n` of the corpus's `total` documents (whole, chosen
+    /// by a draw seeded by the dataset's seed and each document's id) out
+    /// of training. `total` counts every document the corpus will offer,
+    /// skipped ones included. Before the first document.
+    pub fn hold_out_documents(&mut self, n: u64, total: u64) -> Result<(), WriteError> {
+        if n == 0 || n >= total {
+            return Err(WriteError::Options(format!(
+                "{n} held-out documents: hold out at least one and leave at least one for training (the corpus has {total})"
+            )));
+        }
+        self.hold_out(n as f64 / total as f64)?;
+        self.holdout_select = Some((n, total));
+        Ok(())
+    }
+
+    /// Whether document `doc_id` (the next one) goes to the held-out split.
+    fn held_out(&mut self, doc_id: u64) -> bool {
+        if self.holdout_fraction <= 0.0 {
+            return false;
+        }
+        let u = SplitMix64::for_key(self.opts.seed ^ HOLDOUT_SALT, doc_id).next_f64();
+        match &mut self.holdout_select {
+            // Knuth's selection sampling: exactly `need` of `left`.
+            Some((need, left)) => {
+                let pick = *left > 0 && u * (*left as f64) < *need as f64;
+                *left = left.saturating_sub(1);
+                if pick {
+                    *need -= 1;
+                }
+                pick
+            }
+            None => u < self.holdout_fraction,
+        }
     }
 
     /// Keeps each document out of training with chance `fraction` (a draw
@@ -243,10 +285,7 @@ impl DatasetWriter {
     pub async fn add_document(&mut self, tokens: &[u32]) -> Result<(), WriteError> {
         let doc_id = self.next_doc_id;
         self.next_doc_id += 1;
-        if self.holdout_fraction > 0.0
-            && SplitMix64::for_key(self.opts.seed ^ HOLDOUT_SALT, doc_id).next_f64()
-                < self.holdout_fraction
-        {
+        if self.held_out(doc_id) {
             self.holdout.extend_from_slice(tokens);
             self.holdout_docs += 1;
             return Ok(());

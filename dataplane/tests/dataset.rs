@@ -651,3 +651,46 @@ async fn held_out_documents_stay_whole_and_out_of_training() {
         .unwrap();
     assert!(w.hold_out(1.0).unwrap_err().to_string().contains("below 1"));
 }
+
+/// `--holdout-docs`: exactly N of the corpus's documents, chosen by the
+/// seed, the same ones again for the same seed; a skipped document chosen
+/// leaves the split one short, counted; N must leave training something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_number_of_documents_is_held_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, n: u64, skip: Option<u32>| {
+        let loc = Location::parse(dir.path().join(name).to_str().unwrap(), true).unwrap();
+        async move {
+            let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 4, 6))
+                .await
+                .unwrap();
+            w.hold_out_documents(n, 200).unwrap();
+            for d in 0..200u32 {
+                if Some(d) == skip {
+                    w.skip_document();
+                } else {
+                    w.add_document(&vec![d; 40]).await.unwrap();
+                }
+            }
+            let m = w.finish().await.unwrap();
+            let held = read_holdout(&loc, &m).await.unwrap().unwrap();
+            let mut docs = held;
+            docs.dedup();
+            (m.holdout.unwrap(), docs)
+        }
+    };
+    let (h, docs) = write("a", 17, None).await;
+    assert_eq!((h.n_documents, docs.len()), (17, 17));
+    assert!((h.fraction - 17.0 / 200.0).abs() < 1e-12);
+    let (_, again) = write("b", 17, None).await;
+    assert_eq!(again, docs);
+    let (h, _) = write("c", 17, Some(docs[3])).await;
+    assert_eq!(h.n_documents, 16);
+    let loc = Location::parse(dir.path().join("d").to_str().unwrap(), true).unwrap();
+    let mut w = DatasetWriter::create(loc, opts(dd(), 4, 6)).await.unwrap();
+    let e = w.hold_out_documents(200, 200).unwrap_err().to_string();
+    assert!(
+        e.contains("leave at least one for training (the corpus has 200)"),
+        "{e}"
+    );
+}
