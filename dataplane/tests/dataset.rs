@@ -669,7 +669,7 @@ async fn an_exact_number_of_documents_is_held_out() {
                 if Some(d) == skip {
                     w.skip_document();
                 } else {
-                    w.add_document(&vec![d; 40]).await.unwrap();
+                    w.add_document(&[d; 40]).await.unwrap();
                 }
             }
             let m = w.finish().await.unwrap();
