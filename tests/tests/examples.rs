@@ -64,3 +64,22 @@ fn the_readme_gives_exactly_two_setup_commands_and_they_name_real_files() {
         setup[1]
     );
 }
+
+/// Every sweep in `examples/sweeps/` expands into valid jobs.
+#[test]
+fn every_example_sweep_expands() {
+    let dir = repo_root().join("examples/sweeps");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let base = strata_sweep::spec::base_path(&text).unwrap().unwrap();
+        let base_text = std::fs::read_to_string(dir.join(&base)).unwrap();
+        let inlined = strata_sweep::spec::inline_base(&text, &base_text, &base).unwrap();
+        let plan = strata_sweep::spec::expand(&inlined)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(plan.points.len(), 9, "{}", path.display());
+        n += 1;
+    }
+    assert_eq!(n, 2);
+}
