@@ -939,6 +939,37 @@ async fn straight_run(
     metrics(cl, &id).await
 }
 
+/// Workers told to stop right after a checkpoint step (its save still
+/// being written in the background) finish and report that save before
+/// they leave: the next attempt continues from it, losing no step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_just_after_a_checkpoint_step_keeps_that_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let mut cfg = config(&dir.path().join("state"), 2, None);
+    cfg.worker_env.push((
+        "STRATA_FAULT_STOP_AFTER".into(),
+        "layout-1-1-2-1:1:8".into(),
+    ));
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let ck = dir.path().join("checkpoints");
+    let id = submit(
+        &mut cl,
+        recipe_fault(&data, 12, (1, 1, 2), &ck, "max_restarts = 1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(id, "layout-1-1-2-1");
+    let j = ended(&mut cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
+    assert_eq!(j.attempts[0].last_step, 8, "{:?}", j.attempts);
+    assert_eq!(j.attempts[1].from_step, 8, "{:?}", j.attempts);
+    assert_eq!(j.attempts[0].steps_lost, 0, "{:?}", j.attempts);
+    c.stop().await;
+}
+
 /// SIGKILL of one worker of a (2, 2, 2) run, and separately SIGSTOP of
 /// one (silent: a stopped process or a lost machine), and a rank whose
 /// step stops moving while its heartbeats go on (a hang): each job

@@ -538,7 +538,8 @@ fn steps<B: AutodiffBackend>(
     let microbatches = recipe.parallel.microbatches.max(1) as usize;
     let report = coords.dp == 0 && coords.pp == 0 && coords.tp == 0;
     let n_steps = recipe.data.n_steps();
-    let hang_at = fault_hang_at(args);
+    let hang_at = fault_at("STRATA_FAULT_HANG_AT", args, true);
+    let stop_after = fault_at("STRATA_FAULT_STOP_AFTER", args, false);
     let about = Run {
         job: &args.job,
         attempt: args.attempt,
@@ -561,11 +562,15 @@ fn steps<B: AutodiffBackend>(
         if !go_on {
             let done = step - 1;
             if let Some(ck) = &mut checkpoints
-                && done > saved_at
                 && !stop.abandoned.load(Ordering::SeqCst)
             {
-                let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
-                ck.save(done, &trainer, coords.dp, header);
+                if done > saved_at {
+                    let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
+                    ck.save(done, &trainer, coords.dp, header);
+                }
+                // The save of the step it stopped after, or one the
+                // interval started just before the stop, is written and
+                // reported before the worker leaves.
                 ck.report(rt, &mut client, args, true)?;
             }
             let reason = if stop.requested() {
@@ -673,6 +678,10 @@ fn steps<B: AutodiffBackend>(
             }
             ck.report(rt, &mut client, args, false)?;
         }
+        if stop_after == Some(step) {
+            tracing::warn!(step, "STRATA_FAULT_STOP_AFTER: stopping after this step");
+            stop.request("STRATA_FAULT_STOP_AFTER");
+        }
     }
     if let Some(ck) = &mut checkpoints {
         ck.report(rt, &mut client, args, true)?;
@@ -754,24 +763,25 @@ impl EvalSet {
     }
 }
 
-/// Fault injection for the recovery tests: `STRATA_FAULT_HANG_AT =
-/// "JOB:ATTEMPT:RANK:STEP"` makes that rank of that attempt of that job
-/// stop training before that step while its heartbeats go on (a hung
-/// collective or kernel, as the coordinator sees it).
-fn fault_hang_at(args: &WorkerArgs) -> Option<u64> {
-    let spec = std::env::var("STRATA_FAULT_HANG_AT").ok()?;
+/// Fault injection for the recovery tests, the step it strikes at.
+/// `STRATA_FAULT_HANG_AT = "JOB:ATTEMPT:RANK:STEP"` makes that rank of
+/// that attempt of that job stop training before that step while its
+/// heartbeats go on (a hung collective or kernel, as the coordinator sees
+/// it). `STRATA_FAULT_STOP_AFTER = "JOB:ATTEMPT:STEP"` makes every rank
+/// ask itself to stop after that step, as a SIGTERM then would.
+fn fault_at(var: &str, args: &WorkerArgs, per_rank: bool) -> Option<u64> {
+    let spec = std::env::var(var).ok()?;
     let (job, rest) = spec.split_once(':')?;
     let parts: Vec<u64> = rest.split(':').filter_map(|p| p.parse().ok()).collect();
-    match parts[..] {
-        [attempt, rank, step]
-            if job == args.job
-                && attempt == u64::from(args.attempt)
-                && rank == u64::from(args.rank) =>
-        {
-            Some(step)
-        }
-        _ => None,
-    }
+    let (attempt, rank, step) = match (per_rank, &parts[..]) {
+        (true, &[attempt, rank, step]) => (attempt, Some(rank), step),
+        (false, &[attempt, step]) => (attempt, None, step),
+        _ => return None,
+    };
+    (job == args.job
+        && attempt == u64::from(args.attempt)
+        && rank.is_none_or(|r| r == u64::from(args.rank)))
+    .then_some(step)
 }
 
 /// What a checkpoint's manifest says of the run.
