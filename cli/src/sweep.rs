@@ -441,6 +441,9 @@ struct Fits {
     /// (N, D) groups whose best learning rate is the smallest or largest
     /// swept, and the groups.
     lr_at_edge: (usize, usize),
+    /// The fitted compute-optimal frontier from the sweep's smallest
+    /// compute to 100× its largest: (C, N*, D*, L).
+    frontier: Vec<(f64, f64, f64, f64)>,
     chinchilla: Result<(strata_sweep::fit::ChinchillaFit, Option<Vec<Interval>>), String>,
     lr: Result<(strata_sweep::fit::PowerLaw, Option<Vec<Interval>>, usize), String>,
     batch: Result<(strata_sweep::fit::PowerLaw, Option<Vec<Interval>>, usize), String>,
@@ -514,8 +517,31 @@ fn fits(runs: &[&Run], bootstrap: usize, tolerance: f64) -> Fits {
             })
             .map_err(|e| e.to_string())
     };
+    let frontier = match &chinchilla {
+        Ok((fit, _)) => {
+            let (lo, hi) = runs
+                .iter()
+                .map(|r| chinchilla_compute(&r.row))
+                .filter(|c| *c > 0.0)
+                .fold((f64::INFINITY, 0f64), |(a, b), c| (a.min(c), b.max(c)));
+            if lo.is_finite() {
+                let hi = hi * 100.0;
+                (0..=8)
+                    .map(|i| {
+                        let c = lo * (hi / lo).powf(i as f64 / 8.0);
+                        let (n, d) = fit.law.optimal(c);
+                        (c, n, d, fit.law.loss(n, d))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        }
+        Err(_) => Vec::new(),
+    };
     Fits {
         lr_at_edge: lr_at_edge(&rp),
+        frontier,
         chinchilla,
         lr: hyper(Hyper::Lr),
         batch: hyper(Hyper::Batch),
@@ -584,6 +610,14 @@ fn fits_text(f: &Fits, bootstrap: usize) -> String {
                 l.n_exponent(),
                 1.0 - l.n_exponent()
             );
+            for (c, n, d, loss) in &f.frontier {
+                out += &format!(
+                    "  at C = {} (6·N·D): N* = {}, D* = {}, L = {loss:.4}\n",
+                    sci(*c),
+                    sci(*n),
+                    sci(*d)
+                );
+            }
         }
         Err(why) => out += &format!("L(N, D): not fitted: {why}\n"),
     }
@@ -626,7 +660,11 @@ fn fits_json(f: &Fits) -> serde_json::Value {
     json!({
         "lr_at_grid_edge": { "groups": f.lr_at_edge.1, "at_edge": f.lr_at_edge.0 },
         "chinchilla": match &f.chinchilla {
-            Ok((fit, ci)) => json!({ "fit": fit, "intervals": ci }),
+            Ok((fit, ci)) => json!({
+                "fit": fit,
+                "intervals": ci,
+                "frontier": f.frontier.iter().map(|(c, n, d, l)| json!({ "compute": c, "n": n, "d": d, "loss": l })).collect::<Vec<_>>(),
+            }),
             Err(e) => err(e),
         },
         "lr": match &f.lr {

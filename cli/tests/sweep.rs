@@ -108,6 +108,15 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// Writes sweep file `name` and submits it with `strata sweep`: its id,
+/// and what the command printed on stderr.
+fn submit_file(dir: &Path, name: &str, text: &str, url: &str) -> (String, String) {
+    let file = write(dir, name, text);
+    let (code, out, err) = strata(&["sweep", file.to_str().unwrap(), "--coordinator", url]);
+    assert_eq!(code, 0, "{err}");
+    (out.trim().to_string(), err)
+}
+
 async fn holdout_dataset(dir: &Path) -> String {
     let corpus = strata_tests::corpora().join("sotu");
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
@@ -164,16 +173,14 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
 
     // Three sizes × three learning rates, two jobs at a time.
     let t = Instant::now();
-    let grid = write(
+    let (grid_id, err) = submit_file(
         dir.path(),
         "grid.toml",
         &format!(
             "name = \"grid\"\nbase = \"base.toml\"\nmax_concurrent = 2\n{SIZES}[grid]\nsize = [\"s\", \"m\", \"l\"]\nlr = [1e-2, 3e-2, 1e-1]\n"
         ),
+        &url,
     );
-    let (code, out, err) = strata(&["sweep", grid.to_str().unwrap(), "--coordinator", &url]);
-    assert_eq!(code, 0, "{err}");
-    let grid_id = out.trim().to_string();
     assert!(err.contains("9 points, at most 2 at once"), "{err}");
     // Never more than two of its jobs at once.
     let mut most = 0;
@@ -203,16 +210,14 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
     // The branch sweep: per size a stable run of 80 steps with its own
     // cooldown, and branches ending at 20 and 40 steps.
     let t = Instant::now();
-    let branches = write(
+    let (cool_id, _) = submit_file(
         dir.path(),
         "branches.toml",
         &format!(
             "name = \"cool\"\nbase = \"base.toml\"\nmax_concurrent = 2\n{SIZES}[grid]\nsize = [\"s\", \"m\", \"l\"]\ntotal_tokens = [20480]\n[branches]\nfractions = [0.25, 0.5, 1.0]\ncooldown = 0.2\n"
         ),
+        &url,
     );
-    let (code, out, err) = strata(&["sweep", branches.to_str().unwrap(), "--coordinator", &url]);
-    assert_eq!(code, 0, "{err}");
-    let cool_id = out.trim().to_string();
     let s = sweep_ended(&mut cl, &cool_id, 600).await;
     assert_eq!(s.state(), pb::SweepState::Succeeded, "{}", s.reason);
     let cool_s = t.elapsed().as_secs_f64();
@@ -300,6 +305,15 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
                 );
                 eprintln!("cooldowns, size {}: {losses:?}", s["size"]);
             }
+            // Nine (N, D) points: L(N, D) is fitted (or says why), and
+            // its frontier is listed with it.
+            match fits["chinchilla"]["fit"]["law"]["e"].as_f64() {
+                Some(e) => {
+                    assert!(e.is_finite() && e > 0.0, "{fits}");
+                    assert_eq!(fits["chinchilla"]["frontier"].as_array().unwrap().len(), 9);
+                }
+                None => assert!(fits["chinchilla"]["not_fitted"].is_string(), "{fits}"),
+            }
             eprintln!("branch sweep fits: {}", fits["chinchilla"]);
         }
         // Kept for a look.
@@ -340,14 +354,12 @@ async fn a_cancelled_sweep_resubmits_only_what_did_not_succeed() {
         "base.toml",
         &base(&data, &dir.path().join("ck"), 30),
     );
-    let file = write(
+    let (id, _) = submit_file(
         dir.path(),
         "sw.toml",
         "name = \"sw\"\nbase = \"base.toml\"\n[grid]\nlr = [1e-3, 2e-3, 3e-3]\ntotal_tokens = [7680, 2560000]\n",
+        &url,
     );
-    let (code, out, err) = strata(&["sweep", file.to_str().unwrap(), "--coordinator", &url]);
-    assert_eq!(code, 0, "{err}");
-    let id = out.trim().to_string();
     // One at a time: the first point (a short run) succeeds, the second
     // (a long one) is cancelled while it runs.
     let t = Instant::now();

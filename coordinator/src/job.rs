@@ -108,6 +108,34 @@ pub struct BranchOf {
 }
 
 impl JobRecord {
+    /// A queued job of one data-parallel pair, for the engine's tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: &str) -> JobRecord {
+        JobRecord {
+            job_id: id.into(),
+            name: "t".into(),
+            spec_toml: "name = \"t\"".into(),
+            state: JobState::Queued,
+            layout: Layout::new(1, 1, 2),
+            microbatches: 1,
+            steps_total: 10,
+            steps_done: 0,
+            tokens_done: 0,
+            last_loss: None,
+            failure_reason: String::new(),
+            submitted_unix_ms: 1,
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            run_dir: "/runs/t".into(),
+            worker_token: "secret".into(),
+            attempts: Vec::new(),
+            checkpoints: Vec::new(),
+            resume_from: None,
+            checkpoint_errors: Vec::new(),
+            parent: None,
+        }
+    }
+
     /// The current (or last) attempt's number; 0 before the first.
     pub fn attempt(&self) -> u32 {
         self.attempts.last().map_or(0, |a| a.number)

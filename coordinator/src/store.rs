@@ -416,33 +416,10 @@ fn write_steps(db: &Db, path: &Path, rx: &mpsc::Receiver<Batch>, committed: &Com
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobState, StageTimes, StepTimes};
-    use strata_recipe::Layout;
+    use crate::job::{StageTimes, StepTimes};
 
     fn job(id: &str) -> JobRecord {
-        JobRecord {
-            job_id: id.into(),
-            name: "t".into(),
-            spec_toml: "name = \"t\"".into(),
-            state: JobState::Queued,
-            layout: Layout::new(1, 1, 2),
-            microbatches: 1,
-            steps_total: 10,
-            steps_done: 0,
-            tokens_done: 0,
-            last_loss: None,
-            failure_reason: String::new(),
-            submitted_unix_ms: 1,
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            run_dir: "/runs/t".into(),
-            worker_token: "secret".into(),
-            attempts: Vec::new(),
-            checkpoints: Vec::new(),
-            resume_from: None,
-            checkpoint_errors: Vec::new(),
-            parent: None,
-        }
+        JobRecord::for_test(id)
     }
 
     fn step(n: u64) -> StepRecord {

@@ -527,27 +527,10 @@ pub fn slug(name: &str) -> String {
 mod tests {
     use super::*;
     use crate::job::CheckpointRecord;
-    use strata_recipe::Layout;
 
     fn job(id: &str, state: JobState, checkpoints: &[u64]) -> JobRecord {
         JobRecord {
-            job_id: id.into(),
-            name: id.into(),
-            spec_toml: String::new(),
             state,
-            layout: Layout::new(1, 1, 1),
-            microbatches: 1,
-            steps_total: 10,
-            steps_done: 0,
-            tokens_done: 0,
-            last_loss: None,
-            failure_reason: String::new(),
-            submitted_unix_ms: 1,
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            run_dir: String::new(),
-            worker_token: String::new(),
-            attempts: Vec::new(),
             checkpoints: checkpoints
                 .iter()
                 .map(|&step| CheckpointRecord {
@@ -561,9 +544,7 @@ mod tests {
                     written_unix_ms: 0,
                 })
                 .collect(),
-            resume_from: None,
-            checkpoint_errors: Vec::new(),
-            parent: None,
+            ..JobRecord::for_test(id)
         }
     }
 
