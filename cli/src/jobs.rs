@@ -92,6 +92,10 @@ pub struct CoordinatorArgs {
     /// Where to listen. On a loopback address no client token is needed.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve HTTP here too: Prometheus metrics at /metrics. Off loopback
+    /// (this address or --listen's) clients need the token.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
     /// Where the job store and the runs' files live.
     #[arg(long, default_value = "strata-state")]
     pub state_dir: PathBuf,
@@ -180,7 +184,7 @@ fn client_token(args: &CoordinatorArgs) -> anyhow::Result<Option<String>> {
     if let Some(path) = &args.token_file {
         return read_token_file(path).map(Some);
     }
-    if args.listen.ip().is_loopback() {
+    if args.listen.ip().is_loopback() && args.http_listen.is_none_or(|h| h.ip().is_loopback()) {
         return Ok(None);
     }
     let path = args.state_dir.join("token");
@@ -222,6 +226,7 @@ pub fn coordinator_config(
         heartbeat_timeout,
         stop_grace: Duration::from_secs(30),
         advertise_url: None,
+        http_listen: None,
     })
 }
 
@@ -326,6 +331,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     cfg.stop_grace = Duration::from_secs(args.stop_grace_s);
     cfg.advertise_url = args.advertise_url.clone();
+    cfg.http_listen = args.http_listen;
     cfg.worker_args.extend(extra_worker_args);
     runtime()?.block_on(async move {
         let mut c = Coordinator::start_with(cfg, launcher)
@@ -343,6 +349,9 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             c.engine.launcher_description(),
             inventory.nodes().len(),
         );
+        if let Some(h) = c.http_addr {
+            eprintln!("Prometheus metrics at http://{h}/metrics");
+        }
         let stop = c.shutdown_handle();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -12,6 +12,7 @@
 
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod job;
 pub mod placement;
 pub mod server;

@@ -80,6 +80,9 @@ pub struct CoordinatorConfig {
     /// How long the workers of a cancelled or failed attempt get between
     /// SIGTERM (they save a checkpoint and leave) and SIGKILL.
     pub stop_grace: Duration,
+    /// Where to serve HTTP (Prometheus `/metrics`), if anywhere; the same
+    /// token rule as gRPC.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// What watchers of a job hear.
@@ -122,6 +125,8 @@ pub struct Engine {
     closing: Arc<tokio::sync::watch::Sender<bool>>,
     /// Held by whoever advances or changes sweeps: one at a time.
     pub(crate) advancing: tokio::sync::Mutex<()>,
+    /// Seconds between a rank's heartbeats, every job's.
+    pub(crate) heartbeat_gaps: prometheus_client::metrics::histogram::Histogram,
 }
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -341,6 +346,7 @@ impl Engine {
             stopping: std::sync::atomic::AtomicBool::new(false),
             closing: Arc::new(tokio::sync::watch::Sender::new(false)),
             advancing: tokio::sync::Mutex::new(()),
+            heartbeat_gaps: crate::http::heartbeat_histogram(),
         }))
     }
 
@@ -405,6 +411,17 @@ impl Engine {
         f(&mut job);
         self.save(state, job.clone())?;
         Ok(job)
+    }
+
+    /// Every job, the queue's length and the slots leased, as they are
+    /// now (for `/metrics`).
+    pub(crate) fn snapshot(&self) -> (Vec<JobRecord>, usize, usize) {
+        let state = self.lock();
+        (
+            state.jobs.values().cloned().collect(),
+            state.queue.len(),
+            Engine::leased(&state).len(),
+        )
     }
 
     /// The slots whose processes are alive.
@@ -1498,7 +1515,7 @@ impl ControlService for Control {
         let mut state = engine.lock();
         let sup = running(&mut state, &req.job_id)?;
         sup.addrs[req.rank as usize] = Some(req.collective_addr.clone());
-        sup.beat(req.rank as usize, None);
+        let _ = sup.beat(req.rank as usize, None);
         tracing::info!(job = %req.job_id, rank = req.rank, attempt = req.attempt, host = %req.host, pid = req.pid, collective = %req.collective_addr, "worker registered");
         engine.changed.notify_waiters();
         Ok(Response::new(pb::RegisterResponse {}))
@@ -1582,7 +1599,8 @@ impl ControlService for Control {
         let mut state = engine.lock();
         match state.attempts.get_mut(&req.job_id) {
             Some(sup) if sup.is_running() => {
-                sup.beat(req.rank as usize, Some(req.step));
+                let gap = sup.beat(req.rank as usize, Some(req.step));
+                engine.heartbeat_gaps.observe(gap.as_secs_f64());
                 Ok(Response::new(pb::HeartbeatResponse {
                     stop: false,
                     stop_reason: String::new(),
@@ -1617,7 +1635,7 @@ impl ControlService for Control {
             .is_some_and(|j| j.state == JobState::Restarting);
         match state.attempts.get_mut(&req.job_id) {
             Some(sup) if sup.attempt == req.attempt && !restarting => {
-                sup.beat(req.rank as usize, Some(last.step))
+                let _ = sup.beat(req.rank as usize, Some(last.step));
             }
             _ => {
                 return Err(EngineError::Precondition(format!(
@@ -1899,6 +1917,8 @@ async fn commit_checkpoint(
 /// A running coordinator: its address, and a handle to stop it.
 pub struct Coordinator {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served (`--http-listen`), if anywhere.
+    pub http_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -1947,7 +1967,24 @@ impl Coordinator {
             source,
         })?;
         cfg.listen = addr;
+        let http = match cfg.http_listen {
+            Some(at) => Some(
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: at, source })?,
+            ),
+            None => None,
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let engine = Engine::open(cfg, launcher)?;
+        if let Some(listener) = http {
+            tokio::spawn(crate::http::serve(
+                listener,
+                engine.clone(),
+                engine.cfg.client_token.clone(),
+                engine.closing.subscribe(),
+            ));
+        }
         let url = match &engine.cfg.advertise_url {
             Some(url) => url.clone(),
             None if !addr.ip().is_unspecified() => format!("http://{addr}"),
@@ -2020,6 +2057,7 @@ impl Coordinator {
         tracing::info!(%addr, "coordinator listening");
         Ok(Coordinator {
             addr,
+            http_addr,
             engine,
             shutdown: Some(tx),
             task,
@@ -2077,6 +2115,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(1),
             advertise_url: None,
+            http_listen: None,
         }
     }
 

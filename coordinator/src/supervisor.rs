@@ -84,14 +84,17 @@ impl Supervisor {
     }
 
     /// A heartbeat (or any call) from `rank`, at `step`.
-    pub fn beat(&mut self, rank: usize, step: Option<u64>) {
+    /// Records rank `rank`'s heartbeat; the time since its last one.
+    pub fn beat(&mut self, rank: usize, step: Option<u64>) -> Duration {
         let now = Instant::now();
+        let gap = now.saturating_duration_since(self.heartbeat[rank]);
         self.heartbeat[rank] = now;
         if let Some(step) = step
             && step > self.progress[rank].0
         {
             self.progress[rank] = (step, now);
         }
+        gap
     }
 
     /// The first rank (other than `except`) whose process ended before it

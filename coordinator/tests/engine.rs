@@ -150,6 +150,7 @@ async fn setup() -> Setup {
         heartbeat_timeout: Duration::from_secs(600),
         stop_grace: Duration::from_secs(1),
         advertise_url: None,
+        http_listen: None,
     };
     let c = Coordinator::start_with(cfg, Arc::new(launcher.clone()))
         .await

@@ -122,6 +122,7 @@ pub fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfi
         heartbeat_timeout: Duration::from_secs(30),
         stop_grace: Duration::from_secs(30),
         advertise_url: None,
+        http_listen: None,
     }
 }
 

@@ -1,0 +1,157 @@
+//! The coordinator's `/metrics`: Prometheus' text format, parsed by a
+//! Prometheus parser, its numbers those `GetMetrics` gives for the same
+//! step; the bearer token asked for like gRPC's.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use strata_coordinator::Coordinator;
+use strata_proto::v1 as pb;
+
+/// GET `path` over HTTP/1.1: the status code and the body.
+fn get_http(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: strata\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    (code, body.to_string())
+}
+
+/// A gauge's value for a job (`job` label), or without labels.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, job: Option<&str>) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && job.is_none_or(|j| s.labels.get("job") == Some(j)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_match_the_job_history_and_need_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+
+    // With a client token, /metrics asks for it as gRPC does.
+    let mut cfg = config(&dir.path().join("guarded"), 2, Some("sesame"));
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let guarded = Coordinator::start(cfg).await.unwrap();
+    let at = guarded.http_addr.unwrap();
+    assert_eq!(get_http(at, "/metrics", None).0, 401);
+    assert_eq!(get_http(at, "/metrics", Some("nope")).0, 401);
+    assert_eq!(get_http(at, "/metrics", Some("sesame")).0, 200);
+    guarded.stop().await;
+
+    let mut cfg = config(&dir.path().join("state"), 2, None);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let c = Coordinator::start(cfg).await.unwrap();
+    let http = c.http_addr.unwrap();
+    let mut cl = client(&c).await;
+
+    let id = cl
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: recipe(&data, 400, 2),
+            default_name: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let j = until(&mut cl, &id, 120, |j| j.steps_done >= 5).await;
+    assert_eq!(j.state(), pb::JobState::Running);
+    let (code, body) = get_http(http, "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    let running = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "strata_jobs" && s.labels.get("state") == Some("running"))
+        .unwrap();
+    assert!(
+        matches!(running.value, prometheus_parse::Value::Gauge(v) if v == 1.0),
+        "{body}"
+    );
+    assert_eq!(value(&scrape, "strata_slots", None), Some(2.0));
+    assert_eq!(value(&scrape, "strata_slots_leased", None), Some(2.0));
+    assert_eq!(value(&scrape, "strata_queue_length", None), Some(0.0));
+    // The job's numbers are its recorded step's, exactly.
+    let step = value(&scrape, "strata_job_step", Some(&id)).unwrap() as u64;
+    assert!(step >= 1, "{body}");
+    let history = cl
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: id.clone(),
+            from_step: step,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    let s = &history[0];
+    assert_eq!(s.step, step);
+    assert_eq!(value(&scrape, "strata_job_loss", Some(&id)), Some(s.loss));
+    assert_eq!(value(&scrape, "strata_job_lr", Some(&id)), Some(s.lr));
+    assert_eq!(
+        value(&scrape, "strata_job_tokens_per_second", Some(&id)),
+        Some(s.tokens_per_s)
+    );
+    assert_eq!(
+        value(&scrape, "strata_job_steps_total", Some(&id)),
+        Some(400.0)
+    );
+    assert_eq!(value(&scrape, "strata_job_attempts", Some(&id)), Some(1.0));
+    let per_token = strata_recipe::plan::Plan::new(
+        &strata_recipe::Recipe::from_toml_str(&recipe(&data, 400, 2), "t").unwrap(),
+    )
+    .flops_per_token;
+    assert_eq!(
+        value(&scrape, "strata_job_model_flops_per_second", Some(&id)),
+        Some(per_token * s.tokens_per_s)
+    );
+    let t = s.times.unwrap();
+    let sum = t.data_s + t.forward_s + t.backward_s + t.all_reduce_s + t.optimizer_s;
+    let got = value(&scrape, "strata_job_step_seconds", Some(&id)).unwrap();
+    assert!((got - sum).abs() < 1e-9 * sum.max(1.0), "{got} vs {sum}");
+    // Heartbeats arrived and were measured.
+    let beats = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "strata_heartbeat_interval_seconds_count")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            ref other => panic!("{other:?}"),
+        });
+    assert!(
+        body.contains("strata_heartbeat_interval_seconds_bucket"),
+        "{body}"
+    );
+    eprintln!("heartbeats measured: {beats:?}");
+    cl.cancel_job(pb::CancelJobRequest {
+        job_id: id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    c.stop().await;
+}
