@@ -235,14 +235,7 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
 
     // The held-out split of a dataset decomposed with one: by default,
     // and capped.
-    let corpus = strata_tests::corpora().join("sotu");
-    let mut inputs: Vec<std::path::PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    inputs.sort();
-    inputs.truncate(40);
-    let held = decompose_holding_out(dir.path(), "held", &inputs, 0.2).await;
+    let held = decompose_holding_out(dir.path(), "held", &sotu_40(), 0.2).await;
     // [eval] on it: 16 windows of 65 tokens after every 2 steps, under
     // one process, (1, 2, 2) and (2, 2, 1), give the same held-out losses,
     // and

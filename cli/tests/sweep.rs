@@ -118,15 +118,7 @@ fn submit_file(dir: &Path, name: &str, text: &str, url: &str) -> (String, String
 }
 
 async fn holdout_dataset(dir: &Path) -> String {
-    let corpus = strata_tests::corpora().join("sotu");
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    inputs.sort();
-    inputs.truncate(40);
-    decompose_holding_out(dir, "sotu-40-holdout", &inputs, 0.1).await
+    decompose_holding_out(dir, "sotu-40-holdout", &sotu_40(), 0.1).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -417,8 +417,7 @@ impl Jobs {
             s.reason.clear();
         })?;
         tracing::info!(sweep = %id, points = again.len(), "sweep resubmitted");
-        drop(_one);
-        self.advance_sweeps().await;
+        self.advance_locked().await;
         Ok(())
     }
 

@@ -35,6 +35,11 @@ pub async fn dataset(dir: &Path) -> String {
 /// the 16- and 32-token buckets a piece, enough for a curriculum that
 /// draws from every bucket.
 pub async fn dataset_40(dir: &Path) -> String {
+    decompose(dir, "dataset-40", &sotu_40()).await
+}
+
+/// The first 40 State of the Union addresses' files.
+pub fn sotu_40() -> Vec<PathBuf> {
     let corpus = strata_tests::corpora().join("sotu");
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&corpus)
         .unwrap()
@@ -43,7 +48,7 @@ pub async fn dataset_40(dir: &Path) -> String {
         .collect();
     inputs.sort();
     inputs.truncate(40);
-    decompose(dir, "dataset-40", &inputs).await
+    inputs
 }
 
 pub async fn decompose(dir: &Path, name: &str, inputs: &[PathBuf]) -> String {
