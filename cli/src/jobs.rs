@@ -92,8 +92,9 @@ pub struct CoordinatorArgs {
     /// Where to listen. On a loopback address no client token is needed.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Serve HTTP here too: Prometheus metrics at /metrics. Off loopback
-    /// (this address or --listen's) clients need the token.
+    /// Serve HTTP here too: the dashboard at / and Prometheus metrics at
+    /// /metrics. Off loopback (this address or --listen's) they need the
+    /// client token, as gRPC does.
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
     /// Where the job store and the runs' files live.
@@ -322,6 +323,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         Inventory::local(1).map_err(|e| UserError(e.to_string()))?
     };
     let token = client_token(&args)?;
+    let token_set = token.is_some();
     let mut cfg = coordinator_config(
         args.listen,
         args.state_dir.clone(),
@@ -350,7 +352,17 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             inventory.nodes().len(),
         );
         if let Some(h) = c.http_addr {
-            eprintln!("Prometheus metrics at http://{h}/metrics");
+            eprintln!("dashboard at http://{h}/ and Prometheus metrics at http://{h}/metrics");
+            if token_set {
+                let file = args
+                    .token_file
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join("token"));
+                eprintln!(
+                    "  they need the client token: a browser opens http://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
+                    file.display()
+                );
+            }
         }
         let stop = c.shutdown_handle();
         tokio::spawn(async move {

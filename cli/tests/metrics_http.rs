@@ -35,6 +35,22 @@ fn get_http(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) 
     (code, body.to_string())
 }
 
+/// GET `path` with extra header lines: the status code and the head.
+fn raw_http(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: strata\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let head = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |h| h.0);
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, format!("{head}\r\n"))
+}
+
 /// A gauge's value for a job (`job` label), or without labels.
 fn value(scrape: &prometheus_parse::Scrape, name: &str, job: Option<&str>) -> Option<f64> {
     scrape
@@ -60,6 +76,45 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert_eq!(get_http(at, "/metrics", None).0, 401);
     assert_eq!(get_http(at, "/metrics", Some("nope")).0, 401);
     assert_eq!(get_http(at, "/metrics", Some("sesame")).0, 200);
+    // The dashboard's pages, assets and API ask for it too.
+    for path in [
+        "/",
+        "/jobs/x",
+        "/assets/dashboard.js",
+        "/api/overview",
+        "/api/jobs/x/events",
+    ] {
+        assert_eq!(get_http(at, path, None).0, 401, "{path}");
+        assert_eq!(get_http(at, path, Some("nope")).0, 401, "{path}");
+    }
+    let (code, body) = get_http(at, "/api/overview", Some("sesame"));
+    assert_eq!(code, 200, "{body}");
+    let overview: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(overview["slots"], 2, "{body}");
+    // `?token=` gives a browser the cookie and sends it on without the
+    // token; a wrong one gets nothing; the cookie then opens every path.
+    let (code, head) = raw_http(at, "/jobs/x?token=sesame&a=1", "");
+    assert_eq!(code, 303, "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("location: /jobs/x?a=1\r\n"), "{head}");
+    assert!(
+        head.contains("set-cookie: strata_token=736573616d65; httponly; samesite=strict; path=/"),
+        "{head}"
+    );
+    assert_eq!(raw_http(at, "/?token=nope", "").0, 401);
+    assert_eq!(
+        raw_http(
+            at,
+            "/api/overview",
+            "Cookie: a=b; strata_token=736573616d65\r\n"
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        raw_http(at, "/metrics", "Cookie: strata_token=sesame\r\n").0,
+        401
+    );
     guarded.stop().await;
 
     let mut cfg = config(&dir.path().join("state"), 2, None);

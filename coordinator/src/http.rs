@@ -1,15 +1,16 @@
 //! The coordinator's HTTP side (`--http-listen`): Prometheus metrics at
 //! `/metrics`, encoded by the official client from the engine's state at
-//! each scrape (nothing is kept twice), and the heartbeat histogram the
-//! engine observes. Off loopback it asks for the same bearer token as
-//! gRPC.
+//! each scrape (nothing is kept twice), the heartbeat histogram the engine
+//! observes, and the dashboard ([`crate::dashboard`]). With a client token
+//! (always, off loopback) every path asks for it, as gRPC does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State as AxumState;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Query, Request, State as AxumState};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -190,26 +191,93 @@ pub fn render(engine: &Engine) -> String {
     out
 }
 
-struct Http {
-    engine: Arc<Engine>,
-    token: Option<String>,
+/// What the HTTP handlers share.
+pub(crate) struct Http {
+    pub(crate) engine: Arc<Engine>,
+    /// The bearer token calls must carry, when one is set.
+    pub(crate) token: Option<String>,
 }
 
-async fn metrics(AxumState(http): AxumState<Arc<Http>>, headers: HeaderMap) -> Response {
-    if let Some(token) = &http.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            tracing::warn!("HTTP call with a wrong or missing token");
-            return (
-                StatusCode::UNAUTHORIZED,
-                "wrong or missing bearer token (see the coordinator's --token-file)\n",
-            )
-                .into_response();
+/// The cookie a browser keeps the token in, once given `?token=`.
+const COOKIE: &str = "strata_token";
+
+/// The cookie holds the token hex encoded: any token is then a valid
+/// cookie value.
+fn hex(token: &str) -> String {
+    token.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Equal without an early exit: how long a comparison takes says nothing
+/// of how much of a guess was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// The token rule of gRPC, for every HTTP path: with a token set, a call
+/// carries it as `Authorization: Bearer …` or in the `strata_token`
+/// cookie. A page opened with `?token=…` (as the coordinator prints it)
+/// gets the cookie and is sent on to the same path without the token, so
+/// the token does not stay in the address bar or the history.
+async fn authorize(AxumState(http): AxumState<Arc<Http>>, req: Request, next: Next) -> Response {
+    let Some(token) = &http.token else {
+        return next.run(req).await;
+    };
+    let query: Vec<(String, String)> = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default();
+    if let Some((_, given)) = query.iter().find(|(k, _)| k == "token")
+        && same(given.as_bytes(), token.as_bytes())
+    {
+        let rest: Vec<&str> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("token="))
+            .collect();
+        // Never elsewhere: `//host` would be another site.
+        let mut to = format!("/{}", req.uri().path().trim_start_matches('/'));
+        if !rest.is_empty() {
+            to = format!("{to}?{}", rest.join("&"));
         }
+        return (
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, to),
+                (
+                    header::SET_COOKIE,
+                    format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", hex(token)),
+                ),
+            ],
+        )
+            .into_response();
     }
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
+    let ok = bearer.is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
+        || cookie.is_some_and(|g| same(g.as_bytes(), hex(token).as_bytes()));
+    if ok {
+        return next.run(req).await;
+    }
+    tracing::warn!(path = %req.uri().path(), "HTTP call with a wrong or missing token");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "wrong or missing token: send `Authorization: Bearer TOKEN`, or open the dashboard once as /?token=TOKEN (the coordinator's --token-file)\n",
+    )
+        .into_response()
+}
+
+async fn metrics(AxumState(http): AxumState<Arc<Http>>) -> Response {
     let engine = http.engine.clone();
     match tokio::task::spawn_blocking(move || render(&engine)).await {
         Ok(text) => (
@@ -224,18 +292,25 @@ async fn metrics(AxumState(http): AxumState<Arc<Http>>, headers: HeaderMap) -> R
     }
 }
 
-/// Serves `/metrics` on `listener` until `closing` turns true.
+/// Serves `/metrics` and the dashboard on `listener` until `closing`
+/// turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     token: Option<String>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
+    let http = Arc::new(Http { engine, token });
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(Arc::new(Http { engine, token }));
+        .merge(crate::dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            http.clone(),
+            authorize,
+        ))
+        .with_state(http);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "HTTP (/metrics) listening");
+    tracing::info!(addr = ?addr, "HTTP (/metrics and the dashboard) listening");
     let shutdown = async move {
         let _ = closing.wait_for(|c| *c).await;
     };

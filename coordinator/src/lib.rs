@@ -8,9 +8,12 @@
 //! attempt (`supervisor`: processes, heartbeats, progress, stopping).
 //! Wire types stay at the edge ([`convert`]); the engine works on [`job`]'s
 //! domain types, and its one error type ([`error`]) becomes a gRPC status
-//! in one place. [`sweeps`] runs a sweep file's points as jobs.
+//! in one place. [`sweeps`] runs a sweep file's points as jobs. [`http`]
+//! serves Prometheus' `/metrics` and the dashboard (`dashboard`: embedded
+//! pages, JSON, and each job's watch stream as server-sent events).
 
 pub mod convert;
+mod dashboard;
 pub mod error;
 pub mod http;
 pub mod job;

@@ -424,6 +424,67 @@ impl Engine {
         )
     }
 
+    /// Every job with what its live attempt waits for (for the
+    /// dashboard).
+    pub(crate) fn jobs_now(&self) -> Vec<(JobRecord, Option<String>)> {
+        let state = self.lock();
+        state
+            .jobs
+            .values()
+            .map(|j| {
+                let waiting = state
+                    .attempts
+                    .get(&j.job_id)
+                    .and_then(|s| s.waiting.clone());
+                (j.clone(), waiting)
+            })
+            .collect()
+    }
+
+    /// Job `id`, what its live attempt waits for and that attempt's
+    /// ranks (empty when no processes are alive).
+    pub(crate) fn job_now(
+        &self,
+        id: &str,
+    ) -> Option<(JobRecord, Option<String>, Vec<crate::supervisor::RankView>)> {
+        let state = self.lock();
+        let job = state.jobs.get(id)?.clone();
+        let sup = state.attempts.get(id);
+        Some((
+            job,
+            sup.and_then(|s| s.waiting.clone()),
+            sup.map(|s| s.ranks_view()).unwrap_or_default(),
+        ))
+    }
+
+    /// Job `id` now and, unless it has ended, a receiver of what happens
+    /// to it next: subscribed under the lock, so that history read after
+    /// this call misses nothing.
+    pub(crate) fn subscribe(&self, id: &str) -> Result<(JobRecord, broadcast::Receiver<Event>)> {
+        let mut state = self.lock();
+        let job = state
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no job {id}")))?;
+        // An ended job's stream ends after its history: no channel.
+        let rx = if job.state.is_final() {
+            broadcast::channel(1).1
+        } else {
+            state
+                .watchers
+                .entry(id.to_string())
+                .or_insert_with(|| broadcast::channel(4096).0)
+                .subscribe()
+        };
+        Ok((job, rx))
+    }
+
+    /// Becomes true when the coordinator starts shutting down.
+    pub(crate) fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
     /// The slots whose processes are alive.
     fn leased(state: &State) -> HashSet<Slot> {
         state
@@ -1315,25 +1376,7 @@ impl JobService for Jobs {
         let req = req.into_inner();
         let engine = self.0.clone();
         // Subscribe before reading history so nothing falls in between.
-        let (job, rx) = {
-            let mut state = engine.lock();
-            let job = state
-                .jobs
-                .get(&req.job_id)
-                .cloned()
-                .ok_or_else(|| EngineError::NotFound(format!("no job {}", req.job_id)))?;
-            // An ended job's stream ends after its history: no channel.
-            let rx = if job.state.is_final() {
-                broadcast::channel(1).1
-            } else {
-                state
-                    .watchers
-                    .entry(req.job_id.clone())
-                    .or_insert_with(|| broadcast::channel(4096).0)
-                    .subscribe()
-            };
-            (job, rx)
-        };
+        let (job, rx) = engine.subscribe(&req.job_id)?;
         let history = tokio::task::spawn_blocking(move || {
             engine.store.flush()?;
             engine.store.steps(&req.job_id, req.from_step, 0)

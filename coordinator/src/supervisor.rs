@@ -53,6 +53,22 @@ pub(crate) struct Supervisor {
     pub interruption: bool,
 }
 
+/// One rank of a live attempt as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct RankView {
+    pub rank: u32,
+    pub node: String,
+    pub gpu: Option<u32>,
+    /// Its collective endpoint, once registered.
+    pub addr: Option<String>,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_s: f64,
+    /// Its last reported step, and seconds since that moved.
+    pub step: u64,
+    pub step_age_s: f64,
+    pub done: bool,
+}
+
 impl Supervisor {
     pub fn new(
         attempt: u32,
@@ -77,6 +93,26 @@ impl Supervisor {
             waiting: None,
             interruption: false,
         }
+    }
+
+    /// Each rank's placement, heartbeat and progress, now.
+    pub fn ranks_view(&self) -> Vec<RankView> {
+        let now = Instant::now();
+        (0..self.done.len())
+            .map(|r| RankView {
+                rank: r as u32,
+                node: self
+                    .slots
+                    .get(r)
+                    .map_or_else(String::new, |s| s.node.clone()),
+                gpu: self.slots.get(r).and_then(|s| s.gpu),
+                addr: self.addrs[r].clone(),
+                heartbeat_age_s: now.duration_since(self.heartbeat[r]).as_secs_f64(),
+                step: self.progress[r].0,
+                step_age_s: now.duration_since(self.progress[r].1).as_secs_f64(),
+                done: self.done[r],
+            })
+            .collect()
     }
 
     pub fn is_running(&self) -> bool {
