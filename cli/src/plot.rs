@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use strata_recipe::Recipe;
 
 use crate::format::count;
+use strata_sweep::chart::{escape, tick_step};
 
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 540.0;
@@ -14,30 +15,6 @@ const TOP: f64 = 60.0;
 const BOTTOM: f64 = 70.0;
 const SAMPLES: usize = 800;
 const PHASE_FILLS: [&str; 4] = ["#e8f0fe", "#fef7e0", "#fce8e6", "#e6f4ea"];
-
-pub(crate) fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// "Nice" tick spacing: 1, 2 or 5 times a power of ten, about `n` ticks.
-pub(crate) fn tick_step(max: f64, n: f64) -> f64 {
-    let raw = max / n;
-    let mag = 10f64.powf(raw.log10().floor());
-    let r = raw / mag;
-    let m = if r <= 1.0 {
-        1.0
-    } else if r <= 2.0 {
-        2.0
-    } else if r <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    m * mag
-}
 
 /// Renders the recipe's schedule over `[0, total_tokens]`; `marks` are token
 /// counts to highlight (those passed to `--at-tokens`).

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use strata_proto::v1 as pb;
-use strata_recipe::Recipe;
-use strata_recipe::plan::Plan;
-use strata_sweep::results::{ResultRow, to_csv, to_parquet};
+use strata_sweep::results::{JobFacts, ResultRow, to_csv, to_parquet};
 
 use crate::UserError;
 use crate::jobs::{Connect, fetch_metrics, runtime, state_name, status_error};
@@ -29,34 +27,28 @@ pub struct ResultsArgs {
 
 /// A job's row: its recipe's sizes and schedule, its last losses.
 pub(crate) fn row(j: &pb::Job, steps: &[pb::StepMetrics]) -> anyhow::Result<ResultRow> {
-    let recipe = Recipe::from_toml_str(&j.spec_toml, &j.name)
-        .map_err(|e| UserError(format!("job {}: its recipe: {e}", j.job_id)))?;
-    let plan = Plan::new(&recipe);
     let ended = if j.finished_unix_ms > 0 {
         j.finished_unix_ms
     } else {
         j.started_unix_ms
     };
-    let first_start = j
-        .attempts
-        .first()
-        .map_or(j.started_unix_ms, |a| a.started_unix_ms);
-    Ok(ResultRow {
-        job: j.job_id.clone(),
-        name: j.name.clone(),
-        state: state_name(j.state).to_string(),
-        parent: j.parent_job.clone(),
+    ResultRow::of(&JobFacts {
+        job: &j.job_id,
+        name: &j.name,
+        state: state_name(j.state),
+        parent: &j.parent_job,
         parent_step: j.parent_step,
-        n: plan.params.non_embedding,
-        n_total: plan.params.total,
-        d: j.tokens_done,
-        flops: plan.flops_per_token * j.tokens_done as f64,
-        lr: recipe.schedule.max_lr(),
-        batch: recipe.data.tokens_per_step,
+        spec_toml: &j.spec_toml,
+        tokens_done: j.tokens_done,
+        first_start_unix_ms: j
+            .attempts
+            .first()
+            .map_or(j.started_unix_ms, |a| a.started_unix_ms),
+        end_unix_ms: ended,
         train_loss: steps.last().map(|s| s.loss),
         eval_loss: steps.iter().rev().find_map(|s| s.eval_loss),
-        wall_s: (ended - first_start).max(0) as f64 / 1e3,
     })
+    .map_err(|e| UserError(e).into())
 }
 
 pub fn run(args: ResultsArgs) -> anyhow::Result<()> {

@@ -125,9 +125,9 @@ async fn holdout_dataset(dir: &Path) -> String {
 async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let data = holdout_dataset(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 2, None))
-        .await
-        .unwrap();
+    let mut cfg = config(&dir.path().join("state"), 2, None);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let c = Coordinator::start(cfg).await.unwrap();
     let url = format!("http://{}", c.addr);
     let mut cl = client(&c).await;
     let ck = dir.path().join("ck");
@@ -308,6 +308,40 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
             }
             eprintln!("branch sweep fits: {}", fits["chinchilla"]);
         }
+        // The dashboard's sweep page shows the same plots, byte for byte,
+        // and the fits (with the default bootstrap).
+        let http = c.http_addr.unwrap();
+        let started = std::time::Instant::now();
+        let (code, body) = get_http(http, &format!("/api/sweeps/{id}"), None);
+        assert_eq!(code, 200, "{body}");
+        eprintln!(
+            "dashboard report of {id} made in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let names: Vec<&str> = page["plots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, *plots, "{page}");
+        for p in plots {
+            let (code, svg) = get_http(http, &format!("/api/sweeps/{id}/plots/{p}.svg"), None);
+            assert_eq!(code, 200, "{svg}");
+            let cli = std::fs::read_to_string(report.join(format!("{p}.svg"))).unwrap();
+            assert!(
+                svg == cli,
+                "{id}: the dashboard's {p}.svg differs from the report's"
+            );
+        }
+        let text = page["fits_text"].as_str().unwrap();
+        assert!(text.contains("optimal lr"), "{text}");
+        assert_eq!(page["points"].as_array().unwrap().len(), 9, "{page}");
+        assert_eq!(
+            get_http(http, &format!("/api/sweeps/{id}/plots/nope.svg"), None).0,
+            404
+        );
         // Kept for a look.
         if let Ok(keep) = std::env::var("STRATA_KEEP_REPORT") {
             let to = Path::new(&keep).join(id);

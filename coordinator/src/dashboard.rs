@@ -22,8 +22,11 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::http::Http;
-use crate::job::{JobRecord, StepRecord, now_unix_ms};
+use crate::job::{JobRecord, JobState, StepRecord, now_unix_ms};
 use crate::server::{Engine, Event};
+use crate::sweeps::SweepRecord;
+use strata_sweep::report::{BOOTSTRAP, Run, TOLERANCE, fits, fits_text, plots, size_of};
+use strata_sweep::results::{JobFacts, ResultRow};
 use strata_sweep::spec::PointKind;
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
@@ -45,6 +48,7 @@ pub(crate) fn routes() -> Router<Arc<Http>> {
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/sweeps/{id}", get(sweep))
+        .route("/api/sweeps/{id}/plots/{file}", get(sweep_plot))
 }
 
 async fn page() -> Response {
@@ -346,17 +350,182 @@ fn event_stream(
     futures::stream::iter(first).chain(live)
 }
 
-/// A sweep: its record and each point's job as it is now.
-async fn sweep(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) -> Response {
-    let engine: Arc<Engine> = http.engine.clone();
-    let Some(s) = engine.lock().sweeps.get(&id).cloned() else {
-        return not_found(format!("no sweep {id}"));
-    };
-    let jobs: HashMap<String, JobRecord> = engine
+/// A sweep's report as the dashboard shows it: what `strata sweep
+/// report` prints and plots, with the same defaults.
+pub(crate) struct SweepReport {
+    /// The points' jobs and their states when it was made: it is made
+    /// again only when they change.
+    key: Vec<(String, &'static str, u64)>,
+    fits_text: String,
+    /// Why there are no fits yet.
+    not_yet: Option<String>,
+    /// (file stem, title, SVG).
+    plots: Vec<(String, String, String)>,
+}
+
+/// Reports made, by sweep.
+pub(crate) type Reports = std::sync::Mutex<HashMap<String, Arc<SweepReport>>>;
+
+fn report_key(
+    s: &SweepRecord,
+    jobs: &HashMap<String, JobRecord>,
+) -> Vec<(String, &'static str, u64)> {
+    s.points
+        .iter()
+        .filter_map(|p| jobs.get(p.job_id.as_deref()?))
+        .map(|j| (j.job_id.clone(), j.state.name(), j.steps_done))
+        .collect()
+}
+
+/// The report of sweep `s`: its succeeded points' rows (from the store's
+/// steps), fitted and plotted.
+fn make_report(
+    engine: &Engine,
+    s: &SweepRecord,
+    jobs: &HashMap<String, JobRecord>,
+) -> Result<SweepReport, String> {
+    let mut runs = Vec::new();
+    for p in &s.points {
+        let Some(j) = p.job_id.as_deref().and_then(|id| jobs.get(id)) else {
+            continue;
+        };
+        if j.state != JobState::Succeeded {
+            continue;
+        }
+        let mut evals = Vec::new();
+        let mut train_loss = None;
+        engine
+            .store()
+            .visit_steps(&j.job_id, 0, |st| {
+                if let Some(e) = st.eval_loss {
+                    evals.push((st.tokens as f64, e));
+                }
+                train_loss = Some(st.loss);
+                std::ops::ControlFlow::Continue(())
+            })
+            .map_err(|e| e.to_string())?;
+        let parent = j.parent.as_ref();
+        let row = ResultRow::of(&JobFacts {
+            job: &j.job_id,
+            name: &j.name,
+            state: j.state.name(),
+            parent: parent.map_or("", |p| p.job.as_str()),
+            parent_step: parent.map_or(0, |p| p.step),
+            spec_toml: &j.spec_toml,
+            tokens_done: j.tokens_done,
+            first_start_unix_ms: j
+                .attempts
+                .first()
+                .map_or(j.started_unix_ms, |a| a.started_unix_ms),
+            end_unix_ms: j.finished_unix_ms.max(j.started_unix_ms),
+            train_loss,
+            eval_loss: evals.last().map(|e| e.1),
+        })?;
+        runs.push(Run {
+            size: size_of(&p.point.label, &row),
+            kind: kind_name(&p.point.kind).into(),
+            fraction: p.point.fraction,
+            evals,
+            row,
+        });
+    }
+    let key = report_key(s, jobs);
+    if runs.is_empty() {
+        return Ok(SweepReport {
+            key,
+            fits_text: String::new(),
+            not_yet: Some("no point has succeeded yet".into()),
+            plots: Vec::new(),
+        });
+    }
+    let good: Vec<&Run> = runs.iter().collect();
+    let f = fits(&good, BOOTSTRAP, TOLERANCE);
+    Ok(SweepReport {
+        key,
+        fits_text: fits_text(&f, BOOTSTRAP),
+        not_yet: None,
+        plots: plots(&s.name, &good, &f)
+            .into_iter()
+            .map(|(stem, chart)| (stem.to_string(), chart.title.clone(), chart.svg()))
+            .collect(),
+    })
+}
+
+fn kind_name(k: &PointKind) -> &'static str {
+    match k {
+        PointKind::Run => "run",
+        PointKind::Stable => "stable",
+        PointKind::Branch { .. } => "branch",
+    }
+}
+
+/// Sweep `id`'s report, made again when its jobs have changed.
+async fn report_of(
+    http: &Arc<Http>,
+    s: SweepRecord,
+    jobs: HashMap<String, JobRecord>,
+) -> Result<Arc<SweepReport>, String> {
+    let key = report_key(&s, &jobs);
+    if let Some(r) = http.reports.lock().expect("reports").get(&s.sweep_id)
+        && r.key == key
+    {
+        return Ok(r.clone());
+    }
+    let engine = http.engine.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        make_report(&engine, &s, &jobs).map(|r| (s.sweep_id, Arc::new(r)))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    http.reports
+        .lock()
+        .expect("reports")
+        .insert(made.0, made.1.clone());
+    Ok(made.1)
+}
+
+fn sweep_and_jobs(engine: &Engine, id: &str) -> Option<(SweepRecord, HashMap<String, JobRecord>)> {
+    let s = engine.lock().sweeps.get(id).cloned()?;
+    let jobs = engine
         .jobs_now()
         .into_iter()
         .map(|(j, _)| (j.job_id.clone(), j))
         .collect();
+    Some((s, jobs))
+}
+
+/// One of a sweep's plots, as SVG (`STEM.svg`).
+async fn sweep_plot(
+    AxumState(http): AxumState<Arc<Http>>,
+    Path((id, file)): Path<(String, String)>,
+) -> Response {
+    let Some((s, jobs)) = sweep_and_jobs(&http.engine, &id) else {
+        return not_found(format!("no sweep {id}"));
+    };
+    let report = match report_of(&http, s, jobs).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let stem = file.strip_suffix(".svg").unwrap_or(&file);
+    match report.plots.iter().find(|p| p.0 == stem) {
+        Some((_, _, svg)) => (
+            [
+                (header::CONTENT_TYPE, "image/svg+xml"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            svg.clone(),
+        )
+            .into_response(),
+        None => not_found(format!("sweep {id} has no plot {file}")),
+    }
+}
+
+/// A sweep: its record, each point's job as it is now, and its report.
+async fn sweep(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) -> Response {
+    let Some((s, jobs)) = sweep_and_jobs(&http.engine, &id) else {
+        return not_found(format!("no sweep {id}"));
+    };
+    let report = report_of(&http, s.clone(), jobs.clone()).await;
     let points: Vec<Value> = s
         .points
         .iter()
@@ -366,11 +535,7 @@ async fn sweep(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) ->
             json!({
                 "index": i,
                 "label": p.point.label,
-                "kind": match p.point.kind {
-                    PointKind::Run => "run",
-                    PointKind::Stable => "stable",
-                    PointKind::Branch { .. } => "branch",
-                },
+                "kind": kind_name(&p.point.kind),
                 "fraction": p.point.fraction,
                 "job": p.job_id,
                 "earlier_jobs": p.earlier_jobs,
@@ -392,6 +557,12 @@ async fn sweep(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) ->
         "finished_unix_ms": s.finished_unix_ms,
         "spec": s.spec_toml,
         "points": points,
+        "fits_text": report.as_ref().map_or("", |r| r.fits_text.as_str()),
+        "fits_error": match &report {
+            Ok(r) => r.not_yet.clone(),
+            Err(e) => Some(e.clone()),
+        },
+        "plots": report.as_ref().map_or(Vec::new(), |r| r.plots.iter().map(|(name, title, _)| json!({ "name": name, "title": title })).collect()),
     }))
     .into_response()
 }

@@ -196,6 +196,8 @@ pub(crate) struct Http {
     pub(crate) engine: Arc<Engine>,
     /// The bearer token calls must carry, when one is set.
     pub(crate) token: Option<String>,
+    /// Sweep reports made for the dashboard.
+    pub(crate) reports: crate::dashboard::Reports,
 }
 
 /// The cookie a browser keeps the token in, once given `?token=`.
@@ -300,7 +302,11 @@ pub async fn serve(
     token: Option<String>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
-    let http = Arc::new(Http { engine, token });
+    let http = Arc::new(Http {
+        engine,
+        token,
+        reports: Default::default(),
+    });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::routes())

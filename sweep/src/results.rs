@@ -54,7 +54,51 @@ const COLUMNS: [&str; 15] = [
     "loss",
 ];
 
+/// What a job's row is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct JobFacts<'a> {
+    pub job: &'a str,
+    pub name: &'a str,
+    pub state: &'a str,
+    pub parent: &'a str,
+    pub parent_step: u64,
+    /// Its recipe.
+    pub spec_toml: &'a str,
+    pub tokens_done: u64,
+    /// When its first attempt started, and when it ended (or its last
+    /// start while it runs).
+    pub first_start_unix_ms: i64,
+    pub end_unix_ms: i64,
+    /// Its last step's loss, and its last held-out loss.
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+}
+
 impl ResultRow {
+    /// A job's row: its recipe's sizes and schedule, its last losses. The
+    /// error names the job whose recipe does not read.
+    pub fn of(j: &JobFacts<'_>) -> Result<ResultRow, String> {
+        let recipe = strata_recipe::Recipe::from_toml_str(j.spec_toml, j.name)
+            .map_err(|e| format!("job {}: its recipe: {e}", j.job))?;
+        let plan = strata_recipe::plan::Plan::new(&recipe);
+        Ok(ResultRow {
+            job: j.job.to_string(),
+            name: j.name.to_string(),
+            state: j.state.to_string(),
+            parent: j.parent.to_string(),
+            parent_step: j.parent_step,
+            n: plan.params.non_embedding,
+            n_total: plan.params.total,
+            d: j.tokens_done,
+            flops: plan.flops_per_token * j.tokens_done as f64,
+            lr: recipe.schedule.max_lr(),
+            batch: recipe.data.tokens_per_step,
+            train_loss: j.train_loss,
+            eval_loss: j.eval_loss,
+            wall_s: (j.end_unix_ms - j.first_start_unix_ms).max(0) as f64 / 1e3,
+        })
+    }
+
     /// The loss a fit should use: the held-out one when measured, the
     /// training one otherwise.
     pub fn loss(&self) -> Option<f64> {

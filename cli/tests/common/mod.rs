@@ -271,3 +271,27 @@ pub async fn connect(url: &str) -> JobServiceClient<Channel> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// GET `path` over HTTP/1.1: the status code and the body (two minutes
+/// at most: a sweep's report is fitted on the first call).
+pub fn get_http(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!("GET {path} HTTP/1.1\r\nHost: strata\r\n{auth}Connection: close\r\n\r\n"),
+    )
+    .unwrap();
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut s, &mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    (code, body.to_string())
+}
