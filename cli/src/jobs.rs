@@ -423,6 +423,11 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         UserError("STRATA_JOB_TOKEN is not set (workers are started by the coordinator)".into())
     })?;
     let rank = args.rank;
+    // Every span of this process sits under this one, in the trace of
+    // the launch that started it.
+    let span = tracing::info_span!("worker", job = %args.job, rank, attempt = args.attempt);
+    crate::telemetry::join_parent_trace(&span);
+    let _in = span.enter();
     match strata_worker::run::run(strata_worker::run::WorkerArgs {
         coordinator: args.coordinator,
         job: args.job,
@@ -438,7 +443,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         // launchers read as "stopped", not "failed".
         Err(e @ strata_worker::run::WorkerError::Stopped(_)) => {
             tracing::warn!(rank, "{e}");
-            std::process::exit(strata_coordinator::cluster::STOPPED_STATUS);
+            Err(crate::ExitWith(strata_coordinator::cluster::STOPPED_STATUS as u8).into())
         }
         Err(e) => Err(anyhow::anyhow!("rank {rank}: {e}")),
     }

@@ -13,6 +13,7 @@ mod plot;
 mod results;
 mod schedule;
 mod sweep;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -129,6 +130,19 @@ impl std::fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
+/// Ends the process with this status, quietly (after its spans are sent):
+/// a worker stopped on request.
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
 /// Reads and validates a recipe file. Every failure is a [`UserError`] that
 /// names the file.
 pub fn load_recipe(path: &Path) -> anyhow::Result<Recipe> {
@@ -178,20 +192,21 @@ fn main() -> ExitCode {
         Command::Coordinator(_) | Command::Worker(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        // Worker logs go to files and into failure reasons: colour only
-        // for a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(cli) {
+    let service = match cli.command {
+        Command::Coordinator(_) => "strata-coordinator",
+        Command::Worker(_) => "strata-worker",
+        _ => "strata",
+    };
+    let telemetry = telemetry::init(default_level, service);
+    let result = run(cli);
+    // The last spans are sent before the process ends.
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(user) = e.downcast_ref::<UserError>() {
+            if let Some(ExitWith(code)) = e.downcast_ref::<ExitWith>() {
+                ExitCode::from(*code)
+            } else if let Some(user) = e.downcast_ref::<UserError>() {
                 eprintln!("error: {user}");
                 ExitCode::from(2)
             } else {

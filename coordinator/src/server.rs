@@ -42,6 +42,7 @@ use strata_proto::v1::job_service_server::{JobService, JobServiceServer};
 use strata_recipe::{DeviceKind, FaultConfig, Layout, Rank, Recipe};
 use tokio::sync::{Notify, broadcast};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert::{checkpoint_to_pb, job_to_pb, state_from_pb, step_from_pb, step_to_pb};
 use crate::error::EngineError;
@@ -581,6 +582,14 @@ impl Engine {
 
     fn launch(&self, state: &mut State, mut job: JobRecord) -> Result<()> {
         let world = job.layout.world_size();
+        let span = tracing::info_span!(
+            "launch",
+            job = %job.job_id,
+            attempt = job.attempt() + 1,
+            world,
+            layout = %job.layout
+        );
+        let _in = span.enter();
         let fail = |state: &mut State, mut job: JobRecord, why: String| {
             tracing::error!(job = %job.job_id, reason = %why, "job failed to start");
             close_attempt(&mut job, JobState::Failed, &why, false);
@@ -589,7 +598,9 @@ impl Engine {
             job.finished_unix_ms = now_unix_ms();
             self.save(state, job)
         };
-        let placement = match place(job.layout, &self.inventory(), &Engine::leased(state)) {
+        let placed = tracing::info_span!("place")
+            .in_scope(|| place(job.layout, &self.inventory(), &Engine::leased(state)));
+        let placement = match placed {
             Ok(p) => p,
             Err(e) => return fail(state, job, e.to_string()),
         };
@@ -634,6 +645,10 @@ impl Engine {
             if set_threads {
                 env.push(("RAYON_NUM_THREADS".into(), threads.max(1).to_string()));
             }
+            // The workers' spans join this launch's trace.
+            if let Some(parent) = traceparent(&span) {
+                env.push(("TRACEPARENT".into(), parent));
+            }
             specs.push(LaunchSpec {
                 rank,
                 slot: a.slot.clone(),
@@ -658,7 +673,9 @@ impl Engine {
                 time: slurm.time,
             },
         };
-        let ranks = match self.launcher.start(&specs, &info) {
+        let started = tracing::info_span!("start_ranks", launcher = %self.launcher.describe())
+            .in_scope(|| self.launcher.start(&specs, &info));
+        let ranks = match started {
             Ok(r) => r,
             Err(e) => return fail(state, job, e.to_string()),
         };
@@ -1219,20 +1236,26 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         self.authorize(&req)?;
         let req = req.into_inner();
-        let default_name = if req.default_name.is_empty() {
-            "job"
-        } else {
-            &req.default_name
-        };
-        let recipe = match self.validate(&req.spec_toml, default_name).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!(reason = %e, "refused a job");
-                return Err(e.into());
-            }
-        };
-        let job_id = self.queue_new(&recipe, req.spec_toml, None)?;
-        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+        let span = tracing::info_span!("submit", job = tracing::field::Empty);
+        async move {
+            let default_name = if req.default_name.is_empty() {
+                "job"
+            } else {
+                &req.default_name
+            };
+            let recipe = match self.validate(&req.spec_toml, default_name).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(reason = %e, "refused a job");
+                    return Err(e.into());
+                }
+            };
+            let job_id = self.queue_new(&recipe, req.spec_toml, None)?;
+            tracing::Span::current().record("job", job_id.as_str());
+            Ok(Response::new(pb::SubmitJobResponse { job_id }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn branch_job(
@@ -1777,6 +1800,16 @@ impl ControlService for Control {
     }
 }
 
+/// `span`'s W3C trace context (`traceparent`), when traces are exported
+/// (an OpenTelemetry layer and propagator are installed).
+fn traceparent(span: &tracing::Span) -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let mut carrier = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
 /// A job as clients see it: its record, and what its live attempt is
 /// waiting for.
 fn live_job_to_pb(state: &State, job: &JobRecord) -> pb::Job {
@@ -1885,6 +1918,11 @@ impl Control {
                 m.shards.sort_by(|a, b| a.key.cmp(&b.key));
                 m.written_at = (now_unix_ms() / 1000) as u64;
                 commit_checkpoint(&cfg, &job.job_id, &m)
+                    .instrument(tracing::info_span!(
+                        "checkpoint_commit",
+                        job = %job.job_id,
+                        step = m.step
+                    ))
                     .await
                     .map(|pruned| (m, pruned))
             }

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use bytes::Bytes;
 use safetensors::SafeTensors;
@@ -511,12 +512,16 @@ impl Saver {
     pub fn new(loc: Location, root: String, rt: tokio::runtime::Handle) -> Saver {
         let (tx, jobs) = mpsc::channel::<Snapshot>();
         let (done, rx) = mpsc::channel();
+        // Writes are traced under the span the saver was made in (the
+        // worker's attempt), not under the step that handed them over.
+        let parent = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name("checkpoint-saver".into())
             .spawn(move || {
                 for snapshot in jobs {
+                    let span = tracing::info_span!(parent: &parent, "checkpoint_write", step = snapshot.step);
                     let r = rt
-                        .block_on(write_snapshot(&loc, &root, &snapshot))
+                        .block_on(write_snapshot(&loc, &root, &snapshot).instrument(span))
                         .map_err(|error| SaveFailed {
                             step: snapshot.step,
                             error,

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -551,6 +552,10 @@ fn steps<B: AutodiffBackend>(
     };
     let mut saved_at = first_step - 1;
     for step in first_step..=n_steps {
+        // The step's span (exported as a trace when configured): data,
+        // the pipeline's forward and backward passes, the all-reduce, the
+        // optimizer, evaluation, the report and the checkpoint's copy.
+        let _step_span = tracing::info_span!("step", step).entered();
         // Every rank stops after the same step, so that they can save it
         // together: any rank's request stops them all.
         let go_on = trainer
@@ -587,8 +592,8 @@ fn steps<B: AutodiffBackend>(
             }
         }
         let t0 = Instant::now();
-        let batch = rt
-            .block_on(loader.next_batch())
+        let batch = tracing::info_span!("data")
+            .in_scope(|| rt.block_on(loader.next_batch()))
             .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
         let data_s = t0.elapsed().as_secs_f64();
         let seq = batch.seq_len as usize;
@@ -612,8 +617,8 @@ fn steps<B: AutodiffBackend>(
         step_now.store(step, Ordering::Relaxed);
         let eval_loss = match &eval {
             Some(e) if step % e.every == 0 || step == n_steps => Some(
-                trainer
-                    .evaluate(step, &e.micro(), e.tokens)
+                tracing::info_span!("eval", tokens = e.tokens)
+                    .in_scope(|| trainer.evaluate(step, &e.micro(), e.tokens))
                     .map_err(|err| WorkerError::Collective {
                         step,
                         what: format!("evaluation: {}", members.describe(&err)),
@@ -661,13 +666,17 @@ fn steps<B: AutodiffBackend>(
                 bubble_theory: layout.bubble_fraction(microbatches as u32, chunks),
                 eval_loss,
             };
-            rt.block_on(client.report_metrics(pb::ReportMetricsRequest {
-                job_id: args.job.clone(),
-                rank: args.rank,
-                steps: vec![metrics],
-                attempt: args.attempt,
-                resumed_from_step: resumed_from.take(),
-            }))
+            rt.block_on(
+                client
+                    .report_metrics(pb::ReportMetricsRequest {
+                        job_id: args.job.clone(),
+                        rank: args.rank,
+                        steps: vec![metrics],
+                        attempt: args.attempt,
+                        resumed_from_step: resumed_from.take(),
+                    })
+                    .instrument(tracing::info_span!("report")),
+            )
             .map_err(rpc("ReportMetrics"))?;
         }
         if let Some(ck) = &mut checkpoints {
@@ -970,6 +979,7 @@ impl Checkpoints {
         dp_rank: u32,
         header: Option<checkpoint::Manifest>,
     ) {
+        let _span = tracing::info_span!("checkpoint_copy", step).entered();
         let snapshot =
             checkpoint::Snapshot::take(step, self.attempt, trainer.table(), dp_rank, || {
                 (trainer.master(), trainer.optimizer_state())

@@ -518,6 +518,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let vs = chunk * stages + stage;
             match op {
                 PipeOp::Forward(i) => {
+                    let _span = tracing::info_span!("forward", microbatch = i, chunk).entered();
                     let t = Instant::now();
                     let (tape, waited) = forward_one(
                         &self.model,
@@ -533,6 +534,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     tapes[(chunk * m + i) as usize] = Some(tape);
                 }
                 PipeOp::Backward(i) => {
+                    let _span = tracing::info_span!("backward", microbatch = i, chunk).entered();
                     let tape = tapes[(chunk * m + i) as usize]
                         .take()
                         .expect("forward before backward");
@@ -631,6 +633,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         // Data-parallel sum of every bucket (and of the loss), then the
         // tied embedding's over the embedding group. Host collectives stage
         // the bucket through host memory.
+        let reduce_span = tracing::info_span!("all_reduce").entered();
         let t = Instant::now();
         let mut local_loss = [local_loss as f32];
         if self.groups.dp.size() > 1 {
@@ -663,7 +666,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .map_err(in_group(GroupKind::Embedding))?;
         }
         let all_reduce = t.elapsed();
+        drop(reduce_span);
 
+        let _optimizer_span = tracing::info_span!("optimizer").entered();
         let t = Instant::now();
         // Squared norm over what this rank counts (one scalar from the
         // device), summed over the tensor-parallel group, then over the
