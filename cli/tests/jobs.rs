@@ -1178,11 +1178,7 @@ async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset_40(dir.path()).await;
     let state = dir.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let start = || {
         Command::new(env!("CARGO_BIN_EXE_strata"))

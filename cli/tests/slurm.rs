@@ -448,11 +448,7 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
     .to_string();
     let cancel_blocker = ScancelOnDrop(blocker.clone());
     let state = dir.path().join("proc-state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut first = coordinator_process(&state, port);
     let mut cl = connect(&url).await;

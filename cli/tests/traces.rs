@@ -89,20 +89,13 @@ async fn a_job_s_spans_reach_an_otlp_collector_in_one_trace() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset_40(dir.path()).await;
     let collector = Collector::default();
-    let otlp = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let otlp: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve(otlp),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut coordinator = Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])

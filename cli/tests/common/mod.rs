@@ -295,3 +295,12 @@ pub fn get_http(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> 
     );
     (code, body.to_string())
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
