@@ -37,7 +37,7 @@ pub struct Connect {
 pub type Client = JobServiceClient<WithBearer<Channel>>;
 
 impl Connect {
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         self.coordinator
             .clone()
             .or_else(|| std::env::var("STRATA_COORDINATOR").ok())

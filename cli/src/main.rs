@@ -14,6 +14,7 @@ mod results;
 mod schedule;
 mod sweep;
 mod telemetry;
+mod top;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,6 +95,9 @@ enum Command {
     Checkpoints(jobs::CheckpointsArgs),
     /// The nodes workers run on (Slurm: from sinfo), their slots and state.
     Nodes(jobs::NodesArgs),
+    /// The coordinator's jobs, live in the terminal: states, progress,
+    /// loss, throughput and ETA; the selected job's curves and step time.
+    Top(top::TopArgs),
     /// Write a checkpoint as a Hugging Face Llama (config.json,
     /// model.safetensors), gathered from any layout.
     Export(export::ExportArgs),
@@ -173,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoints(args) => jobs::checkpoints(args),
         Command::Branch(args) => jobs::branch(args),
         Command::Nodes(args) => jobs::nodes(args),
+        Command::Top(args) => top::run(args),
         Command::Export(args) => export::export(args),
         Command::Eval(args) => export::eval(args),
         Command::Fit(args) => fit::run(args),

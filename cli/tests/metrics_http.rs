@@ -179,6 +179,36 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         "{body}"
     );
     eprintln!("heartbeats measured: {beats:?}");
+    // `strata top --once` shows the running job with its progress.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "top",
+            "--once",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text.lines().find(|l| l.contains(&id)).unwrap_or_default();
+    assert!(row.contains("running") && row.contains("/400"), "{text}");
+    assert!(text.contains("step time"), "{text}");
+    // Without a terminal and without --once it says why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["top", "--coordinator", &format!("http://{}", c.addr)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--once"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cl.cancel_job(pb::CancelJobRequest {
         job_id: id.clone(),
         reason: String::new(),
