@@ -100,9 +100,11 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     let http = c.http_addr.unwrap();
     let mut cl = client(&c).await;
 
+    // With each device's peak given, MFU is exported.
+    let spec = format!("{}[device]\npeak_tflops = 0.05\n", recipe(&data, 400, 2));
     let id = cl
         .submit_job(pb::SubmitJobRequest {
-            spec_toml: recipe(&data, 400, 2),
+            spec_toml: spec.clone(),
             default_name: "t".into(),
         })
         .await
@@ -154,12 +156,17 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     );
     assert_eq!(value(&scrape, "strata_job_attempts", Some(&id)), Some(1.0));
     let per_token = strata_recipe::plan::Plan::new(
-        &strata_recipe::Recipe::from_toml_str(&recipe(&data, 400, 2), "t").unwrap(),
+        &strata_recipe::Recipe::from_toml_str(&spec, "t").unwrap(),
     )
     .flops_per_token;
     assert_eq!(
         value(&scrape, "strata_job_model_flops_per_second", Some(&id)),
         Some(per_token * s.tokens_per_s)
+    );
+    assert_eq!(s.peak_flops, Some(0.05e12 * 2.0));
+    assert_eq!(
+        value(&scrape, "strata_job_mfu", Some(&id)),
+        Some(per_token * s.tokens_per_s / (0.05e12 * 2.0))
     );
     let t = s.times.unwrap();
     let sum = t.data_s + t.forward_s + t.backward_s + t.all_reduce_s + t.optimizer_s;

@@ -317,6 +317,9 @@ function drawJob(job, steps) {
     ["loss", fmt(last ? last.loss : job.last_loss)],
     ["held-out loss", fmt(lastEval(steps))],
     ["tokens/s", last ? count(last.tokens_per_s) : "–"],
+    ["MFU", last && last.peak_flops && job.flops_per_token
+      ? `${fmt((100 * job.flops_per_token * last.tokens_per_s) / last.peak_flops, 3)}%`
+      : "–"],
     ["ETA", duration(eta)],
     ["attempts", (job.attempts || []).length],
   ];

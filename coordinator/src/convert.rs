@@ -118,6 +118,7 @@ pub fn step_to_pb(s: &StepRecord) -> pb::StepMetrics {
             .collect(),
         bubble_theory: s.bubble_theory,
         eval_loss: s.eval_loss,
+        peak_flops: s.peak_flops,
     }
 }
 
@@ -153,5 +154,6 @@ pub fn step_from_pb(s: &pb::StepMetrics) -> StepRecord {
             .collect(),
         bubble_theory: s.bubble_theory,
         eval_loss: s.eval_loss,
+        peak_flops: s.peak_flops,
     }
 }

@@ -138,6 +138,9 @@ fn job_json(job: &JobRecord, waiting: Option<&str>, last: Option<&StepRecord>) -
         "checkpoints": job.checkpoints,
         "checkpoint_errors": job.checkpoint_errors,
         "parent": job.parent,
+        "flops_per_token": strata_recipe::Recipe::from_toml_str(&job.spec_toml, &job.name)
+            .ok()
+            .map(|r| strata_recipe::plan::Plan::new(&r).flops_per_token),
     })
 }
 
@@ -168,6 +171,7 @@ fn step_json(s: &StepRecord) -> Value {
             "bubble": num(g.bubble),
         })).collect::<Vec<_>>(),
         "bubble_theory": num(s.bubble_theory),
+        "peak_flops": s.peak_flops.map(num),
     })
 }
 

@@ -85,6 +85,11 @@ pub fn render(engine: &Engine) -> String {
         "job_model_flops_per_second",
         "Model FLOP/s of the last step (the plan's FLOPs per token × tokens/s; divide by the devices' peak for MFU)",
     );
+    let mfu = family::<JobLabel>(
+        &mut reg,
+        "job_mfu",
+        "Model FLOP/s over the devices' peak ([device] peak_tflops, or the GPU's bf16 peak); absent when unknown",
+    );
     let step_s = family::<JobLabel>(
         &mut reg,
         "job_step_seconds",
@@ -159,6 +164,10 @@ pub fn render(engine: &Engine) -> String {
         if let Ok(r) = strata_recipe::Recipe::from_toml_str(&j.spec_toml, &j.name) {
             let per_token = strata_recipe::plan::Plan::new(&r).flops_per_token;
             flops.get_or_create(&l).set(per_token * last.tokens_per_s);
+            if let Some(peak) = last.peak_flops.filter(|p| *p > 0.0) {
+                mfu.get_or_create(&l)
+                    .set(per_token * last.tokens_per_s / peak);
+            }
         }
         if let Some(e) = last.eval_loss {
             eval_loss.get_or_create(&l).set(e);

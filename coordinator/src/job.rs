@@ -314,6 +314,13 @@ pub struct StepRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub eval_loss: Option<f64>,
+    /// Every device's peak FLOP/s together, when known (for MFU).
+    #[serde(
+        default,
+        with = "float::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub peak_flops: Option<f64>,
 }
 
 pub fn now_unix_ms() -> i64 {

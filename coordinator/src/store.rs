@@ -439,6 +439,7 @@ mod tests {
             }],
             bubble_theory: 0.2,
             eval_loss: Some(3.5),
+            peak_flops: Some(2e12),
         }
     }
 

@@ -306,6 +306,9 @@ pub struct Recipe {
     /// ([`Precision::default_for`]).
     #[serde(default)]
     pub precision: Precision,
+    /// `[device] peak_tflops`: each device's peak, for MFU.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
     pub resolutions: Vec<Resolution>,
 }
 

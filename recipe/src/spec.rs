@@ -89,6 +89,10 @@ pub struct DeviceSpec {
     /// when left out.
     #[serde(default)]
     pub precision: Option<crate::Precision>,
+    /// Each device's peak dense FLOP/s at that precision, in TFLOP/s: the
+    /// denominator of MFU. Known GPUs in bf16 need none.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
 }
 
 fn default_seed() -> i64 {

@@ -533,6 +533,12 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         }
     }
 
+    // [device]
+    let peak_tflops = match spec.device.peak_tflops {
+        Some(v) => Some(c.positive_f64("device.peak_tflops", v)),
+        None => None,
+    };
+
     let recipe = (|| {
         Some(Recipe {
             name: name.clone(),
@@ -551,6 +557,10 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 .device
                 .precision
                 .unwrap_or(crate::Precision::default_for(spec.device.backend)),
+            peak_tflops: match peak_tflops {
+                Some(v) => Some(v?),
+                None => None,
+            },
             resolutions: Vec::new(),
         })
     })();

@@ -807,6 +807,17 @@ fn precision_is_bf16_on_gpus_and_f32_on_the_cpu_unless_the_recipe_says() {
 }
 
 #[test]
+fn a_device_peak_is_a_positive_number_of_tflops() {
+    assert_eq!(parse(&[]).unwrap().peak_tflops, None);
+    let r = parse(&[Set("device.peak_tflops", float(989.4))]).unwrap();
+    assert_eq!(r.peak_tflops, Some(989.4));
+    for bad in [0.0, -1.0, f64::NAN] {
+        let e = parse(&[Set("device.peak_tflops", float(bad))]).unwrap_err();
+        assert!(e.names("device.peak_tflops"), "{e}");
+    }
+}
+
+#[test]
 fn eval_needs_a_window_per_microbatch_of_every_replica() {
     let r = parse(&[
         Set("eval.every_steps", int(50)),

@@ -157,21 +157,4 @@ pub fn memory_in_use(index: usize) -> Option<u64> {
     Some((total - free) as u64)
 }
 
-/// Dense bf16 tensor-core peak of a known datacenter GPU, in TFLOP/s, and
-/// the datasheet it comes from.
-pub fn bf16_peak_tflops(name: &str) -> Option<(f64, &'static str)> {
-    let n = name.to_ascii_uppercase();
-    if n.contains("H100") || n.contains("H200") || n.contains("GH200") {
-        if n.contains("PCIE") {
-            Some((756.0, "NVIDIA H100 PCIe datasheet, dense bf16"))
-        } else {
-            Some((989.4, "NVIDIA H100/H200 SXM datasheet, dense bf16"))
-        }
-    } else if n.contains("A100") {
-        Some((312.0, "NVIDIA A100 datasheet, dense bf16"))
-    } else if n.contains("B200") {
-        Some((2250.0, "NVIDIA B200 datasheet, dense bf16"))
-    } else {
-        None
-    }
-}
+pub use crate::peak::bf16_peak_tflops;

@@ -30,6 +30,7 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod params;
+pub mod peak;
 pub mod pipeline;
 pub mod run;
 pub mod train;

@@ -287,7 +287,10 @@ fn train(
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     // The device before anything else, so that a rank without its GPU
     // fails before its peers wait for it in the groups.
-    let device = Device::open(recipe.device, args.rank)?;
+    let (device, gpu) = Device::open(recipe.device, args.rank)?;
+    // Every device's peak together (the layout's devices alike), for MFU.
+    let peak_flops = crate::peak::device_peak_flops(&recipe, gpu.as_deref())
+        .map(|p| p * f64::from(recipe.parallel.layout.world_size()));
     let coords = assignment.coords.unwrap_or_default();
     let coords = Coords {
         dp: coords.dp,
@@ -336,6 +339,7 @@ fn train(
         url,
         step_now,
         stop,
+        peak_flops,
     };
     match device {
         Device::Cpu => steps::<CpuBackend>(session, Default::default(), None),
@@ -378,15 +382,16 @@ impl Device {
     /// GPU its slot leases). A missing GPU, driver or CUDA build is an
     /// error that names the device and the host (the coordinator adds the
     /// rank).
-    fn open(kind: DeviceKind, rank: u32) -> Result<Device, WorkerError> {
+    /// The device, and the GPU's name when it is one.
+    fn open(kind: DeviceKind, rank: u32) -> Result<(Device, Option<String>), WorkerError> {
         match kind {
-            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cpu => Ok((Device::Cpu, None)),
             DeviceKind::Cuda => Device::cuda(rank),
         }
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(rank: u32) -> Result<Device, WorkerError> {
+    fn cuda(rank: u32) -> Result<(Device, Option<String>), WorkerError> {
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
         let info = crate::cuda::probe(0).map_err(|e| {
             WorkerError::Setup(format!(
@@ -401,11 +406,11 @@ impl Device {
             visible = %visible,
             "training on CUDA"
         );
-        Ok(Device::Cuda(0))
+        Ok((Device::Cuda(0), Some(info.name)))
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn cuda(_rank: u32) -> Result<Device, WorkerError> {
+    fn cuda(_rank: u32) -> Result<(Device, Option<String>), WorkerError> {
         Err(WorkerError::Setup(format!(
             "on {}: the recipe trains on cuda ([device] backend) but this strata was built without CUDA; rebuild it with `cargo build --release --features cuda`",
             hostname()
@@ -435,6 +440,8 @@ struct Session<'a> {
     url: String,
     step_now: Arc<AtomicU64>,
     stop: Arc<Stop>,
+    /// Every device's peak FLOP/s together, when known (MFU's denominator).
+    peak_flops: Option<f64>,
 }
 
 /// Builds the rank's model part on `device` and trains it to the end.
@@ -458,6 +465,7 @@ fn steps<B: AutodiffBackend>(
         url,
         step_now,
         stop,
+        peak_flops,
     } = s;
     let layout = recipe.parallel.layout;
     let chunks = recipe.parallel.virtual_stages;
@@ -665,6 +673,7 @@ fn steps<B: AutodiffBackend>(
                     .collect(),
                 bubble_theory: layout.bubble_fraction(microbatches as u32, chunks),
                 eval_loss,
+                peak_flops,
             };
             rt.block_on(
                 client
