@@ -268,8 +268,11 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
     browser.open(&format!("http://{http}/jobs/{id}"));
     let probe = "const s = document.getElementById('job-state');
         const c = document.getElementById('chart-loss');
-        return [s ? s.textContent : '', c && c.dataset.points ? +c.dataset.points : 0];";
+        return [s ? s.textContent : '', c && c.dataset.points ? +c.dataset.points : 0,
+                document.querySelectorAll('#ranks .rank-split').length];";
     let mut seen: Vec<(String, u64)> = Vec::new();
+    // The most ranks whose own last step the page showed at once.
+    let mut split_ranks = 0;
     let start = Instant::now();
     loop {
         let v = browser.eval(probe);
@@ -280,6 +283,7 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
         if seen.last() != Some(&now) {
             seen.push(now.clone());
         }
+        split_ranks = split_ranks.max(v[2].as_u64().unwrap_or(0));
         if now.0 == "succeeded" {
             break;
         }
@@ -304,6 +308,8 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
         growing.windows(2).any(|w| w[1] > w[0]) && growing.iter().any(|&n| n > 0),
         "the loss curve never gained points while the job ran: {seen:?}"
     );
+    // Both ranks' own step splits (from their heartbeats) were shown.
+    assert_eq!(split_ranks, 2, "{seen:?}");
     let job = cl
         .get_job(pb::GetJobRequest { job_id: id.clone() })
         .await

@@ -563,6 +563,7 @@ async fn tokens_guard_clients_and_workers() {
             rank: 0,
             step: 0,
             attempt: 1,
+            ..pb::HeartbeatRequest::default()
         })
         .await
         .unwrap_err();

@@ -113,6 +113,29 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         .job_id;
     let j = until(&mut cl, &id, 120, |j| j.steps_done >= 5).await;
     assert_eq!(j.state(), pb::JobState::Running);
+    // Every rank's own last step, from its heartbeats (one a second).
+    let started = std::time::Instant::now();
+    let ranks = loop {
+        let (code, body) = get_http(http, &format!("/api/jobs/{id}"), None);
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let ranks = v["ranks"].as_array().unwrap().clone();
+        if ranks.len() == 2 && ranks.iter().all(|r| !r["last_step"].is_null()) {
+            break ranks;
+        }
+        assert!(started.elapsed().as_secs() < 20, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for r in &ranks {
+        let s = &r["last_step"];
+        assert!(s["step"].as_u64().unwrap() >= 1, "{r}");
+        let phases: f64 = ["data_s", "forward_s", "backward_s", "all_reduce_s", "optimizer_s"]
+            .iter()
+            .map(|p| s[p].as_f64().unwrap())
+            .sum();
+        let wall = s["wall_s"].as_f64().unwrap();
+        assert!(phases > 0.0 && phases <= wall * 1.0001, "{r}");
+    }
     let (code, body) = get_http(http, "/metrics", None);
     assert_eq!(code, 200, "{body}");
     let lines = body.lines().map(|l| Ok(l.to_string()));
@@ -129,6 +152,21 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert_eq!(value(&scrape, "strata_slots", None), Some(2.0));
     assert_eq!(value(&scrape, "strata_slots_leased", None), Some(2.0));
     assert_eq!(value(&scrape, "strata_queue_length", None), Some(0.0));
+    for rank in ["0", "1"] {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "strata_job_rank_step_seconds"
+                    && s.labels.get("job") == Some(&id)
+                    && s.labels.get("rank") == Some(rank)
+            })
+            .unwrap_or_else(|| panic!("rank {rank}: {body}"));
+        assert!(
+            matches!(s.value, prometheus_parse::Value::Gauge(v) if v > 0.0),
+            "{body}"
+        );
+    }
     // The job's numbers are its recorded step's, exactly.
     let step = value(&scrape, "strata_job_step", Some(&id)).unwrap() as u64;
     assert!(step >= 1, "{body}");

@@ -372,12 +372,27 @@ function drawStages(last) {
   box.innerHTML = html;
 }
 
+// One rank's last step as a bar of its phases and what they leave out
+// (waiting for neighbours), scaled to the slowest rank's step.
+function rankSplit(s, ranks) {
+  if (!s) return '<span class="muted">no step yet</span>';
+  const widest = Math.max(...ranks.map((r) => (r.last_step ? r.last_step.wall_s : 0)), 1e-9);
+  const parts = PHASES.map(([p, c]) => [p, c, s[`${p}_s`] || 0]);
+  const known = parts.reduce((a, p) => a + p[2], 0);
+  parts.push(["other", "#fca5a5", Math.max(0, s.wall_s - known)]);
+  const bar = parts.map(([p, c, v]) =>
+    `<span title="${p}: ${fmt(v)} s" style="width:${(100 * v) / widest}%;background:${c}"></span>`).join("");
+  return `<span class="split rank-split" data-step="${s.step}">${bar}</span>`;
+}
+
 function drawDetails(d) {
   document.getElementById("recipe").textContent = d.recipe || "";
   const ranks = d.ranks || [];
   document.getElementById("ranks").innerHTML = ranks.length
-    ? table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "done"], ranks.map((r) => [
+    ? table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "done", "its last step: data · forward · backward · all-reduce · optimizer · other (waiting)", "#seconds"], ranks.map((r) => [
       r.rank, r.node, r.gpu ?? "–", r.addr || "not registered", r.step, duration(r.step_age_s), duration(r.heartbeat_age_s), r.done ? "yes" : "",
+      { html: rankSplit(r.last_step, ranks) },
+      r.last_step ? fmt(r.last_step.wall_s, 3) : "–",
     ]))
     : `<p class="muted">No live processes.</p>`;
   const atts = d.attempts || [];

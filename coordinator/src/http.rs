@@ -39,6 +39,12 @@ struct JobLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabel {
+    job: String,
+    rank: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     job: String,
     phase: String,
@@ -100,6 +106,11 @@ pub fn render(engine: &Engine) -> String {
         "job_step_phase_seconds",
         "Rank 0's time per phase of the last step",
     );
+    let rank_step_s = family::<RankLabel>(
+        &mut reg,
+        "job_rank_step_seconds",
+        "Each rank's wall time of its last finished step (from its heartbeats): a straggler stands out",
+    );
     let bubble = family::<JobLabel>(
         &mut reg,
         "job_pipeline_bubble",
@@ -147,6 +158,18 @@ pub fn render(engine: &Engine) -> String {
         };
         steps_total.get_or_create(&l).set(j.steps_total as f64);
         attempts.get_or_create(&l).set(j.attempts.len() as f64);
+        if let Some((_, _, ranks)) = engine.job_now(&j.job_id) {
+            for r in ranks {
+                if let Some(s) = r.last_step {
+                    rank_step_s
+                        .get_or_create(&RankLabel {
+                            job: j.job_id.clone(),
+                            rank: r.rank.to_string(),
+                        })
+                        .set(s.wall_s);
+                }
+            }
+        }
         if let Some(c) = j.checkpoints.last() {
             ck_stall.get_or_create(&l).set(c.stall_s);
             ck_age

@@ -1667,6 +1667,17 @@ impl ControlService for Control {
             Some(sup) if sup.is_running() => {
                 let gap = sup.beat(req.rank as usize, Some(req.step));
                 engine.heartbeat_gaps.observe(gap.as_secs_f64());
+                if let Some(t) = req.times {
+                    sup.last_steps[req.rank as usize] = Some(crate::supervisor::RankStep {
+                        step: req.times_step,
+                        wall_s: req.step_wall_s,
+                        data_s: t.data_s,
+                        forward_s: t.forward_s,
+                        backward_s: t.backward_s,
+                        all_reduce_s: t.all_reduce_s,
+                        optimizer_s: t.optimizer_s,
+                    });
+                }
                 Ok(Response::new(pb::HeartbeatResponse {
                     stop: false,
                     stop_reason: String::new(),

@@ -43,6 +43,8 @@ pub(crate) struct Supervisor {
     /// Each rank's last reported step and when it last moved.
     progress: Vec<(u64, Instant)>,
     pub done: Vec<bool>,
+    /// Each rank's last finished step's split, as its heartbeats said.
+    pub last_steps: Vec<Option<RankStep>>,
     pub checkpoints: BTreeMap<u64, PendingCheckpoint>,
     pub phase: Phase,
     hang_timeout: Duration,
@@ -67,6 +69,20 @@ pub(crate) struct RankView {
     pub step: u64,
     pub step_age_s: f64,
     pub done: bool,
+    /// Its last finished step's split, from its heartbeats.
+    pub last_step: Option<RankStep>,
+}
+
+/// Where one rank's step went, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub(crate) struct RankStep {
+    pub step: u64,
+    pub wall_s: f64,
+    pub data_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub all_reduce_s: f64,
+    pub optimizer_s: f64,
 }
 
 impl Supervisor {
@@ -87,6 +103,7 @@ impl Supervisor {
             heartbeat: vec![now; n],
             progress: vec![(first_step, now); n],
             done: vec![false; n],
+            last_steps: vec![None; n],
             checkpoints: BTreeMap::new(),
             phase: Phase::Running,
             hang_timeout,
@@ -111,6 +128,7 @@ impl Supervisor {
                 step: self.progress[r].0,
                 step_age_s: now.duration_since(self.progress[r].1).as_secs_f64(),
                 done: self.done[r],
+                last_step: self.last_steps[r],
             })
             .collect()
     }

@@ -423,6 +423,7 @@ async fn concurrent_reports_lose_no_change() {
             rank: 0,
             step: 1,
             attempt: 7,
+            ..pb::HeartbeatRequest::default()
         })
         .await
         .unwrap_err();

@@ -217,6 +217,8 @@ fn train(
     // is doing; a stop request (the coordinator's, or SIGTERM) is seen at
     // the next step, where every rank agrees to stop after the same one.
     let step_now = Arc::new(AtomicU64::new(0));
+    // This rank's last finished step and its split, for the heartbeats.
+    let last_times: LastTimes = Arc::new(Mutex::new(None));
     let stop = Arc::new(Stop::default());
     {
         let stop = stop.clone();
@@ -234,7 +236,7 @@ fn train(
     {
         let (mut c, job, rank, attempt) =
             (client.clone(), args.job.clone(), args.rank, args.attempt);
-        let (step_now, stop) = (step_now.clone(), stop.clone());
+        let (step_now, stop, last_times) = (step_now.clone(), stop.clone(), last_times.clone());
         rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut unreachable_since: Option<Instant> = None;
@@ -245,6 +247,18 @@ fn train(
                     rank,
                     step: step_now.load(Ordering::Relaxed),
                     attempt,
+                    times: None,
+                    times_step: 0,
+                    step_wall_s: 0.0,
+                };
+                let req = match *last_times.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Some((step, times, wall)) => pb::HeartbeatRequest {
+                        times: Some(times),
+                        times_step: step,
+                        step_wall_s: wall,
+                        ..req
+                    },
+                    None => req,
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if r.get_ref().stop => {
@@ -340,6 +354,7 @@ fn train(
         step_now,
         stop,
         peak_flops,
+        last_times,
     };
     match device {
         Device::Cpu => steps::<CpuBackend>(session, Default::default(), None),
@@ -442,7 +457,11 @@ struct Session<'a> {
     stop: Arc<Stop>,
     /// Every device's peak FLOP/s together, when known (MFU's denominator).
     peak_flops: Option<f64>,
+    last_times: LastTimes,
 }
+
+/// A rank's last finished step, where its time went, and its wall time.
+type LastTimes = Arc<Mutex<Option<(u64, pb::StepTimes, f64)>>>;
 
 /// Builds the rank's model part on `device` and trains it to the end.
 fn steps<B: AutodiffBackend>(
@@ -466,6 +485,7 @@ fn steps<B: AutodiffBackend>(
         step_now,
         stop,
         peak_flops,
+        last_times,
     } = s;
     let layout = recipe.parallel.layout;
     let chunks = recipe.parallel.virtual_stages;
@@ -623,6 +643,15 @@ fn steps<B: AutodiffBackend>(
                 what: members.describe(&e),
             })?;
         step_now.store(step, Ordering::Relaxed);
+        let times = pb::StepTimes {
+            data_s,
+            forward_s: stats.forward.as_secs_f64(),
+            backward_s: stats.backward.as_secs_f64(),
+            all_reduce_s: stats.all_reduce.as_secs_f64(),
+            optimizer_s: stats.optimizer.as_secs_f64(),
+        };
+        *last_times.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((step, times, t0.elapsed().as_secs_f64()));
         let eval_loss = match &eval {
             Some(e) if step % e.every == 0 || step == n_steps => Some(
                 tracing::info_span!("eval", tokens = e.tokens)
@@ -650,13 +679,7 @@ fn steps<B: AutodiffBackend>(
                 tokens_per_s: tps as f64 / wall,
                 grad_norm: stats.grad_norm,
                 seq_log2: batch.log2,
-                times: Some(pb::StepTimes {
-                    data_s,
-                    forward_s: stats.forward.as_secs_f64(),
-                    backward_s: stats.backward.as_secs_f64(),
-                    all_reduce_s: stats.all_reduce.as_secs_f64(),
-                    optimizer_s: stats.optimizer.as_secs_f64(),
-                }),
+                times: Some(times),
                 stages: stats
                     .stages
                     .iter()
