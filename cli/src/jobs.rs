@@ -1033,6 +1033,7 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
         },
         "bubble_theory": s.bubble_theory,
         "eval_loss": s.eval_loss,
+        "peak_flops": s.peak_flops,
         "stages": s.stages.iter().map(|st| json!({
             "stage": st.stage,
             "forward_s": st.forward_s,

@@ -182,6 +182,31 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         .steps;
     let s = &history[0];
     assert_eq!(s.step, step);
+    // And what `strata metrics --json` prints for that step.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["metrics", &id, "--json", "--coordinator", &format!("http://{}", c.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = printed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["step"] == step)
+        .unwrap()
+        .clone();
+    for (metric, field) in [
+        ("strata_job_loss", "loss"),
+        ("strata_job_lr", "lr"),
+        ("strata_job_tokens_per_second", "tokens_per_s"),
+    ] {
+        assert_eq!(
+            value(&scrape, metric, Some(&id)),
+            row[field].as_f64(),
+            "{metric} vs strata metrics --json's {field}: {row}"
+        );
+    }
     assert_eq!(value(&scrape, "strata_job_loss", Some(&id)), Some(s.loss));
     assert_eq!(value(&scrape, "strata_job_lr", Some(&id)), Some(s.lr));
     assert_eq!(
@@ -261,4 +286,36 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     .await
     .unwrap();
     c.stop().await;
+}
+
+/// A coordinator whose HTTP side listens off loopback makes a client token
+/// (none was given) and asks for it on every path.
+#[test]
+fn off_loopback_the_dashboard_and_metrics_refuse_calls_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut coordinator = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-listen", &format!("0.0.0.0:{http}")])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let at: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    let started = std::time::Instant::now();
+    while TcpStream::connect(at).is_err() {
+        assert!(started.elapsed().as_secs() < 30, "no HTTP at {at}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let token = token.trim();
+    for path in ["/metrics", "/", "/api/overview"] {
+        assert_eq!(get_http(at, path, None).0, 401, "{path}");
+        assert_eq!(get_http(at, path, Some(token)).0, 200, "{path}");
+    }
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
 }
