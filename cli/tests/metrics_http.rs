@@ -129,10 +129,16 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     for r in &ranks {
         let s = &r["last_step"];
         assert!(s["step"].as_u64().unwrap() >= 1, "{r}");
-        let phases: f64 = ["data_s", "forward_s", "backward_s", "all_reduce_s", "optimizer_s"]
-            .iter()
-            .map(|p| s[p].as_f64().unwrap())
-            .sum();
+        let phases: f64 = [
+            "data_s",
+            "forward_s",
+            "backward_s",
+            "all_reduce_s",
+            "optimizer_s",
+        ]
+        .iter()
+        .map(|p| s[p].as_f64().unwrap())
+        .sum();
         let wall = s["wall_s"].as_f64().unwrap();
         assert!(phases > 0.0 && phases <= wall * 1.0001, "{r}");
     }
@@ -184,10 +190,20 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert_eq!(s.step, step);
     // And what `strata metrics --json` prints for that step.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["metrics", &id, "--json", "--coordinator", &format!("http://{}", c.addr)])
+        .args([
+            "metrics",
+            &id,
+            "--json",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let row = printed
         .as_array()
@@ -218,10 +234,9 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         Some(400.0)
     );
     assert_eq!(value(&scrape, "strata_job_attempts", Some(&id)), Some(1.0));
-    let per_token = strata_recipe::plan::Plan::new(
-        &strata_recipe::Recipe::from_toml_str(&spec, "t").unwrap(),
-    )
-    .flops_per_token;
+    let per_token =
+        strata_recipe::plan::Plan::new(&strata_recipe::Recipe::from_toml_str(&spec, "t").unwrap())
+            .flops_per_token;
     assert_eq!(
         value(&scrape, "strata_job_model_flops_per_second", Some(&id)),
         Some(per_token * s.tokens_per_s)

@@ -389,7 +389,7 @@ function drawDetails(d) {
   document.getElementById("recipe").textContent = d.recipe || "";
   const ranks = d.ranks || [];
   document.getElementById("ranks").innerHTML = ranks.length
-    ? table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "done", "its last step: data · forward · backward · all-reduce · optimizer · other (waiting)", "#seconds"], ranks.map((r) => [
+    ? table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "done", "its last step (phases as above, then waiting)", "#s"], ranks.map((r) => [
       r.rank, r.node, r.gpu ?? "–", r.addr || "not registered", r.step, duration(r.step_age_s), duration(r.heartbeat_age_s), r.done ? "yes" : "",
       { html: rankSplit(r.last_step, ranks) },
       r.last_step ? fmt(r.last_step.wall_s, 3) : "–",

@@ -534,10 +534,10 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
     }
 
     // [device]
-    let peak_tflops = match spec.device.peak_tflops {
-        Some(v) => Some(c.positive_f64("device.peak_tflops", v)),
-        None => None,
-    };
+    let peak_tflops = spec
+        .device
+        .peak_tflops
+        .map(|v| c.positive_f64("device.peak_tflops", v));
 
     let recipe = (|| {
         Some(Recipe {

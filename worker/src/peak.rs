@@ -69,15 +69,15 @@ mod tests {
             device_peak_flops(&gpu, Some("NVIDIA H100 PCIe")),
             Some(756e12)
         );
-        assert_eq!(
-            device_peak_flops(&gpu, Some("NVIDIA H200")),
-            Some(989.4e12)
-        );
+        assert_eq!(device_peak_flops(&gpu, Some("NVIDIA H200")), Some(989.4e12));
         assert_eq!(
             device_peak_flops(&gpu, Some("NVIDIA A100-SXM4-80GB")),
             Some(312e12)
         );
-        assert_eq!(device_peak_flops(&gpu, Some("NVIDIA GeForce GTX 1080")), None);
+        assert_eq!(
+            device_peak_flops(&gpu, Some("NVIDIA GeForce GTX 1080")),
+            None
+        );
         let f32_gpu = recipe("[device]\nbackend = \"cuda\"\nprecision = \"f32\"\n");
         assert_eq!(device_peak_flops(&f32_gpu, Some("NVIDIA H100")), None);
     }
