@@ -225,14 +225,18 @@ fn interactive(
                 Err(_) => s.error = Some("ListJobs: no answer in 5 s".into()),
             }
         }
-        let snap = shared.lock().expect("snapshot").clone();
-        let n = snap.jobs.len();
-        if let Some(i) = table.selected()
-            && i >= n
         {
-            table.select(Some(n.saturating_sub(1)));
+            // Drawn under the lock: the followed steps are not copied per
+            // frame (the streams wait a few milliseconds at most).
+            let snap = shared.lock().expect("snapshot");
+            let n = snap.jobs.len();
+            if let Some(i) = table.selected()
+                && i >= n
+            {
+                table.select(Some(n.saturating_sub(1)));
+            }
+            terminal.draw(|f| draw(f, &snap, &mut table))?;
         }
-        terminal.draw(|f| draw(f, &snap, &mut table))?;
         if event::poll(Duration::from_millis(200))?
             && let Event::Key(k) = event::read()?
             && k.kind == KeyEventKind::Press

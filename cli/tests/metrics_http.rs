@@ -28,6 +28,14 @@ fn raw_http(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
     (code, format!("{head}\r\n"))
 }
 
+/// Runs the `strata` binary to its end.
+fn strata_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// A gauge's value for a job (`job` label), or without labels.
 fn value(scrape: &prometheus_parse::Scrape, name: &str, job: Option<&str>) -> Option<f64> {
     scrape
@@ -102,15 +110,7 @@ async fn metrics_match_the_job_history_and_need_the_token() {
 
     // With each device's peak given, MFU is exported.
     let spec = format!("{}[device]\npeak_tflops = 0.05\n", recipe(&data, 400, 2));
-    let id = cl
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec.clone(),
-            default_name: "t".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut cl, spec.clone()).await.unwrap();
     let j = until(&mut cl, &id, 120, |j| j.steps_done >= 5).await;
     assert_eq!(j.state(), pb::JobState::Running);
     // Every rank's own last step, from its heartbeats (one a second).
@@ -189,16 +189,13 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     let s = &history[0];
     assert_eq!(s.step, step);
     // And what `strata metrics --json` prints for that step.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args([
-            "metrics",
-            &id,
-            "--json",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-        ])
-        .output()
-        .unwrap();
+    let out = strata_cli(&[
+        "metrics",
+        &id,
+        "--json",
+        "--coordinator",
+        &format!("http://{}", c.addr),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -265,15 +262,12 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     );
     eprintln!("heartbeats measured: {beats:?}");
     // `strata top --once` shows the running job with its progress.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args([
-            "top",
-            "--once",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-        ])
-        .output()
-        .unwrap();
+    let out = strata_cli(&[
+        "top",
+        "--once",
+        "--coordinator",
+        &format!("http://{}", c.addr),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -284,10 +278,7 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert!(row.contains("running") && row.contains("/400"), "{text}");
     assert!(text.contains("step time"), "{text}");
     // Without a terminal and without --once it says why.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["top", "--coordinator", &format!("http://{}", c.addr)])
-        .output()
-        .unwrap();
+    let out = strata_cli(&["top", "--coordinator", &format!("http://{}", c.addr)]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--once"),

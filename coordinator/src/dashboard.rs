@@ -51,37 +51,28 @@ pub(crate) fn routes() -> Router<Arc<Http>> {
         .route("/api/sweeps/{id}/plots/{file}", get(sweep_plot))
 }
 
-async fn page() -> Response {
+/// An embedded file, never cached stale (the binary may change).
+fn embedded(content_type: &'static str, body: &'static str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        PAGE,
+        body,
     )
         .into_response()
+}
+
+async fn page() -> Response {
+    embedded("text/html; charset=utf-8", PAGE)
 }
 
 async fn script() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        SCRIPT,
-    )
-        .into_response()
+    embedded("text/javascript; charset=utf-8", SCRIPT)
 }
 
 async fn style() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        STYLE,
-    )
-        .into_response()
+    embedded("text/css; charset=utf-8", STYLE)
 }
 
 fn not_found(what: String) -> Response {
@@ -138,9 +129,6 @@ fn job_json(job: &JobRecord, waiting: Option<&str>, last: Option<&StepRecord>) -
         "checkpoints": job.checkpoints,
         "checkpoint_errors": job.checkpoint_errors,
         "parent": job.parent,
-        "flops_per_token": strata_recipe::Recipe::from_toml_str(&job.spec_toml, &job.name)
-            .ok()
-            .map(|r| strata_recipe::plan::Plan::new(&r).flops_per_token),
     })
 }
 
@@ -179,8 +167,7 @@ fn step_json(s: &StepRecord) -> Value {
 async fn overview(AxumState(http): AxumState<Arc<Http>>) -> Response {
     let engine = http.engine.clone();
     let built = tokio::task::spawn_blocking(move || {
-        let jobs = engine.jobs_now();
-        let (_, queued, leased) = engine.snapshot();
+        let (jobs, queued, leased) = engine.snapshot();
         let mut views: Vec<(i64, Value)> = jobs
             .iter()
             .map(|(j, waiting)| {
@@ -251,6 +238,12 @@ async fn job(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) -> R
         let mut v = job_json(&job, waiting.as_deref(), last.as_ref());
         v["recipe"] = json!(job.spec_toml);
         v["ranks"] = json!(ranks);
+        // MFU's numerator per token/s (the job page's; the list has none).
+        v["flops_per_token"] = json!(
+            strata_recipe::Recipe::from_toml_str(&job.spec_toml, &job.name)
+                .ok()
+                .map(|r| strata_recipe::plan::Plan::new(&r).flops_per_token)
+        );
         Some(v)
     })
     .await;
@@ -387,6 +380,7 @@ fn make_report(
     engine: &Engine,
     s: &SweepRecord,
     jobs: &HashMap<String, JobRecord>,
+    key: Vec<(String, &'static str, u64)>,
 ) -> Result<SweepReport, String> {
     let mut runs = Vec::new();
     for p in &s.points {
@@ -433,7 +427,6 @@ fn make_report(
             row,
         });
     }
-    let key = report_key(s, jobs);
     if runs.is_empty() {
         return Ok(SweepReport {
             key,
@@ -477,7 +470,7 @@ async fn report_of(
     }
     let engine = http.engine.clone();
     let made = tokio::task::spawn_blocking(move || {
-        make_report(&engine, &s, &jobs).map(|r| (s.sweep_id, Arc::new(r)))
+        make_report(&engine, &s, &jobs, key).map(|r| (s.sweep_id, Arc::new(r)))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -491,7 +484,8 @@ async fn report_of(
 fn sweep_and_jobs(engine: &Engine, id: &str) -> Option<(SweepRecord, HashMap<String, JobRecord>)> {
     let s = engine.lock().sweeps.get(id).cloned()?;
     let jobs = engine
-        .jobs_now()
+        .snapshot()
+        .0
         .into_iter()
         .map(|(j, _)| (j.job_id.clone(), j))
         .collect();

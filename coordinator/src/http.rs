@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::job::{JobState, now_unix_ms};
+use crate::job::{JobRecord, JobState, now_unix_ms};
 use crate::server::Engine;
 
 /// Seconds between a rank's heartbeats: 0.25 s to about 64 s.
@@ -134,6 +134,7 @@ pub fn render(engine: &Engine) -> String {
     );
 
     let (job_list, queued, leased_now) = engine.snapshot();
+    let job_list: Vec<JobRecord> = job_list.into_iter().map(|(j, _)| j).collect();
     for s in [
         JobState::Queued,
         JobState::Running,
@@ -158,16 +159,14 @@ pub fn render(engine: &Engine) -> String {
         };
         steps_total.get_or_create(&l).set(j.steps_total as f64);
         attempts.get_or_create(&l).set(j.attempts.len() as f64);
-        if let Some((_, _, ranks)) = engine.job_now(&j.job_id) {
-            for r in ranks {
-                if let Some(s) = r.last_step {
-                    rank_step_s
-                        .get_or_create(&RankLabel {
-                            job: j.job_id.clone(),
-                            rank: r.rank.to_string(),
-                        })
-                        .set(s.wall_s);
-                }
+        for r in engine.ranks_now(&j.job_id) {
+            if let Some(s) = r.last_step {
+                rank_step_s
+                    .get_or_create(&RankLabel {
+                        job: j.job_id.clone(),
+                        rank: r.rank.to_string(),
+                    })
+                    .set(s.wall_s);
             }
         }
         if let Some(c) = j.checkpoints.last() {

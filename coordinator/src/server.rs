@@ -414,22 +414,12 @@ impl Engine {
         Ok(job)
     }
 
-    /// Every job, the queue's length and the slots leased, as they are
-    /// now (for `/metrics`).
-    pub(crate) fn snapshot(&self) -> (Vec<JobRecord>, usize, usize) {
-        let state = self.lock();
-        (
-            state.jobs.values().cloned().collect(),
-            state.queue.len(),
-            Engine::leased(&state).len(),
-        )
-    }
-
-    /// Every job with what its live attempt waits for (for the
+    /// Every job with what its live attempt waits for, the queue's length
+    /// and the slots leased, as they are now (for `/metrics` and the
     /// dashboard).
-    pub(crate) fn jobs_now(&self) -> Vec<(JobRecord, Option<String>)> {
+    pub(crate) fn snapshot(&self) -> (Vec<(JobRecord, Option<String>)>, usize, usize) {
         let state = self.lock();
-        state
+        let jobs = state
             .jobs
             .values()
             .map(|j| {
@@ -439,7 +429,18 @@ impl Engine {
                     .and_then(|s| s.waiting.clone());
                 (j.clone(), waiting)
             })
-            .collect()
+            .collect();
+        (jobs, state.queue.len(), Engine::leased(&state).len())
+    }
+
+    /// The ranks of job `id`'s live attempt (none when no processes are
+    /// alive).
+    pub(crate) fn ranks_now(&self, id: &str) -> Vec<crate::supervisor::RankView> {
+        self.lock()
+            .attempts
+            .get(id)
+            .map(|s| s.ranks_view())
+            .unwrap_or_default()
     }
 
     /// Job `id`, what its live attempt waits for and that attempt's

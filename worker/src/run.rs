@@ -242,23 +242,15 @@ fn train(
             let mut unreachable_since: Option<Instant> = None;
             loop {
                 tick.tick().await;
+                let last = *last_times.lock().unwrap_or_else(|e| e.into_inner());
                 let req = pb::HeartbeatRequest {
                     job_id: job.clone(),
                     rank,
                     step: step_now.load(Ordering::Relaxed),
                     attempt,
-                    times: None,
-                    times_step: 0,
-                    step_wall_s: 0.0,
-                };
-                let req = match *last_times.lock().unwrap_or_else(|e| e.into_inner()) {
-                    Some((step, times, wall)) => pb::HeartbeatRequest {
-                        times: Some(times),
-                        times_step: step,
-                        step_wall_s: wall,
-                        ..req
-                    },
-                    None => req,
+                    times: last.map(|l| l.1),
+                    times_step: last.map_or(0, |l| l.0),
+                    step_wall_s: last.map_or(0.0, |l| l.2),
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if r.get_ref().stop => {
