@@ -20,6 +20,11 @@ pub enum BenchCommand {
     /// synthetic tokens and report tokens/s, the step-time split, MFU and
     /// peak memory.
     Train(TrainArgs),
+    /// The coordinator at cluster scale: a rank simulator plays 1,024 to
+    /// 16,384 ranks against a `strata coordinator` process; rendezvous,
+    /// heartbeats, the engine lock, CPU and memory, faults and their
+    /// recovery, `/metrics` and the job page (JSON with --json).
+    Coordinator(crate::simbench::CoordinatorBenchArgs),
     /// NCCL's collectives on burn's CUDA tensors over this machine's GPUs
     /// (one thread per GPU), checked against host sums in f32 and bf16,
     /// and the time of a 64 MiB all-reduce (needs the `cuda` feature).
@@ -101,6 +106,7 @@ pub struct TrainArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Train(args) => train(args),
+        BenchCommand::Coordinator(args) => crate::simbench::coordinator(args),
         BenchCommand::Nccl(args) => nccl(args),
     }
 }

@@ -5,11 +5,10 @@
 //! follows it and prints a summary.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use strata_coordinator::{Coordinator, Inventory};
+use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
 use strata_dataplane::corpus::{Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::manifest::{Layout, TokenizerInfo};
@@ -18,7 +17,7 @@ use strata_dataplane::tokenize::TokenizerKind;
 use strata_dataplane::writer::{DatasetWriter, WriterOptions};
 
 use crate::UserError;
-use crate::jobs::{Connect, coordinator_config, fetch_metrics, shown, submit_text, watch};
+use crate::jobs::{Connect, fetch_metrics, shown, submit_text, watch};
 
 const MOBY_DICK: &str = include_str!("../assets/moby-dick.txt");
 
@@ -195,7 +194,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
         // 2. A coordinator in this process.
         let state_dir = dir.join("state");
-        let cfg = coordinator_config(
+        let cfg = CoordinatorConfig::new(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
             if args.device == "cuda" {
@@ -204,9 +203,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 Inventory::local(args.world())
             }
             .map_err(|e| UserError(e.to_string()))?,
-            None,
-            Duration::from_secs(60),
-        )?;
+            std::env::current_exe().context("the strata binary's path")?,
+        );
         let coordinator = Coordinator::start(cfg).await.map_err(|e| UserError(e.to_string()))?;
         let connect = Connect {
             coordinator: Some(format!("http://{}", coordinator.addr)),

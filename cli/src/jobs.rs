@@ -10,11 +10,11 @@ use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::sync::Arc;
-use strata_coordinator::cluster::{JobLauncher, LocalJobLauncher, SlurmConfig, SlurmJobLauncher};
-use strata_coordinator::convert::state_from_pb;
 use strata_coordinator::job::JobState;
-use strata_coordinator::{Coordinator, CoordinatorConfig, Inventory};
+use strata_coordinator::rpc::convert::state_from_pb;
+use strata_coordinator::startup::{
+    self, CoordinatorOptions, LauncherChoice, ServeError, SlurmChoice,
+};
 use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
@@ -46,7 +46,9 @@ impl Connect {
 
     fn token(&self) -> anyhow::Result<Option<String>> {
         if let Some(path) = &self.token_file {
-            return read_token_file(path).map(Some);
+            return startup::read_token_file(path)
+                .map(Some)
+                .map_err(|e| UserError(e.to_string()).into());
         }
         Ok(std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()))
     }
@@ -122,10 +124,15 @@ pub struct CoordinatorArgs {
     /// also how long before the time limit Slurm sends SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub stop_grace_s: u64,
-    /// Where workers run: `local` (processes on this machine) or `slurm`
-    /// (one allocation per attempt, from this machine as a submit host).
+    /// Where workers run: `local` (processes on this machine), `slurm`
+    /// (one allocation per attempt, from this machine as a submit host)
+    /// or `sim` (a rank simulator plays them: `strata sim serve`).
     #[arg(long, value_enum, default_value_t = LauncherKind::Local)]
     pub launcher: LauncherKind,
+    /// Heartbeats a second asked of all ranks together: past this many
+    /// ranks each rank beats less often than once a second.
+    #[arg(long, default_value_t = strata_coordinator::config::DEFAULT_HEARTBEATS_PER_S)]
+    pub heartbeats_per_s: u32,
     /// The URL workers reach this coordinator at [default: the listening
     /// address; on 0.0.0.0 under Slurm, this machine's name].
     #[arg(long)]
@@ -137,12 +144,15 @@ pub struct CoordinatorArgs {
     pub worker_advertise: Option<String>,
     #[command(flatten)]
     pub slurm: SlurmArgs,
+    #[command(flatten)]
+    pub sim: SimArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LauncherKind {
     Local,
     Slurm,
+    Sim,
 }
 
 /// `--launcher slurm`'s settings; a recipe's `[slurm]` section overrides
@@ -167,68 +177,64 @@ pub struct SlurmArgs {
     pub cpus_per_task: u32,
 }
 
-/// A token file's contents, trimmed; an unreadable or empty file is the
-/// user's error, named.
-fn read_token_file(path: &Path) -> anyhow::Result<String> {
-    let t = std::fs::read_to_string(path)
-        .map_err(|e| UserError(format!("cannot read token file {}: {e}", path.display())))?;
-    let t = t.trim().to_string();
-    if t.is_empty() {
-        return Err(UserError(format!("token file {} is empty", path.display())).into());
-    }
-    Ok(t)
+/// `--launcher sim`'s settings: a rank simulator (`strata sim serve`)
+/// plays the workers.
+#[derive(Args)]
+pub struct SimArgs {
+    /// The simulator's control address.
+    #[arg(long = "sim", value_name = "ADDR")]
+    pub sim_addr: Option<SocketAddr>,
+    /// The simulated inventory's nodes.
+    #[arg(long, default_value_t = 2048)]
+    pub sim_nodes: u32,
+    /// GPUs per simulated node, one rank each.
+    #[arg(long, default_value_t = 8)]
+    pub sim_gpus_per_node: u32,
 }
 
-/// The client token: the given file's, or (off loopback) one generated
-/// into the state folder, readable by its owner only.
-fn client_token(args: &CoordinatorArgs) -> anyhow::Result<Option<String>> {
-    if let Some(path) = &args.token_file {
-        return read_token_file(path).map(Some);
-    }
-    if args.listen.ip().is_loopback() && args.http_listen.is_none_or(|h| h.ip().is_loopback()) {
-        return Ok(None);
-    }
-    let path = args.state_dir.join("token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(Some(t.trim().to_string()));
-    }
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let token = strata_coordinator::job::random_token().context("random token")?;
-    std::fs::write(&path, format!("{token}\n"))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    eprintln!(
-        "clients need the token in {} (--token-file or STRATA_TOKEN)",
-        path.display()
+/// The options `strata coordinator`'s flags say.
+fn options(args: &CoordinatorArgs) -> anyhow::Result<CoordinatorOptions> {
+    let mut o = CoordinatorOptions::new(
+        args.listen,
+        args.state_dir.clone(),
+        std::env::current_exe().context("the strata binary's path")?,
     );
-    Ok(Some(token))
-}
-
-pub fn coordinator_config(
-    listen: SocketAddr,
-    state_dir: PathBuf,
-    inventory: Inventory,
-    client_token: Option<String>,
-    heartbeat_timeout: Duration,
-) -> anyhow::Result<CoordinatorConfig> {
-    Ok(CoordinatorConfig {
-        listen,
-        state_dir,
-        inventory,
-        worker_program: std::env::current_exe().context("the strata binary's path")?,
-        worker_args: vec!["worker".into()],
-        worker_env: Vec::new(),
-        client_token,
-        heartbeat_timeout,
-        stop_grace: Duration::from_secs(30),
-        advertise_url: None,
-        http_listen: None,
-    })
+    o.http_listen = args.http_listen;
+    o.slots = args.slots;
+    o.gpus = args.gpus;
+    o.detected_gpus = if args.launcher == LauncherKind::Local && args.gpus.is_none() {
+        detected_gpus()
+    } else {
+        0
+    };
+    o.token_file = args.token_file.clone();
+    o.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_s);
+    o.stop_grace = Duration::from_secs(args.stop_grace_s);
+    o.heartbeats_per_s = args.heartbeats_per_s;
+    o.advertise_url = args.advertise_url.clone();
+    o.launcher = match args.launcher {
+        LauncherKind::Local => LauncherChoice::Local,
+        LauncherKind::Slurm => {
+            let s = &args.slurm;
+            LauncherChoice::Slurm(SlurmChoice {
+                partition: s.partition.clone(),
+                account: s.account.clone(),
+                qos: s.qos.clone(),
+                time: s.time.clone(),
+                gpus_per_node: s.gpus_per_node,
+                cpus_per_task: s.cpus_per_task,
+                worker_advertise: args.worker_advertise.clone(),
+            })
+        }
+        LauncherKind::Sim => LauncherChoice::Sim {
+            addr: args.sim.sim_addr.ok_or_else(|| {
+                UserError("--launcher sim needs --sim ADDR (a `strata sim serve`)".into())
+            })?,
+            nodes: args.sim.sim_nodes,
+            gpus_per_node: args.sim.sim_gpus_per_node,
+        },
+    };
+    Ok(o)
 }
 
 /// The GPUs the driver reports (0 without a driver), when built with
@@ -249,131 +255,14 @@ fn detected_gpus() -> u32 {
     0
 }
 
-/// The machine's slots from `--slots` and `--gpus`.
-fn local_inventory(args: &CoordinatorArgs) -> anyhow::Result<Inventory> {
-    let gpus = args.gpus.unwrap_or_else(detected_gpus);
-    let inventory = match (gpus, args.slots) {
-        (_, Some(0)) => return Err(UserError("--slots must be at least 1".into()).into()),
-        (0, slots) => Inventory::local(slots.unwrap_or(8)),
-        (g, Some(s)) if s != g => {
-            return Err(UserError(format!(
-                "--slots {s} with {g} GPUs: a GPU machine runs one worker per GPU (leave --slots out, or give --gpus 0 for CPU slots only)"
-            ))
-            .into());
-        }
-        (g, _) => Inventory::local_gpus(g),
-    };
-    Ok(inventory.map_err(|e| UserError(e.to_string()))?)
-}
-
-/// This coordinator's mark on its Slurm allocations, kept in the state
-/// folder so that the next coordinator on it finds them.
-fn owner_id(state_dir: &Path) -> anyhow::Result<String> {
-    let path = state_dir.join("coordinator-id");
-    if let Ok(id) = std::fs::read_to_string(&path)
-        && !id.trim().is_empty()
-    {
-        return Ok(id.trim().to_string());
-    }
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let id: String = strata_coordinator::job::random_token()
-        .context("random id")?
-        .chars()
-        .take(12)
-        .collect();
-    crate::write_atomically(&path, format!("{id}\n").as_bytes())?;
-    Ok(id)
-}
-
-/// The launcher `--launcher` names, with the worker arguments it needs.
-fn launcher(args: &CoordinatorArgs) -> anyhow::Result<(Arc<dyn JobLauncher>, Vec<String>)> {
-    match args.launcher {
-        LauncherKind::Local => Ok((Arc::new(LocalJobLauncher), Vec::new())),
-        LauncherKind::Slurm => {
-            let s = &args.slurm;
-            let cfg = SlurmConfig {
-                partition: s.partition.clone(),
-                account: s.account.clone(),
-                qos: s.qos.clone(),
-                time: s.time.clone(),
-                gpus_per_node: s.gpus_per_node,
-                cpus_per_task: s.cpus_per_task,
-                signal_grace_s: args.stop_grace_s,
-                owner: owner_id(&args.state_dir)?,
-                poll: Duration::from_secs(1),
-            };
-            let launcher = SlurmJobLauncher::new(cfg).map_err(|e| UserError(e.to_string()))?;
-            // Ranks on other nodes reach each other's listeners.
-            let mut worker = vec!["--collective-bind".to_string(), "0.0.0.0:0".to_string()];
-            if let Some(a) = &args.worker_advertise {
-                worker.extend(["--advertise".to_string(), a.clone()]);
-            }
-            Ok((Arc::new(launcher), worker))
-        }
-    }
-}
-
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let (launcher, extra_worker_args) = launcher(&args)?;
-    let inventory = if args.launcher == LauncherKind::Local {
-        local_inventory(&args)?
-    } else {
-        // Replaced by the nodes Slurm reports.
-        Inventory::local(1).map_err(|e| UserError(e.to_string()))?
-    };
-    let token = client_token(&args)?;
-    let token_set = token.is_some();
-    let mut cfg = coordinator_config(
-        args.listen,
-        args.state_dir.clone(),
-        inventory,
-        token,
-        Duration::from_secs(args.heartbeat_timeout_s),
-    )?;
-    cfg.stop_grace = Duration::from_secs(args.stop_grace_s);
-    cfg.advertise_url = args.advertise_url.clone();
-    cfg.http_listen = args.http_listen;
-    cfg.worker_args.extend(extra_worker_args);
+    let o = options(&args)?;
     runtime()?.block_on(async move {
-        let mut c = Coordinator::start_with(cfg, launcher)
-            .await
-            .map_err(|e| UserError(e.to_string()))?;
-        let inventory = c.engine.inventory();
-        let (slots, gpus) = (
-            inventory.total_slots(),
-            inventory.nodes().iter().map(|n| n.gpus).sum::<u32>(),
-        );
-        eprintln!(
-            "strata coordinator on http://{} (state in {}, {}: {slots} slots on {} nodes, {gpus} GPUs); Ctrl-C stops it",
-            c.addr,
-            args.state_dir.display(),
-            c.engine.launcher_description(),
-            inventory.nodes().len(),
-        );
-        if let Some(h) = c.http_addr {
-            eprintln!("dashboard at http://{h}/ and Prometheus metrics at http://{h}/metrics");
-            if token_set {
-                let file = args
-                    .token_file
-                    .clone()
-                    .unwrap_or_else(|| args.state_dir.join("token"));
-                eprintln!(
-                    "  they need the client token: a browser opens http://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
-                    file.display()
-                );
-            }
+        match startup::serve(o, shutdown_signal()).await {
+            Ok(()) => Ok(()),
+            Err(ServeError::Options(e)) => Err(UserError(e.to_string()).into()),
+            Err(e) => Err(e.into()),
         }
-        let stop = c.shutdown_handle();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            if let Some(tx) = stop {
-                let _ = tx.send(());
-            }
-        });
-        c.wait().await.context("serving")?;
-        Ok(())
     })
 }
 
@@ -419,6 +308,8 @@ pub struct WorkerArgs {
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    // A worker holds a connection per collective peer.
+    strata_coordinator::cluster::limits::ensure_open_files(1024, "the collective's peers");
     let token = std::env::var("STRATA_JOB_TOKEN").map_err(|_| {
         UserError("STRATA_JOB_TOKEN is not set (workers are started by the coordinator)".into())
     })?;
@@ -602,6 +493,18 @@ pub fn job_json(j: &pb::Job) -> serde_json::Value {
         "checkpoint_errors": j.checkpoint_errors,
         "parent": (!j.parent_job.is_empty()).then(|| json!({"job": j.parent_job, "step": j.parent_step})),
         "waiting": (!j.waiting.is_empty()).then(|| j.waiting.clone()),
+        "first_started_unix_ms": j.first_started_unix_ms,
+        "earlier_attempts": j.earlier_attempts.as_ref().map(|e| json!({
+            "attempts": e.attempts,
+            "failed": e.failed,
+            "interrupted": e.interrupted,
+            "steps_lost": e.steps_lost,
+        })),
+        "blamed_nodes": j.blamed_nodes.iter().map(|b| json!({
+            "node": b.node,
+            "attempt": b.attempt,
+            "reason": b.reason,
+        })).collect::<Vec<_>>(),
         "attempts": j.attempts.iter().map(|a| json!({
             "number": a.number,
             "started_unix_ms": a.started_unix_ms,
@@ -664,6 +567,18 @@ pub fn status(args: JobArgs) -> anyhow::Result<()> {
             }
             for e in &j.checkpoint_errors {
                 println!("checkpoint not completed: {e}");
+            }
+            if let Some(e) = &j.earlier_attempts {
+                println!(
+                    "{} earlier attempts: {} failed, {} interrupted, {} steps lost",
+                    e.attempts, e.failed, e.interrupted, e.steps_lost
+                );
+            }
+            for b in &j.blamed_nodes {
+                println!(
+                    "node {} kept out of its placements (attempt {}: {})",
+                    b.node, b.attempt, b.reason
+                );
             }
             for a in &j.attempts {
                 let from = if a.from_step == 0 {
@@ -779,6 +694,7 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<()> {
                         "slots": n.slots,
                         "leased": n.leased,
                         "state": n.state,
+                        "excluded": n.excluded,
                     })
                 })
                 .collect();
@@ -795,6 +711,9 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<()> {
                     "{:<16} {:>5} {:>5} {:>6} {:>7}  {}",
                     n.name, n.cpus, n.gpus, n.slots, n.leased, n.state
                 );
+                for why in &n.excluded {
+                    println!("{:<16} excluded by {why}", "");
+                }
             }
         }
         Ok(())

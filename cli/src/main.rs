@@ -12,6 +12,8 @@ mod plan;
 mod plot;
 mod results;
 mod schedule;
+mod sim;
+mod simbench;
 mod sweep;
 mod telemetry;
 mod top;
@@ -116,8 +118,13 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// A job's per-step metrics (loss, lr, tokens/s, step-time split).
     Metrics(jobs::MetricsArgs),
+    /// The rank simulator: thousands of simulated workers speaking the real
+    /// protocol to a real coordinator, faults on command, Slurm stand-ins.
+    #[command(subcommand)]
+    Sim(sim::SimCommand),
     /// Benchmarks: `strata bench train RECIPE` trains a recipe's model on
-    /// one rank and reports tokens/s, MFU and memory.
+    /// one rank and reports tokens/s, MFU and memory; `strata bench
+    /// coordinator` measures the coordinator at cluster scale.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -185,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => sweep::run(args),
         Command::Metrics(args) => jobs::metrics(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Sim(cmd) => sim::run(cmd),
     }
 }
 

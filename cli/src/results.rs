@@ -40,10 +40,11 @@ pub(crate) fn row(j: &pb::Job, steps: &[pb::StepMetrics]) -> anyhow::Result<Resu
         parent_step: j.parent_step,
         spec_toml: &j.spec_toml,
         tokens_done: j.tokens_done,
-        first_start_unix_ms: j
-            .attempts
-            .first()
-            .map_or(j.started_unix_ms, |a| a.started_unix_ms),
+        first_start_unix_ms: if j.first_started_unix_ms > 0 {
+            j.first_started_unix_ms
+        } else {
+            j.started_unix_ms
+        },
         end_unix_ms: ended,
         train_loss: steps.last().map(|s| s.loss),
         eval_loss: steps.iter().rev().find_map(|s| s.eval_loss),

@@ -119,7 +119,9 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         let (code, body) = get_http(http, &format!("/api/jobs/{id}"), None);
         assert_eq!(code, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let ranks = v["ranks"].as_array().unwrap().clone();
+        // The ranks summed up, and their first page.
+        assert_eq!(v["ranks_summary"]["ranks"], 2, "{body}");
+        let ranks = v["ranks"]["ranks"].as_array().unwrap().clone();
         if ranks.len() == 2 && ranks.iter().all(|r| !r["last_step"].is_null()) {
             break ranks;
         }
@@ -158,16 +160,33 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert_eq!(value(&scrape, "strata_slots", None), Some(2.0));
     assert_eq!(value(&scrape, "strata_slots_leased", None), Some(2.0));
     assert_eq!(value(&scrape, "strata_queue_length", None), Some(0.0));
+    // Each rank's own step, bounded whatever the world: the slowest
+    // ranks (both, here) and quantiles over all of them.
     for rank in ["0", "1"] {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "strata_job_slowest_rank_step_seconds"
+                    && s.labels.get("job") == Some(&id)
+                    && s.labels.get("rank") == Some(rank)
+            })
+            .unwrap_or_else(|| panic!("rank {rank}: {body}"));
+        assert!(
+            matches!(s.value, prometheus_parse::Value::Gauge(v) if v > 0.0),
+            "{body}"
+        );
+    }
+    for q in ["0.5", "0.9", "0.99", "1"] {
         let s = scrape
             .samples
             .iter()
             .find(|s| {
                 s.metric == "strata_job_rank_step_seconds"
                     && s.labels.get("job") == Some(&id)
-                    && s.labels.get("rank") == Some(rank)
+                    && s.labels.get("quantile") == Some(q)
             })
-            .unwrap_or_else(|| panic!("rank {rank}: {body}"));
+            .unwrap_or_else(|| panic!("quantile {q}: {body}"));
         assert!(
             matches!(s.value, prometheus_parse::Value::Gauge(v) if v > 0.0),
             "{body}"

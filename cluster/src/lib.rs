@@ -2,15 +2,22 @@
 //! worker process in a slot.
 //!
 //! The cluster crate knows processes, nodes and GPUs; it knows nothing of
-//! recipes, tensors or gRPC. A worker is started with a command line and an
+//! recipes, tensors or gRPC. Every call of a launcher may block (a
+//! process to start, a Slurm command): the coordinator makes them off its
+//! lock, and every external command has a timeout. A worker is started with a command line and an
 //! environment and never learns which launcher started it.
 
+mod command;
 mod inventory;
+pub mod limits;
 mod local;
+pub mod sim;
 pub mod slurm;
 
+pub use command::run_with_timeout;
 pub use inventory::{Inventory, InventoryError, Node, NodeStatus, Slot};
 pub use local::{LocalHandle, LocalJobLauncher, LocalLauncher, LocalRanks};
+pub use sim::SimJobLauncher;
 pub use slurm::{SlurmConfig, SlurmJobLauncher, SlurmOptions};
 
 use std::path::PathBuf;
@@ -77,6 +84,8 @@ pub enum LaunchError {
     UnreachableNode { rank: u32, node: String },
     #[error("slurm: {0}")]
     Slurm(String),
+    #[error("simulator: {0}")]
+    Sim(String),
 }
 
 /// Starts workers. Implementations: [`LocalLauncher`] (processes on this
@@ -117,6 +126,8 @@ pub struct Lost {
     /// reached, a preemption), not because anything failed: such an end
     /// does not count toward a job's restart limit.
     pub interruption: bool,
+    /// The nodes that went, when the cluster says (a node failure).
+    pub nodes: Vec<String>,
 }
 
 /// Starts and stops every rank of one attempt of a job: the coordinator's
@@ -175,6 +186,19 @@ pub trait Ranks: Send {
     /// Whether every rank has ended.
     fn all_ended(&mut self) -> bool {
         (0..self.len()).all(|r| !matches!(self.exit(r), Ok(None)))
+    }
+    /// The ranks whose process has ended, with how; ranks reported by an
+    /// earlier call may be reported again. One look for the whole attempt
+    /// (a launcher with many ranks lists its exits at once: Slurm reads
+    /// one directory), never a wait for a process.
+    fn poll_exits(&mut self) -> Result<Vec<(usize, Exit)>, LaunchError> {
+        let mut out = Vec::new();
+        for r in 0..self.len() {
+            if let Some(e) = self.exit(r)? {
+                out.push((r, e));
+            }
+        }
+        Ok(out)
     }
     /// The last `n` lines of rank `rank`'s log.
     fn log_tail(&self, rank: usize, n: usize) -> Vec<String>;

@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,8 +44,11 @@ pub struct SlurmConfig {
     /// Marks this coordinator's allocations (their comment is
     /// `strata:OWNER:JOB:ATTEMPT`), so a restarted coordinator finds them.
     pub owner: String,
-    /// How often the allocations are polled.
+    /// How often the allocations are polled (one `squeue` for all of
+    /// them).
     pub poll: Duration,
+    /// How long any Slurm command may take before it is given up on.
+    pub command_timeout: Duration,
 }
 
 impl Default for SlurmConfig {
@@ -61,6 +63,7 @@ impl Default for SlurmConfig {
             signal_grace_s: 60,
             owner: "strata".into(),
             poll: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -79,17 +82,23 @@ fn slurm_err(what: impl Into<String>) -> LaunchError {
     LaunchError::Slurm(what.into())
 }
 
-/// Runs a Slurm command; its stdout, or an error with its stderr.
-fn slurm(program: &str, args: &[String]) -> Result<String, LaunchError> {
-    let out = Command::new(program).args(args).output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            slurm_err(format!(
+/// Runs a Slurm command, giving up after `timeout`; its stdout, or an
+/// error with its stderr.
+fn slurm(program: &str, args: &[String], timeout: Duration) -> Result<String, LaunchError> {
+    let out =
+        crate::run_with_timeout(Command::new(program).args(args), timeout).map_err(|e| match e
+            .kind()
+        {
+            std::io::ErrorKind::NotFound => slurm_err(format!(
                 "{program} is not on PATH (is this machine a Slurm submit host?)"
-            ))
-        } else {
-            slurm_err(format!("cannot run {program}: {e}"))
-        }
-    })?;
+            )),
+            std::io::ErrorKind::TimedOut => slurm_err(format!(
+                "{program} {}: no answer within {} s (is slurmctld responding?)",
+                args.join(" "),
+                timeout.as_secs()
+            )),
+            _ => slurm_err(format!("cannot run {program}: {e}")),
+        })?;
     if !out.status.success() {
         return Err(slurm_err(format!(
             "{program} {}: {} ({})",
@@ -258,39 +267,46 @@ fn parse_squeue_line(line: &str) -> Option<(String, AllocState)> {
     ))
 }
 
-/// The state of allocation `id`.
-fn query(id: &str) -> Result<AllocState, LaunchError> {
-    let args = ["-h", "--states=all", "-j", id, "-o", "%i|%T|%r|%M|%l"].map(String::from);
-    match slurm("squeue", &args) {
-        Ok(out) => Ok(out
-            .lines()
-            .filter_map(parse_squeue_line)
-            .find(|(j, _)| j == id)
-            .map(|(_, s)| s)
-            .unwrap_or_else(gone)),
-        // Once purged (MinJobAge), squeue refuses the id; accounting
-        // (sacct, where slurmdbd runs) still knows how it ended.
-        Err(LaunchError::Slurm(e)) if e.contains("Invalid job id") => {
-            Ok(accounted(id).unwrap_or_else(gone))
+/// The states of allocations `ids`, from one `squeue` (and for those it
+/// no longer knows, one `sacct`). An allocation neither knows is GONE.
+fn query_all(ids: &[String], timeout: Duration) -> Result<Vec<(String, AllocState)>, LaunchError> {
+    let fmt = "%i|%T|%r|%M|%l";
+    let args = ["-h", "--states=all", "-j", &ids.join(","), "-o", fmt].map(String::from);
+    let known: Vec<(String, AllocState)> = match slurm("squeue", &args, timeout) {
+        Ok(out) => out.lines().filter_map(parse_squeue_line).collect(),
+        // One id that squeue no longer knows (purged after MinJobAge) is
+        // refused outright; several are filtered, the unknown ones left
+        // out.
+        Err(LaunchError::Slurm(e)) if e.contains("Invalid job id") && ids.len() == 1 => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::with_capacity(ids.len());
+    let mut missing = Vec::new();
+    for id in ids {
+        match known.iter().find(|(j, _)| j == id) {
+            Some((_, s)) => out.push((id.clone(), s.clone())),
+            None => missing.push(id.clone()),
         }
-        Err(e) => Err(e),
     }
-}
-
-/// How allocation `id` ended, from Slurm's accounting; `None` where there
-/// is none (no slurmdbd) or it does not know the job.
-fn accounted(id: &str) -> Option<AllocState> {
-    let args = [
-        "-n",
-        "-X",
-        "-P",
-        "-j",
-        id,
-        "--format=JobID,State,Reason,Elapsed,Timelimit",
-    ]
-    .map(String::from);
-    let out = slurm("sacct", &args).ok()?;
-    parse_sacct(&out, id)
+    if !missing.is_empty() {
+        // Accounting (sacct, where slurmdbd runs) still knows how they
+        // ended.
+        let args = [
+            "-n",
+            "-X",
+            "-P",
+            "-j",
+            &missing.join(","),
+            "--format=JobID,State,Reason,Elapsed,Timelimit",
+        ]
+        .map(String::from);
+        let text = slurm("sacct", &args, timeout).unwrap_or_default();
+        for id in missing {
+            let s = parse_sacct(&text, &id).unwrap_or_else(gone);
+            out.push((id, s));
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `sacct -n -X -P --format=JobID,State,Reason,Elapsed,Timelimit`
@@ -319,6 +335,83 @@ fn gone() -> AllocState {
 /// Starts each attempt as one Slurm allocation.
 pub struct SlurmJobLauncher {
     cfg: SlurmConfig,
+    poller: Arc<Poller>,
+}
+
+/// One thread that asks Slurm for every live allocation's state at once
+/// (one `squeue` per poll, whatever the number of jobs: the RPC storm
+/// Slurm sites complain about comes from one poller per allocation).
+struct Poller {
+    allocs: Mutex<BTreeMap<String, Arc<Watch>>>,
+    poll: Duration,
+    timeout: Duration,
+}
+
+impl Poller {
+    fn start(poll: Duration, timeout: Duration) -> Result<Arc<Poller>, LaunchError> {
+        let p = Arc::new(Poller {
+            allocs: Mutex::new(BTreeMap::new()),
+            poll,
+            timeout,
+        });
+        let weak = Arc::downgrade(&p);
+        std::thread::Builder::new()
+            .name("slurm-poller".into())
+            .spawn(move || {
+                while let Some(p) = weak.upgrade() {
+                    p.tick();
+                    let pause = p.poll;
+                    drop(p);
+                    std::thread::sleep(pause);
+                }
+            })
+            .map_err(|e| slurm_err(format!("poller thread: {e}")))?;
+        Ok(p)
+    }
+
+    fn watch(&self, id: &str) -> Arc<Watch> {
+        let w = Arc::new(Watch {
+            state: Mutex::new(None),
+        });
+        self.allocs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), w.clone());
+        w
+    }
+
+    fn forget(&self, id: &str) {
+        self.allocs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    fn tick(&self) {
+        let watched: Vec<(String, Arc<Watch>)> = self
+            .allocs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if watched.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = watched.iter().map(|w| w.0.clone()).collect();
+        match query_all(&ids, self.timeout) {
+            Ok(states) => {
+                for (id, s) in states {
+                    if let Some((_, w)) = watched.iter().find(|w| w.0 == id) {
+                        *w.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(allocations = ids.len(), error = %e, "cannot poll the allocations")
+            }
+        }
+    }
 }
 
 impl SlurmJobLauncher {
@@ -334,7 +427,8 @@ impl SlurmJobLauncher {
                 "time {t:?} is not a Slurm time limit (MM, HH:MM:SS, D-HH:MM, …)"
             )));
         }
-        let launcher = SlurmJobLauncher { cfg };
+        let poller = Poller::start(cfg.poll, cfg.command_timeout)?;
+        let launcher = SlurmJobLauncher { cfg, poller };
         launcher.nodes()?;
         Ok(launcher)
     }
@@ -347,6 +441,7 @@ impl SlurmJobLauncher {
         let out = slurm(
             "sinfo",
             &["-h", "-N", "-o", "%N|%c|%G|%T|%P"].map(String::from),
+            self.cfg.command_timeout,
         )?;
         let nodes = parse_sinfo(
             &out,
@@ -544,7 +639,7 @@ impl JobLauncher for SlurmJobLauncher {
             }
         }
         args.push(batch.to_string_lossy().into_owned());
-        let out = slurm("sbatch", &args)?;
+        let out = slurm("sbatch", &args, self.cfg.command_timeout)?;
         let id = out
             .trim()
             .split(';')
@@ -552,32 +647,17 @@ impl JobLauncher for SlurmJobLauncher {
             .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
             .ok_or_else(|| slurm_err(format!("sbatch printed no job id: {out:?}")))?
             .to_string();
-        tracing::info!(job = %info.job, attempt = info.attempt, slurm_job = %id, nodes = %nodes.join(","), ranks = ranks.len(), "submitted the attempt's allocation");
-        let watch = Arc::new(Watch {
-            state: Mutex::new(None),
-            stop: AtomicBool::new(false),
-        });
-        {
-            let (watch, id, poll) = (watch.clone(), id.clone(), self.cfg.poll);
-            std::thread::Builder::new()
-                .name(format!("slurm-{id}"))
-                .spawn(move || {
-                    while !watch.stop.load(Ordering::SeqCst) {
-                        match query(&id) {
-                            Ok(s) => *watch.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
-                            Err(e) => tracing::warn!(slurm_job = %id, error = %e, "cannot poll the allocation"),
-                        }
-                        std::thread::sleep(poll);
-                    }
-                })
-                .map_err(|e| slurm_err(format!("poller thread: {e}")))?;
-        }
+        tracing::info!(job = %info.job, attempt = info.attempt, slurm_job = %id, nodes = nodes.len(), ranks = ranks.len(), "submitted the attempt's allocation");
+        let watch = self.poller.watch(&id);
         Ok(Box::new(SlurmRanks {
             id,
             name: format!("strata-{}-a{}", info.job, info.attempt),
             dir,
             exits: vec![None; ranks.len()],
+            listed: None,
             watch,
+            poller: self.poller.clone(),
+            timeout: self.cfg.command_timeout,
             terminated: false,
             cancelled: false,
             ran: false,
@@ -603,7 +683,11 @@ impl JobLauncher for SlurmJobLauncher {
     }
 
     fn reclaim(&self) -> Vec<String> {
-        let out = match slurm("squeue", &["-h", "-o", "%i|%j|%k|%T"].map(String::from)) {
+        let out = match slurm(
+            "squeue",
+            &["-h", "-o", "%i|%j|%k|%T"].map(String::from),
+            self.cfg.command_timeout,
+        ) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list allocations a previous coordinator left");
@@ -617,7 +701,7 @@ impl JobLauncher for SlurmJobLauncher {
             if f.len() < 4 || !f[2].starts_with(&mine) {
                 continue;
             }
-            match slurm("scancel", &[f[0].to_string()]) {
+            match slurm("scancel", &[f[0].to_string()], self.cfg.command_timeout) {
                 Ok(_) => {
                     tracing::warn!(
                         slurm_job = f[0],
@@ -637,7 +721,6 @@ impl JobLauncher for SlurmJobLauncher {
 
 struct Watch {
     state: Mutex<Option<AllocState>>,
-    stop: AtomicBool,
 }
 
 /// How long a rank's SIGTERM exit waits for the allocation's end to name
@@ -651,7 +734,11 @@ pub struct SlurmRanks {
     name: String,
     dir: PathBuf,
     exits: Vec<Option<Exit>>,
+    /// When the attempt's folder was last listed for exit files.
+    listed: Option<Instant>,
     watch: Arc<Watch>,
+    poller: Arc<Poller>,
+    timeout: Duration,
     /// Whether strata sent SIGTERM (a stop it asked for).
     terminated: bool,
     /// Whether strata cancelled the allocation.
@@ -676,11 +763,31 @@ impl SlurmRanks {
             .clone()
     }
 
-    /// A rank's exit status from its exit file.
-    fn read_exit(&mut self, rank: usize) -> Option<Exit> {
-        if self.exits[rank].is_none() {
-            let path = self.dir.join(format!("rank-{rank}.exit"));
-            let rc = std::fs::read_to_string(path)
+    /// The exit statuses the ranks have written so far: one listing of
+    /// the attempt's folder (at most once per poll), then only the new
+    /// `rank-R.exit` files are read. At 16,384 ranks on a shared file
+    /// system that is one directory read a second, not 16,384 opens.
+    fn read_exits(&mut self) {
+        if self.listed.is_some_and(|t| t.elapsed() < self.poller.poll) {
+            return;
+        }
+        self.listed = Some(Instant::now());
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(rank) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("rank-")?.strip_suffix(".exit"))
+                .and_then(|r| r.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if rank >= self.exits.len() || self.exits[rank].is_some() {
+                continue;
+            }
+            let rc = std::fs::read_to_string(e.path())
                 .ok()
                 .and_then(|t| t.trim().parse::<i32>().ok());
             self.exits[rank] = rc.map(|rc| {
@@ -691,7 +798,21 @@ impl SlurmRanks {
                 }
             });
         }
-        self.exits[rank].clone()
+    }
+
+    /// Rank `rank`'s exit as the coordinator should see it: a rank that
+    /// stopped on a SIGTERM strata did not send was stopped by Slurm, and
+    /// the allocation's end says why; its exit is held until then.
+    fn released(&mut self, rank: usize) -> Option<Exit> {
+        let exit = self.exits[rank].clone();
+        if exit == Some(Exit::Code(STOPPED)) && !self.terminated {
+            let ended = self.state().is_some_and(|s| s.is_final());
+            let since = *self.held_since.get_or_insert_with(Instant::now);
+            if !ended && since.elapsed() < HOLD {
+                return None;
+            }
+        }
+        exit
     }
 
     /// Why the allocation ended, as the attempt's cause.
@@ -728,6 +849,7 @@ impl SlurmRanks {
         Lost {
             cause,
             interruption,
+            nodes: Vec::new(),
         }
     }
 }
@@ -740,17 +862,19 @@ impl Ranks for SlurmRanks {
     }
 
     fn exit(&mut self, rank: usize) -> Result<Option<Exit>, LaunchError> {
-        let exit = self.read_exit(rank);
-        // A rank that stopped on a SIGTERM strata did not send: Slurm sent
-        // it, and the allocation's end says why. Hold the exit until then.
-        if exit == Some(Exit::Code(STOPPED)) && !self.terminated {
-            let ended = self.state().is_some_and(|s| s.is_final());
-            let since = *self.held_since.get_or_insert_with(Instant::now);
-            if !ended && since.elapsed() < HOLD {
-                return Ok(None);
-            }
-        }
-        Ok(exit)
+        self.read_exits();
+        Ok(self.released(rank))
+    }
+
+    fn poll_exits(&mut self) -> Result<Vec<(usize, Exit)>, LaunchError> {
+        self.read_exits();
+        let known: Vec<usize> = (0..self.exits.len())
+            .filter(|&r| self.exits[r].is_some())
+            .collect();
+        Ok(known
+            .into_iter()
+            .filter_map(|r| self.released(r).map(|e| (r, e)))
+            .collect())
     }
 
     fn lost(&mut self) -> Option<Lost> {
@@ -767,6 +891,7 @@ impl Ranks for SlurmRanks {
                     self.id, self.name, s.reason
                 ),
                 interruption: false,
+                nodes: Vec::new(),
             });
         }
         self.ran |= !s.waiting();
@@ -799,7 +924,7 @@ impl Ranks for SlurmRanks {
         } else {
             vec!["--signal=TERM".into(), self.id.clone()]
         };
-        if let Err(e) = slurm("scancel", &args) {
+        if let Err(e) = slurm("scancel", &args, self.timeout) {
             tracing::warn!(slurm_job = %self.id, error = %e, "cannot signal the allocation");
         }
     }
@@ -807,7 +932,7 @@ impl Ranks for SlurmRanks {
     fn kill(&mut self) {
         self.terminated = true;
         self.cancelled = true;
-        if let Err(e) = slurm("scancel", std::slice::from_ref(&self.id)) {
+        if let Err(e) = slurm("scancel", std::slice::from_ref(&self.id), self.timeout) {
             tracing::warn!(slurm_job = %self.id, error = %e, "cannot cancel the allocation");
         }
     }
@@ -816,7 +941,8 @@ impl Ranks for SlurmRanks {
         if self.state().is_some_and(|s| s.is_final()) {
             return true;
         }
-        (0..self.exits.len()).all(|r| self.read_exit(r).is_some())
+        self.read_exits();
+        self.exits.iter().all(Option::is_some)
     }
 
     fn log_tail(&self, rank: usize, n: usize) -> Vec<String> {
@@ -833,23 +959,32 @@ impl Drop for SlurmRanks {
     /// cancelled now. Off the caller's thread: it may hold the
     /// coordinator's lock.
     fn drop(&mut self) {
-        self.watch.stop.store(true, Ordering::SeqCst);
         let settling = !self.cancelled;
-        let id = self.id.clone();
+        let (id, watch, poller, timeout) = (
+            self.id.clone(),
+            self.watch.clone(),
+            self.poller.clone(),
+            self.timeout,
+        );
         let cancel = move || {
             let deadline = Instant::now() + Duration::from_secs(if settling { 10 } else { 0 });
-            loop {
-                match query(&id) {
-                    Ok(s) if s.is_final() => return,
-                    _ if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(250))
-                    }
-                    _ => break,
-                }
+            let ended = || {
+                watch
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|s| s.is_final())
+            };
+            while !ended() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
             }
-            if let Err(e) = slurm("scancel", std::slice::from_ref(&id)) {
+            if !ended()
+                && let Err(e) = slurm("scancel", std::slice::from_ref(&id), timeout)
+            {
                 tracing::error!(slurm_job = %id, error = %e, "cannot cancel the allocation; cancel it by hand");
             }
+            poller.forget(&id);
         };
         if std::thread::Builder::new()
             .name(format!("slurm-end-{}", self.id))

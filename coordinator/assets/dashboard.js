@@ -246,13 +246,15 @@ function jobPage(id) {
     </div>
     <h2>Last step by pipeline stage <span class="muted">(tensor rank 0 of replica 0 of each stage)</span></h2>
     <div id="stages" class="stages"></div>
-    <h2>Ranks</h2><div id="ranks"></div>
+    <h2>Ranks</h2><div id="ranks-summary"></div><div id="ranks"></div>
     <h2>Attempts</h2><div id="attempts"></div>
     <h2>Checkpoints</h2><div id="checkpoints"></div>
     <h2>Recipe</h2><pre id="recipe"></pre>`;
   const steps = [];
   let job = null;
   let pending = false;
+  // The ranks' page shown, and its order.
+  const rankPage = { offset: 0, order: "rank" };
   const redraw = () => {
     if (pending) return;
     pending = true;
@@ -261,13 +263,17 @@ function jobPage(id) {
       drawJob(job, steps);
     });
   };
-  const es = new EventSource(`/api/jobs/${encodeURIComponent(id)}/events`);
+  // A long history comes thinned to about this many steps; every event
+  // carries the last step sent as its id, so a reconnect resumes after it.
+  const es = new EventSource(`/api/jobs/${encodeURIComponent(id)}/events?points=2000`);
   es.addEventListener("job", (e) => {
     job = Object.assign(job || {}, JSON.parse(e.data));
     redraw();
   });
   es.addEventListener("steps", (e) => {
-    for (const s of JSON.parse(e.data)) steps.push(s);
+    for (const s of JSON.parse(e.data)) {
+      if (!steps.length || s.step > steps[steps.length - 1].step) steps.push(s);
+    }
     redraw();
   });
   es.addEventListener("end", () => {
@@ -284,7 +290,10 @@ function jobPage(id) {
     try {
       const d = await getJson(`/api/jobs/${encodeURIComponent(id)}`);
       job = Object.assign(job || {}, d);
-      drawDetails(d);
+      if (rankPage.offset || rankPage.order !== "rank") {
+        d.ranks = await getJson(`/api/jobs/${encodeURIComponent(id)}/ranks?offset=${rankPage.offset}&order=${rankPage.order}`);
+      }
+      drawDetails(d, rankPage, details);
       redraw();
     } catch (e) {
       app.querySelector("#job-note").innerHTML = `<p class="error">${esc(e.message)}</p>`;
@@ -321,7 +330,7 @@ function drawJob(job, steps) {
       ? `${fmt((100 * job.flops_per_token * last.tokens_per_s) / last.peak_flops, 3)}%`
       : "–"],
     ["ETA", duration(eta)],
-    ["attempts", (job.attempts || []).length],
+    ["attempts", job.attempts_total ?? (job.attempts || []).length],
   ];
   if (job.parent) facts.push(["branched from", `<a href="/jobs/${encodeURIComponent(job.parent.job)}">${esc(job.parent.job)}</a> at step ${job.parent.step}`]);
   document.getElementById("job-facts").innerHTML = facts.map(([k, v]) => `<span><b>${esc(k)}</b> ${v}</span>`).join("");
@@ -374,9 +383,9 @@ function drawStages(last) {
 
 // One rank's last step as a bar of its phases and what they leave out
 // (waiting for neighbours), scaled to the slowest rank's step.
-function rankSplit(s, ranks) {
+function rankSplit(s, widest) {
   if (!s) return '<span class="muted">no step yet</span>';
-  const widest = Math.max(...ranks.map((r) => (r.last_step ? r.last_step.wall_s : 0)), 1e-9);
+  widest = Math.max(widest || 0, 1e-9);
   const parts = PHASES.map(([p, c]) => [p, c, s[`${p}_s`] || 0]);
   const known = parts.reduce((a, p) => a + p[2], 0);
   parts.push(["other", "#fca5a5", Math.max(0, s.wall_s - known)]);
@@ -385,24 +394,78 @@ function rankSplit(s, ranks) {
   return `<span class="split rank-split" data-step="${s.step}">${bar}</span>`;
 }
 
-function drawDetails(d) {
+// The ranks summed up: counts, step-time quantiles, the worst nodes, the
+// stages and the slowest ranks.
+function drawRankSummary(sum) {
+  const box = document.getElementById("ranks-summary");
+  if (!sum) {
+    box.innerHTML = "";
+    return;
+  }
+  const q = sum.step_s_quantiles;
+  const facts = [
+    ["ranks", `${sum.ranks} on ${sum.nodes} nodes`],
+    ["registered", sum.registered],
+    ["done", sum.done],
+    ["steps", sum.min_step === sum.max_step ? sum.max_step : `${sum.min_step}–${sum.max_step}`],
+    ["step time p50 / p90 / p99 / max", q ? q.map((x) => fmt(x, 3)).join(" / ") + " s" : "–"],
+    ["slowest", (sum.slowest || []).join(", ") || "–"],
+  ];
+  if ((sum.behind || []).length) facts.push(["furthest behind", sum.behind.join(", ")]);
+  let html = `<div class="facts">${facts.map(([k, v]) => `<span><b>${esc(k)}</b> ${esc(v)}</span>`).join("")}</div>`;
+  const groups = (rows, what) => table([what, "#ranks", "#steps", "#slowest step s", "#mean step s", "#longest silence", "#done"], rows.map((g) => [
+    g.name, g.ranks, g.min_step === g.max_step ? g.max_step : `${g.min_step}–${g.max_step}`,
+    fmt(g.max_step_s, 3), fmt(g.mean_step_s, 3), duration(g.max_heartbeat_age_s), g.done,
+  ]));
+  if ((sum.by_stage || []).length > 1) html += `<h3>By pipeline stage</h3>${groups(sum.by_stage, "stage")}`;
+  if ((sum.by_node || []).length) html += `<h3>Nodes, slowest first${sum.nodes > sum.by_node.length ? ` (${sum.by_node.length} of ${sum.nodes})` : ""}</h3>${groups(sum.by_node, "node")}`;
+  box.innerHTML = html;
+}
+
+function drawDetails(d, page, refresh) {
   document.getElementById("recipe").textContent = d.recipe || "";
-  const ranks = d.ranks || [];
-  document.getElementById("ranks").innerHTML = ranks.length
-    ? table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "done", "its last step (phases as above, then waiting)", "#s"], ranks.map((r) => [
-      r.rank, r.node, r.gpu ?? "–", r.addr || "not registered", r.step, duration(r.step_age_s), duration(r.heartbeat_age_s), r.done ? "yes" : "",
-      { html: rankSplit(r.last_step, ranks) },
+  drawRankSummary(d.ranks_summary);
+  const p = d.ranks || { total: 0, ranks: [] };
+  const ranks = p.ranks || [];
+  const box = document.getElementById("ranks");
+  if (!ranks.length) {
+    box.innerHTML = `<p class="muted">No live processes.</p>`;
+  } else {
+    const nav = `<p class="pager">ranks ${p.offset + 1}–${p.offset + ranks.length} of ${p.total}, by ${page.order === "slowest" ? "step time, slowest first" : "rank"}
+      <button data-go="prev"${p.offset === 0 ? " disabled" : ""}>previous</button>
+      <button data-go="next"${p.offset + ranks.length >= p.total ? " disabled" : ""}>next</button>
+      <button data-go="order">${page.order === "slowest" ? "by rank" : "slowest first"}</button></p>`;
+    box.innerHTML = nav + table(["#rank", "node", "gpu", "collective endpoint", "#step", "#since its step moved", "#since its heartbeat", "busy with", "done", "its last step (phases as above, then waiting)", "#s"], ranks.map((r) => [
+      r.rank, r.node, r.gpu ?? "–", r.addr || "not registered", r.step, duration(r.step_age_s), duration(r.heartbeat_age_s), r.activity, r.done ? "yes" : "",
+      { html: rankSplit(r.last_step, p.widest_step_s) },
       r.last_step ? fmt(r.last_step.wall_s, 3) : "–",
-    ]))
-    : `<p class="muted">No live processes.</p>`;
+    ]));
+    for (const b of box.querySelectorAll("button[data-go]")) {
+      b.onclick = () => {
+        const go = b.getAttribute("data-go");
+        if (go === "prev") page.offset = Math.max(0, page.offset - p.limit);
+        if (go === "next") page.offset += p.limit;
+        if (go === "order") {
+          page.order = page.order === "slowest" ? "rank" : "slowest";
+          page.offset = 0;
+        }
+        refresh();
+      };
+    }
+  }
   const atts = d.attempts || [];
-  document.getElementById("attempts").innerHTML = atts.length
+  const earlier = d.earlier_attempts && d.earlier_attempts.attempts
+    ? `<p class="muted">${d.earlier_attempts.attempts} earlier attempts: ${d.earlier_attempts.failed} failed, ${d.earlier_attempts.interrupted} interrupted, ${d.earlier_attempts.steps_lost} steps lost</p>`
+    : "";
+  const blamed = (d.blamed_nodes || []).map((b) =>
+    `<p class="warn">node ${esc(b.node)} is kept out of this job's placements (attempt ${b.attempt}: ${esc(b.reason)})</p>`).join("");
+  document.getElementById("attempts").innerHTML = blamed + earlier + (atts.length
     ? table(["#attempt", "started", "ended", "#from step", "#last step", "end", "#steps lost", "cause"], atts.map((a) => [
       a.number, when(a.started_unix_ms), when(a.ended_unix_ms), a.from_step, a.last_step,
       { html: a.end_state ? stateBadge(a.end_state) + (a.interrupted ? ' <span class="muted">interrupted</span>' : "") : stateBadge("running") },
       a.end_state === "succeeded" ? "–" : a.steps_lost, { wrap: true, html: esc(a.cause) },
     ]))
-    : `<p class="muted">Not started yet.</p>`;
+    : `<p class="muted">Not started yet.</p>`);
   const cks = d.checkpoints || [];
   document.getElementById("checkpoints").innerHTML = cks.length
     ? table(["#step", "#tokens", "#size", "#attempt", "written", "#step stall s", "#write s", "where"], cks.map((c) => [

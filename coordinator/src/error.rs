@@ -1,6 +1,5 @@
-//! The engine's one error type, mapped to a gRPC status in one place.
-
-use tonic::Status;
+//! The engine's one error type. It knows nothing of gRPC or HTTP: the
+//! adapters map it (`rpc::convert`, the dashboard's JSON errors).
 
 use crate::store::StoreError;
 
@@ -26,22 +25,4 @@ pub enum EngineError {
     Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<EngineError> for Status {
-    fn from(e: EngineError) -> Status {
-        match e {
-            EngineError::NotFound(m) => Status::not_found(m),
-            EngineError::Invalid(m) => Status::invalid_argument(m),
-            EngineError::Precondition(m) => Status::failed_precondition(m),
-            EngineError::Unauthenticated(m) => Status::unauthenticated(m),
-            EngineError::Exhausted(m) => Status::resource_exhausted(m),
-            EngineError::AlreadyExists(m) => Status::already_exists(m),
-            EngineError::Unavailable(m) => Status::unavailable(m),
-            EngineError::Store(e) => {
-                tracing::error!(error = %e, "job store failure");
-                Status::internal(e.to_string())
-            }
-        }
-    }
 }

@@ -1,8 +1,10 @@
 //! The coordinator's own view of jobs: what the store keeps and the state
 //! machine that moves a job from QUEUED to an end.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
-use strata_recipe::Layout;
+use strata_recipe::{FaultConfig, Layout, Recipe};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,13 +61,61 @@ impl JobState {
     }
 }
 
+/// A job's id (`tiny-cpu-7`): its name's slug and the coordinator's
+/// counter.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    pub fn new(id: impl Into<String>) -> JobId {
+        JobId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for JobId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for JobId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for JobId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// How many attempts a record keeps whole; older ones are summed up in
+/// [`AttemptsSummary`]. A job whose `max_restarts` needs more keeps more.
+pub const KEEP_ATTEMPTS: usize = 32;
+
 /// A job as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
-    pub job_id: String,
+    pub job_id: JobId,
     pub name: String,
     /// The recipe as submitted.
     pub spec_toml: String,
+    /// The same recipe, parsed once: when the job is made, and when the
+    /// store is read (`None` for a stored recipe this version refuses).
+    #[serde(skip)]
+    pub recipe: Option<Arc<Recipe>>,
     pub state: JobState,
     pub layout: Layout,
     pub microbatches: u32,
@@ -82,9 +132,13 @@ pub struct JobRecord {
     pub run_dir: String,
     /// The secret the job's workers present on every control call.
     pub worker_token: String,
-    /// Every attempt so far, the current one last (numbered from 1).
+    /// The latest attempts, the current one last (numbered from 1); the
+    /// earlier ones are in `earlier_attempts`.
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
+    /// What the attempts no longer kept whole added up to.
+    #[serde(default, skip_serializing_if = "AttemptsSummary::is_empty")]
+    pub earlier_attempts: AttemptsSummary,
     /// Complete checkpoints, oldest first (pruned ones removed).
     #[serde(default)]
     pub checkpoints: Vec<CheckpointRecord>,
@@ -98,6 +152,35 @@ pub struct JobRecord {
     /// A branch's parent and the parent's checkpoint it starts from.
     #[serde(default)]
     pub parent: Option<BranchOf>,
+    /// Nodes blamed for failed attempts: kept out of the job's next
+    /// placements while it fits without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blamed_nodes: Vec<BlamedNode>,
+}
+
+/// A node an attempt failed on, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlamedNode {
+    pub node: String,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+/// Attempts no longer kept whole, added up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptsSummary {
+    pub attempts: u32,
+    pub failed: u32,
+    pub interrupted: u32,
+    pub steps_lost: u64,
+    /// When the first of them started.
+    pub first_started_unix_ms: i64,
+}
+
+impl AttemptsSummary {
+    pub fn is_empty(&self) -> bool {
+        self.attempts == 0
+    }
 }
 
 /// Where a branch starts: a checkpoint of another job.
@@ -112,9 +195,10 @@ impl JobRecord {
     #[cfg(test)]
     pub(crate) fn for_test(id: &str) -> JobRecord {
         JobRecord {
-            job_id: id.into(),
+            job_id: JobId::new(id),
             name: "t".into(),
             spec_toml: "name = \"t\"".into(),
+            recipe: None,
             state: JobState::Queued,
             layout: Layout::new(1, 1, 2),
             microbatches: 1,
@@ -129,11 +213,34 @@ impl JobRecord {
             run_dir: "/runs/t".into(),
             worker_token: "secret".into(),
             attempts: Vec::new(),
+            earlier_attempts: AttemptsSummary::default(),
             checkpoints: Vec::new(),
             resume_from: None,
             checkpoint_errors: Vec::new(),
             parent: None,
+            blamed_nodes: Vec::new(),
         }
+    }
+
+    /// Parses the stored recipe text once (a record read back from the
+    /// store); a recipe this version refuses leaves `recipe` empty.
+    pub fn parse_recipe(&mut self) {
+        match Recipe::from_toml_str(&self.spec_toml, &self.name) {
+            Ok(r) => self.recipe = Some(Arc::new(r)),
+            Err(e) => {
+                tracing::warn!(job = %self.job_id, error = %e, "a stored recipe no longer parses");
+                self.recipe = None;
+            }
+        }
+    }
+
+    /// The job's `[fault]` settings (the defaults for a recipe that no
+    /// longer parses).
+    pub fn fault(&self) -> FaultConfig {
+        self.recipe
+            .as_ref()
+            .map(|r| r.fault.clone())
+            .unwrap_or_default()
     }
 
     /// The current (or last) attempt's number; 0 before the first.
@@ -151,6 +258,40 @@ impl JobRecord {
     pub fn restart_step(&self) -> Option<u64> {
         self.last_checkpoint()
             .or_else(|| self.parent.as_ref().map(|p| p.step))
+    }
+
+    /// When the job's first attempt started (0 before it has).
+    pub fn first_started_unix_ms(&self) -> i64 {
+        if !self.earlier_attempts.is_empty() {
+            return self.earlier_attempts.first_started_unix_ms;
+        }
+        self.attempts
+            .first()
+            .map_or(self.started_unix_ms, |a| a.started_unix_ms)
+    }
+
+    /// Every attempt, those summed up included.
+    pub fn attempts_total(&self) -> u32 {
+        self.earlier_attempts.attempts + self.attempts.len() as u32
+    }
+
+    /// Starts attempt `a`, summing up the oldest kept ones beyond what
+    /// the record keeps whole: [`KEEP_ATTEMPTS`], or more when the job's
+    /// `max_restarts` must see further back.
+    pub fn push_attempt(&mut self, a: AttemptRecord) {
+        self.attempts.push(a);
+        let keep = KEEP_ATTEMPTS.max(self.fault().max_restarts as usize + 2);
+        let over = self.attempts.len().saturating_sub(keep);
+        for old in self.attempts.drain(..over) {
+            let s = &mut self.earlier_attempts;
+            if s.attempts == 0 {
+                s.first_started_unix_ms = old.started_unix_ms;
+            }
+            s.attempts += 1;
+            s.failed += u32::from(old.end_state == Some(JobState::Failed) && !old.interrupted);
+            s.interrupted += u32::from(old.interrupted);
+            s.steps_lost += old.steps_lost;
+        }
     }
 }
 

@@ -1,29 +1,33 @@
 //! The coordinator: it accepts jobs, places their ranks on slots, launches
 //! and watches the workers. It never touches tensors.
 //!
-//! [`placement`] maps a job's world ranks onto an inventory's slots;
-//! [`store`] keeps jobs and their step history durably (redb); [`server`]
-//! is the engine (queue, attempts, restarts, checkpoint commits) behind the
-//! `JobService` and `ControlService` gRPC services, with one supervisor per
-//! attempt (`supervisor`: processes, heartbeats, progress, stopping).
-//! Wire types stay at the edge ([`convert`]); the engine works on [`job`]'s
-//! domain types, and its one error type ([`error`]) becomes a gRPC status
-//! in one place. [`sweeps`] runs a sweep file's points as jobs. [`http`]
-//! serves Prometheus' `/metrics` and the dashboard (`dashboard`: embedded
-//! pages, JSON, and each job's watch stream as server-sent events).
+//! Types sit at the bottom and know nothing above them: [`job`] and
+//! [`sweep`] (the records), [`ranges`] (ranks named as ranges),
+//! [`error`], [`store`] (the durable store, one writer thread),
+//! [`placement`] and [`config`]. The [`engine`] alone owns the state —
+//! queue, attempts, checkpoint commits, resume planning, sweeps — and
+//! decides under its lock, acting outside it. The adapters sit on top:
+//! [`rpc`] (the gRPC services, with every protobuf conversion in
+//! [`rpc::convert`]) and [`http`] (`/metrics` and the dashboard). The
+//! [`server`] runs them; [`startup`] turns the command line's options
+//! into a running coordinator.
 
-pub mod convert;
-mod dashboard;
+pub mod config;
+pub mod engine;
 pub mod error;
 pub mod http;
 pub mod job;
+pub mod net;
 pub mod placement;
+pub mod ranges;
+pub mod rpc;
 pub mod server;
+pub mod startup;
 pub mod store;
-mod supervisor;
-pub mod sweeps;
+pub mod sweep;
 
-pub use server::{Coordinator, CoordinatorConfig};
+pub use config::CoordinatorConfig;
+pub use server::{Coordinator, StartError};
 /// The launchers and slots a coordinator places workers with.
 pub use strata_cluster as cluster;
 pub use strata_cluster::{Inventory, Node};

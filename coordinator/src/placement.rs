@@ -10,7 +10,7 @@
 //! Slots already leased to running jobs are skipped: a slot, and the GPU it
 //! owns, belongs to one rank of one job at a time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use strata_cluster::{Inventory, Slot};
@@ -55,6 +55,69 @@ pub enum PlacementError {
         fit: u32,
         available: u32,
     },
+}
+
+/// The slots leased to live attempts, and how many on each node: free
+/// slots are counted per node, not per slot.
+#[derive(Debug, Default)]
+pub struct Leases {
+    slots: HashSet<Slot>,
+    per_node: HashMap<String, u32>,
+}
+
+impl Leases {
+    pub fn add(&mut self, slots: &[Slot]) {
+        for s in slots {
+            if self.slots.insert(s.clone()) {
+                *self.per_node.entry(s.node.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    pub fn remove(&mut self, slots: &[Slot]) {
+        for s in slots {
+            if self.slots.remove(s)
+                && let Some(n) = self.per_node.get_mut(&s.node)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_node.remove(&s.node);
+                }
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.per_node.clear();
+    }
+
+    pub fn slots(&self) -> &HashSet<Slot> {
+        &self.slots
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Leased slots on node `name`.
+    pub fn on_node(&self, name: &str) -> u32 {
+        self.per_node.get(name).copied().unwrap_or(0)
+    }
+
+    /// `inventory`'s slots not leased now.
+    pub fn free_on(&self, inventory: &Inventory) -> u32 {
+        let leased: u32 = inventory
+            .nodes()
+            .iter()
+            .map(|n| self.on_node(&n.name))
+            .sum();
+        inventory.total_slots().saturating_sub(leased)
+    }
 }
 
 /// Places `layout`'s ranks on `inventory`'s slots that are not `leased`.

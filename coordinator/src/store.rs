@@ -1,22 +1,28 @@
-//! The durable job store: one redb file in the state folder. A job's
-//! record is committed before the coordinator answers the call that
-//! changed it. Step metrics, the one high-rate write, go through a writer
-//! thread that commits them in batches (one durable commit per 100 ms
-//! window, off the async threads); [`Store::flush`] waits for what was
-//! queued, and readers of the history flush first. A coordinator that
-//! dies loses at most the last window of metrics, which its jobs' next
-//! attempts report again.
+//! The durable job store: one redb file in the state folder.
+//!
+//! Every write goes through one writer thread, in the order it was
+//! submitted: job and sweep records, step metrics, the cut of a resumed
+//! job's abandoned steps, the job counter. [`Store::submit`] only queues
+//! (it is called under the engine's lock, and never waits for a disk);
+//! it returns a [`Ticket`], and [`Store::durable`] waits, outside any
+//! lock, until that write is committed. The writer commits whatever is
+//! queued in one transaction (group commit): at once when a record is
+//! among it, within 100 ms when only step metrics are (the high-rate
+//! write). A coordinator that dies loses at most the step metrics of the
+//! last window, which its jobs' next attempts report again. Readers of
+//! the history flush first, so they see every step queued before.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::job::{JobRecord, StepRecord};
-use crate::sweeps::SweepRecord;
+use crate::job::{JobId, JobRecord, StepRecord};
+use crate::sweep::SweepRecord;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const STEPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("steps");
@@ -29,7 +35,7 @@ pub enum StoreError {
     Db { path: PathBuf, source: redb::Error },
     #[error("job store {path} is closed (the coordinator is stopping)")]
     Closed { path: PathBuf },
-    #[error("job store {path}: writing step metrics: {why}")]
+    #[error("job store {path}: a write failed: {why}")]
     Writer { path: PathBuf, why: String },
     #[error("job store {path}: record {key} is corrupt: {source}")]
     Corrupt {
@@ -39,22 +45,65 @@ pub enum StoreError {
     },
 }
 
+/// One write, applied by the writer thread in submission order.
+#[derive(Debug)]
+pub enum Write {
+    /// Inserts or replaces a job.
+    Job(Arc<JobRecord>),
+    /// Appends (or replaces) a job's steps.
+    Steps(JobId, Vec<StepRecord>),
+    /// Deletes a job's steps after this one (a resumed job forgets what
+    /// its abandoned attempt did past its checkpoint). Queued after the
+    /// steps it cuts, so none of them lands after the cut.
+    Truncate(JobId, u64),
+    /// Inserts or replaces a sweep.
+    Sweep(Arc<SweepRecord>),
+    /// The next job number.
+    NextJob(u64),
+}
+
+impl Write {
+    fn is_record(&self) -> bool {
+        !matches!(self, Write::Steps(..))
+    }
+}
+
+/// A queued write: [`Store::durable`] waits until it is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a write is durable only once its ticket is waited for"]
+pub struct Ticket(u64);
+
 type Db = Arc<std::sync::RwLock<Option<Database>>>;
-/// A batch of a job's steps, with its sequence number.
-type Batch = (u64, String, Vec<StepRecord>);
-/// The last sequence number committed, and the writer's last failure.
-type Committed = Arc<(Mutex<(u64, Option<String>)>, Condvar)>;
+
+/// Sequence ranges whose commit failed, with why, the newest last.
+type Failures = VecDeque<(u64, u64, String)>;
+/// The queue to the writer.
+type Queue = Option<mpsc::Sender<(u64, Write)>>;
+
+/// What the writer has committed: the last sequence number, and the
+/// ranges whose commit failed (with why), the newest last.
+struct Committed {
+    state: Mutex<(u64, Failures)>,
+    cv: Condvar,
+    /// The same sequence number for async waiters.
+    watch: tokio::sync::watch::Sender<u64>,
+}
 
 pub struct Store {
     /// `None` once closed (the coordinator is stopping).
     db: Db,
     path: PathBuf,
-    /// Batches of steps for the writer thread.
-    log: Mutex<Option<mpsc::Sender<Batch>>>,
+    /// The queue to the writer and the last sequence number given out,
+    /// under one lock so that numbers follow the queue's order.
+    queue: Mutex<(u64, Queue)>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    queued: Mutex<u64>,
-    committed: Committed,
+    committed: Arc<Committed>,
 }
+
+/// How long only step metrics wait for more before they are committed.
+const STEP_WINDOW: Duration = Duration::from_millis(100);
+/// Failed commits remembered for their waiters.
+const FAILURES_KEPT: usize = 256;
 
 impl Store {
     /// Opens (or creates) `<dir>/jobs.redb`.
@@ -74,12 +123,16 @@ impl Store {
         tx.commit().map_err(|e| err(e.into()))?;
         let db: Db = Arc::new(std::sync::RwLock::new(Some(db)));
         let (tx, rx) = mpsc::channel();
-        let committed = Arc::new((Mutex::new((0, None)), Condvar::new()));
+        let committed = Arc::new(Committed {
+            state: Mutex::new((0, VecDeque::new())),
+            cv: Condvar::new(),
+            watch: tokio::sync::watch::Sender::new(0),
+        });
         let writer = {
             let (db, committed, at) = (db.clone(), committed.clone(), path.clone());
             std::thread::Builder::new()
-                .name("metrics-writer".into())
-                .spawn(move || write_steps(&db, &at, &rx, &committed))
+                .name("store-writer".into())
+                .spawn(move || write_loop(&db, &at, &rx, &committed))
                 .map_err(|e| StoreError::Db {
                     path: path.clone(),
                     source: redb::Error::Io(e),
@@ -88,9 +141,8 @@ impl Store {
         Ok(Store {
             db,
             path,
-            log: Mutex::new(Some(tx)),
+            queue: Mutex::new((0, Some(tx))),
             writer: Mutex::new(Some(writer)),
-            queued: Mutex::new(0),
             committed,
         })
     }
@@ -98,73 +150,98 @@ impl Store {
     /// Commits what is queued and closes the database file; later calls
     /// fail. A new coordinator can then open it in the same process.
     pub fn close(&self) {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .take();
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
         self.db.write().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// Queues `steps` of job `job_id` for the writer thread; they are
-    /// durable after the next [`Store::flush`] or within about 100 ms.
-    pub fn queue_steps(&self, job_id: &str, steps: Vec<StepRecord>) -> Result<(), StoreError> {
-        let mut seq = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = log.as_ref() else {
-            return Err(StoreError::Closed {
-                path: self.path.clone(),
-            });
+    /// Queues `w` for the writer thread; never blocks on the disk.
+    pub fn submit(&self, w: Write) -> Result<Ticket, StoreError> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let closed = || StoreError::Closed {
+            path: self.path.clone(),
         };
-        *seq += 1;
-        tx.send((*seq, job_id.to_string(), steps))
-            .map_err(|_| StoreError::Closed {
-                path: self.path.clone(),
-            })
+        let seq = q.0 + 1;
+        q.1.as_ref()
+            .ok_or_else(closed)?
+            .send((seq, w))
+            .map_err(|_| closed())?;
+        q.0 = seq;
+        Ok(Ticket(seq))
     }
 
-    /// Waits until every step queued so far is committed; the writer's
-    /// last failure, if it had one since.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        let want = *self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        let (lock, cv) = &*self.committed;
-        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while done.0 < want {
-            let (d, timeout) = cv
-                .wait_timeout(done, Duration::from_secs(30))
-                .unwrap_or_else(|e| e.into_inner());
-            done = d;
-            if timeout.timed_out() && done.0 < want {
-                return Err(StoreError::Closed {
-                    path: self.path.clone(),
-                });
-            }
-        }
-        match done.1.take() {
-            Some(why) => Err(StoreError::Writer {
+    /// The ticket of the last write queued so far.
+    fn last_ticket(&self) -> Ticket {
+        Ticket(self.queue.lock().unwrap_or_else(|e| e.into_inner()).0)
+    }
+
+    fn outcome(&self, t: Ticket, failed: &Failures) -> Result<(), StoreError> {
+        match failed.iter().find(|(a, b, _)| (*a..=*b).contains(&t.0)) {
+            Some((_, _, why)) => Err(StoreError::Writer {
                 path: self.path.clone(),
-                why,
+                why: why.clone(),
             }),
             None => Ok(()),
         }
     }
 
-    /// The last step recorded for `job_id`.
-    pub fn last_step(&self, job_id: &str) -> Result<Option<StepRecord>, StoreError> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(|e| self.err(e))?;
-            let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
-            let mut range = t
-                .range((job_id, 0)..=(job_id, u64::MAX))
-                .map_err(|e| self.err(e))?;
-            match range.next_back() {
-                Some(row) => {
-                    let (k, v) = row.map_err(|e| self.err(e))?;
-                    let (id, step) = k.value();
-                    Ok(Some(self.decode(&format!("{id}/{step}"), v.value())?))
-                }
-                None => Ok(None),
+    /// Waits until the write of `t` is committed (or failed).
+    pub async fn durable(&self, t: Ticket) -> Result<(), StoreError> {
+        let mut rx = self.committed.watch.subscribe();
+        let reached = rx.wait_for(|c| *c >= t.0).await.is_ok();
+        let state = self
+            .committed
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !reached && state.0 < t.0 {
+            return Err(StoreError::Closed {
+                path: self.path.clone(),
+            });
+        }
+        self.outcome(t, &state.1)
+    }
+
+    /// [`Store::durable`] for threads that may block (never a runtime's).
+    pub fn wait(&self, t: Ticket) -> Result<(), StoreError> {
+        let (lock, cv) = (&self.committed.state, &self.committed.cv);
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state.0 < t.0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Closed {
+                    path: self.path.clone(),
+                });
             }
-        })
+            state = cv
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.outcome(t, &state.1)
+    }
+
+    /// Waits until every write queued so far is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.durable(self.last_ticket()).await
+    }
+
+    /// [`Store::flush`] for threads that may block.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.wait(self.last_ticket())
+    }
+
+    /// Queues `w` and waits until it is committed (start-up, tests).
+    pub fn put_blocking(&self, w: Write) -> Result<(), StoreError> {
+        let t = self.submit(w)?;
+        self.wait(t)
     }
 
     fn with_db<T>(
@@ -199,113 +276,57 @@ impl Store {
         })
     }
 
-    /// The next job number (1, 2, …), durably consumed.
+    /// The next job number to give out (1 on a new store).
     pub fn next_job_number(&self) -> Result<u64, StoreError> {
         self.with_db(|db| {
-            let tx = db.begin_write().map_err(|e| self.err(e))?;
-            let n = {
-                let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-                let n = meta
-                    .get("next_job")
-                    .map_err(|e| self.err(e))?
-                    .map_or(1, |v| v.value());
-                meta.insert("next_job", n + 1).map_err(|e| self.err(e))?;
-                n
-            };
-            tx.commit().map_err(|e| self.err(e))?;
-            Ok(n)
-        })
-    }
-
-    /// Inserts or replaces a job.
-    pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        self.with_db(|db| {
-            let bytes = serde_json::to_vec(job).expect("a job serialises");
-            let tx = db.begin_write().map_err(|e| self.err(e))?;
-            tx.open_table(JOBS)
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            Ok(meta
+                .get("next_job")
                 .map_err(|e| self.err(e))?
-                .insert(job.job_id.as_str(), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
-            tx.commit().map_err(|e| self.err(e))
+                .map_or(1, |v| v.value()))
         })
     }
 
-    /// Appends steps and updates their job in one transaction, synchronously
-    /// (the tests' way to make a history; the coordinator queues steps).
-    #[cfg(test)]
-    pub fn put_steps(&self, job: &JobRecord, steps: &[StepRecord]) -> Result<(), StoreError> {
+    /// The last step recorded for `job_id`.
+    pub fn last_step(&self, job_id: &str) -> Result<Option<StepRecord>, StoreError> {
         self.with_db(|db| {
-            let job_bytes = serde_json::to_vec(job).expect("a job serialises");
-            let tx = db.begin_write().map_err(|e| self.err(e))?;
-            {
-                let mut t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
-                for s in steps {
-                    let bytes = serde_json::to_vec(s).expect("a step serialises");
-                    t.insert((job.job_id.as_str(), s.step), bytes.as_slice())
-                        .map_err(|e| self.err(e))?;
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+            let mut range = t
+                .range((job_id, 0)..=(job_id, u64::MAX))
+                .map_err(|e| self.err(e))?;
+            match range.next_back() {
+                Some(row) => {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let (id, step) = k.value();
+                    Ok(Some(self.decode(&format!("{id}/{step}"), v.value())?))
                 }
-                tx.open_table(JOBS)
-                    .map_err(|e| self.err(e))?
-                    .insert(job.job_id.as_str(), job_bytes.as_slice())
-                    .map_err(|e| self.err(e))?;
+                None => Ok(None),
             }
-            tx.commit().map_err(|e| self.err(e))
         })
     }
 
-    /// Replaces a job and deletes its steps after `step` in one
-    /// transaction (a resumed job forgets what its abandoned attempt did
-    /// past the checkpoint it continues from). Steps still queued for the
-    /// writer are committed first, so none lands after the cut.
-    pub fn put_job_truncating(&self, job: &JobRecord, step: u64) -> Result<(), StoreError> {
-        self.flush()?;
-        self.with_db(|db| {
-            let job_bytes = serde_json::to_vec(job).expect("a job serialises");
-            let tx = db.begin_write().map_err(|e| self.err(e))?;
-            {
-                let mut t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
-                let id = job.job_id.as_str();
-                t.retain_in((id, step.saturating_add(1))..=(id, u64::MAX), |_, _| false)
-                    .map_err(|e| self.err(e))?;
-                tx.open_table(JOBS)
-                    .map_err(|e| self.err(e))?
-                    .insert(id, job_bytes.as_slice())
-                    .map_err(|e| self.err(e))?;
-            }
-            tx.commit().map_err(|e| self.err(e))
-        })
-    }
-
-    /// Inserts or replaces a sweep.
-    pub fn put_sweep(&self, sweep: &SweepRecord) -> Result<(), StoreError> {
-        self.with_db(|db| {
-            let bytes = serde_json::to_vec(sweep).expect("a sweep serialises");
-            let tx = db.begin_write().map_err(|e| self.err(e))?;
-            tx.open_table(SWEEPS)
-                .map_err(|e| self.err(e))?
-                .insert(sweep.sweep_id.as_str(), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
-            tx.commit().map_err(|e| self.err(e))
-        })
+    /// Every job, each with its recipe parsed.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs: Vec<JobRecord> = self.all(JOBS)?;
+        for j in &mut jobs {
+            j.parse_recipe();
+        }
+        Ok(jobs)
     }
 
     pub fn sweeps(&self) -> Result<Vec<SweepRecord>, StoreError> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(|e| self.err(e))?;
-            let t = tx.open_table(SWEEPS).map_err(|e| self.err(e))?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(|e| self.err(e))? {
-                let (k, v) = row.map_err(|e| self.err(e))?;
-                out.push(self.decode(k.value(), v.value())?);
-            }
-            Ok(out)
-        })
+        self.all(SWEEPS)
     }
 
-    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err(e))?;
-            let t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
+            let t = tx.open_table(table).map_err(|e| self.err(e))?;
             let mut out = Vec::new();
             for row in t.iter().map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
@@ -358,6 +379,53 @@ impl Store {
             Ok(())
         })
     }
+
+    /// One step of every `stride` in `from..=to` (the first recorded in
+    /// each stretch), and the last: a long history thinned for a chart
+    /// with one seek per point, not a read of every step.
+    pub fn sample_steps(
+        &self,
+        job_id: &str,
+        from: u64,
+        to: u64,
+        stride: u64,
+    ) -> Result<Vec<StepRecord>, StoreError> {
+        let stride = stride.max(1);
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(STEPS).map_err(|e| self.err(e))?;
+            let mut out: Vec<StepRecord> = Vec::new();
+            let mut at = from;
+            while at <= to {
+                let end = at.saturating_add(stride).min(to.saturating_add(1));
+                let mut range = t
+                    .range((job_id, at)..(job_id, end))
+                    .map_err(|e| self.err(e))?;
+                if let Some(row) = range.next() {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let (id, step) = k.value();
+                    out.push(self.decode(&format!("{id}/{step}"), v.value())?);
+                }
+                if end == to.saturating_add(1) || end <= at {
+                    break;
+                }
+                at = end;
+            }
+            // The last step, whatever the stride skipped.
+            let last = t
+                .range((job_id, from)..=(job_id, to))
+                .map_err(|e| self.err(e))?
+                .next_back();
+            if let Some(row) = last {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                let (id, step) = k.value();
+                if out.last().is_none_or(|s| s.step < step) {
+                    out.push(self.decode(&format!("{id}/{step}"), v.value())?);
+                }
+            }
+            Ok(out)
+        })
+    }
 }
 
 impl Drop for Store {
@@ -368,49 +436,92 @@ impl Drop for Store {
     }
 }
 
-/// The writer thread: takes every batch queued within 100 ms of the first
-/// and commits them in one transaction.
-fn write_steps(db: &Db, path: &Path, rx: &mpsc::Receiver<Batch>, committed: &Committed) {
+/// The writer thread: takes what is queued, commits it in one
+/// transaction, and tells the waiters.
+fn write_loop(db: &Db, path: &Path, rx: &mpsc::Receiver<(u64, Write)>, committed: &Committed) {
     while let Ok(first) = rx.recv() {
+        let start = Instant::now();
+        let mut records = first.1.is_record();
         let mut batch = vec![first];
-        let until = std::time::Instant::now() + Duration::from_millis(100);
         loop {
-            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.try_recv() {
+                Ok(w) => {
+                    records |= w.1.is_record();
+                    batch.push(w);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) if records => break,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            // Only step metrics so far: wait a little for more.
+            let left = STEP_WINDOW.saturating_sub(start.elapsed());
             match rx.recv_timeout(left) {
-                Ok(b) => batch.push(b),
+                Ok(w) => {
+                    records |= w.1.is_record();
+                    batch.push(w);
+                }
                 Err(_) => break,
             }
         }
-        let last = batch.last().map_or(0, |b| b.0);
-        let result = (|| -> Result<(), redb::Error> {
-            let guard = db.read().unwrap_or_else(|e| e.into_inner());
-            let Some(db) = guard.as_ref() else {
-                return Err(redb::Error::Io(std::io::Error::other(
-                    "the store is closed",
-                )));
-            };
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(STEPS)?;
-                for (_, job, steps) in &batch {
-                    for s in steps {
+        let (first_seq, last_seq) = (batch[0].0, batch[batch.len() - 1].0);
+        let result = commit(db, &batch);
+        let mut state = committed.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = last_seq;
+        if let Err(e) = result {
+            tracing::error!(store = %path.display(), error = %e, writes = batch.len(), "job store commit failed");
+            state.1.push_back((first_seq, last_seq, e.to_string()));
+            if state.1.len() > FAILURES_KEPT {
+                state.1.pop_front();
+            }
+        }
+        drop(state);
+        committed.cv.notify_all();
+        committed.watch.send_replace(last_seq);
+    }
+}
+
+fn commit(db: &Db, batch: &[(u64, Write)]) -> Result<(), redb::Error> {
+    let guard = db.read().unwrap_or_else(|e| e.into_inner());
+    let Some(db) = guard.as_ref() else {
+        return Err(redb::Error::Io(std::io::Error::other(
+            "the store is closed",
+        )));
+    };
+    let tx = db.begin_write()?;
+    {
+        let mut steps = tx.open_table(STEPS)?;
+        let mut jobs = tx.open_table(JOBS)?;
+        let mut sweeps = tx.open_table(SWEEPS)?;
+        let mut meta = tx.open_table(META)?;
+        for (_, w) in batch {
+            match w {
+                Write::Job(job) => {
+                    let bytes = serde_json::to_vec(&**job).expect("a job serialises");
+                    jobs.insert(job.job_id.as_str(), bytes.as_slice())?;
+                }
+                Write::Steps(job, list) => {
+                    for s in list {
                         let bytes = serde_json::to_vec(s).expect("a step serialises");
-                        t.insert((job.as_str(), s.step), bytes.as_slice())?;
+                        steps.insert((job.as_str(), s.step), bytes.as_slice())?;
                     }
                 }
+                Write::Truncate(job, step) => {
+                    let id = job.as_str();
+                    steps.retain_in((id, step.saturating_add(1))..=(id, u64::MAX), |_, _| false)?;
+                }
+                Write::Sweep(s) => {
+                    let bytes = serde_json::to_vec(&**s).expect("a sweep serialises");
+                    sweeps.insert(s.sweep_id.as_str(), bytes.as_slice())?;
+                }
+                Write::NextJob(n) => {
+                    meta.insert("next_job", *n)?;
+                }
             }
-            tx.commit()?;
-            Ok(())
-        })();
-        let (lock, cv) = &**committed;
-        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        done.0 = last;
-        if let Err(e) = result {
-            tracing::error!(store = %path.display(), error = %e, "step metrics not written");
-            done.1 = Some(e.to_string());
         }
-        cv.notify_all();
     }
+    tx.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -418,8 +529,8 @@ mod tests {
     use super::*;
     use crate::job::{StageTimes, StepTimes};
 
-    fn job(id: &str) -> JobRecord {
-        JobRecord::for_test(id)
+    fn job(id: &str) -> Arc<JobRecord> {
+        Arc::new(JobRecord::for_test(id))
     }
 
     fn step(n: u64) -> StepRecord {
@@ -443,15 +554,24 @@ mod tests {
         }
     }
 
+    fn put_steps(s: &Store, id: &str, steps: Vec<StepRecord>) {
+        s.put_blocking(Write::Steps(JobId::new(id), steps)).unwrap();
+    }
+
     #[test]
     fn a_resumed_job_forgets_the_steps_after_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (a, b) = (job("a"), job("b"));
         let steps: Vec<StepRecord> = (1..=6).map(step).collect();
-        store.put_steps(&a, &steps).unwrap();
-        store.put_steps(&b, &steps).unwrap();
-        store.put_job_truncating(&a, 4).unwrap();
+        put_steps(&store, "a", steps.clone());
+        put_steps(&store, "b", steps);
+        // Queued behind more steps of "a": the cut applies to them too.
+        let _ = store
+            .submit(Write::Steps(JobId::new("a"), vec![step(7)]))
+            .unwrap();
+        store
+            .put_blocking(Write::Truncate(JobId::new("a"), 4))
+            .unwrap();
         let kept: Vec<u64> = store
             .steps("a", 0, 0)
             .unwrap()
@@ -472,13 +592,14 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             assert_eq!(s.next_job_number().unwrap(), 1);
-            assert_eq!(s.next_job_number().unwrap(), 2);
-            s.put_job(&job("a-1")).unwrap();
-            let mut b = job("b-2");
+            s.put_blocking(Write::NextJob(3)).unwrap();
+            s.put_blocking(Write::Job(job("a-1"))).unwrap();
+            let mut b = JobRecord::for_test("b-2");
             b.steps_done = 3;
-            s.put_steps(&b, &[step(1), step(2), step(3)]).unwrap();
+            s.put_blocking(Write::Job(Arc::new(b))).unwrap();
+            put_steps(&s, "b-2", vec![step(1), step(2), step(3)]);
             // Another job's steps never leak into this one's range.
-            s.put_steps(&job("a-1"), &[step(1)]).unwrap();
+            put_steps(&s, "a-1", vec![step(1)]);
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.next_job_number().unwrap(), 3);
@@ -496,15 +617,32 @@ mod tests {
     }
 
     #[test]
+    fn a_long_history_is_sampled_with_its_last_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        put_steps(&s, "a", (1..=1000).map(step).collect());
+        let got: Vec<u64> = s
+            .sample_steps("a", 1, 1000, 100)
+            .unwrap()
+            .iter()
+            .map(|s| s.step)
+            .collect();
+        let mut want: Vec<u64> = (1..=1000).step_by(100).collect();
+        want.push(1000);
+        assert_eq!(got, want);
+        assert_eq!(s.sample_steps("a", 995, 1000, 1).unwrap().len(), 6);
+    }
+
+    #[test]
     fn a_closed_store_says_so_and_can_be_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         s.close();
-        let e = s.put_job(&job("a-1")).unwrap_err();
+        let e = s.put_blocking(Write::Job(job("a-1"))).unwrap_err();
         assert!(e.to_string().contains("is closed"), "{e}");
         // The file is free again, as for a restarted coordinator.
         let again = Store::open(dir.path()).unwrap();
-        again.put_job(&job("a-1")).unwrap();
+        again.put_blocking(Write::Job(job("a-1"))).unwrap();
     }
 
     #[test]

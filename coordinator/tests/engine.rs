@@ -139,19 +139,15 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(&dir.path().join("data")).await;
     let launcher = FakeLauncher::default();
-    let cfg = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: dir.path().join("state"),
-        inventory: Inventory::local(2).unwrap(),
-        worker_program: "/bin/false".into(),
-        worker_args: Vec::new(),
-        worker_env: Vec::new(),
-        client_token: None,
-        heartbeat_timeout: Duration::from_secs(600),
-        stop_grace: Duration::from_secs(1),
-        advertise_url: None,
-        http_listen: None,
-    };
+    let mut cfg = CoordinatorConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("state"),
+        Inventory::local(2).unwrap(),
+        "/bin/false".into(),
+    );
+    cfg.worker_args = Vec::new();
+    cfg.heartbeat_timeout = Duration::from_secs(600);
+    cfg.stop_grace = Duration::from_secs(1);
     let c = Coordinator::start_with(cfg, Arc::new(launcher.clone()))
         .await
         .unwrap();
@@ -171,6 +167,15 @@ async fn setup() -> Setup {
         .unwrap()
         .into_inner()
         .job_id;
+    // The ranks are started off the engine's lock, right after.
+    let begun = Instant::now();
+    while launcher.started.lock().unwrap().is_empty() {
+        assert!(
+            begun.elapsed() < Duration::from_secs(10),
+            "nothing launched"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let token = {
         let started = launcher.started.lock().unwrap();
         let env = &started[0][0].env;
@@ -375,11 +380,8 @@ async fn concurrent_reports_lose_no_change() {
                     attempt: 1,
                     step: n,
                     ok: true,
-                    manifest_json: if rank == 0 {
-                        serde_json::to_string(&manifest).unwrap()
-                    } else {
-                        String::new()
-                    },
+                    manifest: (rank == 0)
+                        .then(|| strata_proto::checkpoint::manifest_to_pb(&manifest)),
                     ..Default::default()
                 })
                 .await

@@ -16,6 +16,12 @@ impl SplitMix64 {
         SplitMix64 { state: seed }
     }
 
+    /// The whole state: `SplitMix64::new(g.state())` continues `g`'s
+    /// stream exactly.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
     /// An independent stream for `key` under `seed` (for example one per
     /// document, so parallel workers draw the same numbers as a serial run).
     pub fn for_key(seed: u64, key: u64) -> SplitMix64 {

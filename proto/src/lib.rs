@@ -5,6 +5,7 @@
 //! convert at the service edge.
 
 pub mod auth;
+pub mod checkpoint;
 
 /// Bytes `m` takes on the wire (to page replies under tonic's 4 MiB).
 pub fn encoded_len(m: &impl prost::Message) -> usize {

@@ -5,7 +5,7 @@
 //! token; it never learns which launcher started it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -16,6 +16,7 @@ use strata_dataplane::loader::{Loader, LoaderConfig};
 use strata_dataplane::reader::{read_holdout, read_manifest};
 use strata_dataplane::store::Location;
 use strata_proto::auth::{Bearer, WithBearer};
+use strata_proto::checkpoint::{manifest_to_pb, shard_to_pb};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::{Coords, DeviceKind, Layout, Recipe};
@@ -75,6 +76,16 @@ pub enum WorkerError {
 }
 
 type Client = ControlServiceClient<WithBearer<Channel>>;
+
+/// The heartbeat period the coordinator asked for (0: a second), at
+/// least a second and at most a minute.
+fn period_ms(asked: u32) -> u64 {
+    if asked == 0 {
+        1000
+    } else {
+        u64::from(asked).clamp(1000, 60_000)
+    }
+}
 
 /// A worker whose coordinator has been unreachable this long stops: its
 /// attempt is over (a restarted coordinator starts a new one).
@@ -161,6 +172,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         Channel::from_shared(args.coordinator.clone())
             .map_err(|e| WorkerError::Setup(format!("coordinator URL {}: {e}", args.coordinator)))?
             .connect_timeout(Duration::from_secs(10))
+            // A coordinator whose machine went away is noticed, and the
+            // connection survives idle stretches behind middleboxes.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|source| WorkerError::Connect {
@@ -203,15 +219,21 @@ fn train(
         .map_err(|e| WorkerError::Setup(format!("collective listener: {e}")))?;
     let addr = advertised(bound, args.advertise.as_deref(), &args.coordinator)?;
     tracing::info!(%bound, %addr, "collective listener");
-    rt.block_on(client.register(pb::RegisterRequest {
-        job_id: args.job.clone(),
-        rank: args.rank,
-        host: hostname(),
-        pid: std::process::id(),
-        collective_addr: addr.to_string(),
-        attempt: args.attempt,
-    }))
-    .map_err(rpc("Register"))?;
+    let registered = rt
+        .block_on(client.register(pb::RegisterRequest {
+            job_id: args.job.clone(),
+            rank: args.rank,
+            host: hostname(),
+            pid: std::process::id(),
+            collective_addr: addr.to_string(),
+            attempt: args.attempt,
+        }))
+        .map_err(rpc("Register"))?
+        .into_inner();
+    // The coordinator spaces heartbeats out as its ranks grow.
+    let period = Arc::new(AtomicU64::new(period_ms(registered.heartbeat_interval_ms)));
+    // What this rank is busy with, for the coordinator's hang clock.
+    let activity = Arc::new(AtomicI32::new(pb::WorkerActivity::Setup as i32));
 
     // Heartbeats from the runtime's threads, whatever the training thread
     // is doing; a stop request (the coordinator's, or SIGTERM) is seen at
@@ -237,11 +259,11 @@ fn train(
         let (mut c, job, rank, attempt) =
             (client.clone(), args.job.clone(), args.rank, args.attempt);
         let (step_now, stop, last_times) = (step_now.clone(), stop.clone(), last_times.clone());
+        let (period, activity) = (period.clone(), activity.clone());
         rt.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut unreachable_since: Option<Instant> = None;
             loop {
-                tick.tick().await;
+                tokio::time::sleep(Duration::from_millis(period.load(Ordering::Relaxed))).await;
                 let last = *last_times.lock().unwrap_or_else(|e| e.into_inner());
                 let req = pb::HeartbeatRequest {
                     job_id: job.clone(),
@@ -251,12 +273,21 @@ fn train(
                     times: last.map(|l| l.1),
                     times_step: last.map_or(0, |l| l.0),
                     step_wall_s: last.map_or(0.0, |l| l.2),
+                    activity: activity.load(Ordering::Relaxed),
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if r.get_ref().stop => {
                         stop.request(&r.into_inner().stop_reason);
                     }
-                    Ok(_) => unreachable_since = None,
+                    Ok(r) => {
+                        unreachable_since = None;
+                        if r.get_ref().heartbeat_interval_ms > 0 {
+                            period.store(
+                                period_ms(r.get_ref().heartbeat_interval_ms),
+                                Ordering::Relaxed,
+                            );
+                        }
+                    }
                     Err(e) if refused(&e) => {
                         // This attempt has ended: leave, even from a hung step.
                         stop.abandon(&format!(
@@ -347,6 +378,7 @@ fn train(
         stop,
         peak_flops,
         last_times,
+        activity,
     };
     match device {
         Device::Cpu => steps::<CpuBackend>(session, Default::default(), None),
@@ -446,6 +478,8 @@ struct Session<'a> {
     data: (Location, strata_dataplane::manifest::Manifest),
     url: String,
     step_now: Arc<AtomicU64>,
+    /// What the rank is busy with (`pb::WorkerActivity`), for heartbeats.
+    activity: Arc<AtomicI32>,
     stop: Arc<Stop>,
     /// Every device's peak FLOP/s together, when known (MFU's denominator).
     peak_flops: Option<f64>,
@@ -478,7 +512,9 @@ fn steps<B: AutodiffBackend>(
         stop,
         peak_flops,
         last_times,
+        activity,
     } = s;
+    let busy = |a: pb::WorkerActivity| activity.store(a as i32, Ordering::Relaxed);
     let layout = recipe.parallel.layout;
     let chunks = recipe.parallel.virtual_stages;
     let table = ParamTable::interleaved(&recipe.model, layout, coords, chunks);
@@ -571,6 +607,7 @@ fn steps<B: AutodiffBackend>(
         fingerprint,
     };
     let mut saved_at = first_step - 1;
+    busy(pb::WorkerActivity::Step);
     for step in first_step..=n_steps {
         // The step's span (exported as a trace when configured): data,
         // the pipeline's forward and backward passes, the all-reduce, the
@@ -589,6 +626,7 @@ fn steps<B: AutodiffBackend>(
             if let Some(ck) = &mut checkpoints
                 && !stop.abandoned.load(Ordering::SeqCst)
             {
+                busy(pb::WorkerActivity::Checkpoint);
                 if done > saved_at {
                     let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
                     ck.save(done, &trainer, coords.dp, header);
@@ -645,14 +683,17 @@ fn steps<B: AutodiffBackend>(
         *last_times.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((step, times, t0.elapsed().as_secs_f64()));
         let eval_loss = match &eval {
-            Some(e) if step % e.every == 0 || step == n_steps => Some(
-                tracing::info_span!("eval", tokens = e.tokens)
+            Some(e) if step % e.every == 0 || step == n_steps => {
+                busy(pb::WorkerActivity::Eval);
+                let loss = tracing::info_span!("eval", tokens = e.tokens)
                     .in_scope(|| trainer.evaluate(step, &e.micro(), e.tokens))
                     .map_err(|err| WorkerError::Collective {
                         step,
                         what: format!("evaluation: {}", members.describe(&err)),
-                    })?,
-            ),
+                    })?;
+                busy(pb::WorkerActivity::Step);
+                Some(loss)
+            }
             _ => None,
         };
         if !stats.loss.is_finite() {
@@ -705,9 +746,11 @@ fn steps<B: AutodiffBackend>(
         }
         if let Some(ck) = &mut checkpoints {
             if ck.cfg.saves_at(step, n_steps) {
+                busy(pb::WorkerActivity::Checkpoint);
                 let header = report.then(|| about.manifest(step, &trainer, loader.cursor()));
                 ck.save(step, &trainer, coords.dp, header);
                 saved_at = step;
+                busy(pb::WorkerActivity::Step);
             }
             ck.report(rt, &mut client, args, false)?;
         }
@@ -717,6 +760,7 @@ fn steps<B: AutodiffBackend>(
         }
     }
     if let Some(ck) = &mut checkpoints {
+        busy(pb::WorkerActivity::Checkpoint);
         ck.report(rt, &mut client, args, true)?;
     }
     Ok(())
@@ -1052,9 +1096,7 @@ impl Checkpoints {
                 step,
                 ok: r.is_ok(),
                 stall_s,
-                manifest_json: header
-                    .map(|h| serde_json::to_string(&h).expect("a manifest serializes"))
-                    .unwrap_or_default(),
+                manifest: header.as_ref().map(manifest_to_pb),
                 ..Default::default()
             };
             match r {
@@ -1066,8 +1108,7 @@ impl Checkpoints {
                         retries = saved.retries,
                         "checkpoint files written"
                     );
-                    req.shards_json =
-                        serde_json::to_string(&saved.shards).expect("shards serialize");
+                    req.shards = saved.shards.iter().map(shard_to_pb).collect();
                     req.write_s = saved.write_s;
                     req.retries = saved.retries;
                 }

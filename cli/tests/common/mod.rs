@@ -116,19 +116,17 @@ max_restarts = 0
 }
 
 pub fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfig {
-    CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state.to_path_buf(),
-        inventory: Inventory::local(slots).unwrap(),
-        worker_program: PathBuf::from(env!("CARGO_BIN_EXE_strata")),
-        worker_args: vec!["worker".into()],
-        worker_env: vec![("RUST_LOG".into(), "info".into())],
-        client_token: token.map(str::to_string),
-        heartbeat_timeout: Duration::from_secs(30),
-        stop_grace: Duration::from_secs(30),
-        advertise_url: None,
-        http_listen: None,
-    }
+    let mut cfg = CoordinatorConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        state.to_path_buf(),
+        Inventory::local(slots).unwrap(),
+        PathBuf::from(env!("CARGO_BIN_EXE_strata")),
+    );
+    cfg.worker_env = vec![("RUST_LOG".into(), "info".into())];
+    cfg.client_token = token.map(str::to_string);
+    cfg.heartbeat_timeout = Duration::from_secs(30);
+    cfg.stop_grace = Duration::from_secs(30);
+    cfg
 }
 
 pub async fn client(c: &Coordinator) -> JobServiceClient<Channel> {

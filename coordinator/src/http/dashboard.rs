@@ -1,9 +1,11 @@
 //! The dashboard: one page of embedded HTML, CSS and JavaScript (no build
 //! step, no library) and the JSON it reads. The job list and the sweeps
-//! come from the engine as they are now; a job page follows the job's
-//! watch stream as server-sent events (its recorded steps in batches, then
-//! each step and each change of the job as it happens) and asks for its
-//! live ranks every few seconds.
+//! come from the engine's snapshot; a job page follows the job's watch
+//! stream as server-sent events (its history in pages, thinned for the
+//! charts when long, then each step and each change of the job as they
+//! happen; every event carries an id, and a reconnect resumes after
+//! `Last-Event-ID`), and asks every few seconds for its ranks summed up
+//! (per node, per stage, the slowest) and one page of them.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -13,28 +15,29 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State as AxumState};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 
-use crate::http::Http;
+use super::Http;
+use crate::engine::watch::{WatchItem, WatchOptions};
+use crate::engine::{Engine, RankRow, RanksSnapshot};
 use crate::job::{JobRecord, JobState, StepRecord, now_unix_ms};
-use crate::server::{Engine, Event};
-use crate::sweeps::SweepRecord;
+use crate::sweep::SweepRecord;
 use strata_sweep::report::{BOOTSTRAP, Run, TOLERANCE, fits, fits_text, plots, size_of};
 use strata_sweep::results::{JobFacts, ResultRow};
 use strata_sweep::spec::PointKind;
 
-const PAGE: &str = include_str!("../assets/dashboard.html");
-const SCRIPT: &str = include_str!("../assets/dashboard.js");
-const STYLE: &str = include_str!("../assets/dashboard.css");
+const PAGE: &str = include_str!("../../assets/dashboard.html");
+const SCRIPT: &str = include_str!("../../assets/dashboard.js");
+const STYLE: &str = include_str!("../../assets/dashboard.css");
 
-/// Steps per event of a job's history.
-const HISTORY_BATCH: usize = 500;
+/// Ranks per page of the job page's rank list, by default and at most.
+const RANKS_PAGE: usize = 50;
+const RANKS_PAGE_MAX: usize = 1000;
 
 /// The dashboard's routes (pages, assets and `/api`).
 pub(crate) fn routes() -> Router<Arc<Http>> {
@@ -47,6 +50,7 @@ pub(crate) fn routes() -> Router<Arc<Http>> {
         .route("/api/overview", get(overview))
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/events", get(events))
+        .route("/api/jobs/{id}/ranks", get(ranks_page))
         .route("/api/sweeps/{id}", get(sweep))
         .route("/api/sweeps/{id}/plots/{file}", get(sweep_plot))
 }
@@ -126,6 +130,9 @@ fn job_json(job: &JobRecord, waiting: Option<&str>, last: Option<&StepRecord>) -
         "finished_unix_ms": job.finished_unix_ms,
         "run_dir": job.run_dir,
         "attempts": job.attempts,
+        "earlier_attempts": job.earlier_attempts,
+        "attempts_total": job.attempts_total(),
+        "blamed_nodes": job.blamed_nodes,
         "checkpoints": job.checkpoints,
         "checkpoint_errors": job.checkpoint_errors,
         "parent": job.parent,
@@ -165,186 +172,219 @@ fn step_json(s: &StepRecord) -> Value {
 
 /// The coordinator, every job (newest first) and every sweep.
 async fn overview(AxumState(http): AxumState<Arc<Http>>) -> Response {
-    let engine = http.engine.clone();
-    let built = tokio::task::spawn_blocking(move || {
-        let (jobs, queued, leased) = engine.snapshot();
-        let mut views: Vec<(i64, Value)> = jobs
-            .iter()
-            .map(|(j, waiting)| {
-                // Only live jobs need their last step (for the ETA).
-                let last = if j.state.is_final() {
-                    None
-                } else {
-                    engine.store().last_step(&j.job_id).ok().flatten()
-                };
-                (
-                    j.submitted_unix_ms,
-                    job_json(j, waiting.as_deref(), last.as_ref()),
-                )
-            })
-            .collect();
-        views.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
-        let states: HashMap<&str, &JobRecord> =
-            jobs.iter().map(|(j, _)| (j.job_id.as_str(), j)).collect();
-        let sweeps: Vec<Value> = engine
-            .lock()
-            .sweeps
-            .values()
-            .rev()
-            .map(|s| {
-                let done = s
-                    .points
-                    .iter()
-                    .filter(|p| {
-                        p.job_id
-                            .as_deref()
-                            .and_then(|id| states.get(id))
-                            .is_some_and(|j| j.state.is_final())
-                    })
-                    .count();
-                json!({
-                    "id": s.sweep_id,
-                    "name": s.name,
-                    "state": s.state,
-                    "points": s.points.len(),
-                    "points_ended": done,
-                    "submitted_unix_ms": s.submitted_unix_ms,
-                })
-            })
-            .collect();
-        json!({
-            "launcher": engine.launcher_description(),
-            "slots": engine.inventory().total_slots(),
-            "slots_leased": leased,
-            "queue_length": queued,
-            "now_unix_ms": now_unix_ms(),
-            "jobs": views.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-            "sweeps": sweeps,
+    let engine = &http.engine;
+    let snap = engine.snapshot();
+    let mut views: Vec<(i64, Value)> = snap
+        .jobs
+        .iter()
+        .map(|v| {
+            (
+                v.job.submitted_unix_ms,
+                job_json(&v.job, v.waiting.as_deref(), v.last_step.as_ref()),
+            )
         })
-    })
-    .await;
-    match built {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => internal(e),
-    }
+        .collect();
+    views.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    let sweeps: Vec<Value> = engine
+        .sweeps_view()
+        .iter()
+        .rev()
+        .map(|(s, jobs)| {
+            let done = jobs
+                .iter()
+                .filter(|j| j.as_ref().is_some_and(|j| j.state.is_final()))
+                .count();
+            json!({
+                "id": s.sweep_id,
+                "name": s.name,
+                "state": s.state,
+                "points": s.points.len(),
+                "points_ended": done,
+                "submitted_unix_ms": s.submitted_unix_ms,
+            })
+        })
+        .collect();
+    Json(json!({
+        "launcher": engine.launcher_description(),
+        "slots": engine.inventory().total_slots(),
+        "slots_leased": snap.slots_leased,
+        "queue_length": snap.queue_length,
+        "now_unix_ms": now_unix_ms(),
+        "jobs": views.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        "sweeps": sweeps,
+    }))
+    .into_response()
 }
 
-/// A job with its recipe and, while its processes live, its ranks.
-async fn job(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) -> Response {
-    let engine = http.engine.clone();
-    let built = tokio::task::spawn_blocking(move || {
-        let (job, waiting, ranks) = engine.job_now(&id)?;
-        let last = engine.store().last_step(&id).ok().flatten();
-        let mut v = job_json(&job, waiting.as_deref(), last.as_ref());
-        v["recipe"] = json!(job.spec_toml);
-        v["ranks"] = json!(ranks);
-        // MFU's numerator per token/s (the job page's; the list has none).
-        v["flops_per_token"] = json!(
-            strata_recipe::Recipe::from_toml_str(&job.spec_toml, &job.name)
-                .ok()
-                .map(|r| strata_recipe::plan::Plan::new(&r).flops_per_token)
-        );
-        Some(v)
+fn rank_json(snap: &RanksSnapshot, r: &RankRow) -> Value {
+    json!({
+        "rank": r.rank,
+        "node": &*snap.nodes[r.node as usize],
+        "gpu": r.gpu,
+        "addr": snap.addrs.get(r.rank as usize).filter(|a| !a.is_empty()),
+        "heartbeat_age_s": r.heartbeat_age_s,
+        "step": r.step,
+        "step_age_s": r.step_age_s,
+        "done": r.done,
+        "activity": r.activity,
+        "last_step": r.last_step,
     })
-    .await;
-    match built {
-        Ok(Some(v)) => Json(v).into_response(),
-        Ok(None) => not_found("no such job".into()),
-        Err(e) => internal(e),
-    }
 }
 
 #[derive(serde::Deserialize)]
-struct FromStep {
-    from: Option<u64>,
+struct RanksQuery {
+    offset: Option<usize>,
+    limit: Option<usize>,
+    /// `rank` (default) or `slowest`.
+    order: Option<String>,
 }
 
-fn sse(name: &str, data: &Value) -> Result<SseEvent, Infallible> {
-    Ok(SseEvent::default().event(name).data(data.to_string()))
+/// One page of the ranks, in rank order or slowest first.
+fn page_of(snap: &RanksSnapshot, q: &RanksQuery) -> Value {
+    let mut rows: Vec<&RankRow> = snap.rows.iter().collect();
+    if q.order.as_deref() == Some("slowest") {
+        let wall = |r: &RankRow| r.last_step.map_or(0.0, |s| s.wall_s);
+        rows.sort_by(|a, b| wall(b).total_cmp(&wall(a)).then(a.rank.cmp(&b.rank)));
+    }
+    let offset = q.offset.unwrap_or(0).min(rows.len());
+    let limit = q.limit.unwrap_or(RANKS_PAGE).clamp(1, RANKS_PAGE_MAX);
+    // The widest step of all, so that bars of every page compare.
+    let widest = snap
+        .rows
+        .iter()
+        .filter_map(|r| r.last_step.map(|s| s.wall_s))
+        .fold(0.0, f64::max);
+    json!({
+        "total": rows.len(),
+        "offset": offset,
+        "limit": limit,
+        "widest_step_s": widest,
+        "ranks": rows[offset..(offset + limit).min(rows.len())]
+            .iter()
+            .map(|r| rank_json(snap, r))
+            .collect::<Vec<_>>(),
+    })
 }
 
-/// The job's watch stream as server-sent events: `job` (the job now and
-/// at each change), `steps` (an array: the history in batches, then each
-/// new step), and `end` once the job has ended (the page then closes the
-/// stream rather than let the browser reconnect).
-async fn events(
-    AxumState(http): AxumState<Arc<Http>>,
-    Path(id): Path<String>,
-    Query(q): Query<FromStep>,
-) -> Response {
+/// A job with its recipe and, while its processes live, its ranks summed
+/// up and their first page.
+async fn job(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) -> Response {
     let engine = http.engine.clone();
-    // Subscribe before reading history so nothing falls in between.
-    let (job, rx) = match engine.subscribe(&id) {
+    let view = match engine.job_view(&id) {
         Ok(v) => v,
         Err(e) => return not_found(e.to_string()),
     };
-    let read = engine.clone();
-    let history = tokio::task::spawn_blocking(move || {
-        read.store().flush()?;
-        read.store().steps(&id, q.from.unwrap_or(0), 0)
-    })
-    .await;
-    let history = match history {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return internal(e),
-        Err(e) => return internal(e),
+    // An ended job's last step is no longer in memory: the store has it.
+    let last = match view.last_step.clone() {
+        Some(s) => Some(s),
+        None => {
+            let (e, id) = (engine.clone(), id.clone());
+            tokio::task::spawn_blocking(move || e.store().last_step(&id).ok().flatten())
+                .await
+                .ok()
+                .flatten()
+        }
     };
-    let mut closing = engine.closing();
-    let stream = event_stream(job, history, rx).take_until(Box::pin(async move {
+    let snap = engine.ranks(&id);
+    let job = &view.job;
+    let mut v = job_json(job, view.waiting.as_deref(), last.as_ref());
+    v["recipe"] = json!(job.spec_toml);
+    v["ranks_summary"] = json!((!snap.rows.is_empty()).then(|| snap.summary()));
+    v["ranks"] = page_of(
+        &snap,
+        &RanksQuery {
+            offset: None,
+            limit: None,
+            order: None,
+        },
+    );
+    // MFU's numerator per token/s (the job page's; the list has none).
+    v["flops_per_token"] = json!(
+        job.recipe
+            .as_ref()
+            .map(|r| strata_recipe::plan::Plan::new(r).flops_per_token)
+    );
+    Json(v).into_response()
+}
+
+/// A page of job `id`'s live ranks.
+async fn ranks_page(
+    AxumState(http): AxumState<Arc<Http>>,
+    Path(id): Path<String>,
+    Query(q): Query<RanksQuery>,
+) -> Response {
+    if let Err(e) = http.engine.job(&id) {
+        return not_found(e.to_string());
+    }
+    Json(page_of(&http.engine.ranks(&id), &q)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    /// The first step to send (a reconnect's `Last-Event-ID` wins).
+    from: Option<u64>,
+    /// Thin a longer history to about this many steps.
+    points: Option<u64>,
+}
+
+fn sse(name: &str, data: &Value, id: Option<u64>) -> Result<SseEvent, Infallible> {
+    let e = SseEvent::default().event(name).data(data.to_string());
+    Ok(match id {
+        Some(id) => e.id(id.to_string()),
+        None => e,
+    })
+}
+
+/// The job's watch stream as server-sent events: `job` (the job now and
+/// at each change), `steps` (an array: the history in pages, then each
+/// new step), and `end` once the job has ended (the page then closes the
+/// stream rather than let the browser reconnect). Every event carries the
+/// last step sent as its id: a browser that reconnects sends it back as
+/// `Last-Event-ID`, and the stream resumes after it, so no step comes
+/// twice.
+async fn events(
+    AxumState(http): AxumState<Arc<Http>>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|last| last + 1);
+    let from = resume.or(q.from).unwrap_or(0);
+    let items = match http.engine.watch(
+        &id,
+        WatchOptions {
+            from_step: from,
+            points: q.points,
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => return not_found(e.to_string()),
+    };
+    let mut last: Option<u64> = from.checked_sub(1).filter(|_| resume.is_some());
+    let events = items.map(move |item| match item {
+        Ok(WatchItem::Job(j)) => sse("job", &job_json(&j, None, None), last),
+        Ok(WatchItem::Steps(steps)) => {
+            last = steps.last().map(|s| s.step).or(last);
+            sse(
+                "steps",
+                &Value::Array(steps.iter().map(step_json).collect()),
+                last,
+            )
+        }
+        Ok(WatchItem::End(state)) => sse("end", &json!({ "state": state.name() }), last),
+        Err(e) => sse("error", &json!({ "error": e.to_string() }), last),
+    });
+    let mut closing = http.engine.closing();
+    let stream = events.take_until(Box::pin(async move {
         let _ = closing.wait_for(|c| *c).await;
     }));
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
-}
-
-fn event_stream(
-    job: JobRecord,
-    history: Vec<StepRecord>,
-    rx: broadcast::Receiver<Event>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    let done = job.state.is_final();
-    let last_step = history.last().map_or(0, |s| s.step);
-    let mut first = vec![sse("job", &job_json(&job, None, history.last()))];
-    first.extend(history.chunks(HISTORY_BATCH).map(|c| {
-        sse(
-            "steps",
-            &Value::Array(c.iter().map(step_json).collect::<Vec<_>>()),
-        )
-    }));
-    if done {
-        first.push(sse("end", &json!({ "state": job.state.name() })));
-    }
-    let live = futures::stream::unfold((rx, done, last_step), |(mut rx, done, last)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            return match rx.recv().await {
-                // Already sent from the history.
-                Ok(Event::Step(s)) if s.step <= last => continue,
-                Ok(Event::Step(s)) => {
-                    let step = s.step;
-                    Some((
-                        vec![sse("steps", &json!([step_json(&s)]))],
-                        (rx, false, step),
-                    ))
-                }
-                Ok(Event::Job(j)) => {
-                    let end = j.state.is_final();
-                    let mut out = vec![sse("job", &job_json(&j, None, None))];
-                    if end {
-                        out.push(sse("end", &json!({ "state": j.state.name() })));
-                    }
-                    Some((out, (rx, end, last)))
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => None,
-            };
-        }
-    })
-    .flat_map(futures::stream::iter);
-    futures::stream::iter(first).chain(live)
 }
 
 /// A sweep's report as the dashboard shows it: what `strata sweep
@@ -363,14 +403,10 @@ pub(crate) struct SweepReport {
 /// Reports made, by sweep.
 pub(crate) type Reports = std::sync::Mutex<HashMap<String, Arc<SweepReport>>>;
 
-fn report_key(
-    s: &SweepRecord,
-    jobs: &HashMap<String, JobRecord>,
-) -> Vec<(String, &'static str, u64)> {
-    s.points
-        .iter()
-        .filter_map(|p| jobs.get(p.job_id.as_deref()?))
-        .map(|j| (j.job_id.clone(), j.state.name(), j.steps_done))
+fn report_key(jobs: &[Option<Arc<JobRecord>>]) -> Vec<(String, &'static str, u64)> {
+    jobs.iter()
+        .flatten()
+        .map(|j| (j.job_id.to_string(), j.state.name(), j.steps_done))
         .collect()
 }
 
@@ -379,12 +415,12 @@ fn report_key(
 fn make_report(
     engine: &Engine,
     s: &SweepRecord,
-    jobs: &HashMap<String, JobRecord>,
+    jobs: &[Option<Arc<JobRecord>>],
     key: Vec<(String, &'static str, u64)>,
 ) -> Result<SweepReport, String> {
     let mut runs = Vec::new();
-    for p in &s.points {
-        let Some(j) = p.job_id.as_deref().and_then(|id| jobs.get(id)) else {
+    for (p, j) in s.points.iter().zip(jobs) {
+        let Some(j) = j else {
             continue;
         };
         if j.state != JobState::Succeeded {
@@ -394,7 +430,7 @@ fn make_report(
         let mut train_loss = None;
         engine
             .store()
-            .visit_steps(&j.job_id, 0, |st| {
+            .visit_steps(j.job_id.as_str(), 0, |st| {
                 if let Some(e) = st.eval_loss {
                     evals.push((st.tokens as f64, e));
                 }
@@ -404,17 +440,14 @@ fn make_report(
             .map_err(|e| e.to_string())?;
         let parent = j.parent.as_ref();
         let row = ResultRow::of(&JobFacts {
-            job: &j.job_id,
+            job: j.job_id.as_str(),
             name: &j.name,
             state: j.state.name(),
             parent: parent.map_or("", |p| p.job.as_str()),
             parent_step: parent.map_or(0, |p| p.step),
             spec_toml: &j.spec_toml,
             tokens_done: j.tokens_done,
-            first_start_unix_ms: j
-                .attempts
-                .first()
-                .map_or(j.started_unix_ms, |a| a.started_unix_ms),
+            first_start_unix_ms: j.first_started_unix_ms(),
             end_unix_ms: j.finished_unix_ms.max(j.started_unix_ms),
             train_loss,
             eval_loss: evals.last().map(|e| e.1),
@@ -459,10 +492,10 @@ fn kind_name(k: &PointKind) -> &'static str {
 /// Sweep `id`'s report, made again when its jobs have changed.
 async fn report_of(
     http: &Arc<Http>,
-    s: SweepRecord,
-    jobs: HashMap<String, JobRecord>,
+    s: Arc<SweepRecord>,
+    jobs: Vec<Option<Arc<JobRecord>>>,
 ) -> Result<Arc<SweepReport>, String> {
-    let key = report_key(&s, &jobs);
+    let key = report_key(&jobs);
     if let Some(r) = http.reports.lock().expect("reports").get(&s.sweep_id)
         && r.key == key
     {
@@ -470,7 +503,7 @@ async fn report_of(
     }
     let engine = http.engine.clone();
     let made = tokio::task::spawn_blocking(move || {
-        make_report(&engine, &s, &jobs, key).map(|r| (s.sweep_id, Arc::new(r)))
+        make_report(&engine, &s, &jobs, key).map(|r| (s.sweep_id.clone(), Arc::new(r)))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -481,15 +514,11 @@ async fn report_of(
     Ok(made.1)
 }
 
-fn sweep_and_jobs(engine: &Engine, id: &str) -> Option<(SweepRecord, HashMap<String, JobRecord>)> {
-    let s = engine.lock().sweeps.get(id).cloned()?;
-    let jobs = engine
-        .snapshot()
-        .0
-        .into_iter()
-        .map(|(j, _)| (j.job_id.clone(), j))
-        .collect();
-    Some((s, jobs))
+fn sweep_and_jobs(
+    engine: &Engine,
+    id: &str,
+) -> Option<crate::engine::sweeps::SweepView> {
+    engine.sweep_view(id).ok()
 }
 
 /// One of a sweep's plots, as SVG (`STEM.svg`).
@@ -527,9 +556,10 @@ async fn sweep(AxumState(http): AxumState<Arc<Http>>, Path(id): Path<String>) ->
     let points: Vec<Value> = s
         .points
         .iter()
+        .zip(&jobs)
         .enumerate()
-        .map(|(i, p)| {
-            let j = p.job_id.as_deref().and_then(|id| jobs.get(id));
+        .map(|(i, (p, j))| {
+            let j = j.as_deref();
             json!({
                 "index": i,
                 "label": p.point.label,

@@ -9,61 +9,20 @@
 //! a time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use strata_proto::v1 as pb;
 use strata_recipe::resume::BranchDecay;
-use strata_sweep::spec::{Point, PointKind, expand};
+use strata_sweep::spec::{PointKind, expand};
 
-use crate::convert::state_to_pb;
+use super::jobs::{BranchRequest, slug};
+use super::{Engine, Result};
 use crate::error::EngineError;
-use crate::job::{JobRecord, JobState, now_unix_ms};
-use crate::server::Jobs;
+use crate::job::{JobId, JobRecord, JobState, now_unix_ms};
+use crate::store::Write;
+use crate::sweep::{PointRecord, SweepRecord, SweepState};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SweepState {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl SweepState {
-    pub fn name(self) -> &'static str {
-        match self {
-            SweepState::Running => "running",
-            SweepState::Succeeded => "succeeded",
-            SweepState::Failed => "failed",
-            SweepState::Cancelled => "cancelled",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SweepRecord {
-    pub sweep_id: String,
-    pub name: String,
-    /// The sweep file, its base recipe inlined.
-    pub spec_toml: String,
-    pub state: SweepState,
-    pub max_concurrent: u32,
-    pub submitted_unix_ms: i64,
-    pub finished_unix_ms: i64,
-    pub points: Vec<PointRecord>,
-    /// Why it failed or was cancelled.
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PointRecord {
-    pub point: Point,
-    pub job_id: Option<String>,
-    /// Jobs of earlier tries, oldest first.
-    pub earlier_jobs: Vec<String>,
-    /// Why the point cannot start; empty while it can.
-    pub blocked: String,
-}
+/// A sweep and the job of each of its points, as they are now.
+pub type SweepView = (Arc<SweepRecord>, Vec<Option<Arc<JobRecord>>>);
 
 /// What the advancer does next for a sweep.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,11 +43,11 @@ pub enum Step {
 }
 
 /// The steps that advance `sweep`, given the jobs as they are.
-pub fn next_steps(sweep: &SweepRecord, jobs: &BTreeMap<String, JobRecord>) -> Vec<Step> {
+pub fn next_steps(sweep: &SweepRecord, jobs: &BTreeMap<JobId, Arc<JobRecord>>) -> Vec<Step> {
     if sweep.state != SweepState::Running {
         return Vec::new();
     }
-    let job_of = |p: &PointRecord| p.job_id.as_ref().and_then(|id| jobs.get(id));
+    let job_of = |p: &PointRecord| p.job_id.as_deref().and_then(|id| jobs.get(id));
     let live = sweep
         .points
         .iter()
@@ -134,7 +93,7 @@ pub fn next_steps(sweep: &SweepRecord, jobs: &BTreeMap<String, JobRecord>) -> Ve
                             room -= 1;
                             steps.push(Step::Branch {
                                 point: i,
-                                parent: job.job_id.clone(),
+                                parent: job.job_id.to_string(),
                                 from_step: *from_step,
                                 decay: decay.clone(),
                             });
@@ -197,110 +156,68 @@ pub fn next_steps(sweep: &SweepRecord, jobs: &BTreeMap<String, JobRecord>) -> Ve
     steps
 }
 
-fn sweep_state_to_pb(s: SweepState) -> pb::SweepState {
-    match s {
-        SweepState::Running => pb::SweepState::Running,
-        SweepState::Succeeded => pb::SweepState::Succeeded,
-        SweepState::Failed => pb::SweepState::Failed,
-        SweepState::Cancelled => pb::SweepState::Cancelled,
-    }
-}
-
-/// The sweep as clients see it, its points' jobs' states from `jobs`.
-pub fn sweep_to_pb(s: &SweepRecord, jobs: &BTreeMap<String, JobRecord>) -> pb::Sweep {
-    let mut out = pb::Sweep {
-        sweep_id: s.sweep_id.clone(),
-        name: s.name.clone(),
-        state: 0,
-        max_concurrent: s.max_concurrent,
-        spec_toml: s.spec_toml.clone(),
-        submitted_unix_ms: s.submitted_unix_ms,
-        finished_unix_ms: s.finished_unix_ms,
-        points: s
-            .points
-            .iter()
-            .map(|p| {
-                let (kind, stable, from_step) = match &p.point.kind {
-                    PointKind::Run => ("run", 0, 0),
-                    PointKind::Stable => ("stable", 0, 0),
-                    PointKind::Branch {
-                        stable, from_step, ..
-                    } => ("branch", *stable as u32, *from_step),
-                };
-                let mut pp = pb::SweepPoint {
-                    label: p.point.label.clone(),
-                    name: p.point.name.clone(),
-                    kind: kind.into(),
-                    fraction: p.point.fraction,
-                    job_id: p.job_id.clone().unwrap_or_default(),
-                    job_state: 0,
-                    earlier_jobs: p.earlier_jobs.clone(),
-                    blocked: p.blocked.clone(),
-                    stable_point: stable,
-                    from_step,
-                };
-                if let Some(j) = p.job_id.as_ref().and_then(|id| jobs.get(id)) {
-                    pp.set_job_state(state_to_pb(j.state));
-                }
-                pp
-            })
-            .collect(),
-        reason: s.reason.clone(),
-    };
-    out.set_state(sweep_state_to_pb(s.state));
-    out
-}
-
-type Result<T, E = EngineError> = std::result::Result<T, E>;
-
-impl Jobs {
-    fn sweep(&self, id: &str) -> Result<SweepRecord> {
-        self.0
-            .lock()
+impl Engine {
+    fn sweep(&self, id: &str) -> Result<Arc<SweepRecord>> {
+        self.lock()
             .sweeps
             .get(id)
             .cloned()
             .ok_or_else(|| EngineError::NotFound(format!("no sweep {id}")))
     }
 
-    pub(crate) fn sweep_pb(&self, id: &str) -> Result<pb::Sweep> {
-        let state = self.0.lock();
+    /// Sweep `id` with the job of each point, as they are now.
+    pub fn sweep_view(&self, id: &str) -> Result<SweepView> {
+        let state = self.lock();
         let s = state
-            .sweeps
-            .get(id)
-            .ok_or_else(|| EngineError::NotFound(format!("no sweep {id}")))?;
-        Ok(sweep_to_pb(s, &state.jobs))
-    }
-
-    pub(crate) fn list_sweeps_pb(&self) -> Vec<pb::Sweep> {
-        let state = self.0.lock();
-        let mut sweeps: Vec<&SweepRecord> = state.sweeps.values().collect();
-        sweeps.sort_by_key(|s| (s.submitted_unix_ms, s.sweep_id.clone()));
-        sweeps
-            .into_iter()
-            .map(|s| sweep_to_pb(s, &state.jobs))
-            .collect()
-    }
-
-    /// Applies `f` to sweep `id`'s record and commits it.
-    fn update_sweep(&self, id: &str, f: impl FnOnce(&mut SweepRecord)) -> Result<SweepRecord> {
-        let engine = &self.0;
-        let mut state = engine.lock();
-        let mut s = state
             .sweeps
             .get(id)
             .cloned()
             .ok_or_else(|| EngineError::NotFound(format!("no sweep {id}")))?;
-        f(&mut s);
-        engine.store().put_sweep(&s)?;
-        state.sweeps.insert(id.to_string(), s.clone());
-        Ok(s)
+        let jobs = s
+            .points
+            .iter()
+            .map(|p| p.job_id.as_deref().and_then(|j| state.jobs.get(j).cloned()))
+            .collect();
+        Ok((s, jobs))
+    }
+
+    /// Every sweep (by submission), with its points' jobs.
+    pub fn sweeps_view(&self) -> Vec<SweepView> {
+        let state = self.lock();
+        let mut sweeps: Vec<&Arc<SweepRecord>> = state.sweeps.values().collect();
+        sweeps.sort_by_key(|s| (s.submitted_unix_ms, s.sweep_id.clone()));
+        sweeps
+            .into_iter()
+            .map(|s| {
+                let jobs = s
+                    .points
+                    .iter()
+                    .map(|p| p.job_id.as_deref().and_then(|j| state.jobs.get(j).cloned()))
+                    .collect();
+                (s.clone(), jobs)
+            })
+            .collect()
+    }
+
+    /// Applies `f` to sweep `id`'s record and commits it.
+    async fn update_sweep(&self, id: &str, f: impl FnOnce(&mut SweepRecord)) -> Result<()> {
+        let t = {
+            let mut state = self.lock();
+            let s = state
+                .sweeps
+                .get_mut(id)
+                .ok_or_else(|| EngineError::NotFound(format!("no sweep {id}")))?;
+            f(Arc::make_mut(s));
+            self.store.submit(Write::Sweep(s.clone()))?
+        };
+        self.store.durable(t).await?;
+        Ok(())
     }
 
     /// Expands and checks a sweep file (every point as a job would be
     /// checked: recipe, slots, dataset), then records the sweep and starts
     /// what may start.
-    pub(crate) async fn submit_sweep(&self, text: &str) -> Result<String> {
+    pub async fn submit_sweep(&self, text: &str) -> Result<String> {
         let plan = expand(text).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let mut problems = Vec::new();
         for (i, p) in plan.points.iter().enumerate() {
@@ -316,8 +233,14 @@ impl Jobs {
                 problems.join("\n  ")
             )));
         }
-        let _one = self.0.advancing.lock().await;
-        let n = self.0.store().next_job_number()?;
+        let _one = self.advancing.lock().await;
+        let n = {
+            let mut state = self.lock();
+            let n = state.next_job;
+            state.next_job += 1;
+            let _ = self.store.submit(Write::NextJob(n + 1))?;
+            n
+        };
         let sweep_id = format!("{}-sweep-{n}", slug(&plan.name));
         let record = SweepRecord {
             sweep_id: sweep_id.clone(),
@@ -339,16 +262,21 @@ impl Jobs {
                 .collect(),
             reason: String::new(),
         };
-        self.0.store().put_sweep(&record)?;
-        self.0.lock().sweeps.insert(sweep_id.clone(), record);
+        let record = Arc::new(record);
+        let t = {
+            let mut state = self.lock();
+            state.sweeps.insert(sweep_id.clone(), record.clone());
+            self.store.submit(Write::Sweep(record))?
+        };
+        self.store.durable(t).await?;
         tracing::info!(sweep = %sweep_id, "sweep submitted");
         self.advance_locked().await;
         Ok(sweep_id)
     }
 
     /// Cancels the sweep's live jobs; it ends CANCELLED.
-    pub(crate) async fn cancel_sweep(&self, id: &str, reason: &str) -> Result<()> {
-        let _one = self.0.advancing.lock().await;
+    pub async fn cancel_sweep(&self, id: &str, reason: &str) -> Result<()> {
+        let _one = self.advancing.lock().await;
         let s = self.sweep(id)?;
         if s.state != SweepState::Running {
             return Err(EngineError::Precondition(format!(
@@ -363,21 +291,22 @@ impl Jobs {
         };
         for p in &s.points {
             if let Some(job) = &p.job_id {
-                self.cancel_live(job, &reason)?;
+                self.cancel(job, reason.clone(), true).await?;
             }
         }
         self.update_sweep(id, |s| {
             s.state = SweepState::Cancelled;
             s.finished_unix_ms = now_unix_ms();
             s.reason = reason.clone();
-        })?;
+        })
+        .await?;
         tracing::info!(sweep = %id, "sweep cancelled");
         Ok(())
     }
 
     /// Runs again what did not succeed of an ended sweep.
-    pub(crate) async fn resubmit_sweep(&self, id: &str) -> Result<()> {
-        let _one = self.0.advancing.lock().await;
+    pub async fn resubmit_sweep(&self, id: &str) -> Result<()> {
+        let _one = self.advancing.lock().await;
         let s = self.sweep(id)?;
         if s.state == SweepState::Running {
             return Err(EngineError::Precondition(format!(
@@ -385,7 +314,7 @@ impl Jobs {
             )));
         }
         let again: Vec<usize> = {
-            let state = self.0.lock();
+            let state = self.lock();
             s.points
                 .iter()
                 .enumerate()
@@ -393,7 +322,7 @@ impl Jobs {
                     None => true,
                     Some(j) => state
                         .jobs
-                        .get(j)
+                        .get(j.as_str())
                         .is_none_or(|j| j.state != JobState::Succeeded),
                 })
                 .map(|(i, _)| i)
@@ -415,24 +344,25 @@ impl Jobs {
             s.state = SweepState::Running;
             s.finished_unix_ms = 0;
             s.reason.clear();
-        })?;
+        })
+        .await?;
         tracing::info!(sweep = %id, points = again.len(), "sweep resubmitted");
         self.advance_locked().await;
         Ok(())
     }
 
     /// Advances every running sweep; one advancer at a time.
-    pub(crate) async fn advance_sweeps(&self) {
-        let _one = self.0.advancing.lock().await;
+    pub async fn advance_sweeps(&self) {
+        let _one = self.advancing.lock().await;
         self.advance_locked().await;
     }
 
     async fn advance_locked(&self) {
-        if self.0.is_stopping() {
+        if self.is_stopping() {
             return;
         }
         let work: Vec<(String, Vec<Step>)> = {
-            let state = self.0.lock();
+            let state = self.lock();
             state
                 .sweeps
                 .values()
@@ -454,24 +384,25 @@ impl Jobs {
         let started = match step {
             Step::Finish { state, reason } => {
                 tracing::info!(sweep = %id, state = state.name(), "sweep ended");
-                self.update_sweep(id, |s| {
-                    s.state = state;
-                    s.finished_unix_ms = now_unix_ms();
-                    s.reason = reason;
-                })?;
-                return Ok(());
+                return self
+                    .update_sweep(id, |s| {
+                        s.state = state;
+                        s.finished_unix_ms = now_unix_ms();
+                        s.reason = reason;
+                    })
+                    .await;
             }
             Step::Block { point, why } => {
                 tracing::warn!(sweep = %id, point, reason = %why, "sweep point cannot start");
                 return self
                     .update_sweep(id, |s| s.points[point].blocked = why)
-                    .map(|_| ());
+                    .await;
             }
             Step::Submit { point } => {
                 let p = &s.points[point].point;
                 let queued = async {
                     let recipe = self.validate(&p.recipe, &p.name).await?;
-                    self.queue_new(&recipe, p.recipe.clone(), None)
+                    self.queue_new(recipe, p.recipe.clone(), None).await
                 };
                 (point, queued.await)
             }
@@ -482,13 +413,13 @@ impl Jobs {
                 decay,
             } => {
                 let p = &s.points[point].point;
-                let req = pb::BranchJobRequest {
-                    parent_id: parent,
+                let req = BranchRequest {
+                    parent,
                     from_step,
                     decay_tokens: decay.tokens,
-                    decay_shape: decay.shape.clone().unwrap_or_default(),
+                    decay_shape: decay.shape.clone(),
                     final_lr_fraction: decay.final_lr_fraction,
-                    name: p.name.clone(),
+                    name: Some(p.name.clone()),
                 };
                 (point, self.branch(&req).await)
             }
@@ -496,39 +427,29 @@ impl Jobs {
         match started {
             (point, Ok(job)) => {
                 tracing::info!(sweep = %id, point, job = %job, "sweep point started");
-                self.update_sweep(id, |s| s.points[point].job_id = Some(job))?;
+                self.update_sweep(id, |s| s.points[point].job_id = Some(job.to_string()))
+                    .await?;
             }
             // The store failing is the coordinator's problem, not the point's.
             (_, Err(e @ EngineError::Store(_))) => return Err(e),
             (point, Err(e)) => {
                 tracing::warn!(sweep = %id, point, error = %e, "sweep point refused");
-                self.update_sweep(id, |s| s.points[point].blocked = format!("refused: {e}"))?;
+                self.update_sweep(id, |s| s.points[point].blocked = format!("refused: {e}"))
+                    .await?;
             }
         }
         Ok(())
     }
 }
 
-/// A name as job and sweep ids spell it.
-pub fn slug(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::CheckpointRecord;
+    use strata_sweep::spec::Point;
 
-    fn job(id: &str, state: JobState, checkpoints: &[u64]) -> JobRecord {
-        JobRecord {
+    fn job(id: &str, state: JobState, checkpoints: &[u64]) -> Arc<JobRecord> {
+        Arc::new(JobRecord {
             state,
             checkpoints: checkpoints
                 .iter()
@@ -544,7 +465,7 @@ mod tests {
                 })
                 .collect(),
             ..JobRecord::for_test(id)
-        }
+        })
     }
 
     fn point(label: &str, kind: PointKind) -> PointRecord {
@@ -605,16 +526,16 @@ mod tests {
         );
         s.points[0].job_id = Some("a".into());
         s.points[1].job_id = Some("b".into());
-        jobs.insert("a".into(), job("a", JobState::Running, &[]));
-        jobs.insert("b".into(), job("b", JobState::Succeeded, &[]));
+        jobs.insert(JobId::new("a"), job("a", JobState::Running, &[]));
+        jobs.insert(JobId::new("b"), job("b", JobState::Succeeded, &[]));
         assert_eq!(next_steps(&s, &jobs), [Step::Submit { point: 2 }]);
         s.points[2].job_id = Some("c".into());
         s.points[3].job_id = Some("d".into());
-        jobs.insert("c".into(), job("c", JobState::Failed, &[]));
-        jobs.insert("d".into(), job("d", JobState::Queued, &[]));
+        jobs.insert(JobId::new("c"), job("c", JobState::Failed, &[]));
+        jobs.insert(JobId::new("d"), job("d", JobState::Queued, &[]));
         assert_eq!(next_steps(&s, &jobs), []);
-        jobs.insert("a".into(), job("a", JobState::Succeeded, &[]));
-        jobs.insert("d".into(), job("d", JobState::Succeeded, &[]));
+        jobs.insert(JobId::new("a"), job("a", JobState::Succeeded, &[]));
+        jobs.insert(JobId::new("d"), job("d", JobState::Succeeded, &[]));
         match &next_steps(&s, &jobs)[..] {
             [Step::Finish { state, reason }] => {
                 assert_eq!(*state, SweepState::Failed);
@@ -638,9 +559,9 @@ mod tests {
         let mut jobs = BTreeMap::new();
         assert_eq!(next_steps(&s, &jobs), [Step::Submit { point: 0 }]);
         s.points[0].job_id = Some("st".into());
-        jobs.insert("st".into(), job("st", JobState::Running, &[20]));
+        jobs.insert(JobId::new("st"), job("st", JobState::Running, &[20]));
         assert_eq!(next_steps(&s, &jobs), []);
-        jobs.insert("st".into(), job("st", JobState::Running, &[20, 40]));
+        jobs.insert(JobId::new("st"), job("st", JobState::Running, &[20, 40]));
         match &next_steps(&s, &jobs)[..] {
             [
                 Step::Branch {
@@ -653,10 +574,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         s.points[1].job_id = Some("b1".into());
-        jobs.insert("b1".into(), job("b1", JobState::Succeeded, &[]));
+        jobs.insert(JobId::new("b1"), job("b1", JobState::Succeeded, &[]));
         // The stable run fails before step 80: that branch never starts,
         // and the sweep ends failed, saying why.
-        jobs.insert("st".into(), job("st", JobState::Failed, &[20, 40]));
+        jobs.insert(JobId::new("st"), job("st", JobState::Failed, &[20, 40]));
         let steps = next_steps(&s, &jobs);
         assert_eq!(steps.len(), 2, "{steps:?}");
         assert_eq!(

@@ -1,0 +1,119 @@
+//! Committing checkpoints: once every rank has reported a step's files,
+//! the coordinator writes its manifest (which makes it exist) and prunes
+//! what `keep_last` lets go, on object storage and outside the lock; then
+//! it records the checkpoint on the job.
+
+use std::sync::Arc;
+
+use strata_dataplane::checkpoint::{self as ckpt, Manifest};
+use strata_dataplane::store::Location;
+use tracing::Instrument;
+
+use super::supervisor::PendingCheckpoint;
+use super::{Engine, Result};
+use crate::error::EngineError;
+use crate::job::{CheckpointRecord, JobRecord, now_unix_ms};
+
+impl Engine {
+    /// Commits checkpoint `step` of `job` from every rank's reports; its
+    /// record is durable when this returns. Whether it was committed.
+    pub(crate) async fn commit_checkpoint(
+        &self,
+        job: &Arc<JobRecord>,
+        attempt: u32,
+        step: u64,
+        p: PendingCheckpoint,
+    ) -> Result<bool> {
+        let cfg = job
+            .recipe
+            .as_ref()
+            .and_then(|r| r.checkpoint.clone())
+            .ok_or_else(|| {
+                EngineError::Precondition(format!("job {} has no [checkpoint] section", job.job_id))
+            })?;
+        let outcome = match (p.failures.is_empty(), p.manifest) {
+            (false, _) => Err(p.failures.join("; ")),
+            (true, None) => Err("rank 0 sent no manifest".to_string()),
+            (true, Some(mut m)) => {
+                m.shards = p.shards;
+                m.shards.sort_by(|a, b| a.key.cmp(&b.key));
+                m.written_at = (now_unix_ms() / 1000) as u64;
+                write_and_prune(&cfg, job.job_id.as_str(), &m)
+                    .instrument(tracing::info_span!(
+                        "checkpoint_commit",
+                        job = %job.job_id,
+                        step = m.step
+                    ))
+                    .await
+                    .map(|pruned| (m, pruned))
+            }
+        };
+        let (committed, ticket) = {
+            let mut state = self.lock();
+            if !state.jobs.contains_key(job.job_id.as_str()) {
+                return Ok(false);
+            }
+            let mut committed = false;
+            let t = self.update(&mut state, job.job_id.as_str(), |job| match outcome {
+                Ok((m, pruned)) => {
+                    tracing::info!(job = %job.job_id, step = m.step, bytes = m.bytes(), stall_s = p.stall_s, write_s = p.write_s, "checkpoint complete");
+                    job.checkpoints
+                        .retain(|c| !pruned.contains(&c.step) && c.step != m.step);
+                    job.checkpoints.push(CheckpointRecord {
+                        step: m.step,
+                        tokens: m.tokens_seen,
+                        bytes: m.bytes(),
+                        attempt: m.attempt,
+                        written_unix_ms: now_unix_ms(),
+                        stall_s: p.stall_s,
+                        write_s: p.write_s,
+                        url: format!(
+                            "{}/{}/{}",
+                            cfg.dir.trim_end_matches('/'),
+                            job.job_id,
+                            ckpt::step_dir(m.step)
+                        ),
+                    });
+                    job.checkpoints.sort_by_key(|c| c.step);
+                    super::attempts::settle_attempt(job, attempt);
+                    committed = true;
+                }
+                Err(why) => {
+                    let why = format!("step {step}: {why}");
+                    tracing::warn!(job = %job.job_id, reason = %why, "checkpoint not completed");
+                    job.checkpoint_errors.push(why);
+                    let n = job.checkpoint_errors.len();
+                    job.checkpoint_errors.drain(..n.saturating_sub(10));
+                }
+            })?;
+            (committed, t)
+        };
+        self.store.durable(ticket).await?;
+        Ok(committed)
+    }
+}
+
+/// Writes checkpoint `m`'s manifest under the job's checkpoint folder,
+/// then deletes the complete checkpoints beyond the newest `keep_last`
+/// (never a `keep_steps` one). Returns the steps deleted.
+async fn write_and_prune(
+    cfg: &strata_recipe::CheckpointConfig,
+    job: &str,
+    m: &Manifest,
+) -> Result<Vec<u64>, String> {
+    let loc = Location::parse(&cfg.dir, true).map_err(|e| e.to_string())?;
+    ckpt::write_manifest(&loc, job, m)
+        .await
+        .map_err(|e| format!("writing the manifest: {e}"))?;
+    match cfg.keep_last {
+        Some(keep) => match ckpt::prune(&loc, job, keep as usize, &cfg.keep_steps).await {
+            Ok(pruned) => Ok(pruned),
+            Err(e) => {
+                // The checkpoint is complete; an old one stays behind.
+                tracing::warn!(job, error = %e, "pruning old checkpoints failed");
+                Ok(Vec::new())
+            }
+        },
+        None => Ok(Vec::new()),
+    }
+}
