@@ -69,9 +69,12 @@ pub struct CoordinatorBenchArgs {
     #[arg(long, default_value_t = 1.0)]
     pub scrape_every_s: f64,
     /// The coordinator's --heartbeat-timeout-s (a silent rank's
-    /// detection).
-    #[arg(long, default_value_t = 10)]
+    /// detection; the heartbeat period is at most a sixth of it).
+    #[arg(long, default_value_t = 60)]
     pub heartbeat_timeout_s: u64,
+    /// Steps between checkpoints (every rank reports each one).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
     /// The recipe's [fault] hang_timeout_s (a hung step's detection cap).
     #[arg(long, default_value_t = 20)]
     pub hang_timeout_s: u64,
@@ -106,6 +109,12 @@ pub struct Run {
     pub heartbeat_p50_ms: f64,
     pub heartbeat_p99_ms: f64,
     pub heartbeat_max_ms: f64,
+    /// The heartbeat's p99 at the coordinator's service (its own time,
+    /// without the network and the simulator's scheduling; the upper edge
+    /// of a histogram bucket, buckets 2× apart).
+    pub heartbeat_server_p99_ms: f64,
+    /// The worst job's heartbeat p99 (with several jobs).
+    pub worst_job_heartbeat_p99_ms: f64,
     /// The engine lock's holds in the steady window (p99 as the upper
     /// edge of its histogram bucket, buckets 1.5× apart).
     pub lock_hold_p99_ms: f64,
@@ -133,18 +142,31 @@ pub struct Run {
 pub struct FaultRun {
     pub kind: String,
     pub detected_s: f64,
+    /// From the fault to the next attempt's launch reaching the
+    /// simulator, and to its last rank's `Register`.
+    pub next_launched_s: f64,
+    pub next_registered_s: f64,
     pub reassigned_s: f64,
     /// From the detection to every rank of the next attempt assigned.
     pub reassigned_after_detection_s: f64,
+    /// CPU seconds the coordinator spent from the fault to the next
+    /// attempt assigned (the rest of that time is the simulator's own
+    /// work, 16,384 connections made on the same cores).
+    pub coordinator_cpu_s: f64,
     pub cause: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HungLauncher {
     pub hung_s: f64,
+    /// The other jobs' heartbeats while the command hung, all together,
+    /// and the worst job's p99 (compare with the steady window's).
     pub heartbeat_p50_ms: f64,
     pub heartbeat_p99_ms: f64,
     pub heartbeat_max_ms: f64,
+    pub worst_job_heartbeat_p99_ms: f64,
+    /// The longest hold of the engine's lock meanwhile (the upper edge of
+    /// its histogram bucket).
     pub lock_hold_max_ms: f64,
 }
 
@@ -191,21 +213,36 @@ fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
     Ok((ticks as f64 / 100.0, kib("VmRSS:"), kib("VmHWM:")))
 }
 
-/// The lock-hold histogram's cumulative bucket counts in a scrape.
-fn lock_buckets(metrics: &str) -> Vec<(f64, f64)> {
+/// Histogram `name`'s cumulative bucket counts in a scrape, for the
+/// series whose labels include `with` (e.g. `method="Heartbeat"`).
+fn buckets(metrics: &str, name: &str, with: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
     metrics
         .lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("strata_engine_lock_hold_seconds_bucket{le=\"")?;
-            let (le, rest) = rest.split_once("\"}")?;
+            let rest = l.strip_prefix(&prefix)?;
+            let (labels, value) = rest.split_once('}')?;
+            if !labels.contains(with) {
+                return None;
+            }
+            let le = labels.split(',').find_map(|kv| kv.strip_prefix("le=\""))?;
+            let le = le.trim_end_matches('"');
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
                 le.parse().ok()?
             };
-            Some((le, rest.trim().parse().ok()?))
+            Some((le, value.trim().parse().ok()?))
         })
         .collect()
+}
+
+fn lock_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    buckets(metrics, "strata_engine_lock_hold_seconds", "")
+}
+
+fn heartbeat_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    buckets(metrics, "strata_rpc_seconds", "method=\"Heartbeat\"")
 }
 
 /// The gauge `name` (no labels) in a scrape.
@@ -446,7 +483,7 @@ async fn run_one(
             &dir.join("checkpoints"),
             layout,
             1_000_000,
-            20,
+            a.checkpoint_every,
             &fault,
         );
         ids.push(submit(&mut cl, spec).await?);
@@ -472,7 +509,8 @@ async fn run_one(
     if m0 != 200 {
         bail!("/metrics answered {m0}");
     }
-    let before = lock_buckets(&http_get(coordinator.http, "/metrics")?.1);
+    let scrape0 = http_get(coordinator.http, "/metrics")?.1;
+    let (before, hb_before) = (lock_buckets(&scrape0), heartbeat_buckets(&scrape0));
     let (cpu0, _, _) = proc_usage(pid)?;
     let (steps0, bytes0) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
     let _ = sim_stats(&sim, true);
@@ -495,6 +533,7 @@ async fn run_one(
     let (cpu1, rss, _) = proc_usage(pid)?;
     let (_, last_metrics, _) = http_get(coordinator.http, "/metrics")?;
     let after = lock_buckets(&last_metrics);
+    let hb_after = heartbeat_buckets(&last_metrics);
     let (steps1, bytes1) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
     let hb = sim_stats(&sim, false);
     let mean = |v: &[(Duration, usize)]| {
@@ -513,6 +552,12 @@ async fn run_one(
         heartbeat_p50_ms: hb.heartbeat.p50_ms,
         heartbeat_p99_ms: hb.heartbeat.p99_ms,
         heartbeat_max_ms: hb.heartbeat.max_ms,
+        heartbeat_server_p99_ms: hold_quantile(&hb_before, &hb_after, 0.99) * 1e3,
+        worst_job_heartbeat_p99_ms: hb
+            .heartbeat_by_job
+            .values()
+            .map(|l| l.p99_ms)
+            .fold(0.0, f64::max),
         lock_hold_p99_ms: hold_quantile(&before, &after, 0.99) * 1e3,
         lock_hold_max_ms: gauge(&last_metrics, "strata_engine_lock_hold_max_seconds")
             .unwrap_or(0.0)
@@ -551,33 +596,26 @@ async fn run_one(
             "",
         );
         let _ = sim_stats(&sim, true);
-        let max_before = gauge(
-            &http_get(coordinator.http, "/metrics")?.1,
-            "strata_engine_lock_hold_max_seconds",
-        );
+        let held_before = lock_buckets(&http_get(coordinator.http, "/metrics")?.1);
         let hung = submit(&mut cl, spec).await?;
         tokio::time::sleep(Duration::from_secs_f64(a.hang_launcher_s * 0.9)).await;
+        // Its ranks have not started: every heartbeat is another job's.
         let during = sim_stats(&sim, false);
-        let max_after = gauge(
-            &http_get(coordinator.http, "/metrics")?.1,
-            "strata_engine_lock_hold_max_seconds",
-        );
-        let others: Vec<f64> = during
-            .heartbeat_by_job
-            .iter()
-            .filter(|(j, _)| **j != hung)
-            .map(|(_, l)| l.p99_ms)
-            .collect();
+        let held_after = lock_buckets(&http_get(coordinator.http, "/metrics")?.1);
+        if job(&mut cl, &hung).await?.steps_done > 0 {
+            bail!("job {hung} ran while its launcher command was to hang");
+        }
         run.hung_launcher = Some(HungLauncher {
             hung_s: a.hang_launcher_s,
             heartbeat_p50_ms: during.heartbeat.p50_ms,
-            heartbeat_p99_ms: others.iter().copied().fold(0.0, f64::max),
+            heartbeat_p99_ms: during.heartbeat.p99_ms,
             heartbeat_max_ms: during.heartbeat.max_ms,
-            lock_hold_max_ms: if max_after > max_before {
-                max_after.unwrap_or(0.0) * 1e3
-            } else {
-                0.0
-            },
+            worst_job_heartbeat_p99_ms: during
+                .heartbeat_by_job
+                .values()
+                .map(|l| l.p99_ms)
+                .fold(0.0, f64::max),
+            lock_hold_max_ms: hold_quantile(&held_before, &held_after, 1.0) * 1e3,
         });
         let _ = cl
             .cancel_job(pb::CancelJobRequest {
@@ -624,6 +662,7 @@ async fn run_one(
                 rank: victim,
             },
         };
+        let (cpu_fault, _, _) = proc_usage(pid)?;
         let t_fault = strata_coordinator::job::now_unix_ms() as f64;
         match sim.call(SimRequest::Fault(fault)).await {
             SimResponse::Error { message } => bail!("fault {kind:?}: {message}"),
@@ -639,13 +678,17 @@ async fn run_one(
         })
         .await?;
         let next = assigned(&sim, &id, attempt + 1, Duration::from_secs(600)).await?;
+        let (cpu_next, _, _) = proc_usage(pid)?;
         let detected = (ended.ended_unix_ms as f64 - t_fault) / 1e3;
         let reassigned = (next.last_assigned_ms - t_fault) / 1e3;
         run.faults.push(FaultRun {
             kind: format!("{kind:?}").to_lowercase(),
             detected_s: detected,
+            next_launched_s: (next.started_ms - t_fault) / 1e3,
+            next_registered_s: (next.last_register_ms - t_fault) / 1e3,
             reassigned_s: reassigned,
             reassigned_after_detection_s: reassigned - detected,
+            coordinator_cpu_s: cpu_next - cpu_fault,
             cause: ended.cause.lines().next().unwrap_or("").to_string(),
         });
         tokio::time::sleep(Duration::from_millis(3 * a.step_ms)).await;

@@ -240,7 +240,7 @@ impl SimJobLauncher {
         let poller = Arc::new(SimPoller {
             addr,
             allocs: Mutex::new(BTreeMap::new()),
-            poll: Duration::from_millis(500),
+            poll: Duration::from_millis(250),
             timeout: Duration::from_secs(30),
         });
         let weak = Arc::downgrade(&poller);

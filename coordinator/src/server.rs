@@ -177,6 +177,7 @@ impl Coordinator {
             let serve = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .layer(crate::rpc::timing::Timing(svc_engine.metrics.clone()))
                 .add_service(JobServiceServer::new(Jobs(svc_engine.clone())))
                 .add_service(ControlServiceServer::new(Control(svc_engine.clone())))
                 .serve_with_incoming_shutdown(incoming(listener), async move {

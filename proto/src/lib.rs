@@ -65,6 +65,38 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_messages_keep_their_numbers() {
+        // 3: heartbeat_interval_ms.
+        let r = HeartbeatResponse {
+            heartbeat_interval_ms: 4000,
+            ..Default::default()
+        };
+        assert_eq!(r.encode_to_vec(), [0x18, 0xa0, 0x1f]);
+        // 8: activity = EVAL (2).
+        let h = HeartbeatRequest {
+            activity: WorkerActivity::Eval as i32,
+            ..Default::default()
+        };
+        assert_eq!(h.encode_to_vec(), [0x40, 0x02]);
+        // 13: the manifest, a message (its 5: step = 7); 12: a shard.
+        let c = ReportCheckpointRequest {
+            manifest: Some(CheckpointManifest {
+                step: 7,
+                ..Default::default()
+            }),
+            shards: vec![CheckpointShard {
+                bytes: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            c.encode_to_vec(),
+            [0x62, 0x02, 0x10, 0x01, 0x6a, 0x02, 0x28, 0x07]
+        );
+    }
+
+    #[test]
     fn an_event_carries_either_a_job_or_a_step() {
         let ev = JobEvent {
             event: Some(job_event::Event::Step(StepMetrics {

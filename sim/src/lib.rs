@@ -129,7 +129,12 @@ struct Inner {
     hangs: Mutex<Vec<(String, String, f64)>>,
     stats: Arc<Stats>,
     alive: Arc<AtomicU64>,
+    /// Connections being made at once, all allocations together.
+    connects: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections the simulated ranks make at once, at most.
+pub const CONNECTS_IN_FLIGHT: usize = 2048;
 
 /// A running simulator.
 pub struct Simulator {
@@ -150,6 +155,7 @@ impl Simulator {
             hangs: Mutex::new(Vec::new()),
             stats: Arc::new(Stats::default()),
             alive: Arc::new(AtomicU64::new(0)),
+            connects: Arc::new(tokio::sync::Semaphore::new(CONNECTS_IN_FLIGHT)),
         });
         let serving = inner.clone();
         let task = tokio::spawn(async move {
@@ -310,6 +316,7 @@ impl Inner {
             recipe: OnceLock::new(),
             resume: tokio::sync::OnceCell::new(),
             step_time: self.cfg.step_time,
+            connects: self.connects.clone(),
             start: s.clone(),
         });
         let ranks: Vec<RankSlot> = s

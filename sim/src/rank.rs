@@ -34,6 +34,8 @@ use crate::stats::Stats;
 pub(crate) struct RankCtl {
     /// SIGTERM (or the coordinator's stop): save the last step and leave.
     pub term: AtomicBool,
+    /// The coordinator refused this attempt: leave without saving.
+    pub abandon: AtomicBool,
     /// Stop everything and stay (a stopped process, a machine cut off).
     pub silent: AtomicBool,
     /// The step stops moving; heartbeats go on.
@@ -118,6 +120,10 @@ pub(crate) struct AllocShared {
     pub recipe: OnceLock<(Arc<Recipe>, String)>,
     pub resume: tokio::sync::OnceCell<u64>,
     pub step_time: Duration,
+    /// Connections being made at once, at most: 16,384 processes do not
+    /// start in the same millisecond, and a burst past the coordinator's
+    /// accept backlog only measures the kernel's SYN retries.
+    pub connects: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a simulated rank ended: a status code, or a signal.
@@ -330,7 +336,10 @@ pub(crate) async fn run(
     node: String,
 ) -> Ended {
     let start = &shared.start;
-    let channel = match connect(&start.coordinator).await {
+    let permit = shared.connects.acquire().await;
+    let channel = connect(&start.coordinator).await;
+    drop(permit);
+    let channel = match channel {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(rank, error = %e, "simulated rank cannot connect");
@@ -412,9 +421,11 @@ pub(crate) async fn run(
                         }
                     }
                     Err(e) => {
-                        stats.error("Heartbeat");
                         if refused(&e) {
+                            ctl.abandon.store(true, Ordering::SeqCst);
                             ctl.signal(&ctl.term);
+                        } else {
+                            stats.error("Heartbeat");
                         }
                     }
                 }
@@ -526,8 +537,9 @@ async fn steps(
         }
     }
     if me.ctl.term.load(Ordering::SeqCst) {
-        // Stopped: the last step is saved on the way out.
-        if recipe.checkpoint.is_some() && done >= first {
+        // Stopped: the last step is saved on the way out (not when the
+        // attempt was refused: nothing of it is kept).
+        if recipe.checkpoint.is_some() && done >= first && !me.ctl.abandon.load(Ordering::SeqCst) {
             me.checkpoint(&recipe, done).await;
         }
         return (143, false);

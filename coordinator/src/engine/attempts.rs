@@ -93,7 +93,7 @@ impl Engine {
     /// Starts waiting jobs in queue order while they fit; a restarting job
     /// waits for its previous attempt's processes to be gone.
     pub(crate) fn schedule(&self, state: &mut State) {
-        if self.is_stopping() {
+        if self.is_stopping() || state.queue.is_empty() {
             return;
         }
         let inventory = self.inventory();
@@ -398,8 +398,10 @@ impl Engine {
                         blamed.push(node);
                     }
                 }
-                // Every node of the attempt at fault: nothing to learn.
-                if blamed.len() == sup.nodes.len() {
+                // Many nodes at fault at once say more of the cluster (a
+                // switch, a preemption) or of the job than of the nodes:
+                // blame a few at most.
+                if blamed.len() > (sup.nodes.len() / 8).max(2) || blamed.len() == sup.nodes.len() {
                     blamed.clear();
                 }
             }

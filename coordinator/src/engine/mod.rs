@@ -87,8 +87,16 @@ pub(crate) struct State {
     next_job: u64,
 }
 
+/// A gRPC method's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: &'static str,
+}
+
 /// The engine's own measurements, for `/metrics` and the benchmark.
 pub struct EngineMetrics {
+    /// Seconds each gRPC call took the coordinator, by method.
+    pub rpc: prometheus_client::metrics::family::Family<MethodLabel, Histogram, fn() -> Histogram>,
     /// Seconds between a rank's heartbeats, every job's.
     pub heartbeat_gaps: Histogram,
     /// Seconds each hold of the engine's lock lasted.
@@ -99,12 +107,23 @@ pub struct EngineMetrics {
 
 impl EngineMetrics {
     fn new() -> EngineMetrics {
+        fn rpc_histogram() -> Histogram {
+            // 10 µs to about 40 s.
+            Histogram::new(exponential_buckets(1e-5, 2.0, 22))
+        }
         EngineMetrics {
+            rpc: prometheus_client::metrics::family::Family::new_with_constructor(rpc_histogram),
             heartbeat_gaps: Histogram::new(exponential_buckets(0.25, 2.0, 9)),
             // 1 µs to about 10 s, each bucket 1.5 times the one before.
             lock_hold: Histogram::new(exponential_buckets(1e-6, 1.5, 40)),
             lock_hold_max_ns: AtomicU64::new(0),
         }
+    }
+
+    pub fn observe_rpc(&self, method: &'static str, took: Duration) {
+        self.rpc
+            .get_or_create(&MethodLabel { method })
+            .observe(took.as_secs_f64());
     }
 }
 
@@ -125,7 +144,7 @@ pub struct Engine {
     closing: tokio::sync::watch::Sender<bool>,
     /// Held by whoever advances or changes sweeps: one at a time.
     pub(crate) advancing: tokio::sync::Mutex<()>,
-    pub metrics: EngineMetrics,
+    pub metrics: Arc<EngineMetrics>,
     /// Recipes parsed so far, by text and default name.
     parsed: Mutex<HashMap<(String, String), Arc<strata_recipe::Recipe>>>,
     /// Actions decided under the lock, for the executor.
@@ -138,7 +157,13 @@ pub(crate) struct Locked<'a> {
     guard: Option<MutexGuard<'a, State>>,
     since: Instant,
     metrics: &'a EngineMetrics,
+    /// Who took it, for the log of a long hold.
+    at: &'static std::panic::Location<'static>,
 }
+
+/// A hold of the engine's lock this long is logged, with where it was
+/// taken: every other call waited that long.
+const LONG_HOLD: Duration = Duration::from_millis(20);
 
 impl std::ops::Deref for Locked<'_> {
     type Target = State;
@@ -157,6 +182,9 @@ impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let held = self.since.elapsed();
         self.guard.take();
+        if held >= LONG_HOLD {
+            tracing::warn!(held_ms = held.as_secs_f64() * 1e3, at = %self.at, "the engine's lock was held long");
+        }
         self.metrics.lock_hold.observe(held.as_secs_f64());
         self.metrics
             .lock_hold_max_ns
@@ -257,7 +285,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
             advancing: tokio::sync::Mutex::new(()),
-            metrics: EngineMetrics::new(),
+            metrics: Arc::new(EngineMetrics::new()),
             parsed: Mutex::new(HashMap::new()),
             actions: tx,
             actions_rx: Mutex::new(Some(rx)),
@@ -267,7 +295,9 @@ impl Engine {
     /// The state, even after a panic under the lock: every change to a job
     /// is made whole before it is stored, so what a panic interrupted is at
     /// worst not done, and later calls must still be served.
+    #[track_caller]
     pub(crate) fn lock(&self) -> Locked<'_> {
+        let at = std::panic::Location::caller();
         let guard = self.state.lock().unwrap_or_else(|poisoned| {
             tracing::error!("a call panicked while holding the coordinator's lock; going on");
             self.state.clear_poison();
@@ -277,6 +307,7 @@ impl Engine {
             guard: Some(guard),
             since: Instant::now(),
             metrics: &self.metrics,
+            at,
         }
     }
 

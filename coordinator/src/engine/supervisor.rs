@@ -80,6 +80,9 @@ pub struct Assignment {
     pub rank: u32,
 }
 
+/// The rendezvous to publish: its channel and the address table.
+pub(crate) type Publish = (Arc<watch::Sender<Rendezvous>>, Arc<Vec<String>>);
+
 /// The rendezvous as waiters see it.
 #[derive(Debug, Clone)]
 pub(crate) enum Rendezvous {
@@ -164,7 +167,9 @@ pub(crate) struct Supervisor {
     pub base: Arc<AssignmentBase>,
     addrs: Vec<Option<String>>,
     registered: usize,
-    pub rendezvous: watch::Sender<Rendezvous>,
+    /// The attempt's address table, once every rank has registered.
+    table: Option<Arc<Vec<String>>>,
+    pub rendezvous: Arc<watch::Sender<Rendezvous>>,
     heartbeat: Vec<Instant>,
     /// Each rank's last reported step and when it last moved.
     progress: Vec<(u64, Instant)>,
@@ -191,7 +196,21 @@ pub(crate) struct Supervisor {
     /// Recent steps' durations, and when the job's step last moved.
     recent: VecDeque<f64>,
     last_report: Option<(u64, Instant)>,
+    /// When the ranks were last scanned for silence and hangs (once a
+    /// second: the timeouts are tens of seconds).
+    scanned: Option<Instant>,
+    /// Since when ranks of several nodes are seen ended at once.
+    mass_exit: Option<Instant>,
 }
+
+/// How long ranks of several nodes that ended at once wait for their
+/// launcher to say why (a node failure, a preemption) before their exits
+/// are the cause: the cluster's word names what happened, the exits only
+/// that it did.
+const MASS_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How often the ranks are scanned for silence and hangs.
+const SCAN: Duration = Duration::from_secs(1);
 
 impl Supervisor {
     pub fn new(
@@ -204,16 +223,14 @@ impl Supervisor {
         let n = slots.len();
         let now = Instant::now();
         let mut nodes: Vec<Arc<str>> = Vec::new();
+        let mut index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
         let mut node_of = Vec::with_capacity(n);
         for s in &slots {
-            let i = match nodes.iter().position(|x| **x == *s.node) {
-                Some(i) => i,
-                None => {
-                    nodes.push(Arc::from(s.node.as_str()));
-                    nodes.len() - 1
-                }
-            };
-            node_of.push(i as u32);
+            let i = *index.entry(s.node.as_str()).or_insert_with(|| {
+                nodes.push(Arc::from(s.node.as_str()));
+                nodes.len() as u32 - 1
+            });
+            node_of.push(i);
         }
         Supervisor {
             attempt: base.attempt,
@@ -227,7 +244,8 @@ impl Supervisor {
             base,
             addrs: vec![None; n],
             registered: 0,
-            rendezvous: watch::Sender::new(Rendezvous::Waiting),
+            table: None,
+            rendezvous: Arc::new(watch::Sender::new(Rendezvous::Waiting)),
             heartbeat: vec![now; n],
             progress: vec![(first_step, now); n],
             activity: vec![Activity::Setup; n],
@@ -245,6 +263,8 @@ impl Supervisor {
             hang_cap,
             recent: VecDeque::new(),
             last_report: None,
+            scanned: None,
+            mass_exit: None,
         }
     }
 
@@ -256,20 +276,32 @@ impl Supervisor {
         &self.nodes[self.node_of[rank] as usize]
     }
 
-    /// Rank `rank` registered with its collective endpoint; once every
-    /// rank has, the address table is built (once) and every waiter woken
-    /// (once).
-    pub fn register(&mut self, rank: usize, addr: String) {
+    /// Rank `rank` registered with its collective endpoint. Once every
+    /// rank has, the address table is made (once, by moving the
+    /// endpoints): the caller publishes it to the waiters, outside the
+    /// lock (waking 16,384 of them takes a while).
+    pub fn register(&mut self, rank: usize, addr: String) -> Option<Publish> {
+        if self.table.is_some() {
+            // Registered again after the table was made: a rank's second
+            // process. Its peers already have the first's endpoint.
+            self.beat(rank, None);
+            return None;
+        }
         if self.addrs[rank].is_none() {
             self.registered += 1;
         }
         self.addrs[rank] = Some(addr);
         self.beat(rank, None);
-        if self.registered == self.world {
-            let table: Vec<String> = self.addrs.iter().flatten().cloned().collect();
-            self.rendezvous
-                .send_replace(Rendezvous::Ready(Arc::new(table)));
+        if self.registered < self.world {
+            return None;
         }
+        let table: Vec<String> = std::mem::take(&mut self.addrs)
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        let table = Arc::new(table);
+        self.table = Some(table.clone());
+        Some((self.rendezvous.clone(), table))
     }
 
     /// A heartbeat (or any call) from `rank`, at `step`; the time since
@@ -372,23 +404,30 @@ impl Supervisor {
 
     /// The ranks whose processes ended before they finished, other than
     /// those that reported their own failure, as a cause.
-    fn ended_early(&self, reporters: &[u32]) -> Option<Failure> {
+    fn ended_early(&mut self, reporters: &[u32]) -> Option<Failure> {
         if let Some(lost) = &self.lost {
             return Some(self.lost_failure(lost));
         }
-        let ended: Vec<(usize, &Exit)> = self
+        let ended: Vec<(usize, Exit)> = self
             .exits
             .iter()
             .enumerate()
-            .filter_map(|(r, e)| Some((r, e.as_ref()?)))
+            .filter_map(|(r, e)| Some((r, e.clone()?)))
             .filter(|(r, _)| !self.done[*r] && !reporters.contains(&(*r as u32)))
             .collect();
-        let (first, exit) = *ended.first()?;
+        let (first, exit) = ended.first().cloned()?;
         let ranks: Vec<u32> = ended.iter().map(|(r, _)| *r as u32).collect();
         let same = ended.iter().all(|(_, e)| *e == exit);
-        let mut nodes: Vec<&str> = ended.iter().map(|(r, _)| self.node_of(*r)).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
+        let several = ended
+            .iter()
+            .any(|(r, _)| self.node_of[*r] != self.node_of[first]);
+        if several {
+            let since = *self.mass_exit.get_or_insert_with(Instant::now);
+            if since.elapsed() < MASS_EXIT_GRACE {
+                return None;
+            }
+        }
+        let nodes = self.nodes_of(&ranks);
         let how = if same {
             exit.to_string()
         } else {
@@ -398,10 +437,8 @@ impl Supervisor {
             format!("rank {first} ended ({how}) before finishing")
         } else {
             format!(
-                "{} on {} {} ended ({how}) before finishing",
+                "{} on {nodes} ended ({how}) before finishing",
                 ranks_named(ranks.iter().copied()),
-                if nodes.len() == 1 { "node" } else { "nodes" },
-                nodes.join(", ")
             )
         };
         if let Some((r, tail)) = self
@@ -458,6 +495,10 @@ impl Supervisor {
                 interruption: false,
             });
         }
+        if self.scanned.is_some_and(|t| now.duration_since(t) < SCAN) {
+            return None;
+        }
+        self.scanned = Some(now);
         // Silent ranks, named as ranges with their nodes.
         let silent: Vec<u32> = (0..self.world)
             .filter(|&r| !self.done[r] && now.duration_since(self.heartbeat[r]) > heartbeat_timeout)
@@ -592,7 +633,7 @@ impl Supervisor {
                     rank: r as u32,
                     node: self.node_of[r],
                     gpu: self.slots[r].gpu,
-                    registered: self.addrs[r].is_some(),
+                    registered: self.table.is_some() || self.addrs[r].is_some(),
                     heartbeat_age_s: now.duration_since(self.heartbeat[r]).as_secs_f64(),
                     step: self.progress[r].0,
                     step_age_s: now.duration_since(self.progress[r].1).as_secs_f64(),
@@ -601,11 +642,14 @@ impl Supervisor {
                     last_step: self.last_steps[r],
                 })
                 .collect(),
-            addrs: self
-                .addrs
-                .iter()
-                .map(|a| a.clone().unwrap_or_default())
-                .collect(),
+            addrs: match &self.table {
+                Some(t) => t.to_vec(),
+                None => self
+                    .addrs
+                    .iter()
+                    .map(|a| a.clone().unwrap_or_default())
+                    .collect(),
+            },
         }
     }
 

@@ -99,11 +99,24 @@ impl Engine {
     /// A worker announces itself and its collective endpoint; the
     /// heartbeat period it should keep.
     pub fn register(&self, w: WorkerCall, addr: String) -> Result<Duration> {
-        let mut state = self.lock();
-        check(state.jobs.get(w.job), &w)?;
-        let live = state.live_ranks;
-        let sup = running(&mut state, &w)?;
-        sup.register(w.rank as usize, addr);
+        let (live, publish) = {
+            let mut state = self.lock();
+            check(state.jobs.get(w.job), &w)?;
+            let live = state.live_ranks;
+            let sup = running(&mut state, &w)?;
+            (live, sup.register(w.rank as usize, addr))
+        };
+        // The last rank: every waiter is woken once, off the lock.
+        if let Some((tx, table)) = publish {
+            tx.send_if_modified(|r| {
+                if matches!(r, Rendezvous::Waiting) {
+                    *r = Rendezvous::Ready(table);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
         Ok(self.heartbeat_interval(live))
     }
 
@@ -141,6 +154,16 @@ impl Engine {
         let job = state.jobs.get(w.job);
         check(job, &w)?;
         let job_state = job.map_or(JobState::Queued, |j| j.state);
+        // The attempt failed and the next one starts from the latest
+        // checkpoint: nothing of this one is kept, so its workers leave
+        // without saving (a stop would have them write files no manifest
+        // will ever name).
+        if job_state == JobState::Restarting {
+            return Err(EngineError::Precondition(format!(
+                "job {}: attempt {} failed; the next attempt starts from the latest checkpoint",
+                w.job, w.attempt
+            )));
+        }
         let live = state.live_ranks;
         let (gap, stop) = match state.attempts.get_mut(w.job) {
             Some(sup) if sup.is_running() && sup.attempt == w.attempt => {

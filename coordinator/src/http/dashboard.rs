@@ -514,10 +514,7 @@ async fn report_of(
     Ok(made.1)
 }
 
-fn sweep_and_jobs(
-    engine: &Engine,
-    id: &str,
-) -> Option<crate::engine::sweeps::SweepView> {
+fn sweep_and_jobs(engine: &Engine, id: &str) -> Option<crate::engine::sweeps::SweepView> {
     engine.sweep_view(id).ok()
 }
 

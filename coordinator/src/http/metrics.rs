@@ -154,6 +154,11 @@ pub fn render(engine: &Engine) -> String {
         "How long each hold of the coordinator's engine lock lasted",
         engine.metrics.lock_hold.clone(),
     );
+    reg.register(
+        "rpc_seconds",
+        "How long each gRPC call took the coordinator (at the service), by method",
+        engine.metrics.rpc.clone(),
+    );
     let lock_max = gauge(
         &mut reg,
         "engine_lock_hold_max_seconds",

@@ -4,6 +4,7 @@
 //! engine's errors to statuses.
 
 pub mod convert;
+pub mod timing;
 
 use std::ops::ControlFlow;
 use std::pin::Pin;
