@@ -664,9 +664,8 @@ async fn run_one(
         };
         let (cpu_fault, _, _) = proc_usage(pid)?;
         let t_fault = strata_coordinator::job::now_unix_ms() as f64;
-        match sim.call(SimRequest::Fault(fault)).await {
-            SimResponse::Error { message } => bail!("fault {kind:?}: {message}"),
-            _ => {}
+        if let SimResponse::Error { message } = sim.call(SimRequest::Fault(fault)).await {
+            bail!("fault {kind:?}: {message}");
         }
         let limit = Duration::from_secs(a.heartbeat_timeout_s.max(a.hang_timeout_s) * 4 + 120);
         let ended = until(&format!("fault {kind:?} detected"), limit, async || {
@@ -703,7 +702,7 @@ async fn run_one(
 }
 
 pub fn coordinator(a: CoordinatorBenchArgs) -> anyhow::Result<()> {
-    if a.jobs == 0 || a.ranks.iter().any(|&r| r == 0) {
+    if a.jobs == 0 || a.ranks.contains(&0) {
         return Err(crate::UserError("--ranks and --jobs must be positive".into()).into());
     }
     // Every simulated rank holds a connection, as the coordinator does.
