@@ -317,6 +317,14 @@ async fn until<T>(
     }
 }
 
+/// The highest heartbeat p99 of any one job.
+fn worst_job_p99(r: &StatsReport) -> f64 {
+    r.heartbeat_by_job
+        .values()
+        .map(|l| l.p99_ms)
+        .fold(0.0, f64::max)
+}
+
 fn sim_stats(sim: &Simulator, reset: bool) -> StatsReport {
     sim.stats(reset)
 }
@@ -553,11 +561,7 @@ async fn run_one(
         heartbeat_p99_ms: hb.heartbeat.p99_ms,
         heartbeat_max_ms: hb.heartbeat.max_ms,
         heartbeat_server_p99_ms: hold_quantile(&hb_before, &hb_after, 0.99) * 1e3,
-        worst_job_heartbeat_p99_ms: hb
-            .heartbeat_by_job
-            .values()
-            .map(|l| l.p99_ms)
-            .fold(0.0, f64::max),
+        worst_job_heartbeat_p99_ms: worst_job_p99(&hb),
         lock_hold_p99_ms: hold_quantile(&before, &after, 0.99) * 1e3,
         lock_hold_max_ms: gauge(&last_metrics, "strata_engine_lock_hold_max_seconds")
             .unwrap_or(0.0)
@@ -610,11 +614,7 @@ async fn run_one(
             heartbeat_p50_ms: during.heartbeat.p50_ms,
             heartbeat_p99_ms: during.heartbeat.p99_ms,
             heartbeat_max_ms: during.heartbeat.max_ms,
-            worst_job_heartbeat_p99_ms: during
-                .heartbeat_by_job
-                .values()
-                .map(|l| l.p99_ms)
-                .fold(0.0, f64::max),
+            worst_job_heartbeat_p99_ms: worst_job_p99(&during),
             lock_hold_max_ms: hold_quantile(&held_before, &held_after, 1.0) * 1e3,
         });
         let _ = cl

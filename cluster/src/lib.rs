@@ -22,6 +22,29 @@ pub use slurm::{SlurmConfig, SlurmJobLauncher, SlurmOptions};
 
 use std::path::PathBuf;
 
+/// Something a launcher polls for all its allocations at once.
+pub(crate) trait Poll: Send + Sync + 'static {
+    fn tick(&self);
+    fn pause(&self) -> std::time::Duration;
+}
+
+/// Polls `p` on a thread of its own until the last other holder of it is
+/// gone (the thread holds it only while it ticks).
+pub(crate) fn spawn_poller<P: Poll>(name: &str, p: &std::sync::Arc<P>) -> std::io::Result<()> {
+    let weak = std::sync::Arc::downgrade(p);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Some(p) = weak.upgrade() {
+                p.tick();
+                let pause = p.pause();
+                drop(p);
+                std::thread::sleep(pause);
+            }
+        })
+        .map(|_| ())
+}
+
 /// The exit status of a worker that stopped on request (SIGTERM, or its
 /// coordinator's), its last step saved: a SIGTERM'd process's conventional
 /// status.

@@ -206,7 +206,11 @@ struct SimPoller {
     timeout: Duration,
 }
 
-impl SimPoller {
+impl crate::Poll for SimPoller {
+    fn pause(&self) -> Duration {
+        self.poll
+    }
+
     fn tick(&self) {
         let watched: Vec<(String, Arc<Mutex<Option<AllocView>>>)> = self
             .allocs
@@ -243,18 +247,7 @@ impl SimJobLauncher {
             poll: Duration::from_millis(250),
             timeout: Duration::from_secs(30),
         });
-        let weak = Arc::downgrade(&poller);
-        std::thread::Builder::new()
-            .name("sim-poller".into())
-            .spawn(move || {
-                while let Some(p) = weak.upgrade() {
-                    p.tick();
-                    let pause = p.poll;
-                    drop(p);
-                    std::thread::sleep(pause);
-                }
-            })
-            .expect("a poller thread");
+        crate::spawn_poller("sim-poller", &poller).expect("a poller thread");
         SimJobLauncher {
             addr,
             nodes: (0..nodes)

@@ -354,17 +354,7 @@ impl Poller {
             poll,
             timeout,
         });
-        let weak = Arc::downgrade(&p);
-        std::thread::Builder::new()
-            .name("slurm-poller".into())
-            .spawn(move || {
-                while let Some(p) = weak.upgrade() {
-                    p.tick();
-                    let pause = p.poll;
-                    drop(p);
-                    std::thread::sleep(pause);
-                }
-            })
+        crate::spawn_poller("slurm-poller", &p)
             .map_err(|e| slurm_err(format!("poller thread: {e}")))?;
         Ok(p)
     }
@@ -385,6 +375,12 @@ impl Poller {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+    }
+}
+
+impl crate::Poll for Poller {
+    fn pause(&self) -> Duration {
+        self.poll
     }
 
     fn tick(&self) {

@@ -126,6 +126,17 @@ fn elapsed(s: u64) -> String {
     }
 }
 
+/// An allocation as `squeue -o '%i|%T|%r|%M|%l'` prints it.
+fn squeue_line(a: &AllocView) -> String {
+    format!(
+        "{}|{}|{}|{}|UNLIMITED\n",
+        a.alloc,
+        a.state,
+        a.reason,
+        elapsed(a.elapsed_s)
+    )
+}
+
 fn states(addr: SocketAddr, ids: &[String]) -> Result<Vec<AllocView>, String> {
     match call(
         addr,
@@ -221,19 +232,7 @@ fn squeue(addr: SocketAddr, args: &[String]) -> Outcome {
         if ids.len() == 1 && found.is_empty() {
             return fail("slurm_load_jobs error: Invalid job id specified");
         }
-        let lines: String = found
-            .iter()
-            .map(|a| {
-                format!(
-                    "{}|{}|{}|{}|UNLIMITED\n",
-                    a.alloc,
-                    a.state,
-                    a.reason,
-                    elapsed(a.elapsed_s)
-                )
-            })
-            .collect();
-        return ok(lines);
+        return ok(found.iter().map(squeue_line).collect());
     }
     // Every allocation (what a restarted coordinator looks for).
     let all = match call(addr, &SimRequest::List, TIMEOUT) {
@@ -246,13 +245,7 @@ fn squeue(addr: SocketAddr, args: &[String]) -> Outcome {
         .filter(|a| a.state == "RUNNING")
         .map(|a| match format {
             "%i|%j|%k|%T" => format!("{}|{}|{}|{}\n", a.alloc, a.name, a.comment, a.state),
-            _ => format!(
-                "{}|{}|{}|{}|UNLIMITED\n",
-                a.alloc,
-                a.state,
-                a.reason,
-                elapsed(a.elapsed_s)
-            ),
+            _ => squeue_line(a),
         })
         .collect();
     ok(lines)
