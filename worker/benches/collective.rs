@@ -74,9 +74,30 @@ fn main() {
             ));
         }
     }
+    // Forming a group: every pair's connection and its authenticated
+    // handshake (nonces both ways, HMAC-SHA256 tags), best of five.
+    let joins: Vec<String> = [2usize, 4, 8]
+        .iter()
+        .map(|&n| {
+            let best = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    drop(loopback_group("bench-join", n).unwrap());
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            let links = n * (n - 1) / 2;
+            format!(
+                "{{\"group\": {n}, \"links\": {links}, \"join_ms\": {:.3}, \"per_link_ms\": {:.3}}}",
+                best * 1e3,
+                best * 1e3 / links as f64
+            )
+        })
+        .collect();
     println!(
-        "{{\n  \"threads\": {},\n  \"raw_tcp_loopback_gib_per_s\": {raw:.3},\n  \"all_reduce\": [\n    {}\n  ]\n}}",
+        "{{\n  \"threads\": {},\n  \"raw_tcp_loopback_gib_per_s\": {raw:.3},\n  \"all_reduce\": [\n    {}\n  ],\n  \"authenticated_join\": [\n    {}\n  ]\n}}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        rows.join(",\n    ")
+        rows.join(",\n    "),
+        joins.join(",\n    ")
     );
 }

@@ -208,7 +208,7 @@ fn train(
     mut client: Client,
     args: &WorkerArgs,
 ) -> Result<(), WorkerError> {
-    let endpoint = TcpEndpoint::bind(args.collective_bind).map_err(|e| {
+    let endpoint = TcpEndpoint::bind(args.collective_bind, args.token.as_bytes()).map_err(|e| {
         WorkerError::Setup(format!(
             "collective listener on {}: {e}",
             args.collective_bind

@@ -2,7 +2,7 @@
 //! each member with its own endpoint as separate workers would have, and
 //! reports peers that leave, stray clients and members that never come.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -76,12 +76,14 @@ fn a_size_mismatch_names_the_sender() {
     );
 }
 
+const SECRET: &[u8] = b"the job token";
+
 #[test]
 fn a_stray_client_is_refused_and_the_group_still_forms() {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let (a, b) = (
-        TcpEndpoint::bind(any).unwrap(),
-        TcpEndpoint::bind(any).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
     );
     let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
     let mut stray = TcpStream::connect(addrs[0]).unwrap();
@@ -101,8 +103,8 @@ fn a_stray_client_is_refused_and_the_group_still_forms() {
 #[test]
 fn members_that_never_come_are_named() {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let a = TcpEndpoint::bind(any).unwrap();
-    let silent = TcpEndpoint::bind(any).unwrap();
+    let a = TcpEndpoint::bind(any, SECRET).unwrap();
+    let silent = TcpEndpoint::bind(any, SECRET).unwrap();
     let addrs = [a.local_addr().unwrap(), silent.local_addr().unwrap()];
     let opts = TcpOptions {
         connect_timeout: Duration::from_millis(300),
@@ -118,8 +120,8 @@ fn one_endpoint_serves_several_groups_joined_in_any_order() {
     // Two workers in two groups; worker 1 joins them in the other order.
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let (a, b) = (
-        TcpEndpoint::bind(any).unwrap(),
-        TcpEndpoint::bind(any).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
     );
     let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
     let opts = TcpOptions::default();
@@ -144,4 +146,110 @@ fn one_endpoint_serves_several_groups_joined_in_any_order() {
         ((x[0], y[0]), h.join().unwrap())
     });
     assert_eq!(sums, ((3.0, 30.0), (3.0, 30.0)));
+}
+
+/// A client that speaks the collective's hello without the job's secret:
+/// it claims `rank` of `size` in `group`, reads the answer and sends a
+/// made-up tag.
+fn forge(addr: SocketAddr, group: &str, size: u64, rank: u64) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut hello = b"strata3\0".to_vec();
+    hello.extend_from_slice(&(group.len() as u64).to_le_bytes());
+    hello.extend_from_slice(group.as_bytes());
+    for n in [size, rank, 0] {
+        hello.extend_from_slice(&n.to_le_bytes());
+    }
+    hello.extend_from_slice(&[9u8; 32]);
+    s.write_all(&hello).unwrap();
+    let mut reply = [0u8; 64];
+    s.read_exact(&mut reply).unwrap();
+    s.write_all(&[7u8; 32]).unwrap();
+    s
+}
+
+#[test]
+fn forged_hellos_are_dropped_and_the_group_still_forms() {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (a, b) = (
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+    );
+    let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
+    // One forger claims rank 1 before the real one comes; another claims
+    // a group of another size (which used to abort the join).
+    let _claim = forge(addrs[0], "g", 2, 1);
+    let _resize = forge(addrs[0], "g", 7, 1);
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = TcpOptions::default();
+    let (mut c0, mut c1) = std::thread::scope(|s| {
+        let c0 = s.spawn(|| a.join("g", 0, &addrs, &opts).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        let c1 = b.join("g", 1, &addrs, &opts).unwrap();
+        (c0.join().unwrap(), c1)
+    });
+    c1.send(0, &[4.0]).unwrap();
+    let mut got = [0.0];
+    c0.recv(1, &mut got).unwrap();
+    assert_eq!(got, [4.0]);
+}
+
+#[test]
+fn idle_connections_do_not_hold_up_a_join() {
+    // Each idle connection used to hold the accept loop for 10 s.
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (a, b) = (
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+        TcpEndpoint::bind(any, SECRET).unwrap(),
+    );
+    let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
+    let _idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(addrs[0]).unwrap())
+        .collect();
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(4),
+        ..TcpOptions::default()
+    };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.join("g", 1, &addrs, &opts).unwrap());
+        a.join("g", 0, &addrs, &opts).unwrap();
+        h.join().unwrap();
+    });
+}
+
+#[test]
+fn a_peer_without_the_job_secret_is_refused_by_both_ends() {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let a = TcpEndpoint::bind(any, SECRET).unwrap();
+    let other = TcpEndpoint::bind(any, b"another job's token").unwrap();
+    let addrs = [a.local_addr().unwrap(), other.local_addr().unwrap()];
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_millis(1500),
+        ..TcpOptions::default()
+    };
+    let (accepting, connecting) = std::thread::scope(|s| {
+        let h = s.spawn(|| other.join("g", 1, &addrs, &opts).err().unwrap());
+        (
+            a.join("g", 0, &addrs, &opts).err().unwrap(),
+            h.join().unwrap(),
+        )
+    });
+    assert!(
+        matches!(accepting, JoinError::Timeout { ref missing, .. } if missing == &[1]),
+        "{accepting}"
+    );
+    assert!(
+        matches!(connecting, JoinError::Handshake { peer: 0, .. }),
+        "{connecting}"
+    );
+    assert!(
+        connecting.to_string().contains("this job's secret"),
+        "{connecting}"
+    );
+}
+
+#[test]
+fn an_empty_secret_is_refused() {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let err = TcpEndpoint::bind(any, b"").err().unwrap();
+    assert!(err.to_string().contains("secret"), "{err}");
 }

@@ -4,8 +4,14 @@
 //! Every worker binds one [`TcpEndpoint`] and publishes its address; a
 //! group is then joined with the members' addresses in group-rank order
 //! ([`TcpEndpoint::join`]). The higher rank of each pair connects and
-//! introduces itself (group name, size, rank); the lower rank accepts, so
-//! one listener serves every group a worker belongs to, joined in any order.
+//! introduces itself (group name, size, its rank and the rank it means to
+//! reach); the lower rank accepts, so one listener serves every group a
+//! worker belongs to, joined in any order. Before a link carries anything,
+//! both ends prove they hold the job's secret (an HMAC over a nonce from
+//! each side, the group, its size and both ranks); the accepting side reads
+//! handshakes on their own threads with a deadline, so a stray, idle or
+//! forged connection is dropped without touching any join. Tensors then
+//! travel in clear: the link is authenticated, not encrypted.
 //!
 //! Sends are asynchronous, as in the in-process backend: a message is
 //! queued to the link's writer thread and `send` returns, so a ring in which
@@ -14,11 +20,15 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
 
 use super::{Collective, CollectiveError, Result, Tag};
 
@@ -27,7 +37,22 @@ use super::{Collective, CollectiveError, Result, Tag};
 const PIECE: usize = 1 << 18;
 
 /// First bytes of every connection, so a stray client is refused at once.
-const MAGIC: &[u8; 8] = b"strata2\0";
+const MAGIC: &[u8; 8] = b"strata3\0";
+
+/// Bytes of each side's nonce, and of a handshake tag (HMAC-SHA256).
+const NONCE: usize = 32;
+const TAG: usize = 32;
+
+/// The longest group name a hello may carry.
+const MAX_GROUP_NAME: u64 = 4096;
+
+/// How long a peer has to finish its handshake once connected; an idle or
+/// slow connection is dropped then, and never holds up anyone else's.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Handshakes in progress at once; connections past this are dropped (a
+/// flood of idle connections cannot exhaust the worker's threads).
+const MAX_HANDSHAKES: usize = 256;
 
 /// How a group is joined.
 #[derive(Debug, Clone)]
@@ -48,13 +73,41 @@ impl Default for TcpOptions {
     }
 }
 
-/// Connections that arrived for a group this worker has not joined yet.
-type Stash = HashMap<(String, usize), TcpStream>;
+/// An authenticated connection that arrived for a group, waiting for this
+/// worker to join it.
+struct Pending {
+    stream: TcpStream,
+    /// The group size and the rank the peer meant to reach, both covered
+    /// by its handshake tag.
+    size: usize,
+    target: usize,
+    addr: SocketAddr,
+}
+
+/// Authenticated connections by (group, the connecting peer's rank).
+type Stash = HashMap<(String, usize), Pending>;
+
+/// What the endpoint's accept thread shares with joins.
+struct Shared {
+    key: hmac::Key,
+    stash: Mutex<Stash>,
+    arrived: Condvar,
+    closed: AtomicBool,
+    handshakes: AtomicUsize,
+}
 
 /// A worker's listening socket for collectives.
+///
+/// Every link is authenticated before anything on it is used: both ends
+/// prove they hold the job's secret with an HMAC-SHA256 tag over a nonce
+/// from each side, the group's name and size and both ranks. Connections
+/// are accepted and their handshakes read on their own threads, each with
+/// a deadline, so an idle, slow or forged connection is dropped without
+/// delaying or aborting any join.
 pub struct TcpEndpoint {
-    listener: TcpListener,
-    stash: Mutex<Stash>,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 /// Why joining a group failed.
@@ -87,26 +140,50 @@ pub enum JoinError {
         missing: Vec<usize>,
         secs: u64,
     },
-    #[error("group `{group}`: a peer at {addr} claims {what}")]
-    BadHello {
+    #[error("group `{group}`: the peer at {addr} (rank {peer}) {why}")]
+    Handshake {
         group: String,
+        peer: usize,
         addr: SocketAddr,
-        what: String,
+        why: String,
     },
 }
 
 impl TcpEndpoint {
-    /// Listens on `addr` (port 0 picks a free one).
-    pub fn bind(addr: SocketAddr) -> std::io::Result<TcpEndpoint> {
+    /// Listens on `addr` (port 0 picks a free one). `secret` is the job's
+    /// token: only peers holding the same one are let in, and peers are
+    /// only trusted once they have proved it.
+    pub fn bind(addr: SocketAddr, secret: &[u8]) -> std::io::Result<TcpEndpoint> {
+        if secret.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the collective needs the job's secret to authenticate its peers; it is empty",
+            ));
+        }
         let listener = TcpListener::bind(addr)?;
-        Ok(TcpEndpoint {
-            listener,
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            key: link_key(secret),
             stash: Mutex::new(HashMap::new()),
+            arrived: Condvar::new(),
+            closed: AtomicBool::new(false),
+            handshakes: AtomicUsize::new(0),
+        });
+        let acceptor = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("collective-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))?
+        };
+        Ok(TcpEndpoint {
+            shared,
+            addr,
+            acceptor: Some(acceptor),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.addr)
     }
 
     /// Joins group `group` as member `rank`; `addrs[r]` is member r's
@@ -139,68 +216,333 @@ impl TcpEndpoint {
                     secs: opts.connect_timeout.as_secs(),
                     source,
                 })?;
-            write_hello(&mut stream, group, size, rank)?;
+            let hello = Hello {
+                group: group.to_string(),
+                size,
+                rank,
+                target: peer,
+            };
+            handshake_connect(&mut stream, &self.shared.key, &hello).map_err(|why| {
+                JoinError::Handshake {
+                    group: group.to_string(),
+                    peer,
+                    addr,
+                    why,
+                }
+            })?;
             streams[peer] = Some(stream);
         }
-        // Higher ranks connect to us.
+        // Higher ranks connect to us; their handshakes finish on the
+        // accept side's threads.
         let mut missing: Vec<usize> = (rank + 1..size).collect();
-        self.listener.set_nonblocking(true)?;
-        while !missing.is_empty() {
-            {
-                let mut stash = self.stash.lock().expect("stash lock");
-                missing.retain(|&peer| match stash.remove(&(group.to_string(), peer)) {
-                    Some(s) => {
-                        streams[peer] = Some(s);
-                        false
-                    }
-                    None => true,
-                });
-            }
+        let mut stash = self.shared.stash.lock().expect("stash lock");
+        loop {
+            missing.retain(|&peer| {
+                let Some(p) = stash.remove(&(group.to_string(), peer)) else {
+                    return true;
+                };
+                if p.size != size || p.target != rank {
+                    // Authenticated, so a member of this job: its view of
+                    // the group differs from ours. Say so; the join goes
+                    // on waiting for a connection that agrees.
+                    tracing::warn!(
+                        group, peer, addr = %p.addr, size = p.size, target = p.target,
+                        "a peer joined this group as one of {} for rank {}; this member is rank {rank} of {size}: dropped",
+                        p.size, p.target
+                    );
+                    return true;
+                }
+                streams[peer] = Some(p.stream);
+                false
+            });
             if missing.is_empty() {
                 break;
             }
-            match self.listener.accept() {
-                Ok((mut stream, addr)) => {
-                    stream.set_nonblocking(false)?;
-                    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    let (g, n, r) = match read_hello(&mut stream) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            tracing::warn!(%addr, error = %e, "refused a collective connection");
-                            continue;
-                        }
-                    };
-                    if g == group && n != size {
-                        return Err(JoinError::BadHello {
-                            group: group.to_string(),
-                            addr,
-                            what: format!("a group of {n}, this member has {size}"),
-                        });
-                    }
-                    self.stash
-                        .lock()
-                        .expect("stash lock")
-                        .insert((g, r), stream);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(JoinError::Timeout {
-                            group: group.to_string(),
-                            missing,
-                            secs: opts.connect_timeout.as_secs(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(e.into()),
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(JoinError::Timeout {
+                    group: group.to_string(),
+                    missing,
+                    secs: opts.connect_timeout.as_secs(),
+                });
             }
+            stash = self
+                .shared
+                .arrived
+                .wait_timeout(stash, deadline - now)
+                .expect("stash lock")
+                .0;
         }
+        drop(stash);
         let links = streams
             .into_iter()
             .enumerate()
             .map(|(peer, s)| s.map(|s| Link::new(s, peer, opts.recv_timeout)).transpose())
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(TcpCollective { rank, links })
+    }
+}
+
+impl Drop for TcpEndpoint {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // Wake the blocking accept with a connection of our own.
+        let ip = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let woke = TcpStream::connect_timeout(
+            &SocketAddr::new(ip, self.addr.port()),
+            Duration::from_secs(1),
+        )
+        .is_ok();
+        if let Some(t) = self.acceptor.take()
+            && woke
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The key every link's tags are made with, derived from the job's secret
+/// (never the secret itself, which also authenticates to the coordinator).
+fn link_key(secret: &[u8]) -> hmac::Key {
+    let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let derived = hmac::sign(&root, b"strata collective link key v1");
+    hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+}
+
+/// What a connecting peer says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hello {
+    group: String,
+    size: usize,
+    /// The connecting peer's rank.
+    rank: usize,
+    /// The rank it means to reach (the accepting side's).
+    target: usize,
+}
+
+/// The tag one side sends: over its role, the hello and both nonces.
+fn tag(key: &hmac::Key, role: &[u8], h: &Hello, nonce_c: &[u8], nonce_a: &[u8]) -> hmac::Tag {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(role);
+    ctx.update(&(h.group.len() as u64).to_le_bytes());
+    ctx.update(h.group.as_bytes());
+    for n in [h.size, h.rank, h.target] {
+        ctx.update(&(n as u64).to_le_bytes());
+    }
+    ctx.update(nonce_c);
+    ctx.update(nonce_a);
+    ctx.sign()
+}
+
+const CONNECTOR: &[u8] = b"strata collective connector";
+const ACCEPTOR: &[u8] = b"strata collective acceptor";
+
+fn nonce() -> [u8; NONCE] {
+    let mut n = [0u8; NONCE];
+    SystemRandom::new()
+        .fill(&mut n)
+        .expect("the system's random source");
+    n
+}
+
+/// The connecting side: hello and nonce out, the acceptor's nonce and tag
+/// in (checked), our tag out.
+fn handshake_connect(
+    s: &mut TcpStream,
+    key: &hmac::Key,
+    h: &Hello,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    let nonce_c = nonce();
+    let mut hello = Vec::with_capacity(48 + h.group.len() + NONCE);
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&(h.group.len() as u64).to_le_bytes());
+    hello.extend_from_slice(h.group.as_bytes());
+    for n in [h.size, h.rank, h.target] {
+        hello.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    hello.extend_from_slice(&nonce_c);
+    s.write_all(&hello)
+        .map_err(|e| format!("could not be sent our hello: {e}"))?;
+    let mut reply = [0u8; NONCE + TAG];
+    read_by(s, &mut reply, deadline)
+        .map_err(|e| format!("did not answer our hello within {HANDSHAKE_DEADLINE:?}: {e}"))?;
+    let (nonce_a, tag_a) = reply.split_at(NONCE);
+    let expected = tag(key, ACCEPTOR, h, &nonce_c, nonce_a);
+    if !constant_time_eq(expected.as_ref(), tag_a) {
+        return Err(
+            "failed to prove it holds this job's secret (another job's worker, or not a worker)"
+                .into(),
+        );
+    }
+    s.write_all(tag(key, CONNECTOR, h, &nonce_c, nonce_a).as_ref())
+        .map_err(|e| format!("went away during the handshake: {e}"))?;
+    s.set_read_timeout(None)
+        .map_err(|e| format!("socket: {e}"))?;
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Fills `buf` from `s` by `deadline`, however the peer trickles it.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a connecting peer's hello with `fill` (which fills a buffer
+/// whole, or fails). Nothing is sized by what the peer claims beyond a
+/// group name of at most [`MAX_GROUP_NAME`] bytes.
+fn read_hello(
+    fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<(Hello, [u8; NONCE])> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let word = |fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>| {
+        let mut b = [0u8; 8];
+        fill(&mut b).map(|()| u64::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 8];
+    fill(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(bad("not a strata collective peer (or another version)"));
+    }
+    let len = word(fill)?;
+    if len > MAX_GROUP_NAME {
+        return Err(bad("group name longer than 4096 bytes"));
+    }
+    let mut name = vec![0u8; len as usize];
+    fill(&mut name)?;
+    let group = String::from_utf8(name).map_err(|_| bad("group name is not UTF-8"))?;
+    let size = word(fill)?;
+    let rank = word(fill)?;
+    let target = word(fill)?;
+    if rank >= size || target >= size || rank == target {
+        return Err(bad("ranks outside their group"));
+    }
+    let mut nonce_c = [0u8; NONCE];
+    fill(&mut nonce_c)?;
+    let (size, rank, target) = (size as usize, rank as usize, target as usize);
+    Ok((
+        Hello {
+            group,
+            size,
+            rank,
+            target,
+        },
+        nonce_c,
+    ))
+}
+
+/// The accepting side of a handshake, on its own thread: the peer's hello,
+/// our nonce and tag, the peer's tag (checked). Only then does the
+/// connection wait for its group's join.
+fn handshake_accept(
+    s: &mut TcpStream,
+    key: &hmac::Key,
+) -> std::result::Result<Hello, std::io::Error> {
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    let (h, nonce_c) = read_hello(&mut |buf| read_by(s, buf, deadline))?;
+    let nonce_a = nonce();
+    let mut reply = [0u8; NONCE + TAG];
+    reply[..NONCE].copy_from_slice(&nonce_a);
+    reply[NONCE..].copy_from_slice(tag(key, ACCEPTOR, &h, &nonce_c, &nonce_a).as_ref());
+    s.write_all(&reply)?;
+    let mut tag_c = [0u8; TAG];
+    read_by(s, &mut tag_c, deadline)?;
+    let expected = tag(key, CONNECTOR, &h, &nonce_c, &nonce_a);
+    if !constant_time_eq(expected.as_ref(), &tag_c) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "claimed rank {} of group `{}` without this job's secret",
+                h.rank, h.group
+            ),
+        ));
+    }
+    s.set_read_timeout(None)?;
+    Ok(h)
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = listener.accept();
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (mut stream, addr) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Out of descriptors, say: wait, do not spin.
+                tracing::warn!(error = %e, "collective listener: accept failed");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if shared.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%addr, "collective listener: {MAX_HANDSHAKES} handshakes in progress; connection dropped");
+            continue;
+        }
+        let worker = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("collective-hello".into())
+            .spawn(move || {
+                let outcome = handshake_accept(&mut stream, &worker.key);
+                worker.handshakes.fetch_sub(1, Ordering::SeqCst);
+                match outcome {
+                    Ok(h) => {
+                        let key = (h.group, h.rank);
+                        let mut stash = worker.stash.lock().expect("stash lock");
+                        if stash.contains_key(&key) {
+                            tracing::warn!(group = %key.0, rank = key.1, %addr, "a second connection for the same group rank replaces the first");
+                        }
+                        stash.insert(
+                            key,
+                            Pending {
+                                stream,
+                                size: h.size,
+                                target: h.target,
+                                addr,
+                            },
+                        );
+                        worker.arrived.notify_all();
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "refused a collective connection");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%addr, error = %e, "collective listener: no thread for a handshake; connection dropped");
+        }
     }
 }
 
@@ -219,42 +561,10 @@ fn connect_until(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStre
     }
 }
 
-fn write_hello(s: &mut TcpStream, group: &str, size: usize, rank: usize) -> std::io::Result<()> {
-    let mut hello = Vec::with_capacity(32 + group.len());
-    hello.extend_from_slice(MAGIC);
-    hello.extend_from_slice(&(group.len() as u64).to_le_bytes());
-    hello.extend_from_slice(group.as_bytes());
-    hello.extend_from_slice(&(size as u64).to_le_bytes());
-    hello.extend_from_slice(&(rank as u64).to_le_bytes());
-    s.write_all(&hello)
-}
-
 fn read_u64(s: &mut impl Read) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
     s.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))
-}
-
-fn read_hello(s: &mut TcpStream) -> std::io::Result<(String, usize, usize)> {
-    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
-    let mut magic = [0u8; 8];
-    s.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(bad("not a strata collective peer"));
-    }
-    let len = read_u64(s)?;
-    if len > 4096 {
-        return Err(bad("group name too long"));
-    }
-    let mut name = vec![0u8; len as usize];
-    s.read_exact(&mut name)?;
-    let name = String::from_utf8(name).map_err(|_| bad("group name is not UTF-8"))?;
-    let size = read_u64(s)? as usize;
-    let rank = read_u64(s)? as usize;
-    if rank >= size {
-        return Err(bad("rank outside its group"));
-    }
-    Ok((name, size, rank))
 }
 
 /// One peer: a reader on this thread, a writer thread fed by a queue.
@@ -459,8 +769,9 @@ impl Collective for TcpCollective {
 /// endpoint (as separate worker processes would be), for tests and
 /// benchmarks.
 pub fn loopback_group(group: &str, size: usize) -> std::io::Result<Vec<TcpCollective>> {
+    let secret = nonce();
     let endpoints = (0..size)
-        .map(|_| TcpEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .map(|_| TcpEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &secret))
         .collect::<std::io::Result<Vec<_>>>()?;
     let addrs = endpoints
         .iter()
@@ -485,4 +796,87 @@ pub fn loopback_group(group: &str, size: usize) -> std::io::Result<Vec<TcpCollec
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn from_bytes(bytes: &[u8]) -> std::io::Result<(Hello, [u8; NONCE])> {
+        let mut rest = bytes;
+        read_hello(&mut |buf| rest.read_exact(buf))
+    }
+
+    fn hello_bytes(h: &Hello, nonce_c: &[u8; NONCE]) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&(h.group.len() as u64).to_le_bytes());
+        b.extend_from_slice(h.group.as_bytes());
+        for n in [h.size, h.rank, h.target] {
+            b.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        b.extend_from_slice(nonce_c);
+        b
+    }
+
+    proptest! {
+        /// Any bytes at all: a hello or a named error, never a panic, and
+        /// no buffer sized by a claimed length past the cap.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = from_bytes(&bytes);
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = from_bytes(&framed);
+        }
+
+        #[test]
+        fn hellos_round_trip(group in "[a-z0-9/]{0,40}", size in 2usize..10_000, a in 0usize..10_000, b in 0usize..10_000) {
+            let (rank, target) = (a % size, b % size);
+            prop_assume!(rank != target);
+            let h = Hello { group, size, rank, target };
+            let (got, nonce_c) = from_bytes(&hello_bytes(&h, &[3; NONCE])).unwrap();
+            prop_assert_eq!(got, h);
+            prop_assert_eq!(nonce_c, [3; NONCE]);
+        }
+
+        /// A tag made for one hello fails for any other field changed.
+        #[test]
+        fn tags_bind_every_field(which in 0usize..6) {
+            let key = link_key(b"token");
+            let h = Hello { group: "job/a1/tp".into(), size: 4, rank: 2, target: 1 };
+            let (nc, na) = ([1u8; NONCE], [2u8; NONCE]);
+            let good = tag(&key, CONNECTOR, &h, &nc, &na);
+            let mut h2 = h.clone();
+            let (mut nc2, mut na2, mut role) = (nc, na, CONNECTOR);
+            match which {
+                0 => h2.group.push('x'),
+                1 => h2.size = 5,
+                2 => h2.rank = 3,
+                3 => h2.target = 0,
+                4 => { nc2[0] ^= 1; na2[31] ^= 1; }
+                _ => role = ACCEPTOR,
+            }
+            let other = tag(&key, role, &h2, &nc2, &na2);
+            prop_assert!(!constant_time_eq(good.as_ref(), other.as_ref()));
+        }
+    }
+
+    #[test]
+    fn claimed_lengths_are_capped_and_ranks_checked() {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = from_bytes(&b).unwrap_err();
+        assert!(err.to_string().contains("longer than 4096"), "{err}");
+        let h = Hello {
+            group: "g".into(),
+            size: 2,
+            rank: 1,
+            target: 1,
+        };
+        let err = from_bytes(&hello_bytes(&h, &[0; NONCE])).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        let err = from_bytes(b"GET / HTTP/1.1\r\n").unwrap_err();
+        assert!(err.to_string().contains("not a strata"), "{err}");
+    }
 }
