@@ -21,7 +21,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use strata_recipe::ModelConfig;
 
+use std::collections::HashMap;
+
 use crate::loader::Cursor;
+use crate::params::{ParamSlot, ParamTable, logical_params};
 use crate::store::{Location, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +144,138 @@ pub struct Manifest {
     pub written_at: u64,
 }
 
+/// Checks that `m`'s files hold every element of every parameter of
+/// its model, each kind exactly once, with shapes that agree.
+pub fn check_complete(m: &Manifest) -> Result<()> {
+    let bad = |why: String| Err(CheckpointError::Invalid(format!("step {}: {why}", m.step)));
+    if m.format != FORMAT || m.version != VERSION {
+        return bad(format!(
+            "format {} version {}, this strata reads {FORMAT} version {VERSION}",
+            m.format, m.version
+        ));
+    }
+    let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
+    // Slices seen so far, by tensor: a slice written twice (two ranks
+    // claiming one part, none the other) would add up to the right count.
+    type Seen<'a> = Vec<(&'a str, &'a Vec<[usize; 2]>)>;
+    let mut slices: HashMap<(&str, Kind), Seen> = HashMap::new();
+    let specs = logical_params(&m.model);
+    for shard in &m.shards {
+        for t in &shard.tensors {
+            let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
+                return bad(format!(
+                    "{} holds `{}`, which the model has no parameter of",
+                    shard.key, t.name
+                ));
+            };
+            let fits = spec.full_shape == t.full_shape
+                && t.slice.len() == t.full_shape.len()
+                && t.slice
+                    .iter()
+                    .zip(&t.full_shape)
+                    .all(|(&[a, b], &n)| a < b && b <= n);
+            if !fits {
+                return bad(format!(
+                    "{}: `{}` as slice {:?} of {:?}, the model's is {:?}",
+                    shard.key, t.name, t.slice, t.full_shape, spec.full_shape
+                ));
+            }
+            let seen = slices.entry((spec.name.as_str(), t.kind)).or_default();
+            if let Some((other, _)) = seen.iter().find(|(_, s)| overlap(s, &t.slice)) {
+                return bad(format!(
+                    "`{}` ({:?}): slice {:?} in {} overlaps the one in {other}",
+                    t.name, t.kind, t.slice, shard.key
+                ));
+            }
+            seen.push((shard.key.as_str(), &t.slice));
+            *covered.entry((spec.name.as_str(), t.kind)).or_default() += t.len();
+        }
+    }
+    for spec in &specs {
+        let want: usize = spec.full_shape.iter().product();
+        for kind in Kind::ALL {
+            let have = covered
+                .get(&(spec.name.as_str(), kind))
+                .copied()
+                .unwrap_or(0);
+            if have != want {
+                return bad(format!(
+                    "`{}` ({kind:?}) has {have} of its {want} elements in the files",
+                    spec.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stem of the files a rank writes (`a1-pp00-tp01`): the attempt
+/// that wrote them, the pipeline stage and the tensor-parallel rank. The
+/// attempt in the name means a worker of an ended attempt still writing can
+/// never overwrite a file the next attempt's manifest lists.
+pub fn shard_name(attempt: u32, stage: u32, tp_rank: u32) -> String {
+    format!("a{attempt}-pp{stage:02}-tp{tp_rank:02}")
+}
+
+/// The parameters of `table` a rank writes: only data-parallel replica
+/// 0, one copy of each slice, never the tied embedding's mirror; every
+/// logical element is then written exactly once.
+pub fn written_slots(table: &ParamTable, dp_rank: u32) -> impl Iterator<Item = &ParamSlot> {
+    table
+        .slots
+        .iter()
+        .filter(move |s| dp_rank == 0 && s.replica == 0 && !s.mirror)
+}
+
+/// The folders of a checkpoint's files and the tensors each holds.
+pub const FILES: [(&str, &[Kind]); 2] = [
+    ("model", &[Kind::Param]),
+    ("optim", &[Kind::ExpAvg, Kind::ExpAvgSq]),
+];
+
+/// A rank's files described without their data (sizes are the f32
+/// payloads, checksums zero): what a simulated rank reports, and what the
+/// files of a real one hold.
+pub fn describe_shards(table: &ParamTable, attempt: u32, dp_rank: u32) -> Vec<ShardRecord> {
+    let slots: Vec<&ParamSlot> = written_slots(table, dp_rank).collect();
+    if slots.is_empty() {
+        return Vec::new();
+    }
+    let name = shard_name(attempt, table.stage, table.tp_rank);
+    FILES
+        .iter()
+        .map(|(folder, kinds)| {
+            let tensors: Vec<TensorEntry> = slots
+                .iter()
+                .flat_map(|slot| kinds.iter().map(move |&kind| tensor_entry(slot, kind)))
+                .collect();
+            ShardRecord {
+                key: format!("{folder}/{name}.safetensors"),
+                bytes: tensors.iter().map(|t| t.len() as u64 * 4).sum(),
+                crc32: 0,
+                tensors,
+            }
+        })
+        .collect()
+}
+
+/// The manifest's entry for `slot`'s tensor of `kind`.
+pub fn tensor_entry(slot: &ParamSlot, kind: Kind) -> TensorEntry {
+    TensorEntry {
+        name: slot.spec.name.clone(),
+        kind,
+        full_shape: slot.spec.full_shape.clone(),
+        slice: slot.slice.iter().map(|r| [r.start, r.end]).collect(),
+    }
+}
+
+/// Whether two boxes (a `[start, end)` per dimension) share an element.
+fn overlap(a: &[[usize; 2]], b: &[[usize; 2]]) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(&[a0, a1], &[b0, b1])| a0 < b1 && b0 < a1)
+}
+
 /// The folder of step `step`'s checkpoint, relative to the root.
 pub fn step_dir(step: u64) -> String {
     format!("step-{step:08}")
@@ -183,7 +318,7 @@ impl TensorEntry {
 pub async fn write_manifest(loc: &Location, root: &str, manifest: &Manifest) -> Result<()> {
     let key = join(root, &format!("{}/manifest.json", step_dir(manifest.step)));
     let json = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
-    loc.put(&key, Bytes::from(json)).await?;
+    loc.put_durable(&key, Bytes::from(json)).await?;
     Ok(())
 }
 

@@ -1,7 +1,10 @@
 //! The dataplane: raw text → dataset-decomposition buckets on object storage
 //! → steps of sequences for the workers.
 //!
-//! - [`checkpoint`]: the checkpoint format: manifests, listing, pruning.
+//! - [`checkpoint`]: the checkpoint format: manifests, their completeness,
+//!   listing, pruning.
+//! - [`params`]: the named parameter table (logical name, full shape, split,
+//!   a rank's slice) that sharding, checkpoints and export read.
 //! - [`corpus`] finds documents in files and folders and runs a decompose.
 //! - [`tokenize`]: offline tiktoken BPEs.
 //! - [`decompose`]: one document into power-of-two pieces.
@@ -19,6 +22,7 @@ pub mod corpus;
 pub mod decompose;
 pub mod loader;
 pub mod manifest;
+pub mod params;
 pub mod reader;
 pub mod rng;
 pub mod store;

@@ -19,8 +19,8 @@
 
 use std::ops::Range;
 
+use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
-use strata_dataplane::rng::SplitMix64;
 use strata_recipe::{Coords, Layout, ModelConfig};
 
 /// Standard deviation of the initial weights (GPT-2, Megatron).

@@ -32,6 +32,8 @@ pub struct Location {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     url: String,
+    /// The folder of a local (or network-mounted) location.
+    local: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Location {
@@ -145,6 +147,7 @@ impl Location {
                 store: Arc::new(store),
                 prefix: ObjectPath::from(prefix),
                 url: url.to_string(),
+                local: None,
             });
         }
         let path = match url.split_once("://") {
@@ -180,6 +183,7 @@ impl Location {
             store: Arc::new(store.with_automatic_cleanup(true)),
             prefix: ObjectPath::from(""),
             url: url.to_string(),
+            local: Some(path),
         })
     }
 
@@ -241,6 +245,32 @@ impl Location {
             .map_err(|e| self.io(key, e))
     }
 
+    /// [`put`](Self::put), and on a file system (local or network) the
+    /// file and every folder from its own up to the location's root
+    /// flushed to the disk before this returns: after a crash the object is
+    /// whole and named, not a rename the kernel had yet to write. (An S3
+    /// put is durable once acknowledged.) For what a later write names as
+    /// complete: checkpoint files before they are reported, a manifest
+    /// before its commit is answered.
+    pub async fn put_durable(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.put(key, data).await?;
+        let Some(root) = self.local.clone() else {
+            return Ok(());
+        };
+        let file = root.join(key);
+        let url = self.url_of(key);
+        tokio::task::spawn_blocking(move || sync_path(&root, &file))
+            .await
+            .map_err(|e| StoreError::Io {
+                url: url.clone(),
+                source: Box::new(e),
+            })?
+            .map_err(|e| StoreError::Io {
+                url,
+                source: Box::new(e),
+            })
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.store.delete(&self.path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -282,5 +312,48 @@ impl Location {
             .collect();
         keys.sort();
         Ok(keys)
+    }
+}
+
+/// fsync of `file`, then of each folder from its own up to `root`.
+fn sync_path(root: &std::path::Path, file: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        std::fs::File::open(d)?.sync_all()?;
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_durable_put_lands_whole_under_new_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap(), true).unwrap();
+        loc.put_durable(
+            "job/step-00000001/model/a1-pp00-tp00.safetensors",
+            Bytes::from_static(b"abc"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::read(
+                dir.path()
+                    .join("job/step-00000001/model/a1-pp00-tp00.safetensors")
+            )
+            .unwrap(),
+            b"abc"
+        );
+        // Past the root nothing is touched; a file that vanished is an
+        // error naming it.
+        let e = sync_path(dir.path(), &dir.path().join("gone")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use strata_cluster::sim::SimStart;
 use strata_dataplane::checkpoint::{self as ckpt, Manifest, SavedLayout};
+use strata_dataplane::params::ParamTable;
 use strata_dataplane::store::Location;
 use strata_proto::auth::{Bearer, WithBearer};
-use strata_proto::checkpoint::manifest_to_pb;
+use strata_proto::checkpoint::{manifest_to_pb, shard_to_pb};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
-use strata_recipe::Recipe;
+use strata_recipe::{Rank as WorldRank, Recipe};
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
@@ -272,12 +273,28 @@ impl Rank {
                 written_at: 0,
             }
         });
+        // The files this rank's part would be, described (nothing is
+        // written): the coordinator checks that they cover the model.
+        let layout = recipe.parallel.layout;
+        let shards = layout
+            .coords(WorldRank(self.rank))
+            .map(|c| {
+                let table = ParamTable::interleaved(
+                    &recipe.model,
+                    layout,
+                    c,
+                    recipe.parallel.virtual_stages,
+                );
+                ckpt::describe_shards(&table, self.attempt(), c.dp)
+            })
+            .unwrap_or_default();
         let req = pb::ReportCheckpointRequest {
             job_id: self.job().to_string(),
             rank: self.rank,
             attempt: self.attempt(),
             step,
             ok: true,
+            shards: shards.iter().map(shard_to_pb).collect(),
             manifest: manifest.as_ref().map(manifest_to_pb),
             stall_s: 0.001,
             write_s: 0.01,

@@ -26,13 +26,14 @@ use bytes::Bytes;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 pub use strata_dataplane::checkpoint::{
-    CheckpointError, DataState, FORMAT, Kind, Manifest, SavedLayout, ShardRecord, TensorEntry,
-    VERSION, join, list, prune, step_dir, write_manifest,
+    CheckpointError, DataState, FILES, FORMAT, Kind, Manifest, SavedLayout, ShardRecord,
+    TensorEntry, VERSION, join, list, prune, shard_name, step_dir, tensor_entry, write_manifest,
+    written_slots,
 };
 use strata_dataplane::reader::verify_object;
 use strata_dataplane::store::Location;
 
-use crate::params::{ParamSlot, ParamTable, logical_params};
+use crate::params::{ParamSlot, ParamTable};
 use crate::train::AdamWState;
 
 /// Attempts at each object write before a save is given up.
@@ -40,58 +41,7 @@ const WRITE_ATTEMPTS: u32 = 4;
 
 type Result<T> = std::result::Result<T, CheckpointError>;
 
-/// Checks that `m`'s files hold every element of every parameter of
-/// its model, each kind exactly once, with shapes that agree.
-pub fn check_complete(m: &Manifest) -> Result<()> {
-    let bad = |why: String| Err(CheckpointError::Invalid(format!("step {}: {why}", m.step)));
-    if m.format != FORMAT || m.version != VERSION {
-        return bad(format!(
-            "format {} version {}, this strata reads {FORMAT} version {VERSION}",
-            m.format, m.version
-        ));
-    }
-    let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
-    let specs = logical_params(&m.model);
-    for shard in &m.shards {
-        for t in &shard.tensors {
-            let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
-                return bad(format!(
-                    "{} holds `{}`, which the model has no parameter of",
-                    shard.key, t.name
-                ));
-            };
-            let fits = spec.full_shape == t.full_shape
-                && t.slice.len() == t.full_shape.len()
-                && t.slice
-                    .iter()
-                    .zip(&t.full_shape)
-                    .all(|(&[a, b], &n)| a < b && b <= n);
-            if !fits {
-                return bad(format!(
-                    "{}: `{}` as slice {:?} of {:?}, the model's is {:?}",
-                    shard.key, t.name, t.slice, t.full_shape, spec.full_shape
-                ));
-            }
-            *covered.entry((spec.name.as_str(), t.kind)).or_default() += t.len();
-        }
-    }
-    for spec in &specs {
-        let want: usize = spec.full_shape.iter().product();
-        for kind in Kind::ALL {
-            let have = covered
-                .get(&(spec.name.as_str(), kind))
-                .copied()
-                .unwrap_or(0);
-            if have != want {
-                return bad(format!(
-                    "`{}` ({kind:?}) has {have} of its {want} elements in the files",
-                    spec.name
-                ));
-            }
-        }
-    }
-    Ok(())
-}
+pub use strata_dataplane::checkpoint::check_complete;
 
 /// A file ready to upload.
 struct Encoded {
@@ -130,12 +80,8 @@ impl Snapshot {
         values: impl FnOnce() -> (Vec<f32>, AdamWState),
     ) -> Snapshot {
         let t = Instant::now();
-        let name = format!("a{attempt}-pp{:02}-tp{:02}", table.stage, table.tp_rank);
-        let writes: Vec<&ParamSlot> = table
-            .slots
-            .iter()
-            .filter(|s| dp_rank == 0 && s.replica == 0 && !s.mirror)
-            .collect();
+        let name = shard_name(attempt, table.stage, table.tp_rank);
+        let writes: Vec<&ParamSlot> = written_slots(table, dp_rank).collect();
         let flat = if writes.is_empty() {
             Default::default()
         } else {
@@ -162,20 +108,12 @@ impl Snapshot {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for (folder, kinds) in [
-            ("model", &[Kind::Param][..]),
-            ("optim", &[Kind::ExpAvg, Kind::ExpAvgSq][..]),
-        ] {
+        for (folder, kinds) in FILES {
             let mut tensors = Vec::new();
             let mut views = Vec::new();
             for slot in &self.slots {
                 for &kind in kinds {
-                    let entry = TensorEntry {
-                        name: slot.spec.name.clone(),
-                        kind,
-                        full_shape: slot.spec.full_shape.clone(),
-                        slice: slot.slice.iter().map(|r| [r.start, r.end]).collect(),
-                    };
+                    let entry = tensor_entry(slot, kind);
                     let data = &self.flat[kind as usize][slot.range()];
                     let view =
                         TensorView::new(Dtype::F32, slot.shape.clone(), bytemuck::cast_slice(data))
@@ -253,7 +191,7 @@ pub async fn write_snapshot(loc: &Location, root: &str, snapshot: &Snapshot) -> 
         let mut wait = Duration::from_millis(500);
         let mut attempt = 1;
         loop {
-            match loc.put(&key, data.clone()).await {
+            match loc.put_durable(&key, data.clone()).await {
                 Ok(()) => break,
                 Err(e) if attempt < WRITE_ATTEMPTS => {
                     tracing::warn!(key = %loc.url_of(&key), attempt, error = %e, "checkpoint write failed; retrying");

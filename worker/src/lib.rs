@@ -29,7 +29,9 @@ pub mod export;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod params;
+/// The named parameter table lives beside the checkpoint format, so the
+/// coordinator can judge a checkpoint's completeness without a worker.
+pub use strata_dataplane::params;
 pub mod peak;
 pub mod pipeline;
 pub mod run;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
 use strata_dataplane::store::Location;
+use strata_recipe::Layout;
 use tracing::Instrument;
 
 use super::supervisor::PendingCheckpoint;
@@ -22,6 +23,7 @@ impl Engine {
         job: &Arc<JobRecord>,
         attempt: u32,
         step: u64,
+        layout: Layout,
         p: PendingCheckpoint,
     ) -> Result<bool> {
         let cfg = job
@@ -38,14 +40,17 @@ impl Engine {
                 m.shards = p.shards;
                 m.shards.sort_by(|a, b| a.key.cmp(&b.key));
                 m.written_at = (now_unix_ms() / 1000) as u64;
-                write_and_prune(&cfg, job.job_id.as_str(), &m)
-                    .instrument(tracing::info_span!(
-                        "checkpoint_commit",
-                        job = %job.job_id,
-                        step = m.step
-                    ))
-                    .await
-                    .map(|pruned| (m, pruned))
+                match check_manifest(&m, job.job_id.as_str(), attempt, step, layout) {
+                    Ok(()) => write_and_prune(&cfg, job.job_id.as_str(), &m)
+                        .instrument(tracing::info_span!(
+                            "checkpoint_commit",
+                            job = %job.job_id,
+                            step = m.step
+                        ))
+                        .await
+                        .map(|pruned| (m, pruned)),
+                    Err(why) => Err(why),
+                }
             }
         };
         let (committed, ticket) = {
@@ -55,6 +60,12 @@ impl Engine {
             }
             let mut committed = false;
             let t = self.update(&mut state, job.job_id.as_str(), |job| match outcome {
+                // Committed out of order behind newer ones, and at once
+                // past `keep_last`: its own prune deleted it.
+                Ok((m, pruned)) if pruned.contains(&m.step) => {
+                    tracing::info!(job = %job.job_id, step = m.step, "checkpoint committed behind newer ones and pruned at once");
+                    job.checkpoints.retain(|c| !pruned.contains(&c.step));
+                }
                 Ok((m, pruned)) => {
                     tracing::info!(job = %job.job_id, step = m.step, bytes = m.bytes(), stall_s = p.stall_s, write_s = p.write_s, "checkpoint complete");
                     job.checkpoints
@@ -91,6 +102,45 @@ impl Engine {
         self.store.durable(ticket).await?;
         Ok(committed)
     }
+}
+
+/// What the coordinator checks before a manifest makes a checkpoint
+/// exist: it is this job's, of this step and attempt, saved under the
+/// attempt's layout, and its files hold every element of the model once.
+/// A manifest that fails is never written; the reason is recorded.
+pub(crate) fn check_manifest(
+    m: &Manifest,
+    job: &str,
+    attempt: u32,
+    step: u64,
+    layout: Layout,
+) -> Result<(), String> {
+    if m.job != job {
+        return Err(format!("rank 0's manifest names job `{}`", m.job));
+    }
+    if m.step != step {
+        return Err(format!("rank 0's manifest is of step {}", m.step));
+    }
+    if m.attempt != attempt {
+        return Err(format!("rank 0's manifest is of attempt {}", m.attempt));
+    }
+    let saved = (m.layout.tp, m.layout.pp, m.layout.dp);
+    if saved != (layout.tp, layout.pp, layout.dp) {
+        return Err(format!(
+            "rank 0's manifest says layout tp={} pp={} dp={}, the attempt ran {layout}",
+            saved.0, saved.1, saved.2
+        ));
+    }
+    let prefix = format!("a{attempt}-");
+    if let Some(s) = m.shards.iter().find(|s| {
+        !s.key
+            .rsplit('/')
+            .next()
+            .is_some_and(|f| f.starts_with(&prefix))
+    }) {
+        return Err(format!("file {} is not attempt {attempt}'s", s.key));
+    }
+    ckpt::check_complete(m).map_err(|e| format!("incomplete: {e}"))
 }
 
 /// Writes checkpoint `m`'s manifest under the job's checkpoint folder,

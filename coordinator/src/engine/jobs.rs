@@ -5,6 +5,7 @@
 //! checkpoints) happens before the lock is taken.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
 use strata_dataplane::loader::{LoaderConfig, Planner};
@@ -12,11 +13,10 @@ use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
 use strata_recipe::{DeviceKind, Recipe};
 
-use super::{Engine, Result};
+use super::{Engine, Result, State};
 use crate::error::EngineError;
 use crate::job::{
     AttemptsSummary, BranchOf, CheckpointRecord, JobId, JobRecord, JobState, now_unix_ms,
-    random_token,
 };
 use crate::store::Write;
 
@@ -274,8 +274,8 @@ impl Engine {
                 started_unix_ms: 0,
                 finished_unix_ms: 0,
                 run_dir: run_dir.display().to_string(),
-                worker_token: random_token()
-                    .map_err(|e| EngineError::Unavailable(format!("token: {e}")))?,
+                worker_token: String::new(),
+                worker_token_sha256: String::new(),
                 attempts: Vec::new(),
                 earlier_attempts: AttemptsSummary::default(),
                 checkpoints: Vec::new(),
@@ -462,8 +462,50 @@ impl Engine {
         Ok((spec, now, chosen))
     }
 
-    /// Queues an ended job's next attempt from one of its checkpoints.
+    /// Whether job `id`'s last attempt still has processes (stopping, in
+    /// their grace) or a checkpoint commit in flight: then it may still
+    /// save a step or commit a manifest.
+    fn attempt_lingers(state: &State, id: &str) -> Option<u32> {
+        let sup = state.attempts.get(id).map(|s| s.attempt);
+        let committing = state.committing.get(id).is_some_and(|&n| n > 0);
+        sup.or(committing.then_some(0))
+    }
+
+    /// Waits until job `id`'s last attempt has no processes left and no
+    /// checkpoint commit in flight: its workers have the stop grace to
+    /// save and leave, and are killed after it. A resume plans only then,
+    /// so nothing of the old attempt lands after the history was cut.
+    async fn wait_attempt_gone(&self, id: &str) -> Result<()> {
+        let limit = self.cfg.stop_grace + Duration::from_secs(30);
+        let begun = Instant::now();
+        loop {
+            let lingering = Self::attempt_lingers(&self.lock(), id);
+            let Some(attempt) = lingering else {
+                return Ok(());
+            };
+            if begun.elapsed() > limit {
+                return Err(EngineError::Unavailable(format!(
+                    "job {id}: attempt {attempt}'s workers are still stopping {} s after the resume was asked (stop grace {} s); try again once they have left",
+                    limit.as_secs(),
+                    self.cfg.stop_grace.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Queues an ended job's next attempt from one of its checkpoints,
+    /// once the previous attempt's workers have left.
     pub async fn resume(&self, req: &ResumeRequest) -> Result<Arc<JobRecord>> {
+        let job = self.job(&req.job)?;
+        if !job.state.is_final() {
+            return Err(EngineError::Precondition(format!(
+                "job {} is {}; only an ended job resumes (cancel it first)",
+                job.job_id,
+                job.state.name()
+            )));
+        }
+        self.wait_attempt_gone(&req.job).await?;
         let job = self.job(&req.job)?;
         let (spec, recipe, chosen) = self.plan_resume(&job, req).await?;
         let ticket = {
@@ -471,6 +513,13 @@ impl Engine {
             let Some(job) = state.jobs.get(req.job.as_str()).cloned() else {
                 return Err(EngineError::NotFound(format!("no job {}", req.job)));
             };
+            // Another resume may have started an attempt meanwhile.
+            if let Some(attempt) = Self::attempt_lingers(&state, &req.job) {
+                return Err(EngineError::Precondition(format!(
+                    "job {}: attempt {attempt} started while this resume was planned",
+                    job.job_id
+                )));
+            }
             if !job.state.can_become(JobState::Queued) {
                 return Err(EngineError::Precondition(format!(
                     "job {} is {}",

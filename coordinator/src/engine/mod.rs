@@ -83,6 +83,9 @@ pub(crate) struct State {
     leased: Leases,
     /// Ranks of running attempts, all jobs together.
     live_ranks: usize,
+    /// Checkpoint commits in flight, by job: from the report that
+    /// completes a checkpoint until its manifest is written (or refused).
+    pub(crate) committing: HashMap<JobId, usize>,
     /// The next job number.
     next_job: u64,
 }

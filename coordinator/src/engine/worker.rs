@@ -54,10 +54,7 @@ fn check(job: Option<&Arc<JobRecord>>, w: &WorkerCall) -> Result<()> {
     let Some(job) = job else {
         return Err(EngineError::NotFound(format!("no job {}", w.job)));
     };
-    if !w
-        .token
-        .is_some_and(|t| same(t.as_bytes(), job.worker_token.as_bytes()))
-    {
+    if !w.token.is_some_and(|t| job.worker_token_matches(t)) {
         tracing::warn!(job = %w.job, rank = w.rank, "worker call with a wrong or missing job token");
         return Err(EngineError::Unauthenticated(format!(
             "job {}: wrong or missing worker token",
@@ -294,12 +291,11 @@ impl Engine {
         stall_s: f64,
         write_s: f64,
     ) -> Result<bool> {
-        let (job, pending) = {
+        let (job, pending, layout) = {
             let mut state = self.lock();
             let job = state.jobs.get(w.job).cloned();
             check(job.as_ref(), &w)?;
             let job = job.expect("checked");
-            let world = job.layout.world_size();
             // A stopping attempt still completes the checkpoint its
             // workers save on their way out, unless it failed and is
             // being replaced.
@@ -313,6 +309,16 @@ impl Engine {
                     )));
                 }
             };
+            // Complete against the world that wrote it, which a resume
+            // onto another layout may have changed in the job's record.
+            let world = sup.world as u32;
+            let layout = sup.base.layout;
+            if w.rank >= world {
+                return Err(EngineError::Invalid(format!(
+                    "rank {} is outside attempt {}'s world of {world}",
+                    w.rank, w.attempt
+                )));
+            }
             let p = sup.checkpoints.entry(step).or_default();
             if !p.reported.insert(w.rank) {
                 return Err(EngineError::AlreadyExists(format!(
@@ -334,11 +340,28 @@ impl Engine {
             } else {
                 None
             };
-            (job, complete)
+            if complete.is_some() {
+                // A resume waits for this commit to end (it must not list
+                // the job's checkpoints while a manifest may still land).
+                *state.committing.entry(job.job_id.clone()).or_default() += 1;
+            }
+            (job, complete, layout)
         };
         let Some(p) = pending else {
             return Ok(false);
         };
-        self.commit_checkpoint(&job, w.attempt, step, p).await
+        let committed = self
+            .commit_checkpoint(&job, w.attempt, step, layout, p)
+            .await;
+        {
+            let mut state = self.lock();
+            if let Some(n) = state.committing.get_mut(job.job_id.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    state.committing.remove(job.job_id.as_str());
+                }
+            }
+        }
+        committed
     }
 }
