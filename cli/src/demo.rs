@@ -205,10 +205,15 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .map_err(|e| UserError(e.to_string()))?,
             std::env::current_exe().context("the strata binary's path")?,
         );
+        // A token even here: any user of this machine reaches loopback.
+        let token = strata_coordinator::job::random_token().context("a random token")?;
+        let mut cfg = cfg;
+        cfg.client_token = Some(token.clone());
         let coordinator = Coordinator::start(cfg).await.map_err(|e| UserError(e.to_string()))?;
         let connect = Connect {
             coordinator: Some(format!("http://{}", coordinator.addr)),
             token_file: None,
+            token: Some(token),
         };
         let result = async {
             let mut client = connect.client().await?;

@@ -29,9 +29,14 @@ pub struct Connect {
     /// The coordinator's URL [default: $STRATA_COORDINATOR, then http://127.0.0.1:7070].
     #[arg(long)]
     pub coordinator: Option<String>,
-    /// A file holding the coordinator's bearer token [default: $STRATA_TOKEN].
+    /// A file holding the coordinator's bearer token [default:
+    /// $STRATA_TOKEN, then the one a coordinator of this user's on this
+    /// machine left in ~/.config/strata/tokens].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The token itself, for a client in the coordinator's own process.
+    #[arg(skip)]
+    pub token: Option<String>,
 }
 
 pub type Client = JobServiceClient<WithBearer<Channel>>;
@@ -45,12 +50,18 @@ impl Connect {
     }
 
     fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
         if let Some(path) = &self.token_file {
             return startup::read_token_file(path)
                 .map(Some)
                 .map_err(|e| UserError(e.to_string()).into());
         }
-        Ok(std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()))
+        if let Some(t) = std::env::var("STRATA_TOKEN").ok().filter(|t| !t.is_empty()) {
+            return Ok(Some(t));
+        }
+        Ok(startup::published_token(&self.url()))
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {

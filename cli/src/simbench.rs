@@ -18,11 +18,15 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use strata_coordinator::cluster::sim::{SimFault, SimRequest, SimResponse};
+use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
 use strata_sim::stats::{AttemptStats, StatsReport};
 use strata_sim::{SimConfig, Simulator, fixture};
 use tonic::transport::Channel;
+
+/// A job client carrying the coordinator's token.
+type Cl = JobServiceClient<WithBearer<Channel>>;
 
 use crate::format::table;
 
@@ -177,11 +181,14 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// A plain HTTP GET on loopback: status, body, and how long it took.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, Duration)> {
+fn http_get(addr: SocketAddr, token: &str, path: &str) -> anyhow::Result<(u16, String, Duration)> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let took = start.elapsed();
@@ -281,6 +288,27 @@ struct CoordinatorProcess {
     grpc: SocketAddr,
     http: SocketAddr,
     state: PathBuf,
+    /// The client token it was given.
+    token: String,
+}
+
+impl CoordinatorProcess {
+    /// GET `path` from its HTTP side, with its token.
+    fn get(&self, path: &str) -> anyhow::Result<(u16, String, Duration)> {
+        http_get(self.http, &self.token, path)
+    }
+
+    async fn client(&self) -> Option<Cl> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        Some(JobServiceClient::with_interceptor(
+            channel,
+            Bearer::new(Some(&self.token))?,
+        ))
+    }
 }
 
 impl Drop for CoordinatorProcess {
@@ -336,7 +364,7 @@ fn attempt_of(r: &StatsReport, job: &str, attempt: u32) -> Option<AttemptStats> 
         .cloned()
 }
 
-async fn job(cl: &mut JobServiceClient<Channel>, id: &str) -> anyhow::Result<pb::Job> {
+async fn job(cl: &mut Cl, id: &str) -> anyhow::Result<pb::Job> {
     Ok(cl
         .get_job(pb::GetJobRequest { job_id: id.into() })
         .await
@@ -344,7 +372,7 @@ async fn job(cl: &mut JobServiceClient<Channel>, id: &str) -> anyhow::Result<pb:
         .into_inner())
 }
 
-async fn submit(cl: &mut JobServiceClient<Channel>, spec: String) -> anyhow::Result<String> {
+async fn submit(cl: &mut Cl, spec: String) -> anyhow::Result<String> {
     Ok(cl
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec,
@@ -386,6 +414,17 @@ fn start_coordinator(
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let state = dir.join("state");
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
+    let token = strata_coordinator::job::random_token()?;
+    let token_file = dir.join("token");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)?
+            .write_all(token.as_bytes())?;
+    }
     let mut cmd = Command::new(&exe);
     cmd.args([
         "coordinator",
@@ -395,6 +434,8 @@ fn start_coordinator(
         &http.to_string(),
         "--state-dir",
         &state.display().to_string(),
+        "--token-file",
+        &token_file.display().to_string(),
         "--heartbeat-timeout-s",
         &a.heartbeat_timeout_s.to_string(),
         "--stop-grace-s",
@@ -436,6 +477,7 @@ fn start_coordinator(
         grpc,
         http,
         state,
+        token,
     })
 }
 
@@ -469,13 +511,7 @@ async fn run_one(
     let mut cl = until(
         "the coordinator answers",
         Duration::from_secs(60),
-        async || {
-            Ok(
-                JobServiceClient::connect(format!("http://{}", coordinator.grpc))
-                    .await
-                    .ok(),
-            )
-        },
+        async || Ok(coordinator.client().await),
     )
     .await?;
     let layout = fixture::layout_for(ranks);
@@ -505,7 +541,7 @@ async fn run_one(
     }
     // A few steps, then the steady window.
     tokio::time::sleep(Duration::from_secs(3).max(Duration::from_millis(3 * a.step_ms))).await;
-    let steps_of = async |cl: &mut JobServiceClient<Channel>| -> anyhow::Result<u64> {
+    let steps_of = async |cl: &mut Cl| -> anyhow::Result<u64> {
         let mut n = 0;
         for id in &ids {
             n += job(cl, id).await?.steps_done;
@@ -513,11 +549,11 @@ async fn run_one(
         Ok(n)
     };
     let redb = coordinator.state.join("jobs.redb");
-    let (m0, _, _) = http_get(coordinator.http, "/metrics")?;
+    let (m0, _, _) = coordinator.get("/metrics")?;
     if m0 != 200 {
         bail!("/metrics answered {m0}");
     }
-    let scrape0 = http_get(coordinator.http, "/metrics")?.1;
+    let scrape0 = coordinator.get("/metrics")?.1;
     let (before, hb_before) = (lock_buckets(&scrape0), heartbeat_buckets(&scrape0));
     let (cpu0, _, _) = proc_usage(pid)?;
     let (steps0, bytes0) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
@@ -527,9 +563,9 @@ async fn run_one(
     let mut pages: Vec<(Duration, usize)> = Vec::new();
     while t0.elapsed() < Duration::from_secs(a.steady_s) {
         let tick = Instant::now();
-        let (_, body, took) = http_get(coordinator.http, "/metrics")?;
+        let (_, body, took) = coordinator.get("/metrics")?;
         scrapes.push((took, body.len()));
-        let (code, body, took) = http_get(coordinator.http, &format!("/api/jobs/{}", ids[0]))?;
+        let (code, body, took) = coordinator.get(&format!("/api/jobs/{}", ids[0]))?;
         if code != 200 {
             bail!("/api/jobs/{}: {code} {body}", ids[0]);
         }
@@ -539,7 +575,7 @@ async fn run_one(
     }
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, rss, _) = proc_usage(pid)?;
-    let (_, last_metrics, _) = http_get(coordinator.http, "/metrics")?;
+    let (_, last_metrics, _) = coordinator.get("/metrics")?;
     let after = lock_buckets(&last_metrics);
     let hb_after = heartbeat_buckets(&last_metrics);
     let (steps1, bytes1) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
@@ -600,12 +636,12 @@ async fn run_one(
             "",
         );
         let _ = sim_stats(&sim, true);
-        let held_before = lock_buckets(&http_get(coordinator.http, "/metrics")?.1);
+        let held_before = lock_buckets(&coordinator.get("/metrics")?.1);
         let hung = submit(&mut cl, spec).await?;
         tokio::time::sleep(Duration::from_secs_f64(a.hang_launcher_s * 0.9)).await;
         // Its ranks have not started: every heartbeat is another job's.
         let during = sim_stats(&sim, false);
-        let held_after = lock_buckets(&http_get(coordinator.http, "/metrics")?.1);
+        let held_after = lock_buckets(&coordinator.get("/metrics")?.1);
         if job(&mut cl, &hung).await?.steps_done > 0 {
             bail!("job {hung} ran while its launcher command was to hang");
         }
@@ -632,10 +668,8 @@ async fn run_one(
         let before = job(&mut cl, &id).await?;
         let attempt = before.attempts.last().map_or(1, |x| x.number);
         let node = {
-            let (_, body, _) = http_get(
-                coordinator.http,
-                &format!("/api/jobs/{id}/ranks?offset={victim}&limit=1"),
-            )?;
+            let (_, body, _) =
+                coordinator.get(&format!("/api/jobs/{id}/ranks?offset={victim}&limit=1"))?;
             let v: serde_json::Value = serde_json::from_str(&body)?;
             v["ranks"][0]["node"]
                 .as_str()

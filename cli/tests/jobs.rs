@@ -74,7 +74,7 @@ struct Fixture {
     dir: tempfile::TempDir,
     data: String,
     c: Coordinator,
-    cl: JobServiceClient<Channel>,
+    cl: Cl,
 }
 
 async fn fixture(slots: u32, token: Option<&str>, heartbeat: Duration) -> Fixture {
@@ -516,11 +516,11 @@ async fn a_restarted_coordinator_continues_its_jobs_and_runs_its_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_guard_clients_and_workers() {
     let Fixture {
-        dir: _dir,
-        data,
-        c,
-        cl: mut anon,
+        dir: _dir, data, c, ..
     } = fixture(2, Some("s3cret"), Duration::from_secs(30)).await;
+    let mut anon = client_at(&format!("http://{}", c.addr), None)
+        .await
+        .unwrap();
     let e = anon
         .list_jobs(pb::ListJobsRequest { states: vec![] })
         .await
@@ -765,7 +765,7 @@ async fn a_dead_pipeline_stage_fails_the_job_naming_it() {
 }
 
 async fn resume(
-    cl: &mut JobServiceClient<Channel>,
+    cl: &mut Cl,
     id: &str,
     from_step: u64,
     (tp, pp, dp): (u32, u32, u32),
@@ -926,12 +926,7 @@ fn recipe_fault(data: &str, steps: u64, l: (u32, u32, u32), dir: &Path, fault: &
 }
 
 /// The uninterrupted run's losses, to hold recovered runs to.
-async fn straight_run(
-    cl: &mut JobServiceClient<Channel>,
-    data: &str,
-    steps: u64,
-    dir: &Path,
-) -> Vec<pb::StepMetrics> {
+async fn straight_run(cl: &mut Cl, data: &str, steps: u64, dir: &Path) -> Vec<pb::StepMetrics> {
     let id = submit(cl, recipe_ck(data, steps, (2, 2, 2), dir, 4))
         .await
         .unwrap();
@@ -1191,7 +1186,7 @@ async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
             .spawn()
             .unwrap()
     };
-    let connect = || connect(&url);
+    let connect = || connect(&url, &state);
     let mut first = start();
     let mut cl = connect().await;
     let steps = 24;

@@ -18,7 +18,7 @@ fn raw_http(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: strata\r\n{extra}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -61,6 +61,18 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     assert_eq!(get_http(at, "/metrics", None).0, 401);
     assert_eq!(get_http(at, "/metrics", Some("nope")).0, 401);
     assert_eq!(get_http(at, "/metrics", Some("sesame")).0, 200);
+    // A web page reaching loopback through DNS rebinding names its own
+    // host: refused whatever it carries.
+    let mut s = TcpStream::connect(at).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: rebind.example:{}\r\nAuthorization: Bearer sesame\r\nConnection: close\r\n\r\n",
+        at.port()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 421"), "{raw}");
     // The dashboard's pages, assets and API ask for it too.
     for path in [
         "/",

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_coordinator::cluster::sim::{SimFault, SimRequest};
+use strata_proto::auth::Bearer;
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
 use strata_sim::{SimConfig, Simulator, fixture};
@@ -41,9 +42,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The client token the coordinator is given.
+const TOKEN: &str = "sim-slurm-token";
+
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
     let mut buf = String::new();
     std::io::Read::read_to_string(&mut s, &mut buf).unwrap();
     buf.split_once("\r\n\r\n")
@@ -78,6 +86,8 @@ async fn a_hung_sbatch_does_not_delay_another_jobs_heartbeats() {
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
     let _coordinator = Process(
         Command::new(&strata)
             .args([
@@ -92,6 +102,8 @@ async fn a_hung_sbatch_does_not_delay_another_jobs_heartbeats() {
                 &dir.path().join("state").display().to_string(),
                 "--stop-grace-s",
                 "3",
+                "--token-file",
+                &token_file.display().to_string(),
             ])
             .env(
                 "PATH",
@@ -106,8 +118,12 @@ async fn a_hung_sbatch_does_not_delay_another_jobs_heartbeats() {
     );
     let start = Instant::now();
     let mut cl = loop {
-        if let Ok(c) = JobServiceClient::connect(format!("http://{grpc}")).await {
-            break c;
+        if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break JobServiceClient::with_interceptor(c, Bearer::new(Some(TOKEN)).unwrap());
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no coordinator");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -18,8 +18,6 @@ use common::*;
 use strata_coordinator::Coordinator;
 use strata_coordinator::cluster::{SlurmConfig, SlurmJobLauncher};
 use strata_proto::v1 as pb;
-use strata_proto::v1::job_service_client::JobServiceClient;
-use tonic::transport::Channel;
 
 /// One Slurm test at a time: they share the cluster's 4 slots.
 static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -142,12 +140,7 @@ async fn local_run(data: &str, spec: String, state: &Path) -> Vec<pb::StepMetric
 }
 
 /// Waits until `f(job)` holds, returning the job and the seconds it took.
-async fn timed(
-    cl: &mut JobServiceClient<Channel>,
-    id: &str,
-    secs: u64,
-    f: impl Fn(&pb::Job) -> bool,
-) -> (pb::Job, f64) {
+async fn timed(cl: &mut Cl, id: &str, secs: u64, f: impl Fn(&pb::Job) -> bool) -> (pb::Job, f64) {
     let t = Instant::now();
     let j = until(cl, id, secs, f).await;
     (j, t.elapsed().as_secs_f64())
@@ -451,7 +444,7 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut first = coordinator_process(&state, port);
-    let mut cl = connect(&url).await;
+    let mut cl = connect(&url, &state).await;
     let id = submit(&mut cl, recipe3d(&data, 12, (1, 2, 2), true))
         .await
         .unwrap();
@@ -482,7 +475,7 @@ async fn cancel_and_a_coordinator_restart_leave_no_slurm_job_behind() {
     // The killed coordinator's allocation outlives it...
     assert_eq!(live(&owner).len(), 1);
     let mut second = coordinator_process(&state, port);
-    let mut cl = connect(&url).await;
+    let mut cl = connect(&url, &state).await;
     // ...until the next one cancels it and submits the job's next attempt.
     let t = Instant::now();
     loop {

@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use strata_coordinator::Coordinator;
 use strata_proto::v1 as pb;
-use strata_proto::v1::job_service_client::JobServiceClient;
-use tonic::transport::Channel;
 
 fn strata(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -78,7 +76,7 @@ m = { n_layers = 2, d_model = 32, n_heads = 2, d_ffn = 96 }
 l = { n_layers = 2, d_model = 64, n_heads = 4, d_ffn = 192 }
 "#;
 
-async fn sweep_of(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Sweep {
+async fn sweep_of(cl: &mut Cl, id: &str) -> pb::Sweep {
     cl.get_sweep(pb::GetSweepRequest {
         sweep_id: id.into(),
     })
@@ -87,7 +85,7 @@ async fn sweep_of(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Sweep {
     .into_inner()
 }
 
-async fn sweep_ended(cl: &mut JobServiceClient<Channel>, id: &str, secs: u64) -> pb::Sweep {
+async fn sweep_ended(cl: &mut Cl, id: &str, secs: u64) -> pb::Sweep {
     let t = Instant::now();
     loop {
         let s = sweep_of(cl, id).await;

@@ -110,7 +110,7 @@ async fn a_job_s_spans_reach_an_otlp_collector_in_one_trace() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut cl = connect(&url).await;
+    let mut cl = connect(&url, &dir.path().join("state")).await;
     // Two pipeline stages, two microbatches, six steps, a checkpoint
     // every three.
     let steps = 6;

@@ -130,8 +130,15 @@ pub struct JobRecord {
     pub finished_unix_ms: i64,
     /// The job's folder: worker logs now, checkpoints later.
     pub run_dir: String,
-    /// The secret the job's workers present on every control call.
+    /// The secret the job's workers present on every control call, in
+    /// memory only: the store keeps its digest. Empty after the
+    /// coordinator restarts; the next attempt gets a new one. (Older
+    /// stores kept it in clear: it is read once and never written again.)
+    #[serde(default, skip_serializing)]
     pub worker_token: String,
+    /// SHA-256 of the worker token, hex: what calls are checked against.
+    #[serde(default)]
+    pub worker_token_sha256: String,
     /// The latest attempts, the current one last (numbered from 1); the
     /// earlier ones are in `earlier_attempts`.
     #[serde(default)]
@@ -212,6 +219,7 @@ impl JobRecord {
             finished_unix_ms: 0,
             run_dir: "/runs/t".into(),
             worker_token: "secret".into(),
+            worker_token_sha256: token_digest("secret"),
             attempts: Vec::new(),
             earlier_attempts: AttemptsSummary::default(),
             checkpoints: Vec::new(),
@@ -224,6 +232,31 @@ impl JobRecord {
 
     /// Parses the stored recipe text once (a record read back from the
     /// store); a recipe this version refuses leaves `recipe` empty.
+    /// Gives the job's workers a new secret.
+    pub fn set_worker_token(&mut self, token: String) {
+        self.worker_token_sha256 = token_digest(&token);
+        self.worker_token = token;
+    }
+
+    /// Whether `presented` is the workers' secret (compared in constant
+    /// time, digest to digest).
+    pub fn worker_token_matches(&self, presented: &str) -> bool {
+        !self.worker_token_sha256.is_empty()
+            && crate::engine::same_token(
+                token_digest(presented).as_bytes(),
+                self.worker_token_sha256.as_bytes(),
+            )
+    }
+
+    /// A record as the store gave it: the recipe parsed, and a token an
+    /// older store kept in clear turned into its digest.
+    pub fn loaded(&mut self) {
+        if self.worker_token_sha256.is_empty() && !self.worker_token.is_empty() {
+            self.worker_token_sha256 = token_digest(&self.worker_token);
+        }
+        self.parse_recipe();
+    }
+
     pub fn parse_recipe(&mut self) {
         match Recipe::from_toml_str(&self.spec_toml, &self.name) {
             Ok(r) => self.recipe = Some(Arc::new(r)),
@@ -471,6 +504,15 @@ pub fn now_unix_ms() -> i64 {
 }
 
 /// A random secret, hex encoded (from the OS's generator).
+/// SHA-256 of a token, hex.
+pub fn token_digest(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub fn random_token() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 24];

@@ -89,7 +89,7 @@ impl Coordinator {
         mut cfg: CoordinatorConfig,
         launcher: Arc<dyn JobLauncher>,
     ) -> Result<Coordinator, StartError> {
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::StateDir {
+        crate::startup::private_dir(&cfg.state_dir).map_err(|source| StartError::StateDir {
             path: cfg.state_dir.clone(),
             source,
         })?;

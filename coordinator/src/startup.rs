@@ -110,6 +110,22 @@ pub fn read_token_file(path: &Path) -> Result<String, OptionsError> {
     Ok(t)
 }
 
+/// Creates `path` (and its parents) if needed and makes it its owner's
+/// alone (0700): the state folder holds the store, tokens and logs.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+            tracing::info!(path = %path.display(), was = format!("{:o}", mode & 0o777), "state folder made private (0700)");
+        }
+    }
+    Ok(())
+}
+
 /// Writes `contents` to `path` readable by its owner only, through a
 /// temporary file made 0600 before anything is written to it.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -126,32 +142,102 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The client token: the given file's, or (off loopback) one generated
-/// into the state folder, readable by its owner only. Whether it was
-/// made now, and where it is.
-pub fn client_token(o: &CoordinatorOptions) -> Result<Option<(String, PathBuf)>, OptionsError> {
+/// The client token: the given file's, or one kept in the state folder
+/// (made at first start, readable by its owner only). Every caller needs
+/// it, on loopback too: another user of the same machine reaches a
+/// loopback port as easily as its owner. Where it is.
+pub fn client_token(o: &CoordinatorOptions) -> Result<(String, PathBuf), OptionsError> {
     if let Some(path) = &o.token_file {
-        return read_token_file(path).map(|t| Some((t, path.clone())));
-    }
-    if o.listen.ip().is_loopback() && o.http_listen.is_none_or(|h| h.ip().is_loopback()) {
-        return Ok(None);
+        return read_token_file(path).map(|t| (t, path.clone()));
     }
     let path = o.state_dir.join("token");
     if let Ok(t) = std::fs::read_to_string(&path)
         && !t.trim().is_empty()
     {
-        return Ok(Some((t.trim().to_string(), path)));
+        return Ok((t.trim().to_string(), path));
     }
-    std::fs::create_dir_all(&o.state_dir)
+    private_dir(&o.state_dir)
         .map_err(|e| err(format!("cannot create {}: {e}", o.state_dir.display())))?;
     let token = random_token().map_err(|e| err(format!("random token: {e}")))?;
     write_private(&path, format!("{token}\n").as_bytes())
         .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
-    eprintln!(
-        "clients need the token in {} (--token-file or STRATA_TOKEN)",
-        path.display()
-    );
-    Ok(Some((token, path)))
+    Ok((token, path))
+}
+
+/// The folder where a coordinator leaves its client token for its owner's
+/// CLI (`$XDG_CONFIG_HOME/strata/tokens`, else `~/.config/strata/tokens`).
+pub fn token_folder() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".config"))
+        })?;
+    Some(base.join("strata").join("tokens"))
+}
+
+/// The name of a coordinator's token in [`token_folder`]: its port for
+/// one on this machine (reached as localhost, 127.0.0.1 or any local
+/// address), else `HOST-PORT`.
+pub fn token_key(host: &str, port: u16) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let local = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+    if local {
+        format!("{port}")
+    } else {
+        let safe: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{safe}-{port}")
+    }
+}
+
+/// Leaves `token` where the owner's CLI finds it for a coordinator on
+/// `addr` (a file 0600 in a folder 0700). Where, if it could.
+pub fn publish_token(addr: SocketAddr, token: &str) -> Option<PathBuf> {
+    publish_token_in(&token_folder()?, addr, token)
+}
+
+fn publish_token_in(dir: &Path, addr: SocketAddr, token: &str) -> Option<PathBuf> {
+    let path = dir.join(token_key(&addr.ip().to_string(), addr.port()));
+    let done =
+        private_dir(dir).and_then(|()| write_private(&path, format!("{token}\n").as_bytes()));
+    match done {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not leave the client token for the CLI");
+            None
+        }
+    }
+}
+
+/// The token a coordinator at `url` left for this user, if any.
+pub fn published_token(url: &str) -> Option<String> {
+    published_token_in(&token_folder()?, url)
+}
+
+fn published_token_in(dir: &Path, url: &str) -> Option<String> {
+    let uri: axum::http::Uri = url.parse().ok()?;
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    let path = dir.join(token_key(uri.host()?, port));
+    let t = std::fs::read_to_string(path).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 /// This coordinator's mark on its Slurm allocations, kept in the state
@@ -163,7 +249,7 @@ pub fn owner_id(state_dir: &Path) -> Result<String, OptionsError> {
     {
         return Ok(id.trim().to_string());
     }
-    std::fs::create_dir_all(state_dir)
+    private_dir(state_dir)
         .map_err(|e| err(format!("cannot create {}: {e}", state_dir.display())))?;
     let id: String = random_token()
         .map_err(|e| err(format!("random id: {e}")))?
@@ -234,12 +320,11 @@ pub fn launcher(
     }
 }
 
-/// The engine's configuration, its launcher, and the token file's path
-/// when a token is set.
-pub type Configured = (CoordinatorConfig, Arc<dyn JobLauncher>, Option<PathBuf>);
+/// The engine's configuration, its launcher, and the token file's path.
+pub type Configured = (CoordinatorConfig, Arc<dyn JobLauncher>, PathBuf);
 
 /// The engine's configuration from the options, and the launcher; the
-/// token file's path when a token is set.
+/// token file's path.
 pub fn configure(o: &CoordinatorOptions) -> Result<Configured, OptionsError> {
     let (launcher, extra_worker_args) = launcher(o)?;
     let inventory = match o.launcher {
@@ -254,14 +339,14 @@ pub fn configure(o: &CoordinatorOptions) -> Result<Configured, OptionsError> {
         inventory,
         o.worker_program.clone(),
     );
-    cfg.client_token = token.as_ref().map(|t| t.0.clone());
+    cfg.client_token = Some(token.0);
     cfg.heartbeat_timeout = o.heartbeat_timeout;
     cfg.stop_grace = o.stop_grace;
     cfg.heartbeats_per_s = o.heartbeats_per_s;
     cfg.advertise_url = o.advertise_url.clone();
     cfg.http_listen = o.http_listen;
     cfg.worker_args.extend(extra_worker_args);
-    Ok((cfg, launcher, token.map(|t| t.1)))
+    Ok((cfg, launcher, token.1))
 }
 
 /// Starts the coordinator the options describe and serves until
@@ -286,14 +371,24 @@ pub async fn serve(
         c.engine.launcher_description(),
         inventory.nodes().len(),
     );
+    // The owner's CLI finds the token without flags; other users cannot
+    // read it.
+    let token = c.engine.config().client_token.clone().unwrap_or_default();
+    let published = publish_token(c.addr, &token);
+    eprintln!(
+        "clients need the token in {}{} (or --token-file / STRATA_TOKEN)",
+        token_file.display(),
+        published.as_ref().map_or(String::new(), |p| format!(
+            ", which this user's `strata` finds in {}",
+            p.display()
+        ))
+    );
     if let Some(h) = c.http_addr {
         eprintln!("dashboard at http://{h}/ and Prometheus metrics at http://{h}/metrics");
-        if let Some(file) = token_file {
-            eprintln!(
-                "  they need the client token: a browser opens http://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
-                file.display()
-            );
-        }
+        eprintln!(
+            "  they need the client token: a browser opens http://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
+            token_file.display()
+        );
     }
     let stop = c.shutdown_handle();
     tokio::spawn(async move {
@@ -303,7 +398,14 @@ pub async fn serve(
             let _ = tx.send(());
         }
     });
-    c.wait().await.map_err(ServeError::Serve)
+    let served = c.wait().await.map_err(ServeError::Serve);
+    // Gone with the coordinator, unless another has taken the port since.
+    if let Some(p) = published
+        && std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token)
+    {
+        let _ = std::fs::remove_file(&p);
+    }
+    served
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +429,7 @@ mod tests {
             dir.path().join("state"),
             "/bin/false".into(),
         );
-        let (t, path) = client_token(&o).unwrap().unwrap();
+        let (t, path) = client_token(&o).unwrap();
         assert_eq!(t.len(), 48);
         #[cfg(unix)]
         {
@@ -336,7 +438,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         // The same token the next time.
-        assert_eq!(client_token(&o).unwrap().unwrap().0, t);
+        assert_eq!(client_token(&o).unwrap().0, t);
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
         o.token_file = Some(empty.clone());
@@ -345,10 +447,42 @@ mod tests {
             e.to_string(),
             format!("token file {} is empty", empty.display())
         );
-        // On loopback no token is needed.
+        // On loopback too: the same token.
         o.token_file = None;
         o.listen = "127.0.0.1:0".parse().unwrap();
-        assert!(client_token(&o).unwrap().is_none());
+        assert_eq!(client_token(&o).unwrap().0, t);
+    }
+
+    #[test]
+    fn the_cli_finds_a_local_coordinators_token_by_its_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        let at = publish_token_in(&tokens, "127.0.0.1:7070".parse().unwrap(), "t1").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&tokens), mode(&at)), (0o700, 0o600));
+        for url in [
+            "http://127.0.0.1:7070",
+            "http://localhost:7070/",
+            "http://[::1]:7070",
+        ] {
+            assert_eq!(
+                published_token_in(&tokens, url).as_deref(),
+                Some("t1"),
+                "{url}"
+            );
+        }
+        assert_eq!(published_token_in(&tokens, "http://127.0.0.1:7071"), None);
+        assert_eq!(published_token_in(&tokens, "http://node7:7070"), None);
+        // One listening on every address is local too; a remote one is
+        // keyed by its host.
+        publish_token_in(&tokens, "0.0.0.0:7072".parse().unwrap(), "t2").unwrap();
+        assert_eq!(
+            published_token_in(&tokens, "http://127.0.0.1:7072").as_deref(),
+            Some("t2")
+        );
+        assert_eq!(token_key("10.0.0.5", 7070), "10.0.0.5-7070");
+        assert_eq!(token_key("node/../x", 1), "node_.._x-1");
     }
 
     #[test]

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use strata_cluster::{Exit, Inventory, JobLauncher, LaunchError, LaunchSpec, Ranks, StartInfo};
 use strata_coordinator::{Coordinator, CoordinatorConfig};
-use strata_dataplane::checkpoint::{FORMAT, Manifest, SavedLayout, VERSION};
+use strata_dataplane::checkpoint::{
+    self as ckpt, FORMAT, Manifest, SavedLayout, VERSION, describe_shards,
+};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::manifest::{Layout, TokenizerInfo};
+use strata_dataplane::params::ParamTable;
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
 use strata_dataplane::writer::{DatasetWriter, WriterOptions};
@@ -22,18 +25,20 @@ use strata_proto::v1::job_service_client::JobServiceClient;
 use strata_recipe::Recipe;
 use tonic::transport::Channel;
 
-/// Records what it was asked to start; its "processes" run until stopped.
+/// Records what it was asked to start; its "processes" run until stopped
+/// (or, lingering, until killed: workers that use their whole stop grace).
 #[derive(Default, Clone)]
 struct FakeLauncher {
     started: Arc<Mutex<Vec<Vec<LaunchSpec>>>>,
+    linger: bool,
 }
 
-struct FakeRanks(Vec<Option<Exit>>);
+struct FakeRanks(Vec<Option<Exit>>, bool);
 
 impl JobLauncher for FakeLauncher {
     fn start(&self, ranks: &[LaunchSpec], _: &StartInfo) -> Result<Box<dyn Ranks>, LaunchError> {
         self.started.lock().unwrap().push(ranks.to_vec());
-        Ok(Box::new(FakeRanks(vec![None; ranks.len()])))
+        Ok(Box::new(FakeRanks(vec![None; ranks.len()], self.linger)))
     }
 }
 
@@ -45,7 +50,9 @@ impl Ranks for FakeRanks {
         Ok(self.0[rank].clone())
     }
     fn terminate(&mut self) {
-        self.0.iter_mut().for_each(|e| *e = Some(Exit::Code(0)));
+        if !self.1 {
+            self.0.iter_mut().for_each(|e| *e = Some(Exit::Code(0)));
+        }
     }
     fn kill(&mut self) {
         self.0
@@ -123,6 +130,7 @@ struct Setup {
     ctl: ControlServiceClient<tonic::service::interceptor::InterceptedService<Channel, Token>>,
     id: String,
     spec: String,
+    token: String,
 }
 
 #[derive(Clone)]
@@ -136,9 +144,12 @@ impl tonic::service::Interceptor for Token {
 }
 
 async fn setup() -> Setup {
+    setup_with(FakeLauncher::default(), Duration::from_secs(1)).await
+}
+
+async fn setup_with(launcher: FakeLauncher, stop_grace: Duration) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(&dir.path().join("data")).await;
-    let launcher = FakeLauncher::default();
     let mut cfg = CoordinatorConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         dir.path().join("state"),
@@ -147,7 +158,7 @@ async fn setup() -> Setup {
     );
     cfg.worker_args = Vec::new();
     cfg.heartbeat_timeout = Duration::from_secs(600);
-    cfg.stop_grace = Duration::from_secs(1);
+    cfg.stop_grace = stop_grace;
     let c = Coordinator::start_with(cfg, Arc::new(launcher.clone()))
         .await
         .unwrap();
@@ -189,6 +200,7 @@ async fn setup() -> Setup {
         channel,
         Token(format!("Bearer {token}").parse().unwrap()),
     );
+
     let mut s = Setup {
         _dir: dir,
         c,
@@ -196,7 +208,9 @@ async fn setup() -> Setup {
         ctl,
         id,
         spec,
+        token,
     };
+
     for rank in 0..2 {
         s.ctl
             .register(pb::RegisterRequest {
@@ -211,6 +225,54 @@ async fn setup() -> Setup {
             .unwrap();
     }
     s
+}
+
+/// Rank `rank`'s report of checkpoint `step` as a worker of `attempt`
+/// sends it: its files (described: the coordinator never opens them), and
+/// on rank 0 the manifest.
+fn checkpoint_report(
+    recipe: &Recipe,
+    job: &str,
+    rank: u32,
+    attempt: u32,
+    step: u64,
+) -> pb::ReportCheckpointRequest {
+    let l = recipe.parallel.layout;
+    let coords = l.coords(strata_recipe::Rank(rank)).unwrap();
+    let table = ParamTable::new(&recipe.model, l, coords);
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        job: job.into(),
+        attempt,
+        step,
+        tokens_seen: step * 64,
+        optimizer_steps: step,
+        layout: SavedLayout {
+            tp: l.tp,
+            pp: l.pp,
+            dp: l.dp,
+            virtual_stages: 1,
+        },
+        model: recipe.model,
+        recipe: String::new(),
+        data: None,
+        shards: Vec::new(),
+        written_at: 0,
+    };
+    pb::ReportCheckpointRequest {
+        job_id: job.into(),
+        rank,
+        attempt,
+        step,
+        ok: true,
+        shards: describe_shards(&table, attempt, coords.dp)
+            .iter()
+            .map(strata_proto::checkpoint::shard_to_pb)
+            .collect(),
+        manifest: (rank == 0).then(|| strata_proto::checkpoint::manifest_to_pb(&manifest)),
+        ..Default::default()
+    }
 }
 
 fn step(n: u64, stages: u32) -> pb::StepMetrics {
@@ -351,41 +413,12 @@ async fn concurrent_reports_lose_no_change() {
     let mut checkpoints = Vec::new();
     for rank in 0..2u32 {
         let (mut ctl, id) = (s.ctl.clone(), s.id.clone());
-        let (model, spec) = (recipe.model, s.spec.clone());
+        let recipe = recipe.clone();
         checkpoints.push(tokio::spawn(async move {
             for n in 1..=n_ckpt {
-                let manifest = Manifest {
-                    format: FORMAT.into(),
-                    version: VERSION,
-                    job: id.clone(),
-                    attempt: 1,
-                    step: n,
-                    tokens_seen: n * 64,
-                    optimizer_steps: n,
-                    layout: SavedLayout {
-                        tp: 1,
-                        pp: 1,
-                        dp: 2,
-                        virtual_stages: 1,
-                    },
-                    model,
-                    recipe: spec.clone(),
-                    data: None,
-                    shards: Vec::new(),
-                    written_at: 0,
-                };
-                ctl.report_checkpoint(pb::ReportCheckpointRequest {
-                    job_id: id.clone(),
-                    rank,
-                    attempt: 1,
-                    step: n,
-                    ok: true,
-                    manifest: (rank == 0)
-                        .then(|| strata_proto::checkpoint::manifest_to_pb(&manifest)),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                ctl.report_checkpoint(checkpoint_report(&recipe, &id, rank, 1, n))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -438,4 +471,190 @@ async fn concurrent_reports_lose_no_change() {
     let start = Instant::now();
     s.c.stop().await;
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// Steps of the job's complete checkpoints, as its manifests on disk say.
+async fn steps_on_disk(s: &Setup) -> Vec<u64> {
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let loc = Location::parse(&recipe.checkpoint.unwrap().dir, false).unwrap();
+    let (found, _) = ckpt::list(&loc, &s.id).await.unwrap();
+    found.iter().map(|m| m.step).collect()
+}
+
+/// A manifest of another job, of another step, or whose files miss part
+/// of the model is never written: the checkpoint does not exist, and the
+/// job says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_are_checked_before_they_are_committed() {
+    let s = setup().await;
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let mut ctl = s.ctl.clone();
+    let report = |rank, step| checkpoint_report(&recipe, &s.id, rank, 1, step);
+    // Step 1: rank 0's manifest names another job.
+    let mut r0 = report(0, 1);
+    r0.manifest.as_mut().unwrap().job = "job-999".into();
+    // Step 2: rank 0's manifest says step 3.
+    let mut r0b = report(0, 2);
+    r0b.manifest.as_mut().unwrap().step = 3;
+    // Step 3: rank 0 reports no files (the second replica writes none).
+    let mut r0c = report(0, 3);
+    r0c.shards.clear();
+    for (a, b) in [(r0, report(1, 1)), (r0b, report(1, 2)), (r0c, report(1, 3))] {
+        ctl.report_checkpoint(a).await.unwrap();
+        ctl.report_checkpoint(b).await.unwrap();
+    }
+    // Step 4: as a worker sends it.
+    ctl.report_checkpoint(report(0, 4)).await.unwrap();
+    ctl.report_checkpoint(report(1, 4)).await.unwrap();
+    assert_eq!(steps_on_disk(&s).await, [4]);
+    let j =
+        s.cl.clone()
+            .get_job(pb::GetJobRequest {
+                job_id: s.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let errors = j.checkpoint_errors.join("\n");
+    assert!(
+        errors.contains("step 1: rank 0's manifest names job `job-999`"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("step 2: rank 0's manifest is of step 3"),
+        "{errors}"
+    );
+    assert!(errors.contains("step 3: incomplete"), "{errors}");
+    assert_eq!(j.last_checkpoint_step, Some(4));
+    s.c.stop().await;
+}
+
+/// A resume while the cancelled attempt's workers are still in their stop
+/// grace: the checkpoint they save on their way out lands before the
+/// resume cuts the history (it waits for them), and nothing of theirs
+/// lands after it; no checkpoint past the resumed step remains.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_during_the_stop_grace_leaves_no_checkpoint_past_its_step() {
+    let launcher = FakeLauncher {
+        linger: true,
+        ..FakeLauncher::default()
+    };
+    let s = setup_with(launcher, Duration::from_secs(3)).await;
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let mut ctl = s.ctl.clone();
+    for step in 1..=4 {
+        for rank in 0..2 {
+            ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, step))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(steps_on_disk(&s).await, [1, 2, 3, 4]);
+    let mut cl = s.cl.clone();
+    cl.cancel_job(pb::CancelJobRequest {
+        job_id: s.id.clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    // The resume, asked at once.
+    let resume = {
+        let (mut cl, id) = (s.cl.clone(), s.id.clone());
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            let r = cl
+                .resume_job(pb::ResumeJobRequest {
+                    job_id: id,
+                    from_step: 2,
+                    discard_newer: true,
+                    ..Default::default()
+                })
+                .await;
+            (r, begun.elapsed())
+        })
+    };
+    // The stopping workers save step 5 on their way out (SIGTERM).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for rank in 0..2 {
+        ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, 5))
+            .await
+            .unwrap();
+    }
+    let (r, took) = resume.await.unwrap();
+    r.unwrap();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the resume did not wait: {took:?}"
+    );
+    assert_eq!(steps_on_disk(&s).await, [1, 2]);
+    // A late report of the ended attempt is refused, whatever the job's
+    // state now.
+    for rank in 0..2 {
+        let e = ctl
+            .report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, 6))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    }
+    assert_eq!(steps_on_disk(&s).await, [1, 2]);
+    let list = cl
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints;
+    assert!(list.iter().all(|c| c.step <= 2), "{list:?}");
+    s.c.stop().await;
+}
+
+/// The state folder and the store are the owner's alone, and the store
+/// keeps no worker token in clear (a local user who could read it could
+/// end a job as succeeded or commit a crafted manifest).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_is_private_and_keeps_no_worker_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup().await;
+    let state = s._dir.path().join("state");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("jobs.redb")), 0o600);
+    let raw = std::fs::read(state.join("jobs.redb")).unwrap();
+    let has = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(has(s.id.as_bytes()), "the job's record is in the store");
+    assert!(
+        !has(s.token.as_bytes()),
+        "the worker token is stored in clear"
+    );
+    // A wrong token is refused; the right one (checked by its digest)
+    // still works.
+    let channel = Channel::from_shared(format!("http://{}", s.c.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut wrong =
+        ControlServiceClient::with_interceptor(channel, Token("Bearer 00".parse().unwrap()));
+    let e = wrong
+        .heartbeat(pb::HeartbeatRequest {
+            job_id: s.id.clone(),
+            rank: 0,
+            attempt: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    s.ctl
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            job_id: s.id.clone(),
+            rank: 0,
+            attempt: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.c.stop().await;
 }

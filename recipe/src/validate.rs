@@ -144,11 +144,14 @@ fn job_name(c: &mut Checker, name: Option<&str>, default_name: &str) -> String {
     let ok = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.');
     match name {
         Some(n) => {
-            if n.is_empty() || n.len() > 128 || !n.chars().all(ok) {
+            // A name that starts with '-' would read as a flag wherever it
+            // is passed to a program (`sbatch`, a worker).
+            let first_ok = n.starts_with(|ch: char| ch.is_ascii_alphanumeric());
+            if n.len() > 128 || !first_ok || !n.chars().all(ok) {
                 c.fail(
                     "name",
                     format!(
-                        "\"{n}\" is not a job name: use 1 to 128 letters, digits, '-', '_' or '.'"
+                        "\"{n}\" is not a job name: use 1 to 128 letters, digits, '-', '_' or '.', starting with a letter or digit"
                     ),
                 );
             }
@@ -158,6 +161,7 @@ fn job_name(c: &mut Checker, name: Option<&str>, default_name: &str) -> String {
             let cleaned: String = default_name
                 .chars()
                 .map(|ch| if ok(ch) { ch } else { '-' })
+                .skip_while(|ch| !ch.is_ascii_alphanumeric())
                 .take(128)
                 .collect();
             if cleaned.is_empty() {

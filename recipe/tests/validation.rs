@@ -580,6 +580,15 @@ fn names() {
     check(&[Set("name", string("my job"))], "name", &["my job"]);
     let r = Recipe::from_toml_str(&edited(&[Remove("name")]), "from file/stem").unwrap();
     assert_eq!(r.name, "from-file-stem");
+    // A leading '-' would read as a flag where the name is passed on.
+    check(
+        &[Set("name", string("-x"))],
+        "name",
+        &["starting with a letter"],
+    );
+    check(&[Set("name", string("--help"))], "name", &["\"--help\""]);
+    let r = Recipe::from_toml_str(&edited(&[Remove("name")]), "--evil").unwrap();
+    assert_eq!(r.name, "evil");
 }
 
 #[test]

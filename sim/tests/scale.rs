@@ -122,7 +122,7 @@ impl Harness {
 /// A plain HTTP GET on loopback: status and body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut buf = String::new();
     std::io::Read::read_to_string(&mut s, &mut buf).unwrap();
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
@@ -348,7 +348,7 @@ fn open_events(http: SocketAddr, path: &str, last: Option<u64>) -> BufReader<Tcp
     let resume = last.map_or(String::new(), |l| format!("Last-Event-ID: {l}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n{resume}\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {http}\r\nAccept: text/event-stream\r\n{resume}\r\n"
     )
     .unwrap();
     let mut r = BufReader::new(s);

@@ -12,9 +12,26 @@ use strata_dataplane::manifest::{Layout, TokenizerInfo};
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
 use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::v1 as pb;
 use strata_proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
+
+/// A job client with the coordinator's token (or none, for a coordinator
+/// made without one in the test's process).
+pub type Cl = JobServiceClient<WithBearer<Channel>>;
+
+pub async fn client_at(url: &str, token: Option<&str>) -> Option<Cl> {
+    let channel = Channel::from_shared(url.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    Some(JobServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token).unwrap(),
+    ))
+}
 
 /// A small dataset (a few State of the Union addresses) in buckets of
 /// 16..64 tokens.
@@ -129,16 +146,16 @@ pub fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfi
     cfg
 }
 
-pub async fn client(c: &Coordinator) -> JobServiceClient<Channel> {
-    JobServiceClient::connect(format!("http://{}", c.addr))
-        .await
-        .unwrap()
+pub async fn client(c: &Coordinator) -> Cl {
+    client_at(
+        &format!("http://{}", c.addr),
+        c.engine.config().client_token.as_deref(),
+    )
+    .await
+    .unwrap()
 }
 
-pub async fn submit(
-    cl: &mut JobServiceClient<Channel>,
-    spec: String,
-) -> Result<String, tonic::Status> {
+pub async fn submit(cl: &mut Cl, spec: String) -> Result<String, tonic::Status> {
     cl.submit_job(pb::SubmitJobRequest {
         spec_toml: spec,
         default_name: "t".into(),
@@ -147,7 +164,7 @@ pub async fn submit(
     .map(|r| r.into_inner().job_id)
 }
 
-pub async fn get(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
+pub async fn get(cl: &mut Cl, id: &str) -> pb::Job {
     cl.get_job(pb::GetJobRequest { job_id: id.into() })
         .await
         .unwrap()
@@ -155,12 +172,7 @@ pub async fn get(cl: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
 }
 
 /// Polls until `f(job)` holds (panics after `secs`).
-pub async fn until(
-    cl: &mut JobServiceClient<Channel>,
-    id: &str,
-    secs: u64,
-    f: impl Fn(&pb::Job) -> bool,
-) -> pb::Job {
+pub async fn until(cl: &mut Cl, id: &str, secs: u64, f: impl Fn(&pb::Job) -> bool) -> pb::Job {
     let start = Instant::now();
     loop {
         let j = get(cl, id).await;
@@ -209,7 +221,7 @@ kind = "constant"
     )
 }
 
-pub async fn metrics(cl: &mut JobServiceClient<Channel>, id: &str) -> Vec<pb::StepMetrics> {
+pub async fn metrics(cl: &mut Cl, id: &str) -> Vec<pb::StepMetrics> {
     cl.get_metrics(pb::GetMetricsRequest {
         job_id: id.into(),
         from_step: 0,
@@ -231,7 +243,7 @@ pub fn recipe_ck(dataset: &str, steps: u64, l: (u32, u32, u32), dir: &Path, ever
 }
 
 /// Waits for job `id` to end.
-pub async fn ended(cl: &mut JobServiceClient<Channel>, id: &str, secs: u64) -> pb::Job {
+pub async fn ended(cl: &mut Cl, id: &str, secs: u64) -> pb::Job {
     until(cl, id, secs, |j| {
         !matches!(
             j.state(),
@@ -256,10 +268,16 @@ pub fn assert_bit_identical(want: &[pb::StepMetrics], got: &[pb::StepMetrics], w
 }
 
 /// A client of the coordinator at `url`, once it answers (30 s at most).
-pub async fn connect(url: &str) -> JobServiceClient<Channel> {
+/// A client of the coordinator process at `url` whose state folder is
+/// `state`: it waits for the process to answer, and reads the client
+/// token it made there (every coordinator has one, on loopback too).
+pub async fn connect(url: &str, state: &Path) -> Cl {
     let t = Instant::now();
     loop {
-        if let Ok(c) = JobServiceClient::connect(url.to_string()).await {
+        let token = std::fs::read_to_string(state.join("token")).ok();
+        if let Some(token) = token.as_deref().map(str::trim).filter(|t| !t.is_empty())
+            && let Some(c) = client_at(url, Some(token)).await
+        {
             return c;
         }
         assert!(
@@ -278,7 +296,7 @@ pub fn get_http(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> 
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     std::io::Write::write_fmt(
         &mut s,
-        format_args!("GET {path} HTTP/1.1\r\nHost: strata\r\n{auth}Connection: close\r\n\r\n"),
+        format_args!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"),
     )
     .unwrap();
     let mut raw = String::new();

@@ -11,7 +11,9 @@ use strata_cluster::{Inventory, Node, Slot};
 use super::actions::{Action, LaunchPlan, RanksHandle, StopKind};
 use super::supervisor::{AssignmentBase, Failure, Supervisor};
 use super::{Engine, Result, State};
-use crate::job::{AttemptRecord, BlamedNode, JobId, JobRecord, JobState, now_unix_ms};
+use crate::job::{
+    AttemptRecord, BlamedNode, JobId, JobRecord, JobState, now_unix_ms, random_token,
+};
 use crate::placement::place;
 use crate::store::{Ticket, Write};
 
@@ -136,10 +138,14 @@ impl Engine {
             tracing::info_span!("place")
                 .in_scope(|| place(job.layout, inventory, state.leased.slots()))
         });
-        let placement = match placed {
-            Ok(p) => p,
-            Err(e) => {
-                let why = e.to_string();
+        let token = if job.worker_token.is_empty() {
+            random_token().map_err(|e| format!("no random source for the job's worker token: {e}"))
+        } else {
+            Ok(String::new())
+        };
+        let (placement, token) = match (placed.map_err(|e| e.to_string()), token) {
+            (Ok(p), Ok(t)) => (p, t),
+            (Err(why), _) | (_, Err(why)) => {
                 tracing::error!(job = %job.job_id, reason = %why, "job failed to start");
                 let _ = self.update(state, job.job_id.as_str(), |job| {
                     close_attempt(job, JobState::Failed, &why, false);
@@ -152,6 +158,11 @@ impl Engine {
         };
         let slots: Vec<Slot> = placement.assignments.into_iter().map(|a| a.slot).collect();
         let mut record = (**job).clone();
+        // A new job, or one whose secret the last coordinator took with it
+        // (the store keeps only its digest).
+        if record.worker_token.is_empty() {
+            record.set_worker_token(token);
+        }
         record.state = JobState::Running;
         record.started_unix_ms = now_unix_ms();
         record.push_attempt(AttemptRecord {

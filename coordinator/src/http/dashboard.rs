@@ -400,12 +400,18 @@ pub(crate) struct SweepReport {
     plots: Vec<(String, String, String)>,
 }
 
-/// Reports made, by sweep.
-pub(crate) type Reports = std::sync::Mutex<HashMap<String, Arc<SweepReport>>>;
+/// The report last made of each sweep, behind a lock of its own: one
+/// report is made at a time per sweep, and polls that come meanwhile wait
+/// for it instead of fitting again.
+pub(crate) type Reports =
+    std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<SweepReport>>>>>>;
 
+/// What a report depends on: its succeeded points only (a running point's
+/// progress changes nothing in it).
 fn report_key(jobs: &[Option<Arc<JobRecord>>]) -> Vec<(String, &'static str, u64)> {
     jobs.iter()
         .flatten()
+        .filter(|j| j.state == JobState::Succeeded)
         .map(|j| (j.job_id.to_string(), j.state.name(), j.steps_done))
         .collect()
 }
@@ -496,22 +502,26 @@ async fn report_of(
     jobs: Vec<Option<Arc<JobRecord>>>,
 ) -> Result<Arc<SweepReport>, String> {
     let key = report_key(&jobs);
-    if let Some(r) = http.reports.lock().expect("reports").get(&s.sweep_id)
+    let slot = http
+        .reports
+        .lock()
+        .expect("reports")
+        .entry(s.sweep_id.clone())
+        .or_default()
+        .clone();
+    let mut last = slot.lock().await;
+    if let Some(r) = last.as_ref()
         && r.key == key
     {
         return Ok(r.clone());
     }
     let engine = http.engine.clone();
-    let made = tokio::task::spawn_blocking(move || {
-        make_report(&engine, &s, &jobs, key).map(|r| (s.sweep_id.clone(), Arc::new(r)))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-    http.reports
-        .lock()
-        .expect("reports")
-        .insert(made.0, made.1.clone());
-    Ok(made.1)
+    let made = tokio::task::spawn_blocking(move || make_report(&engine, &s, &jobs, key))
+        .await
+        .map_err(|e| e.to_string())??;
+    let made = Arc::new(made);
+    *last = Some(made.clone());
+    Ok(made)
 }
 
 fn sweep_and_jobs(engine: &Engine, id: &str) -> Option<crate::engine::sweeps::SweepView> {

@@ -37,6 +37,9 @@ pub(crate) struct Http {
     pub(crate) token: Option<String>,
     /// Sweep reports made for the dashboard.
     pub(crate) reports: dashboard::Reports,
+    /// Whether the listener is on loopback (then only loopback host names
+    /// are served).
+    pub(crate) loopback: bool,
 }
 
 /// The cookie a browser keeps the token in, once given `?token=`.
@@ -54,6 +57,23 @@ fn hex(token: &str) -> String {
 /// gets the cookie and is sent on to the same path without the token, so
 /// the token does not stay in the address bar or the history.
 async fn authorize(AxumState(http): AxumState<Arc<Http>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !host_allowed(host, http.loopback) {
+        tracing::warn!(host = ?host, path = %req.uri().path(), "HTTP call naming another host refused");
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!(
+                "host {:?} is not this server: it listens on loopback (open it as localhost or 127.0.0.1)\n",
+                host.unwrap_or("")
+            ),
+        )
+            .into_response();
+    }
     let Some(token) = &http.token else {
         return next.run(req).await;
     };
@@ -63,18 +83,7 @@ async fn authorize(AxumState(http): AxumState<Arc<Http>>, req: Request, next: Ne
     if let Some((_, given)) = query.iter().find(|(k, _)| k == "token")
         && same(given.as_bytes(), token.as_bytes())
     {
-        let rest: Vec<&str> = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty() && !p.starts_with("token="))
-            .collect();
-        // Never elsewhere: `//host` would be another site.
-        let mut to = format!("/{}", req.uri().path().trim_start_matches('/'));
-        if !rest.is_empty() {
-            to = format!("{to}?{}", rest.join("&"));
-        }
+        let to = redirect_target(req.uri().path(), req.uri().query());
         return (
             StatusCode::SEE_OTHER,
             [
@@ -112,6 +121,76 @@ async fn authorize(AxumState(http): AxumState<Arc<Http>>, req: Request, next: Ne
         .into_response()
 }
 
+/// Where a page opened with `?token=` is sent on: the same path on this
+/// server, without the token. Never elsewhere: a path starting `//` or
+/// `/\` (which browsers read as `//`) would name another site, so leading
+/// slashes are collapsed and backslashes escaped; every parameter whose
+/// name decodes to `token` goes (`%74oken=` too, which would otherwise
+/// loop).
+fn redirect_target(path: &str, query: Option<&str>) -> String {
+    let path = path.replace('\\', "%5C");
+    let mut to = format!("/{}", path.trim_start_matches('/'));
+    let rest: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| {
+            let key = p.split('=').next().unwrap_or("");
+            !p.is_empty() && percent_decode(key) != "token"
+        })
+        .collect();
+    if !rest.is_empty() {
+        to = format!("{to}?{}", rest.join("&"));
+    }
+    to
+}
+
+/// A query key as a form decodes it (`+` is a space, `%XX` a byte).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a request's `Host` may reach a listener on loopback: only a
+/// loopback name. A web page cannot then reach the dashboard through DNS
+/// rebinding (its requests carry its own host name). Off loopback the
+/// token guards every path.
+fn host_allowed(host: Option<&str>, loopback: bool) -> bool {
+    if !loopback {
+        return true;
+    }
+    let Some(host) = host else {
+        return false;
+    };
+    // `name:port`, `[v6]:port`, or a bare name.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn metrics_handler(AxumState(http): AxumState<Arc<Http>>) -> Response {
     let engine = http.engine.clone();
     match tokio::task::spawn_blocking(move || metrics::render(&engine)).await {
@@ -135,10 +214,12 @@ pub async fn serve(
     token: Option<String>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
     let http = Arc::new(Http {
         engine,
         token,
         reports: Default::default(),
+        loopback: addr.is_some_and(|a| a.ip().is_loopback()),
     });
     let app: Router = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -148,7 +229,6 @@ pub async fn serve(
             authorize,
         ))
         .with_state(http);
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "HTTP (/metrics and the dashboard) listening");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut refused = crate::net::Backoff::default();
@@ -195,5 +275,60 @@ pub async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_redirect_stays_on_this_server() {
+        assert_eq!(
+            redirect_target("/jobs/x", Some("token=T&a=1")),
+            "/jobs/x?a=1"
+        );
+        // Browsers read `/\\host` as `//host`, another site.
+        assert_eq!(
+            redirect_target("/\\evil.com", Some("token=T")),
+            "/%5Cevil.com"
+        );
+        assert_eq!(redirect_target("//evil.com", Some("token=T")), "/evil.com");
+        // An encoded name is still the token: dropped, not looped on.
+        assert_eq!(redirect_target("/", Some("%74oken=T")), "/");
+        assert_eq!(redirect_target("/", Some("%74%6F%6B%65%6E=T&b=2")), "/?b=2");
+        assert_eq!(redirect_target("/", Some("tokens=1")), "/?tokens=1");
+    }
+
+    #[test]
+    fn percent_decoding_of_keys() {
+        assert_eq!(percent_decode("%74oken"), "token");
+        assert_eq!(percent_decode("a+b%2"), "a b%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%"), "%");
+    }
+
+    #[test]
+    fn only_loopback_names_reach_a_loopback_listener() {
+        for ok in [
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "LOCALHOST",
+            "127.0.0.1",
+        ] {
+            assert!(host_allowed(Some(ok), true), "{ok}");
+        }
+        for bad in [
+            "evil.com:8080",
+            "evil.com",
+            "10.0.0.1:8080",
+            "[2001:db8::1]:80",
+            "",
+        ] {
+            assert!(!host_allowed(Some(bad), true), "{bad}");
+        }
+        assert!(!host_allowed(None, true));
+        assert!(host_allowed(Some("evil.com"), false));
     }
 }
