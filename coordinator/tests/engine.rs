@@ -506,6 +506,18 @@ async fn manifests_are_checked_before_they_are_committed() {
     // Step 4: as a worker sends it.
     ctl.report_checkpoint(report(0, 4)).await.unwrap();
     ctl.report_checkpoint(report(1, 4)).await.unwrap();
+    // Step 5: rank 0's manifest claims a model of four billion layers
+    // (nothing may be sized by it).
+    let mut r0d = report(0, 5);
+    r0d.manifest
+        .as_mut()
+        .unwrap()
+        .model
+        .as_mut()
+        .unwrap()
+        .n_layers = u64::from(u32::MAX);
+    ctl.report_checkpoint(r0d).await.unwrap();
+    ctl.report_checkpoint(report(1, 5)).await.unwrap();
     assert_eq!(steps_on_disk(&s).await, [4]);
     let j =
         s.cl.clone()
@@ -525,6 +537,10 @@ async fn manifests_are_checked_before_they_are_committed() {
         "{errors}"
     );
     assert!(errors.contains("step 3: incomplete"), "{errors}");
+    assert!(
+        errors.contains("step 5: rank 0's manifest describes another model"),
+        "{errors}"
+    );
     assert_eq!(j.last_checkpoint_step, Some(4));
     s.c.stop().await;
 }

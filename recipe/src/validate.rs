@@ -660,7 +660,21 @@ fn check_run_tokens(
     let requested_total = c.tokens("data.total_tokens", d.total_tokens, false);
     // Every bucket (2^k ≤ max_seq_len) must split into whole sequences per
     // microbatch on every data-parallel rank.
-    let granularity = (|| Some(max_seq_len? * u64::from(dp?) * u64::from(microbatches?)))();
+    let granularity = match (max_seq_len, dp, microbatches) {
+        (Some(s), Some(d), Some(m)) => {
+            let g = s
+                .checked_mul(u64::from(d))
+                .and_then(|x| x.checked_mul(u64::from(m)));
+            if g.is_none() {
+                c.fail(
+                    "parallel.microbatches",
+                    format!("max_seq_len·dp·microbatches = {s}·{d}·{m} is past 2^64 tokens"),
+                );
+            }
+            g
+        }
+        _ => None,
+    };
     let tokens_per_step = match d.tokens_per_step {
         Quantity::StepLaw => match (requested_total, granularity) {
             (Some(total), Some(g)) => {

@@ -875,3 +875,83 @@ fn kept_checkpoint_steps_are_saved_besides_the_interval() {
     assert_eq!(&saved[..4], [3, 7, 100, 200]);
     assert_eq!(saved.last(), Some(&n));
 }
+
+mod adversarial {
+    //! Recipes come from users and from files on shared storage: whatever
+    //! they hold, parsing gives a recipe or errors that name fields, never
+    //! a panic (an overflow, an index) and never a buffer sized by a
+    //! claimed number.
+    use super::*;
+    use proptest::prelude::*;
+
+    const INTEGERS: &[&str] = &[
+        "seed",
+        "model.n_layers",
+        "model.d_model",
+        "model.n_heads",
+        "model.n_kv_heads",
+        "model.d_ffn",
+        "model.vocab_size",
+        "model.max_seq_len",
+        "parallel.tp",
+        "parallel.pp",
+        "parallel.dp",
+        "parallel.microbatches",
+        "data.cycles",
+        "data.tokens_per_step",
+        "data.total_tokens",
+        "schedule.warmup_tokens",
+        "schedule.decay_tokens",
+        "checkpoint.every_steps",
+    ];
+
+    fn extreme() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            Just(-1),
+            Just(1),
+            Just(i64::MAX),
+            Just(i64::MIN),
+            Just(u32::MAX as i64),
+            Just(u32::MAX as i64 + 1),
+            Just(1 << 40),
+            any::<i64>(),
+            0i64..100_000,
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Up to three integer fields set to extreme values at once.
+        #[test]
+        fn extreme_numbers_are_named_errors(
+            edits in proptest::collection::vec((0..INTEGERS.len(), extreme()), 1..4)
+        ) {
+            let edits: Vec<Edit> = edits
+                .into_iter()
+                .map(|(i, v)| Set(INTEGERS[i], int(v)))
+                .collect();
+            if let Err(e) = parse(&edits) {
+                prop_assert!(!e.problems.is_empty(), "{e}");
+            }
+        }
+
+        /// Any text at all.
+        #[test]
+        fn any_text_parses_or_is_refused(text in "\\PC{0,400}") {
+            let _ = Recipe::from_toml_str(&text, "fuzz");
+        }
+
+        /// The base recipe cut or with a byte changed.
+        #[test]
+        fn damaged_recipes_parse_or_are_refused(cut in 0usize..BASE.len(), byte in any::<u8>()) {
+            let mut b = BASE.as_bytes().to_vec();
+            b[cut] = byte;
+            if let Ok(text) = std::str::from_utf8(&b) {
+                let _ = Recipe::from_toml_str(text, "fuzz");
+            }
+            let _ = Recipe::from_toml_str(&BASE[..BASE.floor_char_boundary(cut)], "fuzz");
+        }
+    }
+}

@@ -179,3 +179,56 @@ fn a_branch_sweep_refuses_what_cannot_branch() {
     let e = refused("[branches]\nfractions = [0.5]\ncooldown = 1.0\n");
     assert!(e.contains("branches.cooldown: must be in (0, 1)"), "{e}");
 }
+
+mod adversarial {
+    //! Sweep files come from users: any text expands to points or to an
+    //! error, never a panic, and never more than `MAX_POINTS` points.
+    use super::*;
+    use proptest::prelude::*;
+
+    const GRID: &str = "max_concurrent = 2\n[grid]\nlr = [1e-3, 3e-3]\nseed = [1, 2, 3]\n";
+
+    /// `body` under the usual header with the base inlined, or its error.
+    fn try_sweep(body: &str) -> Result<strata_sweep::spec::Plan, strata_sweep::spec::SweepError> {
+        let text = inline_base(
+            &format!("name = \"sw\"\nbase = \"tiny.toml\"\n{body}"),
+            BASE,
+            "tiny.toml",
+        )?;
+        expand(&text)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_text_expands_or_is_refused(text in "\\PC{0,300}") {
+            let _ = expand(&text);
+            let _ = try_sweep(&text);
+        }
+
+        /// The grid sweep with one byte changed, or cut short.
+        #[test]
+        fn damaged_sweeps_expand_or_are_refused(cut in 0usize..GRID.len(), byte in any::<u8>()) {
+            let mut b = GRID.as_bytes().to_vec();
+            b[cut] = byte;
+            if let Ok(body) = std::str::from_utf8(&b) {
+                let _ = try_sweep(body);
+            }
+            let _ = try_sweep(&GRID[..GRID.floor_char_boundary(cut)]);
+        }
+
+        /// Axes whose product is past the cap are refused before any
+        /// point is made.
+        #[test]
+        fn huge_grids_are_refused(n in 101usize..400) {
+            let seeds: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+            let lrs: Vec<String> = (0..n).map(|i| format!("{}e-5", i + 1)).collect();
+            let body = format!("[grid]\nseed = [{}]\nlr = [{}]\n", seeds.join(", "), lrs.join(", "));
+            let Err(e) = try_sweep(&body) else {
+                return Err(TestCaseError::fail("a grid past the cap was expanded"));
+            };
+            prop_assert!(e.to_string().contains("points"), "{e}");
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
 use strata_dataplane::store::Location;
-use strata_recipe::Layout;
+use strata_recipe::{Layout, ModelConfig};
 use tracing::Instrument;
 
 use super::supervisor::PendingCheckpoint;
@@ -40,7 +40,8 @@ impl Engine {
                 m.shards = p.shards;
                 m.shards.sort_by(|a, b| a.key.cmp(&b.key));
                 m.written_at = (now_unix_ms() / 1000) as u64;
-                match check_manifest(&m, job.job_id.as_str(), attempt, step, layout) {
+                let model = job.recipe.as_ref().map(|r| r.model);
+                match check_manifest(&m, job.job_id.as_str(), attempt, step, layout, model) {
                     Ok(()) => write_and_prune(&cfg, job.job_id.as_str(), &m)
                         .instrument(tracing::info_span!(
                             "checkpoint_commit",
@@ -114,6 +115,7 @@ pub(crate) fn check_manifest(
     attempt: u32,
     step: u64,
     layout: Layout,
+    model: Option<ModelConfig>,
 ) -> Result<(), String> {
     if m.job != job {
         return Err(format!("rank 0's manifest names job `{}`", m.job));
@@ -130,6 +132,10 @@ pub(crate) fn check_manifest(
             "rank 0's manifest says layout tp={} pp={} dp={}, the attempt ran {layout}",
             saved.0, saved.1, saved.2
         ));
+    }
+    // The model is the job's (and nothing is sized by a claimed one).
+    if model.is_some_and(|model| model != m.model) {
+        return Err("rank 0's manifest describes another model than the job's".into());
     }
     let prefix = format!("a{attempt}-");
     if let Some(s) = m.shards.iter().find(|s| {
