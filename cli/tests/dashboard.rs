@@ -355,3 +355,84 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
     drop(browser);
     c.stop().await;
 }
+
+/// What users and workers write (a cancel's reason, a recipe's comments,
+/// an attempt's cause) reaches the pages as text: crafted as
+/// HTML and script, nothing of it runs and no element is made of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn crafted_html_in_reasons_and_recipes_never_runs() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path()).await;
+    let mut cfg = config(&dir.path().join("state"), 2, Some("t"));
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let c = Coordinator::start(cfg).await.unwrap();
+    let http = c.http_addr.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cl = JobServiceClient::with_interceptor(
+        channel,
+        strata_proto::auth::Bearer::new(Some("t")).unwrap(),
+    );
+    let payload = |n: u32| {
+        format!(
+            "<img src=x onerror=\"window.__pwned={n}\"><script>window.__pwned={n}</script><svg onload=\"window.__pwned={n}\"></svg>"
+        )
+    };
+    let spec = format!("# {}\n{}", payload(1), recipe(&data, 100_000, 2));
+    let id = cl
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec,
+            default_name: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    cl.cancel_job(pb::CancelJobRequest {
+        job_id: id.clone(),
+        reason: payload(2),
+    })
+    .await
+    .unwrap();
+    browser.open(&format!("http://{http}/?token=t"));
+    for page in ["/".to_string(), format!("/jobs/{id}")] {
+        browser.open(&format!("http://{http}{page}"));
+        // The page has shown the job, the reason and (on its own page)
+        // the recipe, as text.
+        let start = Instant::now();
+        loop {
+            let text = browser.eval("return document.body.innerText");
+            let text = text.as_str().unwrap_or("");
+            let shown = if page == "/" {
+                text.contains(id.as_str())
+            } else {
+                text.contains("window.__pwned=1") && text.contains("window.__pwned=2")
+            };
+            if shown {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{page} never showed the crafted text: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let ran = browser.eval(
+            "return [window.__pwned === undefined, document.querySelectorAll('img[src=x], script:not([src]), svg[onload]').length]",
+        );
+        assert_eq!(
+            ran,
+            json!([true, 0]),
+            "{page}: crafted markup became elements or ran"
+        );
+    }
+    drop(browser);
+    c.stop().await;
+}

@@ -154,6 +154,10 @@ pub fn check_complete(m: &Manifest) -> Result<()> {
             m.format, m.version
         ));
     }
+    let entries: usize = m.shards.iter().map(|s| s.tensors.len()).sum();
+    if let Err(why) = plausible_model(&m.model, entries) {
+        return bad(why);
+    }
     let mut covered: HashMap<(&str, Kind), usize> = HashMap::new();
     // Slices seen so far, by tensor: a slice written twice (two ranks
     // claiming one part, none the other) would add up to the right count.
@@ -267,6 +271,31 @@ pub fn tensor_entry(slot: &ParamSlot, kind: Kind) -> TensorEntry {
         full_shape: slot.spec.full_shape.clone(),
         slice: slot.slice.iter().map(|r| [r.start, r.end]).collect(),
     }
+}
+
+/// A model a manifest may name before anything is sized by it: no zero
+/// or absurd dimension (a head count of 0 divides by zero; 2^40 layers
+/// would be a list of trillions), and no more layers than its files hold
+/// tensors for.
+fn plausible_model(m: &ModelConfig, entries: usize) -> std::result::Result<(), String> {
+    let dims = [
+        ("d_model", m.d_model),
+        ("n_heads", m.n_heads),
+        ("n_kv_heads", m.n_kv_heads),
+        ("d_ffn", m.d_ffn),
+        ("padded_vocab_size", m.padded_vocab_size),
+    ];
+    if let Some((name, v)) = dims.iter().find(|(_, v)| *v == 0 || *v >= 1 << 32) {
+        return Err(format!("the manifest's model has {name} = {v}"));
+    }
+    // Each layer has nine tensors, each kept as three (weights, moments).
+    if m.n_layers.saturating_mul(27) > entries as u64 {
+        return Err(format!(
+            "the manifest's model has {} layers; its files hold {entries} tensors",
+            m.n_layers
+        ));
+    }
+    Ok(())
 }
 
 /// Whether two boxes (a `[start, end)` per dimension) share an element.
@@ -385,4 +414,99 @@ pub async fn prune(loc: &Location, root: &str, keep: usize, pinned: &[u64]) -> R
         deleted.push(m.step);
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamTable;
+    use proptest::prelude::*;
+    use strata_recipe::{Coords, Layout};
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            n_layers: 2,
+            d_model: 16,
+            n_heads: 2,
+            n_kv_heads: 2,
+            d_ffn: 32,
+            vocab_size: 64,
+            padded_vocab_size: 64,
+            max_seq_len: 16,
+            rope_theta: 10_000.0,
+            tie_embeddings: false,
+        }
+    }
+
+    /// A complete manifest of `model()` saved under tp = 2.
+    fn complete() -> Manifest {
+        let layout = Layout {
+            tp: 2,
+            pp: 1,
+            dp: 1,
+        };
+        let shards = (0..2)
+            .flat_map(|tp| {
+                let t = ParamTable::new(&model(), layout, Coords { dp: 0, pp: 0, tp });
+                describe_shards(&t, 1, 0)
+            })
+            .collect();
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            job: "j".into(),
+            attempt: 1,
+            step: 1,
+            tokens_seen: 1,
+            optimizer_steps: 1,
+            layout: SavedLayout {
+                tp: 2,
+                pp: 1,
+                dp: 1,
+                virtual_stages: 1,
+            },
+            model: model(),
+            recipe: String::new(),
+            data: None,
+            shards,
+            written_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_complete_manifest_passes_and_a_doubled_slice_does_not() {
+        check_complete(&complete()).unwrap();
+        // Rank 1's first slice replaced by rank 0's: the counts add up,
+        // the tensor is not covered.
+        let mut m = complete();
+        let first = m.shards[0].tensors[0].clone();
+        let same = m.shards[2]
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == first.name && t.kind == first.kind && t.slice != first.slice);
+        let t = same.expect("rank 1 holds another slice of the first tensor");
+        t.slice = first.slice.clone();
+        let e = check_complete(&m).unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+    }
+
+    proptest! {
+        /// A manifest whose model or slices say anything: an error or a
+        /// pass, never a panic or an allocation sized by the claim.
+        #[test]
+        fn claimed_numbers_never_panic(field in 0usize..8, v in prop_oneof![Just(0u64), Just(u64::MAX), Just(1u64 << 40), any::<u64>(), 0u64..100]) {
+            let mut m = complete();
+            match field {
+                0 => m.model.n_layers = v,
+                1 => m.model.d_model = v,
+                2 => m.model.n_heads = v,
+                3 => m.model.n_kv_heads = v,
+                4 => m.model.d_ffn = v,
+                5 => m.model.padded_vocab_size = v,
+                6 => m.shards[0].tensors[0].slice[0][1] = v as usize,
+                _ => m.shards[1].tensors[0].full_shape[0] = v as usize,
+            }
+            let _ = check_complete(&m);
+        }
+    }
 }

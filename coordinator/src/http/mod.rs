@@ -300,6 +300,23 @@ mod tests {
         assert_eq!(redirect_target("/", Some("tokens=1")), "/?tokens=1");
     }
 
+    proptest::proptest! {
+        /// Whatever the path and query: the redirect stays on this server
+        /// and carries no token, and nothing panics.
+        #[test]
+        fn any_redirect_stays_here(path in "\\PC{0,40}", query in proptest::option::of("\\PC{0,60}")) {
+            let to = redirect_target(&format!("/{path}"), query.as_deref());
+            proptest::prop_assert!(to.starts_with('/') && !to.starts_with("//"), "{to}");
+            let (path, q) = to.split_once('?').unwrap_or((&to, ""));
+            // Browsers read a backslash in the path as a slash.
+            proptest::prop_assert!(!path.contains('\\'), "{to}");
+            for part in q.split('&') {
+                let key = part.split('=').next().unwrap_or("");
+                proptest::prop_assert_ne!(percent_decode(key), "token");
+            }
+        }
+    }
+
     #[test]
     fn percent_decoding_of_keys() {
         assert_eq!(percent_decode("%74oken"), "token");
