@@ -245,10 +245,16 @@ async fn metrics_match_the_job_history_and_need_the_token() {
         ("strata_job_lr", "lr"),
         ("strata_job_tokens_per_second", "tokens_per_s"),
     ] {
-        assert_eq!(
-            value(&scrape, metric, Some(&id)),
-            row[field].as_f64(),
-            "{metric} vs strata metrics --json's {field}: {row}"
+        // The same number, to the last bit or one past it: serde_json's
+        // default float parsing (here, of the CLI's output) is not
+        // always correctly rounded; GetMetrics below is compared exactly.
+        let (a, b) = (
+            value(&scrape, metric, Some(&id)).unwrap(),
+            row[field].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= f64::EPSILON * a.abs().max(b.abs()),
+            "{metric} vs strata metrics --json's {field}: {a} and {b}: {row}"
         );
     }
     assert_eq!(value(&scrape, "strata_job_loss", Some(&id)), Some(s.loss));

@@ -148,6 +148,15 @@ async fn setup() -> Setup {
 }
 
 async fn setup_with(launcher: FakeLauncher, stop_grace: Duration) -> Setup {
+    setup_spec(launcher, stop_grace, |s| s).await
+}
+
+/// A setup whose recipe `edit` changes.
+async fn setup_spec(
+    launcher: FakeLauncher,
+    stop_grace: Duration,
+    edit: impl Fn(String) -> String,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(&dir.path().join("data")).await;
     let mut cfg = CoordinatorConfig::new(
@@ -168,7 +177,7 @@ async fn setup_with(launcher: FakeLauncher, stop_grace: Duration) -> Setup {
         .await
         .unwrap();
     let mut cl = JobServiceClient::new(channel.clone());
-    let spec = recipe(&data, &dir.path().join("checkpoints"));
+    let spec = edit(recipe(&data, &dir.path().join("checkpoints")));
     let id = cl
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec.clone(),
@@ -672,5 +681,55 @@ async fn the_store_is_private_and_keeps_no_worker_token() {
         })
         .await
         .unwrap();
+    s.c.stop().await;
+}
+
+/// A branch of a running job from a checkpoint `keep_last` would let go:
+/// the checkpoint stays while the branch has none of its own (it would
+/// otherwise fail to start, its checkpoint pruned under it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_branch_keeps_its_parents_checkpoint() {
+    let s = setup_spec(FakeLauncher::default(), Duration::from_secs(1), |spec| {
+        spec.replace(
+            "kind = \"constant\"",
+            "kind = \"wsd\"\nwarmup_tokens = 64\ndecay_tokens = 640000",
+        )
+        .replace("keep_last = 0", "keep_last = 1")
+    })
+    .await;
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let mut ctl = s.ctl.clone();
+    let save = async |ctl: &mut ControlServiceClient<_>, step| {
+        for rank in 0..2 {
+            ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, step))
+                .await
+                .unwrap();
+        }
+    };
+    save(&mut ctl, 1).await;
+    save(&mut ctl, 2).await;
+    assert_eq!(steps_on_disk(&s).await, [2]);
+    // The branch waits for slots the parent holds.
+    let branch =
+        s.cl.clone()
+            .branch_job(pb::BranchJobRequest {
+                parent_id: s.id.clone(),
+                from_step: 2,
+                decay_tokens: 6400,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(branch.state(), pb::JobState::Queued);
+    save(&mut ctl, 3).await;
+    assert_eq!(
+        steps_on_disk(&s).await,
+        [2, 3],
+        "the branch's step was pruned"
+    );
+    save(&mut ctl, 4).await;
+    assert_eq!(steps_on_disk(&s).await, [2, 4]);
+    let _ = branch;
     s.c.stop().await;
 }

@@ -13,9 +13,25 @@ use tracing::Instrument;
 use super::supervisor::PendingCheckpoint;
 use super::{Engine, Result};
 use crate::error::EngineError;
-use crate::job::{CheckpointRecord, JobRecord, now_unix_ms};
+use crate::job::{CheckpointRecord, JobId, JobRecord, now_unix_ms};
 
 impl Engine {
+    /// The steps of job `id`'s checkpoints that its branches still start
+    /// from: a branch that has not ended and has no checkpoint of its own
+    /// loads its parent's, which pruning must then keep (a manual branch
+    /// of a running job names a step `keep_last` would soon let go).
+    pub(crate) fn branch_pins(&self, id: &JobId) -> Vec<u64> {
+        let state = self.lock();
+        state
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_final() && j.checkpoints.is_empty())
+            .filter_map(|j| j.parent.as_ref())
+            .filter(|p| p.job == id.as_str())
+            .map(|p| p.step)
+            .collect()
+    }
+
     /// Commits checkpoint `step` of `job` from every rank's reports; its
     /// record is durable when this returns. Whether it was committed.
     pub(crate) async fn commit_checkpoint(
@@ -42,14 +58,19 @@ impl Engine {
                 m.written_at = (now_unix_ms() / 1000) as u64;
                 let model = job.recipe.as_ref().map(|r| r.model);
                 match check_manifest(&m, job.job_id.as_str(), attempt, step, layout, model) {
-                    Ok(()) => write_and_prune(&cfg, job.job_id.as_str(), &m)
-                        .instrument(tracing::info_span!(
-                            "checkpoint_commit",
-                            job = %job.job_id,
-                            step = m.step
-                        ))
-                        .await
-                        .map(|pruned| (m, pruned)),
+                    Ok(()) => write_and_prune(
+                        &cfg,
+                        job.job_id.as_str(),
+                        &m,
+                        &self.branch_pins(&job.job_id),
+                    )
+                    .instrument(tracing::info_span!(
+                        "checkpoint_commit",
+                        job = %job.job_id,
+                        step = m.step
+                    ))
+                    .await
+                    .map(|pruned| (m, pruned)),
                     Err(why) => Err(why),
                 }
             }
@@ -151,18 +172,27 @@ pub(crate) fn check_manifest(
 
 /// Writes checkpoint `m`'s manifest under the job's checkpoint folder,
 /// then deletes the complete checkpoints beyond the newest `keep_last`
-/// (never a `keep_steps` one). Returns the steps deleted.
+/// (never a `keep_steps` one, nor one a branch still needs). Returns the
+/// steps deleted.
 async fn write_and_prune(
     cfg: &strata_recipe::CheckpointConfig,
     job: &str,
     m: &Manifest,
+    branches: &[u64],
 ) -> Result<Vec<u64>, String> {
     let loc = Location::parse(&cfg.dir, true).map_err(|e| e.to_string())?;
     ckpt::write_manifest(&loc, job, m)
         .await
         .map_err(|e| format!("writing the manifest: {e}"))?;
     match cfg.keep_last {
-        Some(keep) => match ckpt::prune(&loc, job, keep as usize, &cfg.keep_steps).await {
+        Some(keep) => match ckpt::prune(
+            &loc,
+            job,
+            keep as usize,
+            &[&cfg.keep_steps[..], branches].concat(),
+        )
+        .await
+        {
             Ok(pruned) => Ok(pruned),
             Err(e) => {
                 // The checkpoint is complete; an old one stays behind.
