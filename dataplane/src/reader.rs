@@ -152,10 +152,28 @@ pub fn decode_shard(
         why,
     };
     verify_object(&bytes, info.bytes, info.crc32).map_err(bad)?;
-    let reader = FileReader::try_new(Cursor::new(bytes), None).map_err(|e| bad(e.to_string()))?;
-    let batches: Vec<RecordBatch> = reader
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(e.to_string()))?;
+    // Arrow's IPC reader can panic on a crafted file (a buffer claimed
+    // past the end of the data): a shard with a matching checksum is still
+    // outside input, so a panic there is this shard's error, not the
+    // process's end.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let reader =
+            FileReader::try_new(Cursor::new(bytes), None).map_err(|e| bad(e.to_string()))?;
+        reader
+            .collect::<Result<Vec<RecordBatch>, _>>()
+            .map_err(|e| bad(e.to_string()))
+    }));
+    let batches = match read {
+        Ok(r) => r?,
+        Err(p) => {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("the Arrow reader failed");
+            return Err(bad(format!("not a readable Arrow file: {why}")));
+        }
+    };
     // strata writes one record batch per shard.
     let [batch] = batches.as_slice() else {
         return Err(bad(format!("{} record batches, expected 1", batches.len())));

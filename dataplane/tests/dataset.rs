@@ -694,3 +694,74 @@ async fn an_exact_number_of_documents_is_held_out() {
         "{e}"
     );
 }
+
+/// Shards and manifests on shared storage may be damaged or crafted with
+/// matching checksums: decoding gives rows or an error naming the object,
+/// never a panic, and no buffer is sized by a claimed count.
+mod adversarial {
+    use super::*;
+    use proptest::prelude::*;
+    use strata_dataplane::manifest::ShardInfo;
+    use strata_dataplane::reader::decode_shard;
+
+    /// A real shard's bytes and its manifest entry.
+    fn a_shard() -> (Vec<u8>, ShardInfo, usize) {
+        static SHARD: std::sync::OnceLock<(Vec<u8>, ShardInfo, usize)> = std::sync::OnceLock::new();
+        SHARD
+            .get_or_init(|| {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let out = tempfile::tempdir().unwrap();
+                    let loc = Location::parse(out.path().to_str().unwrap(), true).unwrap();
+                    let mut w = DatasetWriter::create(loc, opts(dd(), 4, 6)).await.unwrap();
+                    w.add_document(&(0..500).collect::<Vec<u32>>())
+                        .await
+                        .unwrap();
+                    let m = w.finish().await.unwrap();
+                    let b = &m.buckets[2];
+                    let bytes = std::fs::read(out.path().join(&b.shards[0].key)).unwrap();
+                    (bytes, b.shards[0].clone(), b.seq_len as usize + 1)
+                })
+            })
+            .clone()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Bytes changed (and the checksum made to match), or cut short.
+        #[test]
+        fn damaged_shards_are_named_errors(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let (mut bytes, mut info, row_len) = a_shard();
+            for (at, v) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = v;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.index(bytes.len()));
+            }
+            info.bytes = bytes.len() as u64;
+            info.crc32 = crc32fast::hash(&bytes);
+            let got = std::panic::catch_unwind(|| {
+                decode_shard("file:///d/shard", bytes::Bytes::from(bytes), &info, row_len)
+            });
+            prop_assert!(got.is_ok(), "decoding panicked");
+            if let Ok(Err(e)) = got {
+                prop_assert!(e.to_string().contains("file:///d/shard"), "{e}");
+            }
+        }
+
+        /// A dataset manifest of any bytes.
+        #[test]
+        fn any_manifest_bytes_are_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let out = tempfile::tempdir().unwrap();
+            std::fs::write(out.path().join("manifest.json"), &bytes).unwrap();
+            let loc = Location::parse(out.path().to_str().unwrap(), false).unwrap();
+            let _ = rt.block_on(read_manifest(&loc));
+        }
+    }
+}
