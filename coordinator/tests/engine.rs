@@ -733,3 +733,38 @@ async fn a_queued_branch_keeps_its_parents_checkpoint() {
     let _ = branch;
     s.c.stop().await;
 }
+
+/// A checkpoint committed behind a newer one, past `keep_last`, is pruned
+/// by its own commit: the job does not list it (it would name files that
+/// are gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_pruned_by_its_own_prune_is_not_recorded() {
+    let s = setup_spec(FakeLauncher::default(), Duration::from_secs(1), |spec| {
+        spec.replace("keep_last = 0", "keep_last = 1")
+    })
+    .await;
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let mut ctl = s.ctl.clone();
+    for step in [2, 1] {
+        for rank in 0..2 {
+            ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, step))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(steps_on_disk(&s).await, [2]);
+    let mut cl = s.cl.clone();
+    let listed: Vec<u64> = cl
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(listed, [2]);
+    s.c.stop().await;
+}
