@@ -194,7 +194,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
         // 2. A coordinator in this process.
         let state_dir = dir.join("state");
-        let cfg = CoordinatorConfig::new(
+        let mut cfg = CoordinatorConfig::new(
             "127.0.0.1:0".parse().expect("address"),
             state_dir.clone(),
             if args.device == "cuda" {
@@ -207,7 +207,6 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         // A token even here: any user of this machine reaches loopback.
         let token = strata_coordinator::job::random_token().context("a random token")?;
-        let mut cfg = cfg;
         cfg.client_token = Some(token.clone());
         let coordinator = Coordinator::start(cfg).await.map_err(|e| UserError(e.to_string()))?;
         let connect = Connect {

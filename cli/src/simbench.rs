@@ -416,15 +416,7 @@ fn start_coordinator(
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
     let token = strata_coordinator::job::random_token()?;
     let token_file = dir.join("token");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&token_file)?
-            .write_all(token.as_bytes())?;
-    }
+    strata_coordinator::startup::write_private(&token_file, token.as_bytes())?;
     let mut cmd = Command::new(&exe);
     cmd.args([
         "coordinator",

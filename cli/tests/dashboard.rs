@@ -21,7 +21,6 @@ use common::*;
 use serde_json::{Value, json};
 use strata_coordinator::Coordinator;
 use strata_proto::v1 as pb;
-use strata_proto::v1::job_service_client::JobServiceClient;
 
 /// One HTTP/1.1 call with a JSON body (or none): the status and the body
 /// as JSON. The body is read to its `Content-Length` (chromedriver keeps
@@ -213,15 +212,7 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
     cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let c = Coordinator::start(cfg).await.unwrap();
     let http = c.http_addr.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut cl = JobServiceClient::with_interceptor(
-        channel,
-        strata_proto::auth::Bearer::new(Some("open sesame")).unwrap(),
-    );
+    let mut cl = client(&c).await;
 
     // Without the token the browser sees the refusal; `?token=` (escaped
     // as a browser would) gives it the cookie, and it is sent on without
@@ -370,15 +361,7 @@ async fn crafted_html_in_reasons_and_recipes_never_runs() {
     cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let c = Coordinator::start(cfg).await.unwrap();
     let http = c.http_addr.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut cl = JobServiceClient::with_interceptor(
-        channel,
-        strata_proto::auth::Bearer::new(Some("t")).unwrap(),
-    );
+    let mut cl = client(&c).await;
     let payload = |n: u32| {
         format!(
             "<img src=x onerror=\"window.__pwned={n}\"><script>window.__pwned={n}</script><svg onload=\"window.__pwned={n}\"></svg>"

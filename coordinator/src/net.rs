@@ -21,6 +21,17 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Whether a host name (without port; an IPv6 address with or without
+/// brackets) names this machine's loopback: `localhost` or a loopback
+/// address.
+pub fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Backing off after accept errors: out of file descriptors (EMFILE) an
 /// accept loop that retries at once spins a core while new workers hang.
 #[derive(Default)]

@@ -128,7 +128,7 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
 
 /// Writes `contents` to `path` readable by its owner only, through a
 /// temporary file made 0600 before anything is written to it.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -183,10 +183,10 @@ pub fn token_folder() -> Option<PathBuf> {
 /// address), else `HOST-PORT`.
 pub fn token_key(host: &str, port: u16) -> String {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let local = host.eq_ignore_ascii_case("localhost")
+    let local = crate::net::is_loopback_name(host)
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+            .is_ok_and(|ip| ip.is_unspecified());
     if local {
         format!("{port}")
     } else {

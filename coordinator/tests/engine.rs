@@ -447,18 +447,7 @@ async fn concurrent_reports_lose_no_change() {
         .into_inner();
     assert!(j.steps_done > n_steps - 4, "{}", j.steps_done);
     assert_eq!(j.last_checkpoint_step, Some(n_ckpt));
-    let list = cl
-        .list_checkpoints(pb::ListCheckpointsRequest {
-            job_id: s.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoints;
-    assert_eq!(
-        list.iter().map(|c| c.step).collect::<Vec<_>>(),
-        (1..=n_ckpt).collect::<Vec<_>>()
-    );
+    assert_eq!(steps_listed(&s).await, (1..=n_ckpt).collect::<Vec<_>>());
     // A report of an attempt that is not the job's is refused.
     let mut ctl = s.ctl.clone();
     let e = ctl
@@ -480,6 +469,21 @@ async fn concurrent_reports_lose_no_change() {
     let start = Instant::now();
     s.c.stop().await;
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// Steps of the job's checkpoints, as `ListCheckpoints` gives them.
+async fn steps_listed(s: &Setup) -> Vec<u64> {
+    s.cl.clone()
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints
+        .iter()
+        .map(|c| c.step)
+        .collect()
 }
 
 /// Steps of the job's complete checkpoints, as its manifests on disk say.
@@ -622,15 +626,8 @@ async fn a_resume_during_the_stop_grace_leaves_no_checkpoint_past_its_step() {
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     }
     assert_eq!(steps_on_disk(&s).await, [1, 2]);
-    let list = cl
-        .list_checkpoints(pb::ListCheckpointsRequest {
-            job_id: s.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoints;
-    assert!(list.iter().all(|c| c.step <= 2), "{list:?}");
+    let list = steps_listed(&s).await;
+    assert!(list.iter().all(|&step| step <= 2), "{list:?}");
     s.c.stop().await;
 }
 
@@ -753,18 +750,6 @@ async fn a_commit_pruned_by_its_own_prune_is_not_recorded() {
         }
     }
     assert_eq!(steps_on_disk(&s).await, [2]);
-    let mut cl = s.cl.clone();
-    let listed: Vec<u64> = cl
-        .list_checkpoints(pb::ListCheckpointsRequest {
-            job_id: s.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoints
-        .iter()
-        .map(|c| c.step)
-        .collect();
-    assert_eq!(listed, [2]);
+    assert_eq!(steps_listed(&s).await, [2]);
     s.c.stop().await;
 }

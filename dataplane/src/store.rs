@@ -258,15 +258,11 @@ impl Location {
             return Ok(());
         };
         let file = root.join(key);
-        let url = self.url_of(key);
         tokio::task::spawn_blocking(move || sync_path(&root, &file))
             .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|e| StoreError::Io {
-                url: url.clone(),
-                source: Box::new(e),
-            })?
-            .map_err(|e| StoreError::Io {
-                url,
+                url: self.url_of(key),
                 source: Box::new(e),
             })
     }

@@ -48,7 +48,7 @@ const COOKIE: &str = "strata_token";
 /// The cookie holds the token hex encoded: any token is then a valid
 /// cookie value.
 fn hex(token: &str) -> String {
-    token.bytes().map(|b| format!("{b:02x}")).collect()
+    crate::job::to_hex(token.as_bytes())
 }
 
 /// The token rule of gRPC, for every HTTP path: with a token set, a call
@@ -145,27 +145,11 @@ fn redirect_target(path: &str, query: Option<&str>) -> String {
 }
 
 /// A query key as a form decodes it (`+` is a space, `%XX` a byte).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn percent_decode(key: &str) -> String {
+    form_urlencoded::parse(key.as_bytes())
+        .next()
+        .map(|(k, _)| k.into_owned())
+        .unwrap_or_default()
 }
 
 /// Whether a request's `Host` may reach a listener on loopback: only a
@@ -185,10 +169,7 @@ fn host_allowed(host: Option<&str>, loopback: bool) -> bool {
     } else {
         host.rsplit_once(':').map_or(host, |(n, _)| n)
     };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    crate::net::is_loopback_name(name)
 }
 
 async fn metrics_handler(AxumState(http): AxumState<Arc<Http>>) -> Response {

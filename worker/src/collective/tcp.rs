@@ -349,6 +349,20 @@ fn nonce() -> [u8; NONCE] {
     n
 }
 
+/// A hello on the wire: the magic, the group name (its length first),
+/// size, rank and target (little-endian u64s), then the nonce.
+fn encode_hello(h: &Hello, nonce_c: &[u8; NONCE]) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(40 + h.group.len() + NONCE);
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&(h.group.len() as u64).to_le_bytes());
+    hello.extend_from_slice(h.group.as_bytes());
+    for n in [h.size, h.rank, h.target] {
+        hello.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    hello.extend_from_slice(nonce_c);
+    hello
+}
+
 /// The connecting side: hello and nonce out, the acceptor's nonce and tag
 /// in (checked), our tag out.
 fn handshake_connect(
@@ -358,15 +372,7 @@ fn handshake_connect(
 ) -> std::result::Result<(), String> {
     let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let nonce_c = nonce();
-    let mut hello = Vec::with_capacity(48 + h.group.len() + NONCE);
-    hello.extend_from_slice(MAGIC);
-    hello.extend_from_slice(&(h.group.len() as u64).to_le_bytes());
-    hello.extend_from_slice(h.group.as_bytes());
-    for n in [h.size, h.rank, h.target] {
-        hello.extend_from_slice(&(n as u64).to_le_bytes());
-    }
-    hello.extend_from_slice(&nonce_c);
-    s.write_all(&hello)
+    s.write_all(&encode_hello(h, &nonce_c))
         .map_err(|e| format!("could not be sent our hello: {e}"))?;
     let mut reply = [0u8; NONCE + TAG];
     read_by(s, &mut reply, deadline)
@@ -808,17 +814,6 @@ mod tests {
         read_hello(&mut |buf| rest.read_exact(buf))
     }
 
-    fn hello_bytes(h: &Hello, nonce_c: &[u8; NONCE]) -> Vec<u8> {
-        let mut b = MAGIC.to_vec();
-        b.extend_from_slice(&(h.group.len() as u64).to_le_bytes());
-        b.extend_from_slice(h.group.as_bytes());
-        for n in [h.size, h.rank, h.target] {
-            b.extend_from_slice(&(n as u64).to_le_bytes());
-        }
-        b.extend_from_slice(nonce_c);
-        b
-    }
-
     proptest! {
         /// Any bytes at all: a hello or a named error, never a panic, and
         /// no buffer sized by a claimed length past the cap.
@@ -835,7 +830,7 @@ mod tests {
             let (rank, target) = (a % size, b % size);
             prop_assume!(rank != target);
             let h = Hello { group, size, rank, target };
-            let (got, nonce_c) = from_bytes(&hello_bytes(&h, &[3; NONCE])).unwrap();
+            let (got, nonce_c) = from_bytes(&encode_hello(&h, &[3; NONCE])).unwrap();
             prop_assert_eq!(got, h);
             prop_assert_eq!(nonce_c, [3; NONCE]);
         }
@@ -874,7 +869,7 @@ mod tests {
             rank: 1,
             target: 1,
         };
-        let err = from_bytes(&hello_bytes(&h, &[0; NONCE])).unwrap_err();
+        let err = from_bytes(&encode_hello(&h, &[0; NONCE])).unwrap_err();
         assert!(err.to_string().contains("outside"), "{err}");
         let err = from_bytes(b"GET / HTTP/1.1\r\n").unwrap_err();
         assert!(err.to_string().contains("not a strata"), "{err}");
