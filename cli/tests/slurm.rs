@@ -220,16 +220,18 @@ async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
     until_no_allocation(&owner, 20, "after success").await;
     // Every rank's wrapper wrote its exit status (once the allocation is
     // over: a rank reports done before its process has exited).
+    let states = allocations(&owner, "all");
     for r in 0..4 {
+        let exit = std::fs::read_to_string(attempt.join(format!("rank-{r}.exit")));
+        let log = std::fs::read_to_string(attempt.join(format!("rank-{r}.log")))
+            .unwrap_or_default();
+        let tail = &log[log.floor_char_boundary(log.len().saturating_sub(4000))..];
         assert_eq!(
-            std::fs::read_to_string(attempt.join(format!("rank-{r}.exit")))
-                .unwrap()
-                .trim(),
-            "0",
-            "rank {r}"
+            exit.as_deref().map(str::trim).ok(),
+            Some("0"),
+            "rank {r}: allocations {states:?}; its log ends:\n{tail}"
         );
     }
-    let states = allocations(&owner, "all");
     assert_eq!(states[0].2, "COMPLETED", "{states:?}");
     eprintln!("slurm: from submission (sbatch) to the first step: {first_step_s:.2} s");
     c.stop().await;

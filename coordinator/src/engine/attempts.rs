@@ -294,7 +294,11 @@ impl Engine {
     /// Ends a job for good (succeeded, cancelled, or failed with no
     /// restart left): closes its attempt, asks its workers to stop within
     /// `grace`, records why, and starts whatever now fits. The ticket of
-    /// the record's write, when there was one.
+    /// the record's write, when there was one. The workers of a job that
+    /// succeeded are not signalled: every rank said it was done and is
+    /// leaving by itself (a SIGTERM, or Slurm's `scancel`, would race its
+    /// exit and its launcher's record of it); one still there at `grace`'s
+    /// end is killed.
     pub(crate) fn end(
         &self,
         state: &mut State,
@@ -314,7 +318,11 @@ impl Engine {
             if sup.is_running() {
                 state.live_ranks = state.live_ranks.saturating_sub(sup.world);
             }
-            self.stop_attempt(&job_id, &mut sup, grace);
+            if to == JobState::Succeeded {
+                sup.stop(grace);
+            } else {
+                self.stop_attempt(&job_id, &mut sup, grace);
+            }
             state.attempts.insert(job_id.clone(), sup);
         }
         state.queue.retain(|q| q != id);

@@ -267,7 +267,7 @@ impl Engine {
                 w.job,
                 JobState::Succeeded,
                 String::new(),
-                Duration::from_secs(10),
+                Duration::from_secs(30),
             )?
         };
         if let Some(t) = ticket {
