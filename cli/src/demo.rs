@@ -213,6 +213,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             coordinator: Some(format!("http://{}", coordinator.addr)),
             token_file: None,
             token: Some(token),
+            ca: None,
         };
         let result = async {
             let mut client = connect.client().await?;

@@ -37,6 +37,11 @@ pub struct Connect {
     /// The token itself, for a client in the coordinator's own process.
     #[arg(skip)]
     pub token: Option<String>,
+    /// The CA (PEM) an https coordinator is trusted by [default: $STRATA_CA,
+    /// then the one a coordinator of this user's on this machine left
+    /// beside its token].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
 }
 
 pub type Client = JobServiceClient<WithBearer<Channel>>;
@@ -64,12 +69,27 @@ impl Connect {
         Ok(startup::published_token(&self.url()))
     }
 
+    /// The CA to trust an https coordinator by.
+    fn ca(&self) -> anyhow::Result<Option<String>> {
+        let path = self.ca.clone().or_else(|| {
+            std::env::var_os("STRATA_CA")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        match path {
+            Some(p) => std::fs::read_to_string(&p)
+                .map(Some)
+                .map_err(|e| UserError(format!("cannot read the CA {}: {e}", p.display())).into()),
+            None => Ok(startup::published_ca(&self.url())),
+        }
+    }
+
     pub async fn client(&self) -> anyhow::Result<Client> {
         let url = self.url();
         let token = Bearer::new(self.token()?.as_deref())
             .ok_or_else(|| UserError("the token is not valid header text".into()))?;
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| UserError(format!("coordinator URL {url}: {e}")))?
+        let channel = strata_proto::auth::endpoint(&url, self.ca()?.as_deref())
+            .map_err(|e| UserError(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
@@ -102,7 +122,8 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// Where to listen. On a loopback address no client token is needed.
+    /// Where to listen. Every client needs the token; off loopback the
+    /// coordinator serves TLS only.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Serve HTTP here too: the dashboard at / and Prometheus metrics at
@@ -153,6 +174,21 @@ pub struct CoordinatorArgs {
     /// node reaches the coordinator from].
     #[arg(long)]
     pub worker_advertise: Option<String>,
+    /// TLS on gRPC and HTTP with this certificate chain (PEM, leaf
+    /// first). Without it, a coordinator off loopback (or given --tls)
+    /// makes its own CA in STATE_DIR/tls and a certificate from it.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA clients and workers trust [default: --tls-cert's last
+    /// certificate].
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve TLS on loopback too.
+    #[arg(long)]
+    pub tls: bool,
     #[command(flatten)]
     pub slurm: SlurmArgs,
     #[command(flatten)]
@@ -223,6 +259,10 @@ fn options(args: &CoordinatorArgs) -> anyhow::Result<CoordinatorOptions> {
     o.stop_grace = Duration::from_secs(args.stop_grace_s);
     o.heartbeats_per_s = args.heartbeats_per_s;
     o.advertise_url = args.advertise_url.clone();
+    o.tls_cert = args.tls_cert.clone();
+    o.tls_key = args.tls_key.clone();
+    o.tls_ca = args.tls_ca.clone();
+    o.tls = args.tls;
     o.launcher = match args.launcher {
         LauncherKind::Local => LauncherChoice::Local,
         LauncherKind::Slurm => {
@@ -336,6 +376,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         rank,
         attempt: args.attempt,
         token,
+        coordinator_ca: std::env::var(strata_coordinator::cluster::COORDINATOR_CA_ENV)
+            .ok()
+            .filter(|c| !c.is_empty()),
         collective_bind: args.collective_bind,
         advertise: args.advertise,
     }) {

@@ -331,8 +331,9 @@ async fn metrics_match_the_job_history_and_need_the_token() {
     c.stop().await;
 }
 
-/// A coordinator whose HTTP side listens off loopback makes a client token
-/// (none was given) and asks for it on every path.
+/// A coordinator whose HTTP side listens off loopback serves it over TLS
+/// (with a certificate from the CA it made: none was given) and asks for
+/// the client token on every path.
 #[test]
 fn off_loopback_the_dashboard_and_metrics_refuse_calls_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,9 +356,14 @@ fn off_loopback_the_dashboard_and_metrics_refuse_calls_without_the_token() {
     }
     let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
     let token = token.trim();
+    let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem")).unwrap();
     for path in ["/metrics", "/", "/api/overview"] {
-        assert_eq!(get_http(at, path, None).0, 401, "{path}");
-        assert_eq!(get_http(at, path, Some(token)).0, 200, "{path}");
+        assert_eq!(get_https(at, path, None, &ca).unwrap().0, 401, "{path}");
+        assert_eq!(
+            get_https(at, path, Some(token), &ca).unwrap().0,
+            200,
+            "{path}"
+        );
     }
     let _ = coordinator.kill();
     let _ = coordinator.wait();

@@ -223,8 +223,8 @@ async fn a_2x2_job_runs_on_both_slurm_nodes_like_the_local_launcher() {
     let states = allocations(&owner, "all");
     for r in 0..4 {
         let exit = std::fs::read_to_string(attempt.join(format!("rank-{r}.exit")));
-        let log = std::fs::read_to_string(attempt.join(format!("rank-{r}.log")))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(attempt.join(format!("rank-{r}.log"))).unwrap_or_default();
         let tail = &log[log.floor_char_boundary(log.len().saturating_sub(4000))..];
         assert_eq!(
             exit.as_deref().map(str::trim).ok(),

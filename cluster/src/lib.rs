@@ -50,6 +50,10 @@ pub(crate) fn spawn_poller<P: Poll>(name: &str, p: &std::sync::Arc<P>) -> std::i
 /// status.
 pub const STOPPED_STATUS: i32 = 143;
 
+/// The environment variable that carries a TLS coordinator's CA (PEM) to
+/// the ranks its launcher starts.
+pub const COORDINATOR_CA_ENV: &str = "STRATA_COORDINATOR_CA";
+
 /// What to start in a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {

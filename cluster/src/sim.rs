@@ -42,6 +42,9 @@ pub struct SimStart {
     pub attempt: u32,
     /// The job's worker token.
     pub token: String,
+    /// The CA (PEM) a TLS coordinator is trusted by.
+    #[serde(default)]
+    pub ca: Option<String>,
     pub ranks: Vec<SimRank>,
     /// Where each rank writes `rank-R.exit` when it ends (as the Slurm
     /// wrapper does), if anywhere.
@@ -304,6 +307,7 @@ impl JobLauncher for SimJobLauncher {
             job: info.job.clone(),
             attempt: info.attempt,
             token: env_of(first, "STRATA_JOB_TOKEN").ok_or_else(|| missing("job token"))?,
+            ca: env_of(first, crate::COORDINATOR_CA_ENV),
             ranks: ranks
                 .iter()
                 .map(|s| SimRank {

@@ -24,8 +24,8 @@ pub struct CoordinatorConfig {
     pub worker_args: Vec<String>,
     /// Extra environment for workers (e.g. `RUST_LOG`, `AWS_*`).
     pub worker_env: Vec<(String, String)>,
-    /// The bearer token clients must present; `None` when the coordinator
-    /// listens on loopback only.
+    /// The bearer token clients must present (`strata coordinator` always
+    /// sets one; `None` only for tests and embedded uses).
     pub client_token: Option<String>,
     /// A worker silent for this long fails its attempt.
     pub heartbeat_timeout: Duration,
@@ -39,6 +39,9 @@ pub struct CoordinatorConfig {
     /// past this many ranks, each rank's period grows beyond a second (up
     /// to a sixth of the heartbeat timeout).
     pub heartbeats_per_s: u32,
+    /// TLS on gRPC and HTTP: the certificate served and the CA workers
+    /// pin. Without it, the coordinator listens on loopback only.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 impl CoordinatorConfig {
@@ -63,6 +66,7 @@ impl CoordinatorConfig {
             stop_grace: Duration::from_secs(30),
             http_listen: None,
             heartbeats_per_s: DEFAULT_HEARTBEATS_PER_S,
+            tls: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod server;
 pub mod startup;
 pub mod store;
 pub mod sweep;
+pub mod tls;
 
 pub use config::CoordinatorConfig;
 pub use server::{Coordinator, StartError};

@@ -28,6 +28,8 @@ const MONITOR_TICK: Duration = Duration::from_millis(250);
 /// middleboxes.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client has to finish its TLS handshake.
+pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// A running coordinator: its address, and a handle to stop it.
 pub struct Coordinator {
@@ -48,6 +50,12 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "{addr} is not a loopback address: serve TLS there (--tls-cert/--tls-key, or the certificate `strata coordinator` makes), plain text is for loopback only"
+    )]
+    PlainOffLoopback { addr: SocketAddr },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("state folder {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -89,6 +97,35 @@ impl Coordinator {
         mut cfg: CoordinatorConfig,
         launcher: Arc<dyn JobLauncher>,
     ) -> Result<Coordinator, StartError> {
+        if cfg.tls.is_none() {
+            for addr in std::iter::once(cfg.listen).chain(cfg.http_listen) {
+                if !crate::tls::plain_allowed(addr.ip()) {
+                    return Err(StartError::PlainOffLoopback { addr });
+                }
+            }
+        }
+        let http_tls = match &cfg.tls {
+            Some(t) => Some(t.rustls_config().map_err(StartError::Tls)?),
+            None => None,
+        };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &cfg.tls {
+            // Workers reach it over TLS, trusting its CA only.
+            cfg.worker_env
+                .push((strata_cluster::COORDINATOR_CA_ENV.into(), t.ca_pem.clone()));
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(
+                            &t.cert_pem,
+                            &t.key_pem,
+                        ))
+                        // A client that opens a connection and says
+                        // nothing holds a handshake task, not the server.
+                        .timeout(TLS_HANDSHAKE),
+                )
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
         crate::startup::private_dir(&cfg.state_dir).map_err(|source| StartError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -125,17 +162,23 @@ impl Coordinator {
                 listener,
                 engine.clone(),
                 engine.config().client_token.clone(),
+                http_tls,
                 engine.closing(),
             ));
         }
+        let scheme = if engine.config().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let url = match &engine.config().advertise_url {
             Some(url) => url.clone(),
-            None if !addr.ip().is_unspecified() => format!("http://{addr}"),
+            None if !addr.ip().is_unspecified() => format!("{scheme}://{addr}"),
             // Workers on other machines reach this one by its name.
             None if !engine.launcher().shares_this_machine() => {
-                format!("http://{}:{}", host_name(), addr.port())
+                format!("{scheme}://{}:{}", host_name(), addr.port())
             }
-            None => format!("http://127.0.0.1:{}", addr.port()),
+            None => format!("{scheme}://127.0.0.1:{}", addr.port()),
         };
         engine.set_worker_url(url);
         {
@@ -174,7 +217,7 @@ impl Coordinator {
         let task = tokio::spawn(async move {
             let mut closed = svc_engine.closing();
             let closer = svc_engine.clone();
-            let serve = tonic::transport::Server::builder()
+            let serve = builder
                 .http2_keepalive_interval(Some(KEEPALIVE))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .layer(crate::rpc::timing::Timing(svc_engine.metrics.clone()))

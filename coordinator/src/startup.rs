@@ -67,6 +67,14 @@ pub struct CoordinatorOptions {
     pub advertise_url: Option<String>,
     /// The program workers run (this `strata` binary).
     pub worker_program: PathBuf,
+    /// TLS: the operator's certificate chain and key (PEM), and the CA
+    /// clients trust (default: the chain's last certificate).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// Serve TLS on loopback too (off loopback it always is), with a
+    /// certificate this coordinator makes when none is given.
+    pub tls: bool,
 }
 
 impl CoordinatorOptions {
@@ -85,6 +93,10 @@ impl CoordinatorOptions {
             launcher: LauncherChoice::Local,
             advertise_url: None,
             worker_program,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls: false,
         }
     }
 }
@@ -211,13 +223,23 @@ pub fn publish_token(addr: SocketAddr, token: &str) -> Option<PathBuf> {
 }
 
 fn publish_token_in(dir: &Path, addr: SocketAddr, token: &str) -> Option<PathBuf> {
-    let path = dir.join(token_key(&addr.ip().to_string(), addr.port()));
-    let done =
-        private_dir(dir).and_then(|()| write_private(&path, format!("{token}\n").as_bytes()));
-    match done {
+    let name = token_key(&addr.ip().to_string(), addr.port());
+    publish_in(dir, &name, &format!("{token}\n"), "client token")
+}
+
+/// Leaves a TLS coordinator's CA beside its token, where the owner's CLI
+/// finds it.
+pub fn publish_ca(addr: SocketAddr, ca_pem: &str) -> Option<PathBuf> {
+    let name = format!("{}.ca.pem", token_key(&addr.ip().to_string(), addr.port()));
+    publish_in(&token_folder()?, &name, ca_pem, "CA")
+}
+
+fn publish_in(dir: &Path, name: &str, contents: &str, what: &str) -> Option<PathBuf> {
+    let path = dir.join(name);
+    match private_dir(dir).and_then(|()| write_private(&path, contents.as_bytes())) {
         Ok(()) => Some(path),
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "could not leave the client token for the CLI");
+            tracing::warn!(path = %path.display(), error = %e, "could not leave the {what} for the CLI");
             None
         }
     }
@@ -228,14 +250,24 @@ pub fn published_token(url: &str) -> Option<String> {
     published_token_in(&token_folder()?, url)
 }
 
-fn published_token_in(dir: &Path, url: &str) -> Option<String> {
+/// The CA a TLS coordinator at `url` left for this user, if any.
+pub fn published_ca(url: &str) -> Option<String> {
+    let path = token_folder()?.join(format!("{}.ca.pem", url_key(url)?));
+    std::fs::read_to_string(path).ok()
+}
+
+/// [`token_key`] of a coordinator URL.
+fn url_key(url: &str) -> Option<String> {
     let uri: axum::http::Uri = url.parse().ok()?;
     let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
         Some("https") => 443,
         _ => 80,
     });
-    let path = dir.join(token_key(uri.host()?, port));
-    let t = std::fs::read_to_string(path).ok()?;
+    Some(token_key(uri.host()?, port))
+}
+
+fn published_token_in(dir: &Path, url: &str) -> Option<String> {
+    let t = std::fs::read_to_string(dir.join(url_key(url)?)).ok()?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_string())
 }
@@ -320,6 +352,43 @@ pub fn launcher(
     }
 }
 
+/// The TLS the options ask for: the operator's files; else, when asked
+/// for or when listening off loopback (plain text is for loopback only),
+/// a certificate this coordinator makes from its own CA; else none.
+pub fn server_tls(o: &CoordinatorOptions) -> Result<Option<crate::tls::ServerTls>, OptionsError> {
+    let tls_err = |e: crate::tls::TlsError| err(format!("TLS: {e}"));
+    match (&o.tls_cert, &o.tls_key) {
+        (Some(cert), Some(key)) => {
+            return crate::tls::from_files(cert, key, o.tls_ca.as_deref())
+                .map(Some)
+                .map_err(tls_err);
+        }
+        (Some(_), None) => return Err(err("--tls-cert needs --tls-key")),
+        (None, Some(_)) => return Err(err("--tls-key needs --tls-cert")),
+        (None, None) if o.tls_ca.is_some() => {
+            return Err(err(
+                "--tls-ca goes with --tls-cert/--tls-key (a certificate this coordinator makes has its own CA)",
+            ));
+        }
+        (None, None) => {}
+    }
+    let off_loopback = std::iter::once(o.listen)
+        .chain(o.http_listen)
+        .any(|a| !crate::tls::plain_allowed(a.ip()));
+    if !(o.tls || off_loopback) {
+        return Ok(None);
+    }
+    let listen: Vec<SocketAddr> = std::iter::once(o.listen).chain(o.http_listen).collect();
+    let names = crate::tls::names(
+        &listen,
+        &crate::engine::host_name(),
+        o.advertise_url.as_deref(),
+    );
+    crate::tls::self_signed(&o.state_dir, &names)
+        .map(Some)
+        .map_err(tls_err)
+}
+
 /// The engine's configuration, its launcher, and the token file's path.
 pub type Configured = (CoordinatorConfig, Arc<dyn JobLauncher>, PathBuf);
 
@@ -346,6 +415,20 @@ pub fn configure(o: &CoordinatorOptions) -> Result<Configured, OptionsError> {
     cfg.advertise_url = o.advertise_url.clone();
     cfg.http_listen = o.http_listen;
     cfg.worker_args.extend(extra_worker_args);
+    cfg.tls = server_tls(o)?.map(Arc::new);
+    if let Some(url) = &cfg.advertise_url {
+        let https = url.starts_with("https://");
+        if https != cfg.tls.is_some() {
+            return Err(err(format!(
+                "--advertise-url {url}: workers reach this coordinator over {}",
+                if cfg.tls.is_some() {
+                    "TLS (it is off loopback, or given --tls or a certificate): give an https:// URL"
+                } else {
+                    "plain text (it serves no TLS): give an http:// URL, or serve TLS (--tls)"
+                }
+            )));
+        }
+    }
     Ok((cfg, launcher, token.1))
 }
 
@@ -364,8 +447,10 @@ pub async fn serve(
         inventory.total_slots(),
         inventory.nodes().iter().map(|n| n.gpus).sum::<u32>(),
     );
+    let tls = c.engine.config().tls.clone();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!(
-        "strata coordinator on http://{} (state in {}, {}: {slots} slots on {} nodes, {gpus} GPUs); Ctrl-C stops it",
+        "strata coordinator on {scheme}://{} (state in {}, {}: {slots} slots on {} nodes, {gpus} GPUs); Ctrl-C stops it",
         c.addr,
         o.state_dir.display(),
         c.engine.launcher_description(),
@@ -383,10 +468,22 @@ pub async fn serve(
             p.display()
         ))
     );
-    if let Some(h) = c.http_addr {
-        eprintln!("dashboard at http://{h}/ and Prometheus metrics at http://{h}/metrics");
+    let published_ca = tls.as_ref().and_then(|t| {
+        let p = publish_ca(c.addr, &t.ca_pem);
         eprintln!(
-            "  they need the client token: a browser opens http://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
+            "TLS: clients and workers trust the CA in {}{} (or --ca / STRATA_CA)",
+            t.ca_path.display(),
+            p.as_ref().map_or(String::new(), |p| format!(
+                ", which this user's `strata` finds in {}",
+                p.display()
+            ))
+        );
+        p
+    });
+    if let Some(h) = c.http_addr {
+        eprintln!("dashboard at {scheme}://{h}/ and Prometheus metrics at {scheme}://{h}/metrics");
+        eprintln!(
+            "  they need the client token: a browser opens {scheme}://{h}/?token=$(cat {}) once (it then keeps a cookie); scrapers send `Authorization: Bearer TOKEN`",
             token_file.display()
         );
     }
@@ -404,6 +501,9 @@ pub async fn serve(
         && std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token)
     {
         let _ = std::fs::remove_file(&p);
+        if let Some(ca) = published_ca {
+            let _ = std::fs::remove_file(ca);
+        }
     }
     served
 }
@@ -483,6 +583,37 @@ mod tests {
         );
         assert_eq!(token_key("10.0.0.5", 7070), "10.0.0.5-7070");
         assert_eq!(token_key("node/../x", 1), "node_.._x-1");
+    }
+
+    #[test]
+    fn tls_off_loopback_or_when_asked_and_urls_that_match_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = CoordinatorOptions::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("state"),
+            "/bin/false".into(),
+        );
+        assert!(server_tls(&o).unwrap().is_none(), "plain on loopback");
+        o.http_listen = Some("0.0.0.0:0".parse().unwrap());
+        let made = server_tls(&o).unwrap().expect("TLS off loopback");
+        assert_eq!(made.ca_path, dir.path().join("state/tls/ca.pem"));
+        o.http_listen = None;
+        o.tls = true;
+        let again = server_tls(&o).unwrap().expect("TLS when asked");
+        assert_eq!(again.ca_pem, made.ca_pem, "the same CA");
+        o.tls_cert = Some(dir.path().join("cert.pem"));
+        assert_eq!(
+            server_tls(&o).unwrap_err().to_string(),
+            "--tls-cert needs --tls-key"
+        );
+        o.tls_cert = None;
+        o.advertise_url = Some("http://head:7070".into());
+        let e = configure(&o).err().unwrap().to_string();
+        assert!(e.contains("give an https:// URL"), "{e}");
+        o.tls = false;
+        o.advertise_url = Some("https://head:7070".into());
+        let e = configure(&o).err().unwrap().to_string();
+        assert!(e.contains("give an http:// URL"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::{Rank as WorldRank, Recipe};
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::stats::Stats;
 
@@ -135,8 +135,8 @@ fn refused(e: &tonic::Status) -> bool {
     matches!(e.code(), FailedPrecondition | NotFound | Unauthenticated)
 }
 
-async fn connect(url: &str) -> Result<Channel, String> {
-    let ep = Endpoint::from_shared(url.to_string())
+async fn connect(url: &str, ca: Option<&str>) -> Result<Channel, String> {
+    let ep = strata_proto::auth::endpoint(url, ca)
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -354,7 +354,7 @@ pub(crate) async fn run(
 ) -> Ended {
     let start = &shared.start;
     let permit = shared.connects.acquire().await;
-    let channel = connect(&start.coordinator).await;
+    let channel = connect(&start.coordinator, start.ca.as_deref()).await;
     drop(permit);
     let channel = match channel {
         Ok(c) => c,

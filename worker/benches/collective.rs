@@ -1,5 +1,7 @@
 //! All-reduce bus bandwidth of the TCP backend on loopback, beside raw TCP
-//! loopback bandwidth measured in the same run, printed as one JSON object:
+//! loopback bandwidth measured in the same run and what one TLS 1.3 stream
+//! (rustls, ring) carries over the same loopback (what encrypting the
+//! ring's links would cost), printed as one JSON object:
 //! `cargo bench -p strata-worker --bench collective`.
 //!
 //! Bus bandwidth follows NCCL's convention: a ring all-reduce moves
@@ -36,6 +38,65 @@ fn raw_tcp_gib_per_s(bytes: usize) -> f64 {
         s.write_all(&chunk).unwrap();
         sent += chunk.len();
     }
+    reader.join().unwrap();
+    bytes as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 30)
+}
+
+/// [`raw_tcp_gib_per_s`] through TLS 1.3 with one cipher suite.
+fn tls_gib_per_s(bytes: usize, suite: rustls::SupportedCipherSuite) -> f64 {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::sync::Arc;
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let der = made.cert.der().clone();
+    let key = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..rustls::crypto::ring::default_provider()
+    });
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap(),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let chunk = vec![7u8; 4 << 20];
+    let reader = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(server).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, s);
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < bytes {
+            got += s.read(&mut buf).unwrap();
+        }
+    });
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(client, name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
+    // The handshake is not part of the stream's rate.
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).unwrap();
+        sent += chunk.len();
+    }
+    s.flush().unwrap();
     reader.join().unwrap();
     bytes as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 30)
 }
@@ -94,9 +155,32 @@ fn main() {
             )
         })
         .collect();
+    // What encrypting the ring's links would cost: one TLS 1.3 stream
+    // over the same loopback, per cipher suite, beside raw TCP.
+    use rustls::crypto::ring::cipher_suite as cs;
+    let tls: Vec<String> = [
+        ("TLS13_AES_128_GCM_SHA256", cs::TLS13_AES_128_GCM_SHA256),
+        ("TLS13_AES_256_GCM_SHA384", cs::TLS13_AES_256_GCM_SHA384),
+        (
+            "TLS13_CHACHA20_POLY1305_SHA256",
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, suite)| {
+        let rate = (0..3)
+            .map(|_| tls_gib_per_s(1 << 30, suite))
+            .fold(0.0, f64::max);
+        format!(
+            "{{\"suite\": \"{name}\", \"gib_per_s\": {rate:.3}, \"of_raw\": {:.3}}}",
+            rate / raw
+        )
+    })
+    .collect();
     println!(
-        "{{\n  \"threads\": {},\n  \"raw_tcp_loopback_gib_per_s\": {raw:.3},\n  \"all_reduce\": [\n    {}\n  ],\n  \"authenticated_join\": [\n    {}\n  ]\n}}",
+        "{{\n  \"threads\": {},\n  \"raw_tcp_loopback_gib_per_s\": {raw:.3},\n  \"tls_loopback\": [\n    {}\n  ],\n  \"all_reduce\": [\n    {}\n  ],\n  \"authenticated_join\": [\n    {}\n  ]\n}}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
+        tls.join(",\n    "),
         rows.join(",\n    "),
         joins.join(",\n    ")
     );

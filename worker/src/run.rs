@@ -45,6 +45,9 @@ pub struct WorkerArgs {
     pub attempt: u32,
     /// The job's worker token (`STRATA_JOB_TOKEN`).
     pub token: String,
+    /// The CA (PEM) a TLS coordinator is trusted by
+    /// (`STRATA_COORDINATOR_CA`); needed when `coordinator` is https.
+    pub coordinator_ca: Option<String>,
     /// The address this worker's collective listener binds (port 0: any).
     pub collective_bind: SocketAddr,
     /// What to publish as the listener's address when it binds every
@@ -168,9 +171,10 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .map_err(|e| WorkerError::Setup(format!("tokio runtime: {e}")))?;
     let token = Bearer::new(Some(&args.token))
         .ok_or_else(|| WorkerError::Setup("the job token is not valid header text".into()))?;
+    let endpoint = strata_proto::auth::endpoint(&args.coordinator, args.coordinator_ca.as_deref())
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let channel = rt.block_on(async {
-        Channel::from_shared(args.coordinator.clone())
-            .map_err(|e| WorkerError::Setup(format!("coordinator URL {}: {e}", args.coordinator)))?
+        endpoint
             .connect_timeout(Duration::from_secs(10))
             // A coordinator whose machine went away is noticed, and the
             // connection survives idle stretches behind middleboxes.

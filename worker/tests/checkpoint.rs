@@ -372,3 +372,81 @@ fn every_element_is_written_once() {
     let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
     assert_eq!(found.len(), 1, "the refused manifest was not written");
 }
+
+/// One saved checkpoint (step 1, one rank) to damage: its folder, the
+/// committed manifest and the rank's table.
+struct Saved {
+    _dir: tempfile::TempDir,
+    loc: Location,
+    manifest: Manifest,
+    table: ParamTable,
+    root: std::path::PathBuf,
+}
+
+fn saved_once() -> &'static std::sync::Mutex<Saved> {
+    static SAVED: std::sync::OnceLock<std::sync::Mutex<Saved>> = std::sync::OnceLock::new();
+    SAVED.get_or_init(|| {
+        let cfg = tiny(false);
+        let layout = Layout::new(1, 1, 1);
+        let (dir, loc) = files();
+        segment(&cfg, layout, 1, 1..=1, &loc, false, &[1]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let manifest = rt
+            .block_on(checkpoint::list(&loc, ROOT))
+            .unwrap()
+            .0
+            .remove(0);
+        let coords = Groups::local_world(layout, cfg.tie_embeddings, 1)
+            .into_iter()
+            .next()
+            .unwrap()
+            .0;
+        let root = dir.path().join(ROOT).join(step_dir(manifest.step));
+        std::sync::Mutex::new(Saved {
+            _dir: dir,
+            loc,
+            manifest,
+            table: ParamTable::new(&cfg, layout, coords),
+            root,
+        })
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// A safetensors file whose header was crafted (its length word, bytes
+    /// of its JSON), with a manifest that vouches for it (size and CRC
+    /// recomputed): reading it is a named error or a restore, never a
+    /// panic or an allocation the header sizes.
+    #[test]
+    fn a_crafted_safetensors_header_is_an_error_not_a_panic(
+        shard in 0usize..4,
+        length in proptest::option::of(proptest::prelude::any::<u64>()),
+        edits in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..12),
+    ) {
+        let saved = saved_once().lock().unwrap_or_else(|e| e.into_inner());
+        let mut manifest = saved.manifest.clone();
+        let i = shard % manifest.shards.len();
+        let path = saved.root.join(&manifest.shards[i].key);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        if let Some(n) = length {
+            bytes[..8].copy_from_slice(&n.to_le_bytes());
+        }
+        for (at, b) in edits {
+            let at = 8 + at % header.min(bytes.len() - 8);
+            bytes[at] = b;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        manifest.shards[i].bytes = bytes.len() as u64;
+        manifest.shards[i].crc32 = crc32fast::hash(&bytes);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = rt.block_on(checkpoint::read_rank(&saved.loc, ROOT, &manifest, &saved.table));
+        std::fs::write(&path, &original).unwrap();
+        if let Err(e) = read {
+            proptest::prop_assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -15,6 +15,13 @@ use strata_worker::model::host_transfers;
 use strata_worker::params::ParamTable;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
+/// Says a test was skipped, past the test harness's capture: the suite's
+/// log shows it even though the test passes.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
 fn tiny() -> ModelConfig {
     ModelConfig {
         n_layers: 2,
@@ -101,7 +108,7 @@ fn training_on_the_gpu_follows_the_cpu() {
     let info = match cuda::probe(0) {
         Ok(info) => info,
         Err(e) => {
-            eprintln!("skipped: no CUDA GPU to train on ({e})");
+            skipped(&format!("no CUDA GPU to train on ({e})"));
             return;
         }
     };
@@ -127,7 +134,7 @@ fn nccl_conforms_on_every_gpu_or_its_absence_is_named() {
         assert!(e.to_string().contains("libnccl.so.2"), "{e}");
         let e = nccl::conformance(1).unwrap_err();
         assert!(e.to_string().contains("LD_LIBRARY_PATH"), "{e}");
-        println!("skipped: NCCL conformance ({e})");
+        skipped(&format!("NCCL conformance ({e})"));
         return;
     }
     match cuda::device_count() {
@@ -136,6 +143,6 @@ fn nccl_conforms_on_every_gpu_or_its_absence_is_named() {
             assert!(report.pass, "{report:?}");
             assert_eq!(report.checks.len(), 8 * n);
         }
-        other => println!("skipped: NCCL is here but no GPU ({other:?})"),
+        other => skipped(&format!("NCCL is here but no GPU ({other:?})")),
     }
 }

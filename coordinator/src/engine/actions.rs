@@ -218,6 +218,12 @@ pub(crate) enum Action {
         plan: Box<LaunchPlan>,
         handle: Arc<RanksHandle>,
         span: tracing::Span,
+        /// The write that records the attempt: nothing starts before it
+        /// is on disk.
+        recorded: crate::store::Ticket,
+        /// The job's record before the attempt, put back if that write
+        /// fails.
+        before: Arc<JobRecord>,
     },
     Stop {
         job: JobId,

@@ -108,7 +108,9 @@ impl Engine {
                 state.queue.remove(0);
                 continue;
             }
-            if state.attempts.contains_key(&id) {
+            // The last attempt's processes, or a commit of its checkpoint,
+            // still going: the next one would not see where it ended.
+            if state.attempts.contains_key(&id) || state.committing.contains_key(&id) {
                 break;
             }
             let inv = inventory_for(&inventory, &job);
@@ -225,13 +227,45 @@ impl Engine {
             // The workers' spans join this launch's trace.
             traceparent: traceparent(&span),
         };
-        let _ = self.save(state, (*record).clone())?;
+        let recorded = self.save(state, (*record).clone())?;
         self.act(Action::Launch {
             plan: Box::new(plan),
             handle,
             span,
+            recorded,
+            before: job.clone(),
         });
         Ok(())
+    }
+
+    /// The write recording attempt `attempt` of `job` failed (a full disk,
+    /// say): nothing was started. The attempt is undone (its slots freed,
+    /// the job's record as it was) and the job waits in the queue's front
+    /// for the next try; a stop asked for meanwhile stands.
+    pub(crate) fn unrecorded(&self, before: Arc<JobRecord>, attempt: u32, why: &str) {
+        let mut state = self.lock();
+        let id = before.job_id.clone();
+        let current = state
+            .attempts
+            .get(&id)
+            .is_some_and(|s| s.attempt == attempt);
+        if !current {
+            return;
+        }
+        tracing::error!(job = %id, attempt, error = %why, "the attempt could not be recorded; not started, the job waits for the store");
+        self.release(&mut state, &id);
+        let untouched = state
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.state == JobState::Running && j.attempt() == attempt);
+        if untouched {
+            if let Err(e) = self.save(&mut state, (*before).clone()) {
+                tracing::error!(job = %id, error = %e, "job store failure");
+            }
+            if !state.queue.contains(&id) {
+                state.queue.insert(0, id);
+            }
+        }
     }
 
     /// The launcher has started attempt `attempt` of `job` (or failed

@@ -380,7 +380,22 @@ impl Engine {
     /// One action, on this (blocking) thread.
     fn run(&self, action: Action) {
         match action {
-            Action::Launch { plan, handle, span } => {
+            Action::Launch {
+                plan,
+                handle,
+                span,
+                recorded,
+                before,
+            } => {
+                // The attempt is on disk before any of its processes
+                // exists: a coordinator that dies now finds it (and its
+                // processes) at restart; one whose record never made it
+                // to disk starts nothing.
+                if let Err(e) = self.store.wait(recorded) {
+                    handle.failed();
+                    self.unrecorded(before, plan.attempt, &e.to_string());
+                    return;
+                }
                 let result = actions::launch(&*self.launcher, &plan, &handle, &span);
                 self.launched(&plan.job.job_id, plan.attempt, result);
             }

@@ -297,11 +297,13 @@ impl Engine {
             check(job.as_ref(), &w)?;
             let job = job.expect("checked");
             // A stopping attempt still completes the checkpoint its
-            // workers save on their way out, unless it failed and is
-            // being replaced.
-            let restarting = job.state == JobState::Restarting;
+            // workers save on their way out, a failed one too (ranks
+            // SIGTERMed by a preemption leave one by one, the first exit
+            // fails the attempt): its next attempt starts only once every
+            // process of this one has ended and no commit is in flight,
+            // so it resumes from that checkpoint.
             let sup = match state.attempts.get_mut(w.job) {
-                Some(sup) if sup.attempt == w.attempt && !restarting => sup,
+                Some(sup) if sup.attempt == w.attempt => sup,
                 _ => {
                     return Err(EngineError::Precondition(format!(
                         "job {}: attempt {} has no live workers",

@@ -51,6 +51,13 @@ fn hex(token: &str) -> String {
     crate::job::to_hex(token.as_bytes())
 }
 
+/// The `strata_token` cookie's value among `Cookie` headers' text.
+fn cookie_value<'a>(headers: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    headers
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
 /// The token rule of gRPC, for every HTTP path: with a token set, a call
 /// carries it as `Authorization: Bearer …` or in the `strata_token`
 /// cookie. A page opened with `?token=…` (as the coordinator prints it)
@@ -101,12 +108,12 @@ async fn authorize(AxumState(http): AxumState<Arc<Http>>, req: Request, next: Ne
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
+    let cookie = cookie_value(
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let ok = bearer.is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
         || cookie.is_some_and(|g| same(g.as_bytes(), hex(token).as_bytes()));
     if ok {
@@ -188,11 +195,12 @@ async fn metrics_handler(AxumState(http): AxumState<Arc<Http>>) -> Response {
 }
 
 /// Serves `/metrics` and the dashboard on `listener` until `closing`
-/// turns true.
+/// turns true; over TLS when given its configuration.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     token: Option<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -234,28 +242,51 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-        let mut closing = closing.clone();
+        let closing = closing.clone();
+        let tls = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            match tls {
+                None => serve_connection(stream, svc, closing, peer).await,
+                // The handshake has the headers' time limit.
+                Some(tls) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, svc, closing, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-                _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(3), conn).await;
                 }
             }
             drop(permit);
         });
+    }
+}
+
+/// One HTTP connection, plain or TLS, until it ends or the server closes.
+async fn serve_connection<IO>(
+    io: IO,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        }
+        _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(3), conn).await;
+        }
     }
 }
 
@@ -296,6 +327,39 @@ mod tests {
                 proptest::prop_assert_ne!(percent_decode(key), "token");
             }
         }
+    }
+
+    proptest::proptest! {
+        /// Whatever the `Cookie` headers say, the parse never panics and
+        /// finds our cookie only where it is (its exact name, then `=`).
+        #[test]
+        fn any_cookie_header_parses(
+            before in "[ -~]{0,40}",
+            value in "[0-9a-f]{0,64}",
+            after in "[ -~]{0,40}",
+            other in "[ -~]{0,80}",
+        ) {
+            let _ = cookie_value([other.as_str()].into_iter());
+            let with = format!("a=1; {COOKIE}={value}; {after}");
+            let found = cookie_value([with.as_str()].into_iter());
+            proptest::prop_assert_eq!(found, Some(value.as_str()));
+            let near = format!("{before}x{COOKIE}={value}");
+            if !before.contains(';') && !before.contains(COOKIE) {
+                proptest::prop_assert_eq!(cookie_value([near.as_str()].into_iter()), None);
+            }
+        }
+    }
+
+    #[test]
+    fn cookies_are_found_by_their_exact_name() {
+        assert_eq!(cookie_value(["strata_token=ab"].into_iter()), Some("ab"));
+        assert_eq!(
+            cookie_value(["x=1", "y=2; strata_token=cd"].into_iter()),
+            Some("cd")
+        );
+        assert_eq!(cookie_value(["strata_tokens=ab"].into_iter()), None);
+        assert_eq!(cookie_value(["xstrata_token=ab"].into_iter()), None);
+        assert_eq!(cookie_value([";;;="].into_iter()), None);
     }
 
     #[test]
