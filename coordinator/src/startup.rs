@@ -372,13 +372,11 @@ pub fn server_tls(o: &CoordinatorOptions) -> Result<Option<crate::tls::ServerTls
         }
         (None, None) => {}
     }
-    let off_loopback = std::iter::once(o.listen)
-        .chain(o.http_listen)
-        .any(|a| !crate::tls::plain_allowed(a.ip()));
+    let listen: Vec<SocketAddr> = std::iter::once(o.listen).chain(o.http_listen).collect();
+    let off_loopback = listen.iter().any(|a| !crate::tls::plain_allowed(a.ip()));
     if !(o.tls || off_loopback) {
         return Ok(None);
     }
-    let listen: Vec<SocketAddr> = std::iter::once(o.listen).chain(o.http_listen).collect();
     let names = crate::tls::names(
         &listen,
         &crate::engine::host_name(),

@@ -18,31 +18,44 @@ use strata_worker::collective::tcp::loopback_group;
 
 const REPEATS: usize = 5;
 
-/// One TCP stream over loopback, writer and reader on their own threads.
-fn raw_tcp_gib_per_s(bytes: usize) -> f64 {
+/// One stream over loopback, writer and reader on their own threads:
+/// `accept` and `connect` make each end of a TCP connection into the
+/// stream measured (itself, or TLS with its handshake done before the
+/// clock starts).
+fn stream_gib_per_s<R: Read, W: Write>(
+    bytes: usize,
+    accept: impl FnOnce(TcpStream) -> R + Send + 'static,
+    connect: impl FnOnce(TcpStream) -> W,
+) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let chunk = vec![7u8; 4 << 20];
     let reader = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept(listener.accept().unwrap().0);
         let mut buf = vec![0u8; 4 << 20];
         let mut got = 0;
         while got < bytes {
             got += s.read(&mut buf).unwrap();
         }
     });
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = connect(TcpStream::connect(addr).unwrap());
     let t = Instant::now();
     let mut sent = 0;
     while sent < bytes {
         s.write_all(&chunk).unwrap();
         sent += chunk.len();
     }
+    s.flush().unwrap();
     reader.join().unwrap();
     bytes as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 30)
 }
 
-/// [`raw_tcp_gib_per_s`] through TLS 1.3 with one cipher suite.
+/// One TCP stream over loopback.
+fn raw_tcp_gib_per_s(bytes: usize) -> f64 {
+    stream_gib_per_s(bytes, |s| s, |s| s)
+}
+
+/// One TLS 1.3 stream over loopback with one cipher suite.
 fn tls_gib_per_s(bytes: usize, suite: rustls::SupportedCipherSuite) -> f64 {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     use std::sync::Arc;
@@ -70,35 +83,18 @@ fn tls_gib_per_s(bytes: usize, suite: rustls::SupportedCipherSuite) -> f64 {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let chunk = vec![7u8; 4 << 20];
-    let reader = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let conn = rustls::ServerConnection::new(server).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, s);
-        let mut buf = vec![0u8; 4 << 20];
-        let mut got = 0;
-        while got < bytes {
-            got += s.read(&mut buf).unwrap();
+    let accept =
+        move |s| rustls::StreamOwned::new(rustls::ServerConnection::new(server).unwrap(), s);
+    let connect = |tcp: TcpStream| {
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).unwrap();
         }
-    });
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(client, name).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
-    // The handshake is not part of the stream's rate.
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).unwrap();
-    }
-    let t = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        s.write_all(&chunk).unwrap();
-        sent += chunk.len();
-    }
-    s.flush().unwrap();
-    reader.join().unwrap();
-    bytes as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 30)
+        s
+    };
+    stream_gib_per_s(bytes, accept, connect)
 }
 
 fn all_reduce_busbw_gib_per_s(n: usize, elems: usize) -> f64 {

@@ -219,6 +219,7 @@ pub async fn serve(
         ))
         .with_state(http);
     tracing::info!(addr = ?addr, "HTTP (/metrics and the dashboard) listening");
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut refused = crate::net::Backoff::default();
     let mut accept = crate::net::Backoff::default();
@@ -243,7 +244,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let closing = closing.clone();
-        let tls = tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
                 None => serve_connection(stream, svc, closing, peer).await,
