@@ -17,6 +17,8 @@ pub struct LocalHandle {
     child: Child,
     log_path: PathBuf,
     exit: Option<Exit>,
+    /// Its entry in the launcher's registry, removed once it has ended.
+    registered: Option<PathBuf>,
 }
 
 impl Launcher for LocalLauncher {
@@ -59,6 +61,7 @@ impl Launcher for LocalLauncher {
             child,
             log_path: spec.log_path.clone(),
             exit: None,
+            registered: None,
         })
     }
 }
@@ -90,6 +93,9 @@ impl WorkerHandle for LocalHandle {
                     source,
                 })?;
             self.exit = status.map(to_exit);
+            if self.exit.is_some() {
+                self.unregister();
+            }
         }
         Ok(self.exit.clone())
     }
@@ -110,6 +116,7 @@ impl WorkerHandle for LocalHandle {
             .map_err(control("cannot reap worker process"))?;
         let exit = to_exit(status);
         self.exit = Some(exit.clone());
+        self.unregister();
         Ok(exit)
     }
 
@@ -164,9 +171,67 @@ pub(crate) fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// [`LocalLauncher`] for a whole attempt.
+impl LocalHandle {
+    fn unregister(&mut self) {
+        if let Some(entry) = self.registered.take() {
+            let _ = std::fs::remove_file(entry);
+        }
+    }
+}
+
+/// [`LocalLauncher`] for a whole attempt. With a registry folder (the
+/// coordinator's state), it notes every worker it starts there (its pid,
+/// the process's start time, job and rank) until the worker has ended, so
+/// that the next coordinator on that state can end the workers a killed
+/// one left behind ([`JobLauncher::reclaim`]): they belong to attempts
+/// that are over, and one that is stopped (SIGSTOP) or stuck would
+/// otherwise never leave.
 #[derive(Debug, Default, Clone)]
-pub struct LocalJobLauncher;
+pub struct LocalJobLauncher {
+    registry: Option<PathBuf>,
+}
+
+impl LocalJobLauncher {
+    /// A launcher that notes its workers in `dir` (created if missing).
+    pub fn with_registry(dir: PathBuf) -> LocalJobLauncher {
+        LocalJobLauncher {
+            registry: Some(dir),
+        }
+    }
+
+    /// Notes `h`'s worker in the registry; a worker that cannot be noted
+    /// runs anyway (the note only serves a coordinator's crash).
+    fn register(&self, h: &mut LocalHandle, job: &str) {
+        let Some(dir) = &self.registry else {
+            return;
+        };
+        let pid = h.child.id();
+        let Some(started) = process_start(pid) else {
+            return;
+        };
+        let entry = dir.join(pid.to_string());
+        let noted = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&entry, format!("{started} {} {job}\n", h.rank)));
+        match noted {
+            Ok(()) => h.registered = Some(entry),
+            Err(e) => tracing::warn!(
+                registry = %dir.display(),
+                pid,
+                error = %e,
+                "cannot note a worker process; a coordinator crash would leave it running"
+            ),
+        }
+    }
+}
+
+/// When process `pid` started (clock ticks after boot, /proc's field 22):
+/// with the pid, it names one process, never a later one given the same pid.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
 
 /// An attempt's local worker processes. Dropped, it kills what still runs.
 pub struct LocalRanks(Vec<LocalHandle>);
@@ -175,15 +240,79 @@ impl JobLauncher for LocalJobLauncher {
     fn start(
         &self,
         ranks: &[LaunchSpec],
-        _info: &crate::StartInfo,
+        info: &crate::StartInfo,
     ) -> Result<Box<dyn Ranks>, LaunchError> {
         let mut started = Vec::with_capacity(ranks.len());
         for spec in ranks {
             // On an error the handles started so far drop, killing them.
-            started.push(LocalLauncher.launch(spec)?);
+            let mut h = LocalLauncher.launch(spec)?;
+            self.register(&mut h, &info.job);
+            started.push(h);
         }
         Ok(Box::new(LocalRanks(started)))
     }
+
+    /// Kills (SIGKILL) the workers a previous coordinator on this state
+    /// noted and that still run, and waits a little for them to be gone
+    /// (their GPUs and ports are the next attempt's).
+    #[allow(unsafe_code)]
+    fn reclaim(&self) -> Vec<String> {
+        let Some(dir) = &self.registry else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut killed = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            let note = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut f = note.split_whitespace();
+            let pid: Option<u32> = e.file_name().to_str().and_then(|p| p.parse().ok());
+            let started: Option<u64> = f.next().and_then(|t| t.parse().ok());
+            let (rank, job) = (f.next().unwrap_or("?"), f.next().unwrap_or("?"));
+            if let (Some(pid), Some(started)) = (pid, started)
+                && process_start(pid) == Some(started)
+                && let Ok(p) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: kill(2) on the process the note names: its pid
+                // and start time match, so it is that worker, not a later
+                // process given the same pid.
+                if unsafe { libc::kill(p, libc::SIGKILL) } == 0 {
+                    tracing::warn!(
+                        pid,
+                        job,
+                        rank,
+                        "killed a worker a previous coordinator left running"
+                    );
+                    killed.push((
+                        pid,
+                        started,
+                        format!("worker pid {pid} (job {job} rank {rank})"),
+                    ));
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        // Reaped by their new parent (init), or zombies: gone either way.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && killed
+                .iter()
+                .any(|(pid, started, _)| process_start(*pid) == Some(*started) && !is_zombie(*pid))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        killed.into_iter().map(|(_, _, what)| what).collect()
+    }
+}
+
+/// Whether process `pid` has ended and waits to be reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 impl Ranks for LocalRanks {
@@ -288,7 +417,7 @@ mod tests {
         let graceful = "trap 'exit 7' TERM; while true; do sleep 0.05; done";
         // Ignores SIGTERM.
         let stubborn = "trap '' TERM; while true; do sleep 0.05; done";
-        let mut ranks = LocalJobLauncher
+        let mut ranks = LocalJobLauncher::default()
             .start(
                 &[
                     spec(dir.path(), graceful, "localhost", None),
@@ -315,6 +444,85 @@ mod tests {
         ranks.kill();
         assert_eq!(ranks.exit(1).unwrap(), Some(Exit::Signal(9)));
         assert!(ranks.all_ended());
+    }
+
+    /// Workers of a coordinator that died (its handles never dropped), one
+    /// of them stopped: the next launcher on the registry kills them; an
+    /// entry whose pid now names another process (ours) spares it.
+    #[test]
+    fn a_registry_lets_the_next_launcher_end_what_a_crash_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("local-workers");
+        let info = crate::StartInfo {
+            job: "job-1".into(),
+            ..crate::StartInfo::default()
+        };
+        let ranks = LocalJobLauncher::with_registry(registry.clone())
+            .start(
+                &[
+                    spec(dir.path(), "sleep 30", "localhost", None),
+                    LaunchSpec {
+                        rank: 4,
+                        log_path: dir.path().join("logs/rank-4.log"),
+                        ..spec(dir.path(), "sleep 30", "localhost", None)
+                    },
+                ],
+                &info,
+            )
+            .unwrap();
+        let mut pids: Vec<u32> = std::fs::read_dir(&registry)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        pids.sort_unstable();
+        assert_eq!(pids.len(), 2);
+        // The coordinator "crashes": nothing stops its workers.
+        std::mem::forget(ranks);
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pids[0].to_string()])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        let me = std::process::id();
+        std::fs::write(registry.join(me.to_string()), "1 0 job-0\n").unwrap();
+
+        let mut reclaimed = LocalJobLauncher::with_registry(registry.clone()).reclaim();
+        reclaimed.sort();
+        assert_eq!(reclaimed.len(), 2, "{reclaimed:?}");
+        assert!(reclaimed[0].contains("(job job-1 rank 3)"), "{reclaimed:?}");
+        for pid in &pids {
+            assert!(
+                process_start(*pid).is_none() || is_zombie(*pid),
+                "worker {pid} still runs"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&registry).unwrap().count(), 0);
+        // Nothing left to reclaim; a launcher without a registry has none.
+        assert!(
+            LocalJobLauncher::with_registry(registry)
+                .reclaim()
+                .is_empty()
+        );
+        assert!(LocalJobLauncher::default().reclaim().is_empty());
+    }
+
+    /// A worker's entry goes once it has ended.
+    #[test]
+    fn an_ended_worker_leaves_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("local-workers");
+        let mut ranks = LocalJobLauncher::with_registry(registry.clone())
+            .start(
+                &[spec(dir.path(), "exit 0", "localhost", None)],
+                &crate::StartInfo::default(),
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ranks.all_ended() {
+            assert!(Instant::now() < deadline, "worker did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_dir(&registry).unwrap().count(), 0);
     }
 
     #[test]

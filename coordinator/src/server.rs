@@ -89,7 +89,8 @@ impl Coordinator {
     /// Binds, opens the store and serves until [`Coordinator::stop`],
     /// launching workers as local processes.
     pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, StartError> {
-        Coordinator::start_with(cfg, Arc::new(LocalJobLauncher)).await
+        let launcher = LocalJobLauncher::with_registry(cfg.state_dir.join("local-workers"));
+        Coordinator::start_with(cfg, Arc::new(launcher)).await
     }
 
     /// [`Coordinator::start`] with another launcher.

@@ -315,7 +315,12 @@ pub fn launcher(
     o: &CoordinatorOptions,
 ) -> Result<(Arc<dyn JobLauncher>, Vec<String>), OptionsError> {
     match &o.launcher {
-        LauncherChoice::Local => Ok((Arc::new(LocalJobLauncher), Vec::new())),
+        LauncherChoice::Local => Ok((
+            Arc::new(LocalJobLauncher::with_registry(
+                o.state_dir.join("local-workers"),
+            )),
+            Vec::new(),
+        )),
         LauncherChoice::Sim {
             addr,
             nodes,

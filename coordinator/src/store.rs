@@ -12,7 +12,6 @@
 //! last window, which its jobs' next attempts report again. Readers of
 //! the history flush first, so they see every step queued before.
 
-use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -35,8 +34,12 @@ pub enum StoreError {
     Db { path: PathBuf, source: redb::Error },
     #[error("job store {path} is closed (the coordinator is stopping)")]
     Closed { path: PathBuf },
-    #[error("job store {path}: a write failed: {why}")]
-    Writer { path: PathBuf, why: String },
+    #[error("job store {path} failed its I/O and is being reopened; try again")]
+    Reopening { path: PathBuf },
+    #[error(
+        "job store {path}: a write is not durable after 60 s (its disk failing, or the store closed)"
+    )]
+    NotDurable { path: PathBuf },
     #[error("job store {path}: record {key} is corrupt: {source}")]
     Corrupt {
         path: PathBuf,
@@ -73,24 +76,30 @@ impl Write {
 #[must_use = "a write is durable only once its ticket is waited for"]
 pub struct Ticket(u64);
 
-type Db = Arc<std::sync::RwLock<Option<Database>>>;
+/// The database: `None` while a reopen after an I/O failure has not
+/// succeeded yet, or once closed.
+type Db = Arc<std::sync::RwLock<DbSlot>>;
 
-/// Sequence ranges whose commit failed, with why, the newest last.
-type Failures = VecDeque<(u64, u64, String)>;
+struct DbSlot {
+    db: Option<Database>,
+    /// Closed on purpose (the coordinator is stopping).
+    closed: bool,
+}
+
 /// The queue to the writer.
 type Queue = Option<mpsc::Sender<(u64, Write)>>;
 
-/// What the writer has committed: the last sequence number, and the
-/// ranges whose commit failed (with why), the newest last.
+/// What the writer has committed: the last sequence number. Writes never
+/// fail: the writer retries a failing commit until it succeeds, or the
+/// coordinator exits.
 struct Committed {
-    state: Mutex<(u64, Failures)>,
+    state: Mutex<u64>,
     cv: Condvar,
     /// The same sequence number for async waiters.
     watch: tokio::sync::watch::Sender<u64>,
 }
 
 pub struct Store {
-    /// `None` once closed (the coordinator is stopping).
     db: Db,
     path: PathBuf,
     /// The queue to the writer and the last sequence number given out,
@@ -102,8 +111,6 @@ pub struct Store {
 
 /// How long only step metrics wait for more before they are committed.
 const STEP_WINDOW: Duration = Duration::from_millis(100);
-/// Failed commits remembered for their waiters.
-const FAILURES_KEPT: usize = 256;
 
 impl Store {
     /// Opens (or creates) `<dir>/jobs.redb`.
@@ -128,10 +135,13 @@ impl Store {
         tx.open_table(META).map_err(|e| err(e.into()))?;
         tx.open_table(SWEEPS).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;
-        let db: Db = Arc::new(std::sync::RwLock::new(Some(db)));
+        let db: Db = Arc::new(std::sync::RwLock::new(DbSlot {
+            db: Some(db),
+            closed: false,
+        }));
         let (tx, rx) = mpsc::channel();
         let committed = Arc::new(Committed {
-            state: Mutex::new((0, VecDeque::new())),
+            state: Mutex::new(0),
             cv: Condvar::new(),
             watch: tokio::sync::watch::Sender::new(0),
         });
@@ -165,7 +175,9 @@ impl Store {
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
-        self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        slot.db = None;
+        slot.closed = true;
     }
 
     /// Queues `w` for the writer thread; never blocks on the disk.
@@ -188,17 +200,7 @@ impl Store {
         Ticket(self.queue.lock().unwrap_or_else(|e| e.into_inner()).0)
     }
 
-    fn outcome(&self, t: Ticket, failed: &Failures) -> Result<(), StoreError> {
-        match failed.iter().find(|(a, b, _)| (*a..=*b).contains(&t.0)) {
-            Some((_, _, why)) => Err(StoreError::Writer {
-                path: self.path.clone(),
-                why: why.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Waits until the write of `t` is committed (or failed).
+    /// Waits until the write of `t` is committed.
     pub async fn durable(&self, t: Ticket) -> Result<(), StoreError> {
         let mut rx = self.committed.watch.subscribe();
         let reached = rx.wait_for(|c| *c >= t.0).await.is_ok();
@@ -207,12 +209,12 @@ impl Store {
             .state
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !reached && state.0 < t.0 {
+        if !reached && *state < t.0 {
             return Err(StoreError::Closed {
                 path: self.path.clone(),
             });
         }
-        self.outcome(t, &state.1)
+        Ok(())
     }
 
     /// [`Store::durable`] for threads that may block (never a runtime's).
@@ -220,10 +222,10 @@ impl Store {
         let (lock, cv) = (&self.committed.state, &self.committed.cv);
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = Instant::now() + Duration::from_secs(60);
-        while state.0 < t.0 {
+        while *state < t.0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(StoreError::Closed {
+                return Err(StoreError::NotDurable {
                     path: self.path.clone(),
                 });
             }
@@ -232,7 +234,7 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        self.outcome(t, &state.1)
+        Ok(())
     }
 
     /// Waits until every write queued so far is committed.
@@ -255,10 +257,13 @@ impl Store {
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            Some(db) => f(db),
-            None => Err(StoreError::Closed {
+        let slot = self.db.read().unwrap_or_else(|e| e.into_inner());
+        match (&slot.db, slot.closed) {
+            (Some(db), _) => f(db),
+            (None, true) => Err(StoreError::Closed {
+                path: self.path.clone(),
+            }),
+            (None, false) => Err(StoreError::Reopening {
                 path: self.path.clone(),
             }),
         }
@@ -492,62 +497,73 @@ fn write_loop(db: &Db, path: &Path, rx: &mpsc::Receiver<(u64, Write)>, committed
                 Err(_) => break,
             }
         }
-        let (first_seq, last_seq) = (batch[0].0, batch[batch.len() - 1].0);
-        let mut result = commit(db, &batch);
-        if let Err(e) = &result {
-            // After an I/O failure (a full disk, say) redb refuses every
-            // later operation: open the file afresh and try once more, so
-            // the store serves again once the cause has passed.
-            tracing::error!(store = %path.display(), error = %e, "job store commit failed; reopening the store");
-            match reopen(db, path) {
-                Ok(true) => result = commit(db, &batch),
-                Ok(false) => {}
-                Err(e) => {
-                    // A coordinator without its store would look alive and
-                    // keep nothing: stop, saying why (what was committed
-                    // before stays; a restart resumes from it).
-                    tracing::error!(store = %path.display(), error = %e, "the job store could not be reopened; the coordinator exits");
-                    eprintln!(
-                        "strata coordinator: the job store {} failed and could not be reopened ({e}); exiting",
-                        path.display()
-                    );
-                    std::process::exit(70);
-                }
-            }
-        }
-        let mut state = committed.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 = last_seq;
-        if let Err(e) = result {
-            tracing::error!(store = %path.display(), error = %e, writes = batch.len(), "job store commit failed");
-            state.1.push_back((first_seq, last_seq, e.to_string()));
-            if state.1.len() > FAILURES_KEPT {
-                state.1.pop_front();
-            }
-        }
-        drop(state);
+        let last_seq = batch[batch.len() - 1].0;
+        commit_retrying(db, path, &batch, RETRY_FOR);
+        *committed.state.lock().unwrap_or_else(|e| e.into_inner()) = last_seq;
         committed.cv.notify_all();
         committed.watch.send_replace(last_seq);
     }
 }
 
-/// Closes the database and opens its file again (redb will not serve
-/// again after an I/O error otherwise). False when the store was closed on
-/// purpose (it stays closed).
-fn reopen(db: &Db, path: &Path) -> Result<bool, redb::Error> {
-    let mut guard = db.write().unwrap_or_else(|e| e.into_inner());
-    if guard.is_none() {
-        return Ok(false);
+/// How long a failing commit is retried before the coordinator gives up.
+const RETRY_FOR: Duration = Duration::from_secs(300);
+
+/// Commits `batch`, retrying while it fails. After an I/O failure (a full
+/// disk, say) redb refuses every later operation, so each retry opens the
+/// file afresh; the writes queued behind wait, so nothing is lost or
+/// reordered while the cause lasts. Past `limit` a coordinator without its
+/// store would look alive and keep nothing: it exits, saying why (what was
+/// committed stays; a restart resumes from it). The store is closed only
+/// once the writer has ended, so it stays open meanwhile.
+fn commit_retrying(db: &Db, path: &Path, batch: &[(u64, Write)], limit: Duration) {
+    let begun = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut tries = 0u32;
+    loop {
+        let e = match commit(db, batch) {
+            Ok(()) => {
+                if tries > 0 {
+                    tracing::warn!(store = %path.display(), tries, waited_s = begun.elapsed().as_secs_f64(), "job store commit succeeded after failures");
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        tries += 1;
+        if tries == 1 {
+            tracing::error!(store = %path.display(), error = %e, writes = batch.len(), "job store commit failed; retrying with the store reopened");
+        }
+        if begun.elapsed() >= limit {
+            tracing::error!(store = %path.display(), error = %e, tries, "the job store failed for too long; the coordinator exits");
+            eprintln!(
+                "strata coordinator: the job store {} failed for {} s ({e}); exiting",
+                path.display(),
+                limit.as_secs()
+            );
+            std::process::exit(70);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+        if let Err(e) = reopen(db, path) {
+            tracing::debug!(store = %path.display(), error = %e, "job store not reopened yet");
+        }
     }
-    *guard = None;
-    *guard = Some(Database::create(path)?);
-    Ok(true)
+}
+
+/// Closes the database and opens its file again (redb will not serve
+/// again after an I/O error otherwise); left closed if that fails.
+fn reopen(db: &Db, path: &Path) -> Result<(), redb::Error> {
+    let mut slot = db.write().unwrap_or_else(|e| e.into_inner());
+    slot.db = None;
+    slot.db = Some(Database::create(path)?);
+    Ok(())
 }
 
 fn commit(db: &Db, batch: &[(u64, Write)]) -> Result<(), redb::Error> {
-    let guard = db.read().unwrap_or_else(|e| e.into_inner());
-    let Some(db) = guard.as_ref() else {
+    let slot = db.read().unwrap_or_else(|e| e.into_inner());
+    let Some(db) = slot.db.as_ref() else {
         return Err(redb::Error::Io(std::io::Error::other(
-            "the store is closed",
+            "the store is not open (a reopen failed)",
         )));
     };
     let tx = db.begin_write()?;

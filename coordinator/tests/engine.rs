@@ -631,6 +631,106 @@ async fn a_resume_during_the_stop_grace_leaves_no_checkpoint_past_its_step() {
     s.c.stop().await;
 }
 
+/// A failed attempt's ranks complete a checkpoint on their way out (a
+/// preemption's SIGTERM reaches them one by one, the first exit fails the
+/// attempt): the next attempt resumes from it, the attempt's record says
+/// it lost no step, and the steps up to it stay in the job's history.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_completed_by_a_failed_attempt_is_where_the_next_one_starts() {
+    let launcher = FakeLauncher {
+        linger: true,
+        ..FakeLauncher::default()
+    };
+    let s = setup_with(launcher.clone(), Duration::from_secs(1)).await;
+    let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
+    let mut ctl = s.ctl.clone();
+    for n in 1..=8 {
+        ctl.report_metrics(pb::ReportMetricsRequest {
+            job_id: s.id.clone(),
+            rank: 0,
+            steps: vec![step(n, 1)],
+            attempt: 1,
+            resumed_from_step: None,
+        })
+        .await
+        .unwrap();
+    }
+    for rank in 0..2 {
+        ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, 4))
+            .await
+            .unwrap();
+    }
+    // Rank 1 leaves first, after its step-8 save began; rank 0 is still
+    // writing its part.
+    ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, 1, 1, 8))
+        .await
+        .unwrap();
+    ctl.report_done(pb::ReportDoneRequest {
+        job_id: s.id.clone(),
+        rank: 1,
+        ok: false,
+        error: "terminated".into(),
+        attempt: 1,
+    })
+    .await
+    .unwrap();
+    let mut cl = s.cl.clone();
+    let begun = Instant::now();
+    loop {
+        let j = cl
+            .get_job(pb::GetJobRequest {
+                job_id: s.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if j.state() == pb::JobState::Restarting {
+            break;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(20), "not failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, 0, 1, 8))
+        .await
+        .unwrap();
+    assert_eq!(steps_on_disk(&s).await, [4, 8]);
+    // The lingering ranks are killed after the failed attempt's grace;
+    // then the next attempt starts.
+    let begun = Instant::now();
+    while launcher.started.lock().unwrap().len() < 2 {
+        assert!(
+            begun.elapsed() < Duration::from_secs(20),
+            "no second attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let j = cl
+        .get_job(pb::GetJobRequest {
+            job_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
+    assert_eq!(j.attempts[0].last_step, 8, "{:?}", j.attempts);
+    assert_eq!(j.attempts[0].steps_lost, 0, "{:?}", j.attempts);
+    assert_eq!(j.attempts[1].from_step, 8, "{:?}", j.attempts);
+    let steps: Vec<u64> = cl
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: s.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .steps
+        .iter()
+        .map(|m| m.step)
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    s.c.stop().await;
+}
+
 /// The state folder and the store are the owner's alone, and the store
 /// keeps no worker token in clear (a local user who could read it could
 /// end a job as succeeded or commit a crafted manifest).

@@ -1,5 +1,6 @@
 //! Helpers shared by strata's end-to-end tests.
 
+pub mod disk;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

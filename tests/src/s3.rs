@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,8 +28,35 @@ pub const SECRET_KEY: &str = "strata-test-secret";
 pub struct S3Server {
     addr: SocketAddr,
     root: tempfile::TempDir,
-    failing_puts: Arc<AtomicUsize>,
+    faults: Arc<Faults>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The failures the server is asked to inject.
+#[derive(Default)]
+struct Faults {
+    /// PUTs still to fail.
+    puts: AtomicUsize,
+    /// The share of every request that fails, in thousandths.
+    per_mille: AtomicU32,
+    /// Requests seen, and those failed on purpose.
+    seen: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Faults {
+    /// Whether this request fails: `per_mille` of them do, spread evenly
+    /// by a multiplicative hash of the request's number (reproducible,
+    /// and no two neighbours alike).
+    fn this_one(&self) -> S3Result<()> {
+        let n = self.seen.fetch_add(1, Ordering::SeqCst);
+        let rate = u64::from(self.per_mille.load(Ordering::SeqCst));
+        if rate > 0 && (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 1000 < rate {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(s3s::s3_error!(ServiceUnavailable, "failing on request"));
+        }
+        Ok(())
+    }
 }
 
 impl S3Server {
@@ -41,11 +68,11 @@ impl S3Server {
             std::fs::create_dir_all(root.path().join(b)).expect("bucket folder");
         }
         let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs over a folder");
-        let failing_puts = Arc::new(AtomicUsize::new(0));
+        let faults = Arc::new(Faults::default());
         let mut builder = S3ServiceBuilder::new(LargeReads {
             inner: fs,
             root: root.path().to_path_buf(),
-            failing_puts: failing_puts.clone(),
+            faults: faults.clone(),
         });
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = builder.build();
@@ -70,7 +97,7 @@ impl S3Server {
         S3Server {
             addr,
             root,
-            failing_puts,
+            faults,
             task,
         }
     }
@@ -78,7 +105,23 @@ impl S3Server {
     /// The next `n` PUTs fail with `503 Service Unavailable` (an
     /// overloaded or restarting store), as seen by the client.
     pub fn fail_next_puts(&self, n: usize) {
-        self.failing_puts.store(n, Ordering::SeqCst);
+        self.faults.puts.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on `per_mille` thousandths of all requests, of every kind,
+    /// fail with `503 Service Unavailable` (0: none).
+    pub fn fail_share(&self, per_mille: u32) {
+        self.faults
+            .per_mille
+            .store(per_mille.min(1000), Ordering::SeqCst);
+    }
+
+    /// Requests served so far, and those failed on purpose.
+    pub fn requests(&self) -> (u64, u64) {
+        (
+            self.faults.seen.load(Ordering::SeqCst),
+            self.faults.failed.load(Ordering::SeqCst),
+        )
     }
 
     pub fn endpoint(&self) -> String {
@@ -120,12 +163,12 @@ impl Drop for S3Server {
     }
 }
 
-/// s3s-fs with GET bodies read 1 MiB at a time, and PUTs that fail on
-/// request.
+/// s3s-fs with GET bodies read 1 MiB at a time, and requests that fail
+/// on request.
 struct LargeReads {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
-    failing_puts: Arc<AtomicUsize>,
+    faults: Arc<Faults>,
 }
 
 const READ_CHUNK: usize = 1 << 20;
@@ -138,6 +181,7 @@ macro_rules! delegating_impl {
         impl S3 for LargeReads {
             $(
                 async fn $name(&self, req: S3Request<$input>) -> S3Result<S3Response<$output>> {
+                    self.faults.this_one()?;
                     self.inner.$name(req).await
                 }
             )*
@@ -165,8 +209,10 @@ delegating_impl! {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        self.faults.this_one()?;
         let failing = self
-            .failing_puts
+            .faults
+            .puts
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if failing.is_ok() {
             return Err(s3s::s3_error!(ServiceUnavailable, "failing on request"));
@@ -179,6 +225,7 @@ delegating_impl! {
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        self.faults.this_one()?;
         let path = self.root.join(&req.input.bucket).join(&req.input.key);
         let range = req.input.range;
         // s3s-fs checks the request, finds the object and fills in the

@@ -374,3 +374,72 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A worker process of some coordinator, as /proc shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerProc {
+    pub job: String,
+    pub rank: u32,
+    pub pid: u32,
+    /// Its state letter in /proc (`S`, `R`, `T` for stopped, …).
+    pub state: char,
+}
+
+/// The worker processes started for the coordinator at `url` (it may be
+/// gone; other tests' coordinators number their jobs alike), from /proc.
+pub fn worker_processes(url: &str) -> Vec<WorkerProc> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let job = args
+            .windows(2)
+            .find(|w| w[0] == "--job")
+            .map(|w| w[1].clone());
+        let (Some(job), true, true) = (
+            job,
+            args.iter().any(|a| a == "worker"),
+            args.windows(2)
+                .any(|w| w[0] == "--coordinator" && w[1] == url),
+        ) else {
+            continue;
+        };
+        // Launchers give the rank in the environment.
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let Some(rank) = env
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(b"STRATA_RANK="))
+            .and_then(|r| String::from_utf8_lossy(r).parse().ok())
+        else {
+            continue;
+        };
+        let state = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .and_then(|t| t.trim_start().chars().next())
+            })
+            .unwrap_or('?');
+        if state == 'Z' {
+            continue;
+        }
+        out.push(WorkerProc {
+            job,
+            rank,
+            pid,
+            state,
+        });
+    }
+    out
+}

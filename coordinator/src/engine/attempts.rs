@@ -54,7 +54,11 @@ pub(crate) fn settle_attempt(job: &mut JobRecord, attempt: u32) {
 
 /// Readies `job` for its next attempt: from the latest checkpoint when it
 /// has one, otherwise from scratch, forgetting the steps after that point.
-/// The step whose later steps the store must forget.
+/// The step whose later steps the store must forget. Called when that
+/// attempt is launched, once every process of the last one has ended and
+/// no commit of its checkpoints is in flight: a checkpoint its ranks
+/// completed on their way out is where the next one resumes, and the
+/// steps up to it stay.
 pub(crate) fn prepare_restart(job: &mut JobRecord) -> u64 {
     let from = job.restart_step();
     job.state = JobState::Restarting;
@@ -160,6 +164,13 @@ impl Engine {
         };
         let slots: Vec<Slot> = placement.assignments.into_iter().map(|a| a.slot).collect();
         let mut record = (**job).clone();
+        if record.state == JobState::Restarting {
+            let step = prepare_restart(&mut record);
+            // Queued behind the steps it cuts: none lands after it.
+            let _ = self
+                .store
+                .submit(Write::Truncate(record.job_id.clone(), step))?;
+        }
         // A new job, or one whose secret the last coordinator took with it
         // (the store keeps only its digest).
         if record.worker_token.is_empty() {
@@ -487,11 +498,9 @@ impl Engine {
                 failures, fault.max_restarts
             )
         };
-        let step = prepare_restart(&mut job);
-        // Queued behind the steps it cuts: none lands after it.
-        let _ = self
-            .store
-            .submit(Write::Truncate(job.job_id.clone(), step))?;
+        // Rewound when the next attempt launches (`prepare_restart`): the
+        // ranks still leaving may complete a later checkpoint first.
+        job.state = JobState::Restarting;
         let _ = self.save(state, job)?;
         state.last_steps.remove(id);
         state.queue.retain(|q| q != id);

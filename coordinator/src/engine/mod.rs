@@ -568,7 +568,7 @@ mod tests {
             Inventory::local(2).unwrap(),
             "/bin/false".into(),
         );
-        let engine = Engine::open(cfg, Arc::new(LocalJobLauncher)).unwrap();
+        let engine = Engine::open(cfg, Arc::new(LocalJobLauncher::default())).unwrap();
         let e = engine.clone();
         assert!(
             std::thread::spawn(move || e.panic_under_lock())
@@ -591,7 +591,7 @@ mod tests {
         );
         cfg.heartbeats_per_s = 4096;
         cfg.heartbeat_timeout = Duration::from_secs(60);
-        let engine = Engine::open(cfg, Arc::new(LocalJobLauncher)).unwrap();
+        let engine = Engine::open(cfg, Arc::new(LocalJobLauncher::default())).unwrap();
         assert_eq!(engine.heartbeat_interval(8), Duration::from_secs(1));
         assert_eq!(engine.heartbeat_interval(16384), Duration::from_secs(4));
         // Never past a sixth of the timeout.
