@@ -611,3 +611,139 @@ fn a_full_disk_delays_store_writes_and_loses_none() {
     drop(again);
     drop(disk);
 }
+
+/// Every file of a complete checkpoint, its folders up to the job's, and
+/// its manifest are fsynced (a crash must not leave a manifest naming torn
+/// files, nor prune the last good checkpoint for one that is not on the
+/// disk yet), the manifest after every file it names. Seen from outside:
+/// the coordinator and its workers run under strace, which records every
+/// fsync with the path of its file.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_files_are_fsynced_before_the_manifest() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("STRATA_REQUIRE_STRACE").is_none(),
+            "STRATA_REQUIRE_STRACE is set but strace is not installed"
+        );
+        say!(
+            "skipped: checkpoint_files_are_fsynced_before_the_manifest needs strace (apt-get install strace)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let data = dataset_40(&root).await;
+    let state = root.join("state");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    // One file per process (`-ff`: no call split by another process's),
+    // each call stamped with the time (`-ttt`) to order them all.
+    let traces = root.join("traces");
+    std::fs::create_dir_all(&traces).unwrap();
+    let mut strace = Command::new("strace")
+        .args([
+            "-ff",
+            "-ttt",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync",
+            "-o",
+        ])
+        .arg(traces.join("t"))
+        .arg(env!("CARGO_BIN_EXE_strata"))
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--slots", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut cl = connect(&url, &state).await;
+    let ck = root.join("ck");
+    let id = submit(&mut cl, recipe_ck(&data, 8, (1, 1, 2), &ck, 4))
+        .await
+        .unwrap();
+    let j = ended(&mut cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    drop(cl);
+    // Stop the coordinator (strace's child); strace ends with it.
+    let coordinator: u32 = std::fs::read_dir(format!("/proc/{}/task", strace.id()))
+        .unwrap()
+        .flatten()
+        .find_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the coordinator under strace");
+    let _ = Command::new("kill")
+        .args(["-TERM", &coordinator.to_string()])
+        .status();
+    assert!(strace.wait().unwrap().success());
+
+    // `1796231333.123456 fsync(FD</path>) = 0`: the paths, in the order
+    // they were synced.
+    let mut calls: Vec<(f64, String)> = Vec::new();
+    for f in std::fs::read_dir(&traces).unwrap().flatten() {
+        for l in std::fs::read_to_string(f.path()).unwrap().lines() {
+            let (Some((t, call)), true) = (l.split_once(' '), l.ends_with("= 0")) else {
+                continue;
+            };
+            if let Some((path, _)) = call.split_once('<').and_then(|(_, r)| r.split_once(">)")) {
+                calls.push((t.parse().unwrap(), path.to_string()));
+            }
+        }
+    }
+    calls.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let synced: Vec<String> = calls.into_iter().map(|(_, p)| p).collect();
+    let log = synced.join("\n");
+    let at = |p: &Path| {
+        let p = p.to_str().unwrap();
+        synced.iter().position(|s| s == p)
+    };
+    let job_dir = ck.join(&id);
+    let mut checked = 0;
+    for step in [4u64, 8] {
+        let step_dir = job_dir.join(ckpt::step_dir(step));
+        let manifest = step_dir.join("manifest.json");
+        let manifest_at = at(&manifest)
+            .unwrap_or_else(|| panic!("{} was never fsynced:\n{log}", manifest.display()));
+        let mut files = Vec::new();
+        for sub in ["model", "optim"] {
+            for e in std::fs::read_dir(step_dir.join(sub)).unwrap().flatten() {
+                files.push(e.path());
+            }
+        }
+        assert!(!files.is_empty());
+        for f in &files {
+            let f_at = at(f).unwrap_or_else(|| panic!("{} was never fsynced:\n{log}", f.display()));
+            assert!(
+                f_at < manifest_at,
+                "{} was fsynced after the manifest naming it",
+                f.display()
+            );
+            checked += 1;
+        }
+        for d in [
+            step_dir.join("model"),
+            step_dir.join("optim"),
+            step_dir.clone(),
+        ] {
+            assert!(at(&d).is_some(), "folder {} was never fsynced", d.display());
+        }
+    }
+    assert!(
+        at(&job_dir).is_some(),
+        "folder {} was never fsynced",
+        job_dir.display()
+    );
+    say!(
+        "fsync: {checked} checkpoint files, their folders and 2 manifests fsynced, each file before its manifest"
+    );
+}
