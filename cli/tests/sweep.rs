@@ -309,9 +309,27 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
         // The dashboard's sweep page shows the same plots, byte for byte,
         // and the fits (with the default bootstrap).
         let http = c.http_addr.unwrap();
+        let reports_made = || {
+            let (_, text) = get_http(http, "/metrics", None);
+            text.lines()
+                .find_map(|l| l.strip_prefix("strata_sweep_reports_made_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no strata_sweep_reports_made_total:\n{text}"))
+        };
+        let before = reports_made();
         let started = std::time::Instant::now();
-        let (code, body) = get_http(http, &format!("/api/sweeps/{id}"), None);
+        // Four polls at once, as browser tabs do: one report is made, the
+        // others wait for it.
+        let polls: Vec<_> = (0..4)
+            .map(|_| {
+                let path = format!("/api/sweeps/{id}");
+                std::thread::spawn(move || get_http(http, &path, None))
+            })
+            .collect();
+        let mut pages: Vec<(u16, String)> = polls.into_iter().map(|p| p.join().unwrap()).collect();
+        let (code, body) = pages.pop().unwrap();
         assert_eq!(code, 200, "{body}");
+        assert!(pages.iter().all(|p| p == &(code, body.clone())));
         eprintln!(
             "dashboard report of {id} made in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -339,6 +357,12 @@ async fn a_grid_and_a_branch_sweep_run_and_are_reported() {
         assert_eq!(
             get_http(http, &format!("/api/sweeps/{id}/plots/nope.svg"), None).0,
             404
+        );
+        // Every poll and plot above was served from one report.
+        assert_eq!(
+            reports_made() - before,
+            1,
+            "{id}: the report was made again"
         );
         // Kept for a look.
         if let Ok(keep) = std::env::var("STRATA_KEEP_REPORT") {

@@ -157,6 +157,16 @@ pub struct Lost {
     pub nodes: Vec<String>,
 }
 
+/// Something a previous coordinator left running and [`JobLauncher::reclaim`]
+/// cancelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The job it ran for, when known.
+    pub job: Option<String>,
+    /// What it was, for messages ("worker pid 4242 (rank 3)").
+    pub what: String,
+}
+
 /// Starts and stops every rank of one attempt of a job: the coordinator's
 /// view of a launcher. Object-safe, so the coordinator holds whichever it
 /// was configured with (local processes, Slurm).
@@ -182,8 +192,8 @@ pub trait JobLauncher: Send + Sync {
     }
 
     /// Cancels what a previous coordinator on the same state left running
-    /// (its allocations); what was cancelled, for the record.
-    fn reclaim(&self) -> Vec<String> {
+    /// (its allocations, its processes); what was cancelled, for the record.
+    fn reclaim(&self) -> Vec<Reclaimed> {
         Vec::new()
     }
 }

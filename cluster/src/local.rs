@@ -256,7 +256,7 @@ impl JobLauncher for LocalJobLauncher {
     /// noted and that still run, and waits a little for them to be gone
     /// (their GPUs and ports are the next attempt's).
     #[allow(unsafe_code)]
-    fn reclaim(&self) -> Vec<String> {
+    fn reclaim(&self) -> Vec<crate::Reclaimed> {
         let Some(dir) = &self.registry else {
             return Vec::new();
         };
@@ -288,7 +288,10 @@ impl JobLauncher for LocalJobLauncher {
                     killed.push((
                         pid,
                         started,
-                        format!("worker pid {pid} (job {job} rank {rank})"),
+                        crate::Reclaimed {
+                            job: Some(job.to_string()),
+                            what: format!("worker pid {pid} (rank {rank})"),
+                        },
                     ));
                 }
             }
@@ -486,10 +489,18 @@ mod tests {
         let me = std::process::id();
         std::fs::write(registry.join(me.to_string()), "1 0 job-0\n").unwrap();
 
-        let mut reclaimed = LocalJobLauncher::with_registry(registry.clone()).reclaim();
-        reclaimed.sort();
+        let reclaimed = LocalJobLauncher::with_registry(registry.clone()).reclaim();
         assert_eq!(reclaimed.len(), 2, "{reclaimed:?}");
-        assert!(reclaimed[0].contains("(job job-1 rank 3)"), "{reclaimed:?}");
+        assert!(
+            reclaimed
+                .iter()
+                .all(|r| r.job.as_deref() == Some("job-1") && r.what.starts_with("worker pid ")),
+            "{reclaimed:?}"
+        );
+        assert!(
+            reclaimed.iter().any(|r| r.what.ends_with("(rank 3)")),
+            "{reclaimed:?}"
+        );
         for pid in &pids {
             assert!(
                 process_start(*pid).is_none() || is_zombie(*pid),

@@ -678,7 +678,7 @@ impl JobLauncher for SlurmJobLauncher {
         )
     }
 
-    fn reclaim(&self) -> Vec<String> {
+    fn reclaim(&self) -> Vec<crate::Reclaimed> {
         let out = match slurm(
             "squeue",
             &["-h", "-o", "%i|%j|%k|%T"].map(String::from),
@@ -704,7 +704,14 @@ impl JobLauncher for SlurmJobLauncher {
                         name = f[1],
                         "cancelled an allocation a previous coordinator left"
                     );
-                    found.push(format!("Slurm job {} ({})", f[0], f[1]));
+                    // The comment is `strata:OWNER:JOB:ATTEMPT`.
+                    let job = f[2][mine.len()..]
+                        .rsplit_once(':')
+                        .map(|(j, _)| j.to_string());
+                    found.push(crate::Reclaimed {
+                        job,
+                        what: format!("Slurm job {} ({})", f[0], f[1]),
+                    });
                 }
                 Err(e) => {
                     tracing::error!(slurm_job = f[0], error = %e, "cannot cancel a leftover allocation")

@@ -312,6 +312,28 @@ fn step(n: u64, stages: u32) -> pb::StepMetrics {
     }
 }
 
+/// Rank 0's report of `steps`, as a worker of attempt 1 sends it.
+fn metrics_report(job: &str, steps: Vec<pb::StepMetrics>) -> pb::ReportMetricsRequest {
+    pb::ReportMetricsRequest {
+        job_id: job.into(),
+        rank: 0,
+        steps,
+        attempt: 1,
+        resumed_from_step: None,
+    }
+}
+
+/// The job as `GetJob` gives it.
+async fn job_of(s: &Setup) -> pb::Job {
+    s.cl.clone()
+        .get_job(pb::GetJobRequest {
+            job_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// An infinite gradient norm is stored and read back (it used to be stored
 /// as JSON null, after which the job's history could not be read), and a
 /// long history comes in pages under tonic's 4 MiB (the CLI follows them).
@@ -321,13 +343,10 @@ async fn long_histories_with_non_finite_values_are_read_back_in_pages() {
     let total = 20_000u64;
     for chunk in (1..=total).collect::<Vec<_>>().chunks(1000) {
         s.ctl
-            .report_metrics(pb::ReportMetricsRequest {
-                job_id: s.id.clone(),
-                rank: 0,
-                steps: chunk.iter().map(|&n| step(n, 16)).collect(),
-                attempt: 1,
-                resumed_from_step: None,
-            })
+            .report_metrics(metrics_report(
+                &s.id,
+                chunk.iter().map(|&n| step(n, 16)).collect(),
+            ))
             .await
             .unwrap();
     }
@@ -406,15 +425,9 @@ async fn concurrent_reports_lose_no_change() {
             let (mut ctl, id) = (s.ctl.clone(), s.id.clone());
             tokio::spawn(async move {
                 for n in (1..=n_steps).filter(|n| n % 4 == k) {
-                    ctl.report_metrics(pb::ReportMetricsRequest {
-                        job_id: id.clone(),
-                        rank: 0,
-                        steps: vec![step(n, 1)],
-                        attempt: 1,
-                        resumed_from_step: None,
-                    })
-                    .await
-                    .unwrap();
+                    ctl.report_metrics(metrics_report(&id, vec![step(n, 1)]))
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -437,14 +450,7 @@ async fn concurrent_reports_lose_no_change() {
     for c in checkpoints {
         c.await.unwrap();
     }
-    let mut cl = s.cl.clone();
-    let j = cl
-        .get_job(pb::GetJobRequest {
-            job_id: s.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let j = job_of(&s).await;
     assert!(j.steps_done > n_steps - 4, "{}", j.steps_done);
     assert_eq!(j.last_checkpoint_step, Some(n_ckpt));
     assert_eq!(steps_listed(&s).await, (1..=n_ckpt).collect::<Vec<_>>());
@@ -532,14 +538,7 @@ async fn manifests_are_checked_before_they_are_committed() {
     ctl.report_checkpoint(r0d).await.unwrap();
     ctl.report_checkpoint(report(1, 5)).await.unwrap();
     assert_eq!(steps_on_disk(&s).await, [4]);
-    let j =
-        s.cl.clone()
-            .get_job(pb::GetJobRequest {
-                job_id: s.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let j = job_of(&s).await;
     let errors = j.checkpoint_errors.join("\n");
     assert!(
         errors.contains("step 1: rank 0's manifest names job `job-999`"),
@@ -645,15 +644,9 @@ async fn a_checkpoint_completed_by_a_failed_attempt_is_where_the_next_one_starts
     let recipe = Recipe::from_toml_str(&s.spec, "t").unwrap();
     let mut ctl = s.ctl.clone();
     for n in 1..=8 {
-        ctl.report_metrics(pb::ReportMetricsRequest {
-            job_id: s.id.clone(),
-            rank: 0,
-            steps: vec![step(n, 1)],
-            attempt: 1,
-            resumed_from_step: None,
-        })
-        .await
-        .unwrap();
+        ctl.report_metrics(metrics_report(&s.id, vec![step(n, 1)]))
+            .await
+            .unwrap();
     }
     for rank in 0..2 {
         ctl.report_checkpoint(checkpoint_report(&recipe, &s.id, rank, 1, 4))
@@ -674,17 +667,9 @@ async fn a_checkpoint_completed_by_a_failed_attempt_is_where_the_next_one_starts
     })
     .await
     .unwrap();
-    let mut cl = s.cl.clone();
     let begun = Instant::now();
     loop {
-        let j = cl
-            .get_job(pb::GetJobRequest {
-                job_id: s.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if j.state() == pb::JobState::Restarting {
+        if job_of(&s).await.state() == pb::JobState::Restarting {
             break;
         }
         assert!(begun.elapsed() < Duration::from_secs(20), "not failed");
@@ -704,29 +689,24 @@ async fn a_checkpoint_completed_by_a_failed_attempt_is_where_the_next_one_starts
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let j = cl
-        .get_job(pb::GetJobRequest {
-            job_id: s.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let j = job_of(&s).await;
     assert_eq!(j.attempts.len(), 2, "{:?}", j.attempts);
     assert_eq!(j.attempts[0].last_step, 8, "{:?}", j.attempts);
     assert_eq!(j.attempts[0].steps_lost, 0, "{:?}", j.attempts);
     assert_eq!(j.attempts[1].from_step, 8, "{:?}", j.attempts);
-    let steps: Vec<u64> = cl
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: s.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .steps
-        .iter()
-        .map(|m| m.step)
-        .collect();
+    let steps: Vec<u64> =
+        s.cl.clone()
+            .get_metrics(pb::GetMetricsRequest {
+                job_id: s.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .steps
+            .iter()
+            .map(|m| m.step)
+            .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
     s.c.stop().await;
 }

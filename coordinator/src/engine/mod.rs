@@ -106,6 +106,8 @@ pub struct EngineMetrics {
     pub lock_hold: Histogram,
     /// The longest hold so far, in nanoseconds.
     pub lock_hold_max_ns: AtomicU64,
+    /// Sweep reports (fits and plots) the dashboard has made.
+    pub sweep_reports: prometheus_client::metrics::counter::Counter,
 }
 
 impl EngineMetrics {
@@ -120,6 +122,7 @@ impl EngineMetrics {
             // 1 µs to about 10 s, each bucket 1.5 times the one before.
             lock_hold: Histogram::new(exponential_buckets(1e-6, 1.5, 40)),
             lock_hold_max_ns: AtomicU64::new(0),
+            sweep_reports: Default::default(),
         }
     }
 
@@ -253,12 +256,18 @@ impl Engine {
                 job.last_loss = Some(last.loss);
             }
             if matches!(job.state, JobState::Running | JobState::Restarting) {
-                let cause = if reclaimed.is_empty() {
+                // What was ended of this job's (or of no known job).
+                let ended: Vec<&str> = reclaimed
+                    .iter()
+                    .filter(|r| r.job.as_deref().is_none_or(|j| j == job.job_id.as_str()))
+                    .map(|r| r.what.as_str())
+                    .collect();
+                let cause = if ended.is_empty() {
                     "the coordinator stopped, and the attempt's workers with it".to_string()
                 } else {
                     format!(
-                        "the coordinator stopped; the next one cancelled what it left running ({})",
-                        reclaimed.join(", ")
+                        "the coordinator stopped; the next one ended what it left running ({})",
+                        ended.join(", ")
                     )
                 };
                 attempts::close_attempt(&mut job, JobState::Failed, &cause, true);

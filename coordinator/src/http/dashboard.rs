@@ -516,6 +516,7 @@ async fn report_of(
         return Ok(r.clone());
     }
     let engine = http.engine.clone();
+    http.engine.metrics.sweep_reports.inc();
     let made = tokio::task::spawn_blocking(move || make_report(&engine, &s, &jobs, key))
         .await
         .map_err(|e| e.to_string())??;

@@ -155,6 +155,11 @@ pub fn render(engine: &Engine) -> String {
         engine.metrics.lock_hold.clone(),
     );
     reg.register(
+        "sweep_reports_made",
+        "Sweep reports (fits and plots) the dashboard has made: one per change of a sweep's succeeded points, however often it is polled",
+        engine.metrics.sweep_reports.clone(),
+    );
+    reg.register(
         "rpc_seconds",
         "How long each gRPC call took the coordinator (at the service), by method",
         engine.metrics.rpc.clone(),
