@@ -199,16 +199,13 @@ impl Engine {
         };
         let mut state = self.lock();
         check(state.jobs.get(w.job), &w)?;
-        // A stopping attempt's steps count too when the job has ended (a
-        // cancel: its workers finish the step they are in, then save it);
-        // not when a failed attempt is being replaced, whose next attempt
-        // starts from the checkpoint already chosen.
-        let restarting = state
-            .jobs
-            .get(w.job)
-            .is_some_and(|j| j.state == JobState::Restarting);
+        // A stopping attempt's steps count too: when the job has ended (a
+        // cancel: its workers finish the step they are in, then save it),
+        // and when a failed attempt's ranks are still leaving (a checkpoint
+        // they complete is where the next attempt starts, so the steps up
+        // to it are kept; the next launch cuts any past it).
         match state.attempts.get_mut(w.job) {
-            Some(sup) if sup.attempt == w.attempt && !restarting => {
+            Some(sup) if sup.attempt == w.attempt => {
                 sup.beat(w.rank as usize, Some(last.step));
                 sup.stepped(last.step);
             }
