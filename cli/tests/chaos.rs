@@ -102,10 +102,14 @@ impl CoordinatorProc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The log of the latest process started.
+    fn log(&self) -> PathBuf {
+        self.logs.join(format!("coordinator-{}.log", self.starts))
+    }
+
     fn start(&mut self) {
         self.starts += 1;
-        let log = std::fs::File::create(self.logs.join(format!("coordinator-{}.log", self.starts)))
-            .unwrap();
+        let log = std::fs::File::create(self.log()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args([
                 "coordinator",
@@ -136,9 +140,7 @@ impl CoordinatorProc {
     fn exited(&mut self) -> Option<String> {
         let status = self.child.as_mut()?.try_wait().unwrap()?;
         self.child = None;
-        let log =
-            std::fs::read_to_string(self.logs.join(format!("coordinator-{}.log", self.starts)))
-                .unwrap_or_default();
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();
         Some(format!(
             "{status}: {}",

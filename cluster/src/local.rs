@@ -224,13 +224,28 @@ impl LocalJobLauncher {
     }
 }
 
-/// When process `pid` started (clock ticks after boot, /proc's field 22):
-/// with the pid, it names one process, never a later one given the same pid.
-fn process_start(pid: u32) -> Option<u64> {
+/// Process `pid`'s state letter (`Z` once it has ended and waits to be
+/// reaped) and when it started (clock ticks after boot, /proc's field 22:
+/// with the pid, it names one process, never a later one given the same
+/// pid).
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command's closing parenthesis start at field 3.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let started = fields.nth(22 - 4)?.parse().ok()?;
+    Some((state, started))
+}
+
+/// When process `pid` started ([`proc_stat`]).
+fn process_start(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, started)| started)
+}
+
+/// Whether the process `pid` and `started` name still runs (not ended,
+/// not a zombie).
+fn still_runs(pid: u32, started: u64) -> bool {
+    proc_stat(pid).is_some_and(|(state, t)| t == started && state != 'Z')
 }
 
 /// An attempt's local worker processes. Dropped, it kills what still runs.
@@ -302,20 +317,12 @@ impl JobLauncher for LocalJobLauncher {
         while std::time::Instant::now() < deadline
             && killed
                 .iter()
-                .any(|(pid, started, _)| process_start(*pid) == Some(*started) && !is_zombie(*pid))
+                .any(|(pid, started, _)| still_runs(*pid, *started))
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         killed.into_iter().map(|(_, _, what)| what).collect()
     }
-}
-
-/// Whether process `pid` has ended and waits to be reaped.
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
 }
 
 impl Ranks for LocalRanks {
@@ -503,7 +510,7 @@ mod tests {
         );
         for pid in &pids {
             assert!(
-                process_start(*pid).is_none() || is_zombie(*pid),
+                proc_stat(*pid).is_none_or(|(state, _)| state == 'Z'),
                 "worker {pid} still runs"
             );
         }
