@@ -759,7 +759,8 @@ async fn resume(
 
 /// Through real workers: a (2, 2, 2) job killed mid-run (SIGKILL of one
 /// worker) and resumed from its latest checkpoint finishes with the
-/// per-step losses of an uninterrupted job, bit for bit; one resumed on
+/// per-step losses of an uninterrupted job, bit for bit, though it shards
+/// its optimizer over dp (ZeRO-1) and the uninterrupted job does not; one resumed on
 /// (1, 2, 1) follows them within 1e-4. Resumes that cannot be done are
 /// refused naming why, and the attempts are recorded.
 #[tokio::test(flavor = "multi_thread")]
@@ -805,14 +806,14 @@ async fn a_killed_job_resumes_from_its_checkpoint_exactly() {
         );
     }
 
-    // The same job, its rank 5 killed once a checkpoint is complete (and
-    // no automatic restart).
-    let b = submit(
-        &mut cl,
-        recipe_fault(&data, steps, l, &ck, "max_restarts = 0"),
-    )
-    .await
-    .unwrap();
+    // The same job with its optimizer sharded, its rank 5 killed once a
+    // checkpoint is complete (and no automatic restart).
+    let sharded = recipe_fault(&data, steps, l, &ck, "max_restarts = 0").replace(
+        "microbatches = 2\n",
+        "microbatches = 2\nshard_optimizer = true\n",
+    );
+    assert!(sharded.contains("shard_optimizer"));
+    let b = submit(&mut cl, sharded).await.unwrap();
     let e = resume(&mut cl, &b, 0, (0, 0, 0), false).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(

@@ -85,6 +85,13 @@ pub struct ParallelConfig {
     /// Model chunks per pipeline stage: 1 for 1F1B, more for interleaved
     /// 1F1B (Megatron's virtual pipeline stages).
     pub virtual_stages: u32,
+    /// ZeRO-1 (Megatron's distributed optimizer): gradients are
+    /// reduce-scattered over the data-parallel group, each rank updates
+    /// the master weights and both AdamW moments of its shard only, and
+    /// the updated weights are all-gathered. Checkpoints keep the same
+    /// format, so a run resumes with or without it.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 /// `[data]` once validated.

@@ -136,6 +136,10 @@ pub struct ParallelSpec {
     /// Model chunks per pipeline stage (interleaved 1F1B when above 1).
     #[serde(default = "one")]
     pub virtual_stages: i64,
+    /// ZeRO-1: each data-parallel rank keeps the optimizer state of its
+    /// shard of the parameters only.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 impl Default for ParallelSpec {
@@ -146,6 +150,7 @@ impl Default for ParallelSpec {
             dp: 1,
             microbatches: 1,
             virtual_stages: 1,
+            shard_optimizer: false,
         }
     }
 }

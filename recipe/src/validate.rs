@@ -319,6 +319,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             layout: layout?,
             microbatches: microbatches?,
             virtual_stages: virtual_stages?,
+            shard_optimizer: p.shard_optimizer,
         })
     })();
 

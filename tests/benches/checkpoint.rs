@@ -91,7 +91,7 @@ fn main() {
     for (name, loc) in &stores {
         let t = Instant::now();
         let snap = Snapshot::take(1, 1, &table, 0, || {
-            (trainer.master(), trainer.optimizer_state())
+            (trainer.master(), trainer.held_optimizer_state())
         });
         let stall = t.elapsed().as_secs_f64();
         let saved = rt

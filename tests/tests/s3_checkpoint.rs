@@ -68,8 +68,9 @@ fn trained_pair() -> Vec<(Snapshot, Vec<f32>, ParamTable)> {
                         }];
                         t.step(step, &micro, 64, 1e-3).unwrap();
                     }
-                    let snap =
-                        Snapshot::take(2, 1, &table, c.dp, || (t.master(), t.optimizer_state()));
+                    let snap = Snapshot::take(2, 1, &table, c.dp, || {
+                        (t.master(), t.held_optimizer_state())
+                    });
                     (snap, t.master(), table)
                 })
             })

@@ -489,11 +489,14 @@ pub fn head_cross_entropy(
                 par,
             );
         }
-        loss += zc
+        // Rows in parallel, their losses summed in row order (rayon's own
+        // sum associates as the work was stolen, so its last bits vary).
+        let rows: Vec<f64> = zc
             .par_chunks_mut(v)
             .zip(&targets[r0..r0 + c])
             .map(|(row, &t)| softmax_cross_entropy_row(row, t as usize, scale))
-            .sum::<f64>();
+            .collect();
+        loss += rows.iter().sum::<f64>();
         let p = Strided::new(zc.as_ptr(), v as isize, 1);
         // dy[i, j] = Σ_t p[i, t] W[t, j]
         unsafe {

@@ -530,7 +530,8 @@ fn steps<B: AutodiffBackend>(
         groups,
         device,
     )
-    .with_precision(recipe.precision);
+    .with_precision(recipe.precision)
+    .with_sharded_optimizer(recipe.parallel.shard_optimizer);
     if let Some(dp) = dp_device {
         trainer = trainer.with_device_dp(dp);
     }
@@ -633,7 +634,11 @@ fn steps<B: AutodiffBackend>(
                 busy(pb::WorkerActivity::Checkpoint);
                 if done > saved_at {
                     let header = report.then(|| about.manifest(done, &trainer, loader.cursor()));
-                    ck.save(done, &trainer, coords.dp, header);
+                    ck.save(done, &mut trainer, coords.dp, header)
+                        .map_err(|e| WorkerError::Collective {
+                            step: done,
+                            what: format!("checkpoint: {}", members.describe(&e)),
+                        })?;
                 }
                 // The save of the step it stopped after, or one the
                 // interval started just before the stop, is written and
@@ -752,7 +757,11 @@ fn steps<B: AutodiffBackend>(
             if ck.cfg.saves_at(step, n_steps) {
                 busy(pb::WorkerActivity::Checkpoint);
                 let header = report.then(|| about.manifest(step, &trainer, loader.cursor()));
-                ck.save(step, &trainer, coords.dp, header);
+                ck.save(step, &mut trainer, coords.dp, header)
+                    .map_err(|e| WorkerError::Collective {
+                        step,
+                        what: format!("checkpoint: {}", members.describe(&e)),
+                    })?;
                 saved_at = step;
                 busy(pb::WorkerActivity::Step);
             }
@@ -1043,19 +1052,32 @@ impl Checkpoints {
     }
 
     /// Copies the trainer's state out (the step's stall) and hands it to
-    /// the background saver.
+    /// the background saver. Under a sharded optimizer every rank of the
+    /// data-parallel group takes part in gathering the moments.
     fn save<B: AutodiffBackend>(
         &mut self,
         step: u64,
-        trainer: &Trainer<B>,
+        trainer: &mut Trainer<B>,
         dp_rank: u32,
         header: Option<checkpoint::Manifest>,
-    ) {
+    ) -> Result<(), TrainError> {
         let _span = tracing::info_span!("checkpoint_copy", step).entered();
-        let snapshot =
+        let t = Instant::now();
+        let gathered = if trainer.shards_optimizer() {
+            Some(trainer.optimizer_state()?)
+        } else {
+            None
+        };
+        let gather_s = t.elapsed().as_secs_f64();
+        let mut snapshot =
             checkpoint::Snapshot::take(step, self.attempt, trainer.table(), dp_rank, || {
-                (trainer.master(), trainer.optimizer_state())
+                let state = match gathered {
+                    Some(state) => state,
+                    None => trainer.held_optimizer_state(),
+                };
+                (trainer.master(), state)
             });
+        snapshot.copy_s += gather_s;
         let copy_s = snapshot.copy_s;
         let (done, waited) = self.saver.save(snapshot);
         self.done.extend(done);
@@ -1069,6 +1091,7 @@ impl Checkpoints {
         if let Some(h) = header {
             self.headers.insert(step, h);
         }
+        Ok(())
     }
 
     /// Tells the coordinator about finished saves (all of them, waiting,

@@ -18,7 +18,10 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision};
 
-use crate::collective::{Collective, CollectiveError, DeviceCollective, Staged, Tag, local_group};
+use crate::collective::{
+    Collective, CollectiveError, DeviceCollective, Staged, Tag, gather_ranges, local_group,
+    shard_ranges,
+};
 use crate::cpu;
 use crate::model::{
     GradAccum, Micro, StageInput, StageModel, Tape, Tp, accumulate, from_vec, to_vec,
@@ -270,11 +273,19 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 pub struct Trainer<B: AutodiffBackend> {
     model: StageModel<B>,
     buckets: Vec<Bucket>,
+    /// Each bucket's elements this rank owns in the data-parallel group
+    /// (bucket-relative, [`shard_ranges`]): what a sharded optimizer
+    /// keeps, and what the rank adds to the gradient norm in either mode.
+    shards: Vec<Vec<Range<usize>>>,
+    /// ZeRO-1: `m`, `v` and the last step's gradients hold only this
+    /// rank's shard of each bucket; the updated shards of the master are
+    /// all-gathered after the step.
+    sharded: bool,
     master: Vec<Tensor<Inner<B>, 1>>,
     m: Vec<Tensor<Inner<B>, 1>>,
     v: Vec<Tensor<Inner<B>, 1>>,
-    /// The last step's gradients after the data-parallel all-reduce,
-    /// before clipping.
+    /// The last step's gradients after the data-parallel sum, before
+    /// clipping (this rank's shards when `sharded`).
     grads: Vec<Tensor<Inner<B>, 1>>,
     steps: u64,
     cfg: AdamWConfig,
@@ -335,10 +346,17 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .collect()
         };
         let (m, v, grads) = (zeros(), zeros(), zeros());
+        let (dp, dp_rank) = (groups.dp.size(), groups.dp.rank());
+        let shards = buckets
+            .iter()
+            .map(|b| shard_ranges(b.range.len(), BUCKET_ELEMS, dp, dp_rank))
+            .collect();
         let model = StageModel::new_empty(model, table, &device);
         let mut trainer = Trainer {
             model,
             buckets,
+            shards,
+            sharded: false,
             master,
             m,
             v,
@@ -373,6 +391,29 @@ impl<B: AutodiffBackend> Trainer<B> {
         self
     }
 
+    /// Shards the optimizer over the data-parallel group (ZeRO-1) when
+    /// `on` and the group has more than one member: each rank keeps both
+    /// moments of its shard of every bucket only, gradients are
+    /// reduce-scattered instead of all-reduced, and the updated shards of
+    /// the master weights are all-gathered after AdamW. Losses, norms and
+    /// weights are bit-identical to the unsharded run with host
+    /// collectives (the shards are the ring's own chunks).
+    pub fn with_sharded_optimizer(mut self, on: bool) -> Trainer<B> {
+        if on && self.groups.dp.size() > 1 && !self.sharded {
+            let state = self.held_optimizer_state();
+            self.sharded = true;
+            self.m = self.upload_state(&state.m);
+            self.v = self.upload_state(&state.v);
+            self.grads = self.upload_state(&vec![0.0; self.n_params()]);
+        }
+        self
+    }
+
+    /// Whether the optimizer is sharded over the data-parallel group.
+    pub fn shards_optimizer(&self) -> bool {
+        self.sharded
+    }
+
     pub fn model(&self) -> &StageModel<B> {
         &self.model
     }
@@ -395,7 +436,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// The last step's gradients (summed over data-parallel replicas, not
-    /// clipped), copied to the host like [`Trainer::master`].
+    /// clipped), copied to the host like [`Trainer::master`]; under a
+    /// sharded optimizer, this rank's shards of the buckets only, in order.
     pub fn grads(&self) -> Vec<f32> {
         self.flat_on_host(&self.grads)
     }
@@ -405,13 +447,71 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.steps
     }
 
-    /// The optimizer's state, copied to the host.
-    pub fn optimizer_state(&self) -> AdamWState {
+    /// The optimizer's state in the table's flat layout, copied to the
+    /// host. Under a sharded optimizer both moments are all-gathered over
+    /// the data-parallel group first, so every member of it must call this
+    /// at the same point.
+    pub fn optimizer_state(&mut self) -> Result<AdamWState, TrainError> {
+        if !self.sharded {
+            return Ok(self.held_optimizer_state());
+        }
+        let mut dp = Staged::new(self.groups.dp.as_mut(), BUCKET_ELEMS);
+        let mut gather = |shards: &[Tensor<Inner<B>, 1>]| {
+            shards
+                .iter()
+                .zip(&self.buckets)
+                .map(|(s, b)| {
+                    DeviceCollective::<Inner<B>>::all_gather_shard(
+                        &mut dp,
+                        s.clone(),
+                        b.range.len(),
+                        BUCKET_ELEMS,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(in_group(GroupKind::Data))
+        };
+        let (m, v) = (gather(&self.m)?, gather(&self.v)?);
+        Ok(AdamWState {
+            step: self.steps,
+            m: self.flat_on_host(&m),
+            v: self.flat_on_host(&v),
+        })
+    }
+
+    /// The moments as this rank holds them, copied to the host: the
+    /// table's flat layout, or under a sharded optimizer its shards of the
+    /// buckets, in order.
+    pub fn held_optimizer_state(&self) -> AdamWState {
         AdamWState {
             step: self.steps,
             m: self.flat_on_host(&self.m),
             v: self.flat_on_host(&self.v),
         }
+    }
+
+    /// Optimizer state (or gradients) for this rank from the table's flat
+    /// layout: whole buckets, or this rank's shards of them when sharded.
+    fn upload_state(&self, flat: &[f32]) -> Vec<Tensor<Inner<B>, 1>> {
+        let device = self.model.device();
+        self.buckets
+            .iter()
+            .zip(&self.shards)
+            .map(|(b, shards)| {
+                let bucket = &flat[b.range.clone()];
+                let mine: Vec<f32> = if self.sharded {
+                    shards
+                        .iter()
+                        .flat_map(|r| &bucket[r.clone()])
+                        .copied()
+                        .collect()
+                } else {
+                    bucket.to_vec()
+                };
+                let n = mine.len();
+                from_vec(mine, [n], device)
+            })
+            .collect()
     }
 
     /// Whether every rank of the job passed `ok = true`: a flag reduced
@@ -452,8 +552,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .collect()
         };
         self.master = upload(master);
-        self.m = upload(&state.m);
-        self.v = upload(&state.v);
+        self.m = self.upload_state(&state.m);
+        self.v = self.upload_state(&state.v);
         self.steps = state.step;
         self.refresh_params();
     }
@@ -630,12 +730,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             })
             .collect();
 
-        // Data-parallel sum of every bucket (and of the loss), then the
-        // tied embedding's over the embedding group. Host collectives stage
-        // the bucket through host memory.
+        // Data-parallel sum of every bucket (reduce-scattered to the
+        // shards a sharded optimizer owns), then the tied embedding's over
+        // the embedding group. Host collectives stage the bucket through
+        // host memory.
         let reduce_span = tracing::info_span!("all_reduce").entered();
         let t = Instant::now();
-        let mut local_loss = [local_loss as f32];
         if self.groups.dp.size() > 1 {
             let mut staged;
             let dp: &mut dyn DeviceCollective<Inner<B>> = match self.dp_device.as_deref_mut() {
@@ -646,14 +746,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             };
             for g in &mut grads {
-                *g = dp
-                    .all_reduce_sum(g.clone())
-                    .map_err(in_group(GroupKind::Data))?;
-            }
-            self.groups
-                .dp
-                .all_reduce_sum(&mut local_loss)
+                *g = if self.sharded {
+                    dp.reduce_scatter_shard(g.clone(), BUCKET_ELEMS)
+                } else {
+                    dp.all_reduce_sum(g.clone())
+                }
                 .map_err(in_group(GroupKind::Data))?;
+            }
         }
         if let (Some(emb), Some(i)) = (self.groups.emb.as_mut(), table.index(Role::Embed)) {
             let b = self
@@ -670,20 +769,31 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         let _optimizer_span = tracing::info_span!("optimizer").entered();
         let t = Instant::now();
-        // Squared norm over what this rank counts (one scalar from the
-        // device), summed over the tensor-parallel group, then over the
-        // stages (with the loss from the last and every stage's timings).
+        // Squared norm over what this rank counts of its data-parallel
+        // shard (one scalar from the device; the same elements, summed the
+        // same way, whether the optimizer is sharded or not), summed with
+        // the loss over the data-parallel group in member order, then over
+        // the tensor-parallel group, then over the stages (with the loss
+        // from the last and every stage's timings).
         let mut sq: Option<Tensor<Inner<B>, 1>> = None;
-        for (b, g) in self.buckets.iter().zip(&grads) {
+        for ((b, g), shards) in self.buckets.iter().zip(&grads).zip(&self.shards) {
             if b.in_norm {
-                accumulate(&mut sq, g.clone().powi_scalar(2).sum());
+                let mine = if self.sharded {
+                    g.clone()
+                } else {
+                    gather_ranges(g.clone(), shards)
+                };
+                accumulate(&mut sq, mine.powi_scalar(2).sum());
             }
         }
-        let local_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
-        tracing::debug!(step, local_sq, "gradient norm read");
+        let shard_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
+        tracing::debug!(step, shard_sq, "gradient norm read");
+        let [local_loss, local_sq] =
+            sum_f64_ordered(self.groups.dp.as_mut(), [local_loss, shard_sq])
+                .map_err(in_group(GroupKind::Data))?;
         let stage_sq =
             sum_f64(self.groups.tp.as_mut(), local_sq).map_err(in_group(GroupKind::Tensor))?;
-        let loss = if last { f64::from(local_loss[0]) } else { 0.0 };
+        let loss = if last { local_loss } else { 0.0 };
         let mut record = Vec::with_capacity(RECORD);
         record.extend(split_f64(stage_sq));
         record.extend(split_f64(loss));
@@ -718,7 +828,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if stages == 1 {
             // Exact when nothing had to cross a group.
             sq = stage_sq;
-            loss = f64::from(local_loss[0]);
+            loss = local_loss;
         }
         let grad_norm = sq.sqrt();
         // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
@@ -727,7 +837,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             None => 1.0,
         };
         self.grads = grads;
-        self.adamw(lr, clip);
+        self.adamw(lr, clip)?;
         let optimizer = t.elapsed();
         Ok(StepStats {
             loss,
@@ -795,7 +905,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `lerp`, the second by `mul` then `addcmul`. The model's parameters
     /// are released first, so that each master bucket has one owner and
     /// the backend may update it in place, then sliced from the new master.
-    fn adamw(&mut self, lr: f64, clip: f32) {
+    ///
+    /// Sharded, each rank updates its shards (the master's cut from the
+    /// whole bucket) and the updated shards are all-gathered into whole
+    /// master buckets over the data-parallel group.
+    fn adamw(&mut self, lr: f64, clip: f32) -> Result<(), TrainError> {
         self.model.release_params();
         self.steps += 1;
         let t = self.steps as i32;
@@ -816,9 +930,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             std::mem::take(&mut self.v),
         );
         let flex = cpu::is_flex::<Inner<B>>();
-        for (((b, g), (p, m)), v) in self
+        let mut staged;
+        let dp: &mut dyn DeviceCollective<Inner<B>> = match self.dp_device.as_deref_mut() {
+            Some(device) => device,
+            None => {
+                staged = Staged::new(self.groups.dp.as_mut(), BUCKET_ELEMS);
+                &mut staged
+            }
+        };
+        for ((((b, shards), g), (p, m)), v) in self
             .buckets
             .iter()
+            .zip(&self.shards)
             .zip(&self.grads)
             .zip(masters.into_iter().zip(ms))
             .zip(vs)
@@ -827,16 +950,28 @@ impl<B: AutodiffBackend> Trainer<B> {
                 decay: s.decay.filter(|_| b.decay),
                 ..s
             };
+            let p = if self.sharded {
+                gather_ranges(p, shards)
+            } else {
+                p
+            };
             let [p, m, v] = if flex {
                 cpu::adamw(p, m, v, g, &s)
             } else {
                 adamw_by_tensor_ops(p, m, v, g, &s)
+            };
+            let p = if self.sharded {
+                dp.all_gather_shard(p, b.range.len(), BUCKET_ELEMS)
+                    .map_err(in_group(GroupKind::Data))?
+            } else {
+                p
             };
             self.master.push(p);
             self.m.push(m);
             self.v.push(v);
         }
         self.refresh_params();
+        Ok(())
     }
 }
 
@@ -970,6 +1105,29 @@ const RECORD: usize = 9;
 fn split_f64(x: f64) -> [f32; 2] {
     let hi = x as f32;
     [hi, (x - f64::from(hi)) as f32]
+}
+
+/// The group's sums of the values in `x`, each carried as two f32s per
+/// member, gathered and added in member order (so the result does not
+/// depend on which member reduces which part, as a ring's would).
+fn sum_f64_ordered<const N: usize>(
+    group: &mut dyn Collective,
+    x: [f64; N],
+) -> Result<[f64; N], CollectiveError> {
+    let n = group.size();
+    if n == 1 {
+        return Ok(x);
+    }
+    let mine: Vec<f32> = x.iter().flat_map(|&v| split_f64(v)).collect();
+    let mut all = vec![0f32; mine.len() * n];
+    group.all_gather(&mine, &mut all)?;
+    let mut out = [0f64; N];
+    for member in all.chunks(2 * N) {
+        for (o, pair) in out.iter_mut().zip(member.chunks(2)) {
+            *o += f64::from(pair[0]) + f64::from(pair[1]);
+        }
+    }
+    Ok(out)
 }
 
 /// The group's sum of `x`, carried in two f32s per member.

@@ -52,6 +52,22 @@ fn segment(
     resume: bool,
     save: &[u64],
 ) -> Segment {
+    segment_sharded(cfg, layout, m, steps, loc, resume, save, false)
+}
+
+/// [`segment`], the optimizer sharded over the data-parallel group when
+/// `sharded` (ZeRO-1).
+#[allow(clippy::too_many_arguments)]
+fn segment_sharded(
+    cfg: &ModelConfig,
+    layout: Layout,
+    m: usize,
+    steps: RangeInclusive<u64>,
+    loc: &Location,
+    resume: bool,
+    save: &[u64],
+    sharded: bool,
+) -> Segment {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let world = Groups::local_world(layout, cfg.tie_embeddings, 1);
     let candidates = if resume {
@@ -74,7 +90,9 @@ fn segment(
                         adamw(),
                         groups,
                         Default::default(),
-                    );
+                    )
+                    .with_sharded_optimizer(sharded);
+                    assert_eq!(trainer.shards_optimizer(), sharded && layout.dp > 1);
                     let (mut from, mut skipped) = (None, Vec::new());
                     if resume {
                         let r = checkpoint::resume_agreed(
@@ -108,9 +126,11 @@ fn segment(
                         out.losses.push(st.loss);
                         out.norms.push(st.grad_norm);
                         if save.contains(&step) {
-                            let snap = Snapshot::take(step, 1, &table, c.dp, || {
-                                (trainer.master(), trainer.optimizer_state())
-                            });
+                            // Every rank gathers (a sharded optimizer's
+                            // moments are all-gathered over dp).
+                            let state = trainer.optimizer_state().unwrap();
+                            let snap =
+                                Snapshot::take(step, 1, &table, c.dp, || (trainer.master(), state));
                             saved.extend(saver.save(snap).0.into_iter().map(|r| r.unwrap()));
                         }
                     }
@@ -220,6 +240,29 @@ fn resume_is_bit_exact_in_one_process() {
 #[test]
 fn resume_is_bit_exact_under_tp2_pp2_dp2() {
     bit_exact(&tiny(true), Layout::new(2, 2, 2), 2);
+}
+
+/// ZeRO-1 changes nothing a checkpoint holds: saved with the optimizer
+/// sharded, resumed without, and the reverse, both continue bit for bit
+/// like the uninterrupted unsharded run.
+#[test]
+fn a_sharded_optimizer_checkpoint_resumes_without_it_and_the_reverse() {
+    let cfg = tiny(true);
+    let layout = Layout::new(1, 2, 2);
+    let (_d, loc) = files();
+    let straight = segment(&cfg, layout, 2, 1..=12, &loc, false, &[]);
+    for (before, after) in [(true, false), (false, true)] {
+        let (_d, loc) = files();
+        let first = segment_sharded(&cfg, layout, 2, 1..=6, &loc, false, &[6], before);
+        assert_eq!(first.losses, straight.losses.with_steps(1..=6));
+        let resumed = segment_sharded(&cfg, layout, 2, 7..=12, &loc, true, &[], after);
+        assert_eq!(resumed.resumed_from, Some(6));
+        assert_eq!(
+            resumed.losses,
+            tail(&straight.losses, 7),
+            "sharded {before} then {after}"
+        );
+    }
 }
 
 /// Saved at (tp 2, pp 2, dp 1), resumed at (1, 1, 2) and (1, 2, 2): the

@@ -37,6 +37,11 @@ fn train_chunks(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps:
     train_in(cfg, layout, m, chunks, steps, Precision::F32, false)
 }
 
+/// [`train_chunks`] with the optimizer sharded over dp (ZeRO-1).
+fn train_sharded(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) -> Run {
+    train_with(cfg, layout, m, chunks, steps, Precision::F32, false, true)
+}
+
 /// [`train_chunks`] computing in `precision`.
 fn train_in(
     cfg: &ModelConfig,
@@ -46,6 +51,20 @@ fn train_in(
     steps: usize,
     precision: Precision,
     device_dp: bool,
+) -> Run {
+    train_with(cfg, layout, m, chunks, steps, precision, device_dp, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_with(
+    cfg: &ModelConfig,
+    layout: Layout,
+    m: usize,
+    chunks: u32,
+    steps: usize,
+    precision: Precision,
+    device_dp: bool,
+    sharded: bool,
 ) -> Run {
     let tokens = 512;
     let world = Groups::local_world(layout, cfg.tie_embeddings, chunks);
@@ -69,7 +88,8 @@ fn train_in(
                     let table = ParamTable::interleaved(cfg, layout, c, chunks);
                     let mut trainer =
                         Trainer::<B>::new(cfg, table, 7, adamw(), groups, Default::default())
-                            .with_precision(precision);
+                            .with_precision(precision)
+                            .with_sharded_optimizer(sharded);
                     if let Some(member) = device {
                         trainer = trainer.with_device_dp(Box::new(OnDevice(member)));
                     }
@@ -254,6 +274,49 @@ fn a_device_collective_for_dp_gives_the_host_groups_results() {
             "{name}"
         );
     }
+}
+
+/// Bit for bit, with the buckets reduce-scattered, each rank's AdamW over
+/// its shards and the weights all-gathered: the shards are the ring
+/// all-reduce's own chunks, and the norm is summed from the same shards
+/// in either mode. Four replicas cut the buckets unevenly; an interleaved
+/// pipeline's wrap-around and the tied embedding's group join in.
+#[test]
+fn a_sharded_optimizer_is_bit_identical_to_plain_data_parallelism() {
+    let same = |what: &str, a: &Run, b: &Run| {
+        assert_eq!(a.losses, b.losses, "{what}: losses");
+        assert_eq!(a.norms, b.norms, "{what}: norms");
+        for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what}: {name}"
+            );
+        }
+    };
+    for tie in [true, false] {
+        let mut cfg = tiny(tie);
+        cfg.n_layers = 4;
+        for (tp, pp, dp, m, chunks) in [
+            (1, 1, 2, 2, 1),
+            (2, 2, 2, 2, 1),
+            (1, 2, 2, 2, 1),
+            (1, 1, 4, 1, 1),
+            (1, 2, 2, 2, 2),
+        ] {
+            let layout = Layout::new(tp, pp, dp);
+            let what = format!("{layout} m={m} v={chunks} tied={tie}");
+            let plain = train_chunks(&cfg, layout, m, chunks, 4);
+            let sharded = train_sharded(&cfg, layout, m, chunks, 4);
+            same(&what, &sharded, &plain);
+        }
+    }
+    // Through a device collective with the trait's own reduce-scatter and
+    // all-gather (a sum over the group, as NCCL's would be).
+    let cfg = tiny(true);
+    let layout = Layout::new(1, 1, 2);
+    let plain = train(&cfg, layout, 2, 3);
+    let device = train_with(&cfg, layout, 2, 1, 3, Precision::F32, true, true);
+    same("device collective, sharded", &device, &plain);
 }
 
 #[test]

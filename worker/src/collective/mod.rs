@@ -20,7 +20,7 @@ mod device;
 mod local;
 pub mod tcp;
 
-pub use device::{DeviceCollective, Staged};
+pub use device::{DeviceCollective, Staged, gather_ranges};
 pub use local::{LocalCollective, local_group};
 pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};
 
@@ -137,9 +137,32 @@ impl CollectiveError {
 pub type Result<T> = std::result::Result<T, CollectiveError>;
 
 /// The range of chunk `i` when `len` elements are split into `n` chunks as
-/// evenly as possible.
-fn chunk(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+/// evenly as possible: the part of a buffer that member `i` of a group of
+/// `n` reduces in the ring algorithms.
+pub fn chunk(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
     (i * len / n)..((i + 1) * len / n)
+}
+
+/// Member `rank`'s shard of a buffer of `len` elements that a group of `n`
+/// all-reduces in calls of at most `piece` elements: in each piece, the
+/// chunk the ring reduces at `rank` ([`chunk`]). A sharded optimizer owns
+/// exactly these elements, so its reduce-scatter sums each of them in the
+/// order the all-reduce would, and the results are bit-identical.
+pub fn shard_ranges(
+    len: usize,
+    piece: usize,
+    n: usize,
+    rank: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let piece = piece.max(1);
+    (0..len.div_ceil(piece))
+        .map(|k| {
+            let start = k * piece;
+            let c = chunk((len - start).min(piece), n, rank);
+            start + c.start..start + c.end
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// A process group's collective operations, from one member's side. Every
@@ -225,6 +248,21 @@ pub trait Collective: Send {
         let mine = chunk(out.len(), n, self.rank());
         out[mine].copy_from_slice(input);
         ring_all_gather(self, out)
+    }
+
+    /// The first half of [`Collective::all_reduce_sum`]: afterwards
+    /// `buf[chunk(len, size, rank)]` holds the group's sum of that part
+    /// (the rest holds partial sums), each element summed in the same order
+    /// as by the all-reduce.
+    fn reduce_scatter_in_place(&mut self, buf: &mut [f32]) -> Result<()> {
+        ring_reduce_scatter(self, buf, |x, y| *x += y)
+    }
+
+    /// The second half of [`Collective::all_reduce_sum`]: every member's
+    /// `buf[chunk(len, size, rank)]` lands in the same place of every
+    /// member's `buf`.
+    fn all_gather_in_place(&mut self, buf: &mut [f32]) -> Result<()> {
+        ring_all_gather(self, buf)
     }
 
     /// `root`'s `buf` is copied to every member's `buf`.
