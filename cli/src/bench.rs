@@ -81,6 +81,13 @@ pub struct TrainArgs {
     /// Microbatches per step (gradient accumulation).
     #[arg(long, default_value_t = 1)]
     microbatches: usize,
+    /// Data-parallel replicas, on threads of this process (the step's
+    /// tokens split between them): for measuring a replica's memory.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    dp: u16,
+    /// Shard the optimizer over the replicas (ZeRO-1).
+    #[arg(long)]
+    shard_optimizer: bool,
     /// Which GPU, among the visible ones.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
@@ -166,6 +173,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             .tokens_per_step
             .unwrap_or(recipe.data.tokens_per_step as usize),
         microbatches: args.microbatches,
+        dp: usize::from(args.dp),
+        shard_optimizer: args.shard_optimizer,
     };
     cfg.rows().map_err(UserError)?;
     if args.describe {
@@ -229,8 +238,13 @@ fn cpu_target<B: AutodiffBackend>(
         device_name: format!("CPU, {} threads", rayon_threads()),
         precision,
         device: Default::default(),
+        device_kind: strata_recipe::DeviceKind::Cpu,
         peak,
         peak_memory: Box::new(bench::peak_rss_bytes),
+        peak_heap: Box::new(|| {
+            crate::heap::start();
+            Box::new(crate::heap::peak)
+        }),
     }
 }
 
@@ -279,8 +293,10 @@ fn cuda_train(
             ),
             precision,
             device: cuda::device(gpu),
+            device_kind: strata_recipe::DeviceKind::Cuda,
             peak,
             peak_memory: Box::new(move || cuda::memory_in_use(gpu)),
+            peak_heap: Box::new(|| Box::new(|| None)),
         }
     }
     Ok(match backend {
@@ -362,10 +378,30 @@ fn render(r: &TrainReport) -> String {
         ));
     }
     if let Some(b) = r.peak_memory_bytes {
-        rows.push((
-            "peak memory".into(),
-            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        ));
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let plan = r.memory_plan.total_bytes;
+        rows.push(("peak memory".into(), format!("{:.2} GiB", gib(b))));
+        // Per replica: the process holds `dp` of them.
+        let measured = r
+            .peak_heap_bytes
+            .or(r.memory_baseline_bytes.map(|base| b.saturating_sub(base)))
+            .map(|m| m / r.dp.max(1) as u64);
+        if let Some(m) = measured {
+            rows.push((
+                "memory plan".into(),
+                format!(
+                    "{:.3} GiB planned per replica, {:.3} GiB measured ({}), {:+.1}%",
+                    gib(plan),
+                    gib(m),
+                    if r.peak_heap_bytes.is_some() {
+                        "the heap's peak since the model was built"
+                    } else {
+                        "above the reading before the model"
+                    },
+                    (plan as f64 / m as f64 - 1.0) * 100.0
+                ),
+            ));
+        }
     }
     rows.push((
         "host transfers".into(),

@@ -29,7 +29,72 @@ use strata_recipe::Recipe;
 /// reuses their pages where glibc unmaps and faults them in again (a third
 /// of a CPU worker's time went to page faults).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: heap::Counting = heap::Counting;
+
+/// mimalloc, and (once [`heap::start`] is called: `strata bench train`)
+/// the peak of the bytes live on the heap, which the memory plan is
+/// checked against. Until then an allocation costs one relaxed load more.
+pub mod heap {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+
+    pub struct Counting;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static LIVE: AtomicI64 = AtomicI64::new(0);
+    static PEAK: AtomicI64 = AtomicI64::new(0);
+
+    fn grew(by: i64) {
+        let now = LIVE.fetch_add(by, Relaxed) + by;
+        PEAK.fetch_max(now, Relaxed);
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY: every call is mimalloc's with the caller's arguments; the
+    // counting around it touches only atomics.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+            if ON.load(Relaxed) && !p.is_null() {
+                grew(l.size() as i64);
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+            if ON.load(Relaxed) && !p.is_null() {
+                grew(l.size() as i64);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            if ON.load(Relaxed) {
+                LIVE.fetch_sub(l.size() as i64, Relaxed);
+            }
+            unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+            if ON.load(Relaxed) && !q.is_null() {
+                grew(new as i64 - l.size() as i64);
+            }
+            q
+        }
+    }
+
+    /// Counts from now: live bytes start at zero (frees of older
+    /// allocations make them negative, which the peak ignores).
+    pub fn start() {
+        LIVE.store(0, Relaxed);
+        PEAK.store(0, Relaxed);
+        ON.store(true, Relaxed);
+    }
+
+    /// The most bytes live at once since [`start`].
+    pub fn peak() -> Option<u64> {
+        ON.load(Relaxed).then(|| PEAK.load(Relaxed).max(0) as u64)
+    }
+}
 
 /// `mi_option_purge_delay` in mimalloc.h (v3's option enum).
 const MI_OPTION_PURGE_DELAY: i32 = 15;

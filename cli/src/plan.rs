@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
+use strata_dataplane::memory::{MemoryInputs, MemoryPlan, gib};
 use strata_recipe::plan::{BudgetPlan, Plan};
 use strata_recipe::quantity::parse_with_suffix;
 use strata_recipe::{Curriculum, Recipe};
@@ -48,14 +49,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let path = args.job.expect("clap requires a recipe or a budget");
     let recipe = load_recipe(&path)?;
     let plan = Plan::new(&recipe);
+    let inputs = MemoryInputs::of(&recipe);
+    let memory = MemoryPlan::new(&inputs);
     if args.json {
         let json = PlanJson {
             plan: &plan,
+            memory: &memory,
             recipe: &recipe,
         };
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{}", plan_text(&recipe, &plan));
+        print!("{}", memory_text(&inputs, &memory));
     }
     Ok(())
 }
@@ -65,6 +70,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 struct PlanJson<'a> {
     #[serde(flatten)]
     plan: &'a Plan,
+    memory: &'a MemoryPlan,
     recipe: &'a Recipe,
 }
 
@@ -272,6 +278,83 @@ fn plan_text(recipe: &Recipe, plan: &Plan) -> String {
         rows.push(vec![count(p.tokens as f64), sci(p.lr), phase.to_string()]);
     }
     out.push_str(&table("  ", &rows));
+    out
+}
+
+/// Each (stage, tp rank)'s bytes at its step's peak, the worst first
+/// when there are many, against the device's memory.
+fn memory_text(inp: &MemoryInputs, plan: &MemoryPlan) -> String {
+    let mut out = format!(
+        "\nmemory per rank at the step's peak (GiB; {} tokens per microbatch{}{})\n",
+        inp.tokens_per_microbatch,
+        if inp.shard_optimizer && inp.layout.dp > 1 {
+            ", optimizer sharded over dp"
+        } else {
+            ""
+        },
+        match plan.device_bytes {
+            Some(b) => format!(", device {:.2} GiB", gib(b)),
+            None => ", device memory not given ([device] memory_gib)".into(),
+        }
+    );
+    let mut rows = vec![
+        [
+            "rank",
+            "stage",
+            "tp",
+            "weights",
+            "grads",
+            "optimizer",
+            "activations",
+            "transient",
+            "ckpt copy",
+            "total",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut ranks: Vec<_> = plan.ranks.iter().collect();
+    const SHOWN: usize = 16;
+    if ranks.len() > SHOWN {
+        ranks.sort_by_key(|r| std::cmp::Reverse(r.total_bytes));
+        ranks.truncate(SHOWN);
+    }
+    for r in &ranks {
+        rows.push(vec![
+            r.rank.to_string(),
+            r.stage.to_string(),
+            r.tp_rank.to_string(),
+            format!("{:.3}", gib(r.weights_bytes + r.compute_copy_bytes)),
+            format!("{:.3}", gib(r.grads_bytes)),
+            format!("{:.3}", gib(r.optimizer_bytes)),
+            format!(
+                "{:.3} ({}×{:.3})",
+                gib(r.activations_bytes),
+                r.in_flight,
+                gib(r.activations_per_microbatch_bytes)
+            ),
+            format!("{:.3} {}", gib(r.transient_bytes), r.transient),
+            format!("{:.3}", gib(r.checkpoint_bytes)),
+            format!("{:.3}", gib(r.total_bytes)),
+        ]);
+    }
+    out.push_str(&table("  ", &rows));
+    if plan.ranks.len() > SHOWN {
+        let _ = writeln!(out, "  (the {SHOWN} largest of {} ranks)", plan.ranks.len());
+    }
+    match plan.refusal(inp) {
+        Some(why) => {
+            let _ = writeln!(out, "  DOES NOT FIT: {why}");
+        }
+        None if plan.device_bytes.is_some() => {
+            let _ = writeln!(
+                out,
+                "  fits: the largest rank needs {:.2} GiB",
+                gib(plan.worst().total_bytes)
+            );
+        }
+        None => {}
+    }
     out
 }
 

@@ -82,6 +82,47 @@ fn plan_text_names_what_matters() {
     }
 }
 
+/// The memory plan: per rank in text and JSON, and a verdict against
+/// `[device] memory_gib` naming the rank, its parts and the knobs.
+#[test]
+fn plan_prints_each_ranks_memory_and_whether_it_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(repo_root().join("examples/tiny-cpu.toml")).unwrap();
+    let write = |name: &str, device: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{base}\n[device]\n{device}\n")).unwrap();
+        p
+    };
+    let roomy = write("roomy.toml", "memory_gib = 16");
+    let out = strata(&["plan", roomy.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("memory per rank at the step's peak"),
+        "{text}"
+    );
+    assert!(text.contains("fits: the largest rank needs"), "{text}");
+    let json = stdout_json(&strata(&["plan", roomy.to_str().unwrap(), "--json"]));
+    let ranks = json["memory"]["ranks"].as_array().unwrap();
+    assert_eq!(
+        ranks.len(),
+        1,
+        "tp = pp = 1: one rank stands for every replica"
+    );
+    let r = &ranks[0];
+    let params = r["params"].as_u64().unwrap();
+    assert_eq!(r["weights_bytes"].as_u64().unwrap(), 4 * params);
+    assert_eq!(r["optimizer_bytes"].as_u64().unwrap(), 8 * params);
+    let small = write("small.toml", "memory_gib = 0.1");
+    let out = strata(&["plan", small.to_str().unwrap()]);
+    assert!(out.status.success(), "plan reports, it does not refuse");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("DOES NOT FIT: rank 0 (pipeline stage 0, tensor-parallel rank 0) needs")
+            && text.contains("parallel.shard_optimizer = true"),
+        "{text}"
+    );
+}
+
 #[test]
 fn budget_plan_gives_n_and_d_per_fit() {
     let json = stdout_json(&strata(&["plan", "--budget-flops", "5.76e23", "--json"]));

@@ -201,6 +201,27 @@ async fn bad_submissions_are_refused_naming_the_culprit() {
         e.message()
     );
 
+    // A job whose ranks need more than the device holds, with its
+    // numbers and what would make it fit; nothing is queued.
+    let small = format!("{}\n[device]\nmemory_gib = 0.001\n", recipe(&data, 4, 2));
+    let e = submit(&mut cl, small).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let m = e.message();
+    assert!(
+        m.contains("the job does not fit: rank 0 (pipeline stage 0, tensor-parallel rank 0) needs")
+            && m.contains("of the device's 0.00 GiB (device.memory_gib)")
+            && m.contains("GiB ("),
+        "{m}"
+    );
+    assert!(
+        cl.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+
     let missing = recipe("file:///no/such/dataset", 4, 2);
     let e = submit(&mut cl, missing).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);

@@ -5,6 +5,8 @@
 //!   listing, pruning.
 //! - [`params`]: the named parameter table (logical name, full shape, split,
 //!   a rank's slice) that sharding, checkpoints and export read.
+//! - [`memory`]: each rank's bytes at its step's peak, from the table and
+//!   the schedule (the memory plan).
 //! - [`corpus`] finds documents in files and folders and runs a decompose.
 //! - [`tokenize`]: offline tiktoken BPEs.
 //! - [`decompose`]: one document into power-of-two pieces.
@@ -22,6 +24,7 @@ pub mod corpus;
 pub mod decompose;
 pub mod loader;
 pub mod manifest;
+pub mod memory;
 pub mod params;
 pub mod reader;
 pub mod rng;

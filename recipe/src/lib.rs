@@ -316,6 +316,9 @@ pub struct Recipe {
     /// `[device] peak_tflops`: each device's peak, for MFU.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
+    /// `[device] memory_gib`: each device's memory, for the memory plan.
+    #[serde(default)]
+    pub memory_gib: Option<f64>,
     pub resolutions: Vec<Resolution>,
 }
 

@@ -93,6 +93,11 @@ pub struct DeviceSpec {
     /// denominator of MFU. Known GPUs in bf16 need none.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
+    /// Each device's memory in GiB (a GPU's, or the share of a node's
+    /// memory one CPU worker may use): `strata plan` checks every rank's
+    /// bytes against it, and a job that cannot fit is refused at submit.
+    #[serde(default)]
+    pub memory_gib: Option<f64>,
 }
 
 fn default_seed() -> i64 {

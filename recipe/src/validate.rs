@@ -543,6 +543,10 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         .device
         .peak_tflops
         .map(|v| c.positive_f64("device.peak_tflops", v));
+    let memory_gib = spec
+        .device
+        .memory_gib
+        .map(|v| c.positive_f64("device.memory_gib", v));
 
     let recipe = (|| {
         Some(Recipe {
@@ -563,6 +567,10 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 .precision
                 .unwrap_or(crate::Precision::default_for(spec.device.backend)),
             peak_tflops: match peak_tflops {
+                Some(v) => Some(v?),
+                None => None,
+            },
+            memory_gib: match memory_gib {
                 Some(v) => Some(v?),
                 None => None,
             },

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use strata_recipe::{AdamWConfig, ModelConfig, Precision, Recipe};
+use strata_dataplane::memory::{MemoryInputs, MemoryPlan, RankMemory};
+use strata_recipe::{AdamWConfig, DeviceKind, Layout, ModelConfig, Precision, Recipe};
 
 use crate::model::host_transfers;
 use crate::params::ParamTable;
@@ -24,17 +25,23 @@ pub struct TrainBench {
     pub seq_len: usize,
     pub tokens_per_step: usize,
     pub microbatches: usize,
+    /// Data-parallel replicas, each on a thread of this process (joined
+    /// by the in-process collective): for the memory of a replica, with or
+    /// without a sharded optimizer. Times are replica 0's.
+    pub dp: usize,
+    pub shard_optimizer: bool,
 }
 
 impl TrainBench {
     /// Rows (sequences) per microbatch, or why the shape does not divide.
+    /// Rows (sequences) per microbatch on one replica, or why the shape
+    /// does not divide.
     pub fn rows(&self) -> Result<usize, String> {
-        let per = self.seq_len * self.microbatches;
-        if self.seq_len == 0 || self.microbatches == 0 || !self.tokens_per_step.is_multiple_of(per)
-        {
+        let per = self.seq_len * self.microbatches * self.dp;
+        if per == 0 || !self.tokens_per_step.is_multiple_of(per) {
             return Err(format!(
-                "tokens per step ({}) must be a positive multiple of sequence length ({}) × microbatches ({})",
-                self.tokens_per_step, self.seq_len, self.microbatches
+                "tokens per step ({}) must be a positive multiple of sequence length ({}) × microbatches ({}) × dp ({})",
+                self.tokens_per_step, self.seq_len, self.microbatches, self.dp
             ));
         }
         Ok(self.tokens_per_step / per)
@@ -71,6 +78,10 @@ pub struct TrainReport {
     pub seq_len: usize,
     pub tokens_per_step: usize,
     pub microbatches: usize,
+    /// Data-parallel replicas in the process, and whether they shard the
+    /// optimizer; the heap's peak covers all of them.
+    pub dp: usize,
+    pub shard_optimizer: bool,
     pub steps: usize,
     pub warmup: usize,
     pub tokens_per_s: f64,
@@ -87,6 +98,17 @@ pub struct TrainReport {
     pub mfu: Option<f64>,
     /// Peak memory of the device (GPU) or of the process (CPU), in bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// The same reading just before the model was built: the process (or
+    /// the backend's context) without the trainer.
+    pub memory_baseline_bytes: Option<u64>,
+    /// The peak of the bytes live on the heap from just before the model
+    /// was built (CPU): what the memory plan counts, without the
+    /// allocator's retained pages that the resident size includes.
+    pub peak_heap_bytes: Option<u64>,
+    /// The memory plan's bytes for this one rank at this shape, to hold
+    /// against `peak_heap_bytes` (or `peak_memory_bytes −
+    /// memory_baseline_bytes`).
+    pub memory_plan: RankMemory,
     /// Elements moved between host and device per measured step.
     pub host_elems_per_step: f64,
     /// Every step's learning rate and loss, warmup included.
@@ -140,9 +162,32 @@ pub struct Target<B: AutodiffBackend> {
     /// What the model computes in (mixed precision under bf16).
     pub precision: Precision,
     pub device: B::Device,
+    /// The kind of device, for the memory plan.
+    pub device_kind: DeviceKind,
     pub peak: Option<Peak>,
     /// Peak memory in bytes so far, when the backend can tell.
     pub peak_memory: Box<dyn Fn() -> Option<u64>>,
+    /// Starts counting the heap's live bytes (called just before the
+    /// model is built) and returns the reading of their peak since, when
+    /// the process can count them.
+    pub peak_heap: Box<dyn Fn() -> Box<dyn Fn() -> Option<u64>>>,
+}
+
+/// The memory plan's inputs for one rank at `bench`'s shape.
+fn memory_inputs(recipe: &Recipe, bench: &TrainBench) -> MemoryInputs {
+    MemoryInputs {
+        model: bench_model(recipe, bench),
+        layout: Layout::new(1, 1, bench.dp.max(1) as u32),
+        microbatches: bench.microbatches as u32,
+        virtual_stages: 1,
+        tokens_per_microbatch: (bench.tokens_per_step / (bench.microbatches * bench.dp).max(1))
+            as u64,
+        device: recipe.device,
+        precision: recipe.precision,
+        shard_optimizer: bench.shard_optimizer,
+        checkpoints: false,
+        device_bytes: None,
+    }
 }
 
 /// The model `recipe` benchmarks at `bench`'s sequence length.
@@ -179,6 +224,8 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
         seq_len: bench.seq_len,
         tokens_per_step: bench.tokens_per_step,
         microbatches: bench.microbatches,
+        dp: bench.dp.max(1),
+        shard_optimizer: bench.shard_optimizer,
         steps: bench.steps,
         warmup: bench.warmup,
         tokens_per_s: f64::NAN,
@@ -191,6 +238,11 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
         peak: None,
         mfu: None,
         peak_memory_bytes: None,
+        memory_baseline_bytes: None,
+        peak_heap_bytes: None,
+        memory_plan: MemoryPlan::new(&memory_inputs(recipe, bench))
+            .worst()
+            .clone(),
         host_elems_per_step: f64::NAN,
         lrs: (1..=(bench.warmup + bench.steps) as u64)
             .map(|step| recipe.schedule.lr_for_step((step - 1) * tps, tps))
@@ -209,17 +261,35 @@ pub fn train<B: AutodiffBackend>(
     let rows = bench.rows()?;
     let model = bench_model(recipe, bench);
     let table = ParamTable::whole(&model);
-    let mut trainer = Trainer::<B>::new(
-        &model,
-        table,
-        recipe.seed,
-        recipe.optimizer,
-        Groups::single(),
-        target.device.clone(),
-    )
-    .with_precision(target.precision);
-    tracing::info!(backend = %target.backend, params = trainer.n_params(), "model built");
+    let baseline = (target.peak_memory)();
+    let heap_peak = (target.peak_heap)();
+    let dp = bench.dp.max(1);
+    let mut replicas: Vec<Trainer<B>> =
+        Groups::local_world(Layout::new(1, 1, dp as u32), model.tie_embeddings, 1)
+            .into_iter()
+            .map(|(_, groups)| {
+                Trainer::<B>::new(
+                    &model,
+                    table.clone(),
+                    recipe.seed,
+                    recipe.optimizer,
+                    groups,
+                    target.device.clone(),
+                )
+                .with_precision(target.precision)
+                .with_sharded_optimizer(bench.shard_optimizer)
+            })
+            .collect();
+    let (trainer, others) = replicas.split_first_mut().expect("one replica at least");
+    tracing::info!(backend = %target.backend, params = trainer.n_params(), dp, "model built");
     let mut report = describe(recipe, bench);
+    report.memory_plan = MemoryPlan::new(&MemoryInputs {
+        device: target.device_kind,
+        precision: target.precision,
+        ..memory_inputs(recipe, bench)
+    })
+    .worst()
+    .clone();
     let tps = bench.tokens_per_step as u64;
     let mut losses = Vec::new();
     let mut times = Vec::new();
@@ -230,23 +300,43 @@ pub fn train<B: AutodiffBackend>(
         let (inputs, targets) = synthetic_batch(
             recipe.seed,
             step,
-            rows * bench.microbatches,
+            rows * bench.microbatches * dp,
             bench.seq_len,
             model.vocab_size,
         );
         let per = rows * bench.seq_len;
-        let micro: Vec<LocalBatch<'_>> = (0..bench.microbatches)
-            .map(|m| LocalBatch {
-                inputs: &inputs[m * per..(m + 1) * per],
-                targets: &targets[m * per..(m + 1) * per],
-                seq_len: bench.seq_len,
-            })
-            .collect();
+        // Replica r's microbatch m: the batch's (r·microbatches + m)-th run
+        // of rows.
+        let micro = |r: usize| -> Vec<LocalBatch<'_>> {
+            (0..bench.microbatches)
+                .map(|m| {
+                    let at = (r * bench.microbatches + m) * per;
+                    LocalBatch {
+                        inputs: &inputs[at..at + per],
+                        targets: &targets[at..at + per],
+                        seq_len: bench.seq_len,
+                    }
+                })
+                .collect()
+        };
         let before = host_transfers();
         let t = Instant::now();
-        let stats = trainer
-            .step(step, &micro, tps, lr)
-            .map_err(|e| format!("step {step}: {e}"))?;
+        let stats = std::thread::scope(|s| {
+            let rest: Vec<_> = others
+                .iter_mut()
+                .enumerate()
+                .map(|(i, other)| {
+                    let micro = micro(i + 1);
+                    s.spawn(move || other.step(step, &micro, tps, lr).map(|_| ()))
+                })
+                .collect();
+            let mine = trainer.step(step, &micro(0), tps, lr);
+            for h in rest {
+                h.join().expect("a replica panicked")?;
+            }
+            mine
+        })
+        .map_err(|e| format!("step {step}: {e}"))?;
         let elapsed = t.elapsed().as_secs_f64();
         if !stats.loss.is_finite() {
             return Err(format!("step {step}: the loss is {}", stats.loss));
@@ -280,6 +370,8 @@ pub fn train<B: AutodiffBackend>(
     report.backward_s = bwd / n;
     report.optimizer_s = opt / n;
     report.peak_memory_bytes = peak_memory;
+    report.memory_baseline_bytes = baseline;
+    report.peak_heap_bytes = heap_peak();
     report.host_elems_per_step = moved as f64 / n;
     report.losses = losses;
     Ok(report)

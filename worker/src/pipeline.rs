@@ -111,6 +111,66 @@ mod tests {
     use super::PipeOp::{Backward as B, Forward as F};
     use super::*;
 
+    /// The memory plan's count of microbatches in flight (a closed form)
+    /// is the schedule's own peak, for every stage of plain and
+    /// interleaved pipelines.
+    #[test]
+    fn the_memory_plan_counts_the_schedules_peak_in_flight() {
+        use strata_dataplane::memory::{MemoryInputs, MemoryPlan};
+        use strata_recipe::{DeviceKind, Layout, ModelConfig, Precision};
+        for (pp, v, m) in [
+            (1, 1, 3),
+            (2, 1, 1),
+            (3, 1, 5),
+            (4, 1, 8),
+            (4, 1, 2),
+            (2, 2, 4),
+            (4, 2, 8),
+            (3, 3, 6),
+            (2, 3, 2),
+        ] {
+            let inp = MemoryInputs {
+                model: ModelConfig {
+                    n_layers: 12,
+                    d_model: 8,
+                    n_heads: 2,
+                    n_kv_heads: 1,
+                    d_ffn: 16,
+                    vocab_size: 32,
+                    padded_vocab_size: 32,
+                    max_seq_len: 8,
+                    rope_theta: 10000.0,
+                    tie_embeddings: true,
+                },
+                layout: Layout::new(1, pp, 1),
+                microbatches: m,
+                virtual_stages: v,
+                tokens_per_microbatch: 8,
+                device: DeviceKind::Cpu,
+                precision: Precision::F32,
+                shard_optimizer: false,
+                checkpoints: false,
+                device_bytes: None,
+            };
+            let plan = MemoryPlan::new(&inp);
+            for stage in 0..pp {
+                let (mut live, mut peak) = (0i32, 0i32);
+                for op in schedule(pp, stage, m, v) {
+                    live += if matches!(op.op, PipeOp::Forward(_)) {
+                        1
+                    } else {
+                        -1
+                    };
+                    peak = peak.max(live);
+                }
+                assert_eq!(
+                    plan.ranks[stage as usize].in_flight as i32, peak,
+                    "pp {pp} v {v} m {m} stage {stage}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn four_stages_eight_microbatches() {
         let s = |stage| one_f_one_b(4, stage, 8);

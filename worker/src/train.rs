@@ -285,8 +285,11 @@ pub struct Trainer<B: AutodiffBackend> {
     m: Vec<Tensor<Inner<B>, 1>>,
     v: Vec<Tensor<Inner<B>, 1>>,
     /// The last step's gradients after the data-parallel sum, before
-    /// clipping (this rank's shards when `sharded`).
+    /// clipping (this rank's shards when `sharded`), kept after the step
+    /// only when `keep_grads` (for inspection; otherwise they are freed
+    /// with the step).
     grads: Vec<Tensor<Inner<B>, 1>>,
+    keep_grads: bool,
     steps: u64,
     cfg: AdamWConfig,
     groups: Groups,
@@ -345,7 +348,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .map(|b| Tensor::zeros([b.range.len()], &device))
                 .collect()
         };
-        let (m, v, grads) = (zeros(), zeros(), zeros());
+        let (m, v) = (zeros(), zeros());
         let (dp, dp_rank) = (groups.dp.size(), groups.dp.rank());
         let shards = buckets
             .iter()
@@ -360,7 +363,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             master,
             m,
             v,
-            grads,
+            grads: Vec::new(),
+            keep_grads: false,
             steps: 0,
             cfg,
             groups,
@@ -404,8 +408,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.sharded = true;
             self.m = self.upload_state(&state.m);
             self.v = self.upload_state(&state.v);
-            self.grads = self.upload_state(&vec![0.0; self.n_params()]);
         }
+        self
+    }
+
+    /// Keeps each step's summed gradients until the next step, for
+    /// [`Trainer::grads`] (they cost a gradient's memory between steps).
+    pub fn keeping_grads(mut self) -> Trainer<B> {
+        self.keep_grads = true;
         self
     }
 
@@ -438,6 +448,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// The last step's gradients (summed over data-parallel replicas, not
     /// clipped), copied to the host like [`Trainer::master`]; under a
     /// sharded optimizer, this rank's shards of the buckets only, in order.
+    /// Empty unless built [`Trainer::keeping_grads`].
     pub fn grads(&self) -> Vec<f32> {
         self.flat_on_host(&self.grads)
     }
@@ -545,13 +556,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.model.release_params();
         let device = self.model.device().clone();
-        let upload = |flat: &[f32]| -> Vec<Tensor<Inner<B>, 1>> {
-            self.buckets
-                .iter()
-                .map(|b| from_vec(flat[b.range.clone()].to_vec(), [b.range.len()], &device))
-                .collect()
-        };
-        self.master = upload(master);
+        self.master = self
+            .buckets
+            .iter()
+            .map(|b| from_vec(master[b.range.clone()].to_vec(), [b.range.len()], &device))
+            .collect();
         self.m = self.upload_state(&state.m);
         self.v = self.upload_state(&state.v);
         self.steps = state.step;
@@ -592,6 +601,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         global_tokens: u64,
         lr: f64,
     ) -> Result<StepStats, TrainError> {
+        self.grads.clear();
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
         let last = stage + 1 == stages;
@@ -971,6 +981,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.v.push(v);
         }
         self.refresh_params();
+        if !self.keep_grads {
+            self.grads.clear();
+        }
         Ok(())
     }
 }

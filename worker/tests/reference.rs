@@ -114,7 +114,8 @@ fn check_case<B: AutodiffBackend>(f: &Fixture<'_>, case: &str) {
         adamw,
         Groups::single(),
         Default::default(),
-    );
+    )
+    .keeping_grads();
     let (shape, tokens) = f.tokens(case);
     let [steps, batch, row] = shape[..] else {
         panic!("tokens of shape {shape:?}")

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
 use strata_dataplane::loader::{LoaderConfig, Planner};
+use strata_dataplane::memory::{MemoryInputs, MemoryPlan};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
 use strata_recipe::{DeviceKind, Recipe};
@@ -154,6 +155,12 @@ impl Engine {
                  with --features cuda)"
                     .into(),
             ));
+        }
+        // The memory plan, against the device's memory when the recipe
+        // gives it: refused before anything launches, naming the rank.
+        let memory = MemoryInputs::of(&recipe);
+        if let Some(why) = MemoryPlan::new(&memory).refusal(&memory) {
+            return Err(EngineError::Invalid(format!("the job does not fit: {why}")));
         }
         let slots = inventory.total_slots();
         if layout.world_size() > slots {

@@ -1,0 +1,518 @@
+//! The memory plan: what each rank of a layout holds at its step's peak,
+//! in bytes, from the named parameter table and the 1F1B schedule — the
+//! numbers `strata plan` prints and the coordinator checks a job against
+//! before it launches anything.
+//!
+//! It counts what the trainer allocates, part by part: the f32 master
+//! weights (which are the parameters at f32; a bf16 compute copy beside
+//! them under mixed precision), the f32 gradient sums, AdamW's two moments
+//! (sharded over the data-parallel group under ZeRO-1), every microbatch's
+//! saved activations while it is in flight (1F1B keeps up to `pp − stage`
+//! of them; more when interleaved), the largest transient buffer of the
+//! step, and, on the CPU where host memory is the device's, the host copy a
+//! checkpoint is written from. What is not counted: the process itself
+//! (code, threads, the allocator's slack), which `strata bench train`
+//! measures apart.
+
+use serde::Serialize;
+use strata_recipe::{Coords, DeviceKind, Layout, ModelConfig, Precision, Recipe};
+
+use crate::params::ParamTable;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Rows of logits the CPU head takes at once (`worker::cpu`'s chunk).
+const HEAD_ROWS: u64 = 256;
+/// The trainer's largest collective call, in f32 elements (16 MiB).
+const BUCKET_ELEMS: u64 = 4 << 20;
+
+/// What the plan is computed for: a recipe's model and layout, or one
+/// rank's benchmark shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryInputs {
+    pub model: ModelConfig,
+    pub layout: Layout,
+    pub microbatches: u32,
+    pub virtual_stages: u32,
+    /// Tokens of one microbatch on one data-parallel rank (`rows · seq`,
+    /// the same for every bucket of the curriculum).
+    pub tokens_per_microbatch: u64,
+    pub device: DeviceKind,
+    pub precision: Precision,
+    pub shard_optimizer: bool,
+    pub checkpoints: bool,
+    /// Each device's memory, when known.
+    pub device_bytes: Option<u64>,
+}
+
+impl MemoryInputs {
+    pub fn of(recipe: &Recipe) -> MemoryInputs {
+        let p = &recipe.parallel;
+        MemoryInputs {
+            model: recipe.model,
+            layout: p.layout,
+            microbatches: p.microbatches,
+            virtual_stages: p.virtual_stages,
+            tokens_per_microbatch: recipe.data.tokens_per_step
+                / u64::from(p.layout.dp * p.microbatches).max(1),
+            device: recipe.device,
+            precision: recipe.precision,
+            shard_optimizer: p.shard_optimizer,
+            checkpoints: recipe.checkpoint.is_some(),
+            device_bytes: recipe.memory_gib.map(|g| (g * GIB) as u64),
+        }
+    }
+}
+
+/// One rank's bytes at its step's peak. Data-parallel replicas hold the
+/// same, so a rank stands for its (stage, tp rank) on every replica.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankMemory {
+    pub stage: u32,
+    pub tp_rank: u32,
+    /// The world rank of this (stage, tp rank) on replica 0.
+    pub rank: u32,
+    /// Parameter elements the rank holds (its table's total).
+    pub params: u64,
+    /// f32 master weights: the parameters themselves at f32.
+    pub weights_bytes: u64,
+    /// The bf16 copy the step computes with under mixed precision.
+    pub compute_copy_bytes: u64,
+    /// f32 gradient sums held at the peak (none when it comes before the
+    /// first backward).
+    pub grads_bytes: u64,
+    /// AdamW's two f32 moments (this rank's shard under ZeRO-1).
+    pub optimizer_bytes: u64,
+    /// One microbatch's saved activations on this stage.
+    pub activations_per_microbatch_bytes: u64,
+    /// Microbatches (model-chunk microbatches when interleaved) in flight
+    /// at the schedule's peak.
+    pub in_flight: u32,
+    /// Activations held at the step's peak (the gradients already summed
+    /// counted apart).
+    pub activations_bytes: u64,
+    /// The largest buffer that lives only inside one operation.
+    pub transient_bytes: u64,
+    pub transient: &'static str,
+    /// The host copy a checkpoint is written from (replica 0; counted in
+    /// the total on the CPU, where it shares the device's memory).
+    pub checkpoint_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl RankMemory {
+    /// The parts, largest first, with their names.
+    pub fn parts(&self) -> Vec<(&'static str, u64)> {
+        let mut parts = vec![
+            ("activations", self.activations_bytes),
+            ("optimizer state", self.optimizer_bytes),
+            ("gradients", self.grads_bytes),
+            ("master weights", self.weights_bytes),
+            ("bf16 compute copy", self.compute_copy_bytes),
+            (self.transient, self.transient_bytes),
+            ("checkpoint copy", self.checkpoint_bytes),
+        ];
+        parts.retain(|(_, b)| *b > 0);
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        parts
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryPlan {
+    pub device_bytes: Option<u64>,
+    /// One per (stage, tp rank), stage-major.
+    pub ranks: Vec<RankMemory>,
+}
+
+impl MemoryPlan {
+    pub fn new(inp: &MemoryInputs) -> MemoryPlan {
+        let layout = inp.layout;
+        let mut ranks = Vec::new();
+        for stage in 0..layout.pp {
+            for tp_rank in 0..layout.tp {
+                let coords = Coords {
+                    dp: 0,
+                    pp: stage,
+                    tp: tp_rank,
+                };
+                let table = ParamTable::interleaved(&inp.model, layout, coords, inp.virtual_stages);
+                let rank = layout.rank(coords).map_or(0, |r| r.0);
+                ranks.push(rank_memory(inp, &table, rank));
+            }
+        }
+        MemoryPlan {
+            device_bytes: inp.device_bytes,
+            ranks,
+        }
+    }
+
+    /// The rank that needs the most.
+    pub fn worst(&self) -> &RankMemory {
+        self.ranks
+            .iter()
+            .max_by_key(|r| r.total_bytes)
+            .expect("a layout has a rank")
+    }
+
+    /// Whether every rank fits the device's memory (true when unknown).
+    pub fn fits(&self) -> bool {
+        self.device_bytes
+            .is_none_or(|cap| self.worst().total_bytes <= cap)
+    }
+}
+
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / GIB
+}
+
+fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory {
+    let m = &inp.model;
+    let layout = inp.layout;
+    let (tp, dp) = (u64::from(layout.tp), u64::from(layout.dp));
+    let p = table.total as u64;
+    let bf16 = inp.precision == Precision::Bf16;
+    let cpu = inp.device == DeviceKind::Cpu;
+    // Activations are bf16 under mixed precision (norms, softmax and the
+    // loss in f32).
+    let e: u64 = if bf16 { 2 } else { 4 };
+    let t = inp.tokens_per_microbatch;
+    let d = m.d_model;
+    let hd = m.head_dim();
+    let h = m.n_heads / tp;
+    let kv = (m.n_kv_heads / tp).max(1);
+    let f = m.d_ffn / tp;
+    let vocab = m.padded_vocab_size / tp;
+    let seq = m.max_seq_len.min(t).max(1);
+    let rows = t / seq;
+
+    // Saved per layer for the backward: the residual stream into each
+    // RMSNorm (f32 under mixed precision), each norm's output (read by the
+    // projections), Q, K and V, the attention output and its per-head
+    // log-sum-exp, the gate and up products and their SwiGLU.
+    let norm_in = if bf16 { 4 + e } else { 4 };
+    let mut layer = t * (2 * d * norm_in + 2 * d * e + (h + 2 * kv) * hd * e + h * hd * e + h * 4);
+    layer += t * 3 * f * e;
+    if tp > 1 {
+        // The f and g operators start and end segments: the row-parallel
+        // outputs' sums and the segments' fresh inputs.
+        layer += t * 2 * d * e;
+    }
+    let attention_matrix = rows * h * seq * seq;
+    if !cpu {
+        // burn's tensor-op attention saves the rotated Q and K and the
+        // `[rows, heads, t, t]` probabilities (f32, and the bf16 copy the
+        // product with V reads).
+        layer += t * (h + kv) * hd * e + attention_matrix * (4 + if bf16 { e } else { 0 });
+    }
+    let first = table.stage == 0;
+    let last = table.stage + 1 == table.pp;
+    let chunks = &table.chunks;
+    let per_chunk = |c: usize| -> u64 {
+        let layers = u64::from(chunks[c].end - chunks[c].start);
+        let mut bytes = layers * layer;
+        if c == 0 && first {
+            bytes += t * d * e; // the embedding's rows
+        } else {
+            bytes += t * d * 4; // the received activations
+        }
+        if c + 1 == chunks.len() && last {
+            // The final norm's input and output, and the head: at tp = 1
+            // its gradients come with the loss (dy, and dW kept until the
+            // backward); under tp the vocabulary-parallel logits.
+            bytes += t * d * (norm_in + e);
+            bytes += if tp == 1 {
+                t * d * 4 + vocab * d * 4
+            } else {
+                2 * t * vocab * 4
+            };
+        }
+        bytes
+    };
+    let per_micro = (0..chunks.len()).map(per_chunk).max().unwrap_or(0);
+
+    // The schedule's peak: warmup forwards plus one, and whether a
+    // backward (so the gradient sums) has happened before a forward
+    // brings the count back to it.
+    let (pp, v) = (table.pp, chunks.len() as u32);
+    let total = inp.microbatches * v;
+    let warmup = if v == 1 {
+        pp - table.stage - 1
+    } else {
+        2 * (pp - table.stage - 1) + (v - 1) * pp
+    }
+    .min(total);
+    let in_flight = (warmup + 1).min(total);
+    // At the peak: steady 1F1B brings the count back after a backward, so
+    // with the gradient sums; otherwise the larger of the last warmup
+    // forward (no gradients yet) and one backward later.
+    let grads = 4 * p;
+    let k = u64::from(in_flight);
+    let (activations, grads_at_peak) = if total >= warmup + 2 {
+        (per_micro * k, grads)
+    } else if per_micro >= grads {
+        (per_micro * k, 0)
+    } else {
+        (per_micro * k.saturating_sub(1), grads)
+    };
+
+    let sharded = inp.shard_optimizer && dp > 1;
+    let shard = if sharded { p.div_ceil(dp) } else { p };
+    let optimizer = 8 * shard;
+    let weights = 4 * p;
+    let compute_copy = if bf16 { 2 * p } else { 0 };
+
+    // The largest transient: a chunk of logits in the head, the scores of
+    // one layer's attention (tensor ops), or a data-parallel bucket staged
+    // through host memory (in and out; the embedding's bucket is whole).
+    let embed_elems = table
+        .slots
+        .iter()
+        .map(|s| s.len as u64)
+        .max()
+        .unwrap_or(0)
+        .max(BUCKET_ELEMS.min(p));
+    let mut transients = vec![(
+        "collective staging",
+        if dp > 1 { 2 * 4 * embed_elems } else { 0 },
+    )];
+    if last && tp == 1 {
+        transients.push(("logits chunk", HEAD_ROWS.min(t) * vocab * 4));
+    }
+    if !cpu {
+        transients.push(("attention scores", attention_matrix * 4));
+    }
+    let (transient, transient_bytes) = transients
+        .into_iter()
+        .max_by_key(|x| x.1)
+        .unwrap_or(("none", 0));
+    let checkpoint = if inp.checkpoints && cpu { 12 * p } else { 0 };
+    let total_bytes = weights
+        + compute_copy
+        + optimizer
+        + activations
+        + grads_at_peak
+        + transient_bytes
+        + checkpoint;
+    RankMemory {
+        stage: table.stage,
+        tp_rank: table.tp_rank,
+        rank,
+        params: p,
+        weights_bytes: weights,
+        compute_copy_bytes: compute_copy,
+        grads_bytes: grads_at_peak,
+        optimizer_bytes: optimizer,
+        activations_per_microbatch_bytes: per_micro,
+        in_flight,
+        activations_bytes: activations,
+        transient_bytes,
+        transient,
+        checkpoint_bytes: checkpoint,
+        total_bytes,
+    }
+}
+
+impl MemoryPlan {
+    /// Why the job cannot run, when its worst rank does not fit the
+    /// device: the rank, its total against the device's memory, its
+    /// largest parts, and the knobs that would bring it under (or, when
+    /// none alone does, down the most), each with its new total.
+    pub fn refusal(&self, inp: &MemoryInputs) -> Option<String> {
+        let cap = self.device_bytes?;
+        let w = self.worst();
+        if w.total_bytes <= cap {
+            return None;
+        }
+        let parts: Vec<String> = w
+            .parts()
+            .into_iter()
+            .take(3)
+            .map(|(name, b)| {
+                if name == "activations" {
+                    format!(
+                        "activations {:.2} GiB ({} microbatch{} in flight × {:.2} GiB)",
+                        gib(b),
+                        w.in_flight,
+                        if w.in_flight == 1 { "" } else { "es" },
+                        gib(w.activations_per_microbatch_bytes)
+                    )
+                } else {
+                    format!("{name} {:.2} GiB", gib(b))
+                }
+            })
+            .collect();
+        let mut knobs: Vec<(String, u64)> = Vec::new();
+        let mut try_knob = |what: String, changed: MemoryInputs| {
+            let total = MemoryPlan::new(&changed).worst().total_bytes;
+            if total < w.total_bytes {
+                knobs.push((what, total));
+            }
+        };
+        let l = inp.layout;
+        if l.dp > 1 && !inp.shard_optimizer {
+            try_knob(
+                "parallel.shard_optimizer = true".into(),
+                MemoryInputs {
+                    shard_optimizer: true,
+                    ..inp.clone()
+                },
+            );
+        }
+        if inp.tokens_per_microbatch >= 2 * inp.model.max_seq_len {
+            try_knob(
+                format!("parallel.microbatches = {}", inp.microbatches * 2),
+                MemoryInputs {
+                    microbatches: inp.microbatches * 2,
+                    tokens_per_microbatch: inp.tokens_per_microbatch / 2,
+                    ..inp.clone()
+                },
+            );
+        }
+        let m = &inp.model;
+        let tp2 = l.tp * 2;
+        if m.n_heads.is_multiple_of(u64::from(tp2)) && m.d_ffn.is_multiple_of(u64::from(tp2)) {
+            try_knob(
+                format!("parallel.tp = {tp2}"),
+                MemoryInputs {
+                    layout: Layout::new(tp2, l.pp, l.dp),
+                    ..inp.clone()
+                },
+            );
+        }
+        let pp2 = l.pp * 2;
+        if m.n_layers >= u64::from(pp2 * inp.virtual_stages) {
+            try_knob(
+                format!("parallel.pp = {pp2}"),
+                MemoryInputs {
+                    layout: Layout::new(l.tp, pp2, l.dp),
+                    ..inp.clone()
+                },
+            );
+        }
+        knobs.sort_by_key(|k| k.1);
+        let fitting: Vec<&(String, u64)> = knobs.iter().filter(|k| k.1 <= cap).collect();
+        let advice = if !fitting.is_empty() {
+            let list: Vec<String> = fitting
+                .iter()
+                .map(|(k, b)| format!("{k} ({:.2} GiB)", gib(*b)))
+                .collect();
+            format!("it fits with {}", list.join(", or "))
+        } else if !knobs.is_empty() {
+            let list: Vec<String> = knobs
+                .iter()
+                .map(|(k, b)| format!("{k} ({:.2} GiB)", gib(*b)))
+                .collect();
+            format!(
+                "no one change makes it fit; these help most: {}",
+                list.join(", ")
+            )
+        } else {
+            "no layout change helps; a smaller model or a larger device is needed".into()
+        };
+        Some(format!(
+            "rank {} (pipeline stage {}, tensor-parallel rank {}) needs {:.2} GiB of the device's {:.2} GiB (device.memory_gib): {}; {advice}",
+            w.rank,
+            w.stage,
+            w.tp_rank,
+            gib(w.total_bytes),
+            gib(cap),
+            parts.join(", "),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> MemoryInputs {
+        MemoryInputs {
+            model: ModelConfig {
+                n_layers: 4,
+                d_model: 128,
+                n_heads: 4,
+                n_kv_heads: 2,
+                d_ffn: 352,
+                vocab_size: 50257,
+                padded_vocab_size: 50304,
+                max_seq_len: 256,
+                rope_theta: 10000.0,
+                tie_embeddings: true,
+            },
+            layout: Layout::new(1, 1, 2),
+            microbatches: 1,
+            virtual_stages: 1,
+            tokens_per_microbatch: 4096,
+            device: DeviceKind::Cpu,
+            precision: Precision::F32,
+            shard_optimizer: false,
+            checkpoints: false,
+            device_bytes: None,
+        }
+    }
+
+    #[test]
+    fn sharding_the_optimizer_divides_its_state_by_dp() {
+        let plain = MemoryPlan::new(&tiny());
+        let sharded = MemoryPlan::new(&MemoryInputs {
+            shard_optimizer: true,
+            ..tiny()
+        });
+        let (a, b) = (plain.worst(), sharded.worst());
+        assert_eq!(a.params, b.params);
+        assert_eq!(a.optimizer_bytes, 8 * a.params);
+        assert_eq!(b.optimizer_bytes, 8 * a.params.div_ceil(2));
+        assert_eq!(
+            a.total_bytes - b.total_bytes,
+            a.optimizer_bytes - b.optimizer_bytes
+        );
+    }
+
+    #[test]
+    fn the_first_stage_holds_a_microbatch_per_stage_in_flight() {
+        let inp = MemoryInputs {
+            layout: Layout::new(1, 4, 1),
+            microbatches: 8,
+            ..tiny()
+        };
+        let plan = MemoryPlan::new(&inp);
+        let flights: Vec<u32> = plan.ranks.iter().map(|r| r.in_flight).collect();
+        assert_eq!(flights, [4, 3, 2, 1]);
+        // Fewer microbatches than stages: all of them.
+        let plan = MemoryPlan::new(&MemoryInputs {
+            microbatches: 2,
+            ..inp
+        });
+        assert_eq!(plan.ranks[0].in_flight, 2);
+    }
+
+    #[test]
+    fn a_job_that_cannot_fit_is_refused_with_its_numbers_and_the_knobs() {
+        let inp = MemoryInputs {
+            device_bytes: Some(200 << 20),
+            ..tiny()
+        };
+        let plan = MemoryPlan::new(&inp);
+        assert!(!plan.fits());
+        let why = plan.refusal(&inp).expect("refused");
+        assert!(
+            why.starts_with("rank 0 (pipeline stage 0, tensor-parallel rank 0) needs"),
+            "{why}"
+        );
+        assert!(
+            why.contains("of the device's 0.20 GiB (device.memory_gib)"),
+            "{why}"
+        );
+        assert!(why.contains("activations"), "{why}");
+        assert!(why.contains("parallel.shard_optimizer = true"), "{why}");
+        assert!(why.contains("parallel.microbatches = 2"), "{why}");
+        // Room enough: no refusal.
+        let roomy = MemoryInputs {
+            device_bytes: Some(1 << 30),
+            ..tiny()
+        };
+        assert!(MemoryPlan::new(&roomy).refusal(&roomy).is_none());
+    }
+}
