@@ -1,13 +1,14 @@
 //! The TCP backend passes the collective conformance suite over loopback,
-//! each member with its own endpoint as separate workers would have, and
-//! reports peers that leave, stray clients and members that never come.
+//! each member with its own endpoint as separate workers would have, makes
+//! links only to the peers a member talks to, and reports peers that
+//! leave, stray clients and members that never come.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use strata_worker::collective::conformance::{check_backend, on_group};
-use strata_worker::collective::tcp::{JoinError, loopback_group};
+use strata_worker::collective::tcp::loopback_group;
 use strata_worker::collective::{
     Collective, CollectiveError, TcpEndpoint, TcpOptions, local_group,
 };
@@ -22,8 +23,34 @@ fn tcp_backend_conforms_for_groups_of_1_to_4() {
 }
 
 #[test]
-fn tcp_backend_conforms_for_a_large_group() {
-    check_backend(group, &[7]);
+fn tcp_backend_conforms_for_larger_groups() {
+    // 7 and 33 are not powers of two: the log-round gather's last round
+    // is a partial one.
+    check_backend(group, &[7, 16, 33]);
+}
+
+#[test]
+fn links_are_made_to_the_peers_a_member_talks_to() {
+    let n = 16;
+    let links = on_group(group(n), |c| {
+        let joined = c.links();
+        // A large buffer goes round the ring: one link each way.
+        let mut big = vec![1.0f32; 100_000];
+        c.all_reduce_sum(&mut big).unwrap();
+        assert!(big.iter().all(|&x| x == n as f32));
+        let ring = c.links();
+        // A scalar is gathered in log2(16) = 4 rounds, to and from the
+        // members 1, 2, 4 and 8 away (1 away already linked by the ring).
+        let mut x = [c.rank() as f32];
+        c.all_reduce_sum(&mut x).unwrap();
+        assert_eq!(x[0], (0..n).sum::<usize>() as f32);
+        (joined, ring, c.links())
+    });
+    for (r, &(joined, ring, scalar)) in links.iter().enumerate() {
+        assert_eq!(joined, (0, 0), "member {r}: joining links nothing");
+        assert_eq!(ring, (1, 1), "member {r} after a ring");
+        assert_eq!(scalar, (5, 5), "member {r} after a scalar");
+    }
 }
 
 #[test]
@@ -43,16 +70,21 @@ fn tcp_and_local_backends_agree_bit_for_bit() {
 
 #[test]
 fn a_departed_member_is_named() {
-    let mut members = group(3);
-    drop(members.pop());
-    let mut results = on_group(members, |c| {
-        if c.rank() == 0 {
-            c.recv(2, &mut [0.0f32; 4]).unwrap_err()
-        } else {
-            CollectiveError::PeerGone { peer: usize::MAX }
+    let results = on_group(group(3), |c| match c.rank() {
+        // Member 2 sends once and leaves (its links close with it).
+        2 => {
+            c.send(0, &[2.0; 4]).unwrap();
+            None
         }
+        0 => {
+            let mut got = [0.0f32; 4];
+            c.recv(2, &mut got).unwrap();
+            assert_eq!(got, [2.0; 4]);
+            Some(c.recv(2, &mut got).unwrap_err())
+        }
+        _ => None,
     });
-    let err = results.remove(0);
+    let err = results[0].as_ref().unwrap();
     assert!(
         matches!(err, CollectiveError::PeerGone { peer: 2 }),
         "{err}"
@@ -105,14 +137,33 @@ fn members_that_never_come_are_named() {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let a = TcpEndpoint::bind(any, SECRET).unwrap();
     let silent = TcpEndpoint::bind(any, SECRET).unwrap();
-    let addrs = [a.local_addr().unwrap(), silent.local_addr().unwrap()];
+    // An address nobody listens on: a bound socket, closed.
+    let gone = std::net::TcpListener::bind(any)
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let addrs = [a.local_addr().unwrap(), silent.local_addr().unwrap(), gone];
     let opts = TcpOptions {
         connect_timeout: Duration::from_millis(300),
-        ..TcpOptions::default()
+        recv_timeout: Some(Duration::from_millis(300)),
     };
-    let err = a.join("job-7/dp", 0, &addrs, &opts).err().unwrap();
-    assert!(matches!(err, JoinError::Timeout { ref missing, .. } if missing == &[1]));
-    assert!(err.to_string().contains("job-7/dp"), "{err}");
+    let mut c = a.join("job-7/dp", 0, &addrs, &opts).unwrap();
+    let err = c.recv(1, &mut [0.0; 1]).unwrap_err();
+    assert!(
+        matches!(err, CollectiveError::Unreachable { peer: 1, .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("job-7/dp") && text.contains("did not connect"),
+        "{text}"
+    );
+    let err = c.send(2, &[1.0]).unwrap_err();
+    assert!(
+        matches!(err, CollectiveError::Unreachable { peer: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&gone.to_string()), "{err}");
 }
 
 #[test]
@@ -153,7 +204,7 @@ fn one_endpoint_serves_several_groups_joined_in_any_order() {
 /// made-up tag.
 fn forge(addr: SocketAddr, group: &str, size: u64, rank: u64) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    let mut hello = b"strata3\0".to_vec();
+    let mut hello = b"strata4\0".to_vec();
     hello.extend_from_slice(&(group.len() as u64).to_le_bytes());
     hello.extend_from_slice(group.as_bytes());
     for n in [size, rank, 0] {
@@ -194,7 +245,7 @@ fn forged_hellos_are_dropped_and_the_group_still_forms() {
 }
 
 #[test]
-fn idle_connections_do_not_hold_up_a_join() {
+fn idle_connections_do_not_hold_up_a_link() {
     // Each idle connection used to hold the accept loop for 10 s.
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let (a, b) = (
@@ -207,13 +258,14 @@ fn idle_connections_do_not_hold_up_a_join() {
         .collect();
     let opts = TcpOptions {
         connect_timeout: Duration::from_secs(4),
-        ..TcpOptions::default()
+        recv_timeout: Some(Duration::from_secs(4)),
     };
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.join("g", 1, &addrs, &opts).unwrap());
-        a.join("g", 0, &addrs, &opts).unwrap();
-        h.join().unwrap();
-    });
+    let mut c0 = a.join("g", 0, &addrs, &opts).unwrap();
+    let mut c1 = b.join("g", 1, &addrs, &opts).unwrap();
+    c1.send(0, &[5.0]).unwrap();
+    let mut got = [0.0];
+    c0.recv(1, &mut got).unwrap();
+    assert_eq!(got, [5.0]);
 }
 
 #[test]
@@ -224,21 +276,20 @@ fn a_peer_without_the_job_secret_is_refused_by_both_ends() {
     let addrs = [a.local_addr().unwrap(), other.local_addr().unwrap()];
     let opts = TcpOptions {
         connect_timeout: Duration::from_millis(1500),
-        ..TcpOptions::default()
+        recv_timeout: Some(Duration::from_millis(1500)),
     };
+    let mut c0 = a.join("g", 0, &addrs, &opts).unwrap();
+    let mut c1 = other.join("g", 1, &addrs, &opts).unwrap();
     let (accepting, connecting) = std::thread::scope(|s| {
-        let h = s.spawn(|| other.join("g", 1, &addrs, &opts).err().unwrap());
-        (
-            a.join("g", 0, &addrs, &opts).err().unwrap(),
-            h.join().unwrap(),
-        )
+        let h = s.spawn(|| c1.send(0, &[1.0]).unwrap_err());
+        (c0.recv(1, &mut [0.0]).unwrap_err(), h.join().unwrap())
     });
     assert!(
-        matches!(accepting, JoinError::Timeout { ref missing, .. } if missing == &[1]),
+        matches!(accepting, CollectiveError::Unreachable { peer: 1, .. }),
         "{accepting}"
     );
     assert!(
-        matches!(connecting, JoinError::Handshake { peer: 0, .. }),
+        matches!(connecting, CollectiveError::Unreachable { peer: 0, .. }),
         "{connecting}"
     );
     assert!(

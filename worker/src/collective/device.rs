@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use std::ops::Range;
 
 use super::{Collective, Result, chunk, shard_ranges};
-use crate::model::{from_vec, in_dtype, to_vec};
+use crate::tensors::{from_vec, in_dtype, to_vec};
 
 /// A group's collectives over tensors on backend `I`'s device, from one
 /// member's side. Every member calls the same operations in the same

@@ -1,28 +1,37 @@
-//! The CPU backend: group members joined by TCP connections, one per pair,
-//! usable across machines.
+//! The CPU backend: group members linked by TCP connections, usable
+//! across machines.
 //!
 //! Every worker binds one [`TcpEndpoint`] and publishes its address; a
 //! group is then joined with the members' addresses in group-rank order
-//! ([`TcpEndpoint::join`]). The higher rank of each pair connects and
-//! introduces itself (group name, size, its rank and the rank it means to
-//! reach); the lower rank accepts, so one listener serves every group a
-//! worker belongs to, joined in any order. Before a link carries anything,
-//! both ends prove they hold the job's secret (an HMAC over a nonce from
-//! each side, the group, its size and both ranks); the accepting side reads
-//! handshakes on their own threads with a deadline, so a stray, idle or
-//! forged connection is dropped without touching any join. Tensors then
-//! travel in clear: the link is authenticated, not encrypted.
+//! ([`TcpEndpoint::join`]). Joining connects nothing: a link is made when
+//! it is first used, so a member holds links to the peers it talks to
+//! (its ring neighbours, the log₂ n partners of the small-message
+//! algorithms, its pipeline neighbours), not to every member of every
+//! group. Links are one-way: the sender connects to the receiver's
+//! endpoint and introduces itself (group name, size, its rank and the rank
+//! it means to reach); the receiver's listener accepts it on its own
+//! threads, so a send never waits on what the receiver is doing, and one
+//! listener serves every group a worker belongs to. Before a link carries
+//! anything, both ends prove they hold the job's secret (an HMAC over a
+//! nonce from each side, the group, its size and both ranks); handshakes
+//! are read with a deadline, so a stray, idle or forged connection is
+//! dropped without touching any group. Tensors then travel in clear: the
+//! link is authenticated, not encrypted.
 //!
-//! Sends are asynchronous, as in the in-process backend: a message is
-//! queued to the link's writer thread and `send` returns, so a ring in which
-//! every member sends before it receives cannot deadlock, and a member's
-//! send overlaps its receive. Messages on a link arrive in order.
+//! Each link is one descriptor at each end, and no link has a thread:
+//! a send writes what the socket takes at once and leaves the rest to the
+//! endpoint's one I/O thread, which polls every link with bytes still to
+//! go. So sends are asynchronous, as in the in-process backend (a ring in
+//! which every member sends before it receives cannot deadlock, and a
+//! member's send overlaps its receive), and messages on a link arrive in
+//! order. Receives read on the caller's thread.
 
-use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,7 +46,7 @@ use super::{Collective, CollectiveError, Result, Tag};
 const PIECE: usize = 1 << 18;
 
 /// First bytes of every connection, so a stray client is refused at once.
-const MAGIC: &[u8; 8] = b"strata3\0";
+const MAGIC: &[u8; 8] = b"strata4\0";
 
 /// Bytes of each side's nonce, and of a handshake tag (HMAC-SHA256).
 const NONCE: usize = 32;
@@ -54,13 +63,18 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// flood of idle connections cannot exhaust the worker's threads).
 const MAX_HANDSHAKES: usize = 256;
 
-/// How a group is joined.
+/// How long a closing link waits for its queued messages to go out.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How links are made and waited on.
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
-    /// How long to wait for every member to connect.
+    /// How long a sender keeps trying to reach a peer's endpoint (which may
+    /// not be listening yet).
     pub connect_timeout: Duration,
     /// How long a receive waits for its peer before failing (a peer that
-    /// stops sending is reported, not waited on forever).
+    /// never connects, or stops sending, is reported, not waited on
+    /// forever).
     pub recv_timeout: Option<Duration>,
 }
 
@@ -74,7 +88,7 @@ impl Default for TcpOptions {
 }
 
 /// An authenticated connection that arrived for a group, waiting for this
-/// worker to join it.
+/// worker's member to read from it.
 struct Pending {
     stream: TcpStream,
     /// The group size and the rank the peer meant to reach, both covered
@@ -87,7 +101,7 @@ struct Pending {
 /// Authenticated connections by (group, the connecting peer's rank).
 type Stash = HashMap<(String, usize), Pending>;
 
-/// What the endpoint's accept thread shares with joins.
+/// What the endpoint's accept thread shares with its groups.
 struct Shared {
     key: hmac::Key,
     stash: Mutex<Stash>,
@@ -103,11 +117,20 @@ struct Shared {
 /// from each side, the group's name and size and both ranks. Connections
 /// are accepted and their handshakes read on their own threads, each with
 /// a deadline, so an idle, slow or forged connection is dropped without
-/// delaying or aborting any join.
+/// delaying or failing any group. The endpoint lives as long as the
+/// groups joined through it.
 pub struct TcpEndpoint {
+    inner: Arc<Inner>,
+}
+
+/// The endpoint's threads and state, shared with its groups; the last
+/// owner to go stops the threads.
+struct Inner {
     shared: Arc<Shared>,
+    io: Arc<Io>,
     addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
+    io_thread: Option<JoinHandle<()>>,
 }
 
 /// Why joining a group failed.
@@ -123,29 +146,6 @@ pub enum JoinError {
         rank: usize,
         size: usize,
         addrs: usize,
-    },
-    #[error(
-        "group `{group}`: could not connect to rank {peer} at {addr} within {secs} s: {source}"
-    )]
-    Connect {
-        group: String,
-        peer: usize,
-        addr: SocketAddr,
-        secs: u64,
-        source: std::io::Error,
-    },
-    #[error("group `{group}`: ranks {missing:?} did not connect within {secs} s")]
-    Timeout {
-        group: String,
-        missing: Vec<usize>,
-        secs: u64,
-    },
-    #[error("group `{group}`: the peer at {addr} (rank {peer}) {why}")]
-    Handshake {
-        group: String,
-        peer: usize,
-        addr: SocketAddr,
-        why: String,
     },
 }
 
@@ -175,19 +175,33 @@ impl TcpEndpoint {
                 .name("collective-accept".into())
                 .spawn(move || accept_loop(&listener, &shared))?
         };
+        let (io, wake) = Io::new()?;
+        let io_thread = {
+            let io = io.clone();
+            std::thread::Builder::new()
+                .name("collective-io".into())
+                .spawn(move || io.run(wake))?
+        };
         Ok(TcpEndpoint {
-            shared,
-            addr,
-            acceptor: Some(acceptor),
+            inner: Arc::new(Inner {
+                shared,
+                io,
+                addr,
+                acceptor: Some(acceptor),
+                io_thread: Some(io_thread),
+            }),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+        Ok(self.inner.addr)
     }
 
     /// Joins group `group` as member `rank`; `addrs[r]` is member r's
     /// endpoint. Every member must join with the same name and addresses.
+    /// Nothing is connected yet: each link is made on its first use, and a
+    /// member that never comes is named by the first operation that needs
+    /// it.
     pub fn join(
         &self,
         group: &str,
@@ -204,88 +218,25 @@ impl TcpEndpoint {
                 addrs: addrs.len(),
             });
         }
-        let deadline = Instant::now() + opts.connect_timeout;
-        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-        // Lower ranks accept; connect to them.
-        for (peer, &addr) in addrs.iter().enumerate().take(rank) {
-            let mut stream =
-                connect_until(addr, deadline).map_err(|source| JoinError::Connect {
-                    group: group.to_string(),
-                    peer,
-                    addr,
-                    secs: opts.connect_timeout.as_secs(),
-                    source,
-                })?;
-            let hello = Hello {
-                group: group.to_string(),
-                size,
-                rank,
-                target: peer,
-            };
-            handshake_connect(&mut stream, &self.shared.key, &hello).map_err(|why| {
-                JoinError::Handshake {
-                    group: group.to_string(),
-                    peer,
-                    addr,
-                    why,
-                }
-            })?;
-            streams[peer] = Some(stream);
-        }
-        // Higher ranks connect to us; their handshakes finish on the
-        // accept side's threads.
-        let mut missing: Vec<usize> = (rank + 1..size).collect();
-        let mut stash = self.shared.stash.lock().expect("stash lock");
-        loop {
-            missing.retain(|&peer| {
-                let Some(p) = stash.remove(&(group.to_string(), peer)) else {
-                    return true;
-                };
-                if p.size != size || p.target != rank {
-                    // Authenticated, so a member of this job: its view of
-                    // the group differs from ours. Say so; the join goes
-                    // on waiting for a connection that agrees.
-                    tracing::warn!(
-                        group, peer, addr = %p.addr, size = p.size, target = p.target,
-                        "a peer joined this group as one of {} for rank {}; this member is rank {rank} of {size}: dropped",
-                        p.size, p.target
-                    );
-                    return true;
-                }
-                streams[peer] = Some(p.stream);
-                false
-            });
-            if missing.is_empty() {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(JoinError::Timeout {
-                    group: group.to_string(),
-                    missing,
-                    secs: opts.connect_timeout.as_secs(),
-                });
-            }
-            stash = self
-                .shared
-                .arrived
-                .wait_timeout(stash, deadline - now)
-                .expect("stash lock")
-                .0;
-        }
-        drop(stash);
-        let links = streams
-            .into_iter()
-            .enumerate()
-            .map(|(peer, s)| s.map(|s| Link::new(s, peer, opts.recv_timeout)).transpose())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(TcpCollective { rank, links })
+        Ok(TcpCollective {
+            rank,
+            group: group.to_string(),
+            addrs: addrs.to_vec(),
+            opts: opts.clone(),
+            outs: HashMap::new(),
+            ins: HashMap::new(),
+            endpoint: self.inner.clone(),
+        })
     }
 }
 
-impl Drop for TcpEndpoint {
+impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::SeqCst);
+        self.io.close();
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
         // Wake the blocking accept with a connection of our own.
         let ip = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -573,97 +524,207 @@ fn read_u64(s: &mut impl Read) -> std::io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// One peer: a reader on this thread, a writer thread fed by a queue.
-struct Link {
-    peer: usize,
-    reader: BufReader<TcpStream>,
-    scratch: Vec<u8>,
-    queue: Option<Sender<Vec<u8>>>,
-    /// Buffers the writer has sent, for reuse (fresh large buffers cost
-    /// page faults on every message).
-    spent: Receiver<Vec<u8>>,
-    writer: Option<JoinHandle<()>>,
-    /// The writer's first failure, reported by the next operation.
-    failed: Arc<Mutex<Option<std::io::Error>>>,
+/// One link's outgoing bytes: whole encoded messages in order, the first
+/// perhaps partly written.
+struct Outbox {
+    /// The link's one descriptor, non-blocking.
     stream: TcpStream,
+    queue: VecDeque<Vec<u8>>,
+    /// Bytes of the first message already written.
+    written: usize,
+    /// The first write failure, reported by the next send.
+    failed: Option<std::io::Error>,
+    /// Written buffers, for reuse (fresh large buffers cost page faults on
+    /// every message).
+    spare: Vec<Vec<u8>>,
 }
 
-impl Link {
-    fn new(
-        stream: TcpStream,
-        peer: usize,
-        recv_timeout: Option<Duration>,
-    ) -> std::io::Result<Link> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(recv_timeout)?;
-        let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = channel();
-        let failed = Arc::new(Mutex::new(None));
-        let write_half = stream.try_clone()?;
-        let failed_w = failed.clone();
-        let (spent_tx, spent) = channel();
-        let writer = std::thread::Builder::new()
-            .name(format!("collective-send-{peer}"))
-            .spawn(move || {
-                let mut w = BufWriter::with_capacity(1 << 16, write_half);
-                // A burst of queued messages is written together and flushed
-                // once the queue is empty; a lone small message goes at once.
-                while let Ok(first) = rx.recv() {
-                    let mut result = w.write_all(&first);
-                    let _ = spent_tx.send(first);
-                    while result.is_ok() {
-                        match rx.try_recv() {
-                            Ok(msg) => {
-                                result = w.write_all(&msg);
-                                let _ = spent_tx.send(msg);
-                            }
-                            Err(_) => break,
+impl Outbox {
+    /// Writes what the socket takes now, without waiting.
+    fn write_some(&mut self) {
+        while let Some(front) = self.queue.front() {
+            match (&self.stream).write(&front[self.written..]) {
+                Ok(0) => {
+                    self.fail(std::io::ErrorKind::WriteZero.into());
+                    return;
+                }
+                Ok(n) => {
+                    self.written += n;
+                    if self.written == front.len() {
+                        let done = self.queue.pop_front().expect("the front message");
+                        self.written = 0;
+                        if self.spare.len() < 4 {
+                            self.spare.push(done);
                         }
                     }
-                    if let Err(e) = result.and_then(|()| w.flush()) {
-                        *failed_w.lock().expect("failure slot") = Some(e);
-                        return;
-                    }
                 }
-            })?;
-        Ok(Link {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) {
+        self.failed = Some(e);
+        self.queue.clear();
+        self.written = 0;
+    }
+
+    /// Whether the I/O thread still has work on this link.
+    fn busy(&self) -> bool {
+        !self.queue.is_empty() && self.failed.is_none()
+    }
+}
+
+/// The endpoint's I/O thread's side: links with bytes still to go, handed
+/// over by the sends that could not finish them.
+struct Io {
+    handed: Mutex<Vec<Arc<Mutex<Outbox>>>>,
+    /// A byte here wakes the thread from its poll.
+    wake: UnixStream,
+    closed: AtomicBool,
+}
+
+impl Io {
+    fn new() -> std::io::Result<(Arc<Io>, UnixStream)> {
+        let (wake, woken) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        woken.set_nonblocking(true)?;
+        let io = Arc::new(Io {
+            handed: Mutex::new(Vec::new()),
+            wake,
+            closed: AtomicBool::new(false),
+        });
+        Ok((io, woken))
+    }
+
+    fn poke(&self) {
+        // A full pipe already holds a wake-up.
+        let _ = (&self.wake).write(&[1]);
+    }
+
+    /// Gives the thread a link whose queue a send left non-empty.
+    fn hand(&self, outbox: Arc<Mutex<Outbox>>) {
+        self.handed.lock().expect("io queue").push(outbox);
+        self.poke();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.poke();
+    }
+
+    /// The thread: polls the wake-up and every link it holds for room to
+    /// write, writes what fits, and lets a link go once its queue is empty
+    /// (a send hands it back when it next leaves bytes behind).
+    fn run(&self, woken: UnixStream) {
+        let mut held: Vec<Arc<Mutex<Outbox>>> = Vec::new();
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            for o in self.handed.lock().expect("io queue").drain(..) {
+                if !held.iter().any(|h| Arc::ptr_eq(h, &o)) {
+                    held.push(o);
+                }
+            }
+            fds.clear();
+            fds.push(libc::pollfd {
+                fd: woken.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for o in &held {
+                fds.push(libc::pollfd {
+                    fd: o.lock().expect("outbox").stream.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the
+            // duration of the call.
+            #[allow(unsafe_code)] // poll(2): std has no readiness wait
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "collective I/O: poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            if fds[0].revents != 0 {
+                let mut sink = [0u8; 64];
+                while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            for (o, fd) in held.iter().zip(&fds[1..]) {
+                if fd.revents != 0 {
+                    o.lock().expect("outbox").write_some();
+                }
+            }
+            held.retain(|o| o.lock().expect("outbox").busy());
+        }
+    }
+}
+
+/// A link this member sends on.
+struct OutLink {
+    peer: usize,
+    outbox: Arc<Mutex<Outbox>>,
+}
+
+impl OutLink {
+    /// Connects to `peer` at `addr` and proves this member's identity.
+    fn connect(
+        group: &str,
+        (rank, peer, size): (usize, usize, usize),
+        addr: SocketAddr,
+        key: &hmac::Key,
+        opts: &TcpOptions,
+    ) -> Result<OutLink> {
+        let unreachable = |why: String| CollectiveError::Unreachable {
             peer,
-            reader: BufReader::with_capacity(1 << 16, stream.try_clone()?),
-            scratch: Vec::new(),
-            queue: Some(tx),
-            spent,
-            writer: Some(writer),
-            failed,
-            stream,
+            why: format!("group `{group}`: {addr}: {why}"),
+        };
+        let deadline = Instant::now() + opts.connect_timeout;
+        let mut stream = connect_until(addr, deadline).map_err(|e| {
+            unreachable(format!(
+                "could not connect within {} s: {e}",
+                opts.connect_timeout.as_secs()
+            ))
+        })?;
+        let hello = Hello {
+            group: group.to_string(),
+            size,
+            rank,
+            target: peer,
+        };
+        handshake_connect(&mut stream, key, &hello).map_err(unreachable)?;
+        let setup = |e: std::io::Error| unreachable(format!("socket: {e}"));
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_nonblocking(true).map_err(setup)?;
+        Ok(OutLink {
+            peer,
+            outbox: Arc::new(Mutex::new(Outbox {
+                stream,
+                queue: VecDeque::new(),
+                written: 0,
+                failed: None,
+                spare: Vec::new(),
+            })),
         })
     }
 
-    fn error(&self, e: std::io::Error) -> CollectiveError {
-        use std::io::ErrorKind::*;
-        match e.kind() {
-            UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => {
-                CollectiveError::PeerGone { peer: self.peer }
-            }
-            _ => CollectiveError::Io {
-                peer: self.peer,
-                source: e,
-            },
-        }
-    }
-
-    fn check_writer(&self) -> Result<()> {
-        match self.failed.lock().expect("failure slot").take() {
-            Some(e) => Err(self.error(e)),
-            None => Ok(()),
-        }
-    }
-
     /// A message is its length and tag (8 bytes each, little-endian), then
-    /// its elements.
-    fn send(&mut self, tag: Tag, data: &[f32]) -> Result<()> {
-        self.check_writer()?;
-        // The message goes out in pieces: the writer sends one while the
-        // next is encoded, and the receiver decodes one while the next
-        // arrives. The bytes on the wire are the same either way.
+    /// its elements, encoded and queued piece by piece: what the socket
+    /// takes goes at once, the rest is the I/O thread's, so the caller
+    /// encodes the next piece (or receives) meanwhile.
+    fn send(&mut self, io: &Io, tag: Tag, data: &[f32]) -> Result<()> {
         let mut first = true;
         let mut pieces = data.chunks(PIECE);
         loop {
@@ -672,7 +733,12 @@ impl Link {
                 None if first => &[][..],
                 None => break,
             };
-            let mut msg = self.spent.try_recv().unwrap_or_default();
+            let mut o = self.outbox.lock().expect("outbox");
+            if let Some(e) = o.failed.take() {
+                return Err(link_error(self.peer, e));
+            }
+            let mut msg = o.spare.pop().unwrap_or_default();
+            drop(o);
             msg.clear();
             let head = if first { 16 } else { 0 };
             msg.resize(head + piece.len() * 4, 0);
@@ -685,29 +751,125 @@ impl Link {
             for (b, x) in msg[head..].chunks_exact_mut(4).zip(piece) {
                 b.copy_from_slice(&x.to_le_bytes());
             }
-            self.queue
-                .as_ref()
-                .expect("queue open while the link lives")
-                .send(msg)
-                .map_err(|_| CollectiveError::PeerGone { peer: self.peer })?;
+            let mut o = self.outbox.lock().expect("outbox");
+            let idle = o.queue.is_empty();
+            o.queue.push_back(msg);
+            if idle {
+                o.write_some();
+                if o.busy() {
+                    drop(o);
+                    io.hand(self.outbox.clone());
+                }
+            }
         }
         Ok(())
     }
+}
+
+impl Drop for OutLink {
+    fn drop(&mut self) {
+        // Let queued messages go out, then close our side.
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        loop {
+            let o = self.outbox.lock().expect("outbox");
+            if !o.busy() {
+                let _ = o.stream.shutdown(Shutdown::Write);
+                return;
+            }
+            drop(o);
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    peer = self.peer,
+                    "closing a collective link with messages still queued"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A link this member receives on: the connection the peer made.
+struct InLink {
+    peer: usize,
+    reader: BufReader<TcpStream>,
+    scratch: Vec<u8>,
+}
+
+impl InLink {
+    /// Waits for `peer`'s connection to this member to arrive (a peer
+    /// connects when it first sends), within the receive timeout.
+    fn accept(
+        shared: &Shared,
+        group: &str,
+        (rank, peer, size): (usize, usize, usize),
+        opts: &TcpOptions,
+    ) -> Result<InLink> {
+        let deadline = opts.recv_timeout.map(|t| Instant::now() + t);
+        let key = (group.to_string(), peer);
+        let mut stash = shared.stash.lock().expect("stash lock");
+        let p = loop {
+            if let Some(p) = stash.remove(&key) {
+                if p.size == size && p.target == rank {
+                    break p;
+                }
+                // Authenticated, so a member of this job: its view of the
+                // group differs from ours. Say so, and go on waiting for a
+                // connection that agrees.
+                tracing::warn!(
+                    group, peer, addr = %p.addr, size = p.size, target = p.target,
+                    "a peer linked to this group as one of {} for rank {}; this member is rank {rank} of {size}: dropped",
+                    p.size, p.target
+                );
+                continue;
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(CollectiveError::Unreachable {
+                            peer,
+                            why: format!(
+                                "group `{group}`: it did not connect to this member (rank {rank}) within {} s",
+                                opts.recv_timeout.unwrap_or_default().as_secs()
+                            ),
+                        });
+                    }
+                    d - now
+                }
+                None => Duration::from_secs(3600),
+            };
+            stash = shared
+                .arrived
+                .wait_timeout(stash, wait)
+                .expect("stash lock")
+                .0;
+        };
+        drop(stash);
+        let io = |e: std::io::Error| link_error(peer, e);
+        p.stream.set_nodelay(true).map_err(io)?;
+        p.stream.set_read_timeout(opts.recv_timeout).map_err(io)?;
+        Ok(InLink {
+            peer,
+            reader: BufReader::with_capacity(1 << 16, p.stream),
+            scratch: Vec::new(),
+        })
+    }
 
     fn recv(&mut self, tag: Tag, out: &mut [f32]) -> Result<()> {
-        self.check_writer()?;
-        let len = read_u64(&mut self.reader).map_err(|e| self.error(e))? as usize;
-        let got = Tag(read_u64(&mut self.reader).map_err(|e| self.error(e))?);
+        let peer = self.peer;
+        let len = read_u64(&mut self.reader).map_err(|e| link_error(peer, e))? as usize;
+        let got = Tag(read_u64(&mut self.reader).map_err(|e| link_error(peer, e))?);
         if got != tag {
             return Err(CollectiveError::WrongMessage {
-                peer: self.peer,
+                peer,
                 expected: tag,
                 got,
             });
         }
         if len != out.len() {
             return Err(CollectiveError::SizeMismatch {
-                peer: self.peer,
+                peer,
                 expected: out.len(),
                 got: len,
             });
@@ -716,7 +878,7 @@ impl Link {
             self.scratch.resize(piece.len() * 4, 0);
             self.reader
                 .read_exact(&mut self.scratch)
-                .map_err(|e| self.error(e))?;
+                .map_err(|e| link_error(peer, e))?;
             for (x, b) in piece.iter_mut().zip(self.scratch.chunks_exact(4)) {
                 *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
@@ -725,31 +887,41 @@ impl Link {
     }
 }
 
-impl Drop for Link {
-    fn drop(&mut self) {
-        // Let queued messages go out, then close our sending side.
-        drop(self.queue.take());
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
+fn link_error(peer: usize, e: std::io::Error) -> CollectiveError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => {
+            CollectiveError::PeerGone { peer }
         }
-        let _ = self.stream.shutdown(Shutdown::Write);
+        _ => CollectiveError::Io { peer, source: e },
     }
 }
 
 /// One member of a group joined over TCP.
 pub struct TcpCollective {
     rank: usize,
-    /// `links[p]` reaches member p; `None` at this member's own index.
-    links: Vec<Option<Link>>,
+    group: String,
+    addrs: Vec<SocketAddr>,
+    opts: TcpOptions,
+    /// Links made so far, by peer: those this member sends on and those it
+    /// receives on.
+    outs: HashMap<usize, OutLink>,
+    ins: HashMap<usize, InLink>,
+    endpoint: Arc<Inner>,
 }
 
 impl TcpCollective {
-    fn link(&mut self, peer: usize) -> Result<&mut Link> {
-        let size = self.links.len();
-        self.links
-            .get_mut(peer)
-            .and_then(Option::as_mut)
-            .ok_or(CollectiveError::NoSuchPeer { peer, size })
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        let size = self.addrs.len();
+        if peer >= size || peer == self.rank {
+            return Err(CollectiveError::NoSuchPeer { peer, size });
+        }
+        Ok(())
+    }
+
+    /// The links this member holds now: (sending, receiving).
+    pub fn links(&self) -> (usize, usize) {
+        (self.outs.len(), self.ins.len())
     }
 }
 
@@ -759,22 +931,51 @@ impl Collective for TcpCollective {
     }
 
     fn size(&self) -> usize {
-        self.links.len()
+        self.addrs.len()
     }
 
     fn send_tagged(&mut self, peer: usize, tag: Tag, data: &[f32]) -> Result<()> {
-        self.link(peer)?.send(tag, data)
+        self.check_peer(peer)?;
+        let link = match self.outs.entry(peer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(OutLink::connect(
+                &self.group,
+                (self.rank, peer, self.addrs.len()),
+                self.addrs[peer],
+                &self.endpoint.shared.key,
+                &self.opts,
+            )?),
+        };
+        link.send(&self.endpoint.io, tag, data)
     }
 
     fn recv_tagged(&mut self, peer: usize, tag: Tag, out: &mut [f32]) -> Result<()> {
-        self.link(peer)?.recv(tag, out)
+        self.check_peer(peer)?;
+        let link = match self.ins.entry(peer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(InLink::accept(
+                &self.endpoint.shared,
+                &self.group,
+                (self.rank, peer, self.addrs.len()),
+                &self.opts,
+            )?),
+        };
+        link.recv(tag, out)
     }
 }
 
-/// A group of `size` members joined over loopback, each with its own
-/// endpoint (as separate worker processes would be), for tests and
-/// benchmarks.
+/// A group of `size` members over loopback, each with its own endpoint
+/// (as separate worker processes would be), for tests and benchmarks.
 pub fn loopback_group(group: &str, size: usize) -> std::io::Result<Vec<TcpCollective>> {
+    loopback_group_with(group, size, &TcpOptions::default())
+}
+
+/// [`loopback_group`] with `opts`.
+pub fn loopback_group_with(
+    group: &str,
+    size: usize,
+    opts: &TcpOptions,
+) -> std::io::Result<Vec<TcpCollective>> {
     let secret = nonce();
     let endpoints = (0..size)
         .map(|_| TcpEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &secret))
@@ -783,25 +984,14 @@ pub fn loopback_group(group: &str, size: usize) -> std::io::Result<Vec<TcpCollec
         .iter()
         .map(TcpEndpoint::local_addr)
         .collect::<std::io::Result<Vec<_>>>()?;
-    let opts = TcpOptions::default();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = endpoints
-            .iter()
-            .enumerate()
-            .map(|(r, e)| {
-                let (addrs, opts) = (&addrs, &opts);
-                s.spawn(move || e.join(group, r, addrs, opts))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .expect("joining thread")
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })
-            .collect()
-    })
+    endpoints
+        .iter()
+        .enumerate()
+        .map(|(r, e)| {
+            e.join(group, r, &addrs, opts)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
