@@ -29,6 +29,29 @@ pub enum BenchCommand {
     /// (one thread per GPU), checked against host sums in f32 and bf16,
     /// and the time of a 64 MiB all-reduce (needs the `cuda` feature).
     Nccl(NcclArgs),
+    /// The TCP collective at growing group sizes, each member a thread
+    /// with its own endpoint on loopback: the time for a group to form
+    /// and agree once, the links a member holds, and a scalar
+    /// all-reduce's latency by the log-round algorithm and by the ring.
+    Collective(CollectiveArgs),
+}
+
+#[derive(Args)]
+pub struct CollectiveArgs {
+    /// Group sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8, 16, 32, 64, 128, 256, 512])]
+    sizes: Vec<usize>,
+    /// Scalar all-reduces timed per size and algorithm.
+    #[arg(long, default_value_t = 200)]
+    reps: usize,
+    /// The largest group also connected as a full mesh (every member to
+    /// every other, as joins once did): n·(n − 1) links, each a descriptor
+    /// at both ends, all in this process.
+    #[arg(long, default_value_t = 64)]
+    mesh_max: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -57,6 +80,13 @@ pub enum BackendArg {
     Cuda,
     /// burn's CUDA backend without fusion.
     CudaUnfused,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RecomputeArg {
+    None,
+    Selective,
+    Full,
 }
 
 #[derive(Args)]
@@ -88,6 +118,10 @@ pub struct TrainArgs {
     /// Shard the optimizer over the replicas (ZeRO-1).
     #[arg(long)]
     shard_optimizer: bool,
+    /// Activation recomputation; the recipe's `[model] recompute` by
+    /// default.
+    #[arg(long, value_enum)]
+    recompute: Option<RecomputeArg>,
     /// Which GPU, among the visible ones.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
@@ -115,6 +149,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(args) => train(args),
         BenchCommand::Coordinator(args) => crate::simbench::coordinator(args),
         BenchCommand::Nccl(args) => nccl(args),
+        BenchCommand::Collective(args) => collective(args),
     }
 }
 
@@ -175,6 +210,12 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         microbatches: args.microbatches,
         dp: usize::from(args.dp),
         shard_optimizer: args.shard_optimizer,
+        recompute: match args.recompute {
+            Some(RecomputeArg::Full) => strata_recipe::Recompute::Full,
+            Some(RecomputeArg::None) => strata_recipe::Recompute::None,
+            Some(RecomputeArg::Selective) => strata_recipe::Recompute::Selective,
+            None => recipe.recompute,
+        },
     };
     cfg.rows().map_err(UserError)?;
     if args.describe {
@@ -422,4 +463,38 @@ fn render(r: &TrainReport) -> String {
             .map(|(a, b)| vec![a.clone(), b.clone()])
             .collect::<Vec<_>>(),
     )
+}
+
+fn collective(args: CollectiveArgs) -> anyhow::Result<()> {
+    if let Some(&bad) = args.sizes.iter().find(|&&n| n < 2) {
+        return Err(UserError(format!(
+            "--sizes: a group of {bad} has nothing to measure (2 or more)"
+        ))
+        .into());
+    }
+    let rows = strata_worker::collective::scale::measure(&args.sizes, args.reps, args.mesh_max)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut out = vec![vec![
+        "members".to_string(),
+        "form (s)".into(),
+        "scalar log (µs)".into(),
+        "scalar ring (µs)".into(),
+        "links out/in".into(),
+        "full mesh (s)".into(),
+    ]];
+    for r in &rows {
+        out.push(vec![
+            r.members.to_string(),
+            format!("{:.3}", r.form_s),
+            format!("{:.0}", r.scalar_us),
+            format!("{:.0}", r.ring_scalar_us),
+            format!("{}/{}", r.links_out, r.links_in),
+            r.full_mesh_s.map_or("-".into(), |s| format!("{s:.3}")),
+        ]);
+    }
+    print!("{}", table("", &out));
+    Ok(())
 }

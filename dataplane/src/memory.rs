@@ -15,7 +15,7 @@
 //! measures apart.
 
 use serde::Serialize;
-use strata_recipe::{Coords, DeviceKind, Layout, ModelConfig, Precision, Recipe};
+use strata_recipe::{Coords, DeviceKind, Layout, ModelConfig, Precision, Recipe, Recompute};
 
 use crate::params::ParamTable;
 
@@ -40,6 +40,7 @@ pub struct MemoryInputs {
     pub device: DeviceKind,
     pub precision: Precision,
     pub shard_optimizer: bool,
+    pub recompute: Recompute,
     pub checkpoints: bool,
     /// Each device's memory, when known.
     pub device_bytes: Option<u64>,
@@ -58,6 +59,7 @@ impl MemoryInputs {
             device: recipe.device,
             precision: recipe.precision,
             shard_optimizer: p.shard_optimizer,
+            recompute: recipe.recompute,
             checkpoints: recipe.checkpoint.is_some(),
             device_bytes: recipe.memory_gib.map(|g| (g * GIB) as u64),
         }
@@ -200,12 +202,30 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
         layer += t * 2 * d * e;
     }
     let attention_matrix = rows * h * seq * seq;
+    // What attention's core saves beyond its inputs: its output and
+    // log-sum-exp, and on the tensor-op path (not the CPU's fused kernel)
+    // the rotated Q and K and the `[rows, heads, t, t]` probabilities
+    // (f32, and the bf16 copy the product with V reads).
+    let mut attention_core = t * (h * hd * e + h * 4);
     if !cpu {
-        // burn's tensor-op attention saves the rotated Q and K and the
-        // `[rows, heads, t, t]` probabilities (f32, and the bf16 copy the
-        // product with V reads).
-        layer += t * (h + kv) * hd * e + attention_matrix * (4 + if bf16 { e } else { 0 });
+        let extra = t * (h + kv) * hd * e + attention_matrix * (4 + if bf16 { e } else { 0 });
+        layer += extra;
+        attention_core += extra;
     }
+    let (layer, rebuilt) = match inp.recompute {
+        Recompute::None => (layer, 0),
+        // Each branch keeps its norm's input and output and its
+        // projections' outputs; the backward rebuilds one core at a time
+        // (attention's, or SwiGLU's product).
+        Recompute::Selective => (
+            t * (2 * d * norm_in + 2 * d * e + (h + 2 * kv) * hd * e + 2 * f * e),
+            attention_core.max(t * f * e),
+        ),
+        // A block keeps its input only (each of its two residual
+        // branches' under tp), and the backward rebuilds one block's saved
+        // set at a time.
+        Recompute::Full => (t * d * e * if tp > 1 { 2 } else { 1 }, layer),
+    };
     let first = table.stage == 0;
     let last = table.stage + 1 == table.pp;
     let chunks = &table.chunks;
@@ -283,6 +303,11 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
     if !cpu {
         transients.push(("attention scores", attention_matrix * 4));
     }
+    match inp.recompute {
+        Recompute::None => {}
+        Recompute::Selective => transients.push(("recomputed core", rebuilt)),
+        Recompute::Full => transients.push(("recomputed block", rebuilt)),
+    }
     let (transient, transient_bytes) = transients
         .into_iter()
         .max_by_key(|x| x.1)
@@ -356,6 +381,20 @@ impl MemoryPlan {
                 "parallel.shard_optimizer = true".into(),
                 MemoryInputs {
                     shard_optimizer: true,
+                    ..inp.clone()
+                },
+            );
+        }
+        let lighter: &[Recompute] = match inp.recompute {
+            Recompute::None => &[Recompute::Selective, Recompute::Full],
+            Recompute::Selective => &[Recompute::Full],
+            Recompute::Full => &[],
+        };
+        for &recompute in lighter {
+            try_knob(
+                format!("model.recompute = \"{}\"", recompute.as_str()),
+                MemoryInputs {
+                    recompute,
                     ..inp.clone()
                 },
             );
@@ -448,9 +487,56 @@ mod tests {
             device: DeviceKind::Cpu,
             precision: Precision::F32,
             shard_optimizer: false,
+            recompute: Recompute::None,
             checkpoints: false,
             device_bytes: None,
         }
+    }
+
+    /// [`tiny`] with a small vocabulary, so that a chunk of logits is not
+    /// the largest transient.
+    fn small_vocab() -> MemoryInputs {
+        let t = tiny();
+        MemoryInputs {
+            model: ModelConfig {
+                vocab_size: 1000,
+                padded_vocab_size: 1024,
+                ..t.model
+            },
+            ..t
+        }
+    }
+
+    #[test]
+    fn full_recomputation_keeps_each_blocks_input_only() {
+        let none = MemoryPlan::new(&small_vocab());
+        let full = MemoryPlan::new(&MemoryInputs {
+            recompute: Recompute::Full,
+            ..small_vocab()
+        });
+        let (a, b) = (none.worst(), full.worst());
+        assert!(b.activations_per_microbatch_bytes * 3 < a.activations_per_microbatch_bytes);
+        assert_eq!(b.transient, "recomputed block");
+        assert!(b.total_bytes < a.total_bytes);
+    }
+
+    #[test]
+    fn selective_recomputation_drops_the_cores_and_keeps_the_projections() {
+        let gpu = |recompute| MemoryInputs {
+            device: DeviceKind::Cuda,
+            recompute,
+            ..small_vocab()
+        };
+        let [none, selective, full] = [Recompute::None, Recompute::Selective, Recompute::Full]
+            .map(|r| MemoryPlan::new(&gpu(r)).worst().clone());
+        let act = |m: &RankMemory| m.activations_per_microbatch_bytes;
+        assert!(act(&full) < act(&selective) && act(&selective) < act(&none));
+        // On the tensor-op path the `[t, t]` probabilities are most of
+        // what selective recomputation drops.
+        let m = tiny().model;
+        let scores = 4 * tiny().tokens_per_microbatch * m.max_seq_len * m.n_heads;
+        assert!(act(&none) - act(&selective) > scores * m.n_layers);
+        assert_eq!(selective.transient, "recomputed core");
     }
 
     #[test]
@@ -506,8 +592,21 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("activations"), "{why}");
+        assert!(
+            why.contains("it fits with model.recompute = \"full\""),
+            "{why}"
+        );
+        // Already recomputing, and tighter: no one change is enough, and
+        // those that help most are named.
+        let tight = MemoryInputs {
+            device_bytes: Some(120 << 20),
+            recompute: Recompute::Full,
+            ..tiny()
+        };
+        let why = MemoryPlan::new(&tight).refusal(&tight).expect("refused");
+        assert!(why.contains("no one change makes it fit"), "{why}");
         assert!(why.contains("parallel.shard_optimizer = true"), "{why}");
-        assert!(why.contains("parallel.microbatches = 2"), "{why}");
+        assert!(why.contains("parallel.pp = 2"), "{why}");
         // Room enough: no refusal.
         let roomy = MemoryInputs {
             device_bytes: Some(1 << 30),

@@ -234,6 +234,36 @@ impl DeviceKind {
     }
 }
 
+/// Activation recomputation: `[model] recompute`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every activation the backward reads is kept from the forward.
+    #[default]
+    None,
+    /// Attention's core (scores, softmax, the product with the values)
+    /// and SwiGLU's product are run again at the backward from the
+    /// projections' outputs, which are kept: what is large and cheap to
+    /// compute is dropped, no projection is recomputed (Megatron's
+    /// `--recompute-granularity selective`, extended to the MLP's
+    /// intermediate).
+    Selective,
+    /// Only each transformer block's input is kept (each residual
+    /// branch's under tensor parallelism); the backward runs the block's
+    /// forward again to rebuild the rest. Losses are bit-identical.
+    Full,
+}
+
+impl Recompute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        }
+    }
+}
+
 /// What the model computes in: `[device] precision`. Master weights,
 /// optimizer state and gradient sums are f32 either way; under `bf16` the
 /// parameters are cast for each step's matrix products and activations,
@@ -316,6 +346,10 @@ pub struct Recipe {
     /// `[device] peak_tflops`: each device's peak, for MFU.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
+    /// `[model] recompute`: a training choice, not the model's maths, so
+    /// not part of [`ModelConfig`] (a checkpoint resumes either way).
+    #[serde(default)]
+    pub recompute: Recompute,
     /// `[device] memory_gib`: each device's memory, for the memory plan.
     #[serde(default)]
     pub memory_gib: Option<f64>,

@@ -120,6 +120,9 @@ pub struct ModelSpec {
     pub rope_theta: f64,
     #[serde(default)]
     pub tie_embeddings: bool,
+    /// Activation recomputation: `none`, `selective` or `full`.
+    #[serde(default)]
+    pub recompute: crate::Recompute,
 }
 
 fn default_rope_theta() -> f64 {

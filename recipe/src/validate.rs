@@ -570,6 +570,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 Some(v) => Some(v?),
                 None => None,
             },
+            recompute: spec.model.recompute,
             memory_gib: match memory_gib {
                 Some(v) => Some(v?),
                 None => None,

@@ -10,10 +10,10 @@ use std::time::Instant;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use strata_dataplane::memory::{MemoryInputs, MemoryPlan, RankMemory};
-use strata_recipe::{AdamWConfig, DeviceKind, Layout, ModelConfig, Precision, Recipe};
+use strata_recipe::{AdamWConfig, DeviceKind, Layout, ModelConfig, Precision, Recipe, Recompute};
 
-use crate::model::host_transfers;
 use crate::params::ParamTable;
+use crate::tensors::host_transfers;
 use crate::train::{Groups, LocalBatch, Trainer};
 
 /// What to run.
@@ -30,6 +30,7 @@ pub struct TrainBench {
     /// without a sharded optimizer. Times are replica 0's.
     pub dp: usize,
     pub shard_optimizer: bool,
+    pub recompute: Recompute,
 }
 
 impl TrainBench {
@@ -82,6 +83,7 @@ pub struct TrainReport {
     /// optimizer; the heap's peak covers all of them.
     pub dp: usize,
     pub shard_optimizer: bool,
+    pub recompute: &'static str,
     pub steps: usize,
     pub warmup: usize,
     pub tokens_per_s: f64,
@@ -185,6 +187,7 @@ fn memory_inputs(recipe: &Recipe, bench: &TrainBench) -> MemoryInputs {
         device: recipe.device,
         precision: recipe.precision,
         shard_optimizer: bench.shard_optimizer,
+        recompute: bench.recompute,
         checkpoints: false,
         device_bytes: None,
     }
@@ -226,6 +229,7 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
         microbatches: bench.microbatches,
         dp: bench.dp.max(1),
         shard_optimizer: bench.shard_optimizer,
+        recompute: bench.recompute.as_str(),
         steps: bench.steps,
         warmup: bench.warmup,
         tokens_per_s: f64::NAN,
@@ -278,6 +282,7 @@ pub fn train<B: AutodiffBackend>(
                 )
                 .with_precision(target.precision)
                 .with_sharded_optimizer(bench.shard_optimizer)
+                .with_recompute(bench.recompute)
             })
             .collect();
     let (trainer, others) = replicas.split_first_mut().expect("one replica at least");

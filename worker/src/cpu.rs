@@ -131,7 +131,7 @@ pub fn extend_host<X: Backend, const D: usize>(t: &Tensor<X, D>, out: &mut Vec<f
     match as_flex(t) {
         Some(f) if f.dtype() == burn::tensor::DType::F32 => {
             let v = values(&f);
-            crate::model::count_transfer(v.len());
+            crate::tensors::count_transfer(v.len());
             out.extend_from_slice(&v);
             true
         }

@@ -19,9 +19,10 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 use strata_recipe::ModelConfig;
 
-use crate::model::{NORM_EPS, StageModel, to_vec};
+use crate::model::{NORM_EPS, StageModel};
 use crate::params::ParamTable;
 use crate::run::CpuBackend;
+use crate::tensors::to_vec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

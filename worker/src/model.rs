@@ -18,111 +18,27 @@
 //!
 //! # Autodiff across collectives and stages
 //!
-//! burn 0.21 has no backward from a given gradient. A stage's forward is
-//! therefore cut into *segments* at every collective (and at the stage's
-//! input): a segment starts from fresh leaves — its input as a tensor that
-//! requires grad, and its own leaves of the parameters it reads — so every
-//! segment of every microbatch is a graph of its own. A segment's backward
-//! runs from `sum(output ⊙ upstream gradient)`, which yields its
-//! parameters' gradients and its input's gradient to pass on. Residual
+//! A stage's forward is cut into segments ([`crate::segment`]) at every
+//! tensor-parallel sum ([`crate::tp`]) and at the stage's input; residual
 //! additions across a cut are done by the driver ([`StageModel::backward`]
 //! adds the skip gradient). With `tp = 1` nothing needs cutting and the
-//! stage is one segment. Several microbatches' graphs can be alive at once
-//! (1F1B): they share no autodiff node, only the parameter values.
-
-use std::time::{Duration, Instant};
+//! stage is one segment, unless recomputation cuts it at its blocks.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use strata_recipe::{ModelConfig, Precision};
+use burn::tensor::{Bool, DType, Int, Tensor};
+use strata_recipe::{ModelConfig, Precision, Recompute};
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::CollectiveError;
 use crate::cpu;
 pub use crate::cpu::HeadLayout;
 use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
+use crate::segment::{Fan, GradAccum, Segment};
+use crate::tensors::{accumulate, from_vec, in_dtype, to_vec, token_ids};
+use crate::tp::{Tp, parallel_cross_entropy, vocab_rows};
 
 /// RMSNorm's epsilon (Llama's).
 pub const NORM_EPS: f64 = 1e-5;
-
-/// `t` in `dtype`: the same tensor when it already is (f32 training never
-/// casts), else a cast, which autodiff differentiates back to `t`'s dtype.
-pub fn in_dtype<X: Backend, const D: usize>(t: Tensor<X, D>, dtype: DType) -> Tensor<X, D> {
-    if t.dtype() == dtype {
-        t
-    } else {
-        t.cast(FloatDType::from(dtype))
-    }
-}
-
-/// A rank's tensor-parallel group, and the time spent in its collectives.
-pub struct Tp<'a> {
-    pub group: &'a mut dyn Collective,
-    pub comm: Duration,
-}
-
-impl<'a> Tp<'a> {
-    pub fn new(group: &'a mut dyn Collective) -> Tp<'a> {
-        Tp {
-            group,
-            comm: Duration::ZERO,
-        }
-    }
-
-    fn size(&self) -> usize {
-        self.group.size()
-    }
-
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let t = Instant::now();
-        let r = self.group.all_reduce_sum(buf);
-        self.comm += t.elapsed();
-        r
-    }
-
-    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let t = Instant::now();
-        let r = self.group.all_reduce_max(buf);
-        self.comm += t.elapsed();
-        r
-    }
-
-    /// The group's sum of `t` (the identity for a group of one), in `t`'s
-    /// dtype (summed in f32).
-    fn sum_tensor<I: Backend>(&mut self, t: Tensor<I, 2>) -> Result<Tensor<I, 2>, CollectiveError> {
-        if self.size() == 1 {
-            return Ok(t);
-        }
-        let (shape, device, dtype) = (t.dims(), t.device(), t.dtype());
-        let mut v = to_vec(t);
-        self.all_reduce_sum(&mut v)?;
-        Ok(in_dtype(from_vec(v, shape, &device), dtype))
-    }
-}
-
-thread_local! {
-    static HOST_ELEMS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// Elements this thread has moved between the host and a backend's device
-/// (both ways): every transfer of the worker goes through [`to_vec`],
-/// [`from_vec`] and the token-id uploads, so that a test or a benchmark can
-/// tell that nothing model-sized crosses the host per step.
-pub fn host_transfers() -> u64 {
-    HOST_ELEMS.with(|c| c.get())
-}
-
-pub(crate) fn count_transfer(n: usize) {
-    HOST_ELEMS.with(|c| c.set(c.get() + n as u64));
-}
-
-/// Adds `t` to the running sum `acc` (empty before the first term).
-pub fn accumulate<X: Backend, const D: usize>(acc: &mut Option<Tensor<X, D>>, t: Tensor<X, D>) {
-    *acc = Some(match acc.take() {
-        Some(a) => a + t,
-        None => t,
-    });
-}
 
 /// The shape a slot's value has in the model: matrices as they are, norm
 /// gains as `[1, d]`.
@@ -132,54 +48,6 @@ fn slot_shape(s: &ParamSlot) -> [usize; 2] {
         [r, c] => [r, c],
         _ => unreachable!("parameters have one or two dimensions"),
     }
-}
-
-/// A tensor's values on the host.
-pub fn to_vec<X: Backend, const D: usize>(t: Tensor<X, D>) -> Vec<f32> {
-    count_transfer(t.shape().num_elements());
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 tensor data")
-}
-
-pub fn from_vec<X: Backend, const D: usize>(
-    v: Vec<f32>,
-    shape: [usize; D],
-    device: &X::Device,
-) -> Tensor<X, D> {
-    count_transfer(v.len());
-    Tensor::from_data(TensorData::new(v, shape), device)
-}
-
-fn ids<X: Backend>(v: Vec<i64>, device: &X::Device) -> Tensor<X, 1, Int> {
-    let n = v.len();
-    count_transfer(n);
-    Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
-fn token_ids<X: Backend>(tokens: &[u32], device: &X::Device) -> Tensor<X, 1, Int> {
-    ids(tokens.iter().map(|&x| i64::from(x)).collect(), device)
-}
-
-/// Token ids as rows of this rank's vocabulary part `start..start + len`:
-/// the local row (0 for ids another rank owns) and a `[n, 1]` mask that is
-/// 1 where this rank owns the id.
-fn vocab_rows<X: Backend>(
-    ids_: &[u32],
-    start: usize,
-    len: usize,
-    device: &X::Device,
-) -> (Tensor<X, 1, Int>, Tensor<X, 2>) {
-    let (local, mask): (Vec<i64>, Vec<f32>) = ids_
-        .iter()
-        .map(|&x| match (x as usize).checked_sub(start) {
-            Some(row) if row < len => (row as i64, 1.0),
-            _ => (0, 0.0),
-        })
-        .unzip();
-    let n = mask.len();
-    (ids::<X>(local, device), from_vec(mask, [n, 1], device))
 }
 
 /// RMSNorm over the last dimension with gain `g` (`[1, d]`): one
@@ -375,6 +243,23 @@ fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
     linear(cpu::swiglu(linear(y.clone(), gate), linear(y, up)), down)
 }
 
+/// Attention's core and output projection from the query, key and value
+/// projections (`[b·t, h·hd]`, `[b·t, kv·hd]` twice): the same operations
+/// as [`attention`] after its projections.
+fn attention_core<X: Backend>(
+    [q, k, v]: [Tensor<X, 2>; 3],
+    wo: Tensor<X, 2>,
+    rope: &Rope<X>,
+    b: usize,
+    t: usize,
+    dims: &Dims,
+) -> Tensor<X, 2> {
+    let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
+    let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
+    let (q, k, v) = (split(q, h), split(k, kv), split(v, kv));
+    linear(causal_attention(q, k, v, rope).reshape([b * t, h * hd]), wo)
+}
+
 /// One transformer block on the residual stream `x` (`[b·t, d]`), whole
 /// (no tensor parallelism), its parameters read by `weight`.
 fn block<X: Backend>(
@@ -496,45 +381,6 @@ fn head_by_tensor_ops<X: Backend>(
     (loss, Tensor::cat(dys, 0), dw)
 }
 
-/// The vocabulary-parallel cross-entropy of this rank's logit columns
-/// `z_local` (`[n, vocab_len]`, vocabulary rows `vocab_start..`): the
-/// summed loss of the `n` tokens divided by `denominator` (the same on
-/// every rank), and a scalar whose gradient with respect to `z_local` is
-/// this rank's columns of the gradient of that loss, `(softmax(z) −
-/// onehot(target)) / denominator`. The full logits are never gathered:
-/// the row maxima are all-reduced with max, the sums of exponentials and
-/// the target logits (from the rank that owns each target; zero elsewhere)
-/// with sum.
-pub fn parallel_cross_entropy<B: AutodiffBackend>(
-    z_local: Tensor<B, 2>,
-    targets: &[u32],
-    vocab_start: usize,
-    denominator: f64,
-    tp: &mut Tp<'_>,
-) -> Result<(f64, Tensor<B, 1>), CollectiveError> {
-    let z_local = in_dtype(z_local, DType::F32);
-    let [n, vl] = z_local.dims();
-    let device = z_local.device();
-    let mut max = to_vec(z_local.clone().inner().max_dim(1));
-    tp.all_reduce_max(&mut max)?;
-    let max_t = from_vec::<B, 2>(max.clone(), [n, 1], &device);
-    let e = (z_local.clone() - max_t).exp();
-    // Local sums of exponentials and target logits, reduced in one call.
-    let (local, mask) = vocab_rows::<B>(targets, vocab_start, vl, &device);
-    let picked = z_local.gather(1, local.reshape([n, 1])) * mask;
-    let mut stats = to_vec(e.clone().inner().sum_dim(1));
-    stats.extend(to_vec(picked.clone().inner()));
-    tp.all_reduce_sum(&mut stats)?;
-    let (sums, target) = stats.split_at(n);
-    let loss: f64 = (0..n)
-        .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
-        .sum::<f64>()
-        / denominator;
-    let sums_t = from_vec::<B, 2>(sums.to_vec(), [n, 1], &device);
-    let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
-    Ok((loss, surrogate))
-}
-
 /// What a stage's forward starts from.
 pub enum StageInput<'a, I: Backend> {
     /// The first stage: token ids, `rows × seq` row-major.
@@ -555,59 +401,6 @@ pub struct Micro<'a> {
     pub denominator: f64,
 }
 
-/// A piece of a stage's graph between cuts.
-struct Segment<B: AutodiffBackend> {
-    /// The leaf the segment started from, when its input has a gradient
-    /// to pass on.
-    input: Option<Tensor<B, 2>>,
-    output: Tensor<B, 2>,
-    /// This segment's own leaves of the parameters it read, by slot.
-    leaves: Vec<(usize, Tensor<B, 2>)>,
-}
-
-/// Per-slot gradient sums on the device, over segments and microbatches.
-pub struct GradAccum<I: Backend> {
-    pub grads: Vec<Option<Tensor<I, 2>>>,
-}
-
-impl<I: Backend> GradAccum<I> {
-    pub fn new(n: usize) -> GradAccum<I> {
-        GradAccum {
-            grads: (0..n).map(|_| None).collect(),
-        }
-    }
-
-    /// Adds a gradient, in f32 whatever the compute precision.
-    fn add(&mut self, slot: usize, g: Tensor<I, 2>) {
-        accumulate(&mut self.grads[slot], in_dtype(g, DType::F32));
-    }
-}
-
-impl<B: AutodiffBackend> Segment<B> {
-    /// Backpropagates from `sum(output ⊙ upstream)` (from `output` itself
-    /// when it is the loss); returns the input's gradient.
-    fn backward(
-        self,
-        upstream: Option<Tensor<B::InnerBackend, 2>>,
-        acc: &mut GradAccum<B::InnerBackend>,
-    ) -> Option<Tensor<B::InnerBackend, 2>> {
-        let root = match upstream {
-            Some(d) => {
-                let d = in_dtype(d, self.output.dtype());
-                (self.output * Tensor::from_inner(d)).sum()
-            }
-            None => self.output.sum(),
-        };
-        let grads = root.backward();
-        for (slot, leaf) in &self.leaves {
-            if let Some(g) = leaf.grad(&grads) {
-                acc.add(*slot, g);
-            }
-        }
-        self.input.and_then(|x| x.grad(&grads))
-    }
-}
-
 enum Piece<B: AutodiffBackend> {
     /// The whole stage in one graph (tp = 1).
     Whole(Segment<B>),
@@ -623,6 +416,42 @@ enum Piece<B: AutodiffBackend> {
     /// The final norm, then this rank's logit columns and its part of the
     /// parallel cross-entropy.
     Head { norm: Segment<B>, head: Segment<B> },
+    /// Under full recomputation (tp = 1): a block kept as its input only;
+    /// the backward runs its forward again, tracked, and backpropagates
+    /// through that.
+    Block {
+        slots: BlockSlots,
+        input: Tensor<B::InnerBackend, 2>,
+        rows: usize,
+        seq: usize,
+    },
+    /// Under selective recomputation: a residual branch as its norm's
+    /// segment, its projections' (kept, as is their output) and its core
+    /// (attention's, or SwiGLU's and the down projection), run again at
+    /// the backward from the projections' output.
+    Selective {
+        norm: Segment<B>,
+        projections: Fan<B>,
+        core: Core,
+    },
+    /// Under full recomputation with tensor parallelism: a residual
+    /// branch (norm, then this rank's attention or MLP) kept as its input.
+    Branch {
+        slots: BlockSlots,
+        attn: bool,
+        input: Tensor<B::InnerBackend, 2>,
+        rows: usize,
+        seq: usize,
+    },
+}
+
+/// A residual branch's core under selective recomputation: the
+/// projections' output it starts from, and what rebuilds it.
+struct Core {
+    slots: BlockSlots,
+    attn: bool,
+    rows: usize,
+    seq: usize,
 }
 
 /// One microbatch's forward on this stage, kept for its backward.
@@ -668,6 +497,7 @@ pub struct StageModel<B: AutodiffBackend> {
     /// The parameters' and activations' dtype: f32, or bf16 under mixed
     /// precision.
     compute: DType,
+    recompute: Recompute,
 }
 
 impl<B: AutodiffBackend> StageModel<B> {
@@ -740,6 +570,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             device: device.clone(),
             table,
             compute: DType::F32,
+            recompute: Recompute::None,
         }
     }
 
@@ -788,6 +619,12 @@ impl<B: AutodiffBackend> StageModel<B> {
         };
     }
 
+    /// Keeps only each block's (or residual branch's) input from the
+    /// forward when `Full`, rebuilding the rest at the backward.
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+    }
+
     /// The dtype the model computes in.
     pub fn compute_dtype(&self) -> DType {
         self.compute
@@ -821,6 +658,168 @@ impl<B: AutodiffBackend> StageModel<B> {
         let t = Tensor::<B, 2>::from_inner(self.params[slot].clone()).require_grad();
         leaves.push((slot, t.clone()));
         t
+    }
+
+    /// Parameter `slot` outside any graph: operations on it are not
+    /// recorded, but run the same kernels as tracked ones.
+    fn untracked(&self, slot: usize) -> Tensor<B, 2> {
+        Tensor::from_inner(self.params[slot].clone())
+    }
+
+    /// One residual branch of block `b` (attention or MLP) on the stream
+    /// `h`: the norm's segment, and the branch's from the norm's output
+    /// as a leaf.
+    fn residual_segments(
+        &self,
+        h: Tensor<B::InnerBackend, 2>,
+        b: &BlockSlots,
+        attn: bool,
+        (rows, seq): (usize, usize),
+    ) -> (Segment<B>, Segment<B>) {
+        use BlockParam::*;
+        let (norm, y) = self.norm_segment(h, b.get(if attn { AttnNorm } else { MlpNorm }));
+        let mut leaves = Vec::new();
+        let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
+        let partial = if attn {
+            let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
+            attention(y_leaf.clone(), w, &self.rope(), rows, seq, &self.dims)
+        } else {
+            let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
+            mlp(y_leaf.clone(), w)
+        };
+        let branch = Segment {
+            input: Some(y_leaf),
+            output: partial,
+            leaves,
+        };
+        (norm, branch)
+    }
+
+    /// The same branch's output, untracked (nothing kept for a backward).
+    fn residual_untracked(
+        &self,
+        h: Tensor<B::InnerBackend, 2>,
+        b: &BlockSlots,
+        attn: bool,
+        (rows, seq): (usize, usize),
+    ) -> Tensor<B::InnerBackend, 2> {
+        use BlockParam::*;
+        let w = |p| self.untracked(b.get(p));
+        let y = rms_norm(
+            Tensor::<B, 2>::from_inner(h),
+            w(if attn { AttnNorm } else { MlpNorm }),
+        );
+        let partial = if attn {
+            attention(
+                y,
+                [Wq, Wk, Wv, Wo].map(w),
+                &self.rope(),
+                rows,
+                seq,
+                &self.dims,
+            )
+        } else {
+            mlp(y, [WGate, WUp, WDown].map(w))
+        };
+        partial.inner()
+    }
+
+    /// One residual branch of block `b` on the stream `h` under selective
+    /// recomputation: pushes its piece and returns its (partial) output,
+    /// the core run untracked.
+    fn residual_selective(
+        &self,
+        h: Tensor<B::InnerBackend, 2>,
+        b: &BlockSlots,
+        attn: bool,
+        (rows, seq): (usize, usize),
+        pieces: &mut Vec<Piece<B>>,
+    ) -> Tensor<B::InnerBackend, 2> {
+        use BlockParam::*;
+        let (norm, y) = self.norm_segment(h, b.get(if attn { AttnNorm } else { MlpNorm }));
+        let mut leaves = Vec::new();
+        let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
+        let which: &[BlockParam] = if attn { &[Wq, Wk, Wv] } else { &[WGate, WUp] };
+        let kept: Vec<Tensor<B, 2>> = which
+            .iter()
+            .map(|&p| linear(y_leaf.clone(), self.leaf(b.get(p), &mut leaves)))
+            .collect();
+        let core = Core {
+            slots: *b,
+            attn,
+            rows,
+            seq,
+        };
+        let partial = self.core_forward(
+            &core,
+            kept.iter()
+                .map(|k| Tensor::from_inner(k.clone().inner()))
+                .collect(),
+            |p| self.untracked(p),
+        );
+        pieces.push(Piece::Selective {
+            norm,
+            projections: Fan {
+                inputs: vec![y_leaf],
+                outputs: kept,
+                leaves,
+            },
+            core,
+        });
+        partial.inner()
+    }
+
+    /// A selective branch's core on the projections it kept (Q, K and V,
+    /// or the gate and up products), its weight read by `weight` (tracked
+    /// or not).
+    fn core_forward(
+        &self,
+        core: &Core,
+        kept: Vec<Tensor<B, 2>>,
+        weight: impl FnOnce(usize) -> Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let mut kept = kept.into_iter();
+        let mut next = || kept.next().expect("a kept projection");
+        if core.attn {
+            let wo = weight(core.slots.get(BlockParam::Wo));
+            let qkv = [next(), next(), next()];
+            attention_core(qkv, wo, &self.rope(), core.rows, core.seq, &self.dims)
+        } else {
+            let (a, b) = (next(), next());
+            linear(cpu::swiglu(a, b), weight(core.slots.get(BlockParam::WDown)))
+        }
+    }
+
+    /// The pieces and output of one residual branch of block `b` on `h`,
+    /// kept as `self.recompute` says (under full recomputation with
+    /// tensor parallelism, and under none or selective at any tp).
+    fn residual(
+        &self,
+        h: Tensor<B::InnerBackend, 2>,
+        b: &BlockSlots,
+        attn: bool,
+        dims: (usize, usize),
+        pieces: &mut Vec<Piece<B>>,
+    ) -> Tensor<B::InnerBackend, 2> {
+        match self.recompute {
+            Recompute::Full => {
+                pieces.push(Piece::Branch {
+                    slots: *b,
+                    attn,
+                    input: h.clone(),
+                    rows: dims.0,
+                    seq: dims.1,
+                });
+                self.residual_untracked(h, b, attn, dims)
+            }
+            Recompute::Selective => self.residual_selective(h, b, attn, dims, pieces),
+            Recompute::None => {
+                let (norm, branch) = self.residual_segments(h, b, attn, dims);
+                let partial = branch.output.clone().inner();
+                pieces.push(Piece::Residual { norm, branch });
+                partial
+            }
+        }
     }
 
     fn rope(&self) -> Rope<B> {
@@ -872,7 +871,6 @@ impl<B: AutodiffBackend> StageModel<B> {
         }
         let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
         let device = &self.device;
-        let rope = self.rope();
         let mut pieces = Vec::new();
         let mut h = match input {
             StageInput::Tokens(tokens) => {
@@ -893,32 +891,8 @@ impl<B: AutodiffBackend> StageModel<B> {
         };
         for b in &self.blocks[chunk as usize] {
             for attn in [true, false] {
-                let g = b.get(if attn {
-                    BlockParam::AttnNorm
-                } else {
-                    BlockParam::MlpNorm
-                });
-                let (norm, y) = self.norm_segment(h.clone(), g);
-                let mut leaves = Vec::new();
-                let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
-                let partial = if attn {
-                    use BlockParam::*;
-                    let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
-                    attention(y_leaf.clone(), w, &rope, rows, seq, &self.dims)
-                } else {
-                    use BlockParam::*;
-                    let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
-                    mlp(y_leaf.clone(), w)
-                };
-                h = h + tp.sum_tensor(partial.clone().inner())?;
-                pieces.push(Piece::Residual {
-                    norm,
-                    branch: Segment {
-                        input: Some(y_leaf),
-                        output: partial,
-                        leaves,
-                    },
-                });
+                let partial = self.residual(h.clone(), b, attn, (rows, seq), &mut pieces);
+                h = h + tp.sum_tensor(partial)?;
             }
         }
         if !self.is_last(chunk) {
@@ -959,7 +933,10 @@ impl<B: AutodiffBackend> StageModel<B> {
         input: StageInput<'_, B::InnerBackend>,
         mb: &Micro<'_>,
     ) -> Tape<B> {
-        let (rows, seq, targets, denominator) = (mb.rows, mb.seq, mb.targets, mb.denominator);
+        if self.recompute != Recompute::None {
+            return self.forward_recomputed(chunk, input, mb);
+        }
+        let (rows, seq) = (mb.rows, mb.seq);
         let mut leaves = Vec::new();
         let rope = self.rope();
         let (mut x, input) = match input {
@@ -989,11 +966,90 @@ impl<B: AutodiffBackend> StageModel<B> {
                 head_grad: None,
             };
         }
+        self.fused_head(x, input, leaves, mb)
+    }
+
+    /// The stage under recomputation (tp = 1): the embedding as a segment
+    /// of its own; each block run untracked and kept as its input (full),
+    /// or as its residual branches' selective pieces; the final norm and
+    /// the head as one segment from the last block's output.
+    fn forward_recomputed(
+        &self,
+        chunk: u32,
+        input: StageInput<'_, B::InnerBackend>,
+        mb: &Micro<'_>,
+    ) -> Tape<B> {
+        let (rows, seq) = (mb.rows, mb.seq);
+        let rope = self.rope();
+        let mut pieces = Vec::new();
+        let mut x = match input {
+            StageInput::Tokens(tokens) => {
+                let mut leaves = Vec::new();
+                let table = self.leaf(self.embed.expect("the first stage embeds"), &mut leaves);
+                let e = table.select(0, token_ids(tokens, &self.device));
+                pieces.push(Piece::Embed(Segment {
+                    input: None,
+                    output: e.clone(),
+                    leaves,
+                }));
+                e.inner()
+            }
+            StageInput::Activation(h) => in_dtype(h, self.compute),
+        };
+        for b in &self.blocks[chunk as usize] {
+            if self.recompute == Recompute::Selective {
+                for attn in [true, false] {
+                    x = x.clone() + self.residual(x, b, attn, (rows, seq), &mut pieces);
+                }
+                continue;
+            }
+            pieces.push(Piece::Block {
+                slots: *b,
+                input: x.clone(),
+                rows,
+                seq,
+            });
+            let weight = |p| self.untracked(b.get(p));
+            x = block(
+                Tensor::<B, 2>::from_inner(x),
+                weight,
+                &rope,
+                rows,
+                seq,
+                &self.dims,
+            )
+            .inner();
+        }
+        if !self.is_last(chunk) {
+            return Tape {
+                pieces,
+                loss: 0.0,
+                output: Some(x),
+                head_grad: None,
+            };
+        }
+        let leaf = Tensor::<B, 2>::from_inner(x).require_grad();
+        let mut tape = self.fused_head(leaf.clone(), Some(leaf), Vec::new(), mb);
+        pieces.append(&mut tape.pieces);
+        tape.pieces = pieces;
+        tape
+    }
+
+    /// The last stage's end on the stream `x` (a graph from `input`,
+    /// `leaves` so far): the final norm, then the head and the loss
+    /// outside the graph — their gradients are known as soon as the loss
+    /// is, so they are computed now, chunk by chunk, and the graph
+    /// continues from `sum(y ⊙ dy)`.
+    fn fused_head(
+        &self,
+        x: Tensor<B, 2>,
+        input: Option<Tensor<B, 2>>,
+        mut leaves: Vec<(usize, Tensor<B, 2>)>,
+        mb: &Micro<'_>,
+    ) -> Tape<B> {
+        let (targets, denominator) = (mb.targets, mb.denominator);
         let g = self.leaf(self.final_norm.expect("last stage"), &mut leaves);
         let y = rms_norm(x, g);
-        // The head and the loss outside the graph: their gradients are
-        // known as soon as the loss is, so they are computed now, chunk by
-        // chunk, and the graph continues from `sum(y ⊙ dy)`.
         let slot = self.head.expect("the last stage has a head");
         let layout = if self.tied {
             HeadLayout::Rows
@@ -1057,6 +1113,72 @@ impl<B: AutodiffBackend> StageModel<B> {
                     let dy = head.backward(None, acc).expect("head input");
                     let dy = tp.sum_tensor(dy)?;
                     dh = norm.backward(Some(dy), acc);
+                }
+                Piece::Block {
+                    slots,
+                    input,
+                    rows,
+                    seq,
+                } => {
+                    let leaf = Tensor::<B, 2>::from_inner(input).require_grad();
+                    let mut leaves = Vec::new();
+                    let weight = |p| self.leaf(slots.get(p), &mut leaves);
+                    let output = block(leaf.clone(), weight, &self.rope(), rows, seq, &self.dims);
+                    let seg = Segment {
+                        input: Some(leaf),
+                        output,
+                        leaves,
+                    };
+                    dh = seg.backward(dh, acc);
+                }
+                Piece::Selective {
+                    norm,
+                    projections,
+                    core,
+                } => {
+                    let skip = dh.expect("a residual block has an upstream gradient");
+                    let kept: Vec<Tensor<B, 2>> = projections
+                        .outputs
+                        .iter()
+                        .map(|k| Tensor::from_inner(k.clone().inner()).require_grad())
+                        .collect();
+                    let mut leaves = Vec::new();
+                    let output =
+                        self.core_forward(&core, kept.clone(), |p| self.leaf(p, &mut leaves));
+                    let rebuilt = Fan {
+                        inputs: kept,
+                        outputs: vec![output],
+                        leaves,
+                    };
+                    let dkept = rebuilt.backward(vec![skip.clone()], acc);
+                    let dkept = dkept
+                        .into_iter()
+                        .map(|d| d.expect("a kept projection's gradient"))
+                        .collect();
+                    let dy = projections
+                        .backward(dkept, acc)
+                        .pop()
+                        .flatten()
+                        .expect("branch input");
+                    let dy = tp.sum_tensor(dy)?;
+                    let through = norm.backward(Some(dy), acc).expect("norm input");
+                    dh = Some(skip + through);
+                }
+                Piece::Branch {
+                    slots,
+                    attn,
+                    input,
+                    rows,
+                    seq,
+                } => {
+                    let (norm, branch) = self.residual_segments(input, &slots, attn, (rows, seq));
+                    let skip = dh.expect("a residual block has an upstream gradient");
+                    let dy = branch
+                        .backward(Some(skip.clone()), acc)
+                        .expect("branch input");
+                    let dy = tp.sum_tensor(dy)?;
+                    let through = norm.backward(Some(dy), acc).expect("norm input");
+                    dh = Some(skip + through);
                 }
             }
         }

@@ -24,7 +24,7 @@ use cudarc::nccl::{result, sys};
 
 use crate::collective::{Collective, CollectiveError, DeviceCollective};
 use crate::cuda::{CudaFused, CudaUnfused};
-use crate::model::in_dtype;
+use crate::tensors::in_dtype;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NcclError {
@@ -476,7 +476,7 @@ fn member(rank: usize, n: usize, id: NcclId) -> Result<(Vec<Check>, f64), NcclEr
     let host = |v: Vec<f32>, dtype: DType| {
         let n = v.len();
         in_dtype(
-            crate::model::from_vec::<CudaFused, 1>(v, [n], &device),
+            crate::tensors::from_vec::<CudaFused, 1>(v, [n], &device),
             dtype,
         )
     };
@@ -509,20 +509,25 @@ fn member(rank: usize, n: usize, id: NcclId) -> Result<(Vec<Check>, f64), NcclEr
     for (dtype, name) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
         let mine = || host(inputs[rank].clone(), dtype);
         let got = g.all_reduce_sum(mine()).map_err(err)?;
-        check("all_reduce", name, crate::model::to_vec(got), &sum);
+        check("all_reduce", name, crate::tensors::to_vec(got), &sum);
         let got = g.reduce_scatter_sum(mine()).map_err(err)?;
         check(
             "reduce_scatter",
             name,
-            crate::model::to_vec(got),
+            crate::tensors::to_vec(got),
             &sum[rank * 6..rank * 6 + 6],
         );
         let got = g.all_gather(host(input(rank, 6), dtype)).map_err(err)?;
         let all: Vec<f32> = (0..n).flat_map(|r| input(r, 6)).collect();
-        check("all_gather", name, crate::model::to_vec(got), &all);
+        check("all_gather", name, crate::tensors::to_vec(got), &all);
         let root = n - 1;
         let got = g.broadcast(root, mine()).map_err(err)?;
-        check("broadcast", name, crate::model::to_vec(got), &inputs[root]);
+        check(
+            "broadcast",
+            name,
+            crate::tensors::to_vec(got),
+            &inputs[root],
+        );
     }
     let big = Tensor::<CudaFused, 1>::ones([16 << 20], &device);
     let big = g.all_reduce_sum(big).map_err(err)?;

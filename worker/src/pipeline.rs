@@ -149,6 +149,7 @@ mod tests {
                 device: DeviceKind::Cpu,
                 precision: Precision::F32,
                 shard_optimizer: false,
+                recompute: strata_recipe::Recompute::None,
                 checkpoints: false,
                 device_bytes: None,
             };

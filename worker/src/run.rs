@@ -531,7 +531,8 @@ fn steps<B: AutodiffBackend>(
         device,
     )
     .with_precision(recipe.precision)
-    .with_sharded_optimizer(recipe.parallel.shard_optimizer);
+    .with_sharded_optimizer(recipe.parallel.shard_optimizer)
+    .with_recompute(recipe.recompute);
     if let Some(dp) = dp_device {
         trainer = trainer.with_device_dp(dp);
     }

@@ -16,18 +16,19 @@ use std::time::{Duration, Instant};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
-use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision};
+use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision, Recompute};
 
 use crate::collective::{
     Collective, CollectiveError, DeviceCollective, Staged, Tag, gather_ranges, local_group,
     shard_ranges,
 };
 use crate::cpu;
-use crate::model::{
-    GradAccum, Micro, StageInput, StageModel, Tape, Tp, accumulate, from_vec, to_vec,
-};
+use crate::model::{Micro, StageInput, StageModel, Tape};
 use crate::params::{ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
+use crate::segment::GradAccum;
+use crate::tensors::{accumulate, from_vec, to_vec};
+use crate::tp::Tp;
 
 /// Largest all-reduce call, in elements (16 MiB of f32).
 pub const BUCKET_ELEMS: usize = 4 << 20;
@@ -382,6 +383,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn with_precision(mut self, precision: Precision) -> Trainer<B> {
         self.model.set_precision(precision);
         self.refresh_params();
+        self
+    }
+
+    /// Recomputes activations at the backward as `recompute` says
+    /// (bit-identical results, less memory held between a microbatch's
+    /// forward and its backward).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Trainer<B> {
+        self.model.set_recompute(recompute);
         self
     }
 

@@ -62,7 +62,7 @@ fn staged_device_collectives_give_the_host_results_in_the_input_dtype() {
     use burn::backend::Flex;
     use burn::tensor::{DType, FloatDType, Tensor};
     use strata_worker::collective::{DeviceCollective, Staged};
-    use strata_worker::model::{from_vec, to_vec};
+    use strata_worker::tensors::{from_vec, to_vec};
 
     let n = 3;
     // Whole numbers: every sum is exact in any order, and in bf16 (8 bits

@@ -11,8 +11,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
 use strata_recipe::{AdamWConfig, ModelConfig};
 use strata_worker::cuda::{self, CudaError, CudaFused};
-use strata_worker::model::host_transfers;
 use strata_worker::params::ParamTable;
+use strata_worker::tensors::host_transfers;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
 /// Says a test was skipped, past the test harness's capture: the suite's

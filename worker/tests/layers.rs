@@ -13,10 +13,13 @@ use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    GradAccum, HeadLayout, Micro, Rope, StageInput, StageModel, Tp, causal_attention,
-    cross_entropy, from_vec, fused_head_cross_entropy, parallel_cross_entropy, rms_norm, to_vec,
+    HeadLayout, Micro, Rope, StageInput, StageModel, causal_attention, cross_entropy,
+    fused_head_cross_entropy, rms_norm,
 };
 use strata_worker::params::ParamTable;
+use strata_worker::segment::GradAccum;
+use strata_worker::tensors::{from_vec, to_vec};
+use strata_worker::tp::{Tp, parallel_cross_entropy};
 
 type B = Autodiff<NdArray<f32>>;
 type I = NdArray<f32>;

@@ -13,8 +13,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 use serde_json::Value;
 use strata_recipe::{AdamWConfig, ModelConfig};
-use strata_worker::model::to_vec;
 use strata_worker::params::ParamTable;
+use strata_worker::tensors::to_vec;
 use strata_worker::train::{Groups, LocalBatch, Trainer};
 
 type Nd = Autodiff<NdArray<f32>>;

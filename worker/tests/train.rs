@@ -7,7 +7,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
-use strata_recipe::{Layout, ModelConfig, Precision};
+use strata_recipe::{Layout, ModelConfig, Precision, Recompute};
 use strata_worker::collective::{
     Collective, DeviceCollective, LocalCollective, Result as CResult, Staged, local_group,
 };
@@ -40,6 +40,11 @@ fn train_chunks(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps:
 /// [`train_chunks`] with the optimizer sharded over dp (ZeRO-1).
 fn train_sharded(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) -> Run {
     train_with(cfg, layout, m, chunks, steps, Precision::F32, false, true)
+}
+
+thread_local! {
+    /// The recomputation [`train_with`] builds its trainers with.
+    static RECOMPUTE: std::cell::Cell<Recompute> = const { std::cell::Cell::new(Recompute::None) };
 }
 
 /// [`train_chunks`] computing in `precision`.
@@ -84,12 +89,14 @@ fn train_with(
             .into_iter()
             .map(|(c, groups)| {
                 let device = device[c.dp as usize].take();
+                let recompute = RECOMPUTE.get();
                 s.spawn(move || {
                     let table = ParamTable::interleaved(cfg, layout, c, chunks);
                     let mut trainer =
                         Trainer::<B>::new(cfg, table, 7, adamw(), groups, Default::default())
                             .with_precision(precision)
-                            .with_sharded_optimizer(sharded);
+                            .with_sharded_optimizer(sharded)
+                            .with_recompute(recompute);
                     if let Some(member) = device {
                         trainer = trainer.with_device_dp(Box::new(OnDevice(member)));
                     }
@@ -319,6 +326,48 @@ fn a_sharded_optimizer_is_bit_identical_to_plain_data_parallelism() {
     same("device collective, sharded", &device, &plain);
 }
 
+/// Recomputation rebuilds what it dropped at the backward (full: each
+/// block's graph from the input it kept; selective: attention's and
+/// SwiGLU's cores from the projections they kept) with the kernels the
+/// forward ran: bit for bit the run that kept everything, in one
+/// process, under tp, pp and dp, and with the optimizer sharded too.
+#[test]
+fn recomputation_is_bit_identical() {
+    let same = |what: &str, a: &Run, b: &Run| {
+        assert_eq!(a.losses, b.losses, "{what}: losses");
+        assert_eq!(a.norms, b.norms, "{what}: norms");
+        for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what}: {name}"
+            );
+        }
+    };
+    for tie in [true, false] {
+        let cfg = tiny(tie);
+        for (tp, pp, dp, m) in [
+            (1, 1, 1, 2),
+            (1, 1, 2, 2),
+            (2, 2, 2, 2),
+            (1, 2, 2, 2),
+            (2, 1, 1, 1),
+        ] {
+            let layout = Layout::new(tp, pp, dp);
+            let what = format!("{layout} m={m} tied={tie}");
+            let kept = train(&cfg, layout, m, 3);
+            for mode in [Recompute::Selective, Recompute::Full] {
+                RECOMPUTE.set(mode);
+                let recomputed = train(&cfg, layout, m, 3);
+                let both = train_sharded(&cfg, layout, m, 1, 3);
+                RECOMPUTE.set(Recompute::None);
+                let what = format!("{what}, {}", mode.as_str());
+                same(&what, &recomputed, &kept);
+                same(&format!("{what}, sharded"), &both, &kept);
+            }
+        }
+    }
+}
+
 #[test]
 fn bf16_mixed_precision_follows_f32() {
     let steps = 6;
@@ -429,7 +478,7 @@ fn attention_is_causal() {
     let run = |last: u32| {
         let mut ids: Vec<u32> = (0..16).map(|i| (i * 11) % 250).collect();
         ids[15] = last;
-        strata_worker::model::to_vec(trainer.model().logits(&ids, 1, 16))
+        strata_worker::tensors::to_vec(trainer.model().logits(&ids, 1, 16))
     };
     let (a, b) = (run(1), run(200));
     let v = 256;
@@ -463,7 +512,7 @@ fn a_rank_reports_the_same_coordinates_it_was_built_with() {
 /// gradient norm) back, never its parameters, gradients or moments.
 #[test]
 fn nothing_model_sized_crosses_the_host_per_step() {
-    use strata_worker::model::host_transfers;
+    use strata_worker::tensors::host_transfers;
     let cfg = tiny(true);
     let table = ParamTable::whole(&cfg);
     let n_params = table.total as u64;
