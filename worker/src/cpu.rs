@@ -51,7 +51,7 @@ mod linear;
 mod norm;
 
 pub use attention::{Qkv, RopeTables, causal_attention};
-pub use linear::matmul;
+pub use linear::{matmul, matmul_grads};
 pub use norm::rms_norm;
 
 /// Rows of logits per chunk. Each chunk adds a `[vocab, d]` product into

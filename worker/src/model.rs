@@ -243,12 +243,12 @@ fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
     linear(cpu::swiglu(linear(y.clone(), gate), linear(y, up)), down)
 }
 
-/// Attention's core and output projection from the query, key and value
-/// projections (`[b·t, h·hd]`, `[b·t, kv·hd]` twice): the same operations
-/// as [`attention`] after its projections.
+/// Attention's core from the query, key and value projections (`[b·t,
+/// h·hd]`, `[b·t, kv·hd]` twice): the heads' outputs `[b·t, h·hd]`, the
+/// input of the output projection, by the same operations as
+/// [`attention`].
 fn attention_core<X: Backend>(
     [q, k, v]: [Tensor<X, 2>; 3],
-    wo: Tensor<X, 2>,
     rope: &Rope<X>,
     b: usize,
     t: usize,
@@ -257,7 +257,21 @@ fn attention_core<X: Backend>(
     let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
     let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
     let (q, k, v) = (split(q, h), split(k, kv), split(v, kv));
-    linear(causal_attention(q, k, v, rope).reshape([b * t, h * hd]), wo)
+    causal_attention(q, k, v, rope).reshape([b * t, h * hd])
+}
+
+/// The gradients of `x · w` from `dy`, `(dx, dw)`, without the product:
+/// the kernels autodiff's backward of [`linear`] runs ([`cpu::matmul_grads`]
+/// on the CPU backend; elsewhere burn's own, `dy · wᵀ` and `xᵀ · dy`).
+fn linear_grads<X: Backend>(
+    x: Tensor<X, 2>,
+    w: Tensor<X, 2>,
+    dy: Tensor<X, 2>,
+) -> (Tensor<X, 2>, Tensor<X, 2>) {
+    match cpu::matmul_grads(x, w, dy) {
+        Ok(grads) => grads,
+        Err((x, w, dy)) => (dy.clone().matmul(w.transpose()), x.transpose().matmul(dy)),
+    }
 }
 
 /// One transformer block on the residual stream `x` (`[b·t, d]`), whole
@@ -379,6 +393,37 @@ fn head_by_tensor_ops<X: Backend>(
     let loss = loss.map_or(0.0, |l| f64::from(to_vec(l)[0]) / denominator);
     let dw = dw.unwrap_or_else(|| in_dtype(Tensor::zeros([d, v], device), dtype));
     (loss, Tensor::cat(dys, 0), dw)
+}
+
+/// The backward of `h + g(branch(f(norm(h))))` from the stream's gradient
+/// `dh`: g's backward is the identity, so the branch starts from `dh`.
+fn residual_backward<B: AutodiffBackend>(
+    dh: Option<Tensor<B::InnerBackend, 2>>,
+    norm: Segment<B>,
+    branch: Segment<B>,
+    acc: &mut GradAccum<B::InnerBackend>,
+    tp: &mut Tp<'_>,
+) -> Result<Tensor<B::InnerBackend, 2>, CollectiveError> {
+    let skip = dh.expect("a residual block has an upstream gradient");
+    let dy = branch
+        .backward(Some(skip.clone()), acc)
+        .expect("branch input");
+    through_norm(skip, dy, norm, acc, tp)
+}
+
+/// The rest of a residual branch's backward from `dy`, the gradient at
+/// the norm's output on this rank: f's backward (the sum over tp), the
+/// norm's, and the skip added.
+fn through_norm<B: AutodiffBackend>(
+    skip: Tensor<B::InnerBackend, 2>,
+    dy: Tensor<B::InnerBackend, 2>,
+    norm: Segment<B>,
+    acc: &mut GradAccum<B::InnerBackend>,
+    tp: &mut Tp<'_>,
+) -> Result<Tensor<B::InnerBackend, 2>, CollectiveError> {
+    let dy = tp.sum_tensor(dy)?;
+    let through = norm.backward(Some(dy), acc).expect("norm input");
+    Ok(skip + through)
 }
 
 /// What a stage's forward starts from.
@@ -750,13 +795,13 @@ impl<B: AutodiffBackend> StageModel<B> {
             rows,
             seq,
         };
-        let partial = self.core_forward(
+        let z = self.core_forward(
             &core,
             kept.iter()
                 .map(|k| Tensor::from_inner(k.clone().inner()))
                 .collect(),
-            |p| self.untracked(p),
         );
+        let partial = linear(z, self.untracked(Self::core_out(&core)));
         pieces.push(Piece::Selective {
             norm,
             projections: Fan {
@@ -770,24 +815,27 @@ impl<B: AutodiffBackend> StageModel<B> {
     }
 
     /// A selective branch's core on the projections it kept (Q, K and V,
-    /// or the gate and up products), its weight read by `weight` (tracked
-    /// or not).
-    fn core_forward(
-        &self,
-        core: &Core,
-        kept: Vec<Tensor<B, 2>>,
-        weight: impl FnOnce(usize) -> Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
+    /// or the gate and up products): the input of its last projection
+    /// (attention's heads, or SwiGLU's product).
+    fn core_forward(&self, core: &Core, kept: Vec<Tensor<B, 2>>) -> Tensor<B, 2> {
         let mut kept = kept.into_iter();
         let mut next = || kept.next().expect("a kept projection");
         if core.attn {
-            let wo = weight(core.slots.get(BlockParam::Wo));
             let qkv = [next(), next(), next()];
-            attention_core(qkv, wo, &self.rope(), core.rows, core.seq, &self.dims)
+            attention_core(qkv, &self.rope(), core.rows, core.seq, &self.dims)
         } else {
             let (a, b) = (next(), next());
-            linear(cpu::swiglu(a, b), weight(core.slots.get(BlockParam::WDown)))
+            cpu::swiglu(a, b)
         }
+    }
+
+    /// The slot of a selective branch's last projection (output or down).
+    fn core_out(core: &Core) -> usize {
+        core.slots.get(if core.attn {
+            BlockParam::Wo
+        } else {
+            BlockParam::WDown
+        })
     }
 
     /// The pieces and output of one residual branch of block `b` on `h`,
@@ -1100,14 +1148,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                     seg.backward(dh.take(), acc);
                 }
                 Piece::Residual { norm, branch } => {
-                    let skip = dh.expect("a residual block has an upstream gradient");
-                    // g's backward is the identity; f's is the all-reduce.
-                    let dy = branch
-                        .backward(Some(skip.clone()), acc)
-                        .expect("branch input");
-                    let dy = tp.sum_tensor(dy)?;
-                    let through = norm.backward(Some(dy), acc).expect("norm input");
-                    dh = Some(skip + through);
+                    dh = Some(residual_backward(dh, norm, branch, acc, tp)?);
                 }
                 Piece::Head { norm, head } => {
                     let dy = head.backward(None, acc).expect("head input");
@@ -1142,15 +1183,22 @@ impl<B: AutodiffBackend> StageModel<B> {
                         .iter()
                         .map(|k| Tensor::from_inner(k.clone().inner()).require_grad())
                         .collect();
-                    let mut leaves = Vec::new();
-                    let output =
-                        self.core_forward(&core, kept.clone(), |p| self.leaf(p, &mut leaves));
+                    let z = self.core_forward(&core, kept.clone());
+                    // The last projection's gradients by hand: its output
+                    // is not needed, so it is not computed again.
+                    let slot = Self::core_out(&core);
+                    let (dz, dw) = linear_grads(
+                        z.clone().inner(),
+                        self.params[slot].clone(),
+                        in_dtype(skip.clone(), z.dtype()),
+                    );
+                    acc.add(slot, dw);
                     let rebuilt = Fan {
                         inputs: kept,
-                        outputs: vec![output],
-                        leaves,
+                        outputs: vec![z],
+                        leaves: Vec::new(),
                     };
-                    let dkept = rebuilt.backward(vec![skip.clone()], acc);
+                    let dkept = rebuilt.backward(vec![dz], acc);
                     let dkept = dkept
                         .into_iter()
                         .map(|d| d.expect("a kept projection's gradient"))
@@ -1160,9 +1208,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                         .pop()
                         .flatten()
                         .expect("branch input");
-                    let dy = tp.sum_tensor(dy)?;
-                    let through = norm.backward(Some(dy), acc).expect("norm input");
-                    dh = Some(skip + through);
+                    dh = Some(through_norm(skip, dy, norm, acc, tp)?);
                 }
                 Piece::Branch {
                     slots,
@@ -1172,13 +1218,7 @@ impl<B: AutodiffBackend> StageModel<B> {
                     seq,
                 } => {
                     let (norm, branch) = self.residual_segments(input, &slots, attn, (rows, seq));
-                    let skip = dh.expect("a residual block has an upstream gradient");
-                    let dy = branch
-                        .backward(Some(skip.clone()), acc)
-                        .expect("branch input");
-                    let dy = tp.sum_tensor(dy)?;
-                    let through = norm.backward(Some(dy), acc).expect("norm input");
-                    dh = Some(skip + through);
+                    dh = Some(residual_backward(dh, norm, branch, acc, tp)?);
                 }
             }
         }

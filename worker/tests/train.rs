@@ -283,6 +283,18 @@ fn a_device_collective_for_dp_gives_the_host_groups_results() {
     }
 }
 
+/// Losses, norms and every parameter of `a` and `b` equal to the bit.
+fn same(what: &str, a: &Run, b: &Run) {
+    assert_eq!(a.losses, b.losses, "{what}: losses");
+    assert_eq!(a.norms, b.norms, "{what}: norms");
+    for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: {name}"
+        );
+    }
+}
+
 /// Bit for bit, with the buckets reduce-scattered, each rank's AdamW over
 /// its shards and the weights all-gathered: the shards are the ring
 /// all-reduce's own chunks, and the norm is summed from the same shards
@@ -290,16 +302,6 @@ fn a_device_collective_for_dp_gives_the_host_groups_results() {
 /// pipeline's wrap-around and the tied embedding's group join in.
 #[test]
 fn a_sharded_optimizer_is_bit_identical_to_plain_data_parallelism() {
-    let same = |what: &str, a: &Run, b: &Run| {
-        assert_eq!(a.losses, b.losses, "{what}: losses");
-        assert_eq!(a.norms, b.norms, "{what}: norms");
-        for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
-            assert!(
-                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{what}: {name}"
-            );
-        }
-    };
     for tie in [true, false] {
         let mut cfg = tiny(tie);
         cfg.n_layers = 4;
@@ -333,16 +335,6 @@ fn a_sharded_optimizer_is_bit_identical_to_plain_data_parallelism() {
 /// process, under tp, pp and dp, and with the optimizer sharded too.
 #[test]
 fn recomputation_is_bit_identical() {
-    let same = |what: &str, a: &Run, b: &Run| {
-        assert_eq!(a.losses, b.losses, "{what}: losses");
-        assert_eq!(a.norms, b.norms, "{what}: norms");
-        for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
-            assert!(
-                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{what}: {name}"
-            );
-        }
-    };
     for tie in [true, false] {
         let cfg = tiny(tie);
         for (tp, pp, dp, m) in [

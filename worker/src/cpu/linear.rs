@@ -66,37 +66,74 @@ impl Backward<burn::backend::Flex, 2> for MatmulBackward {
     ) {
         let (a, b) = ops.state;
         let dc: FlexTensor = grads.consume::<burn::backend::Flex>(&ops.node);
-        let (ad, bd) = (a.layout().shape().clone(), b.layout().shape().clone());
-        let (n, k, m) = (ad[0], ad[1], bd[1]);
-        let (av, bv, dcv) = (values(&a), values(&b), values(&dc));
         let [node_a, node_b] = ops.parents;
-        if let Some(node) = node_a {
-            // dA = dC · Bᵀ
-            // SAFETY: views of dC [n, m] and B [k, m], live slices.
-            #[allow(unsafe_code)]
-            let da = unsafe {
-                gemm_new(
-                    [n, k, m],
-                    Strided::new(dcv.as_ptr(), m as isize, 1),
-                    Strided::new(bv.as_ptr(), m as isize, 1).transposed(),
-                )
-            };
-            grads.register::<burn::backend::Flex>(node.id, flex(da, [n, k]));
+        let (da, db) = product_grads(&a, &b, &dc, [node_a.is_some(), node_b.is_some()]);
+        if let (Some(node), Some(da)) = (node_a, da) {
+            grads.register::<burn::backend::Flex>(node.id, da);
         }
-        if let Some(node) = node_b {
-            // dB = Aᵀ · dC
-            // SAFETY: views of A [n, k] and dC [n, m], live slices.
-            #[allow(unsafe_code)]
-            let db = unsafe {
-                gemm_new(
-                    [k, m, n],
-                    Strided::new(av.as_ptr(), k as isize, 1).transposed(),
-                    Strided::new(dcv.as_ptr(), m as isize, 1),
-                )
-            };
-            grads.register::<burn::backend::Flex>(node.id, flex(db, [k, m]));
+        if let (Some(node), Some(db)) = (node_b, db) {
+            grads.register::<burn::backend::Flex>(node.id, db);
         }
     }
+}
+
+/// The gradients of `C = A · B` from `dC`, those asked for: `dA = dC ·
+/// Bᵀ` and `dB = Aᵀ · dC`, the transposes passed to gemm as strides.
+fn product_grads(
+    a: &FlexTensor,
+    b: &FlexTensor,
+    dc: &FlexTensor,
+    [want_a, want_b]: [bool; 2],
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let (ad, bd) = (a.layout().shape().clone(), b.layout().shape().clone());
+    let (n, k, m) = (ad[0], ad[1], bd[1]);
+    let (av, bv, dcv) = (values(a), values(b), values(dc));
+    let da = want_a.then(|| {
+        // SAFETY: views of dC [n, m] and B [k, m], live slices.
+        #[allow(unsafe_code)]
+        let da = unsafe {
+            gemm_new(
+                [n, k, m],
+                Strided::new(dcv.as_ptr(), m as isize, 1),
+                Strided::new(bv.as_ptr(), m as isize, 1).transposed(),
+            )
+        };
+        flex(da, [n, k])
+    });
+    let db = want_b.then(|| {
+        // SAFETY: views of A [n, k] and dC [n, m], live slices.
+        #[allow(unsafe_code)]
+        let db = unsafe {
+            gemm_new(
+                [k, m, n],
+                Strided::new(av.as_ptr(), k as isize, 1).transposed(),
+                Strided::new(dcv.as_ptr(), m as isize, 1),
+            )
+        };
+        flex(db, [k, m])
+    });
+    (da, db)
+}
+
+/// The gradients of `a · b` from `dc` without the product itself: `(dA,
+/// dB)` by the kernels [`matmul`]'s backward runs, so they are bit for bit
+/// what autodiff would give. On flex (no autodiff) only; `Err` with the
+/// inputs otherwise.
+#[allow(clippy::type_complexity)]
+pub fn matmul_grads<X: Backend>(
+    a: Tensor<X, 2>,
+    b: Tensor<X, 2>,
+    dc: Tensor<X, 2>,
+) -> Result<(Tensor<X, 2>, Tensor<X, 2>), (Tensor<X, 2>, Tensor<X, 2>, Tensor<X, 2>)> {
+    if !is_flex::<X>() || !f32_pair(&a, &b) || !f32_pair(&a, &dc) {
+        return Err((a, b, dc));
+    }
+    let (a, b, dc) = (into_flex(a), into_flex(b), into_flex(dc));
+    let (da, db) = product_grads(&a, &b, &dc, [true, true]);
+    Ok((
+        from_flex(da.expect("asked for")),
+        from_flex(db.expect("asked for")),
+    ))
 }
 
 fn product(a: &FlexTensor, b: &FlexTensor, [n, k, m]: [usize; 3]) -> FlexTensor {
