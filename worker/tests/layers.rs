@@ -9,7 +9,7 @@
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
-use strata_recipe::{Coords, Layout, ModelConfig};
+use strata_recipe::{Coords, Layout, ModelConfig, Recompute};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
@@ -67,6 +67,11 @@ fn cfg(heads: u64, kv: u64) -> ModelConfig {
 type Named = Vec<(String, Vec<f32>)>;
 
 fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
+    block_with(cfg, tp, Recompute::None)
+}
+
+/// [`block`] with activations recomputed as `recompute` says.
+fn block_with(cfg: &ModelConfig, tp: u32, recompute: Recompute) -> (Vec<f32>, Vec<f32>, Named) {
     let (rows, seq, d) = (2, 8, cfg.d_model as usize);
     let whole = ParamTable::whole(cfg);
     // Random weights, gains included, so every gradient is exercised.
@@ -86,7 +91,8 @@ fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
             .iter()
             .flat_map(|s| ParamTable::shard_of(s, &full[whole.get(&s.spec.name).unwrap().range()]))
             .collect();
-        let model = StageModel::<B>::new(cfg, table.clone(), &values, &Default::default());
+        let mut model = StageModel::<B>::new(cfg, table.clone(), &values, &Default::default());
+        model.set_recompute(recompute);
         let mut tp = Tp::new(g);
         let input =
             StageInput::Activation(from_vec(h.clone(), [rows * seq, d], &Default::default()));
@@ -151,6 +157,41 @@ fn block(cfg: &ModelConfig, tp: u32) -> (Vec<f32>, Vec<f32>, Named) {
     }
     let (_, out, dx, _) = results.into_iter().next().unwrap();
     (out, dx, grads)
+}
+
+/// On burn's tensor-op path (NdArray: the `[t, t]` probabilities, burn's
+/// own products and their backward), full recomputation gives the
+/// block's output, input gradient and every parameter gradient to the
+/// bit, with and without tensor parallelism. Selective recomputation
+/// gives the output to the bit and the gradients to rounding: it cuts the
+/// graph after each norm and after the projections, and burn sums the
+/// gradients arriving at a tensor read several times (the norm's input,
+/// op by op here; the norm's output, read by Q, K and V) in an order that
+/// depends on the graph around them. On the CPU backend the same cuts are
+/// bit-identical (`train.rs`), which is what training runs on.
+#[test]
+fn recomputation_on_the_tensor_op_path_matches() {
+    let c = cfg(4, 2);
+    for tp in [1, 2] {
+        let kept = block_with(&c, tp, Recompute::None);
+        for mode in [Recompute::Selective, Recompute::Full] {
+            let (out, dx, grads) = block_with(&c, tp, mode);
+            let what = format!("tp={tp}, {}", mode.as_str());
+            assert_eq!(out, kept.0, "{what}: output");
+            let exact = mode == Recompute::Full;
+            let same = |a: &[f32], b: &[f32]| {
+                if exact {
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                } else {
+                    rel(a, b) < 1e-5
+                }
+            };
+            assert!(same(&dx, &kept.1), "{what}: input gradient");
+            for ((name, g), (_, k)) in grads.iter().zip(&kept.2) {
+                assert!(same(g, k), "{what}: {name}");
+            }
+        }
+    }
 }
 
 fn check_block(heads: u64, kv: u64, tp: u32) {
