@@ -169,13 +169,9 @@ fn attention<X: Backend>(
     t: usize,
     dims: &Dims,
 ) -> Tensor<X, 2> {
-    let (h, kv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
     let [wq, wk, wv, wo] = w;
-    let split = |z: Tensor<X, 2>, n: usize| z.reshape([b, t, n, hd]);
-    let q = split(linear(y.clone(), wq), h);
-    let k = split(linear(y.clone(), wk), kv);
-    let v = split(linear(y, wv), kv);
-    linear(causal_attention(q, k, v, rope).reshape([b * t, h * hd]), wo)
+    let qkv = [linear(y.clone(), wq), linear(y.clone(), wk), linear(y, wv)];
+    linear(attention_core(qkv, rope, b, t, dims), wo)
 }
 
 /// `x · w` for a projection: one operation on the CPU backend
@@ -245,8 +241,7 @@ fn mlp<X: Backend>(y: Tensor<X, 2>, w: [Tensor<X, 2>; 3]) -> Tensor<X, 2> {
 
 /// Attention's core from the query, key and value projections (`[b·t,
 /// h·hd]`, `[b·t, kv·hd]` twice): the heads' outputs `[b·t, h·hd]`, the
-/// input of the output projection, by the same operations as
-/// [`attention`].
+/// input of the output projection.
 fn attention_core<X: Backend>(
     [q, k, v]: [Tensor<X, 2>; 3],
     rope: &Rope<X>,
