@@ -281,9 +281,29 @@ fn block<X: Backend>(
 ) -> Tensor<X, 2> {
     use BlockParam::*;
     let y = rms_norm(x.clone(), weight(AttnNorm));
-    let x = x + attention(y, [Wq, Wk, Wv, Wo].map(&mut weight), rope, b, t, dims);
+    let x = x + branch(y, true, &mut weight, rope, b, t, dims);
     let y = rms_norm(x.clone(), weight(MlpNorm));
-    x + mlp(y, [WGate, WUp, WDown].map(&mut weight))
+    x + branch(y, false, weight, rope, b, t, dims)
+}
+
+/// A residual branch after its norm, on `y`: attention when `attn`, else
+/// the MLP, its weights read by `weight` (this rank's share under tensor
+/// parallelism: a partial sum).
+fn branch<X: Backend>(
+    y: Tensor<X, 2>,
+    attn: bool,
+    mut weight: impl FnMut(BlockParam) -> Tensor<X, 2>,
+    rope: &Rope<X>,
+    b: usize,
+    t: usize,
+    dims: &Dims,
+) -> Tensor<X, 2> {
+    use BlockParam::*;
+    if attn {
+        attention(y, [Wq, Wk, Wv, Wo].map(&mut weight), rope, b, t, dims)
+    } else {
+        mlp(y, [WGate, WUp, WDown].map(weight))
+    }
 }
 
 /// Summed cross-entropy of `logits` `[n, vocab]` against `targets` `[n]`,
@@ -720,13 +740,16 @@ impl<B: AutodiffBackend> StageModel<B> {
         let (norm, y) = self.norm_segment(h, b.get(if attn { AttnNorm } else { MlpNorm }));
         let mut leaves = Vec::new();
         let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
-        let partial = if attn {
-            let w = self.block_weights(b, [Wq, Wk, Wv, Wo], &mut leaves);
-            attention(y_leaf.clone(), w, &self.rope(), rows, seq, &self.dims)
-        } else {
-            let w = self.block_weights(b, [WGate, WUp, WDown], &mut leaves);
-            mlp(y_leaf.clone(), w)
-        };
+        let weight = |p| self.leaf(b.get(p), &mut leaves);
+        let partial = branch(
+            y_leaf.clone(),
+            attn,
+            weight,
+            &self.rope(),
+            rows,
+            seq,
+            &self.dims,
+        );
         let branch = Segment {
             input: Some(y_leaf),
             output: partial,
@@ -749,19 +772,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             Tensor::<B, 2>::from_inner(h),
             w(if attn { AttnNorm } else { MlpNorm }),
         );
-        let partial = if attn {
-            attention(
-                y,
-                [Wq, Wk, Wv, Wo].map(w),
-                &self.rope(),
-                rows,
-                seq,
-                &self.dims,
-            )
-        } else {
-            mlp(y, [WGate, WUp, WDown].map(w))
-        };
-        partial.inner()
+        branch(y, attn, w, &self.rope(), rows, seq, &self.dims).inner()
     }
 
     /// One residual branch of block `b` on the stream `h` under selective
@@ -890,15 +901,6 @@ impl<B: AutodiffBackend> StageModel<B> {
     fn head_weight(&self, leaves: &mut Vec<(usize, Tensor<B, 2>)>) -> Tensor<B, 2> {
         let w = self.leaf(self.head.expect("the last stage has a head"), leaves);
         if self.tied { w.transpose() } else { w }
-    }
-
-    fn block_weights<const N: usize>(
-        &self,
-        b: &BlockSlots,
-        which: [BlockParam; N],
-        leaves: &mut Vec<(usize, Tensor<B, 2>)>,
-    ) -> [Tensor<B, 2>; N] {
-        which.map(|p| self.leaf(b.get(p), leaves))
     }
 
     /// Runs model chunk `chunk`'s forward on microbatch `mb`.
