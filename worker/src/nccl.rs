@@ -22,7 +22,9 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result, sys};
 
-use crate::collective::{Collective, CollectiveError, DeviceCollective};
+use crate::collective::{
+    Collective, CollectiveError, DeviceBackend, DeviceCollective, GroupPlan, JoinError,
+};
 use crate::cuda::{CudaFused, CudaUnfused};
 use crate::tensors::in_dtype;
 
@@ -263,6 +265,36 @@ fn elem_bytes(dtype: sys::ncclDataType_t) -> usize {
         4
     } else {
         2
+    }
+}
+
+/// NCCL as a [`DeviceBackend`]: each member on its GPU `gpu` (the one its
+/// launcher made visible), the id exchanged over the host group.
+pub struct Nccl {
+    pub gpu: usize,
+}
+
+impl DeviceBackend<CudaFused> for Nccl {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn join(
+        &self,
+        plan: &GroupPlan,
+        host: &mut dyn Collective,
+    ) -> Result<Box<dyn DeviceCollective<CudaFused> + Send>, JoinError> {
+        match NcclGroup::over(host, self.gpu) {
+            Ok(g) => Ok(Box::new(g)),
+            Err(NcclError::Host(source)) => Err(JoinError::Bootstrap {
+                group: plan.name.clone(),
+                source,
+            }),
+            Err(e) => Err(JoinError::Device {
+                group: plan.name.clone(),
+                why: e.to_string(),
+            }),
+        }
     }
 }
 

@@ -204,6 +204,9 @@ pub struct StepStats {
     /// Every pipeline stage's timings, first stage first (this rank's
     /// tensor-parallel rank and data-parallel replica).
     pub stages: Vec<StageStats>,
+    /// Some rank asked to stop after this step (agreed by every rank, in
+    /// the same reductions as the loss and the norm).
+    pub stop: bool,
 }
 
 /// One microbatch of a rank's share of a step: `rows` sequences of
@@ -610,6 +613,23 @@ impl<B: AutodiffBackend> Trainer<B> {
         global_tokens: u64,
         lr: f64,
     ) -> Result<StepStats, TrainError> {
+        self.step_agreeing(step, micro, global_tokens, lr, &|| false)
+    }
+
+    /// [`Trainer::step`], agreeing at its end whether to stop after it:
+    /// `wants_stop` is read once the gradients are in, just before the
+    /// step's scalar reductions, and the flag rides in them (the loss and
+    /// norm's sum over dp, the norm's over tp, the stages' record over
+    /// pp), so that stopping costs no reduction of its own. Every rank
+    /// returns the same [`StepStats::stop`].
+    pub fn step_agreeing(
+        &mut self,
+        step: u64,
+        micro: &[LocalBatch<'_>],
+        global_tokens: u64,
+        lr: f64,
+        wants_stop: &dyn Fn() -> bool,
+    ) -> Result<StepStats, TrainError> {
         self.grads.clear();
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
@@ -807,15 +827,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let shard_sq = sq.map_or(0.0, |t| f64::from(to_vec(t)[0]));
         tracing::debug!(step, shard_sq, "gradient norm read");
-        let [local_loss, local_sq] =
-            sum_f64_ordered(self.groups.dp.as_mut(), [local_loss, shard_sq])
+        // How many ranks want to stop, counted along (exact: small
+        // integers in the sums' f64s).
+        let stopping = f64::from(u8::from(wants_stop()));
+        let [local_loss, local_sq, stopping] =
+            sum_f64_ordered(self.groups.dp.as_mut(), [local_loss, shard_sq, stopping])
                 .map_err(in_group(GroupKind::Data))?;
-        let stage_sq =
-            sum_f64(self.groups.tp.as_mut(), local_sq).map_err(in_group(GroupKind::Tensor))?;
+        let [stage_sq, stopping] = sum_f64s(self.groups.tp.as_mut(), [local_sq, stopping])
+            .map_err(in_group(GroupKind::Tensor))?;
         let loss = if last { local_loss } else { 0.0 };
         let mut record = Vec::with_capacity(RECORD);
         record.extend(split_f64(stage_sq));
         record.extend(split_f64(loss));
+        record.push(stopping as f32);
         record.extend(
             [
                 own.forward_s,
@@ -831,17 +855,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             .pp
             .all_gather(&record, &mut gathered)
             .map_err(in_group(GroupKind::Pipeline))?;
-        let (mut sq, mut loss) = (0.0f64, 0.0f64);
+        let (mut sq, mut loss, mut stop) = (0.0f64, 0.0f64, false);
         let mut stage_stats = Vec::with_capacity(stages as usize);
         for r in gathered.chunks(RECORD) {
             sq += f64::from(r[0]) + f64::from(r[1]);
             loss += f64::from(r[2]) + f64::from(r[3]);
+            stop |= r[4] > 0.0;
             stage_stats.push(StageStats {
-                forward_s: f64::from(r[4]),
-                backward_s: f64::from(r[5]),
-                wait_s: f64::from(r[6]),
-                pipeline_s: f64::from(r[7]),
-                tp_comm_s: f64::from(r[8]),
+                forward_s: f64::from(r[5]),
+                backward_s: f64::from(r[6]),
+                wait_s: f64::from(r[7]),
+                pipeline_s: f64::from(r[8]),
+                tp_comm_s: f64::from(r[9]),
             });
         }
         if stages == 1 {
@@ -867,6 +892,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             all_reduce,
             optimizer,
             stages: stage_stats,
+            stop,
         })
     }
 
@@ -912,9 +938,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             local_loss += tape.loss;
         }
         // The last stage's sum, over the replicas, then over the stages.
-        let replicas =
-            sum_f64(self.groups.dp.as_mut(), local_loss).map_err(in_group(GroupKind::Data))?;
-        sum_f64(self.groups.pp.as_mut(), replicas).map_err(in_group(GroupKind::Pipeline))
+        let [replicas] =
+            sum_f64s(self.groups.dp.as_mut(), [local_loss]).map_err(in_group(GroupKind::Data))?;
+        let [loss] =
+            sum_f64s(self.groups.pp.as_mut(), [replicas]).map_err(in_group(GroupKind::Pipeline))?;
+        Ok(loss)
     }
 
     /// AdamW with decoupled weight decay (Loshchilov & Hutter) on
@@ -1119,8 +1147,9 @@ impl Links<'_> {
 }
 
 /// Floats per stage in the step's pipeline all-gather: the squared norm and
-/// the loss as two f32 each, then five timings.
-const RECORD: usize = 9;
+/// the loss as two f32 each, the count of ranks that want to stop, then
+/// five timings.
+const RECORD: usize = 10;
 
 /// `x` as the sum of two f32s (high and low parts), so that sums over a
 /// group keep about 48 bits of it.
@@ -1152,14 +1181,22 @@ fn sum_f64_ordered<const N: usize>(
     Ok(out)
 }
 
-/// The group's sum of `x`, carried in two f32s per member.
-fn sum_f64(group: &mut dyn Collective, x: f64) -> Result<f64, CollectiveError> {
+/// The group's sums of the values in `x`, each carried in two f32s per
+/// member.
+fn sum_f64s<const N: usize>(
+    group: &mut dyn Collective,
+    x: [f64; N],
+) -> Result<[f64; N], CollectiveError> {
     if group.size() == 1 {
         return Ok(x);
     }
-    let mut buf = split_f64(x);
+    let mut buf: Vec<f32> = x.iter().flat_map(|&v| split_f64(v)).collect();
     group.all_reduce_sum(&mut buf)?;
-    Ok(f64::from(buf[0]) + f64::from(buf[1]))
+    let mut out = [0f64; N];
+    for (o, pair) in out.iter_mut().zip(buf.chunks(2)) {
+        *o = f64::from(pair[0]) + f64::from(pair[1]);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -537,3 +537,47 @@ fn nothing_model_sized_crosses_the_host_per_step() {
         );
     }
 }
+
+/// A stop asked for by one rank (the last: a member of no group's rank 0)
+/// during a step is agreed by every rank at that step's end, in the
+/// step's own reductions, and changes nothing of the training.
+#[test]
+fn a_stop_asked_by_one_rank_is_agreed_within_the_step() {
+    let cfg = tiny(true);
+    let layout = Layout::new(2, 2, 2);
+    let tokens = 512;
+    let last = layout.world_size() - 1;
+    let world = Groups::local_world(layout, cfg.tie_embeddings, 1);
+    let results: Vec<(Vec<bool>, Vec<f64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = world
+            .into_iter()
+            .map(|(c, groups)| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    let asks = layout.rank(c).unwrap().0 == last;
+                    let table = ParamTable::interleaved(cfg, layout, c, 1);
+                    let mut trainer =
+                        Trainer::<B>::new(cfg, table, 7, adamw(), groups, Default::default());
+                    let (mut stops, mut losses) = (Vec::new(), Vec::new());
+                    for step in 0..3 {
+                        let (inputs, targets, seq) = rank_batch(step, tokens, layout.dp, c.dp);
+                        let micro = micro(&inputs, &targets, 2, seq);
+                        let wants = || asks && step == 1;
+                        let st = trainer
+                            .step_agreeing(step as u64 + 1, &micro, tokens as u64, LR, &wants)
+                            .unwrap();
+                        stops.push(st.stop);
+                        losses.push(st.loss);
+                    }
+                    (stops, losses)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let plain = train(&cfg, layout, 2, 3);
+    for (stops, losses) in &results {
+        assert_eq!(stops, &[false, true, false]);
+        assert_eq!(losses, &plain.losses);
+    }
+}

@@ -17,14 +17,18 @@
 //!
 //! These are host collectives, on `f32` slices. [`DeviceCollective`] is
 //! the same group's operations on device tensors; [`Staged`] runs a host
-//! collective through a staging copy.
+//! collective through a staging copy. A rank joins its groups through a
+//! [`CollectiveBackend`] (TCP, in-process) and its device groups through a
+//! [`DeviceBackend`] (NCCL), each from a [`GroupPlan`].
 
+mod backend;
 pub mod conformance;
 mod device;
 mod local;
 pub mod scale;
 pub mod tcp;
 
+pub use backend::{CollectiveBackend, DeviceBackend, GroupPlan, JoinError, LocalHub, Member};
 pub use device::{DeviceCollective, Staged, gather_ranges};
 pub use local::{LocalCollective, local_group};
 pub use tcp::{TcpCollective, TcpEndpoint, TcpOptions};

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use super::backend::{CollectiveBackend, GroupPlan, JoinError};
 use super::{Collective, CollectiveError, Result, Tag};
 
 /// Elements per piece of a message (1 MiB): large messages are encoded,
@@ -121,6 +122,8 @@ struct Shared {
 /// groups joined through it.
 pub struct TcpEndpoint {
     inner: Arc<Inner>,
+    /// What groups joined through [`CollectiveBackend`] get.
+    opts: TcpOptions,
 }
 
 /// The endpoint's threads and state, shared with its groups; the last
@@ -131,22 +134,6 @@ struct Inner {
     addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
     io_thread: Option<JoinHandle<()>>,
-}
-
-/// Why joining a group failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JoinError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error(
-        "group `{group}`: rank {rank} of {size} has {addrs} member addresses (one per member, in rank order)"
-    )]
-    BadGroup {
-        group: String,
-        rank: usize,
-        size: usize,
-        addrs: usize,
-    },
 }
 
 impl TcpEndpoint {
@@ -190,7 +177,14 @@ impl TcpEndpoint {
                 acceptor: Some(acceptor),
                 io_thread: Some(io_thread),
             }),
+            opts: TcpOptions::default(),
         })
+    }
+
+    /// The options groups joined as a [`CollectiveBackend`] get.
+    pub fn with_options(mut self, opts: TcpOptions) -> TcpEndpoint {
+        self.opts = opts;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -227,6 +221,32 @@ impl TcpEndpoint {
             ins: HashMap::new(),
             endpoint: self.inner.clone(),
         })
+    }
+}
+
+impl CollectiveBackend for TcpEndpoint {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn join(&self, plan: &GroupPlan) -> std::result::Result<Box<dyn Collective>, JoinError> {
+        let addrs = plan
+            .members
+            .iter()
+            .map(|m| {
+                m.addr
+                    .parse::<SocketAddr>()
+                    .map_err(|e| JoinError::Address {
+                        group: plan.name.clone(),
+                        rank: m.rank,
+                        addr: m.addr.clone(),
+                        why: e.to_string(),
+                    })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Box::new(TcpEndpoint::join(
+            self, &plan.name, plan.me, &addrs, &self.opts,
+        )?))
     }
 }
 
