@@ -294,7 +294,7 @@ fn memory_text(inp: &MemoryInputs, plan: &MemoryPlan) -> String {
         },
         match plan.device_bytes {
             Some(b) => format!(", device {:.2} GiB", gib(b)),
-            None => ", device memory not given ([device] memory_gib)".into(),
+            None => ", device memory not given ([device] memory_gib or gpu)".into(),
         }
     );
     let mut rows = vec![

@@ -11,6 +11,7 @@
 //! coordinator, the workers and `strata plan` (offline) all read recipes the
 //! same way.
 
+pub mod gpu;
 pub mod laws;
 pub mod layout;
 pub mod model;
@@ -353,10 +354,36 @@ pub struct Recipe {
     /// `[device] memory_gib`: each device's memory, for the memory plan.
     #[serde(default)]
     pub memory_gib: Option<f64>,
+    /// `[device] gpu`: the known GPU model the job runs on, by its
+    /// [`gpu::KNOWN`] name.
+    #[serde(default)]
+    pub gpu: Option<String>,
     pub resolutions: Vec<Resolution>,
 }
 
 impl Recipe {
+    /// Each device's memory in GiB and the recipe field it comes from:
+    /// `[device] memory_gib`, or the memory of the GPU `[device] gpu`
+    /// names.
+    pub fn device_memory(&self) -> Option<(f64, String)> {
+        if let Some(g) = self.memory_gib {
+            return Some((g, "device.memory_gib".into()));
+        }
+        let gpu = gpu::named(self.gpu.as_deref()?)?;
+        Some((gpu.memory_gib()?, format!("device.gpu = {}", gpu.name)))
+    }
+
+    /// Each device's peak FLOP/s in TFLOP/s: `[device] peak_tflops`, or
+    /// the bf16 peak of the GPU `[device] gpu` names when the job computes
+    /// in bf16.
+    pub fn device_peak_tflops(&self) -> Option<f64> {
+        if let Some(t) = self.peak_tflops {
+            return Some(t);
+        }
+        let gpu = gpu::named(self.gpu.as_deref()?)?;
+        (self.precision == Precision::Bf16).then_some(gpu.bf16_tflops)
+    }
+
     /// Parses and validates a recipe. `default_name` names the job when the
     /// recipe has no `name` (the CLI passes the file stem).
     pub fn from_toml_str(text: &str, default_name: &str) -> Result<Recipe, RecipeError> {

@@ -98,6 +98,11 @@ pub struct DeviceSpec {
     /// bytes against it, and a job that cannot fit is refused at submit.
     #[serde(default)]
     pub memory_gib: Option<f64>,
+    /// A GPU model strata knows (`H100`, `A100-80GB`, …): its memory and
+    /// bf16 peak stand in for `memory_gib` and `peak_tflops` when those
+    /// are not given.
+    #[serde(default)]
+    pub gpu: Option<String>,
 }
 
 fn default_seed() -> i64 {

@@ -547,6 +547,42 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         .device
         .memory_gib
         .map(|v| c.positive_f64("device.memory_gib", v));
+    let gpu = match spec.device.gpu.as_deref() {
+        None => None,
+        Some(name) => match crate::gpu::named(name) {
+            Some(g) => {
+                if g.memory_mib.is_none() && spec.device.memory_gib.is_none() {
+                    c.fail(
+                        "device.gpu",
+                        format!(
+                            "{} ships with more than one memory size; give device.memory_gib too",
+                            g.name
+                        ),
+                    );
+                }
+                if spec.device.backend != crate::DeviceKind::Cuda {
+                    c.fail(
+                        "device.gpu",
+                        format!(
+                            "{} is a GPU, but the job trains on {} (device.backend); set backend = \"cuda\" or drop device.gpu",
+                            g.name, spec.device.backend
+                        ),
+                    );
+                }
+                Some(g.name.to_string())
+            }
+            None => {
+                c.fail(
+                    "device.gpu",
+                    format!(
+                        "{name:?} is not a GPU strata knows ({}); give device.memory_gib and device.peak_tflops instead",
+                        crate::gpu::known_names()
+                    ),
+                );
+                None
+            }
+        },
+    };
 
     let recipe = (|| {
         Some(Recipe {
@@ -575,6 +611,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 Some(v) => Some(v?),
                 None => None,
             },
+            gpu: gpu.clone(),
             resolutions: Vec::new(),
         })
     })();

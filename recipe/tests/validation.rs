@@ -827,6 +827,38 @@ fn a_device_peak_is_a_positive_number_of_tflops() {
 }
 
 #[test]
+fn a_known_gpu_gives_the_device_s_memory_and_peak() {
+    let cuda = || Set("device.backend", string("cuda"));
+    let r = parse(&[cuda(), Set("device.gpu", string("h200"))]).unwrap();
+    assert_eq!(r.gpu.as_deref(), Some("H200"));
+    let (gib, from) = r.device_memory().unwrap();
+    assert!((gib - 140.4).abs() < 0.1, "{gib}");
+    assert_eq!(from, "device.gpu = H200");
+    assert_eq!(r.device_peak_tflops(), Some(989.4));
+    // What the recipe says itself wins.
+    let r = parse(&[
+        cuda(),
+        Set("device.gpu", string("H100")),
+        Set("device.memory_gib", float(70.0)),
+        Set("device.peak_tflops", float(900.0)),
+    ])
+    .unwrap();
+    assert_eq!(r.device_memory().unwrap().0, 70.0);
+    assert_eq!(r.device_peak_tflops(), Some(900.0));
+    // An unknown GPU, one whose memory varies, and a GPU on the CPU
+    // backend are named.
+    let e = parse(&[cuda(), Set("device.gpu", string("V100"))]).unwrap_err();
+    assert!(
+        e.names("device.gpu") && e.to_string().contains("H100-PCIe"),
+        "{e}"
+    );
+    let e = parse(&[cuda(), Set("device.gpu", string("GH200"))]).unwrap_err();
+    assert!(e.to_string().contains("give device.memory_gib too"), "{e}");
+    let e = parse(&[Set("device.gpu", string("H100"))]).unwrap_err();
+    assert!(e.to_string().contains("set backend = \"cuda\""), "{e}");
+}
+
+#[test]
 fn eval_needs_a_window_per_microbatch_of_every_replica() {
     let r = parse(&[
         Set("eval.every_steps", int(50)),

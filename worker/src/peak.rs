@@ -8,29 +8,17 @@
 
 use strata_recipe::{Precision, Recipe};
 
-/// Dense bf16 tensor-core peak of a known datacenter GPU, in TFLOP/s, and
-/// the datasheet it comes from.
+/// Dense bf16 tensor-core peak of a known datacenter GPU, by the name its
+/// driver reports, in TFLOP/s, and the datasheet it comes from.
 pub fn bf16_peak_tflops(name: &str) -> Option<(f64, &'static str)> {
-    let n = name.to_ascii_uppercase();
-    if n.contains("H100") || n.contains("H200") || n.contains("GH200") {
-        if n.contains("PCIE") {
-            Some((756.0, "NVIDIA H100 PCIe datasheet, dense bf16"))
-        } else {
-            Some((989.4, "NVIDIA H100/H200 SXM datasheet, dense bf16"))
-        }
-    } else if n.contains("A100") {
-        Some((312.0, "NVIDIA A100 datasheet, dense bf16"))
-    } else if n.contains("B200") {
-        Some((2250.0, "NVIDIA B200 datasheet, dense bf16"))
-    } else {
-        None
-    }
+    strata_recipe::gpu::of_device(name).map(|g| (g.bf16_tflops, g.source))
 }
 
-/// One device's peak FLOP/s for `recipe`, given the GPU's name when it
-/// trains on one.
+/// One device's peak FLOP/s for `recipe` (`[device] peak_tflops`, or the
+/// bf16 peak of the GPU `[device] gpu` names), else the bf16 peak of the
+/// GPU the worker found (`gpu`, its driver's name).
 pub fn device_peak_flops(recipe: &Recipe, gpu: Option<&str>) -> Option<f64> {
-    if let Some(t) = recipe.peak_tflops {
+    if let Some(t) = recipe.device_peak_tflops() {
         return Some(t * 1e12);
     }
     let name = gpu?;
@@ -80,5 +68,9 @@ mod tests {
         );
         let f32_gpu = recipe("[device]\nbackend = \"cuda\"\nprecision = \"f32\"\n");
         assert_eq!(device_peak_flops(&f32_gpu, Some("NVIDIA H100")), None);
+        // A GPU the recipe names gives its peak before any is found.
+        let named = recipe("[device]\nbackend = \"cuda\"\ngpu = \"A100-80GB\"\n");
+        assert_eq!(device_peak_flops(&named, None), Some(312e12));
+        assert_eq!(named.device_memory().unwrap().0, 80.0);
     }
 }
