@@ -190,6 +190,8 @@ fn memory_inputs(recipe: &Recipe, bench: &TrainBench) -> MemoryInputs {
         recompute: bench.recompute,
         checkpoints: false,
         device_bytes: None,
+        device_from: "device.memory_gib".into(),
+        attention_kernel: recipe.device == DeviceKind::Cpu && recipe.precision == Precision::F32,
     }
 }
 
@@ -291,6 +293,7 @@ pub fn train<B: AutodiffBackend>(
     report.memory_plan = MemoryPlan::new(&MemoryInputs {
         device: target.device_kind,
         precision: target.precision,
+        attention_kernel: target.backend == "flex" && target.precision == Precision::F32,
         ..memory_inputs(recipe, bench)
     })
     .worst()

@@ -82,13 +82,13 @@ impl HeadLayout {
 }
 
 /// Whether `X`'s float tensors are `P`s.
-fn primitive_is<X: Backend, P: 'static>() -> bool {
+pub(crate) fn primitive_is<X: Backend, P: 'static>() -> bool {
     std::any::TypeId::of::<X::FloatTensorPrimitive>() == std::any::TypeId::of::<P>()
 }
 
 /// The tensor's own float primitive as the `P` it is (no other owner is
 /// added). Panics unless [`primitive_is::<X, P>`](primitive_is).
-fn into_primitive<P: 'static, X: Backend, const D: usize>(t: Tensor<X, D>) -> P {
+pub(crate) fn into_primitive<P: 'static, X: Backend, const D: usize>(t: Tensor<X, D>) -> P {
     let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
     *primitive
         .downcast::<P>()
@@ -97,7 +97,7 @@ fn into_primitive<P: 'static, X: Backend, const D: usize>(t: Tensor<X, D>) -> P 
 
 /// A `P` as a tensor of `X`. Panics unless
 /// [`primitive_is::<X, P>`](primitive_is).
-fn from_primitive<P: 'static, X: Backend, const D: usize>(p: P) -> Tensor<X, D> {
+pub(crate) fn from_primitive<P: 'static, X: Backend, const D: usize>(p: P) -> Tensor<X, D> {
     let primitive: Box<dyn Any> = Box::new(p);
     let primitive = *primitive
         .downcast::<X::FloatTensorPrimitive>()

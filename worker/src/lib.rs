@@ -12,6 +12,8 @@
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
 //! [`checkpoint`]: sharded checkpoints on object storage, written in the
 //! background and read back under any layout.
+//! [`attention`]: blocked causal attention for the op-by-op (device)
+//! backends.
 //! [`cpu`]: the CPU backend's kernels (head, AdamW, SwiGLU, RMSNorm,
 //! attention, projections).
 //! [`bench`]: the single-rank training benchmark behind `strata bench
@@ -21,6 +23,7 @@
 //! A worker never learns how it was launched: it is handed a coordinator
 //! address, a job and a rank.
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;

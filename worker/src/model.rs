@@ -187,7 +187,8 @@ fn linear<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>) -> Tensor<X, 2> {
 /// t, kv, hd]`; query head `i` reads KV head `i / (h / kv)`), with rotary
 /// embeddings from position 0 and the scale 1/√hd: `[b, t, h, hd]`. On
 /// the CPU backend one operation ([`cpu::causal_attention`]); elsewhere
-/// tensor operations.
+/// tensor operations, blocked ([`crate::attention`]) where the backend
+/// allows, whole otherwise.
 pub fn causal_attention<X: Backend>(
     q: Tensor<X, 4>,
     k: Tensor<X, 4>,
@@ -215,6 +216,13 @@ pub fn causal_attention<X: Backend>(
         }
     };
     let (k, v) = (group(k), group(v));
+    // Blocked, so that no [t, t] scores exist at once, where the backend
+    // is one the blocked operation knows (every backend strata trains on).
+    let rows = crate::attention::attention_block_rows(b, h, t);
+    let (q, k, v) = match crate::attention::causal(q, k, v, rows) {
+        Ok(out) => return out.swap_dims(1, 2),
+        Err(qkv) => qkv,
+    };
     // The causal mask as an additive bias, broadcast over batch and heads:
     // where it is −1e9 the probabilities are 0, and so are their
     // gradients, as with a masked fill.

@@ -152,6 +152,8 @@ mod tests {
                 recompute: strata_recipe::Recompute::None,
                 checkpoints: false,
                 device_bytes: None,
+                device_from: "device.memory_gib".into(),
+                attention_kernel: true,
             };
             let plan = MemoryPlan::new(&inp);
             for stage in 0..pp {

@@ -670,3 +670,63 @@ fn matmul_with_grads<Z: burn::tensor::backend::AutodiffBackend>(
     let [da, db] = [&a, &b].map(|t| to_vec(t.grad(&grads).unwrap()));
     [to_vec(c.inner()), da, db]
 }
+
+/// The device path's blocked attention (`attention::causal`, as burn's
+/// op-by-op backends run it) against the whole-scores formulation written
+/// out here in tensor operations: output and every input's gradient, for
+/// blocks of one row, of a few rows (the last partial), and of the whole
+/// sequence; and the untracked forward equal to the tracked one.
+#[test]
+fn blocked_attention_matches_whole_scores_with_gradients() {
+    use burn::tensor::activation::softmax;
+    let [b, h, t, hd] = [2, 3, 23, 8];
+    let dims = [b, h, t, hd];
+    let q = noise(41, b * h * t * hd);
+    let k = noise(42, b * h * t * hd);
+    let v = noise(43, b * h * t * hd);
+    let up = noise(44, b * h * t * hd);
+    let device = Default::default();
+    let leaf = |x: &[f32]| from_vec::<B, 4>(x.to_vec(), dims, &device).require_grad();
+    let run = |blocked: Option<usize>| {
+        let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
+        let out = match blocked {
+            Some(rows) => {
+                strata_worker::attention::causal(ql.clone(), kl.clone(), vl.clone(), rows)
+                    .unwrap_or_else(|_| panic!("NdArray's autodiff is a known backend"))
+            }
+            None => {
+                let mask = Tensor::<B, 2, burn::tensor::Bool>::tril_mask([t, t], 0, &device);
+                let bias = Tensor::<B, 2>::zeros([t, t], &device)
+                    .mask_fill(mask, -1e9)
+                    .reshape([1, 1, t, t]);
+                let scores = ql.clone().matmul(kl.clone().swap_dims(2, 3)) + bias;
+                softmax(scores, 3).matmul(vl.clone())
+            }
+        };
+        let g = (out.clone() * from_vec::<B, 4>(up.clone(), dims, &device))
+            .sum()
+            .backward();
+        let grads = [&ql, &kl, &vl].map(|x| to_vec(x.grad(&g).unwrap()));
+        (to_vec(out.inner()), grads)
+    };
+    let (want, want_grads) = run(None);
+    for rows in [1, 5, 16, t] {
+        let (out, grads) = run(Some(rows));
+        assert!(
+            rel(&out, &want) < 1e-6,
+            "{rows} rows: out {:e}",
+            rel(&out, &want)
+        );
+        for (name, (g, w)) in ["dq", "dk", "dv"].iter().zip(grads.iter().zip(&want_grads)) {
+            assert!(rel(g, w) < 1e-5, "{rows} rows: {name} {:e}", rel(g, w));
+        }
+        let untracked = strata_worker::attention::causal(
+            from_vec::<I, 4>(q.clone(), dims, &device),
+            from_vec::<I, 4>(k.clone(), dims, &device),
+            from_vec::<I, 4>(v.clone(), dims, &device),
+            rows,
+        )
+        .unwrap_or_else(|_| panic!("untracked backends always take it"));
+        assert_eq!(to_vec(untracked), out, "{rows} rows: untracked");
+    }
+}
