@@ -20,13 +20,10 @@ mod steps;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use burn::backend::Autodiff;
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
-use strata_proto::auth::Bearer;
-use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::{DeviceKind, Recipe};
 
 pub use rendezvous::advertised;
@@ -94,27 +91,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .enable_all()
         .build()
         .map_err(|e| WorkerError::Setup(format!("tokio runtime: {e}")))?;
-    let token = Bearer::new(Some(&args.token))
-        .ok_or_else(|| WorkerError::Setup("the job token is not valid header text".into()))?;
-    let endpoint = strata_proto::auth::endpoint(&args.coordinator, args.coordinator_ca.as_deref())
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let channel = rt.block_on(async {
-        endpoint
-            .connect_timeout(Duration::from_secs(10))
-            // A coordinator whose machine went away is noticed, and the
-            // connection survives idle stretches behind middleboxes.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(|source| WorkerError::Connect {
-                url: args.coordinator.clone(),
-                source,
-            })
-    })?;
-    let client = ControlServiceClient::with_interceptor(channel, token);
-    let reporter = Reporter::new(client, &args.job, args.rank, args.attempt);
+    let reporter = rt.block_on(Reporter::connect(args.clone()))?;
     let result = start(&rt, reporter.clone(), &args);
     let error = match &result {
         Ok(()) => None,

@@ -1,24 +1,25 @@
 //! The worker's side of the control protocol, and the only place in the
-//! worker that builds or reads its protobuf: the rest of `run` speaks in
+//! worker that connects to the coordinator or builds or reads protobuf: the rest of `run` speaks in
 //! the domain's terms (an [`Assignment`], a [`StepReport`], a
 //! [`Beat`]) and [`Reporter`] converts them, here and nowhere else.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
-use strata_proto::auth::WithBearer;
+use strata_proto::auth::{Bearer, WithBearer};
 use strata_proto::checkpoint::{manifest_to_pb, shard_to_pb};
 use strata_proto::v1 as pb;
 use strata_proto::v1::control_service_client::ControlServiceClient;
 use strata_recipe::Coords;
 use tonic::transport::Channel;
 
-use super::WorkerError;
+use super::{WorkerArgs, WorkerError};
 use crate::checkpoint;
 use crate::collective::Member;
 use crate::train::StageStats;
 
-pub(super) type Client = ControlServiceClient<WithBearer<Channel>>;
+type Client = ControlServiceClient<WithBearer<Channel>>;
 
 fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
     move |status| WorkerError::Rpc {
@@ -167,13 +168,33 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(client: Client, job: &str, rank: u32, attempt: u32) -> Reporter {
-        Reporter {
-            client,
-            job: job.to_string(),
-            rank,
-            attempt,
-        }
+    /// Connects to the coordinator `args` name (over TLS trusting its CA
+    /// when it is https), every call carrying the job's token.
+    pub async fn connect(args: WorkerArgs) -> Result<Reporter, WorkerError> {
+        let token = Bearer::new(Some(&args.token))
+            .ok_or_else(|| WorkerError::Setup("the job token is not valid header text".into()))?;
+        let endpoint =
+            strata_proto::auth::endpoint(&args.coordinator, args.coordinator_ca.as_deref())
+                .map_err(|e| WorkerError::Setup(e.to_string()))?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(10))
+            // A coordinator whose machine went away is noticed, and the
+            // connection survives idle stretches behind middleboxes.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(|source| WorkerError::Connect {
+                url: args.coordinator.clone(),
+                source,
+            })?;
+        Ok(Reporter {
+            client: ControlServiceClient::with_interceptor(channel, token),
+            job: args.job,
+            rank: args.rank,
+            attempt: args.attempt,
+        })
     }
 
     /// Registers the rank and its collective address; returns the
