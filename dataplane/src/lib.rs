@@ -3,6 +3,8 @@
 //!
 //! - [`checkpoint`]: the checkpoint format: manifests, their completeness,
 //!   listing, pruning.
+//! - [`family`]: model families (Llama today): their logical parameters,
+//!   Hugging Face names and FLOPs per token.
 //! - [`params`]: the named parameter table (logical name, full shape, split,
 //!   a rank's slice) that sharding, checkpoints and export read.
 //! - [`memory`]: each rank's bytes at its step's peak, from the table and
@@ -22,6 +24,7 @@ mod bpe;
 pub mod checkpoint;
 pub mod corpus;
 pub mod decompose;
+pub mod family;
 pub mod loader;
 pub mod manifest;
 pub mod memory;

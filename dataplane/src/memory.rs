@@ -54,6 +54,7 @@ pub struct MemoryInputs {
 impl MemoryInputs {
     pub fn of(recipe: &Recipe) -> MemoryInputs {
         let p = &recipe.parallel;
+        let memory = recipe.device_memory();
         MemoryInputs {
             model: recipe.model,
             layout: p.layout,
@@ -66,14 +67,17 @@ impl MemoryInputs {
             shard_optimizer: p.shard_optimizer,
             recompute: recipe.recompute,
             checkpoints: recipe.checkpoint.is_some(),
-            device_bytes: recipe.device_memory().map(|(g, _)| (g * GIB) as u64),
-            device_from: recipe
-                .device_memory()
-                .map_or_else(|| "device.memory_gib".into(), |(_, from)| from),
-            attention_kernel: recipe.device == DeviceKind::Cpu
-                && recipe.precision == Precision::F32,
+            device_bytes: memory.as_ref().map(|(g, _)| (g * GIB) as u64),
+            device_from: memory.map_or_else(|| "device.memory_gib".into(), |(_, from)| from),
+            attention_kernel: attention_on_kernel(recipe.device, recipe.precision),
         }
     }
+}
+
+/// Whether attention runs on the CPU backend's fused kernel (the CPU at
+/// f32) rather than as tensor operations.
+pub fn attention_on_kernel(device: DeviceKind, precision: Precision) -> bool {
+    device == DeviceKind::Cpu && precision == Precision::F32
 }
 
 /// One rank's bytes at its step's peak. Data-parallel replicas hold the

@@ -23,9 +23,6 @@ use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use strata_recipe::{Coords, Layout, ModelConfig};
 
-/// Standard deviation of the initial weights (GPT-2, Megatron).
-pub const INIT_STD: f64 = 0.02;
-
 /// How a parameter is divided over the tensor-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,7 +52,8 @@ pub enum Init {
     Ones,
 }
 
-/// Which tensor of a transformer block.
+/// Which tensor of a transformer block (the Llama family's; a family with
+/// other block tensors adds its own here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BlockParam {
@@ -163,72 +161,22 @@ impl ParamSlot {
     }
 }
 
-/// The logical parameters of `cfg`, in model order: the embedding, each
-/// block's tensors, the final norm, and the head when it is not tied.
+/// The logical parameters of `cfg`, in model order, as its model family
+/// ([`crate::family::of`]) declares them.
 pub fn logical_params(cfg: &ModelConfig) -> Vec<ParamSpec> {
-    let d = cfg.d_model as usize;
-    let (h, kv) = (cfg.n_heads as usize, cfg.n_kv_heads as usize);
-    let hd = cfg.head_dim() as usize;
-    let f = cfg.d_ffn as usize;
-    let v = cfg.padded_vocab_size as usize;
-    // Residual-stream projections scaled by 1/√(2L) (GPT-2).
-    let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
-    let normal = |std| Init::Normal { std };
-    let mut out = vec![ParamSpec {
-        name: "embed".into(),
-        role: Role::Embed,
-        full_shape: vec![v, d],
-        split: Split::Dim(0),
-        init: normal(INIT_STD),
-        decay: true,
-    }];
-    for layer in 0..cfg.n_layers as u32 {
-        for param in BlockParam::ALL {
-            use BlockParam::*;
-            let (shape, split, init) = match param {
-                AttnNorm | MlpNorm => (vec![d], Split::Replicated, Init::Ones),
-                // Column-parallel: Q, K and V split by heads (KV heads with
-                // the query heads that read them), gate and up by columns.
-                Wq => (vec![d, h * hd], Split::Dim(1), normal(INIT_STD)),
-                Wk | Wv => (
-                    vec![d, kv * hd],
-                    Split::Groups { dim: 1, groups: kv },
-                    normal(INIT_STD),
-                ),
-                WGate | WUp => (vec![d, f], Split::Dim(1), normal(INIT_STD)),
-                // Row-parallel: their inputs are the column-parallel outputs.
-                Wo => (vec![h * hd, d], Split::Dim(0), normal(out_std)),
-                WDown => (vec![f, d], Split::Dim(0), normal(out_std)),
-            };
-            out.push(ParamSpec {
-                name: format!("blocks.{layer}.{}", param.name()),
-                role: Role::Block { layer, param },
-                decay: shape.len() >= 2,
-                full_shape: shape,
-                split,
-                init,
-            });
-        }
-    }
-    out.push(ParamSpec {
-        name: "final_norm".into(),
-        role: Role::FinalNorm,
-        full_shape: vec![d],
-        split: Split::Replicated,
-        init: Init::Ones,
-        decay: false,
-    });
-    if !cfg.tie_embeddings {
-        out.push(ParamSpec {
-            name: "head".into(),
-            role: Role::Head,
-            full_shape: vec![d, v],
-            split: Split::Dim(1),
-            init: normal(INIT_STD),
-            decay: true,
-        });
-    }
-    out
+    crate::family::of(cfg).params(cfg)
+}
+
+/// Where a rank sits, for [`ParamTable::from_specs`].
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    pub n_layers: u32,
+    /// The head is the embedding (its mirror on the last stage).
+    pub tied: bool,
+    pub layout: Layout,
+    pub coords: Coords,
+    /// Model chunks per stage (interleaved 1F1B; 1 otherwise).
+    pub chunks: u32,
 }
 
 /// The parameters one rank holds, with their slices and flat offsets.
@@ -261,16 +209,38 @@ impl ParamTable {
         coords: Coords,
         chunks: u32,
     ) -> ParamTable {
+        let placement = Placement {
+            n_layers: cfg.n_layers as u32,
+            tied: cfg.tie_embeddings,
+            layout,
+            coords,
+            chunks,
+        };
+        ParamTable::from_specs(logical_params(cfg), placement)
+    }
+
+    /// The table of the rank `placement` describes over a family's logical
+    /// parameters `specs`: a stage holds the blocks of its layers, the
+    /// first the embedding, the last the final norm and head (and a
+    /// mirror of a tied embedding); each tensor is cut by its split.
+    pub fn from_specs(specs: Vec<ParamSpec>, placement: Placement) -> ParamTable {
+        let Placement {
+            n_layers,
+            tied,
+            layout,
+            coords,
+            chunks,
+        } = placement;
         let (tp, pp, stage) = (layout.tp, layout.pp, coords.pp);
         let chunks: Vec<Range<u32>> = (0..chunks.max(1))
-            .map(|c| layout.chunk_layers(cfg.n_layers as u32, chunks.max(1), stage, c))
+            .map(|c| layout.chunk_layers(n_layers, chunks.max(1), stage, c))
             .collect();
         let (first, last) = (stage == 0, stage + 1 == pp);
         let mut slots = Vec::new();
         let mut offset = 0;
-        for spec in logical_params(cfg) {
+        for spec in specs {
             let (held, mirror) = match spec.role {
-                Role::Embed => (first || (last && cfg.tie_embeddings), !first),
+                Role::Embed => (first || (last && tied), !first),
                 Role::FinalNorm | Role::Head => (last, false),
                 Role::Block { layer, .. } => (chunks.iter().any(|c| c.contains(&layer)), false),
             };
@@ -444,7 +414,7 @@ pub fn normal_range(seed: u64, name: &str, range: Range<usize>, std: f64) -> Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn cfg(tie: bool) -> ModelConfig {
@@ -603,5 +573,54 @@ mod tests {
         assert!(!first.get("embed").unwrap().mirror);
         assert!(last.get("embed").unwrap().mirror);
         assert_eq!(first.init(3)[..16], last.init(3)[..16]);
+    }
+
+    #[test]
+    fn another_familys_specs_are_placed_by_their_roles() {
+        // A family of attention-only blocks: the table places whatever
+        // specs it is given by role, layer and split.
+        let c = cfg(false);
+        let specs: Vec<ParamSpec> = logical_params(&c)
+            .into_iter()
+            .filter(|s| {
+                !matches!(
+                    s.role,
+                    Role::Block {
+                        param: BlockParam::WGate | BlockParam::WUp | BlockParam::WDown,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let placement = Placement {
+            n_layers: 3,
+            tied: false,
+            layout: Layout::new(2, 2, 1),
+            coords: coords(1, 1),
+            chunks: 1,
+        };
+        let t = ParamTable::from_specs(specs, placement);
+        let names: Vec<&str> = t.slots.iter().map(|s| s.spec.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blocks.2.attn_norm",
+                "blocks.2.wq",
+                "blocks.2.wk",
+                "blocks.2.wv",
+                "blocks.2.wo",
+                "blocks.2.mlp_norm",
+                "final_norm",
+                "head"
+            ]
+        );
+        let mut at = 0;
+        for s in &t.slots {
+            assert_eq!(s.offset, at, "{}", s.spec.name);
+            at += s.len;
+        }
+        assert_eq!(t.total, at);
+        // tp rank 1 of 2 holds the second half of the head's columns.
+        assert_eq!(t.get("head").unwrap().slice, [0..8, 128..256]);
     }
 }

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use strata_dataplane::memory::{MemoryInputs, MemoryPlan, RankMemory};
+use strata_dataplane::family;
+use strata_dataplane::memory::{MemoryInputs, MemoryPlan, RankMemory, attention_on_kernel};
 use strata_recipe::{AdamWConfig, DeviceKind, Layout, ModelConfig, Precision, Recipe, Recompute};
 
 use crate::params::ParamTable;
@@ -191,7 +192,7 @@ fn memory_inputs(recipe: &Recipe, bench: &TrainBench) -> MemoryInputs {
         checkpoints: false,
         device_bytes: None,
         device_from: "device.memory_gib".into(),
-        attention_kernel: recipe.device == DeviceKind::Cpu && recipe.precision == Precision::F32,
+        attention_kernel: attention_on_kernel(recipe.device, recipe.precision),
     }
 }
 
@@ -239,7 +240,7 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
         forward_s: f64::NAN,
         backward_s: f64::NAN,
         optimizer_s: f64::NAN,
-        flops_per_token: model.flops_per_token(bench.seq_len as u64),
+        flops_per_token: family::of(&model).flops_per_token(&model, bench.seq_len as u64),
         achieved_tflops: f64::NAN,
         peak: None,
         mfu: None,

@@ -3,8 +3,9 @@
 //! [`write_hf`] writes a Hugging Face Llama checkpoint (`config.json` and
 //! `model.safetensors`, sharded with an index when large) from the whole
 //! model's master weights, which [`crate::checkpoint::read_rank`] gathers
-//! from any layout. strata's parameters are Hugging Face's up to names and
-//! the orientation of the projections (strata keeps them `[in, out]`,
+//! from any layout, under the names and `config.json` of the model's
+//! family ([`strata_dataplane::family`]). strata's parameters are Hugging
+//! Face's up to names and the orientation of the projections (strata keeps them `[in, out]`,
 //! `torch.nn.Linear` `[out, in]`): RoPE's convention, grouped KV heads,
 //! RMSNorm's epsilon and the tied head are the same, as
 //! `tests/reference.rs` pins against `transformers`.
@@ -17,9 +18,10 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
+use strata_dataplane::family::{self, ModelFamily};
 use strata_recipe::ModelConfig;
 
-use crate::model::{NORM_EPS, StageModel};
+use crate::model::{StageForward, StageModel};
 use crate::params::ParamTable;
 use crate::run::CpuBackend;
 use crate::tensors::to_vec;
@@ -37,62 +39,6 @@ pub enum ExportError {
 
 type Result<T> = std::result::Result<T, ExportError>;
 
-/// Hugging Face's name for strata's parameter `name`, and whether its
-/// values are transposed on the way (`[in, out]` → `[out, in]`).
-pub fn hf_name(name: &str) -> Option<(String, bool)> {
-    match name {
-        "embed" => return Some(("model.embed_tokens.weight".into(), false)),
-        "final_norm" => return Some(("model.norm.weight".into(), false)),
-        "head" => return Some(("lm_head.weight".into(), true)),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blocks.")?;
-    let (layer, param) = rest.split_once('.')?;
-    let layer: u32 = layer.parse().ok()?;
-    let (hf, t) = match param {
-        "attn_norm" => ("input_layernorm.weight", false),
-        "wq" => ("self_attn.q_proj.weight", true),
-        "wk" => ("self_attn.k_proj.weight", true),
-        "wv" => ("self_attn.v_proj.weight", true),
-        "wo" => ("self_attn.o_proj.weight", true),
-        "mlp_norm" => ("post_attention_layernorm.weight", false),
-        "w_gate" => ("mlp.gate_proj.weight", true),
-        "w_up" => ("mlp.up_proj.weight", true),
-        "w_down" => ("mlp.down_proj.weight", true),
-        _ => return None,
-    };
-    Some((format!("model.layers.{layer}.{hf}"), t))
-}
-
-/// `transformers`' `LlamaConfig` for `cfg`. The vocabulary is the padded
-/// one: the embedding's rows (the tokenizer's ids are its first rows).
-pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ffn,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim(),
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": NORM_EPS,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": null,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "mlp_bias": false,
-        "pretraining_tp": 1,
-        "initializer_range": 0.02,
-        "torch_dtype": "float32",
-        "use_cache": true,
-    })
-}
-
 /// One exported tensor.
 pub struct HfTensor {
     pub name: String,
@@ -102,8 +48,12 @@ pub struct HfTensor {
 
 /// The whole model's parameters (`master`, in `table`'s flat layout; the
 /// table must be [`ParamTable::whole`]'s) under Hugging Face's names and
-/// orientation.
-pub fn hf_tensors(table: &ParamTable, master: &[f32]) -> Result<Vec<HfTensor>> {
+/// orientation, as `family` names them.
+pub fn hf_tensors(
+    family: &dyn ModelFamily,
+    table: &ParamTable,
+    master: &[f32],
+) -> Result<Vec<HfTensor>> {
     if master.len() != table.total {
         return Err(ExportError::Invalid(format!(
             "{} values for a model of {} parameters",
@@ -122,7 +72,7 @@ pub fn hf_tensors(table: &ParamTable, master: &[f32]) -> Result<Vec<HfTensor>> {
                 slot.spec.name, slot.shape, slot.spec.full_shape
             )));
         }
-        let (name, transpose) = hf_name(&slot.spec.name).ok_or_else(|| {
+        let (name, transpose) = family.hf_name(&slot.spec.name).ok_or_else(|| {
             ExportError::Invalid(format!("{}: no Hugging Face name", slot.spec.name))
         })?;
         let values = &master[slot.range()];
@@ -169,7 +119,8 @@ pub fn write_hf(
         move |source| ExportError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tensors = hf_tensors(table, master)?;
+    let family = family::of(cfg);
+    let tensors = hf_tensors(family, table, master)?;
     // Shards of whole tensors, in model order, each under the limit
     // unless one tensor alone is larger.
     let mut shards: Vec<Vec<&HfTensor>> = vec![Vec::new()];
@@ -229,7 +180,7 @@ pub fn write_hf(
         files.push("model.safetensors.index.json".into());
     }
     let path = dir.join("config.json");
-    write_json(&path, &hf_config(cfg))?;
+    write_json(&path, &family.hf_config(cfg))?;
     files.push("config.json".into());
     Ok(Exported {
         dir: dir.to_path_buf(),
@@ -350,7 +301,7 @@ mod tests {
         };
         let table = ParamTable::whole(&cfg);
         let master: Vec<f32> = (0..table.total).map(|i| i as f32).collect();
-        let t = hf_tensors(&table, &master).unwrap();
+        let t = hf_tensors(family::of(&cfg), &table, &master).unwrap();
         assert_eq!(t.len(), 2 + 2 * 9 + 1);
         let q = t
             .iter()
@@ -364,7 +315,5 @@ mod tests {
             t.iter()
                 .any(|t| t.name == "lm_head.weight" && t.shape == vec![128, 16])
         );
-        assert_eq!(hf_name("blocks.x.wq"), None);
-        assert_eq!(hf_name("nonsense"), None);
     }
 }

@@ -5,9 +5,11 @@
 //! on tagged point-to-point transfers, and the conformance suite every
 //! backend must pass. [`params`]: the named parameter table (logical name,
 //! full shape, split, this rank's slice). [`model`]: the rank's part of the
-//! decoder, Megatron tensor-parallel ([`tp`]: the f and g operators, the
-//! vocabulary-parallel embedding and cross-entropy), cut into autodiff
-//! segments at every collective ([`segment`]). [`tensors`]: host ↔ device
+//! model behind the family seam ([`model::StageForward`]); the Llama
+//! family's mathematics ([`model::llama`]) and its stage
+//! ([`model::StageModel`]), Megatron tensor-parallel ([`tp`]: the f and g
+//! operators, the vocabulary-parallel embedding and cross-entropy), cut
+//! into autodiff segments at every collective ([`segment`]). [`tensors`]: host ↔ device
 //! transfers, counted. [`pipeline`]: the 1F1B schedule. [`train`]: the step (1F1B,
 //! data-parallel all-reduce, clipping, AdamW). [`run`]: a worker process.
 //! [`checkpoint`]: sharded checkpoints on object storage, written in the

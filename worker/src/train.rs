@@ -23,7 +23,7 @@ use crate::collective::{
     shard_ranges,
 };
 use crate::cpu;
-use crate::model::{Micro, StageInput, StageModel, Tape};
+use crate::model::{Micro, StageForward, StageInput, StageModel, TapeOf};
 use crate::params::{ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 use crate::segment::GradAccum;
@@ -274,8 +274,11 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 /// norm, timings) reach the host, plus the activations a pipeline stage
 /// exchanges and the staging copies of host collectives (data-parallel
 /// and embedding-group all-reduces over TCP).
-pub struct Trainer<B: AutodiffBackend> {
-    model: StageModel<B>,
+///
+/// The model is the stage of its family (`S`, [`StageForward`]); the
+/// trainer knows nothing of its layers.
+pub struct Trainer<B: AutodiffBackend, S: StageForward<B> = StageModel<B>> {
+    model: S,
     buckets: Vec<Bucket>,
     /// Each bucket's elements this rank owns in the data-parallel group
     /// (bucket-relative, [`shard_ranges`]): what a sharded optimizer
@@ -305,6 +308,7 @@ pub struct Trainer<B: AutodiffBackend> {
 /// A data-parallel group's collectives on the trainer's device.
 pub type DeviceDp<B> = Box<dyn DeviceCollective<Inner<B>> + Send>;
 
+/// The Llama family's ranks.
 impl<B: AutodiffBackend> Trainer<B> {
     /// The rank holding `table`'s parameters, initialised from `seed`.
     pub fn new(
@@ -328,6 +332,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         groups: Groups,
         device: B::Device,
     ) -> Trainer<B> {
+        Trainer::build(model, table, values, cfg, groups, device)
+    }
+}
+
+impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
+    /// A rank of family stage `S` holding `table`'s parameters with the
+    /// given flat values.
+    pub fn build(
+        model: &ModelConfig,
+        table: ParamTable,
+        values: Vec<f32>,
+        cfg: AdamWConfig,
+        groups: Groups,
+        device: B::Device,
+    ) -> Trainer<B, S> {
         assert_eq!(values.len(), table.total, "flat parameter values");
         for (name, g, want) in [
             ("tensor-parallel", &groups.tp, table.tp),
@@ -358,7 +377,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .iter()
             .map(|b| shard_ranges(b.range.len(), BUCKET_ELEMS, dp, dp_rank))
             .collect();
-        let model = StageModel::new_empty(model, table, &device);
+        let model = S::new_empty(model, table, &device);
         let mut trainer = Trainer {
             model,
             buckets,
@@ -383,7 +402,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// activations and matrix products are bf16, norms, the attention
     /// softmax and the cross-entropy run in f32, and gradients are summed
     /// into the f32 buckets.
-    pub fn with_precision(mut self, precision: Precision) -> Trainer<B> {
+    pub fn with_precision(mut self, precision: Precision) -> Self {
         self.model.set_precision(precision);
         self.refresh_params();
         self
@@ -392,7 +411,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Recomputes activations at the backward as `recompute` says
     /// (bit-identical results, less memory held between a microbatch's
     /// forward and its backward).
-    pub fn with_recompute(mut self, recompute: Recompute) -> Trainer<B> {
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
         self.model.set_recompute(recompute);
         self
     }
@@ -400,7 +419,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Sums gradients over the data-parallel replicas through `dp` (the
     /// same members as the host dp group, which still carries the loss)
     /// instead of staging them through host memory.
-    pub fn with_device_dp(mut self, dp: DeviceDp<B>) -> Trainer<B> {
+    pub fn with_device_dp(mut self, dp: DeviceDp<B>) -> Self {
         assert_eq!(dp.size(), self.groups.dp.size(), "the dp group's members");
         assert_eq!(dp.rank(), self.groups.dp.rank(), "this rank's place in dp");
         self.dp_device = Some(dp);
@@ -414,7 +433,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// the master weights are all-gathered after AdamW. Losses, norms and
     /// weights are bit-identical to the unsharded run with host
     /// collectives (the shards are the ring's own chunks).
-    pub fn with_sharded_optimizer(mut self, on: bool) -> Trainer<B> {
+    pub fn with_sharded_optimizer(mut self, on: bool) -> Self {
         if on && self.groups.dp.size() > 1 && !self.sharded {
             let state = self.held_optimizer_state();
             self.sharded = true;
@@ -426,7 +445,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Keeps each step's summed gradients until the next step, for
     /// [`Trainer::grads`] (they cost a gradient's memory between steps).
-    pub fn keeping_grads(mut self) -> Trainer<B> {
+    pub fn keeping_grads(mut self) -> Self {
         self.keep_grads = true;
         self
     }
@@ -436,7 +455,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.sharded
     }
 
-    pub fn model(&self) -> &StageModel<B> {
+    pub fn model(&self) -> &S {
         &self.model
     }
 
@@ -634,12 +653,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         let table = self.model.table();
         let (stages, stage) = (table.pp, table.stage);
         let last = stage + 1 == stages;
-        let d = self.model.dims().d_model;
+        let d = self.model.width();
         let m = micro.len() as u32;
 
         let mut acc = GradAccum::new(table.slots.len());
         let chunks = self.model.chunks();
-        let mut tapes: Vec<Option<Tape<B>>> = (0..m * chunks).map(|_| None).collect();
+        let mut tapes: Vec<Option<TapeOf<B, S>>> = (0..m * chunks).map(|_| None).collect();
         let mut tp = Tp::new(self.groups.tp.as_mut());
         let mut links = Links {
             pp: self.groups.pp.as_mut(),
@@ -1030,17 +1049,17 @@ impl<B: AutodiffBackend> Trainer<B> {
 /// chunk embeds) and its output sent to the next (unless it ends the
 /// model), messages tagged with `tag_step`. The tape, and the time blocked
 /// receiving.
-fn forward_one<B: AutodiffBackend>(
-    model: &StageModel<B>,
+fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
+    model: &S,
     links: &mut Links<'_>,
     tp: &mut Tp<'_>,
     (tag_step, chunk, i): (u64, u32, u32),
     mb: &LocalBatch<'_>,
     global_tokens: u64,
-) -> Result<(Tape<B>, Duration), TrainError> {
+) -> Result<(TapeOf<B, S>, Duration), TrainError> {
     let stages = model.table().pp;
     let vs = chunk * stages + model.table().stage;
-    let d = model.dims().d_model;
+    let d = model.width();
     let seq = mb.seq_len;
     let rows = mb.inputs.len() / seq;
     let mut waited = Duration::ZERO;

@@ -13,7 +13,7 @@ use strata_recipe::{Coords, Layout, ModelConfig, Recompute};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    HeadLayout, Micro, Rope, StageInput, StageModel, causal_attention, cross_entropy,
+    HeadLayout, Micro, Rope, StageForward, StageInput, StageModel, causal_attention, cross_entropy,
     fused_head_cross_entropy, rms_norm,
 };
 use strata_worker::params::ParamTable;

@@ -404,10 +404,14 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
     /// Takes step `step`'s checkpoint when the recipe asks for one, and
     /// reports saves that finished meanwhile.
     fn checkpoint_if_due(&mut self, step: u64, n_steps: u64) -> Result<(), WorkerError> {
-        let Some(cfg) = self.checkpoints.as_ref().map(|c| c.cfg.clone()) else {
+        let Some(due) = self
+            .checkpoints
+            .as_ref()
+            .map(|c| c.cfg.saves_at(step, n_steps))
+        else {
             return Ok(());
         };
-        if cfg.saves_at(step, n_steps) {
+        if due {
             self.pulse.busy(Activity::Checkpoint);
             self.save(step)?;
             self.pulse.busy(Activity::Step);
