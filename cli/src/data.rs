@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_dataplane::corpus::{CorpusError, Progress, Quiet, decompose_corpus};
+use strata_dataplane::corpus::{Corpus, CorpusError, CorpusOptions, Input, Progress, Quiet};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Cursor, Loader, LoaderConfig, LoaderError};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
 use strata_dataplane::reader::{ReadError, read_manifest};
-use strata_dataplane::store::{Location, StoreError};
+use strata_dataplane::store::{Location, StoreError, StoreOptions};
 use strata_dataplane::tokenize::TokenizerSpec;
 use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
 use strata_recipe::{Curriculum, NamedCurriculum};
@@ -21,10 +21,18 @@ use crate::{UserError, write_atomically};
 
 #[derive(Args)]
 pub struct DecomposeArgs {
-    /// Text files (one document each), JSONL files (a `text` field per
-    /// line) or folders of them.
+    /// Files or folders of them: plain text (one document per file), JSON
+    /// lines (`.jsonl`, `.json`, `.ndjson`; plain, `.gz` or `.zst`),
+    /// Parquet, Arrow IPC, a Hugging Face `datasets` folder (saved with
+    /// `save_to_disk`) or a Hub snapshot's Parquet shards; on local disk,
+    /// or a folder on object storage (s3://bucket/prefix, credentials as
+    /// for --output).
     #[arg(long, required = true, num_args = 1..)]
-    input: Vec<PathBuf>,
+    input: Vec<String>,
+    /// The JSON field, or Parquet/Arrow column, that holds each document's
+    /// text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
     /// Where the dataset goes: a path, file:///…, or s3://bucket/prefix
     /// (endpoint and credentials from AWS_* variables).
     #[arg(long)]
@@ -158,6 +166,14 @@ fn write_error(e: WriteError) -> anyhow::Error {
     }
 }
 
+fn corpus_error(e: CorpusError) -> anyhow::Error {
+    match e {
+        CorpusError::Write(w) => write_error(w),
+        CorpusError::Store(s) => store_error(s),
+        other => user_error(other),
+    }
+}
+
 fn read_error(e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Store(s) => store_error(s),
@@ -200,14 +216,28 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
     };
     let rt = runtime()?;
     let summary = rt.block_on(async {
+        // Every input is found and checked before the output is touched.
+        let store = StoreOptions::from_env();
+        let inputs = args
+            .input
+            .iter()
+            .map(|i| Input::parse(i, &store))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        let options = CorpusOptions {
+            text_field: args.text_field.clone(),
+            ..CorpusOptions::default()
+        };
+        let corpus = Corpus::open_inputs(&inputs, options)
+            .await
+            .map_err(corpus_error)?;
         let out = Location::parse(&args.output, true).map_err(store_error)?;
         let mut writer = DatasetWriter::create(out, opts)
             .await
             .map_err(write_error)?;
         match args.holdout_docs {
             Some(n) => {
-                let total = strata_dataplane::corpus::count_documents(&args.input)
-                    .map_err(|e| UserError(e.to_string()))?;
+                let total = corpus.count_documents().await.map_err(corpus_error)?;
                 writer
                     .hold_out_documents(n, total)
                     .map_err(|e| UserError(format!("--holdout-docs: {e}")))?;
@@ -230,12 +260,9 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
             ProgressBar::hidden()
         });
         let progress: &dyn Progress = if show_bar { &bar } else { &Quiet };
-        let result = decompose_corpus(&args.input, tokenizer, writer, progress).await;
+        let result = corpus.decompose(tokenizer, writer, progress).await;
         bar.0.finish_and_clear();
-        result.map_err(|e| match e {
-            CorpusError::Write(w) => write_error(w),
-            other => user_error(other),
-        })
+        result.map_err(corpus_error)
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -254,6 +281,9 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
         );
         for s in &summary.skipped {
             println!("  skipped {s}");
+        }
+        for f in &summary.ignored {
+            println!("  left out {f} (not a data file, beside Parquet or Arrow files)");
         }
         if let Some(h) = &m.holdout {
             println!(

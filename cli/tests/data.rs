@@ -134,6 +134,81 @@ fn decompose_inspect_and_stream_on_local_files() {
     assert_eq!(resumed, r1);
 }
 
+/// A folder of `.jsonl.zst` shards (the way FineWeb, Dolma and The Stack
+/// ship) decomposes into their documents, with `--text-field` naming the
+/// field; an input it cannot read is refused (exit 2, naming the file)
+/// before the output is touched, even with `--overwrite`.
+#[test]
+fn compressed_json_lines_decompose_and_unreadable_inputs_touch_nothing() {
+    let input = tempfile::tempdir().unwrap();
+    let src = corpus();
+    let mut texts: Vec<PathBuf> = std::fs::read_dir(src.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    texts.sort();
+    for (i, pair) in texts.chunks(4).enumerate() {
+        let mut lines = String::new();
+        for p in pair {
+            let content = std::fs::read_to_string(p).unwrap();
+            lines.push_str(&serde_json::json!({ "content": content }).to_string());
+            lines.push('\n');
+        }
+        let z = zstd::stream::encode_all(lines.as_bytes(), 3).unwrap();
+        std::fs::write(input.path().join(format!("{i:05}.jsonl.zst")), z).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let url = out.path().join("ds");
+    let url = url.to_str().unwrap();
+    let input = input.path().to_str().unwrap();
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "decompose",
+            "--input",
+            input,
+            "--output",
+            url,
+            "--min-log2",
+            "6",
+            "--max-log2",
+            "10",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    // Without the field: nothing to read is an error, not an empty dataset.
+    let none = strata(&args(&[]), &[]);
+    assert_eq!(none.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("no document had a `text`") && err.contains(input),
+        "{err}"
+    );
+    assert!(!out.path().join("ds/manifest.json").exists());
+
+    let summary: Value =
+        serde_json::from_str(&ok(&strata(&args(&["--text-field", "content"]), &[]))).unwrap();
+    assert_eq!(summary["manifest"]["n_documents"], 12);
+    assert_eq!(summary["manifest"]["n_documents_skipped"], 0);
+    let manifest = std::fs::read(out.path().join("ds/manifest.json")).unwrap();
+
+    // A zip among the shards: refused by name; the dataset is as it was.
+    let zip = std::path::Path::new(input).join("extra.zip");
+    std::fs::write(&zip, b"PK\x03\x04\x14\x00\x00\x00").unwrap();
+    let refused = strata(&args(&["--text-field", "content", "--overwrite"]), &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("extra.zip") && err.contains("zip archive"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("ds/manifest.json")).unwrap(),
+        manifest
+    );
+}
+
 #[test]
 fn missing_datasets_and_bad_flags_exit_2_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,11 +1,22 @@
 //! Raw text in: finding documents in files and folders, and turning a corpus
 //! into a dataset (`strata decompose`).
 //!
-//! Documents: a plain-text file is one document; a `.jsonl`/`.ndjson` file
-//! holds one JSON object per line whose `text` field is a document. Inputs
-//! are read in sorted path order, so document ids (and everything seeded by
-//! them) do not depend on the file system's listing order. Tokenization runs
-//! on all cores in batches; results keep input order.
+//! [`Corpus::open_inputs`] finds the files under its inputs (local paths, or
+//! folders on object storage: an object is spooled to a local temporary
+//! file while it is read, one at a time), each of a kind
+//! [`crate::formats`] reads (plain text, JSON lines, Parquet, Arrow IPC;
+//! `.gz` and `.zst` around the text ones), and checks them all before
+//! anything is written: a file of a kind strata cannot read, or an input
+//! that yields no document, is an error naming it. Files are read in
+//! sorted path order (a Hugging Face `datasets` folder in its
+//! `state.json`'s order), so document ids (and everything seeded by them)
+//! do not depend on the file system's listing order; a folder that holds
+//! Parquet or Arrow files (a Hub snapshot) reads its data files only, not
+//! the README beside them.
+//!
+//! Documents stream: a batch of about [`BATCH_BYTES`] of text is read,
+//! tokenized on all cores (results keep input order) and written before
+//! the next is read, so memory is bounded by the batch, not the corpus.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,14 +24,19 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::formats::{self, Doc, FileKind, Format, FormatError};
 use crate::manifest::Manifest;
+use crate::store::{Location, StoreError, StoreOptions};
 use crate::tokenize::Tokenizer;
 use crate::writer::{DatasetWriter, WriteError};
 
-/// Text read per tokenization batch.
-const BATCH_BYTES: usize = 16 << 20;
+/// Text read per tokenization batch: the bound on a decompose's memory
+/// for documents (plus one document, or one record batch, over it).
+pub const BATCH_BYTES: usize = 16 << 20;
 /// Skipped documents listed by name in a summary (all are counted).
 const MAX_LISTED_SKIPS: usize = 20;
+/// Metadata files of Hugging Face datasets, never documents.
+const DATASETS_METADATA: &[&str] = &["dataset_info.json", "dataset_infos.json", "state.json"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
@@ -29,25 +45,111 @@ pub enum CorpusError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: Parquet input is not supported yet; convert it to JSONL with a `text` field")]
-    Parquet { path: PathBuf },
+    #[error("{path}: {why}")]
+    Unreadable { path: PathBuf, why: String },
+    #[error("{0}")]
+    Format(#[from] FormatError),
     #[error("no documents found in {inputs}")]
     Empty { inputs: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Write(#[from] WriteError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SourceKind {
-    Text,
-    Jsonl,
+/// How a corpus's files are read.
+#[derive(Debug, Clone)]
+pub struct CorpusOptions {
+    /// The JSON field, or Parquet/Arrow column, that holds the text.
+    pub text_field: String,
+    /// Text read per tokenization batch.
+    pub batch_bytes: usize,
+}
+
+impl Default for CorpusOptions {
+    fn default() -> CorpusOptions {
+        CorpusOptions {
+            text_field: "text".into(),
+            batch_bytes: BATCH_BYTES,
+        }
+    }
+}
+
+/// Where a corpus is: a local file or folder, or a folder on object
+/// storage (`s3://bucket/prefix`, `file:///…`).
+#[derive(Debug, Clone)]
+pub enum Input {
+    Path(PathBuf),
+    Store(Location),
+}
+
+impl Input {
+    /// `input` as a URL when it has a scheme, a path otherwise.
+    pub fn parse(input: &str, options: &StoreOptions) -> Result<Input, StoreError> {
+        if input.contains("://") {
+            Location::open(input, false, options).map(Input::Store)
+        } else {
+            Ok(Input::Path(PathBuf::from(input)))
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Input::Path(p) => p.display().to_string(),
+            Input::Store(l) => l.url().to_string(),
+        }
+    }
+}
+
+/// Where one file is.
+#[derive(Debug, Clone)]
+enum Place {
+    Local(PathBuf),
+    Remote { at: Location, key: String },
 }
 
 #[derive(Debug, Clone)]
 struct Source {
-    path: PathBuf,
-    kind: SourceKind,
+    place: Place,
+    /// The path or URL, for messages.
+    name: String,
+    kind: FileKind,
     bytes: u64,
+}
+
+/// An open file's documents; a remote file is read from a local spool
+/// that lives as long as they do.
+struct Opened {
+    docs: Box<dyn Iterator<Item = Result<Doc, FormatError>> + Send>,
+    _spool: Option<tempfile::TempPath>,
+}
+
+impl Iterator for Opened {
+    type Item = Result<Doc, FormatError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.docs.next()
+    }
+}
+
+impl Source {
+    async fn open(&self, text_field: &str) -> Result<Opened, CorpusError> {
+        match &self.place {
+            Place::Local(path) => Ok(Opened {
+                docs: formats::documents(path, &self.name, self.kind, text_field)?,
+                _spool: None,
+            }),
+            Place::Remote { at, key } => {
+                let spool = tempfile::NamedTempFile::new()
+                    .map_err(io(Path::new("a temporary file")))?
+                    .into_temp_path();
+                at.download(key, &spool).await?;
+                Ok(Opened {
+                    docs: formats::documents(&spool, &self.name, self.kind, text_field)?,
+                    _spool: Some(spool),
+                })
+            }
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
@@ -57,114 +159,312 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
     }
 }
 
+/// Whether a file of this name is read as part of a corpus: not hidden,
+/// not a `datasets` metadata file.
+fn readable_name(name: &str) -> bool {
+    !name.starts_with('.') && !DATASETS_METADATA.contains(&name)
+}
+
+/// The files under `path`, in reading order.
 fn collect(path: &Path, out: &mut Vec<Source>) -> Result<(), CorpusError> {
     let meta = std::fs::metadata(path).map_err(io(path))?;
-    if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(io(path))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io(path))?;
-        entries.sort();
-        for entry in entries {
-            let hidden = entry
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !hidden {
-                collect(&entry, out)?;
-            }
-        }
+    if !meta.is_dir() {
+        out.push(local_source(path, meta.len())?);
         return Ok(());
     }
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    let kind = match ext.as_str() {
-        "jsonl" | "ndjson" => SourceKind::Jsonl,
-        "parquet" => {
-            return Err(CorpusError::Parquet {
-                path: path.to_path_buf(),
+    let state = path.join("state.json");
+    if let Ok(text) = std::fs::read_to_string(&state) {
+        let files =
+            formats::datasets_files(&text, &state.display().to_string()).map_err(|why| {
+                CorpusError::Unreadable {
+                    path: state.clone(),
+                    why,
+                }
+            })?;
+        if let Some(files) = files {
+            for f in files {
+                let file = path.join(f);
+                let len = std::fs::metadata(&file).map_err(io(&file))?.len();
+                out.push(local_source(&file, len)?);
+            }
+            return Ok(());
+        }
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io(path))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io(path))?;
+    entries.sort();
+    for entry in entries {
+        let name = entry
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if readable_name(&name) {
+            collect(&entry, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn local_source(path: &Path, bytes: u64) -> Result<Source, CorpusError> {
+    let mut head = vec![0u8; formats::HEAD_BYTES];
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut n = 0;
+    while n < head.len() {
+        match std::io::Read::read(&mut file, &mut head[n..]).map_err(io(path))? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    head.truncate(n);
+    let kind = formats::kind_of(path, &head).map_err(|why| CorpusError::Unreadable {
+        path: path.to_path_buf(),
+        why,
+    })?;
+    Ok(Source {
+        place: Place::Local(path.to_path_buf()),
+        name: path.display().to_string(),
+        kind,
+        bytes,
+    })
+}
+
+/// The objects under `at`, in reading order (sorted keys; a `datasets`
+/// folder's in its `state.json`'s order).
+async fn collect_remote(at: &Location, out: &mut Vec<Source>) -> Result<(), CorpusError> {
+    let keys = at.list().await?;
+    let files: Vec<String> = if keys.iter().any(|k| k == "state.json") {
+        let text = at.get("state.json").await?;
+        let name = at.url_of("state.json");
+        let listed =
+            formats::datasets_files(&String::from_utf8_lossy(&text), &name).map_err(|why| {
+                CorpusError::Unreadable {
+                    path: PathBuf::from(&name),
+                    why,
+                }
+            })?;
+        match listed {
+            Some(files) => files,
+            None => keys,
+        }
+    } else {
+        keys
+    };
+    for key in files {
+        if !key.split('/').all(readable_name) {
+            continue;
+        }
+        let (bytes, head) = at.head_bytes(&key, formats::HEAD_BYTES as u64).await?;
+        let name = at.url_of(&key);
+        let kind =
+            formats::kind_of(Path::new(&key), &head).map_err(|why| CorpusError::Unreadable {
+                path: PathBuf::from(&name),
+                why,
+            })?;
+        out.push(Source {
+            place: Place::Remote {
+                at: at.clone(),
+                key,
+            },
+            name,
+            kind,
+            bytes,
+        });
+    }
+    Ok(())
+}
+
+/// A corpus's files, found and checked.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    sources: Vec<Source>,
+    options: CorpusOptions,
+    /// Plain-text files left out of folders that hold Parquet or Arrow
+    /// files.
+    pub ignored: Vec<String>,
+}
+
+impl Corpus {
+    /// Finds the files under `inputs` (local files or folders) and checks
+    /// them as [`Corpus::open_inputs`] does.
+    pub async fn open(inputs: &[PathBuf], options: CorpusOptions) -> Result<Corpus, CorpusError> {
+        let inputs: Vec<Input> = inputs.iter().cloned().map(Input::Path).collect();
+        Corpus::open_inputs(&inputs, options).await
+    }
+
+    /// Finds the files under `inputs` and checks that each is of a kind
+    /// strata reads and that each input yields a document.
+    pub async fn open_inputs(
+        inputs: &[Input],
+        options: CorpusOptions,
+    ) -> Result<Corpus, CorpusError> {
+        let mut sources = Vec::new();
+        let mut ignored = Vec::new();
+        for input in inputs {
+            let mut found = Vec::new();
+            let folder = match input {
+                Input::Path(p) => {
+                    collect(p, &mut found)?;
+                    p.is_dir()
+                }
+                Input::Store(at) => {
+                    collect_remote(at, &mut found).await?;
+                    true
+                }
+            };
+            let tabular = |s: &Source| matches!(s.kind.format, Format::Parquet | Format::Arrow);
+            if folder && found.iter().any(tabular) {
+                let (data, text): (Vec<Source>, Vec<Source>) = found
+                    .into_iter()
+                    .partition(|s| s.kind.format != Format::Text);
+                for t in &text {
+                    tracing::warn!(file = %t.name, "not a data file beside data files: left out");
+                }
+                ignored.extend(text.into_iter().map(|s| s.name));
+                found = data;
+            }
+            let mut any = false;
+            'files: for src in &found {
+                for doc in src.open(&options.text_field).await? {
+                    if let Doc::Text(_) = doc? {
+                        any = true;
+                        break 'files;
+                    }
+                }
+            }
+            if !any {
+                return Err(CorpusError::Empty {
+                    inputs: format!(
+                        "{} ({} file{} read{})",
+                        input.name(),
+                        found.len(),
+                        if found.len() == 1 { "" } else { "s" },
+                        if found.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; no document had a `{}`", options.text_field)
+                        }
+                    ),
+                });
+            }
+            sources.extend(found);
+        }
+        if sources.is_empty() {
+            return Err(CorpusError::Empty {
+                inputs: "no inputs".into(),
             });
         }
-        _ => SourceKind::Text,
-    };
-    out.push(Source {
-        path: path.to_path_buf(),
-        kind,
-        bytes: meta.len(),
-    });
-    Ok(())
-}
+        Ok(Corpus {
+            sources,
+            options,
+            ignored,
+        })
+    }
 
-/// A document as read: its text, or why it was skipped.
-enum Doc {
-    Text(String),
-    Skipped(String),
-}
+    /// Bytes of the files to read.
+    pub fn bytes(&self) -> u64 {
+        self.sources.iter().map(|s| s.bytes).sum()
+    }
 
-fn read_source(src: &Source, docs: &mut Vec<Doc>) -> Result<(), CorpusError> {
-    let bytes = std::fs::read(&src.path).map_err(io(&src.path))?;
-    let name = src.path.display();
-    match src.kind {
-        SourceKind::Text => docs.push(match String::from_utf8(bytes) {
-            Err(e) => Doc::Skipped(format!(
-                "{name}: not UTF-8 (byte {})",
-                e.utf8_error().valid_up_to()
-            )),
-            Ok(t) if t.trim().is_empty() => Doc::Skipped(format!("{name}: empty")),
-            Ok(t) => Doc::Text(t),
-        }),
-        SourceKind::Jsonl => {
-            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-                let line_no = i + 1;
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let doc = match std::str::from_utf8(line) {
-                    Err(_) => Doc::Skipped(format!("{name}:{line_no}: not UTF-8")),
-                    Ok(l) => match serde_json::from_str::<serde_json::Value>(l) {
-                        Err(e) => Doc::Skipped(format!("{name}:{line_no}: not JSON ({e})")),
-                        Ok(v) => match v.get("text").and_then(|t| t.as_str()) {
-                            None => {
-                                Doc::Skipped(format!("{name}:{line_no}: no string `text` field"))
-                            }
-                            Some(t) if t.trim().is_empty() => {
-                                Doc::Skipped(format!("{name}:{line_no}: empty"))
-                            }
-                            Some(t) => Doc::Text(t.to_string()),
-                        },
-                    },
-                };
-                docs.push(doc);
+    /// How many documents the corpus offers, the unreadable ones included,
+    /// as [`Corpus::decompose`] numbers them.
+    pub async fn count_documents(&self) -> Result<u64, CorpusError> {
+        let mut n = 0u64;
+        for src in &self.sources {
+            for doc in src.open(&self.options.text_field).await? {
+                doc?;
+                n += 1;
             }
         }
+        Ok(n)
     }
-    Ok(())
-}
 
-/// How many documents `inputs` offer (a text file is one; each non-blank
-/// line of a JSON-lines file is one), the unreadable ones included, as
-/// [`decompose_corpus`] numbers them.
-pub fn count_documents(inputs: &[PathBuf]) -> Result<u64, CorpusError> {
-    let mut sources = Vec::new();
-    for input in inputs {
-        collect(input, &mut sources)?;
-    }
-    let mut n = 0u64;
-    for src in &sources {
-        n += match src.kind {
-            SourceKind::Text => 1,
-            SourceKind::Jsonl => {
-                let bytes = std::fs::read(&src.path).map_err(io(&src.path))?;
-                bytes
-                    .split(|&b| b == b'\n')
-                    .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-                    .count() as u64
+    /// Tokenizes every document and writes the dataset through `writer`.
+    pub async fn decompose(
+        &self,
+        tokenizer: Tokenizer,
+        mut writer: DatasetWriter,
+        progress: &dyn Progress,
+    ) -> Result<DecomposeSummary, CorpusError> {
+        let start = Instant::now();
+        let input_bytes = self.bytes();
+        progress.total_bytes(input_bytes);
+        let mut skipped = Vec::new();
+        let mut tokenize = Duration::ZERO;
+        let field = &self.options.text_field;
+        let mut files = self.sources.iter();
+        let mut current: Option<(u64, Opened)> = None;
+        loop {
+            // One batch of documents, about batch_bytes of text.
+            let mut docs = Vec::new();
+            let (mut text_bytes, mut file_bytes) = (0usize, 0u64);
+            while text_bytes < self.options.batch_bytes {
+                if current.is_none() {
+                    let Some(src) = files.next() else { break };
+                    current = Some((src.bytes, src.open(field).await?));
+                }
+                let (bytes, docs_of) = current.as_mut().expect("a file is open");
+                match docs_of.next() {
+                    None => {
+                        file_bytes += *bytes;
+                        current = None;
+                    }
+                    Some(doc) => {
+                        let doc = doc?;
+                        text_bytes += match &doc {
+                            Doc::Text(t) => t.len(),
+                            Doc::Skipped(why) => why.len(),
+                        };
+                        docs.push(doc);
+                    }
+                }
             }
-        };
+            if docs.is_empty() && current.is_none() {
+                progress.advance(file_bytes, 0);
+                break;
+            }
+            let t0 = Instant::now();
+            let tokenized: Vec<Option<Vec<u32>>> = docs
+                .par_iter()
+                .map(|d| match d {
+                    Doc::Text(t) => Some(tokenizer.encode_document(t)),
+                    Doc::Skipped(_) => None,
+                })
+                .collect();
+            tokenize += t0.elapsed();
+            let mut batch_tokens = 0u64;
+            for (doc, tokens) in docs.iter().zip(tokenized) {
+                match (doc, tokens) {
+                    (_, Some(tokens)) => {
+                        batch_tokens += tokens.len() as u64;
+                        writer.add_document(&tokens).await?;
+                    }
+                    (Doc::Skipped(why), None) => {
+                        tracing::warn!(document = %why, "skipped document");
+                        if skipped.len() < MAX_LISTED_SKIPS {
+                            skipped.push(why.clone());
+                        }
+                        writer.skip_document();
+                    }
+                    (Doc::Text(_), None) => unreachable!("text is always tokenized"),
+                }
+            }
+            progress.advance(file_bytes, batch_tokens);
+        }
+        let manifest = writer.finish().await?;
+        let elapsed = start.elapsed().as_secs_f64();
+        Ok(DecomposeSummary {
+            tokens_per_s: manifest.n_tokens_in as f64 / elapsed.max(1e-9),
+            manifest,
+            input_bytes,
+            skipped,
+            ignored: self.ignored.clone(),
+            elapsed_s: elapsed,
+            tokenize_s: tokenize.as_secs_f64(),
+        })
     }
-    Ok(n)
 }
 
 /// What `strata decompose` did.
@@ -174,6 +474,9 @@ pub struct DecomposeSummary {
     pub input_bytes: u64,
     /// Documents skipped, with why (the first few).
     pub skipped: Vec<String>,
+    /// Plain-text files left out of folders that hold data files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<String>,
     pub elapsed_s: f64,
     /// Wall time spent tokenizing (all threads busy).
     pub tokenize_s: f64,
@@ -190,79 +493,16 @@ pub trait Progress: Sync {
 pub struct Quiet;
 impl Progress for Quiet {}
 
-/// Tokenizes every document under `inputs` and writes the dataset through
-/// `writer`.
+/// Tokenizes every document under `inputs` (read with the default
+/// options) and writes the dataset through `writer`.
 pub async fn decompose_corpus(
     inputs: &[PathBuf],
     tokenizer: Tokenizer,
-    mut writer: DatasetWriter,
+    writer: DatasetWriter,
     progress: &dyn Progress,
 ) -> Result<DecomposeSummary, CorpusError> {
-    let start = Instant::now();
-    let mut sources = Vec::new();
-    for input in inputs {
-        collect(input, &mut sources)?;
-    }
-    if sources.is_empty() {
-        return Err(CorpusError::Empty {
-            inputs: inputs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
-    let input_bytes: u64 = sources.iter().map(|s| s.bytes).sum();
-    progress.total_bytes(input_bytes);
-
-    let mut skipped = Vec::new();
-    let mut tokenize = Duration::ZERO;
-    let mut next = 0;
-    while next < sources.len() {
-        // One batch of whole files, about BATCH_BYTES of text.
-        let mut docs = Vec::new();
-        let mut batch_bytes = 0u64;
-        while next < sources.len() && (batch_bytes as usize) < BATCH_BYTES {
-            read_source(&sources[next], &mut docs)?;
-            batch_bytes += sources[next].bytes;
-            next += 1;
-        }
-        let t0 = Instant::now();
-        let tokenized: Vec<Option<Vec<u32>>> = docs
-            .par_iter()
-            .map(|d| match d {
-                Doc::Text(t) => Some(tokenizer.encode_document(t)),
-                Doc::Skipped(_) => None,
-            })
-            .collect();
-        tokenize += t0.elapsed();
-        let mut batch_tokens = 0u64;
-        for (doc, tokens) in docs.iter().zip(tokenized) {
-            match (doc, tokens) {
-                (_, Some(tokens)) => {
-                    batch_tokens += tokens.len() as u64;
-                    writer.add_document(&tokens).await?;
-                }
-                (Doc::Skipped(why), None) => {
-                    tracing::warn!(document = %why, "skipped document");
-                    if skipped.len() < MAX_LISTED_SKIPS {
-                        skipped.push(why.clone());
-                    }
-                    writer.skip_document();
-                }
-                (Doc::Text(_), None) => unreachable!("text is always tokenized"),
-            }
-        }
-        progress.advance(batch_bytes, batch_tokens);
-    }
-    let manifest = writer.finish().await?;
-    let elapsed = start.elapsed().as_secs_f64();
-    Ok(DecomposeSummary {
-        tokens_per_s: manifest.n_tokens_in as f64 / elapsed.max(1e-9),
-        manifest,
-        input_bytes,
-        skipped,
-        elapsed_s: elapsed,
-        tokenize_s: tokenize.as_secs_f64(),
-    })
+    Corpus::open(inputs, CorpusOptions::default())
+        .await?
+        .decompose(tokenizer, writer, progress)
+        .await
 }

@@ -380,15 +380,10 @@ impl<I: Iterator<Item = Result<RecordBatch, String>>> Iterator for Rows<I> {
 }
 
 /// The data files of a Hugging Face `datasets` folder saved with
-/// `save_to_disk` (its `state.json`'s `_data_files`, in their order), or
-/// `None` when `dir` is not one.
-pub fn datasets_folder(dir: &Path) -> Result<Option<Vec<String>>, String> {
-    let state = dir.join("state.json");
-    let Ok(text) = std::fs::read_to_string(&state) else {
-        return Ok(None);
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state.display()))?;
+/// `save_to_disk`, from its `state.json` (`text`, read from `name`): its
+/// `_data_files`, in their order, or `None` when it names none.
+pub fn datasets_files(text: &str, name: &str) -> Result<Option<Vec<String>>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
     let Some(files) = v.get("_data_files").and_then(|f| f.as_array()) else {
         return Ok(None);
     };
@@ -399,7 +394,7 @@ pub fn datasets_folder(dir: &Path) -> Result<Option<Vec<String>>, String> {
                 .and_then(|n| n.as_str())
                 .filter(|n| !n.contains('/') && !n.contains(".."))
                 .map(str::to_string)
-                .ok_or_else(|| format!("{}: a _data_files entry without a plain filename", state.display()))
+                .ok_or_else(|| format!("{name}: a _data_files entry without a plain filename"))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -432,8 +427,14 @@ mod tests {
             kind("x.JSONL.ZST", &[0x28, 0xB5, 0x2F, 0xFD]),
             k(Format::Jsonl, Compression::Zstd)
         );
-        assert_eq!(kind("b.txt.gz", &[0x1F, 0x8B]), k(Format::Text, Compression::Gzip));
-        assert_eq!(kind("d.parquet", b"PAR1...."), k(Format::Parquet, Compression::None));
+        assert_eq!(
+            kind("b.txt.gz", &[0x1F, 0x8B]),
+            k(Format::Text, Compression::Gzip)
+        );
+        assert_eq!(
+            kind("d.parquet", b"PAR1...."),
+            k(Format::Parquet, Compression::None)
+        );
         assert_eq!(
             kind("data-00000-of-00001.arrow", &[0xFF; 8]),
             k(Format::Arrow, Compression::None)

@@ -9,7 +9,9 @@
 //!   a rank's slice) that sharding, checkpoints and export read.
 //! - [`memory`]: each rank's bytes at its step's peak, from the table and
 //!   the schedule (the memory plan).
-//! - [`corpus`] finds documents in files and folders and runs a decompose.
+//! - [`corpus`] finds documents in files and folders and runs a decompose;
+//!   [`formats`] reads them out of text, JSON lines (plain, gzip, zstd),
+//!   Parquet and Arrow IPC files.
 //! - [`tokenize`]: offline tiktoken BPEs.
 //! - [`decompose`]: one document into power-of-two pieces.
 //! - [`writer`]: Arrow bucket shards and the manifest, written last.
@@ -25,6 +27,7 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod decompose;
 pub mod family;
+pub mod formats;
 pub mod loader;
 pub mod manifest;
 pub mod memory;

@@ -226,6 +226,45 @@ impl Location {
         result.bytes().await.map_err(|e| self.io(key, e))
     }
 
+    /// The size of the object at `key`, and its first `n` bytes (fewer
+    /// when it is shorter).
+    pub async fn head_bytes(&self, key: &str, n: u64) -> Result<(u64, Bytes), StoreError> {
+        let path = self.path(key);
+        let meta = self.store.head(&path).await.map_err(|e| self.io(key, e))?;
+        let end = n.min(meta.size);
+        let head = if end == 0 {
+            Bytes::new()
+        } else {
+            self.store
+                .get_range(&path, 0..end)
+                .await
+                .map_err(|e| self.io(key, e))?
+        };
+        Ok((meta.size, head))
+    }
+
+    /// Copies the object at `key` into the local file `to` as it arrives,
+    /// never holding more of it than one chunk (written as it comes: for
+    /// callers that read local files in place anyway).
+    pub async fn download(&self, key: &str, to: &std::path::Path) -> Result<(), StoreError> {
+        use std::io::Write;
+        let local = |e: std::io::Error| StoreError::Io {
+            url: format!("{} (to {})", self.url_of(key), to.display()),
+            source: Box::new(e),
+        };
+        let result = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| self.io(key, e))?;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(to).map_err(local)?);
+        let mut stream = result.into_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.io(key, e))? {
+            file.write_all(&chunk).map_err(local)?;
+        }
+        file.flush().map_err(local)
+    }
+
     /// Whether `key` exists (a failure other than "not found" is an error).
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         match self.store.head(&self.path(key)).await {
