@@ -209,16 +209,13 @@ fn collect(path: &Path, out: &mut Vec<Source>) -> Result<(), CorpusError> {
 }
 
 fn local_source(path: &Path, bytes: u64) -> Result<Source, CorpusError> {
-    let mut head = vec![0u8; formats::HEAD_BYTES];
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
-    let mut n = 0;
-    while n < head.len() {
-        match std::io::Read::read(&mut file, &mut head[n..]).map_err(io(path))? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    head.truncate(n);
+    let mut head = Vec::with_capacity(formats::HEAD_BYTES);
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, formats::HEAD_BYTES as u64),
+        &mut head,
+    )
+    .map_err(io(path))?;
     let kind = formats::kind_of(path, &head).map_err(|why| CorpusError::Unreadable {
         path: path.to_path_buf(),
         why,

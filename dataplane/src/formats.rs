@@ -154,6 +154,7 @@ pub enum Doc {
 pub struct FormatError(pub String);
 
 type Docs = Box<dyn Iterator<Item = Result<Doc, FormatError>> + Send>;
+type Batches = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send>;
 
 /// The documents of the file at `path` (shown as `name`) of kind `kind`,
 /// the text in field or column `text_field`.
@@ -240,24 +241,29 @@ fn arrow_documents(mut file: File, name: String, field: &str) -> Result<Docs, Fo
     let mut magic = [0u8; 6];
     let n = file.read(&mut magic).map_err(|e| err(&e))?;
     file.rewind().map_err(|e| err(&e))?;
-    let batches: Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send> =
-        if n == 6 && &magic == b"ARROW1" {
-            let reader = arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None)
-                .map_err(|e| err(&e))?;
-            let column = text_column(&reader.schema(), field).map_err(|e| err(&e))?;
-            Box::new(reader.map(move |b| {
-                b.map(|b| b.project(&[column]).expect("the column exists"))
-                    .map_err(|e| e.to_string())
-            }))
-        } else {
-            let reader = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
-                .map_err(|e| err(&e))?;
-            let column = text_column(&reader.schema(), field).map_err(|e| err(&e))?;
-            Box::new(reader.map(move |b| {
-                b.map(|b| b.project(&[column]).expect("the column exists"))
-                    .map_err(|e| e.to_string())
-            }))
-        };
+    /// The text column of every batch `reader` yields.
+    fn column_of<R>(reader: R, schema: &Schema, field: &str) -> Result<Batches, String>
+    where
+        R: Iterator<Item = Result<RecordBatch, arrow_schema::ArrowError>> + Send + 'static,
+    {
+        let column = text_column(schema, field)?;
+        Ok(Box::new(reader.map(move |b| {
+            b.map(|b| b.project(&[column]).expect("the column exists"))
+                .map_err(|e| e.to_string())
+        })))
+    }
+    let batches = if n == 6 && &magic == b"ARROW1" {
+        let reader = arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None)
+            .map_err(|e| err(&e))?;
+        let schema = reader.schema();
+        column_of(reader, &schema, field)
+    } else {
+        let reader = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
+            .map_err(|e| err(&e))?;
+        let schema = reader.schema();
+        column_of(reader, &schema, field)
+    }
+    .map_err(|e| err(&e))?;
     Ok(Box::new(Rows::new(name, batches)))
 }
 
