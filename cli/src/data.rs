@@ -371,6 +371,7 @@ fn stream(args: StreamArgs) -> anyhow::Result<()> {
         dp_size: args.dp_size,
         seed: args.seed,
         max_seq_len: args.max_seq_len,
+        mixture: Default::default(),
     };
     let rt = runtime()?;
     let final_cursor = rt.block_on(async {

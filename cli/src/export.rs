@@ -129,7 +129,8 @@ impl CheckpointRef {
 async fn dataset_of(manifest: &Manifest) -> anyhow::Result<(Location, DatasetManifest)> {
     let recipe = Recipe::from_toml_str(&manifest.recipe, &manifest.job)
         .map_err(|e| anyhow::anyhow!("the checkpoint's recipe: {e}"))?;
-    let url = &recipe.data.dataset;
+    // A mixture's sources share one tokenizer: the first stands for all.
+    let url = recipe.data.first_dataset();
     let loc = Location::parse(url, false).map_err(|e| UserError(format!("{url}: {e}")))?;
     let data = read_manifest(&loc)
         .await

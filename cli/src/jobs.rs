@@ -684,8 +684,28 @@ pub struct ResumeArgs {
     /// would otherwise write over.
     #[arg(long)]
     pub discard_newer: bool,
+    /// A mixture's weights from the checkpoint on, every source by name:
+    /// `web=0.5,code=0.3,math=0.2`.
+    #[arg(long, value_parser = parse_weights)]
+    pub weights: Option<Vec<(String, f64)>>,
     #[command(flatten)]
     pub connect: Connect,
+}
+
+/// `name=weight,…` as `--weights` takes it.
+fn parse_weights(s: &str) -> Result<Vec<(String, f64)>, String> {
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{kv:?}: give source=weight"))?;
+            let w: f64 = v
+                .trim()
+                .parse()
+                .map_err(|e| format!("{kv:?}: the weight {v:?} is not a number ({e})"))?;
+            Ok((k.trim().to_string(), w))
+        })
+        .collect()
 }
 
 pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
@@ -699,6 +719,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
                 pp: args.pp.unwrap_or(0),
                 dp: args.dp.unwrap_or(0),
                 discard_newer: args.discard_newer,
+                weights: args.weights.unwrap_or_default().into_iter().collect(),
             })
             .await
             .map_err(|s| status_error("ResumeJob", s))?
@@ -1016,6 +1037,12 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
             "bubble": st.bubble,
             "tp_comm_s": st.tp_comm_s,
         })).collect::<Vec<_>>(),
+        "sources": s.sources.iter().map(|x| json!({
+            "name": x.name,
+            "tokens": x.tokens,
+            "loss": x.loss,
+            "eval_loss": x.eval_loss,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -1049,18 +1076,35 @@ pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
             let v: Vec<_> = steps.iter().map(step_json).collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
+            // A mixture's sources get a loss column each.
+            let names: Vec<String> = steps
+                .iter()
+                .find(|s| !s.sources.is_empty())
+                .map(|s| s.sources.iter().map(|x| x.name.clone()).collect())
+                .unwrap_or_default();
+            let head: String = names
+                .iter()
+                .map(|n| format!(" {:>10}", format!("{}", n.chars().take(10).collect::<String>())))
+                .collect();
             println!(
-                "{:>6} {:>12} {:>8} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8}",
+                "{:>6} {:>12} {:>8} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8}{head}",
                 "STEP", "TOKENS", "LOSS", "EVAL", "LR", "TOK/S", "SEQ", "BUBBLE", "TP-COMM"
             );
             for s in &steps {
+                let per_source: String = names
+                    .iter()
+                    .map(|n| {
+                        let l = s.sources.iter().find(|x| &x.name == n).and_then(|x| x.loss);
+                        format!(" {:>10}", l.map_or("-".to_string(), |l| format!("{l:.4}")))
+                    })
+                    .collect();
                 // The worst stage's bubble, and the largest tp collective
                 // time (seconds), beside the theory in the header line.
                 let bubble = s.stages.iter().map(|st| st.bubble).fold(0.0, f64::max);
                 let tp = s.stages.iter().map(|st| st.tp_comm_s).fold(0.0, f64::max);
                 let eval = s.eval_loss.map_or(String::new(), |l| format!("{l:.4}"));
                 println!(
-                    "{:>6} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.0} {:>6} {:>7.1}% {:>7.3}s",
+                    "{:>6} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.0} {:>6} {:>7.1}% {:>7.3}s{per_source}",
                     s.step,
                     s.tokens,
                     s.loss,

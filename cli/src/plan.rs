@@ -183,7 +183,7 @@ fn plan_text(recipe: &Recipe, plan: &Plan) -> String {
                 plan.tokens_per_step,
                 plan.tokens_per_param,
                 recipe.data.cycles,
-                recipe.data.dataset
+                data_sources(&recipe.data)
             ),
         ],
         vec![
@@ -364,4 +364,24 @@ fn fmt_value(v: f64) -> String {
     } else {
         sci(v)
     }
+}
+
+/// The dataset, or a mixture's sources with their weights at the start.
+fn data_sources(data: &strata_recipe::DataConfig) -> String {
+    if !data.is_mixture() {
+        return data.first_dataset().to_string();
+    }
+    let w = data.weights_at(0);
+    let parts: Vec<String> = data
+        .sources
+        .iter()
+        .zip(w)
+        .map(|(s, w)| format!("{} {:.0}% ({})", s.name, 100.0 * w, s.dataset))
+        .collect();
+    let phases = if data.phases.is_empty() {
+        String::new()
+    } else {
+        format!(", {} later phase(s)", data.phases.len())
+    };
+    format!("mixture: {}{phases}", parts.join(", "))
 }

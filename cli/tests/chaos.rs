@@ -574,6 +574,7 @@ fn a_full_disk_delays_store_writes_and_loses_none() {
         bubble_theory: 0.0,
         eval_loss: None,
         peak_flops: None,
+        sources: Vec::new(),
     };
     let job = JobId::new("job-1");
     store

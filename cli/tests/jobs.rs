@@ -773,6 +773,7 @@ async fn resume(
         pp,
         dp,
         discard_newer,
+        weights: Default::default(),
     })
     .await
     .map(|r| r.into_inner())
@@ -1376,5 +1377,248 @@ async fn a_branch_decays_from_a_stable_phase_checkpoint() {
         lines[p + 1].starts_with(&format!("└ {} (from 8)", b.job_id)),
         "{text}"
     );
+    c.stop().await;
+}
+
+/// [`recipe_ck`] training on a mixture of `sources` (name, dataset,
+/// weight) with `[eval]`, plus `extra` TOML for `[data]` (phases).
+fn mixture_recipe(sources: &[(&str, &str, f64)], steps: u64, dir: &Path, extra: &str) -> String {
+    let mut mix = String::new();
+    for (name, data, weight) in sources {
+        mix.push_str(&format!(
+            "[[data.sources]]\nname = \"{name}\"\ndataset = \"{data}\"\nweight = {weight:?}\n"
+        ));
+    }
+    let base = recipe_ck("X", steps, (2, 2, 2), dir, 4);
+    let base = base.replace("dataset = \"X\"\n", "");
+    format!("{base}[fault]\nmax_restarts = 0\n[eval]\nevery_steps = 5\ntokens = 1040\n{mix}{extra}")
+}
+
+/// Each source's tokens and loss in a step, checked against the weights:
+/// within one sequence of its share, the sources' losses averaging to the
+/// step's.
+fn check_shares(s: &pb::StepMetrics, weights: &[f64]) {
+    let seq = 1u64 << s.seq_log2;
+    let total: u64 = s.sources.iter().map(|x| x.tokens).sum();
+    assert_eq!(total, 256, "step {}: {:?}", s.step, s.sources);
+    let mut mean = 0.0;
+    for (x, w) in s.sources.iter().zip(weights) {
+        let want = w * 256.0;
+        assert!(
+            (x.tokens as f64 - want).abs() < seq as f64,
+            "step {}: {} has {} tokens, its weight {w} asks {want} (sequences of {seq})",
+            s.step,
+            x.name,
+            x.tokens
+        );
+        assert_eq!(x.tokens % seq, 0);
+        if let Some(l) = x.loss {
+            mean += l * x.tokens as f64 / 256.0;
+        }
+    }
+    let rel = (mean - s.loss).abs() / s.loss;
+    assert!(
+        rel < 1e-5,
+        "step {}: sources average {mean}, the step {}",
+        s.step,
+        s.loss
+    );
+}
+
+/// A job over three sources weighed 0.5/0.3/0.2 trains under (2, 2, 2):
+/// every step gives each source its share to one sequence, the sources'
+/// losses (and held-out losses) are reported through the metrics, the
+/// watch's JSON and /metrics; killed and resumed with new weights, it
+/// continues from its cursor exactly as a run planned with those weights
+/// from that step does, bit for bit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = sotu_40();
+    let mut sets = Vec::new();
+    for (i, name) in ["web", "code", "math"].into_iter().enumerate() {
+        let part = &corpus[i * 13..(i + 1) * 13];
+        sets.push(decompose_holding_out(dir.path(), name, part, 0.25).await);
+    }
+    let sources = |w: [f64; 3]| {
+        vec![
+            ("web", sets[0].as_str(), w[0]),
+            ("code", sets[1].as_str(), w[1]),
+            ("math", sets[2].as_str(), w[2]),
+        ]
+    };
+    let mut cfg = config(&dir.path().join("state"), 8, None);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let ck = dir.path().join("ck");
+    let steps = 20;
+    let first = [0.5, 0.3, 0.2];
+    let spec = mixture_recipe(&sources(first), steps, &ck, "");
+
+    // A source that must not run out, and would, is refused at submission.
+    let e = submit(
+        &mut cl,
+        mixture_recipe(&sources(first), 5000, &ck, "").replacen(
+            "name = \"code\"\n",
+            "name = \"code\"\nexhausted = \"stop\"\n",
+            1,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.message()
+            .contains("source code ran out of sequences at step"),
+        "{}",
+        e.message()
+    );
+
+    // Killed once a checkpoint is complete.
+    let id = submit(&mut cl, spec).await.unwrap();
+    until(&mut cl, &id, 300, |j| {
+        j.last_checkpoint_step.unwrap_or(0) >= 8
+            || j.state() != pb::JobState::Running && j.state() != pb::JobState::Queued
+    })
+    .await;
+    let (_, pid) = worker_pids(&c, &id)
+        .into_iter()
+        .find(|(r, _)| *r == 5)
+        .expect("rank 5 runs");
+    signal(pid, "-KILL");
+    let j = ended(&mut cl, &id, 120).await;
+    assert_eq!(j.state(), pb::JobState::Failed);
+    let saved = j.last_checkpoint_step.expect("a checkpoint");
+    until_workers_gone(&c, &id, "workers outlived the failure").await;
+    let before = metrics(&mut cl, &id).await;
+    for s in &before {
+        check_shares(s, &first);
+        let evaluated = s.step % 5 == 0;
+        assert_eq!(s.eval_loss.is_some(), evaluated, "step {}", s.step);
+        assert!(s.sources.iter().all(|x| x.eval_loss.is_some() == evaluated));
+        if let Some(e) = s.eval_loss {
+            let mean: f64 = s
+                .sources
+                .iter()
+                .zip(first)
+                .map(|(x, w)| w * x.eval_loss.unwrap())
+                .sum();
+            assert!(
+                (mean - e).abs() < 1e-9 * e,
+                "step {}: {mean} vs {e}",
+                s.step
+            );
+        }
+    }
+
+    // Resumed with new weights: one weight missing is refused, naming it.
+    let resume_with = |weights: Vec<(&str, f64)>| pb::ResumeJobRequest {
+        job_id: id.clone(),
+        weights: weights
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        ..Default::default()
+    };
+    let e = cl
+        .resume_job(resume_with(vec![("web", 1.0), ("code", 1.0)]))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("no weight for math"),
+        "{}",
+        e.message()
+    );
+    let later = [0.2, 0.2, 0.6];
+    cl.resume_job(resume_with(vec![
+        ("web", 0.2),
+        ("code", 0.2),
+        ("math", 0.6),
+    ]))
+    .await
+    .unwrap();
+    let j = ended(&mut cl, &id, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let resumed = metrics(&mut cl, &id).await;
+    assert_eq!(resumed.len(), steps as usize);
+    for s in &resumed {
+        check_shares(s, if s.step <= saved { &first } else { &later });
+    }
+
+    // The same plan from the start: weights changing at that step.
+    let phase = format!(
+        "[[data.phases]]\nat_tokens = {}\nweights = {{ web = 0.2, code = 0.2, math = 0.6 }}\n",
+        saved * 256
+    );
+    let planned = submit(
+        &mut cl,
+        mixture_recipe(&sources(first), steps, &dir.path().join("ck2"), &phase),
+    )
+    .await
+    .unwrap();
+    // While it runs, /metrics has each source's loss of its last step.
+    let http = c.http_addr.unwrap();
+    let mut scraped = None;
+    while scraped.is_none() {
+        let j = get(&mut cl, &planned).await;
+        if j.state() != pb::JobState::Running && j.state() != pb::JobState::Queued {
+            break;
+        }
+        if j.steps_done >= 1 {
+            let (code, body) = get_http(http, "/metrics", None);
+            assert_eq!(code, 200);
+            if body.contains("strata_job_source_loss") {
+                scraped = Some(body);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = scraped.expect("a scrape while the job ran");
+    for name in ["web", "code", "math"] {
+        for family in ["strata_job_source_loss", "strata_job_source_tokens"] {
+            let line = format!("{family}{{job=\"{planned}\",source=\"{name}\"}}");
+            assert!(body.contains(&line), "{line} missing:\n{body}");
+        }
+    }
+    let j = ended(&mut cl, &planned, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let want = metrics(&mut cl, &planned).await;
+    for (x, y) in want.iter().zip(&resumed) {
+        assert_eq!(
+            (x.step, x.loss.to_bits(), x.seq_log2, &x.sources),
+            (y.step, y.loss.to_bits(), y.seq_log2, &y.sources),
+            "step {} (resumed from {saved})",
+            x.step
+        );
+    }
+
+    // `strata metrics --json` gives every step its sources.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "metrics",
+            &planned,
+            "--json",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = &v.as_array().unwrap()[steps as usize - 1];
+    let names: Vec<&str> = last["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web", "code", "math"]);
+    let tokens: u64 = last["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(tokens, 256);
+    assert!(last["sources"][2]["loss"].as_f64().unwrap() > 0.0);
     c.stop().await;
 }

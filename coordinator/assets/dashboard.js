@@ -101,6 +101,9 @@ function table(headers, rows) {
 
 // ------------------------------------------------------------- charts ---
 
+// Colours of a mixture's sources in the loss chart.
+const SOURCE_COLORS = ["#d97706", "#0891b2", "#65a30d", "#c026d3", "#475569", "#e11d48"];
+
 // A line chart in SVG. `series`: [{name, color, points: [[x, y]], dash,
 // markers}]. Long series are thinned to keep each bucket's extremes.
 function thin(points, max) {
@@ -344,6 +347,17 @@ function drawJob(job, steps) {
   const evals = steps.filter((s) => s.eval_loss !== null && s.eval_loss !== undefined).map((s) => [s.step, s.eval_loss]);
   const loss = [{ name: "training loss", color: "#2563eb", points: train }];
   if (evals.length) loss.push({ name: "held-out loss", color: "#dc2626", points: evals, markers: true });
+  // A mixture: each source's training loss beside the step's.
+  const names = [];
+  for (const s of steps) for (const x of s.sources || []) if (!names.includes(x.name)) names.push(x.name);
+  names.forEach((name, i) => {
+    const points = [];
+    for (const s of steps) {
+      const x = (s.sources || []).find((y) => y.name === name);
+      if (x && x.loss !== null && x.loss !== undefined) points.push([s.step, x.loss]);
+    }
+    loss.push({ name, color: SOURCE_COLORS[i % SOURCE_COLORS.length], points, dash: true });
+  });
   drawChart(document.getElementById("chart-loss"), { title: "loss", series: loss });
   drawChart(document.getElementById("chart-lr"), {
     title: "learning rate",

@@ -495,6 +495,31 @@ pub struct StepRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub peak_flops: Option<f64>,
+    /// A mixture's sources in the step; empty for one dataset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceRecord>,
+}
+
+/// One source of a mixture in a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub name: String,
+    /// The step's tokens from it.
+    pub tokens: u64,
+    /// Its mean loss per token in the step; none without a share.
+    #[serde(
+        default,
+        with = "float::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub loss: Option<f64>,
+    /// Its held-out loss, on steps that evaluated.
+    #[serde(
+        default,
+        with = "float::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eval_loss: Option<f64>,
 }
 
 pub fn now_unix_ms() -> i64 {

@@ -647,6 +647,21 @@ pub fn encode_step(s: &StepRecord) -> Vec<u8> {
             b.extend(x.to_le_bytes());
         }
     }
+    // A mixture's sources, after everything else (records without them
+    // end here, as before mixtures).
+    if !s.sources.is_empty() {
+        b.extend((s.sources.len() as u32).to_le_bytes());
+        for x in &s.sources {
+            let name = &x.name.as_bytes()[..x.name.len().min(u16::MAX as usize)];
+            b.extend((name.len() as u16).to_le_bytes());
+            b.extend(name);
+            b.extend(x.tokens.to_le_bytes());
+            b.push(u8::from(x.loss.is_some()) | (u8::from(x.eval_loss.is_some()) << 1));
+            for v in [x.loss, x.eval_loss].into_iter().flatten() {
+                b.extend(v.to_le_bytes());
+            }
+        }
+    }
     b
 }
 
@@ -667,6 +682,11 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
         }
         fn f64(&mut self) -> Option<f64> {
             self.take().map(f64::from_le_bytes)
+        }
+        fn bytes(&mut self, n: usize) -> Option<&[u8]> {
+            let (head, rest) = self.0.split_at_checked(n)?;
+            self.0 = rest;
+            Some(head)
         }
     }
     let mut r = R(b);
@@ -703,6 +723,27 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
             tp_comm_s: r.f64()?,
         });
     }
+    let mut sources = Vec::new();
+    if !r.0.is_empty() {
+        let n = r.u32()? as usize;
+        if n > r.0.len() / 11 {
+            return None;
+        }
+        for _ in 0..n {
+            let len = u16::from_le_bytes(r.take()?) as usize;
+            let name = String::from_utf8(r.bytes(len)?.to_vec()).ok()?;
+            let tokens = r.u64()?;
+            let flags = r.take::<1>()?[0];
+            let loss = if flags & 1 != 0 { Some(r.f64()?) } else { None };
+            let eval_loss = if flags & 2 != 0 { Some(r.f64()?) } else { None };
+            sources.push(crate::job::SourceRecord {
+                name,
+                tokens,
+                loss,
+                eval_loss,
+            });
+        }
+    }
     r.0.is_empty().then_some(StepRecord {
         step,
         tokens,
@@ -716,6 +757,7 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
         bubble_theory,
         eval_loss,
         peak_flops,
+        sources,
     })
 }
 
@@ -775,6 +817,24 @@ mod tests {
         s.eval_loss = None;
         s.loss = 2.0;
         assert_eq!(decode_step(&encode_step(&s)).unwrap(), s);
+        // A mixture's sources follow; a record without them is as before.
+        s.sources = vec![
+            crate::job::SourceRecord {
+                name: "web".into(),
+                tokens: 640,
+                loss: Some(3.25),
+                eval_loss: Some(3.5),
+            },
+            crate::job::SourceRecord {
+                name: "code".into(),
+                tokens: 0,
+                loss: None,
+                eval_loss: None,
+            },
+        ];
+        let b = encode_step(&s);
+        assert_eq!(decode_step(&b).unwrap(), s);
+        assert_eq!(decode_step(&b[..b.len() - 1]), None);
         // A record an older coordinator wrote as JSON reads back.
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -814,6 +874,7 @@ mod tests {
             bubble_theory: 0.2,
             eval_loss: Some(3.5),
             peak_flops: Some(2e12),
+            sources: Vec::new(),
         }
     }
 

@@ -309,6 +309,7 @@ fn step(n: u64, stages: u32) -> pb::StepMetrics {
         bubble_theory: 0.1,
         eval_loss: None,
         peak_flops: None,
+        sources: Vec::new(),
     }
 }
 

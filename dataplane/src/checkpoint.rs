@@ -107,15 +107,112 @@ pub struct SavedLayout {
 
 /// Where the data loader stood.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "DataStateWire")]
 pub struct DataState {
-    /// The dataset's URL when saved.
-    pub dataset: String,
-    /// [`strata_dataplane::manifest::Manifest::fingerprint`] of that dataset.
-    pub fingerprint: u32,
+    /// Each source's dataset when saved, in source order.
+    pub sources: Vec<SourceState>,
     /// The cursor after the checkpoint's last step: the next batch read
     /// is the first one the uninterrupted run would have read next.
     pub cursor: Cursor,
+    /// The cursor was saved before mixtures, counting steps per bucket
+    /// rather than sequences ([`crate::loader::Planner::from_steps`]
+    /// converts it). Never written.
+    #[serde(skip_serializing)]
+    pub counts_steps: bool,
+}
+
+/// A source's dataset as a checkpoint records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceState {
+    pub name: String,
+    /// The dataset's URL when saved.
+    pub dataset: String,
+    /// [`crate::manifest::Manifest::fingerprint`] of that dataset.
+    pub fingerprint: u32,
+}
+
+/// `data` as manifests hold it: this version's, or one dataset's cursor
+/// as checkpoints before mixtures wrote it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DataStateWire {
+    Sources(SourcesWire),
+    OneDataset(OneDatasetWire),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourcesWire {
+    sources: Vec<SourceState>,
+    cursor: Cursor,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneDatasetWire {
+    dataset: String,
+    fingerprint: u32,
+    cursor: StepCursor,
+}
+
+/// The single-dataset cursor before mixtures: steps taken per bucket.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepCursor {
+    step: u64,
+    epoch: u64,
+    cycle: u32,
+    used: Vec<u64>,
+    rng: crate::rng::SplitMix64,
+}
+
+impl DataState {
+    /// The state of a one-dataset cursor that counted steps per bucket.
+    pub fn counting_steps(
+        dataset: String,
+        fingerprint: u32,
+        step: u64,
+        (epoch, cycle, used): (u64, u32, Vec<u64>),
+        rng: crate::rng::SplitMix64,
+    ) -> DataState {
+        DataState {
+            sources: vec![SourceState {
+                name: strata_recipe::SINGLE_SOURCE.into(),
+                dataset,
+                fingerprint,
+            }],
+            cursor: Cursor {
+                step,
+                rng,
+                sources: vec![crate::loader::SourceCursor { epoch, cycle, used }],
+            },
+            counts_steps: true,
+        }
+    }
+}
+
+impl From<DataStateWire> for DataState {
+    fn from(w: DataStateWire) -> DataState {
+        match w {
+            DataStateWire::Sources(SourcesWire { sources, cursor }) => DataState {
+                sources,
+                cursor,
+                counts_steps: false,
+            },
+            DataStateWire::OneDataset(OneDatasetWire {
+                dataset,
+                fingerprint,
+                cursor: c,
+            }) => DataState::counting_steps(
+                dataset,
+                fingerprint,
+                c.step,
+                (c.epoch, c.cycle, c.used),
+                c.rng,
+            ),
+        }
+    }
 }
 
 /// A complete checkpoint's description, `manifest.json`.
@@ -419,6 +516,26 @@ pub async fn prune(loc: &Location, root: &str, keep: usize, pinned: &[u64]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_state_from_before_mixtures_reads_as_one_source_counting_steps() {
+        let old = r#"{"dataset":"file:///d","fingerprint":9,"cursor":{"step":40,"epoch":2,"cycle":1,"used":[3,5],"rng":{"state":17}}}"#;
+        let d: DataState = serde_json::from_str(old).unwrap();
+        assert!(d.counts_steps);
+        assert_eq!(d.sources[0].dataset, "file:///d");
+        assert_eq!(d.sources[0].fingerprint, 9);
+        assert_eq!(d.cursor.step, 40);
+        assert_eq!(d.cursor.sources[0].used, [3, 5]);
+        // This version's form goes both ways and never says it counts steps.
+        let now = DataState {
+            counts_steps: false,
+            ..d
+        };
+        let text = serde_json::to_string(&now).unwrap();
+        assert!(!text.contains("counts_steps"), "{text}");
+        assert_eq!(serde_json::from_str::<DataState>(&text).unwrap(), now);
+        assert!(serde_json::from_str::<DataState>(r#"{"sources":[],"cursor":{},"x":1}"#).is_err());
+    }
     use crate::params::ParamTable;
     use proptest::prelude::*;
     use strata_recipe::{Coords, Layout};

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use strata_dataplane::corpus::{DecomposeSummary, Quiet, decompose_corpus};
 use strata_dataplane::decompose::{Buckets, SplitLong};
-use strata_dataplane::loader::{Loader, LoaderConfig, Planner};
+use strata_dataplane::loader::{Loader, LoaderConfig, LoaderError, Mixture, Planner, SourceRule};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
 use strata_dataplane::reader::{ReadError, read_holdout, read_manifest, read_shard};
 use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerKind;
 use strata_dataplane::writer::{DatasetWriter, WriteError, WriterOptions};
-use strata_recipe::{Curriculum, NamedCurriculum};
+use strata_recipe::{Curriculum, Exhausted, MixPhase, NamedCurriculum};
 
 fn corpora() -> PathBuf {
     // As strata_tests::corpora(), which this crate cannot depend on.
@@ -361,6 +361,7 @@ fn cfg(curriculum: Curriculum, cycles: u32, tps: u64, rank: u32, size: u32) -> L
         dp_size: size,
         seed: 11,
         max_seq_len: None,
+        mixture: Mixture::default(),
     }
 }
 
@@ -450,7 +451,7 @@ async fn bucket_frequencies_follow_the_curriculum_odds() {
         let n = 1000;
         let mut counts = [0f64; 4];
         for _ in 0..n {
-            let s = planner.next(&mut cursor);
+            let s = planner.next(&mut cursor).unwrap();
             counts[s.seq_len.trailing_zeros() as usize - 2] += 1.0;
         }
         // Pearson's chi-square against the odds, 3 degrees of freedom: below
@@ -512,7 +513,10 @@ async fn a_cursor_of_another_plan_is_refused() {
         loader.next_batch().await.unwrap();
     }
     let saved = loader.cursor().clone();
-    assert!(saved.cycle > 0, "the cursor has left the first cycle");
+    assert!(
+        saved.sources[0].cycle > 0,
+        "the cursor has left the first cycle"
+    );
     let err =
         |cfg: &LoaderConfig, cursor| match Loader::new(loc.clone(), m.clone(), cfg, Some(cursor)) {
             Ok(_) => panic!("a cursor of another plan was taken"),
@@ -536,10 +540,10 @@ async fn a_cursor_of_another_plan_is_refused() {
     );
     assert!(e.contains("cycle") && e.contains("1 cycles"), "{e}");
     let mut over = saved.clone();
-    over.used[0] = 1_000;
+    over.sources[0].used[0] = 1_000;
     let e = err(&c, over);
     assert!(
-        e.contains("took 1000 steps from the bucket of 8 tokens"),
+        e.contains("took 1000 sequences from the bucket of 8 tokens"),
         "{e}"
     );
     assert!(Loader::new(loc, m, &c, Some(saved)).is_ok());
@@ -764,4 +768,303 @@ mod adversarial {
             let _ = rt.block_on(read_manifest(&loc));
         }
     }
+}
+
+/// Three sources (`per_bucket` sequences of 8 to 64 tokens each) weighed
+/// `weights`, with `phases` after them.
+fn mixture_cfg(
+    weights: &[f64],
+    phases: &[(u64, &[f64])],
+    exhausted: &[Exhausted],
+    rank: u32,
+    size: u32,
+) -> LoaderConfig {
+    let names = ["web", "code", "math"];
+    let mut all = vec![MixPhase {
+        at_tokens: 0,
+        weights: weights.to_vec(),
+    }];
+    all.extend(phases.iter().map(|(at, w)| MixPhase {
+        at_tokens: *at,
+        weights: w.to_vec(),
+    }));
+    LoaderConfig {
+        mixture: Mixture {
+            sources: (0..weights.len())
+                .map(|i| SourceRule {
+                    name: names[i].into(),
+                    exhausted: exhausted[i],
+                })
+                .collect(),
+            phases: all,
+        },
+        ..cfg(
+            Curriculum::Named(NamedCurriculum::Uniform),
+            2,
+            1280,
+            rank,
+            size,
+        )
+    }
+}
+
+async fn three_sources(dir: &Path, per_bucket: [u64; 3]) -> Vec<(Location, Manifest)> {
+    let mut out = Vec::new();
+    for (i, n) in per_bucket.into_iter().enumerate() {
+        let sub = dir.join(format!("s{i}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        out.push(synthetic(&sub, 3, 6, n).await);
+    }
+    out
+}
+
+/// (source, doc id) of every row of a batch, in row order.
+fn rows_by_source(b: &strata_dataplane::loader::Batch) -> Vec<(usize, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(s, n) in &b.runs {
+        out.extend(b.doc_ids[at..at + n].iter().map(|&d| (s, d)));
+        at += n;
+    }
+    assert_eq!(at, b.n_sequences(), "the runs cover the rows");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixture_gives_every_source_its_share_to_one_sequence_under_any_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = three_sources(dir.path(), [3000, 3000, 3000]).await;
+    let weights = [0.5, 0.3, 0.2];
+    let later: &[f64] = &[0.2, 0.2, 0.6];
+    let phases = [(1280 * 30, later)];
+    let stop = [Exhausted::Stop; 3];
+    let mut whole = Loader::mixture(
+        data.clone(),
+        &mixture_cfg(&weights, &phases, &stop, 0, 1),
+        None,
+    )
+    .unwrap();
+    let mut ranks: Vec<Loader> = (0..4)
+        .map(|r| {
+            Loader::mixture(
+                data.clone(),
+                &mixture_cfg(&weights, &phases, &stop, r, 4),
+                None,
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut lengths = HashSet::new();
+    let mut seen = HashSet::new();
+    for step in 0..60u64 {
+        let all = whole.next_batch().await.unwrap();
+        lengths.insert(all.seq_len);
+        let n = all.n_sequences_global;
+        assert_eq!(n * all.seq_len, 1280);
+        assert_eq!(all.source_sequences.iter().sum::<u64>(), n);
+        let w = if step < 30 { &weights[..] } else { later };
+        for (s, (&got, &w)) in all.source_sequences.iter().zip(w).enumerate() {
+            let want = w * n as f64;
+            assert!(
+                (got as f64 - want).abs() < 1.0,
+                "step {step}: source {s} has {got} of {n} sequences, its weight {w} asks {want}"
+            );
+        }
+        // Each source's rows are its own, in source order, never repeated.
+        let rows = rows_by_source(&all);
+        for (s, d) in &rows {
+            assert!(seen.insert((*s, *d)), "{s}/{d} twice");
+        }
+        let mut counts = vec![0u64; 3];
+        rows.iter().for_each(|(s, _)| counts[*s] += 1);
+        assert_eq!(counts, all.source_sequences);
+        // Four ranks' shares, in rank order, are the step.
+        let mut joined = Vec::new();
+        for l in ranks.iter_mut() {
+            let b = l.next_batch().await.unwrap();
+            assert_eq!(
+                (b.step, b.seq_len, &b.source_sequences),
+                (all.step, all.seq_len, &all.source_sequences)
+            );
+            joined.extend(rows_by_source(&b));
+        }
+        assert_eq!(joined, rows);
+    }
+    assert!(
+        lengths.len() > 2,
+        "the curriculum drew several lengths: {lengths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixture_resumed_with_new_weights_continues_each_source_from_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = three_sources(dir.path(), [2000, 2000, 2000]).await;
+    let cycle = [Exhausted::Cycle; 3];
+    let before = mixture_cfg(&[0.5, 0.3, 0.2], &[], &cycle, 0, 1);
+    let mut first = Loader::mixture(data.clone(), &before, None).unwrap();
+    let mut read: Vec<HashSet<u64>> = vec![HashSet::new(); 3];
+    for _ in 0..25 {
+        let b = first.next_batch().await.unwrap();
+        for (s, d) in rows_by_source(&b) {
+            assert!(read[s].insert(d));
+        }
+    }
+    let saved: strata_dataplane::loader::Cursor =
+        serde_json::from_str(&serde_json::to_string(first.cursor()).unwrap()).unwrap();
+    // The same weights resume exactly where the run was.
+    let mut straight = first;
+    let mut same = Loader::mixture(data.clone(), &before, Some(saved.clone())).unwrap();
+    for _ in 0..10 {
+        let (a, b) = (
+            straight.next_batch().await.unwrap(),
+            same.next_batch().await.unwrap(),
+        );
+        assert_eq!((a.step, rows_by_source(&a)), (b.step, rows_by_source(&b)));
+    }
+    // New weights: the shares follow them at once, and no source repeats
+    // a sequence it had read in this epoch.
+    let after = mixture_cfg(&[0.1, 0.1, 0.8], &[], &cycle, 0, 1);
+    let mut resumed = Loader::mixture(data.clone(), &after, Some(saved)).unwrap();
+    for _ in 0..10 {
+        let b = resumed.next_batch().await.unwrap();
+        let n = b.n_sequences_global as f64;
+        assert!((b.source_sequences[2] as f64 - 0.8 * n).abs() < 1.0);
+        for (s, d) in rows_by_source(&b) {
+            assert!(read[s].insert(d), "source {s} reread {d} after the resume");
+        }
+    }
+    // Another number of sources is refused, naming it.
+    let two = LoaderConfig {
+        mixture: Mixture {
+            sources: after.mixture.sources[..2].to_vec(),
+            phases: vec![MixPhase {
+                at_tokens: 0,
+                weights: vec![1.0, 1.0],
+            }],
+        },
+        ..after.clone()
+    };
+    let e = Loader::mixture(data[..2].to_vec(), &two, Some(resumed.cursor().clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("holds 3 sources' positions, but the recipe has 2"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_runs_out_starts_over_or_stops_the_run_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // `code` is small: a tenth of the others.
+    let data = three_sources(dir.path(), [2000, 200, 2000]).await;
+    let weights = [0.4, 0.3, 0.3];
+    let rules = [Exhausted::Cycle, Exhausted::Stop, Exhausted::Cycle];
+    let mut stops = Loader::mixture(
+        data.clone(),
+        &mixture_cfg(&weights, &[], &rules, 0, 1),
+        None,
+    )
+    .unwrap();
+    let mut steps = 0;
+    let err = loop {
+        match stops.next_batch().await {
+            Ok(_) => steps += 1,
+            Err(e) => break e,
+        }
+        assert!(steps < 1000, "code never ran out");
+    };
+    let e = err.to_string();
+    assert!(
+        e.contains("source code ran out of sequences at step")
+            && e.contains("exhausted = \"stop\""),
+        "{e}"
+    );
+    assert!(matches!(err, LoaderError::RanOut { step, .. } if step == steps + 1));
+    // With "cycle", it starts a second epoch and the run goes on.
+    let cycles = [Exhausted::Cycle; 3];
+    let mut goes_on =
+        Loader::mixture(data, &mixture_cfg(&weights, &[], &cycles, 0, 1), None).unwrap();
+    for _ in 0..steps + 20 {
+        goes_on.next_batch().await.unwrap();
+    }
+    assert_eq!(goes_on.cursor().sources[1].epoch, 1);
+    assert_eq!(goes_on.cursor().sources[0].epoch, 0);
+}
+
+#[test]
+fn apportioned_shares_are_within_one_of_the_quota_and_sum_to_the_whole() {
+    use strata_dataplane::loader::apportion;
+    assert_eq!(apportion(10, &[0.5, 0.3, 0.2]), [5, 3, 2]);
+    assert_eq!(apportion(7, &[0.5, 0.3, 0.2]), [4, 2, 1]);
+    assert_eq!(apportion(1, &[0.5, 0.5]), [1, 0]);
+    assert_eq!(apportion(3, &[0.0, 1.0]), [0, 3]);
+    let mut rng = strata_dataplane::rng::SplitMix64::new(3);
+    for _ in 0..2000 {
+        let k = 1 + rng.below(6) as usize;
+        let raw: Vec<f64> = (0..k).map(|_| rng.next_f64()).collect();
+        let sum: f64 = raw.iter().sum();
+        let w: Vec<f64> = raw.iter().map(|x| x / sum).collect();
+        let n = rng.below(5000);
+        let got = apportion(n, &w);
+        assert_eq!(got.iter().sum::<u64>(), n);
+        for (g, w) in got.iter().zip(&w) {
+            assert!(
+                (*g as f64 - w * n as f64).abs() < 1.0,
+                "{got:?} for {w:?} of {n}"
+            );
+        }
+    }
+}
+
+/// Sources whose short buckets are too small for their shares block
+/// each other's lengths: the one in the way that has read part of its
+/// cycle moves on (here, past its end: a "stop" source runs out), never
+/// one that has just started its cycle, which would block as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_blocking_each_other_move_on_the_one_that_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = Vec::new();
+    // web: 2 sequences of 8 and of 16 tokens, 400 of 32; code: 400 of 8
+    // and 16, 3 of 32.
+    for (name, per) in [("web", [2u64, 2, 400]), ("code", [400, 400, 3])] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let loc = Location::parse(sub.to_str().unwrap(), true).unwrap();
+        let mut w = DatasetWriter::create(loc.clone(), opts(dd(), 3, 5))
+            .await
+            .unwrap();
+        let mut id = 0u32;
+        for (k, n) in (3..=5).zip(per) {
+            for _ in 0..n {
+                w.add_document(&vec![id; (1usize << k) + 1]).await.unwrap();
+                id += 1;
+            }
+        }
+        data.push((loc, w.finish().await.unwrap()));
+    }
+    let rules = [Exhausted::Cycle, Exhausted::Stop];
+    let mut c = mixture_cfg(&[0.5, 0.5], &[], &rules, 0, 1);
+    c.tokens_per_step = 128;
+    c.cycles = 1;
+    let mut loader = Loader::mixture(data, &c, None).unwrap();
+    let mut steps = 0u64;
+    let err = loop {
+        match loader.next_batch().await {
+            Ok(b) => {
+                // Only 32-token steps can be fed: web lacks short sequences.
+                assert_eq!(b.seq_len, 32);
+                steps += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    // code's 3 sequences of 32 feed its 2 per step once.
+    assert_eq!(steps, 1);
+    assert!(
+        matches!(&err, LoaderError::RanOut { source_name, step: 2, .. } if source_name == "code"),
+        "{err}"
+    );
 }

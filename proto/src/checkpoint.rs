@@ -3,9 +3,9 @@
 //! commits them).
 
 use strata_dataplane::checkpoint::{
-    DataState, Kind, Manifest, SavedLayout, ShardRecord, TensorEntry,
+    DataState, Kind, Manifest, SavedLayout, ShardRecord, SourceState, TensorEntry,
 };
-use strata_dataplane::loader::Cursor;
+use strata_dataplane::loader::{Cursor, SourceCursor};
 use strata_dataplane::rng::SplitMix64;
 use strata_recipe::ModelConfig;
 
@@ -141,13 +141,22 @@ pub fn manifest_to_pb(m: &Manifest) -> pb::CheckpointManifest {
         }),
         recipe: m.recipe.clone(),
         data: m.data.as_ref().map(|d| pb::LoaderState {
-            dataset: d.dataset.clone(),
-            fingerprint: d.fingerprint,
             step: d.cursor.step,
-            epoch: d.cursor.epoch,
-            cycle: d.cursor.cycle,
-            used: d.cursor.used.clone(),
             rng: d.cursor.rng.state(),
+            sources: d
+                .sources
+                .iter()
+                .zip(&d.cursor.sources)
+                .map(|(s, c)| pb::LoaderSource {
+                    name: s.name.clone(),
+                    dataset: s.dataset.clone(),
+                    fingerprint: s.fingerprint,
+                    epoch: c.epoch,
+                    cycle: c.cycle,
+                    used: c.used.clone(),
+                })
+                .collect(),
+            ..Default::default()
         }),
         shards: m.shards.iter().map(shard_to_pb).collect(),
         written_at: m.written_at,
@@ -184,16 +193,41 @@ pub fn manifest_from_pb(m: &pb::CheckpointManifest) -> Result<Manifest, BadCheck
             tie_embeddings: md.tie_embeddings,
         },
         recipe: m.recipe.clone(),
-        data: m.data.as_ref().map(|d| DataState {
-            dataset: d.dataset.clone(),
-            fingerprint: d.fingerprint,
-            cursor: Cursor {
-                step: d.step,
-                epoch: d.epoch,
-                cycle: d.cycle,
-                used: d.used.clone(),
-                rng: SplitMix64::new(d.rng),
-            },
+        data: m.data.as_ref().map(|d| {
+            if d.sources.is_empty() {
+                return DataState::counting_steps(
+                    d.dataset.clone(),
+                    d.fingerprint,
+                    d.step,
+                    (d.epoch, d.cycle, d.used.clone()),
+                    SplitMix64::new(d.rng),
+                );
+            }
+            DataState {
+                sources: d
+                    .sources
+                    .iter()
+                    .map(|s| SourceState {
+                        name: s.name.clone(),
+                        dataset: s.dataset.clone(),
+                        fingerprint: s.fingerprint,
+                    })
+                    .collect(),
+                cursor: Cursor {
+                    step: d.step,
+                    rng: SplitMix64::new(d.rng),
+                    sources: d
+                        .sources
+                        .iter()
+                        .map(|s| SourceCursor {
+                            epoch: s.epoch,
+                            cycle: s.cycle,
+                            used: s.used.clone(),
+                        })
+                        .collect(),
+                },
+                counts_steps: false,
+            }
         }),
         shards: m
             .shards
@@ -240,15 +274,35 @@ mod tests {
             },
             recipe: "name = \"tiny\"".into(),
             data: Some(DataState {
-                dataset: "file:///d".into(),
-                fingerprint: 0xdead_beef,
+                sources: vec![
+                    SourceState {
+                        name: "web".into(),
+                        dataset: "file:///d".into(),
+                        fingerprint: 0xdead_beef,
+                    },
+                    SourceState {
+                        name: "code".into(),
+                        dataset: "s3://b/code".into(),
+                        fingerprint: 7,
+                    },
+                ],
                 cursor: Cursor {
                     step: 40,
-                    epoch: 1,
-                    cycle: 3,
-                    used: vec![4, 0, 9],
                     rng,
+                    sources: vec![
+                        SourceCursor {
+                            epoch: 1,
+                            cycle: 3,
+                            used: vec![4, 0, 9],
+                        },
+                        SourceCursor {
+                            epoch: 0,
+                            cycle: 0,
+                            used: vec![0, 2, 0],
+                        },
+                    ],
                 },
+                counts_steps: false,
             }),
             shards: vec![ShardRecord {
                 key: "model/a2-pp00-tp01.safetensors".into(),
@@ -265,6 +319,25 @@ mod tests {
         };
         let back = manifest_from_pb(&manifest_to_pb(&m)).unwrap();
         assert_eq!(back, m);
+        // A checkpoint from before mixtures: one dataset, steps per bucket.
+        let mut old = manifest_to_pb(&m);
+        let d = old.data.as_mut().unwrap();
+        d.sources.clear();
+        (d.dataset, d.fingerprint, d.epoch, d.cycle, d.used) =
+            ("file:///d".into(), 9, 2, 1, vec![3, 5]);
+        let data = manifest_from_pb(&old).unwrap().data.unwrap();
+        assert!(data.counts_steps);
+        assert_eq!(data.sources[0].dataset, "file:///d");
+        assert_eq!(data.sources[0].fingerprint, 9);
+        assert_eq!(data.cursor.step, 40);
+        assert_eq!(
+            data.cursor.sources,
+            [SourceCursor {
+                epoch: 2,
+                cycle: 1,
+                used: vec![3, 5]
+            }]
+        );
         let mut broken = manifest_to_pb(&m);
         broken.shards[0].tensors[0].slice.pop();
         let e = manifest_from_pb(&broken).unwrap_err();

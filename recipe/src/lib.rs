@@ -98,9 +98,13 @@ pub struct ParallelConfig {
 /// `[data]` once validated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataConfig {
-    /// Object-store URL of the decomposed dataset. Whether it exists is
+    /// The datasets every step draws from: one for `dataset = …`, each
+    /// `[[data.sources]]` entry for a mixture. Whether they exist is
     /// checked at submission, not here.
-    pub dataset: String,
+    pub sources: Vec<DataSource>,
+    /// Weights that replace the sources' own from a token count on,
+    /// earliest first.
+    pub phases: Vec<MixPhase>,
     pub curriculum: Curriculum,
     pub cycles: u32,
     /// Tokens per optimizer step, constant whatever the bucket.
@@ -114,7 +118,66 @@ impl DataConfig {
     pub fn n_steps(&self) -> u64 {
         self.total_tokens / self.tokens_per_step
     }
+
+    /// Whether the run trains on a mixture of several datasets.
+    pub fn is_mixture(&self) -> bool {
+        self.sources.len() > 1
+    }
+
+    /// The first source's dataset: the only one unless a mixture (whose
+    /// sources share a tokenizer, so it stands for all of them where only
+    /// the vocabulary matters).
+    pub fn first_dataset(&self) -> &str {
+        &self.sources[0].dataset
+    }
+
+    /// The sources' weights for the step that starts after `tokens_before`
+    /// tokens, normalized to sum to 1, in source order.
+    pub fn weights_at(&self, tokens_before: u64) -> Vec<f64> {
+        let raw: Vec<f64> = match self
+            .phases
+            .iter()
+            .rev()
+            .find(|p| p.at_tokens <= tokens_before)
+        {
+            Some(p) => p.weights.clone(),
+            None => self.sources.iter().map(|s| s.weight).collect(),
+        };
+        let sum: f64 = raw.iter().sum();
+        raw.iter().map(|w| w / sum).collect()
+    }
 }
+
+/// One dataset of the data, with its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSource {
+    pub name: String,
+    pub dataset: String,
+    /// Relative to the other sources' weights (any positive sum).
+    pub weight: f64,
+    pub exhausted: Exhausted,
+}
+
+/// What a source does when it has fed every sequence it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exhausted {
+    /// Start over: a new epoch of the source, said in the worker's log.
+    #[default]
+    Cycle,
+    /// The run fails, naming the source.
+    Stop,
+}
+
+/// From `at_tokens` on, these weights (one per source, in source order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixPhase {
+    pub at_tokens: u64,
+    pub weights: Vec<f64>,
+}
+
+/// The name of the one source of a recipe that gives `dataset = …`.
+pub const SINGLE_SOURCE: &str = "data";
 
 /// AdamW with decoupled weight decay. The learning rate comes from the
 /// [`Schedule`].

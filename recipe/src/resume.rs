@@ -9,8 +9,9 @@
 //! from their logical slices), the total tokens, the learning-rate
 //! schedule (a WSD cooldown branched from a stable-phase checkpoint), the
 //! optimizer's hyperparameters, the device and precision, checkpointing
-//! itself. The dataset may move to another URL if its contents are the
-//! same (the worker compares the dataset's fingerprint).
+//! itself, and a mixture's weights and phases. The sources, by name and
+//! in order, may not change; a dataset may move to another URL if its
+//! contents are the same (the worker compares each one's fingerprint).
 
 use crate::{Problem, Recipe};
 
@@ -48,6 +49,13 @@ pub fn resume_conflicts(saved: &Recipe, now: &Recipe) -> Vec<Problem> {
         ),
     }
     differ("seed", saved.seed.to_string(), now.seed.to_string());
+    // The cursor holds a position in each source, by order: the sources
+    // may move (their contents are fingerprinted) and reweigh, not change.
+    let names = |r: &Recipe| {
+        let n: Vec<&str> = r.data.sources.iter().map(|s| s.name.as_str()).collect();
+        format!("[{}]", n.join(", "))
+    };
+    differ("data.sources", names(saved), names(now));
     differ(
         "data.curriculum",
         format!("{:?}", saved.data.curriculum),
@@ -89,6 +97,65 @@ pub fn relayout(
             parallel.insert(key.into(), toml::Value::Integer(i64::from(v)));
         }
     }
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// `spec_toml` (whose validated form is `recipe`) with a mixture's
+/// weights changed from `at_tokens` on: a phase there with `weights` (by
+/// source name), the phases after it dropped, the earlier ones kept, so
+/// the recipe still says what the steps before were drawn with. The
+/// result still has to pass validation (every source weighed, none
+/// unknown).
+pub fn reweigh(
+    spec_toml: &str,
+    recipe: &Recipe,
+    at_tokens: u64,
+    weights: &[(String, f64)],
+) -> Result<String, String> {
+    if recipe.data.sources.len() < 2 {
+        return Err(
+            "the job trains on one dataset; weights apply to a mixture's [[data.sources]]".into(),
+        );
+    }
+    let mut doc: toml::Table = spec_toml
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let data = doc
+        .get_mut("data")
+        .and_then(toml::Value::as_table_mut)
+        .ok_or("[data] is not a table")?;
+    let int = |x: u64| toml::Value::Integer(i64::try_from(x).unwrap_or(i64::MAX));
+    let phase = |at: u64, w: Vec<(String, f64)>| {
+        let mut t = toml::Table::new();
+        t.insert("at_tokens".into(), int(at));
+        t.insert(
+            "weights".into(),
+            toml::Value::Table(
+                w.into_iter()
+                    .map(|(k, v)| (k, toml::Value::Float(v)))
+                    .collect(),
+            ),
+        );
+        toml::Value::Table(t)
+    };
+    let mut phases: Vec<toml::Value> = recipe
+        .data
+        .phases
+        .iter()
+        .filter(|p| p.at_tokens < at_tokens)
+        .map(|p| {
+            let named = recipe
+                .data
+                .sources
+                .iter()
+                .zip(&p.weights)
+                .map(|(s, w)| (s.name.clone(), *w))
+                .collect();
+            phase(p.at_tokens, named)
+        })
+        .collect();
+    phases.push(phase(at_tokens, weights.to_vec()));
+    data.insert("phases".into(), toml::Value::Array(phases));
     toml::to_string(&doc).map_err(|e| e.to_string())
 }
 

@@ -176,14 +176,46 @@ fn one() -> i64 {
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// Object-store URL of a decomposed dataset (`file:///…`, `s3://bucket/prefix`
-    /// or a local path).
-    pub dataset: String,
+    /// or a local path). Either this or `[[data.sources]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// A mixture: several decomposed datasets, each with a weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceSpec>,
+    /// The mixture's weights from a token count on (late-stage mixes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseSpec>,
     #[serde(default = "default_curriculum")]
     pub curriculum: CurriculumSpec,
     #[serde(default = "one")]
     pub cycles: i64,
     pub tokens_per_step: Quantity,
     pub total_tokens: Quantity,
+}
+
+/// One `[[data.sources]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Names the source in metrics, phases and errors.
+    pub name: String,
+    /// Object-store URL of its decomposed dataset.
+    pub dataset: String,
+    /// Its share of every step's tokens, relative to the others' weights.
+    pub weight: f64,
+    /// What happens when it has fed all its sequences: `"cycle"` (start
+    /// over, the default) or `"stop"` (the run fails naming it).
+    #[serde(default)]
+    pub exhausted: crate::Exhausted,
+}
+
+/// One `[[data.phases]]` entry: from `at_tokens` on, these weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSpec {
+    pub at_tokens: Quantity,
+    /// Every source's weight, by name.
+    pub weights: std::collections::BTreeMap<String, f64>,
 }
 
 fn default_curriculum() -> CurriculumSpec {

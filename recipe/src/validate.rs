@@ -11,8 +11,8 @@ use crate::quantity::{CurriculumSpec, Quantity, STEP_LAW};
 use crate::schedule::{Decay, DecayShape, PowerLaw, Schedule, ScheduleKind};
 use crate::spec::{RecipeSpec, ScheduleKindName, ScheduleSpec};
 use crate::{
-    AdamWConfig, CheckpointConfig, DataConfig, EvalConfig, FaultConfig, Layout, ParallelConfig,
-    Problem, Recipe, RecipeError, Resolution,
+    AdamWConfig, CheckpointConfig, DataConfig, DataSource, EvalConfig, Exhausted, FaultConfig,
+    Layout, MixPhase, ParallelConfig, Problem, Recipe, RecipeError, Resolution, SINGLE_SOURCE,
 };
 
 /// Token counts must be exact in `f64`, which every schedule computes in.
@@ -645,13 +645,18 @@ fn check_data(
     microbatches: Option<u32>,
 ) -> (Option<DataConfig>, Option<RunTokens>) {
     let d = &spec.data;
-    let dataset = c.storage_url("data.dataset", &d.dataset);
+    let sources = check_sources(c, d);
     let curriculum = check_curriculum(c, &d.curriculum);
     let cycles = c.positive_u32("data.cycles", d.cycles);
     let run = check_run_tokens(c, spec, max_seq_len, dp, microbatches);
+    let phases = match &sources {
+        Some(sources) => check_phases(c, d, sources, run),
+        None => None,
+    };
     let data = (|| {
         Some(DataConfig {
-            dataset: dataset?,
+            sources: sources?,
+            phases: phases?,
             curriculum: curriculum?,
             cycles: cycles?,
             tokens_per_step: run?.tokens_per_step,
@@ -659,6 +664,199 @@ fn check_data(
         })
     })();
     (data, run)
+}
+
+/// `dataset = …` (one source) or `[[data.sources]]` (a mixture), not both.
+fn check_sources(c: &mut Checker, d: &crate::spec::DataSpec) -> Option<Vec<DataSource>> {
+    match (&d.dataset, d.sources.is_empty()) {
+        (Some(_), false) => {
+            c.fail(
+                "data.dataset",
+                "give either data.dataset (one dataset) or [[data.sources]] (a mixture), not both",
+            );
+            None
+        }
+        (None, true) => {
+            c.fail(
+                "data.dataset",
+                "missing: give the decomposed dataset's URL, or [[data.sources]] entries (name, dataset, weight) for a mixture",
+            );
+            None
+        }
+        (Some(url), true) => Some(vec![DataSource {
+            name: SINGLE_SOURCE.to_string(),
+            dataset: c.storage_url("data.dataset", url)?,
+            weight: 1.0,
+            exhausted: Exhausted::Cycle,
+        }]),
+        (None, false) => {
+            let mut out = Vec::new();
+            let mut ok = true;
+            for (i, s) in d.sources.iter().enumerate() {
+                let field = |k: &str| format!("data.sources[{i}].{k}");
+                let name = s.name.trim();
+                let name_ok = if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+                {
+                    c.fail(
+                        &field("name"),
+                        format!(
+                            "\"{}\": a source's name is letters, digits, '-', '_' or '.' (it names the source in metrics and phases)",
+                            s.name
+                        ),
+                    );
+                    false
+                } else if let Some(j) = d.sources[..i].iter().position(|o| o.name == s.name) {
+                    c.fail(
+                        &field("name"),
+                        format!("\"{}\" also names data.sources[{j}]", s.name),
+                    );
+                    false
+                } else {
+                    true
+                };
+                let dataset = c.storage_url(&field("dataset"), &s.dataset);
+                let weight = c.finite_in(&field("weight"), s.weight, |w| w >= 0.0, "0 or more");
+                match (name_ok, dataset, weight) {
+                    (true, Some(dataset), Some(weight)) => out.push(DataSource {
+                        name: s.name.clone(),
+                        dataset,
+                        weight,
+                        exhausted: s.exhausted,
+                    }),
+                    _ => ok = false,
+                }
+            }
+            if ok && out.iter().all(|s| s.weight == 0.0) {
+                c.fail(
+                    "data.sources",
+                    "every source's weight is 0: no step could be drawn",
+                );
+                return None;
+            }
+            ok.then_some(out)
+        }
+    }
+}
+
+/// `[[data.phases]]`: each at a token count inside the run, later than
+/// the one before, weighing every source by name.
+fn check_phases(
+    c: &mut Checker,
+    d: &crate::spec::DataSpec,
+    sources: &[DataSource],
+    run: Option<RunTokens>,
+) -> Option<Vec<MixPhase>> {
+    if !d.phases.is_empty() && d.sources.is_empty() {
+        c.fail(
+            "data.phases",
+            "phases change a mixture's weights: name the datasets in [[data.sources]]",
+        );
+        return None;
+    }
+    let mut out: Vec<MixPhase> = Vec::new();
+    let mut ok = true;
+    for (i, p) in d.phases.iter().enumerate() {
+        let field = |k: &str| format!("data.phases[{i}].{k}");
+        let at = c.tokens(&field("at_tokens"), p.at_tokens, false);
+        if let (Some(at), Some(prev)) = (at, out.last())
+            && at <= prev.at_tokens
+        {
+            c.fail(
+                &field("at_tokens"),
+                format!(
+                    "{at} is not after data.phases[{}].at_tokens = {}: phases go in order",
+                    i - 1,
+                    prev.at_tokens
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        if let (Some(at), Some(run)) = (at, run)
+            && at >= run.total
+        {
+            c.fail(
+                &field("at_tokens"),
+                format!(
+                    "{at} is not before the run's end at {} tokens (data.total_tokens)",
+                    run.total
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        let unknown: Vec<&String> = p
+            .weights
+            .keys()
+            .filter(|k| !sources.iter().any(|s| &s.name == *k))
+            .collect();
+        let missing: Vec<&str> = sources
+            .iter()
+            .filter(|s| !p.weights.contains_key(&s.name))
+            .map(|s| s.name.as_str())
+            .collect();
+        if !unknown.is_empty() || !missing.is_empty() {
+            let mut why = Vec::new();
+            if !unknown.is_empty() {
+                why.push(format!(
+                    "{} names no source",
+                    unknown
+                        .iter()
+                        .map(|k| format!("\"{k}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !missing.is_empty() {
+                why.push(format!("no weight for {}", missing.join(", ")));
+            }
+            c.fail(
+                &field("weights"),
+                format!(
+                    "{}: a phase weighs every source of [[data.sources]] ({})",
+                    why.join("; "),
+                    sources
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        let weights: Vec<f64> = sources.iter().map(|s| p.weights[&s.name]).collect();
+        let bad: Vec<String> = sources
+            .iter()
+            .zip(&weights)
+            .filter(|(_, w)| !w.is_finite() || **w < 0.0)
+            .map(|(s, w)| format!("{} = {w}", s.name))
+            .collect();
+        if !bad.is_empty() {
+            c.fail(
+                &field("weights"),
+                format!("weights must be finite and 0 or more: {}", bad.join(", ")),
+            );
+            ok = false;
+            continue;
+        }
+        if weights.iter().all(|w| *w == 0.0) {
+            c.fail(
+                &field("weights"),
+                "every weight is 0: no step could be drawn",
+            );
+            ok = false;
+            continue;
+        }
+        match at {
+            Some(at_tokens) => out.push(MixPhase { at_tokens, weights }),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }
 
 fn check_curriculum(c: &mut Checker, curriculum: &CurriculumSpec) -> Option<CurriculumSpec> {

@@ -86,10 +86,14 @@ fn parse(edits: &[Edit]) -> Result<Recipe, RecipeError> {
 /// Asserts the recipe is rejected with a problem on `field` whose message
 /// contains every one of `shows`.
 fn check(edits: &[Edit], field: &str, shows: &[&str]) {
-    let err = match parse(edits) {
+    match parse(edits) {
         Ok(_) => panic!("accepted a recipe with a bad {field}"),
-        Err(e) => e,
-    };
+        Err(e) => shows_problem(&e, field, shows),
+    }
+}
+
+/// Asserts `err` has a problem on `field` showing every one of `shows`.
+fn shows_problem(err: &RecipeError, field: &str, shows: &[&str]) {
     let problem = err
         .problems
         .iter()
@@ -710,7 +714,111 @@ fn a_missing_required_key_is_named() {
     check(
         &[Remove("data.dataset")],
         "data.dataset",
-        &["missing field"],
+        &["missing", "[[data.sources]]"],
+    );
+}
+
+/// The base recipe's one dataset replaced by a mixture (`sources`: name,
+/// weight) with `phases` (at tokens, weights by name), as TOML text.
+fn mixture(sources: &[(&str, f64)], phases: &str) -> String {
+    let mut text = edited(&[Remove("data.dataset")]);
+    for (name, weight) in sources {
+        text.push_str(&format!(
+            "\n[[data.sources]]\nname = \"{name}\"\ndataset = \"file:///data/{name}\"\nweight = {weight:?}\n"
+        ));
+    }
+    text + phases
+}
+
+fn mixture_problem(text: &str, field: &str, shows: &[&str]) {
+    let err = Recipe::from_toml_str(text, "x").expect_err("a bad mixture was accepted");
+    shows_problem(&err, field, shows);
+}
+
+#[test]
+fn a_mixture_names_its_sources_and_weighs_them_by_phase() {
+    let phases =
+        "\n[[data.phases]]\nat_tokens = 32768000\nweights = { web = 1, code = 1, math = 2 }\n";
+    let r = Recipe::from_toml_str(
+        &mixture(&[("web", 5.0), ("code", 3.0), ("math", 2.0)], phases),
+        "x",
+    )
+    .unwrap();
+    let d = &r.data;
+    assert!(d.is_mixture());
+    let names: Vec<&str> = d.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web", "code", "math"]);
+    assert_eq!(d.weights_at(0), [0.5, 0.3, 0.2]);
+    assert_eq!(d.weights_at(32_768_000 - 1), [0.5, 0.3, 0.2]);
+    assert_eq!(d.weights_at(32_768_000), [0.25, 0.25, 0.5]);
+    // One dataset is a single source of weight 1.
+    let one = parse(&[]).unwrap();
+    assert!(!one.data.is_mixture());
+    assert_eq!(one.data.first_dataset(), "file:///data/sotu");
+    assert_eq!(one.data.weights_at(0), [1.0]);
+}
+
+#[test]
+fn bad_mixtures_are_refused_naming_the_entry() {
+    let both = mixture(&[("web", 1.0)], "").replace("[data]", "[data]\ndataset = \"file:///x\"");
+    mixture_problem(&both, "data.dataset", &["not both"]);
+    mixture_problem(
+        &mixture(&[("web", 1.0), ("web", 2.0)], ""),
+        "data.sources[1].name",
+        &["\"web\" also names data.sources[0]"],
+    );
+    mixture_problem(
+        &mixture(&[("web site", 1.0)], ""),
+        "data.sources[0].name",
+        &["web site"],
+    );
+    mixture_problem(
+        &mixture(&[("web", 1.0), ("code", -1.0)], ""),
+        "data.sources[1].weight",
+        &["-1"],
+    );
+    mixture_problem(
+        &mixture(&[("web", 0.0), ("code", 0.0)], ""),
+        "data.sources",
+        &["every source's weight is 0"],
+    );
+    let sources = [("web", 1.0), ("code", 1.0)];
+    mixture_problem(
+        &mixture(
+            &sources,
+            "\n[[data.phases]]\nat_tokens = 1000\nweights = { web = 1, cod = 1 }\n",
+        ),
+        "data.phases[0].weights",
+        &["\"cod\" names no source", "no weight for code"],
+    );
+    mixture_problem(
+        &mixture(
+            &sources,
+            "\n[[data.phases]]\nat_tokens = 2000\nweights = { web = 1, code = 1 }\n[[data.phases]]\nat_tokens = 1000\nweights = { web = 1, code = 0 }\n",
+        ),
+        "data.phases[1].at_tokens",
+        &["1000 is not after data.phases[0].at_tokens = 2000"],
+    );
+    mixture_problem(
+        &mixture(
+            &sources,
+            "\n[[data.phases]]\nat_tokens = 65536000\nweights = { web = 1, code = 1 }\n",
+        ),
+        "data.phases[0].at_tokens",
+        &["not before the run's end at 65536000"],
+    );
+    mixture_problem(
+        &mixture(
+            &sources,
+            "\n[[data.phases]]\nat_tokens = 1000\nweights = { web = 0, code = 0 }\n",
+        ),
+        "data.phases[0].weights",
+        &["every weight is 0"],
+    );
+    mixture_problem(
+        &mixture(&sources, "").replace("name = \"code\"", "name = \"code\"\nexhausted = \"never\""),
+        "data.sources[1].exhausted",
+        &["never", "`cycle` or `stop`"],
     );
 }
 

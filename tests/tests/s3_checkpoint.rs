@@ -65,6 +65,7 @@ fn trained_pair() -> Vec<(Snapshot, Vec<f32>, ParamTable)> {
                             inputs: &inputs,
                             targets: &targets,
                             seq_len: 16,
+                            groups: &[],
                         }];
                         t.step(step, &micro, 64, 1e-3).unwrap();
                     }

@@ -123,6 +123,7 @@ fn run(cfg: ModelConfig, layout: Layout, m: usize, chunks: u32, steps: usize) ->
                                 inputs: &inputs[i * mb..(i + 1) * mb],
                                 targets: &targets[i * mb..(i + 1) * mb],
                                 seq_len: SEQ,
+                                groups: &[],
                             })
                             .collect();
                         let t0 = Instant::now();

@@ -324,6 +324,7 @@ pub fn train<B: AutodiffBackend>(
                         inputs: &inputs[at..at + per],
                         targets: &targets[at..at + per],
                         seq_len: bench.seq_len,
+                        groups: &[],
                     }
                 })
                 .collect()

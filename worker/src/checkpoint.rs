@@ -27,8 +27,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 pub use strata_dataplane::checkpoint::{
     CheckpointError, DataState, FILES, FORMAT, Kind, Manifest, SavedLayout, ShardRecord,
-    TensorEntry, VERSION, join, list, prune, shard_name, step_dir, tensor_entry, write_manifest,
-    written_slots,
+    SourceState, TensorEntry, VERSION, join, list, prune, shard_name, step_dir, tensor_entry,
+    write_manifest, written_slots,
 };
 use strata_dataplane::reader::verify_object;
 use strata_dataplane::store::Location;

@@ -412,6 +412,7 @@ pub fn flex_head_cross_entropy<X: Backend>(
     targets: &[u32],
     denominator: f64,
     device: &X::Device,
+    tokens: Option<&mut Vec<f64>>,
 ) -> Option<(f64, Tensor<X, 2>, Tensor<X, 2>)> {
     if !f32_pair(y, w) {
         return None;
@@ -430,6 +431,7 @@ pub fn flex_head_cross_entropy<X: Backend>(
         [n, d, v],
         targets,
         (1.0 / denominator) as f32,
+        tokens,
     );
     let dy = Tensor::from_data(TensorData::new(dy, [n, d]), device);
     let dw = Tensor::from_data(TensorData::new(dw, w_dims), device);
@@ -440,8 +442,9 @@ pub fn flex_head_cross_entropy<X: Backend>(
 /// their cross-entropy against `targets` and its gradients, with the
 /// loss gradient scaled by `scale` (one over the step's target tokens).
 /// Returns the summed (unscaled) loss, `dy` (`[n, d]`) and `dW` (in
-/// `layout`). The logits are computed for a chunk of rows at a time and
-/// never held whole.
+/// `layout`); each row's loss is appended to `tokens` when given. The
+/// logits are computed for a chunk of rows at a time and never held
+/// whole.
 #[allow(unsafe_code)] // gemm's raw-pointer interface
 pub fn head_cross_entropy(
     y: &[f32],
@@ -450,6 +453,7 @@ pub fn head_cross_entropy(
     [n, d, v]: [usize; 3],
     targets: &[u32],
     scale: f32,
+    mut tokens: Option<&mut Vec<f64>>,
 ) -> (f64, Vec<f32>, Vec<f32>) {
     assert_eq!(y.len(), n * d, "y is [n, d]");
     assert_eq!(w.len(), v * d, "W holds the vocabulary times d");
@@ -497,6 +501,9 @@ pub fn head_cross_entropy(
             .map(|(row, &t)| softmax_cross_entropy_row(row, t as usize, scale))
             .collect();
         loss += rows.iter().sum::<f64>();
+        if let Some(t) = tokens.as_deref_mut() {
+            t.extend_from_slice(&rows);
+        }
         let p = Strided::new(zc.as_ptr(), v as isize, 1);
         // dy[i, j] = Σ_t p[i, t] W[t, j]
         unsafe {

@@ -107,6 +107,7 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     vocab_start: usize,
     denominator: f64,
     tp: &mut Tp<'_>,
+    tokens: Option<&mut Vec<f64>>,
 ) -> Result<(f64, Tensor<B, 1>), CollectiveError> {
     let z_local = in_dtype(z_local, DType::F32);
     let [n, vl] = z_local.dims();
@@ -122,10 +123,15 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     stats.extend(to_vec(picked.clone().inner()));
     tp.all_reduce_sum(&mut stats)?;
     let (sums, target) = stats.split_at(n);
-    let loss: f64 = (0..n)
-        .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
-        .sum::<f64>()
-        / denominator;
+    let each = (0..n).map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]));
+    let loss: f64 = match tokens {
+        Some(t) => {
+            let at = t.len();
+            t.extend(each);
+            t[at..].iter().sum::<f64>()
+        }
+        None => each.sum::<f64>(),
+    } / denominator;
     let sums_t = from_vec::<B, 2>(sums.to_vec(), [n, 1], &device);
     let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
     Ok((loss, surrogate))

@@ -207,6 +207,9 @@ pub struct StepStats {
     /// Some rank asked to stop after this step (agreed by every rank, in
     /// the same reductions as the loss and the norm).
     pub stop: bool,
+    /// With [`Trainer::with_row_groups`]: each group's summed token losses
+    /// over the whole step (every replica's rows), undivided.
+    pub group_loss: Vec<f64>,
 }
 
 /// One microbatch of a rank's share of a step: `rows` sequences of
@@ -215,6 +218,9 @@ pub struct LocalBatch<'a> {
     pub inputs: &'a [u32],
     pub targets: &'a [u32],
     pub seq_len: usize,
+    /// Each row's group (say, the source of a mixture it came from), when
+    /// the trainer sums losses by group; empty otherwise.
+    pub groups: &'a [u32],
 }
 
 /// A run of whole slots that the optimizer treats as one flat tensor:
@@ -303,6 +309,8 @@ pub struct Trainer<B: AutodiffBackend, S: StageForward<B> = StageModel<B>> {
     /// The data-parallel sum on device memory (NCCL), when the backend
     /// has one; otherwise `groups.dp` through [`Staged`].
     dp_device: Option<DeviceDp<B>>,
+    /// Row groups whose losses each step sums ([`Trainer::with_row_groups`]).
+    row_groups: usize,
 }
 
 /// A data-parallel group's collectives on the trainer's device.
@@ -392,6 +400,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             cfg,
             groups,
             dp_device: None,
+            row_groups: 0,
         };
         trainer.refresh_params();
         trainer
@@ -405,6 +414,14 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.model.set_precision(precision);
         self.refresh_params();
+        self
+    }
+
+    /// Sums each step's losses over `n` groups of rows as well
+    /// ([`LocalBatch::groups`], [`StepStats::group_loss`]): one more
+    /// number per group in the step's scalar reductions.
+    pub fn with_row_groups(mut self, n: usize) -> Self {
+        self.row_groups = n;
         self
     }
 
@@ -668,6 +685,15 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
         };
         let mut own = StageStats::default();
         let mut local_loss = 0.0f64;
+        let n_groups = self.row_groups;
+        assert!(
+            n_groups == 0
+                || micro
+                    .iter()
+                    .all(|mb| mb.groups.len() == mb.inputs.len() / mb.seq_len),
+            "every row of every microbatch has its group"
+        );
+        let mut group_loss = vec![0.0f64; n_groups];
         let pipeline_start = Instant::now();
         let mut wait = Duration::ZERO;
         let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
@@ -685,10 +711,14 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                         (step, chunk, i),
                         &micro[i as usize],
                         global_tokens,
+                        n_groups > 0,
                     )?;
                     wait += waited;
                     forward += t.elapsed() - waited;
                     local_loss += tape.loss;
+                    for (r, l) in tape.row_loss.iter().enumerate() {
+                        group_loss[micro[i as usize].groups[r] as usize] += l;
+                    }
                     tapes[(chunk * m + i) as usize] = Some(tape);
                 }
                 PipeOp::Backward(i) => {
@@ -849,13 +879,17 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
         // How many ranks want to stop, counted along (exact: small
         // integers in the sums' f64s).
         let stopping = f64::from(u8::from(wants_stop()));
-        let [local_loss, local_sq, stopping] =
-            sum_f64_ordered(self.groups.dp.as_mut(), [local_loss, shard_sq, stopping])
-                .map_err(in_group(GroupKind::Data))?;
+        let mut scalars = vec![local_loss, shard_sq, stopping];
+        scalars.extend(&group_loss);
+        let summed = sum_f64_ordered_slice(self.groups.dp.as_mut(), &scalars)
+            .map_err(in_group(GroupKind::Data))?;
+        let (local_loss, local_sq, stopping) = (summed[0], summed[1], summed[2]);
+        let local_groups = &summed[3..];
         let [stage_sq, stopping] = sum_f64s(self.groups.tp.as_mut(), [local_sq, stopping])
             .map_err(in_group(GroupKind::Tensor))?;
         let loss = if last { local_loss } else { 0.0 };
-        let mut record = Vec::with_capacity(RECORD);
+        let record_len = RECORD + 2 * n_groups;
+        let mut record = Vec::with_capacity(record_len);
         record.extend(split_f64(stage_sq));
         record.extend(split_f64(loss));
         record.push(stopping as f32);
@@ -869,14 +903,18 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             ]
             .map(|x| x as f32),
         );
-        let mut gathered = vec![0f32; RECORD * stages as usize];
+        for &g in local_groups {
+            record.extend(split_f64(if last { g } else { 0.0 }));
+        }
+        let mut gathered = vec![0f32; record_len * stages as usize];
         self.groups
             .pp
             .all_gather(&record, &mut gathered)
             .map_err(in_group(GroupKind::Pipeline))?;
         let (mut sq, mut loss, mut stop) = (0.0f64, 0.0f64, false);
+        let mut group_loss = vec![0.0f64; n_groups];
         let mut stage_stats = Vec::with_capacity(stages as usize);
-        for r in gathered.chunks(RECORD) {
+        for r in gathered.chunks(record_len) {
             sq += f64::from(r[0]) + f64::from(r[1]);
             loss += f64::from(r[2]) + f64::from(r[3]);
             stop |= r[4] > 0.0;
@@ -887,11 +925,15 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                 pipeline_s: f64::from(r[8]),
                 tp_comm_s: f64::from(r[9]),
             });
+            for (g, pair) in group_loss.iter_mut().zip(r[RECORD..].chunks(2)) {
+                *g += f64::from(pair[0]) + f64::from(pair[1]);
+            }
         }
         if stages == 1 {
             // Exact when nothing had to cross a group.
             sq = stage_sq;
             loss = local_loss;
+            group_loss = local_groups.to_vec();
         }
         let grad_norm = sq.sqrt();
         // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
@@ -912,6 +954,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             optimizer,
             stages: stage_stats,
             stop,
+            group_loss,
         })
     }
 
@@ -953,6 +996,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                 (tag_step, chunk, i),
                 &micro[i as usize],
                 global_tokens,
+                false,
             )?;
             local_loss += tape.loss;
         }
@@ -1056,6 +1100,7 @@ fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
     (tag_step, chunk, i): (u64, u32, u32),
     mb: &LocalBatch<'_>,
     global_tokens: u64,
+    per_row: bool,
 ) -> Result<(TapeOf<B, S>, Duration), TrainError> {
     let stages = model.table().pp;
     let vs = chunk * stages + model.table().stage;
@@ -1078,6 +1123,7 @@ fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
         seq,
         targets: last.then_some(mb.targets),
         denominator: global_tokens as f64,
+        per_row,
     };
     let tape = model
         .forward(chunk, input, &micro, tp)
@@ -1180,19 +1226,19 @@ fn split_f64(x: f64) -> [f32; 2] {
 /// The group's sums of the values in `x`, each carried as two f32s per
 /// member, gathered and added in member order (so the result does not
 /// depend on which member reduces which part, as a ring's would).
-fn sum_f64_ordered<const N: usize>(
+fn sum_f64_ordered_slice(
     group: &mut dyn Collective,
-    x: [f64; N],
-) -> Result<[f64; N], CollectiveError> {
+    x: &[f64],
+) -> Result<Vec<f64>, CollectiveError> {
     let n = group.size();
     if n == 1 {
-        return Ok(x);
+        return Ok(x.to_vec());
     }
     let mine: Vec<f32> = x.iter().flat_map(|&v| split_f64(v)).collect();
     let mut all = vec![0f32; mine.len() * n];
     group.all_gather(&mine, &mut all)?;
-    let mut out = [0f64; N];
-    for member in all.chunks(2 * N) {
+    let mut out = vec![0f64; x.len()];
+    for member in all.chunks(2 * x.len()) {
         for (o, pair) in out.iter_mut().zip(member.chunks(2)) {
             *o += f64::from(pair[0]) + f64::from(pair[1]);
         }

@@ -68,6 +68,7 @@ fn losses<B: AutodiffBackend>(device: B::Device, steps: usize) -> (Vec<f64>, u64
             inputs: &inputs,
             targets: &targets,
             seq_len: seq,
+            groups: &[],
         }];
         let before = host_transfers();
         let stats = trainer

@@ -105,6 +105,7 @@ fn block_with(cfg: &ModelConfig, tp: u32, recompute: Recompute) -> (Vec<f32>, Ve
                     seq,
                     targets: None,
                     denominator: 1.0,
+                    per_row: false,
                 },
                 &mut tp,
             )
@@ -266,13 +267,23 @@ fn vocabulary_parallel_cross_entropy_matches_the_plain_one() {
                 .narrow(1, r * part, part);
             let z = Tensor::<B, 2>::from_inner(z).require_grad();
             let mut tp = Tp::new(g);
-            let (loss, surrogate) =
-                parallel_cross_entropy(z.clone(), &targets, r * part, denom, &mut tp).unwrap();
-            (loss, to_vec(z.grad(&surrogate.backward()).unwrap()))
+            let mut tokens = Vec::new();
+            let (loss, surrogate) = parallel_cross_entropy(
+                z.clone(),
+                &targets,
+                r * part,
+                denom,
+                &mut tp,
+                Some(&mut tokens),
+            )
+            .unwrap();
+            (loss, to_vec(z.grad(&surrogate.backward()).unwrap()), tokens)
         });
-        for (r, (loss, grad)) in results.iter().enumerate() {
+        let want_tokens = token_losses(&logits, &targets, v);
+        for (r, (loss, grad, tokens)) in results.iter().enumerate() {
             let lrel = (loss - plain_loss).abs() / plain_loss;
             assert!(lrel < 1e-6, "tp={tp}: loss {loss} vs {plain_loss}");
+            assert_close_each(tokens, &want_tokens, &format!("tp={tp} rank {r}"));
             let mine: Vec<f32> = (0..n)
                 .flat_map(|i| plain_grad[i * v + r * part..i * v + (r + 1) * part].to_vec())
                 .collect();
@@ -342,6 +353,7 @@ fn several_microbatches_graphs_live_at_once() {
                                 seq,
                                 targets: Some(&io[k].1),
                                 denominator: 32.0,
+                                per_row: false,
                             },
                             tp,
                         )
@@ -436,6 +448,7 @@ fn fused_head_case<X: burn::tensor::backend::Backend>(n: usize, d: usize, v: usi
             HeadLayout::Rows => w,
             HeadLayout::Columns => w.transpose(),
         };
+        let mut tokens = Vec::new();
         let (loss, dy, dw) = fused_head_cross_entropy::<X>(
             from_vec(y_vals.clone(), [n, d], &xd),
             w,
@@ -443,9 +456,22 @@ fn fused_head_case<X: burn::tensor::backend::Backend>(n: usize, d: usize, v: usi
             &targets,
             denom,
             &xd,
+            Some(&mut tokens),
         );
         let lrel = (loss - plain_loss).abs() / plain_loss;
         assert!(lrel < 1e-6, "{layout:?}: loss {loss} vs {plain_loss}");
+        // Each row's loss, as a mixture's per-source losses sum them.
+        let logits: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let (y_vals, w_vals) = (&y_vals, &w_vals);
+                (0..v).map(move |t| (0..d).map(|j| y_vals[i * d + j] * w_vals[t * d + j]).sum())
+            })
+            .collect();
+        assert_close_each(
+            &tokens,
+            &token_losses(&logits, &targets, v),
+            &format!("{layout:?}"),
+        );
         assert_eq!(dy.dims(), [n, d]);
         let dw = match layout {
             HeadLayout::Rows => dw,
@@ -728,5 +754,28 @@ fn blocked_attention_matches_whole_scores_with_gradients() {
         )
         .unwrap_or_else(|_| panic!("untracked backends always take it"));
         assert_eq!(to_vec(untracked), out, "{rows} rows: untracked");
+    }
+}
+
+/// Each row's cross-entropy of `logits` (`[n, v]`) in f64.
+fn token_losses(logits: &[f32], targets: &[u32], v: usize) -> Vec<f64> {
+    logits
+        .chunks(v)
+        .zip(targets)
+        .map(|(z, &t)| {
+            let max = z.iter().fold(f64::MIN, |m, &x| m.max(f64::from(x)));
+            let sum: f64 = z.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+            sum.ln() + max - f64::from(z[t as usize])
+        })
+        .collect()
+}
+
+fn assert_close_each(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: one loss per row");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+            "{what}: row {i}: {g} vs {w}"
+        );
     }
 }

@@ -141,6 +141,7 @@ fn check_case<B: AutodiffBackend>(f: &Fixture<'_>, case: &str) {
             inputs: &inputs,
             targets: &targets,
             seq_len: seq,
+            groups: &[],
         }];
         let s = trainer
             .step(step as u64 + 1, &micro, (batch * seq) as u64, lr)

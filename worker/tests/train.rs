@@ -523,6 +523,7 @@ fn nothing_model_sized_crosses_the_host_per_step() {
             inputs: &inputs,
             targets: &targets,
             seq_len: seq,
+            groups: &[],
         }];
         let before = host_transfers();
         trainer

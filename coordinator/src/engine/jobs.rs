@@ -49,6 +49,9 @@ pub struct ResumeRequest {
     pub dp: Option<u32>,
     /// Delete the checkpoints after `from_step`.
     pub discard_newer: bool,
+    /// A mixture's new weights (by source name) from the checkpoint on;
+    /// empty keeps the recipe's.
+    pub weights: Vec<(String, f64)>,
 }
 
 /// A branch's recipe — the parent's, its decay starting at the tokens
@@ -196,34 +199,69 @@ impl Engine {
                 }
             )));
         }
-        let url = &recipe.data.dataset;
-        let bad_data = |why: String| EngineError::Invalid(format!("data.dataset: {why}"));
-        let loc = Location::parse(url, false).map_err(|e| bad_data(e.to_string()))?;
-        let manifest = read_manifest(&loc)
-            .await
-            .map_err(|e| bad_data(e.to_string()))?;
-        if u64::from(manifest.tokenizer.vocab_size) > recipe.model.vocab_size {
-            return Err(EngineError::Invalid(format!(
-                "model.vocab_size: {} is smaller than the dataset's tokenizer ({}, {} ids)",
-                recipe.model.vocab_size, manifest.tokenizer.name, manifest.tokenizer.vocab_size
-            )));
+        let data = &recipe.data;
+        // Each source's field, as errors name it.
+        let field = |i: usize| {
+            if data.sources.len() == 1 && data.sources[0].name == strata_recipe::SINGLE_SOURCE {
+                "data.dataset".to_string()
+            } else {
+                format!("data.sources[{i}].dataset")
+            }
+        };
+        let mut manifests = Vec::with_capacity(data.sources.len());
+        for (i, source) in data.sources.iter().enumerate() {
+            let url = &source.dataset;
+            let bad_data = |why: String| EngineError::Invalid(format!("{}: {why}", field(i)));
+            let loc = Location::parse(url, false).map_err(|e| bad_data(e.to_string()))?;
+            let manifest = read_manifest(&loc)
+                .await
+                .map_err(|e| bad_data(e.to_string()))?;
+            if u64::from(manifest.tokenizer.vocab_size) > recipe.model.vocab_size {
+                return Err(EngineError::Invalid(format!(
+                    "model.vocab_size: {} is smaller than the tokenizer of {url} ({}, {} ids)",
+                    recipe.model.vocab_size, manifest.tokenizer.name, manifest.tokenizer.vocab_size
+                )));
+            }
+            if let Some(ev) = &recipe.eval {
+                let window = recipe.model.max_seq_len + 1;
+                let Some(h) = &manifest.holdout else {
+                    return Err(EngineError::Invalid(format!(
+                        "eval: the dataset {url} ({}) has no held-out split (decompose it with --holdout-fraction F)",
+                        field(i)
+                    )));
+                };
+                let need = u64::from(layout.dp) * u64::from(recipe.parallel.microbatches.max(1));
+                let rows = ev.rows(recipe.model.max_seq_len).min(h.n_tokens / window);
+                if rows < need {
+                    return Err(EngineError::Invalid(format!(
+                        "eval.tokens: the held-out split of {url} has {} tokens, {rows} windows of {window} for this evaluation; {need} are needed (dp · microbatches)",
+                        h.n_tokens
+                    )));
+                }
+            }
+            manifests.push(manifest);
         }
-        Planner::new(&manifest, &LoaderConfig::for_recipe(&recipe, 0))
-            .map_err(|e| bad_data(format!("{url}: {e}")))?;
-        if let Some(ev) = &recipe.eval {
-            let window = recipe.model.max_seq_len + 1;
-            let Some(h) = &manifest.holdout else {
-                return Err(EngineError::Invalid(format!(
-                    "eval: the dataset {url} has no held-out split (decompose it with --holdout-fraction F)"
-                )));
-            };
-            let need = u64::from(layout.dp) * u64::from(recipe.parallel.microbatches.max(1));
-            let rows = ev.rows(recipe.model.max_seq_len).min(h.n_tokens / window);
-            if rows < need {
-                return Err(EngineError::Invalid(format!(
-                    "eval.tokens: the held-out split of {url} has {} tokens, {rows} windows of {window} for this evaluation; {need} are needed (dp · microbatches)",
-                    h.n_tokens
-                )));
+        let refs: Vec<&strata_dataplane::manifest::Manifest> = manifests.iter().collect();
+        let urls: Vec<&str> = data.sources.iter().map(|s| s.dataset.as_str()).collect();
+        let where_ = if data.is_mixture() {
+            "data.sources"
+        } else {
+            "data.dataset"
+        };
+        let planner = Planner::mixture(&refs, &LoaderConfig::for_recipe(&recipe, 0))
+            .map_err(|e| EngineError::Invalid(format!("{where_}: {}: {e}", urls.join(", "))))?;
+        // A source that must not run out is followed through the whole
+        // run now (bookkeeping only), rather than failing the job later.
+        if data
+            .sources
+            .iter()
+            .any(|s| s.exhausted == strata_recipe::Exhausted::Stop)
+        {
+            let mut cursor = planner.start();
+            for _ in 0..data.n_steps() {
+                planner
+                    .next(&mut cursor)
+                    .map_err(|e| EngineError::Invalid(format!("{where_}: {e}")))?;
             }
         }
         Ok(recipe)
@@ -441,12 +479,16 @@ impl Engine {
                 chosen.step
             ));
         }
-        let spec = if req.tp.is_some() || req.pp.is_some() || req.dp.is_some() {
+        let mut spec = if req.tp.is_some() || req.pp.is_some() || req.dp.is_some() {
             strata_recipe::resume::relayout(&job.spec_toml, req.tp, req.pp, req.dp)
                 .map_err(|e| EngineError::Invalid(format!("changing the layout: {e}")))?
         } else {
             job.spec_toml.clone()
         };
+        if !req.weights.is_empty() {
+            spec = strata_recipe::resume::reweigh(&spec, recipe, chosen.tokens_seen, &req.weights)
+                .map_err(|e| EngineError::Invalid(format!("changing the weights: {e}")))?;
+        }
         let now = self.validate(&spec, &job.name).await?;
         if let Ok(saved) = Recipe::from_toml_str(&chosen.recipe, &job.name) {
             let conflicts = strata_recipe::resume_conflicts(&saved, &now);

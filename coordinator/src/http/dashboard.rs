@@ -167,6 +167,12 @@ fn step_json(s: &StepRecord) -> Value {
         })).collect::<Vec<_>>(),
         "bubble_theory": num(s.bubble_theory),
         "peak_flops": s.peak_flops.map(num),
+        "sources": s.sources.iter().map(|x| json!({
+            "name": x.name,
+            "tokens": x.tokens,
+            "loss": x.loss.map(num),
+            "eval_loss": x.eval_loss.map(num),
+        })).collect::<Vec<_>>(),
     })
 }
 

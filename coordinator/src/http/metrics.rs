@@ -41,6 +41,12 @@ struct PhaseLabel {
     phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    job: String,
+    source: String,
+}
+
 type F64 = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// The slowest ranks each job exports.
@@ -88,6 +94,21 @@ pub fn render(engine: &Engine) -> String {
     let loss = family::<JobLabel>(&mut reg, "job_loss", "Training loss of the last step");
     let eval_loss = family::<JobLabel>(&mut reg, "job_eval_loss", "Last held-out loss");
     let lr = family::<JobLabel>(&mut reg, "job_lr", "Learning rate of the last step");
+    let source_loss = family::<SourceLabel>(
+        &mut reg,
+        "job_source_loss",
+        "A mixture's source: its training loss in the last step",
+    );
+    let source_tokens = family::<SourceLabel>(
+        &mut reg,
+        "job_source_tokens",
+        "A mixture's source: its tokens in the last step",
+    );
+    let source_eval = family::<SourceLabel>(
+        &mut reg,
+        "job_source_eval_loss",
+        "A mixture's source: its held-out loss when the last step evaluated",
+    );
     let tps = family::<JobLabel>(
         &mut reg,
         "job_tokens_per_second",
@@ -232,6 +253,19 @@ pub fn render(engine: &Engine) -> String {
         }
         if let Some(e) = last.eval_loss {
             eval_loss.get_or_create(&l).set(e);
+        }
+        for src in &last.sources {
+            let sl = SourceLabel {
+                job: j.job_id.to_string(),
+                source: src.name.clone(),
+            };
+            source_tokens.get_or_create(&sl).set(src.tokens as f64);
+            if let Some(x) = src.loss {
+                source_loss.get_or_create(&sl).set(x);
+            }
+            if let Some(x) = src.eval_loss {
+                source_eval.get_or_create(&sl).set(x);
+            }
         }
         let t = &last.times;
         let phases = [

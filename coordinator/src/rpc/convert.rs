@@ -9,7 +9,8 @@ use tonic::Status;
 use crate::engine::{Activity, Assignment, NodeView, RankStep};
 use crate::error::EngineError;
 use crate::job::{
-    AttemptRecord, CheckpointRecord, JobRecord, JobState, StageTimes, StepRecord, StepTimes,
+    AttemptRecord, CheckpointRecord, JobRecord, JobState, SourceRecord, StageTimes, StepRecord,
+    StepTimes,
 };
 use crate::sweep::{SweepRecord, SweepState};
 use strata_recipe::{Layout, Rank};
@@ -165,6 +166,16 @@ pub fn step_to_pb(s: &StepRecord) -> pb::StepMetrics {
         bubble_theory: s.bubble_theory,
         eval_loss: s.eval_loss,
         peak_flops: s.peak_flops,
+        sources: s
+            .sources
+            .iter()
+            .map(|x| pb::SourceMetrics {
+                name: x.name.clone(),
+                tokens: x.tokens,
+                loss: x.loss,
+                eval_loss: x.eval_loss,
+            })
+            .collect(),
     }
 }
 
@@ -201,6 +212,16 @@ pub fn step_from_pb(s: &pb::StepMetrics) -> StepRecord {
         bubble_theory: s.bubble_theory,
         eval_loss: s.eval_loss,
         peak_flops: s.peak_flops,
+        sources: s
+            .sources
+            .iter()
+            .map(|x| SourceRecord {
+                name: x.name.clone(),
+                tokens: x.tokens,
+                loss: x.loss,
+                eval_loss: x.eval_loss,
+            })
+            .collect(),
     }
 }
 

@@ -307,6 +307,7 @@ impl JobService for Jobs {
                 pp: some(r.pp),
                 dp: some(r.dp),
                 discard_newer: r.discard_newer,
+                weights: r.weights.into_iter().collect(),
             })
             .await?;
         Ok(Response::new(job_to_pb(&job, None)))

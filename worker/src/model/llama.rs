@@ -310,8 +310,9 @@ pub fn cross_entropy<X: Backend>(
 /// `(softmax − onehot) / denominator` turned into the chunk's `dy` and its
 /// share of `dW` at once. `w` is the head's weight in `layout`. Returns
 /// the summed loss over `denominator`, `dy` (`[n, d]`) and the head's
-/// gradient in `w`'s shape. One scalar reaches the host. The CPU backend
-/// runs [`cpu::head_cross_entropy`]; others, tensor operations.
+/// gradient in `w`'s shape. One scalar reaches the host, and each row's
+/// (unscaled) loss when `tokens` asks for them (appended to it). The CPU
+/// backend runs [`cpu::head_cross_entropy`]; others, tensor operations.
 pub fn fused_head_cross_entropy<X: Backend>(
     y: Tensor<X, 2>,
     w: Tensor<X, 2>,
@@ -319,15 +320,24 @@ pub fn fused_head_cross_entropy<X: Backend>(
     targets: &[u32],
     denominator: f64,
     device: &X::Device,
+    mut tokens: Option<&mut Vec<f64>>,
 ) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
-    if let Some(done) = cpu::flex_head_cross_entropy(&y, &w, layout, targets, denominator, device) {
+    if let Some(done) = cpu::flex_head_cross_entropy(
+        &y,
+        &w,
+        layout,
+        targets,
+        denominator,
+        device,
+        tokens.as_deref_mut(),
+    ) {
         return done;
     }
     let w_rows = match layout {
         HeadLayout::Rows => w,
         HeadLayout::Columns => w.transpose(),
     };
-    let (loss, dy, dwt) = head_by_tensor_ops(y, w_rows, targets, denominator, device);
+    let (loss, dy, dwt) = head_by_tensor_ops(y, w_rows, targets, denominator, device, tokens);
     let dw = match layout {
         HeadLayout::Rows => dwt.transpose(),
         HeadLayout::Columns => dwt,
@@ -346,6 +356,7 @@ pub(crate) fn head_by_tensor_ops<X: Backend>(
     targets: &[u32],
     denominator: f64,
     device: &X::Device,
+    mut tokens: Option<&mut Vec<f64>>,
 ) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
     use burn::tensor::IndexingUpdateOp;
     let [n, d] = y.dims();
@@ -375,7 +386,11 @@ pub(crate) fn head_by_tensor_ops<X: Backend>(
         let picked = z.clone().gather(1, tgt.clone());
         let e = (z - max.clone()).exp();
         let sums = e.clone().sum_dim(1);
-        accumulate(&mut loss, (sums.clone().log() + max - picked).sum());
+        let rows = sums.clone().log() + max - picked;
+        if let Some(t) = tokens.as_deref_mut() {
+            t.extend(to_vec(rows.clone()).into_iter().map(f64::from));
+        }
+        accumulate(&mut loss, rows.sum());
         let p = (e / sums).mul_scalar(scale).scatter(
             1,
             tgt,

@@ -50,6 +50,14 @@ pub struct Micro<'a> {
     /// What the summed loss is divided by: the step's target tokens on
     /// every rank.
     pub denominator: f64,
+    /// Whether the last stage reports each sequence's loss
+    /// ([`Tape::row_loss`]).
+    pub per_row: bool,
+}
+
+/// Each row's summed token losses: `tokens` holds `rows · seq` of them.
+pub fn row_sums(tokens: &[f64], seq: usize) -> Vec<f64> {
+    tokens.chunks(seq).map(|r| r.iter().sum()).collect()
 }
 
 /// One microbatch's forward on a stage, kept for its backward: what the
@@ -61,6 +69,9 @@ pub struct Tape<I: Backend, K> {
     /// On other stages: the activations for the next stage.
     pub output: Option<Tensor<I, 2>>,
     pub kept: K,
+    /// On the last stage, when [`Micro::per_row`] asks: each sequence's
+    /// summed (undivided) token losses, in row order.
+    pub row_loss: Vec<f64>,
 }
 
 /// The tape of stage `S`'s forward.

@@ -27,7 +27,7 @@ use super::llama::{
     Dims, Rope, attention_core, block, branch, fused_head_cross_entropy, linear, linear_grads,
     rms_norm,
 };
-use super::{Micro, StageForward, StageInput, Tape};
+use super::{Micro, StageForward, StageInput, Tape, row_sums};
 use crate::collective::CollectiveError;
 use crate::cpu::{self, HeadLayout};
 use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
@@ -151,6 +151,7 @@ fn tape<B: AutodiffBackend>(
         loss,
         output,
         kept: Kept { pieces, head_grad },
+        row_loss: Vec::new(),
     }
 }
 
@@ -536,6 +537,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             HeadLayout::Columns
         };
         let targets = targets.expect("the last stage has targets");
+        let mut tokens = Vec::new();
         let (loss, dy, dw) = fused_head_cross_entropy(
             y.clone().inner(),
             self.params[slot].clone(),
@@ -543,9 +545,10 @@ impl<B: AutodiffBackend> StageModel<B> {
             targets,
             denominator,
             &self.device,
+            mb.per_row.then_some(&mut tokens),
         );
         let surrogate = (y * Tensor::from_inner(dy)).sum();
-        tape(
+        let mut done = tape(
             vec![Piece::Whole(Segment {
                 input,
                 output: surrogate.reshape([1, 1]),
@@ -554,7 +557,9 @@ impl<B: AutodiffBackend> StageModel<B> {
             loss,
             None,
             Some((slot, dw)),
-        )
+        );
+        done.row_loss = row_sums(&tokens, mb.seq);
+        done
     }
 
     /// Logits `[rows·seq, padded_vocab]` of the whole model for `tokens`
@@ -737,8 +742,15 @@ impl<B: AutodiffBackend> StageForward<B> for StageModel<B> {
         let mut leaves = Vec::new();
         let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
         let z = y_leaf.clone().matmul(self.head_weight(&mut leaves));
-        let (loss, surrogate) =
-            parallel_cross_entropy(z, targets, self.dims.vocab_start, denominator, tp)?;
+        let mut tokens = Vec::new();
+        let (loss, surrogate) = parallel_cross_entropy(
+            z,
+            targets,
+            self.dims.vocab_start,
+            denominator,
+            tp,
+            mb.per_row.then_some(&mut tokens),
+        )?;
         pieces.push(Piece::Head {
             norm,
             head: Segment {
@@ -747,7 +759,9 @@ impl<B: AutodiffBackend> StageForward<B> for StageModel<B> {
                 leaves,
             },
         });
-        Ok(tape(pieces, loss, None, None))
+        let mut done = tape(pieces, loss, None, None);
+        done.row_loss = row_sums(&tokens, seq);
+        Ok(done)
     }
 
     /// Backpropagates one microbatch's tape: `upstream` is the gradient of

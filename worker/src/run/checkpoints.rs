@@ -21,8 +21,8 @@ pub(super) struct Run<'a> {
     pub(super) tps: u64,
     pub(super) recipe: &'a Recipe,
     pub(super) spec_toml: &'a str,
-    pub(super) dataset: &'a str,
-    pub(super) fingerprint: u32,
+    /// Each source's name, dataset and fingerprint.
+    pub(super) sources: &'a [checkpoint::SourceState],
 }
 
 impl Run<'_> {
@@ -52,9 +52,9 @@ impl Run<'_> {
             model: self.recipe.model,
             recipe: self.spec_toml.into(),
             data: Some(checkpoint::DataState {
-                dataset: self.dataset.into(),
-                fingerprint: self.fingerprint,
+                sources: self.sources.to_vec(),
                 cursor: cursor.clone(),
+                counts_steps: false,
             }),
             shards: Vec::new(),
             written_at: 0,
@@ -133,9 +133,8 @@ impl Checkpoints {
         trainer: &mut Trainer<B>,
         (root, from): (&str, u64),
         recipe: &Recipe,
-        dataset_url: &str,
-        fingerprint: u32,
-    ) -> Result<(u64, strata_dataplane::loader::Cursor), WorkerError> {
+        sources: &[checkpoint::SourceState],
+    ) -> Result<(u64, checkpoint::DataState), WorkerError> {
         let setup = |m: String| WorkerError::Setup(format!("resuming: {m}"));
         let (mut found, _) = rt
             .block_on(checkpoint::list(&self.loc, root))
@@ -174,10 +173,25 @@ impl Checkpoints {
                 m.step
             )));
         };
-        if data.fingerprint != fingerprint {
+        for (i, (now, then)) in sources.iter().zip(&data.sources).enumerate() {
+            if now.fingerprint != then.fingerprint {
+                let field = if sources.len() == 1 && now.name == strata_recipe::SINGLE_SOURCE {
+                    "data.dataset".to_string()
+                } else {
+                    format!("data.sources[{i}].dataset ({})", now.name)
+                };
+                return Err(setup(format!(
+                    "{field}: {} is not the dataset step {}'s checkpoint was trained on ({}; fingerprint {:08x}, now {:08x})",
+                    now.dataset, m.step, then.dataset, then.fingerprint, now.fingerprint
+                )));
+            }
+        }
+        if data.sources.len() != sources.len() {
             return Err(setup(format!(
-                "data.dataset: {dataset_url} is not the dataset step {}'s checkpoint was trained on ({}; fingerprint {:08x}, now {fingerprint:08x})",
-                m.step, data.dataset, data.fingerprint
+                "step {}'s checkpoint read {} datasets, the recipe names {}",
+                m.step,
+                data.sources.len(),
+                sources.len()
             )));
         }
         if data.cursor.step != m.step {
@@ -188,7 +202,7 @@ impl Checkpoints {
         }
         trainer.restore(&r.restored.master, &r.restored.state);
         tracing::info!(step = m.step, layout = ?m.layout, "resumed from a checkpoint");
-        Ok((m.step, data.cursor.clone()))
+        Ok((m.step, data.clone()))
     }
 
     /// Copies the trainer's state out (the step's stall) and hands it to

@@ -71,6 +71,7 @@ impl EvalSet {
                     inputs: &self.inputs[span.clone()],
                     targets: &self.targets[span],
                     seq_len: self.seq,
+                    groups: &[],
                 }
             })
             .collect()

@@ -170,11 +170,15 @@ fn start(
         "joined the process groups"
     );
 
-    let url = recipe.data.dataset.clone();
-    let loc = Location::parse(&url, false).map_err(|e| WorkerError::Data(e.to_string()))?;
-    let manifest = rt
-        .block_on(read_manifest(&loc))
-        .map_err(|e| WorkerError::Data(e.to_string()))?;
+    let mut data = Vec::with_capacity(recipe.data.sources.len());
+    for source in &recipe.data.sources {
+        let loc = Location::parse(&source.dataset, false)
+            .map_err(|e| WorkerError::Data(format!("source {}: {e}", source.name)))?;
+        let manifest = rt
+            .block_on(read_manifest(&loc))
+            .map_err(|e| WorkerError::Data(e.to_string()))?;
+        data.push((loc, manifest));
+    }
     let session = steps::Session {
         rt,
         reporter,
@@ -186,8 +190,7 @@ fn start(
         coords,
         groups,
         members,
-        data: (loc, manifest),
-        url,
+        data,
         pulse,
         stop,
         peak_flops,

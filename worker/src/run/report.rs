@@ -146,6 +146,19 @@ pub struct StepReport<'a> {
     pub bubble_theory: f64,
     pub eval_loss: Option<f64>,
     pub peak_flops: Option<f64>,
+    /// A mixture's sources in the step; empty for one dataset.
+    pub sources: Vec<SourceStep>,
+}
+
+/// One source of a mixture in a step.
+pub struct SourceStep {
+    pub name: String,
+    /// The step's tokens from it, every rank's.
+    pub tokens: u64,
+    /// Its mean loss per token in the step; none without a share.
+    pub loss: Option<f64>,
+    /// Its held-out loss, on steps that evaluated.
+    pub eval_loss: Option<f64>,
 }
 
 /// A finished (or failed) checkpoint save of this rank's, as reported.
@@ -324,6 +337,16 @@ impl Reporter {
             bubble_theory: s.bubble_theory,
             eval_loss: s.eval_loss,
             peak_flops: s.peak_flops,
+            sources: s
+                .sources
+                .iter()
+                .map(|x| pb::SourceMetrics {
+                    name: x.name.clone(),
+                    tokens: x.tokens,
+                    loss: x.loss,
+                    eval_loss: x.eval_loss,
+                })
+                .collect(),
         };
         self.client
             .report_metrics(pb::ReportMetricsRequest {

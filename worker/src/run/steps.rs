@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::AutodiffBackend;
-use strata_dataplane::loader::{Batch, Loader, LoaderConfig};
+use strata_dataplane::checkpoint::SourceState;
+use strata_dataplane::loader::{Batch, Loader, LoaderConfig, LoaderError, Planner};
+use strata_dataplane::manifest::Manifest;
 use strata_dataplane::reader::read_holdout;
 use strata_dataplane::store::Location;
 use strata_recipe::{Coords, Recipe};
@@ -15,7 +17,7 @@ use super::checkpoints::{Checkpoints, Run};
 use super::eval::EvalSet;
 use super::heartbeat::{Pulse, Stop};
 use super::rendezvous::Members;
-use super::report::{Activity, LastStep, Reporter, StepReport, StepTimes};
+use super::report::{Activity, LastStep, Reporter, SourceStep, StepReport, StepTimes};
 use super::{WorkerArgs, WorkerError};
 use crate::params::ParamTable;
 use crate::train::{DeviceDp, Groups, LocalBatch, StepStats, TrainError, Trainer};
@@ -37,9 +39,8 @@ pub(super) struct Session<'a> {
     pub(super) coords: Coords,
     pub(super) groups: Groups,
     pub(super) members: Members,
-    /// The dataset and its manifest.
-    pub(super) data: (Location, strata_dataplane::manifest::Manifest),
-    pub(super) url: String,
+    /// Each source's dataset and manifest, in the recipe's order.
+    pub(super) data: Vec<(Location, strata_dataplane::manifest::Manifest)>,
     pub(super) pulse: Arc<Pulse>,
     pub(super) stop: Arc<Stop>,
     /// Every device's peak FLOP/s together, when known (MFU's denominator).
@@ -102,14 +103,18 @@ struct Steps<'a, B: AutodiffBackend> {
     spec_toml: String,
     coords: Coords,
     members: Members,
-    url: String,
-    fingerprint: u32,
+    /// What data errors are prefixed with: the dataset's URL, or the
+    /// mixture's sources.
+    data_label: String,
+    /// Each source's name, dataset and fingerprint, as checkpoints record them.
+    sources: Vec<SourceState>,
     pulse: Arc<Pulse>,
     stop: Arc<Stop>,
     peak_flops: Option<f64>,
     trainer: Trainer<B>,
     loader: Loader,
-    eval: Option<EvalSet>,
+    /// Each source's held-out evaluation, with `[eval]`.
+    evals: Vec<EvalSet>,
     checkpoints: Option<Checkpoints>,
     first_step: u64,
     /// The checkpoint step this attempt continued from, until rank 0's
@@ -141,8 +146,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             coords,
             groups,
             members,
-            data: (data_loc, dataset),
-            url,
+            data,
             pulse,
             stop,
             peak_flops,
@@ -165,6 +169,10 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
         .with_precision(recipe.precision)
         .with_sharded_optimizer(recipe.parallel.shard_optimizer)
         .with_recompute(recipe.recompute);
+        let mixture = recipe.data.is_mixture();
+        if mixture {
+            trainer = trainer.with_row_groups(recipe.data.sources.len());
+        }
         if let Some(dp) = dp_device {
             trainer = trainer.with_device_dp(dp);
         }
@@ -177,34 +185,58 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             "model part built"
         );
 
-        let fingerprint = dataset.fingerprint();
+        let data_label = if mixture {
+            "data.sources".to_string()
+        } else {
+            recipe.data.first_dataset().to_string()
+        };
+        let sources: Vec<SourceState> = recipe
+            .data
+            .sources
+            .iter()
+            .zip(&data)
+            .map(|(s, (_, m))| SourceState {
+                name: s.name.clone(),
+                dataset: s.dataset.clone(),
+                fingerprint: m.fingerprint(),
+            })
+            .collect();
         let microbatches = recipe.parallel.microbatches.max(1) as usize;
-        let eval = match recipe.eval {
-            None => None,
-            Some(ev) => {
+        let mut evals = Vec::new();
+        if let Some(ev) = recipe.eval {
+            for (source, (loc, manifest)) in recipe.data.sources.iter().zip(&data) {
+                let url = &source.dataset;
                 let tokens = rt
-                    .block_on(read_holdout(&data_loc, &dataset))
+                    .block_on(read_holdout(loc, manifest))
                     .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?
                     .ok_or_else(|| {
                         WorkerError::Data(format!(
                             "{url}: [eval] needs a held-out split (decompose with --holdout-fraction)"
                         ))
                     })?;
-                Some(EvalSet::new(
-                    &tokens,
-                    ev,
-                    recipe.model.max_seq_len as usize,
-                    coords.dp,
-                    layout.dp,
-                    microbatches,
-                )?)
+                evals.push(
+                    EvalSet::new(
+                        &tokens,
+                        ev,
+                        recipe.model.max_seq_len as usize,
+                        coords.dp,
+                        layout.dp,
+                        microbatches,
+                    )
+                    .map_err(|e| match e {
+                        WorkerError::Data(m) if mixture => {
+                            WorkerError::Data(format!("source {}: {m}", source.name))
+                        }
+                        other => other,
+                    })?,
+                );
             }
-        };
+        }
         let mut checkpoints = Checkpoints::open(&recipe, &args.job, args.attempt, rt.handle())?;
         let resumed = match (&mut checkpoints, resume) {
             (Some(ck), Some(from)) => {
                 let root = resume_job.as_deref().unwrap_or(&args.job);
-                Some(ck.resume(rt, &mut trainer, (root, from), &recipe, &url, fingerprint)?)
+                Some(ck.resume(rt, &mut trainer, (root, from), &recipe, &sources)?)
             }
             (Some(ck), None) => {
                 ck.refuse_existing(rt)?;
@@ -218,27 +250,37 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             (None, None) => None,
         };
         let first_step = resumed.as_ref().map_or(1, |(step, _)| step + 1);
-        let loader = Loader::new(
-            data_loc,
-            dataset,
-            &LoaderConfig::for_recipe(&recipe, coords.dp),
-            resumed.map(|(_, cursor)| cursor),
-        )
-        .map_err(|e| WorkerError::Data(format!("{url}: {e}")))?;
+        let cfg = LoaderConfig::for_recipe(&recipe, coords.dp);
+        let bad_data = |e: LoaderError| WorkerError::Data(format!("{data_label}: {e}"));
+        let cursor = match resumed.as_ref().map(|(_, d)| d) {
+            None => None,
+            Some(d) if d.counts_steps => {
+                // A checkpoint from before mixtures counted steps per bucket.
+                let manifests: Vec<&Manifest> = data.iter().map(|(_, m)| m).collect();
+                let planner = Planner::mixture(&manifests, &cfg).map_err(bad_data)?;
+                let mut c = d.cursor.clone();
+                for s in &mut c.sources {
+                    s.used = planner.from_steps(&s.used);
+                }
+                Some(c)
+            }
+            Some(d) => Some(d.cursor.clone()),
+        };
+        let loader = Loader::mixture(data, &cfg, cursor).map_err(bad_data)?;
         Ok(Steps {
             rt,
             reporter,
             args,
             spec_toml,
             members,
-            url,
-            fingerprint,
+            data_label,
+            sources,
             pulse,
             stop,
             peak_flops,
             trainer,
             loader,
-            eval,
+            evals,
             checkpoints,
             first_step,
             resumed_from: (first_step > 1).then_some(first_step - 1),
@@ -278,7 +320,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             let t0 = Instant::now();
             let batch = tracing::info_span!("data")
                 .in_scope(|| self.rt.block_on(self.loader.next_batch()))
-                .map_err(|e| WorkerError::Data(format!("{}: {e}", self.url)))?;
+                .map_err(|e| WorkerError::Data(format!("{}: {e}", self.data_label)))?;
             let data_s = t0.elapsed().as_secs_f64();
             let lr = self.lr(step);
             let stats = self.train_step(step, &batch, lr)?;
@@ -295,7 +337,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
                 times,
                 wall_s: t0.elapsed().as_secs_f64(),
             });
-            let eval_loss = self.evaluate_if_due(step, n_steps)?;
+            let eval = self.evaluate_if_due(step, n_steps)?;
             if !stats.loss.is_finite() {
                 return Err(WorkerError::Data(format!(
                     "step {step}: the loss is {} (lr {lr:e}, gradient norm {:e})",
@@ -303,7 +345,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
                 )));
             }
             if self.reports {
-                self.report(step, &stats, &batch, times, eval_loss, t0)?;
+                self.report(step, &stats, &batch, times, eval, t0)?;
             }
             self.checkpoint_if_due(step, n_steps)?;
         }
@@ -327,11 +369,23 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
         let microbatches = self.recipe.parallel.microbatches.max(1) as usize;
         let seq = batch.seq_len as usize;
         let per = batch.inputs.len() / seq / microbatches * seq;
+        let rows = per / seq;
+        // Each row's source, for a mixture's per-source losses.
+        let groups: Vec<u32> = if self.recipe.data.is_mixture() {
+            batch
+                .runs
+                .iter()
+                .flat_map(|&(s, n)| std::iter::repeat_n(s as u32, n))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let micro: Vec<LocalBatch<'_>> = (0..microbatches)
             .map(|m| LocalBatch {
                 inputs: &batch.inputs[m * per..(m + 1) * per],
                 targets: &batch.targets[m * per..(m + 1) * per],
                 seq_len: seq,
+                groups: groups.get(m * rows..(m + 1) * rows).unwrap_or(&[]),
             })
             .collect();
         let (stop, stop_after) = (&self.stop, self.faults.stop_after);
@@ -348,20 +402,30 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             .map_err(|e| self.failed(step, "", &e))
     }
 
-    /// The held-out loss, on the steps `[eval]` asks for and the last.
-    fn evaluate_if_due(&mut self, step: u64, n_steps: u64) -> Result<Option<f64>, WorkerError> {
-        let Some(e) = &self.eval else {
+    /// The held-out loss, on the steps `[eval]` asks for and the last:
+    /// the loss, and each source's of a mixture (the loss is their mean
+    /// under the step's weights).
+    fn evaluate_if_due(&mut self, step: u64, n_steps: u64) -> Result<Option<Eval>, WorkerError> {
+        let Some(every) = self.evals.first().map(|e| e.every) else {
             return Ok(None);
         };
-        if !step.is_multiple_of(e.every) && step != n_steps {
+        if !step.is_multiple_of(every) && step != n_steps {
             return Ok(None);
         }
         self.pulse.busy(Activity::Eval);
-        let loss = tracing::info_span!("eval", tokens = e.tokens)
-            .in_scope(|| self.trainer.evaluate(step, &e.micro(), e.tokens))
-            .map_err(|err| self.failed(step, "evaluation: ", &err))?;
+        let mut per_source = Vec::with_capacity(self.evals.len());
+        for (i, e) in self.evals.iter().enumerate() {
+            let name = &self.recipe.data.sources[i].name;
+            let loss = tracing::info_span!("eval", tokens = e.tokens, source = %name)
+                .in_scope(|| self.trainer.evaluate(step, &e.micro(), e.tokens))
+                .map_err(|err| failed(&self.members, step, "evaluation: ", &err))?;
+            per_source.push(loss);
+        }
         self.pulse.busy(Activity::Step);
-        Ok(Some(loss))
+        let tps = self.recipe.data.tokens_per_step;
+        let weights = self.recipe.data.weights_at((step - 1) * tps);
+        let loss = per_source.iter().zip(&weights).map(|(l, w)| l * w).sum();
+        Ok(Some(Eval { loss, per_source }))
     }
 
     /// Rank 0's report of the step.
@@ -371,7 +435,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
         stats: &StepStats,
         batch: &Batch,
         times: StepTimes,
-        eval_loss: Option<f64>,
+        eval: Option<Eval>,
         t0: Instant,
     ) -> Result<(), WorkerError> {
         use tracing::Instrument;
@@ -390,8 +454,9 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             bubble_theory: p
                 .layout
                 .bubble_fraction(p.microbatches.max(1), p.virtual_stages),
-            eval_loss,
+            eval_loss: eval.as_ref().map(|e| e.loss),
             peak_flops: self.peak_flops,
+            sources: self.source_steps(stats, batch, eval.as_ref()),
         };
         let resumed_from = self.resumed_from.take();
         self.rt.block_on(
@@ -399,6 +464,34 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
                 .step(&report, resumed_from)
                 .instrument(tracing::info_span!("report")),
         )
+    }
+
+    /// Each source's tokens and mean loss in the step (and held-out loss
+    /// when it evaluated), for a mixture; none for one dataset.
+    fn source_steps(
+        &self,
+        stats: &StepStats,
+        batch: &Batch,
+        eval: Option<&Eval>,
+    ) -> Vec<SourceStep> {
+        if !self.recipe.data.is_mixture() {
+            return Vec::new();
+        }
+        self.recipe
+            .data
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let tokens = batch.source_sequences[i] * batch.seq_len;
+                SourceStep {
+                    name: s.name.clone(),
+                    tokens,
+                    loss: (tokens > 0).then(|| stats.group_loss[i] / tokens as f64),
+                    eval_loss: eval.map(|e| e.per_source[i]),
+                }
+            })
+            .collect()
     }
 
     /// Takes step `step`'s checkpoint when the recipe asks for one, and
@@ -428,8 +521,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             tps: self.recipe.data.tokens_per_step,
             recipe: &self.recipe,
             spec_toml: &self.spec_toml,
-            dataset: &self.url,
-            fingerprint: self.fingerprint,
+            sources: &self.sources,
         };
         let header = self
             .reports
@@ -463,6 +555,13 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
     fn failed(&self, step: u64, what: &str, e: &TrainError) -> WorkerError {
         failed(&self.members, step, what, e)
     }
+}
+
+/// A step's held-out losses.
+struct Eval {
+    /// Over the sources, weighed as the step weighed them.
+    loss: f64,
+    per_source: Vec<f64>,
 }
 
 /// A collective failure at `step`, naming the peer by its world rank.

@@ -84,6 +84,7 @@ pub fn micro<'a>(
             inputs: &inputs[i * mb..(i + 1) * mb],
             targets: &targets[i * mb..(i + 1) * mb],
             seq_len: seq,
+            groups: &[],
         })
         .collect()
 }
