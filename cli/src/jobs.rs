@@ -941,6 +941,10 @@ pub struct BranchArgs {
     /// The branch's name [default: PARENT-cooldown-TOKENS].
     #[arg(long)]
     pub name: Option<String>,
+    /// A mixture's weights for the branch, every source by name:
+    /// `web=0.3,code=0.3,math=0.4` [default: the parent's].
+    #[arg(long, value_parser = parse_weights)]
+    pub weights: Option<Vec<(String, f64)>>,
     #[command(flatten)]
     pub connect: Connect,
 }
@@ -965,6 +969,7 @@ pub fn branch(args: BranchArgs) -> anyhow::Result<()> {
                 decay_shape: args.decay_shape.unwrap_or_default(),
                 final_lr_fraction: args.final_lr_fraction,
                 name: args.name.unwrap_or_default(),
+                weights: args.weights.unwrap_or_default().into_iter().collect(),
             })
             .await
             .map_err(|s| status_error("BranchJob", s))?

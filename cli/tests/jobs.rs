@@ -1277,6 +1277,7 @@ async fn a_branch_decays_from_a_stable_phase_checkpoint() {
         decay_shape: String::new(),
         final_lr_fraction: None,
         name: String::new(),
+        weights: Default::default(),
     };
     let b = cl.branch_job(branch(8, 1024)).await.unwrap().into_inner();
     assert_eq!((b.parent_job.as_str(), b.parent_step), (parent.as_str(), 8));

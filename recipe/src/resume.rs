@@ -117,6 +117,27 @@ pub fn reweigh(
             "the job trains on one dataset; weights apply to a mixture's [[data.sources]]".into(),
         );
     }
+    with_phases(spec_toml, recipe, at_tokens, Some(weights))
+}
+
+/// `spec_toml` (validated as `recipe`) with the mixture's phases at or
+/// after `end_tokens` dropped (a run cut short there), and a phase at
+/// `end_tokens` with `weights` when given. Unchanged without phases.
+fn with_phases(
+    spec_toml: &str,
+    recipe: &Recipe,
+    end_tokens: u64,
+    weights: Option<&[(String, f64)]>,
+) -> Result<String, String> {
+    let kept: Vec<&crate::MixPhase> = recipe
+        .data
+        .phases
+        .iter()
+        .filter(|p| p.at_tokens < end_tokens)
+        .collect();
+    if weights.is_none() && kept.len() == recipe.data.phases.len() {
+        return Ok(spec_toml.to_string());
+    }
     let mut doc: toml::Table = spec_toml
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
@@ -138,11 +159,8 @@ pub fn reweigh(
         );
         toml::Value::Table(t)
     };
-    let mut phases: Vec<toml::Value> = recipe
-        .data
-        .phases
+    let mut phases: Vec<toml::Value> = kept
         .iter()
-        .filter(|p| p.at_tokens < at_tokens)
         .map(|p| {
             let named = recipe
                 .data
@@ -154,9 +172,31 @@ pub fn reweigh(
             phase(p.at_tokens, named)
         })
         .collect();
-    phases.push(phase(at_tokens, weights.to_vec()));
-    data.insert("phases".into(), toml::Value::Array(phases));
+    if let Some(w) = weights {
+        phases.push(phase(end_tokens, w.to_vec()));
+    }
+    if phases.is_empty() {
+        data.remove("phases");
+    } else {
+        data.insert("phases".into(), toml::Value::Array(phases));
+    }
     toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// A branch's recipe with a mixture's weights for it: the parent's
+/// phases up to the branch point, then `weights` (none: the parent's
+/// phases up to the branch's end, `end_tokens`).
+pub fn branch_weights(
+    spec_toml: &str,
+    parent: &Recipe,
+    (start_tokens, end_tokens): (u64, u64),
+    weights: &[(String, f64)],
+) -> Result<String, String> {
+    if weights.is_empty() {
+        with_phases(spec_toml, parent, end_tokens, None)
+    } else {
+        reweigh(spec_toml, parent, start_tokens, weights)
+    }
 }
 
 /// A cooldown branch's decay: where it starts (the tokens its checkpoint

@@ -1095,3 +1095,39 @@ mod adversarial {
         }
     }
 }
+
+#[test]
+fn a_resume_or_branch_reweighs_a_mixture_from_its_checkpoint() {
+    use strata_recipe::resume::{branch_weights, reweigh};
+    let phases = "\n[[data.phases]]\nat_tokens = 1000\nweights = { web = 1, code = 3 }\n[[data.phases]]\nat_tokens = 50000000\nweights = { web = 3, code = 1 }\n";
+    let text = mixture(&[("web", 1.0), ("code", 1.0)], phases);
+    let r = Recipe::from_toml_str(&text, "x").unwrap();
+    // New weights from 2000 tokens: the phase before kept, the one after gone.
+    let w = [("web".to_string(), 0.9), ("code".to_string(), 0.1)];
+    let now = Recipe::from_toml_str(&reweigh(&text, &r, 2000, &w).unwrap(), "x").unwrap();
+    let at: Vec<u64> = now.data.phases.iter().map(|p| p.at_tokens).collect();
+    assert_eq!(at, [1000, 2000]);
+    assert_eq!(now.data.weights_at(0), [0.5, 0.5]);
+    assert_eq!(now.data.weights_at(1999), [0.25, 0.75]);
+    assert_eq!(now.data.weights_at(2000), [0.9, 0.1]);
+    assert!(strata_recipe::resume_conflicts(&r, &now).is_empty());
+    // A branch ending at 3000 tokens without new weights keeps the phases
+    // before its end.
+    let cut =
+        Recipe::from_toml_str(&branch_weights(&text, &r, (2000, 3000), &[]).unwrap(), "x").unwrap();
+    assert_eq!(cut.data.phases.len(), 1);
+    // One dataset has no weights to change.
+    let one = parse(&[]).unwrap();
+    let e = reweigh(&edited(&[]), &one, 2000, &w).unwrap_err();
+    assert!(e.contains("one dataset"), "{e}");
+    // Renamed sources cannot continue.
+    let renamed = Recipe::from_toml_str(
+        &text
+            .replace("\"code\"", "\"cod\"")
+            .replace("code =", "cod ="),
+        "x",
+    )
+    .unwrap();
+    let c = strata_recipe::resume_conflicts(&r, &renamed);
+    assert!(c.iter().any(|p| p.field == "data.sources"), "{c:?}");
+}

@@ -35,6 +35,9 @@ pub struct BranchRequest {
     pub final_lr_fraction: Option<f64>,
     /// The branch's name; `None`: the parent's with the decay's tokens.
     pub name: Option<String>,
+    /// A mixture's weights for the branch, by source name (an anneal on
+    /// another mix); empty keeps the parent's.
+    pub weights: Vec<(String, f64)>,
 }
 
 /// A resume of an ended job.
@@ -109,6 +112,9 @@ fn branch_spec(parent: &JobRecord, req: &BranchRequest) -> Result<(String, Check
     };
     let text = strata_recipe::resume::branch(&parent.spec_toml, &decay, &name)
         .map_err(|e| EngineError::Invalid(format!("job {}'s recipe: {e}", parent.job_id)))?;
+    let end = ck.tokens.saturating_add(req.decay_tokens);
+    let text = strata_recipe::resume::branch_weights(&text, recipe, (ck.tokens, end), &req.weights)
+        .map_err(|e| EngineError::Invalid(format!("weights: {e}")))?;
     Ok((text, ck.clone()))
 }
 

@@ -420,6 +420,7 @@ impl Engine {
                     decay_shape: decay.shape.clone(),
                     final_lr_fraction: decay.final_lr_fraction,
                     name: Some(p.name.clone()),
+                    weights: Vec::new(),
                 };
                 (point, self.branch(&req).await)
             }

@@ -103,6 +103,7 @@ impl JobService for Jobs {
                 decay_shape: (!r.decay_shape.is_empty()).then_some(r.decay_shape),
                 final_lr_fraction: r.final_lr_fraction,
                 name: (!r.name.is_empty()).then_some(r.name),
+                weights: r.weights.into_iter().collect(),
             })
             .await?;
         Ok(Response::new(self.job_pb(id.as_str())?))
