@@ -82,6 +82,23 @@ fn plan_text_names_what_matters() {
     }
 }
 
+#[test]
+fn plan_text_shows_a_mixtures_sources() {
+    let out = strata(&["plan", "examples/llama-1b-mixture.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("mixture: web 60% (s3://strata-datasets/fineweb-edu-o200k-dd), code 25%")
+            && text.contains("math 15%")
+            && text.contains("1 later phase(s)"),
+        "{text}"
+    );
+}
+
 /// The memory plan: per rank in text and JSON, and a verdict against
 /// `[device] memory_gib` naming the rank, its parts and the knobs.
 #[test]
