@@ -112,14 +112,9 @@ impl Mixture {
 
     /// The weights, normalized, of the step that starts after `tokens`.
     pub fn weights_at(&self, tokens: u64) -> Vec<f64> {
-        let phase = self
-            .phases
-            .iter()
-            .rev()
-            .find(|p| p.at_tokens <= tokens)
-            .unwrap_or(&self.phases[0]);
-        let sum: f64 = phase.weights.iter().sum();
-        phase.weights.iter().map(|w| w / sum).collect()
+        MixPhase::at(&self.phases, tokens)
+            .unwrap_or(&self.phases[0])
+            .normalized()
     }
 }
 

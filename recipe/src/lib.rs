@@ -134,18 +134,28 @@ impl DataConfig {
     /// The sources' weights for the step that starts after `tokens_before`
     /// tokens, normalized to sum to 1, in source order.
     pub fn weights_at(&self, tokens_before: u64) -> Vec<f64> {
-        let raw: Vec<f64> = match self
-            .phases
-            .iter()
-            .rev()
-            .find(|p| p.at_tokens <= tokens_before)
-        {
-            Some(p) => p.weights.clone(),
-            None => self.sources.iter().map(|s| s.weight).collect(),
-        };
-        let sum: f64 = raw.iter().sum();
-        raw.iter().map(|w| w / sum).collect()
+        match MixPhase::at(&self.phases, tokens_before) {
+            Some(p) => p.normalized(),
+            None => normalized(&self.sources.iter().map(|s| s.weight).collect::<Vec<_>>()),
+        }
     }
+
+    /// The recipe field naming source `i`'s dataset, as errors name it:
+    /// `data.dataset` for one dataset, `data.sources[i].dataset` in a
+    /// mixture.
+    pub fn dataset_field(&self, i: usize) -> String {
+        if self.sources.len() == 1 && self.sources[0].name == SINGLE_SOURCE {
+            "data.dataset".to_string()
+        } else {
+            format!("data.sources[{i}].dataset")
+        }
+    }
+}
+
+/// `weights` scaled to sum to 1.
+fn normalized(weights: &[f64]) -> Vec<f64> {
+    let sum: f64 = weights.iter().sum();
+    weights.iter().map(|w| w / sum).collect()
 }
 
 /// One dataset of the data, with its weight.
@@ -174,6 +184,18 @@ pub enum Exhausted {
 pub struct MixPhase {
     pub at_tokens: u64,
     pub weights: Vec<f64>,
+}
+
+impl MixPhase {
+    /// The phase of `phases` (earliest first) that holds after `tokens`.
+    pub fn at(phases: &[MixPhase], tokens: u64) -> Option<&MixPhase> {
+        phases.iter().rev().find(|p| p.at_tokens <= tokens)
+    }
+
+    /// Its weights, scaled to sum to 1.
+    pub fn normalized(&self) -> Vec<f64> {
+        normalized(&self.weights)
+    }
 }
 
 /// The name of the one source of a recipe that gives `dataset = …`.

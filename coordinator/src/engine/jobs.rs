@@ -206,14 +206,7 @@ impl Engine {
             )));
         }
         let data = &recipe.data;
-        // Each source's field, as errors name it.
-        let field = |i: usize| {
-            if data.sources.len() == 1 && data.sources[0].name == strata_recipe::SINGLE_SOURCE {
-                "data.dataset".to_string()
-            } else {
-                format!("data.sources[{i}].dataset")
-            }
-        };
+        let field = |i: usize| data.dataset_field(i);
         let mut manifests = Vec::with_capacity(data.sources.len());
         for (i, source) in data.sources.iter().enumerate() {
             let url = &source.dataset;

@@ -175,11 +175,10 @@ impl Checkpoints {
         };
         for (i, (now, then)) in sources.iter().zip(&data.sources).enumerate() {
             if now.fingerprint != then.fingerprint {
-                let field = if sources.len() == 1 && now.name == strata_recipe::SINGLE_SOURCE {
-                    "data.dataset".to_string()
-                } else {
-                    format!("data.sources[{i}].dataset ({})", now.name)
-                };
+                let mut field = recipe.data.dataset_field(i);
+                if field != "data.dataset" {
+                    field.push_str(&format!(" ({})", now.name));
+                }
                 return Err(setup(format!(
                     "{field}: {} is not the dataset step {}'s checkpoint was trained on ({}; fingerprint {:08x}, now {:08x})",
                     now.dataset, m.step, then.dataset, then.fingerprint, now.fingerprint
