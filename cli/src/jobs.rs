@@ -1048,6 +1048,12 @@ pub fn step_json(s: &pb::StepMetrics) -> serde_json::Value {
             "loss": x.loss,
             "eval_loss": x.eval_loss,
         })).collect::<Vec<_>>(),
+        "weights": s.weights.map(|w| json!({
+            "std": w.std,
+            "min": w.min,
+            "max": w.max,
+            "effective": w.effective,
+        })),
     })
 }
 
@@ -1087,22 +1093,33 @@ pub fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
                 .find(|s| !s.sources.is_empty())
                 .map(|s| s.sources.iter().map(|x| x.name.clone()).collect())
                 .unwrap_or_default();
-            let head: String = names
+            let mut head: String = names
                 .iter()
                 .map(|n| format!(" {:>10}", format!("{}", n.chars().take(10).collect::<String>())))
                 .collect();
+            // Under reweighting: the multipliers' spread and effective size.
+            let reweighted = steps.iter().any(|s| s.weights.is_some());
+            if reweighted {
+                head.push_str(&format!(" {:>7} {:>6}", "W-STD", "W-ESS"));
+            }
             println!(
                 "{:>6} {:>12} {:>8} {:>9} {:>10} {:>10} {:>6} {:>8} {:>8}{head}",
                 "STEP", "TOKENS", "LOSS", "EVAL", "LR", "TOK/S", "SEQ", "BUBBLE", "TP-COMM"
             );
             for s in &steps {
-                let per_source: String = names
+                let mut per_source: String = names
                     .iter()
                     .map(|n| {
                         let l = s.sources.iter().find(|x| &x.name == n).and_then(|x| x.loss);
                         format!(" {:>10}", l.map_or("-".to_string(), |l| format!("{l:.4}")))
                     })
                     .collect();
+                if reweighted {
+                    per_source.push_str(&match s.weights {
+                        Some(w) => format!(" {:>7.4} {:>5.1}%", w.std, 100.0 * w.effective),
+                        None => format!(" {:>7} {:>6}", "-", "-"),
+                    });
+                }
                 // The worst stage's bubble, and the largest tp collective
                 // time (seconds), beside the theory in the header line.
                 let bubble = s.stages.iter().map(|st| st.bubble).fold(0.0, f64::max);

@@ -575,6 +575,7 @@ fn a_full_disk_delays_store_writes_and_loses_none() {
         eval_loss: None,
         peak_flops: None,
         sources: Vec::new(),
+        weights: None,
     };
     let job = JobId::new("job-1");
     store

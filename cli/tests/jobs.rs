@@ -1623,3 +1623,105 @@ async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
     assert!(last["sources"][2]["loss"].as_f64().unwrap() > 0.0);
     c.stop().await;
 }
+
+/// Loss-based reweighting through real workers: after its warm-up each
+/// step weighs every sequence by its loss within groups of 4, the same
+/// under (2,2,2) as in one process (losses to 1e-4); the multipliers'
+/// spread is in the step metrics, `strata metrics --json` and `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let mut cfg = config(&dir.path().join("state"), 8, None);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut cl = client(&c).await;
+    let steps = 8;
+    // 1024 tokens of 64 at the longest over dp 2 · 2 microbatches: 4
+    // sequences per microbatch, one group.
+    let recipe = |l| {
+        recipe3d(&data, steps, l, false)
+            .replace("tokens_per_step = 256", "tokens_per_step = 1024")
+            .replace(
+                &format!("total_tokens = {}", steps * 256),
+                &format!(
+                    "total_tokens = {}\n[data.reweighting]\nstrategy = \"linupper\"\ngroup = 4\ntemperature = 0.5\nstart_tokens = 2048",
+                    steps * 1024
+                ),
+            )
+    };
+    let one = submit(&mut cl, recipe((1, 1, 1))).await.unwrap();
+    let three = submit(&mut cl, recipe((2, 2, 2))).await.unwrap();
+    // While (2,2,2) runs, /metrics shows its spread.
+    let http = c.http_addr.unwrap();
+    let mut scraped = None;
+    while scraped.is_none() {
+        let j = get(&mut cl, &three).await;
+        if j.state() != pb::JobState::Running && j.state() != pb::JobState::Queued {
+            break;
+        }
+        if j.steps_done >= 3 {
+            let (code, body) = get_http(http, "/metrics", None);
+            assert_eq!(code, 200);
+            if body.contains(&format!("strata_job_sample_weight_std{{job=\"{three}\"}}")) {
+                scraped = Some(body);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = scraped.expect("a scrape while the job ran");
+    for family in ["min", "max", "effective"] {
+        let line = format!("strata_job_sample_weight_{family}{{job=\"{three}\"}}");
+        assert!(body.contains(&line), "{line} missing:\n{body}");
+    }
+    let mut runs = Vec::new();
+    for id in [&one, &three] {
+        let j = ended(&mut cl, id, 600).await;
+        assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+        let m = metrics(&mut cl, id).await;
+        assert_eq!(m.len(), steps as usize);
+        runs.push(m);
+    }
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        // Uniform for the warm-up's two steps, then weighed unevenly.
+        assert_eq!(a.weights.is_some(), a.step > 2, "step {}", a.step);
+        if let (Some(x), Some(y)) = (a.weights, b.weights) {
+            assert!(
+                x.std > 0.0 && x.min < 1.0 && x.max > 1.0 && x.effective < 1.0,
+                "{x:?}"
+            );
+            assert!(
+                (x.std - y.std).abs() < 1e-3,
+                "step {}: {x:?} vs {y:?}",
+                a.step
+            );
+        } else {
+            assert!(b.weights.is_none(), "step {}", b.step);
+        }
+        let rel = (a.loss - b.loss).abs() / a.loss;
+        assert!(
+            rel < 1e-4,
+            "step {}: {} vs {} (rel {rel:e})",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "metrics",
+            &one,
+            "--json",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps_json = v.as_array().unwrap();
+    assert!(steps_json[0]["weights"].is_null());
+    let w = &steps_json[steps as usize - 1]["weights"];
+    assert!(w["std"].as_f64().unwrap() > 0.0, "{w}");
+    assert!(w["effective"].as_f64().unwrap() < 1.0, "{w}");
+    c.stop().await;
+}

@@ -498,6 +498,24 @@ pub struct StepRecord {
     /// A mixture's sources in the step; empty for one dataset.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceRecord>,
+    /// Under loss-based reweighting: how the step's multipliers spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<SampleWeights>,
+}
+
+/// The spread of a step's per-sequence loss multipliers (each group's
+/// average is 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SampleWeights {
+    #[serde(with = "float")]
+    pub std: f64,
+    #[serde(with = "float")]
+    pub min: f64,
+    #[serde(with = "float")]
+    pub max: f64,
+    /// Kish's effective sample size as a fraction of the sequences.
+    #[serde(with = "float")]
+    pub effective: f64,
 }
 
 /// One source of a mixture in a step.

@@ -648,8 +648,10 @@ pub fn encode_step(s: &StepRecord) -> Vec<u8> {
         }
     }
     // A mixture's sources, after everything else (records without them
-    // end here, as before mixtures).
-    if !s.sources.is_empty() {
+    // end here, as before mixtures), then the reweighting's spread
+    // (records without it end after the sources, their count 0 when
+    // none).
+    if !s.sources.is_empty() || s.weights.is_some() {
         b.extend((s.sources.len() as u32).to_le_bytes());
         for x in &s.sources {
             let name = &x.name.as_bytes()[..x.name.len().min(u16::MAX as usize)];
@@ -660,6 +662,11 @@ pub fn encode_step(s: &StepRecord) -> Vec<u8> {
             for v in [x.loss, x.eval_loss].into_iter().flatten() {
                 b.extend(v.to_le_bytes());
             }
+        }
+    }
+    if let Some(w) = &s.weights {
+        for x in [w.std, w.min, w.max, w.effective] {
+            b.extend(x.to_le_bytes());
         }
     }
     b
@@ -744,6 +751,16 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
             });
         }
     }
+    let weights = if r.0.is_empty() {
+        None
+    } else {
+        Some(crate::job::SampleWeights {
+            std: r.f64()?,
+            min: r.f64()?,
+            max: r.f64()?,
+            effective: r.f64()?,
+        })
+    };
     r.0.is_empty().then_some(StepRecord {
         step,
         tokens,
@@ -758,6 +775,7 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
         eval_loss,
         peak_flops,
         sources,
+        weights,
     })
 }
 
@@ -835,6 +853,22 @@ mod tests {
         let b = encode_step(&s);
         assert_eq!(decode_step(&b).unwrap(), s);
         assert_eq!(decode_step(&b[..b.len() - 1]), None);
+        // The reweighting's spread follows the sources, with or without
+        // them.
+        let w = crate::job::SampleWeights {
+            std: 0.5,
+            min: 0.25,
+            max: 2.0,
+            effective: 0.8,
+        };
+        s.weights = Some(w);
+        let b = encode_step(&s);
+        assert_eq!(decode_step(&b).unwrap(), s);
+        assert_eq!(decode_step(&b[..b.len() - 1]), None);
+        s.sources.clear();
+        let b = encode_step(&s);
+        assert_eq!(decode_step(&b).unwrap(), s);
+        s.weights = None;
         // A record an older coordinator wrote as JSON reads back.
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -875,6 +909,7 @@ mod tests {
             eval_loss: Some(3.5),
             peak_flops: Some(2e12),
             sources: Vec::new(),
+            weights: None,
         }
     }
 

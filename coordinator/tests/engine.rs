@@ -310,6 +310,7 @@ fn step(n: u64, stages: u32) -> pb::StepMetrics {
         eval_loss: None,
         peak_flops: None,
         sources: Vec::new(),
+        weights: None,
     }
 }
 

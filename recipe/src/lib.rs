@@ -18,6 +18,7 @@ pub mod model;
 pub mod plan;
 pub mod quantity;
 pub mod resume;
+pub mod reweight;
 pub mod schedule;
 pub mod spec;
 mod validate;
@@ -30,6 +31,7 @@ pub use layout::{Coords, Layout, Rank};
 pub use model::ModelConfig;
 pub use quantity::{CurriculumSpec as Curriculum, NamedCurriculum, Quantity};
 pub use resume::resume_conflicts;
+pub use reweight::{Reweighting, Strategy, WeightSpread};
 pub use schedule::{Decay, DecayShape, Phase, PowerLaw, Schedule, ScheduleKind};
 pub use spec::RecipeSpec;
 
@@ -112,6 +114,9 @@ pub struct DataConfig {
     /// Tokens the run trains on: whole steps of `tokens_per_step`. Every
     /// schedule ends here.
     pub total_tokens: u64,
+    /// Loss-based sample reweighting, when the recipe asks for it.
+    #[serde(default)]
+    pub reweighting: Option<Reweighting>,
 }
 
 impl DataConfig {

@@ -191,6 +191,33 @@ pub struct DataSpec {
     pub cycles: i64,
     pub tokens_per_step: Quantity,
     pub total_tokens: Quantity,
+    /// Loss-based sample reweighting (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reweighting: Option<ReweightingSpec>,
+}
+
+/// `[data.reweighting]`: each sequence weighed by its loss within its
+/// group (Sow et al., ICLR 2025).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReweightingSpec {
+    /// `"uniform"`, `"linupper"`, `"quadratic"` or `"extremes"`.
+    pub strategy: String,
+    /// Sequences per normalization group, consecutive in data order.
+    pub group: i64,
+    /// The softmax temperature `r` over the scores (1 in the authors' runs).
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    /// The half-width δ of the interval losses are mapped onto (1 in the
+    /// authors' runs).
+    #[serde(default = "one_f64")]
+    pub delta: f64,
+    /// Tokens trained with uniform weights before reweighting starts.
+    pub start_tokens: Quantity,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 /// One `[[data.sources]]` entry.

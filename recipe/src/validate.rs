@@ -653,6 +653,10 @@ fn check_data(
         Some(sources) => check_phases(c, d, sources, run),
         None => None,
     };
+    let reweighting = match &d.reweighting {
+        Some(r) => check_reweighting(c, r, run, (max_seq_len, dp, microbatches)).map(Some),
+        None => Some(None),
+    };
     let data = (|| {
         Some(DataConfig {
             sources: sources?,
@@ -661,9 +665,77 @@ fn check_data(
             cycles: cycles?,
             tokens_per_step: run?.tokens_per_step,
             total_tokens: run?.total,
+            reweighting: reweighting?,
         })
     })();
     (data, run)
+}
+
+/// `[data.reweighting]`. Its groups must lie inside one microbatch of
+/// one data-parallel rank under this layout, so that each is weighed
+/// where its losses are, with no collective: a group of G divides the
+/// rows of a microbatch at the longest length (and so at every shorter
+/// one, which has 2^k times as many rows).
+fn check_reweighting(
+    c: &mut Checker,
+    r: &crate::spec::ReweightingSpec,
+    run: Option<RunTokens>,
+    (max_seq_len, dp, microbatches): (Option<u64>, Option<u32>, Option<u32>),
+) -> Option<crate::Reweighting> {
+    let strategy = crate::Strategy::parse(&r.strategy);
+    if strategy.is_none() {
+        c.fail(
+            "data.reweighting.strategy",
+            format!(
+                "unknown strategy \"{}\"; use {}",
+                r.strategy,
+                crate::Strategy::NAMES
+            ),
+        );
+    }
+    let group = c.positive_u32("data.reweighting.group", r.group);
+    let temperature = c.positive_f64("data.reweighting.temperature", r.temperature);
+    let delta = c.positive_f64("data.reweighting.delta", r.delta);
+    let start_tokens = c.tokens("data.reweighting.start_tokens", r.start_tokens, true);
+    if let (Some(start), Some(run)) = (start_tokens, run)
+        && start >= run.total
+    {
+        c.fail(
+            "data.reweighting.start_tokens",
+            format!(
+                "{start} is at or past the run's end (data.total_tokens = {}): reweighting would never start",
+                run.total
+            ),
+        );
+        return None;
+    }
+    if let (Some(g), Some(run), Some(s), Some(dp), Some(mb)) =
+        (group, run, max_seq_len, dp, microbatches)
+    {
+        let rows = run.tokens_per_step / (s * u64::from(dp) * u64::from(mb));
+        if rows % u64::from(g) != 0 {
+            let fits: Vec<String> = (1..=rows)
+                .filter(|k| rows % k == 0)
+                .map(|k| k.to_string())
+                .collect();
+            c.fail(
+                "data.reweighting.group",
+                format!(
+                    "{g} does not divide the {rows} sequences of a microbatch at the longest length (data.tokens_per_step / (model.max_seq_len·parallel.dp·parallel.microbatches) = {} / ({s}·{dp}·{mb})): every group must lie in one microbatch of one rank; use one of {}, or fewer dp ranks or microbatches",
+                    run.tokens_per_step,
+                    fits.join(", ")
+                ),
+            );
+            return None;
+        }
+    }
+    Some(crate::Reweighting {
+        strategy: strategy?,
+        group: group?,
+        temperature: temperature?,
+        delta: delta?,
+        start_tokens: start_tokens?,
+    })
 }
 
 /// `dataset = …` (one source) or `[[data.sources]]` (a mixture), not both.

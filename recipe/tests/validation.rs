@@ -1131,3 +1131,54 @@ fn a_resume_or_branch_reweighs_a_mixture_from_its_checkpoint() {
     let c = strata_recipe::resume_conflicts(&r, &renamed);
     assert!(c.iter().any(|p| p.field == "data.sources"), "{c:?}");
 }
+
+#[test]
+fn reweighting_takes_the_papers_strategies_and_groups_inside_a_microbatch() {
+    let on = |group: i64| {
+        vec![
+            Set("data.reweighting.strategy", string("linupper")),
+            Set("data.reweighting.group", int(group)),
+            Set("data.reweighting.start_tokens", int(6553600)),
+        ]
+    };
+    let r = parse(&on(4)).unwrap().data.reweighting.unwrap();
+    assert_eq!(r.strategy, strata_recipe::Strategy::Linupper);
+    assert_eq!((r.group, r.temperature, r.delta), (4, 1.0, 1.0));
+    assert!(!r.active_at(6553600 - 65536) && r.active_at(6553600));
+    assert!(parse(&[]).unwrap().data.reweighting.is_none());
+    // 65536 tokens / (512 · dp 2 · 4 microbatches) = 16 sequences.
+    check(
+        &on(5),
+        "data.reweighting.group",
+        &["5 does not divide the 16 sequences", "1, 2, 4, 8, 16"],
+    );
+    let mut e = on(4);
+    e.push(Set("data.reweighting.strategy", string("mid")));
+    check(
+        &e,
+        "data.reweighting.strategy",
+        &["\"mid\"", "\"linupper\""],
+    );
+    let mut e = on(4);
+    e.push(Set("data.reweighting.temperature", float(0.0)));
+    check(&e, "data.reweighting.temperature", &["positive", "0"]);
+    let mut e = on(4);
+    e.push(Set("data.reweighting.start_tokens", int(65536000)));
+    check(&e, "data.reweighting.start_tokens", &["never start"]);
+    let mut e = on(4);
+    e.push(Set("data.reweighting.groups", int(4)));
+    check(&e, "data.reweighting.groups", &["unknown field"]);
+    // A layout with more ranks splits a group of 16: refused at resume too,
+    // since a resumed recipe is validated whole.
+    let mut e = on(16);
+    e.push(Set("parallel.dp", int(4)));
+    e.push(Set("parallel.microbatches", int(2)));
+    e.push(Set("data.tokens_per_step", int(65536)));
+    parse(&e).unwrap();
+    e.push(Set("parallel.microbatches", int(4)));
+    check(
+        &e,
+        "data.reweighting.group",
+        &["16 does not divide the 8 sequences"],
+    );
+}

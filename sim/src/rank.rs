@@ -196,6 +196,7 @@ fn metrics(recipe: &Recipe, step: u64, step_time: Duration) -> pb::StepMetrics {
         eval_loss: None,
         peak_flops: None,
         sources: Vec::new(),
+        weights: None,
     }
 }
 

@@ -404,7 +404,9 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 
 /// [`head_cross_entropy`] on flex tensors: `None` when `X` is another
 /// backend. `w` is the head's weight in `layout`; the returned `dW` has
-/// its shape.
+/// its shape. Under [`HeadPass::Losses`] only the tokens' losses are
+/// computed, and `dy` and `dW` come back empty (`[0, 0]`).
+#[allow(clippy::too_many_arguments)] // the head's operands, then its pass
 pub fn flex_head_cross_entropy<X: Backend>(
     y: &Tensor<X, 2>,
     w: &Tensor<X, 2>,
@@ -413,6 +415,7 @@ pub fn flex_head_cross_entropy<X: Backend>(
     denominator: f64,
     device: &X::Device,
     tokens: Option<&mut Vec<f64>>,
+    pass: HeadPass<'_>,
 ) -> Option<(f64, Tensor<X, 2>, Tensor<X, 2>)> {
     if !f32_pair(y, w) {
         return None;
@@ -432,20 +435,50 @@ pub fn flex_head_cross_entropy<X: Backend>(
         targets,
         (1.0 / denominator) as f32,
         tokens,
+        pass,
     );
-    let dy = Tensor::from_data(TensorData::new(dy, [n, d]), device);
-    let dw = Tensor::from_data(TensorData::new(dw, w_dims), device);
+    let (dy_dims, dw_dims) = match pass {
+        HeadPass::Losses => ([0, 0], [0, 0]),
+        _ => ([n, d], w_dims),
+    };
+    let dy = Tensor::from_data(TensorData::new(dy, dy_dims), device);
+    let dw = Tensor::from_data(TensorData::new(dw, dw_dims), device);
     Some((loss / denominator, dy, dw))
+}
+
+/// What a pass of the fused head computes.
+#[derive(Debug, Clone, Copy)]
+pub enum HeadPass<'a> {
+    /// The loss and its gradients, every token's weighing the same.
+    Full,
+    /// The loss and its gradients, token `i`'s gradient multiplied by
+    /// `scales[i]` (loss-based reweighting; the loss stays unweighted).
+    Weighted(&'a [f32]),
+    /// Only the tokens' losses: the first pass of a reweighted head.
+    Losses,
+}
+
+impl HeadPass<'_> {
+    /// Token `i`'s multiplier of the gradient.
+    fn scale(&self, i: usize) -> f32 {
+        match self {
+            HeadPass::Weighted(s) => s[i],
+            _ => 1.0,
+        }
+    }
 }
 
 /// The head's logits `y · Wᵀ` (`y`: `[n, d]` row-major, `W` in `layout`),
 /// their cross-entropy against `targets` and its gradients, with the
-/// loss gradient scaled by `scale` (one over the step's target tokens).
-/// Returns the summed (unscaled) loss, `dy` (`[n, d]`) and `dW` (in
-/// `layout`); each row's loss is appended to `tokens` when given. The
-/// logits are computed for a chunk of rows at a time and never held
-/// whole.
+/// loss gradient scaled by `scale` (one over the step's target tokens)
+/// and, under [`HeadPass::Weighted`], by each token's own multiplier.
+/// Returns the summed (unscaled, unweighted) loss, `dy` (`[n, d]`) and
+/// `dW` (in `layout`); each row's loss is appended to `tokens` when
+/// given. Under [`HeadPass::Losses`] no gradient is computed (`dy` and
+/// `dW` are empty): one product instead of three. The logits are
+/// computed for a chunk of rows at a time and never held whole.
 #[allow(unsafe_code)] // gemm's raw-pointer interface
+#[allow(clippy::too_many_arguments)] // the head's operands, then its pass
 pub fn head_cross_entropy(
     y: &[f32],
     w: &[f32],
@@ -454,6 +487,7 @@ pub fn head_cross_entropy(
     targets: &[u32],
     scale: f32,
     mut tokens: Option<&mut Vec<f64>>,
+    pass: HeadPass<'_>,
 ) -> (f64, Vec<f32>, Vec<f32>) {
     assert_eq!(y.len(), n * d, "y is [n, d]");
     assert_eq!(w.len(), v * d, "W holds the vocabulary times d");
@@ -462,12 +496,19 @@ pub fn head_cross_entropy(
         targets.iter().all(|&t| (t as usize) < v),
         "a target is outside the vocabulary of {v}"
     );
+    if let HeadPass::Weighted(s) = pass {
+        assert_eq!(s.len(), n, "one multiplier per row");
+    }
+    let grads = !matches!(pass, HeadPass::Losses);
     let (sv, sd) = layout.strides(v, d);
     // 256 MiB of logits at most.
     let chunk = HEAD_ROWS.min((1 << 26) / v.max(1)).clamp(1, n.max(1));
     let mut z = vec![0f32; chunk * v];
-    let mut dy = vec![0f32; n * d];
-    let mut dw = vec![0f32; v * d];
+    let (mut dy, mut dw) = if grads {
+        (vec![0f32; n * d], vec![0f32; v * d])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -498,11 +539,17 @@ pub fn head_cross_entropy(
         let rows: Vec<f64> = zc
             .par_chunks_mut(v)
             .zip(&targets[r0..r0 + c])
-            .map(|(row, &t)| softmax_cross_entropy_row(row, t as usize, scale))
+            .enumerate()
+            .map(|(i, (row, &t))| {
+                softmax_cross_entropy_row(row, t as usize, scale * pass.scale(r0 + i))
+            })
             .collect();
         loss += rows.iter().sum::<f64>();
         if let Some(t) = tokens.as_deref_mut() {
             t.extend_from_slice(&rows);
+        }
+        if !grads {
+            continue;
         }
         let p = Strided::new(zc.as_ptr(), v as isize, 1);
         // dy[i, j] = Σ_t p[i, t] W[t, j]

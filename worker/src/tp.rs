@@ -22,6 +22,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor};
 
 use crate::collective::{Collective, CollectiveError};
+use crate::model::llama::PerToken;
 use crate::tensors::{from_vec, ids, in_dtype, to_vec};
 
 /// A rank's tensor-parallel group, and the time spent in its collectives.
@@ -97,17 +98,19 @@ pub fn vocab_rows<X: Backend>(
 /// summed loss of the `n` tokens divided by `denominator` (the same on
 /// every rank), and a scalar whose gradient with respect to `z_local` is
 /// this rank's columns of the gradient of that loss, `(softmax(z) −
-/// onehot(target)) / denominator`. The full logits are never gathered:
+/// onehot(target)) / denominator`, each token's row multiplied by its
+/// weight under reweighting (`per.weigh`, given every token's loss, the
+/// same on every rank of the group). The full logits are never gathered:
 /// the row maxima are all-reduced with max, the sums of exponentials and
-/// the target logits (from the rank that owns each target; zero elsewhere)
-/// with sum.
+/// the target logits (from the rank that owns each target; zero
+/// elsewhere) with sum.
 pub fn parallel_cross_entropy<B: AutodiffBackend>(
     z_local: Tensor<B, 2>,
     targets: &[u32],
     vocab_start: usize,
     denominator: f64,
     tp: &mut Tp<'_>,
-    tokens: Option<&mut Vec<f64>>,
+    per: PerToken<'_>,
 ) -> Result<(f64, Tensor<B, 1>), CollectiveError> {
     let z_local = in_dtype(z_local, DType::F32);
     let [n, vl] = z_local.dims();
@@ -123,16 +126,23 @@ pub fn parallel_cross_entropy<B: AutodiffBackend>(
     stats.extend(to_vec(picked.clone().inner()));
     tp.all_reduce_sum(&mut stats)?;
     let (sums, target) = stats.split_at(n);
-    let each = (0..n).map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]));
-    let loss: f64 = match tokens {
-        Some(t) => {
-            let at = t.len();
-            t.extend(each);
-            t[at..].iter().sum::<f64>()
-        }
-        None => each.sum::<f64>(),
-    } / denominator;
+    let each: Vec<f64> = (0..n)
+        .map(|i| f64::from(sums[i]).ln() + f64::from(max[i]) - f64::from(target[i]))
+        .collect();
+    let loss = each.iter().sum::<f64>() / denominator;
+    let PerToken { losses, weigh } = per;
+    let weights = weigh.map(|weigh| weigh(&each));
+    if let Some(t) = losses {
+        t.extend(&each);
+    }
     let sums_t = from_vec::<B, 2>(sums.to_vec(), [n, 1], &device);
-    let surrogate = ((e / sums_t).sum() - picked.sum()) / denominator;
+    let surrogate = match weights {
+        None => ((e / sums_t).sum() - picked.sum()) / denominator,
+        Some(m) => {
+            assert_eq!(m.len(), n, "one multiplier per token");
+            let m = from_vec::<B, 2>(m, [n, 1], &device);
+            ((e / sums_t * m.clone()).sum() - (picked * m).sum()) / denominator
+        }
+    };
     Ok((loss, surrogate))
 }

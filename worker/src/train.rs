@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
-use strata_recipe::{AdamWConfig, Coords, Layout, ModelConfig, Precision, Recompute};
+use strata_recipe::{
+    AdamWConfig, Coords, Layout, ModelConfig, Precision, Recompute, Reweighting, WeightSpread,
+};
 
 use crate::collective::{
     Collective, CollectiveError, DeviceCollective, Staged, Tag, gather_ranges, local_group,
@@ -210,6 +212,9 @@ pub struct StepStats {
     /// With [`Trainer::with_row_groups`]: each group's summed token losses
     /// over the whole step (every replica's rows), undivided.
     pub group_loss: Vec<f64>,
+    /// Under [`Trainer::reweigh`]: the spread of every sequence's
+    /// multiplier in the step.
+    pub weights: Option<WeightSpread>,
 }
 
 /// One microbatch of a rank's share of a step: `rows` sequences of
@@ -311,6 +316,9 @@ pub struct Trainer<B: AutodiffBackend, S: StageForward<B> = StageModel<B>> {
     dp_device: Option<DeviceDp<B>>,
     /// Row groups whose losses each step sums ([`Trainer::with_row_groups`]).
     row_groups: usize,
+    /// Loss-based reweighting of the next steps' sequences
+    /// ([`Trainer::reweigh`]).
+    reweigh: Option<Reweighting>,
 }
 
 /// A data-parallel group's collectives on the trainer's device.
@@ -401,6 +409,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             groups,
             dp_device: None,
             row_groups: 0,
+            reweigh: None,
         };
         trainer.refresh_params();
         trainer
@@ -423,6 +432,15 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
     pub fn with_row_groups(mut self, n: usize) -> Self {
         self.row_groups = n;
         self
+    }
+
+    /// Weighs each sequence of the next steps' by its loss as `r` says
+    /// (none: every sequence alike). Every rank of the run is told the
+    /// same for the same steps; each microbatch holds whole groups (the
+    /// recipe's validation sees to it). The steps' [`StepStats::weights`]
+    /// then say how the multipliers spread.
+    pub fn reweigh(&mut self, r: Option<Reweighting>) {
+        self.reweigh = r.filter(|r| r.strategy != strata_recipe::Strategy::Uniform);
     }
 
     /// Recomputes activations at the backward as `recompute` says
@@ -694,6 +712,12 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             "every row of every microbatch has its group"
         );
         let mut group_loss = vec![0.0f64; n_groups];
+        let reweighted = self.reweigh.is_some();
+        let mut spread = WeightSpread {
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            ..WeightSpread::default()
+        };
         let pipeline_start = Instant::now();
         let mut wait = Duration::ZERO;
         let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
@@ -711,13 +735,19 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                         (step, chunk, i),
                         &micro[i as usize],
                         global_tokens,
-                        n_groups > 0,
+                        (n_groups > 0, self.reweigh.as_ref()),
                     )?;
                     wait += waited;
                     forward += t.elapsed() - waited;
                     local_loss += tape.loss;
                     for (r, l) in tape.row_loss.iter().enumerate() {
                         group_loss[micro[i as usize].groups[r] as usize] += l;
+                    }
+                    for &w in &tape.row_weight {
+                        spread.rows += 1;
+                        spread.sum_sq += w * w;
+                        spread.min = spread.min.min(w);
+                        spread.max = spread.max.max(w);
                     }
                     tapes[(chunk * m + i) as usize] = Some(tape);
                 }
@@ -881,14 +911,32 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
         let stopping = f64::from(u8::from(wants_stop()));
         let mut scalars = vec![local_loss, shard_sq, stopping];
         scalars.extend(&group_loss);
+        if reweighted {
+            scalars.extend([spread.rows as f64, spread.sum_sq]);
+        }
         let summed = sum_f64_ordered_slice(self.groups.dp.as_mut(), &scalars)
             .map_err(in_group(GroupKind::Data))?;
         let (local_loss, local_sq, stopping) = (summed[0], summed[1], summed[2]);
-        let local_groups = &summed[3..];
+        let local_groups = &summed[3..3 + n_groups];
+        // The multipliers' extremes over the replicas: one more small
+        // reduction, only under reweighting (every rank agrees on it).
+        let mut extremes = [spread.max as f32, -spread.min as f32];
+        if reweighted && self.groups.dp.size() > 1 {
+            self.groups
+                .dp
+                .all_reduce_max(&mut extremes)
+                .map_err(in_group(GroupKind::Data))?;
+        }
+        let local_spread = reweighted.then(|| WeightSpread {
+            rows: summed[3 + n_groups] as u64,
+            sum_sq: summed[4 + n_groups],
+            min: -f64::from(extremes[1]),
+            max: f64::from(extremes[0]),
+        });
         let [stage_sq, stopping] = sum_f64s(self.groups.tp.as_mut(), [local_sq, stopping])
             .map_err(in_group(GroupKind::Tensor))?;
         let loss = if last { local_loss } else { 0.0 };
-        let record_len = RECORD + 2 * n_groups;
+        let record_len = RECORD + 2 * n_groups + if reweighted { SPREAD } else { 0 };
         let mut record = Vec::with_capacity(record_len);
         record.extend(split_f64(stage_sq));
         record.extend(split_f64(loss));
@@ -906,6 +954,13 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
         for &g in local_groups {
             record.extend(split_f64(if last { g } else { 0.0 }));
         }
+        if let Some(w) = local_spread {
+            let mine = |x: f64| if last { x } else { 0.0 };
+            record.extend(split_f64(mine(w.rows as f64)));
+            record.extend(split_f64(mine(w.sum_sq)));
+            let high = |x: f32| if last { x } else { f32::NEG_INFINITY };
+            record.extend([high(extremes[0]), high(extremes[1])]);
+        }
         let mut gathered = vec![0f32; record_len * stages as usize];
         self.groups
             .pp
@@ -913,6 +968,11 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             .map_err(in_group(GroupKind::Pipeline))?;
         let (mut sq, mut loss, mut stop) = (0.0f64, 0.0f64, false);
         let mut group_loss = vec![0.0f64; n_groups];
+        let mut weights = reweighted.then(|| WeightSpread {
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            ..WeightSpread::default()
+        });
         let mut stage_stats = Vec::with_capacity(stages as usize);
         for r in gathered.chunks(record_len) {
             sq += f64::from(r[0]) + f64::from(r[1]);
@@ -928,12 +988,20 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             for (g, pair) in group_loss.iter_mut().zip(r[RECORD..].chunks(2)) {
                 *g += f64::from(pair[0]) + f64::from(pair[1]);
             }
+            if let Some(w) = &mut weights {
+                let x = &r[RECORD + 2 * n_groups..];
+                w.rows += (f64::from(x[0]) + f64::from(x[1])) as u64;
+                w.sum_sq += f64::from(x[2]) + f64::from(x[3]);
+                w.max = w.max.max(f64::from(x[4]));
+                w.min = w.min.min(-f64::from(x[5]));
+            }
         }
         if stages == 1 {
             // Exact when nothing had to cross a group.
             sq = stage_sq;
             loss = local_loss;
             group_loss = local_groups.to_vec();
+            weights = local_spread;
         }
         let grad_norm = sq.sqrt();
         // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
@@ -955,6 +1023,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             stages: stage_stats,
             stop,
             group_loss,
+            weights,
         })
     }
 
@@ -996,7 +1065,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                 (tag_step, chunk, i),
                 &micro[i as usize],
                 global_tokens,
-                false,
+                (false, None),
             )?;
             local_loss += tape.loss;
         }
@@ -1100,7 +1169,7 @@ fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
     (tag_step, chunk, i): (u64, u32, u32),
     mb: &LocalBatch<'_>,
     global_tokens: u64,
-    per_row: bool,
+    (per_row, reweigh): (bool, Option<&Reweighting>),
 ) -> Result<(TapeOf<B, S>, Duration), TrainError> {
     let stages = model.table().pp;
     let vs = chunk * stages + model.table().stage;
@@ -1124,6 +1193,7 @@ fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
         targets: last.then_some(mb.targets),
         denominator: global_tokens as f64,
         per_row,
+        reweigh,
     };
     let tape = model
         .forward(chunk, input, &micro, tp)
@@ -1215,6 +1285,11 @@ impl Links<'_> {
 /// the loss as two f32 each, the count of ranks that want to stop, then
 /// five timings.
 const RECORD: usize = 10;
+
+/// Floats a stage adds to its record under reweighting: the sequences
+/// weighed and the sum of their squared multipliers (two f32 each), the
+/// largest multiplier and the negated smallest.
+const SPREAD: usize = 6;
 
 /// `x` as the sum of two f32s (high and low parts), so that sums over a
 /// group keep about 48 bits of it.

@@ -13,8 +13,8 @@ use strata_recipe::{Coords, Layout, ModelConfig, Recompute};
 use strata_worker::collective::conformance::on_group;
 use strata_worker::collective::{Collective, local_group};
 use strata_worker::model::{
-    HeadLayout, Micro, Rope, StageForward, StageInput, StageModel, causal_attention, cross_entropy,
-    fused_head_cross_entropy, rms_norm,
+    HeadLayout, Micro, PerToken, Rope, StageForward, StageInput, StageModel, causal_attention,
+    cross_entropy, fused_head_cross_entropy, rms_norm,
 };
 use strata_worker::params::ParamTable;
 use strata_worker::segment::GradAccum;
@@ -106,6 +106,7 @@ fn block_with(cfg: &ModelConfig, tp: u32, recompute: Recompute) -> (Vec<f32>, Ve
                     targets: None,
                     denominator: 1.0,
                     per_row: false,
+                    reweigh: None,
                 },
                 &mut tp,
             )
@@ -247,51 +248,59 @@ fn vocabulary_parallel_cross_entropy_matches_the_plain_one() {
         .collect();
     let denom = 40.0;
     let device = Default::default();
-    let full =
-        Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device).require_grad();
-    let t = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(
-            targets.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
-            [n],
-        ),
-        &device,
-    );
-    let plain = cross_entropy(full.clone(), t, denom);
-    let plain_loss = f64::from(to_vec(plain.clone().inner())[0]);
-    let plain_grad = to_vec(full.grad(&plain.backward()).unwrap());
-    for tp in [1usize, 2, 4] {
-        let part = v / tp;
-        let results = on_group(local_group(tp), |g| {
-            let r = g.rank();
-            let z = Tensor::<I, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device)
-                .narrow(1, r * part, part);
-            let z = Tensor::<B, 2>::from_inner(z).require_grad();
-            let mut tp = Tp::new(g);
-            let mut tokens = Vec::new();
-            let (loss, surrogate) = parallel_cross_entropy(
-                z.clone(),
-                &targets,
-                r * part,
-                denom,
-                &mut tp,
-                Some(&mut tokens),
-            )
-            .unwrap();
-            (loss, to_vec(z.grad(&surrogate.backward()).unwrap()), tokens)
-        });
-        let want_tokens = token_losses(&logits, &targets, v);
-        for (r, (loss, grad, tokens)) in results.iter().enumerate() {
-            let lrel = (loss - plain_loss).abs() / plain_loss;
-            assert!(lrel < 1e-6, "tp={tp}: loss {loss} vs {plain_loss}");
-            assert_close_each(tokens, &want_tokens, &format!("tp={tp} rank {r}"));
-            let mine: Vec<f32> = (0..n)
-                .flat_map(|i| plain_grad[i * v + r * part..i * v + (r + 1) * part].to_vec())
-                .collect();
-            assert!(
-                rel(grad, &mine) < 1e-5,
-                "tp={tp} rank {r}: gradient {:e}",
-                rel(grad, &mine)
-            );
+    let multipliers: Vec<f32> = noise(6, n).iter().map(|x| 1.0 + 0.9 * x).collect();
+    let want_tokens = token_losses(&logits, &targets, v);
+    for weighted in [false, true] {
+        let full = Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device)
+            .require_grad();
+        let m = weighted.then_some(multipliers.as_slice());
+        let (plain_loss, reference) = weighted_cross_entropy(full.clone(), &targets, m, denom);
+        let plain_grad = to_vec(full.grad(&reference.backward()).unwrap());
+        for tp in [1usize, 2, 4] {
+            let part = v / tp;
+            let results = on_group(local_group(tp), |g| {
+                let r = g.rank();
+                let z = Tensor::<I, 2>::from_data(TensorData::new(logits.clone(), [n, v]), &device)
+                    .narrow(1, r * part, part);
+                let z = Tensor::<B, 2>::from_inner(z).require_grad();
+                let mut tp = Tp::new(g);
+                let (mut tokens, mut seen) = (Vec::new(), Vec::new());
+                let mut weigh = |losses: &[f64]| {
+                    seen = losses.to_vec();
+                    multipliers.clone()
+                };
+                let (loss, surrogate) = parallel_cross_entropy(
+                    z.clone(),
+                    &targets,
+                    r * part,
+                    denom,
+                    &mut tp,
+                    PerToken {
+                        losses: Some(&mut tokens),
+                        weigh: if weighted { Some(&mut weigh) } else { None },
+                    },
+                )
+                .unwrap();
+                let grad = to_vec(z.grad(&surrogate.backward()).unwrap());
+                (loss, grad, tokens, seen)
+            });
+            for (r, (loss, grad, tokens, seen)) in results.iter().enumerate() {
+                let lrel = (loss - plain_loss).abs() / plain_loss;
+                assert!(lrel < 1e-6, "tp={tp}: loss {loss} vs {plain_loss}");
+                assert_close_each(tokens, &want_tokens, &format!("tp={tp} rank {r}"));
+                if weighted {
+                    // Every rank of the group weighs the same losses.
+                    assert_close_each(seen, &want_tokens, &format!("tp={tp} rank {r} weigher"));
+                }
+                let mine: Vec<f32> = (0..n)
+                    .flat_map(|i| plain_grad[i * v + r * part..i * v + (r + 1) * part].to_vec())
+                    .collect();
+                assert!(
+                    rel(grad, &mine) < 1e-5,
+                    "tp={tp} rank {r} weighted {weighted}: gradient {:e}",
+                    rel(grad, &mine)
+                );
+            }
         }
     }
 }
@@ -354,6 +363,7 @@ fn several_microbatches_graphs_live_at_once() {
                                 targets: Some(&io[k].1),
                                 denominator: 32.0,
                                 per_row: false,
+                                reweigh: None,
                             },
                             tp,
                         )
@@ -424,8 +434,90 @@ fn fused_head_case<X: burn::tensor::backend::Backend>(n: usize, d: usize, v: usi
         .map(|x| ((x + 1.0) * 150.0) as u32 % v as u32)
         .collect();
     let denom = 123.0;
-    let y = from_vec::<B, 2>(y_vals.clone(), [n, d], &device).require_grad();
-    let w = from_vec::<B, 2>(w_vals.clone(), [v, d], &device).require_grad();
+    let logits: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let (y_vals, w_vals) = (&y_vals, &w_vals);
+            (0..v).map(move |t| (0..d).map(|j| y_vals[i * d + j] * w_vals[t * d + j]).sum())
+        })
+        .collect();
+    let want_tokens = token_losses(&logits, &targets, v);
+    // Unweighted, then each token's gradient weighed (as loss-based
+    // reweighting does) by a multiplier the weigher picks from the losses.
+    let multipliers: Vec<f32> = noise(14, n).iter().map(|x| 1.0 + 0.9 * x).collect();
+    for weighted in [false, true] {
+        let y = from_vec::<B, 2>(y_vals.clone(), [n, d], &device).require_grad();
+        let w = from_vec::<B, 2>(w_vals.clone(), [v, d], &device).require_grad();
+        let m = weighted.then_some(multipliers.as_slice());
+        let (plain_loss, reference) =
+            weighted_cross_entropy(y.clone().matmul(w.clone().transpose()), &targets, m, denom);
+        let grads = reference.backward();
+        let (dy_want, dw_want) = (
+            to_vec(y.grad(&grads).unwrap()),
+            to_vec(w.grad(&grads).unwrap()),
+        );
+
+        let xd = Default::default();
+        for layout in [HeadLayout::Rows, HeadLayout::Columns] {
+            let w = from_vec::<X, 2>(w_vals.clone(), [v, d], &xd);
+            let w = match layout {
+                HeadLayout::Rows => w,
+                HeadLayout::Columns => w.transpose(),
+            };
+            let mut tokens = Vec::new();
+            let mut seen = Vec::new();
+            let mut weigh = |losses: &[f64]| {
+                seen = losses.to_vec();
+                multipliers.clone()
+            };
+            let (loss, dy, dw) = fused_head_cross_entropy::<X>(
+                from_vec(y_vals.clone(), [n, d], &xd),
+                w,
+                layout,
+                &targets,
+                denom,
+                &xd,
+                PerToken {
+                    losses: Some(&mut tokens),
+                    weigh: if weighted { Some(&mut weigh) } else { None },
+                },
+            );
+            // The reported loss stays the unweighted mean.
+            let lrel = (loss - plain_loss).abs() / plain_loss;
+            assert!(lrel < 1e-6, "{layout:?}: loss {loss} vs {plain_loss}");
+            // Each row's loss, as a mixture's per-source losses sum them,
+            // and as the weigher is given them.
+            assert_close_each(&tokens, &want_tokens, &format!("{layout:?}"));
+            if weighted {
+                assert_close_each(&seen, &want_tokens, &format!("{layout:?} weigher"));
+            }
+            assert_eq!(dy.dims(), [n, d]);
+            let dw = match layout {
+                HeadLayout::Rows => dw,
+                HeadLayout::Columns => {
+                    assert_eq!(dw.dims(), [d, v]);
+                    dw.transpose()
+                }
+            };
+            let (ry, rw) = (rel(&to_vec(dy), &dy_want), rel(&to_vec(dw), &dw_want));
+            assert!(
+                ry < 1e-5 && rw < 1e-5,
+                "{layout:?} weighted {weighted}: dy differs by {ry:e}, dW by {rw:e}"
+            );
+        }
+    }
+}
+
+/// The plain cross-entropy of `logits` through autodiff, each token's
+/// loss multiplied by `m[i]` when given: the unweighted loss, and the
+/// (weighted) loss to differentiate.
+fn weighted_cross_entropy(
+    logits: Tensor<B, 2>,
+    targets: &[u32],
+    m: Option<&[f32]>,
+    denom: f64,
+) -> (f64, Tensor<B, 1>) {
+    let [n, _] = logits.dims();
+    let device = logits.device();
     let t = Tensor::<B, 1, Int>::from_data(
         TensorData::new(
             targets.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
@@ -433,59 +525,16 @@ fn fused_head_case<X: burn::tensor::backend::Backend>(n: usize, d: usize, v: usi
         ),
         &device,
     );
-    let plain = cross_entropy(y.clone().matmul(w.clone().transpose()), t, denom);
+    let plain = cross_entropy(logits.clone(), t.clone(), denom);
     let plain_loss = f64::from(to_vec(plain.clone().inner())[0]);
-    let grads = plain.backward();
-    let (dy_want, dw_want) = (
-        to_vec(y.grad(&grads).unwrap()),
-        to_vec(w.grad(&grads).unwrap()),
-    );
-
-    let xd = Default::default();
-    for layout in [HeadLayout::Rows, HeadLayout::Columns] {
-        let w = from_vec::<X, 2>(w_vals.clone(), [v, d], &xd);
-        let w = match layout {
-            HeadLayout::Rows => w,
-            HeadLayout::Columns => w.transpose(),
-        };
-        let mut tokens = Vec::new();
-        let (loss, dy, dw) = fused_head_cross_entropy::<X>(
-            from_vec(y_vals.clone(), [n, d], &xd),
-            w,
-            layout,
-            &targets,
-            denom,
-            &xd,
-            Some(&mut tokens),
-        );
-        let lrel = (loss - plain_loss).abs() / plain_loss;
-        assert!(lrel < 1e-6, "{layout:?}: loss {loss} vs {plain_loss}");
-        // Each row's loss, as a mixture's per-source losses sum them.
-        let logits: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                let (y_vals, w_vals) = (&y_vals, &w_vals);
-                (0..v).map(move |t| (0..d).map(|j| y_vals[i * d + j] * w_vals[t * d + j]).sum())
-            })
-            .collect();
-        assert_close_each(
-            &tokens,
-            &token_losses(&logits, &targets, v),
-            &format!("{layout:?}"),
-        );
-        assert_eq!(dy.dims(), [n, d]);
-        let dw = match layout {
-            HeadLayout::Rows => dw,
-            HeadLayout::Columns => {
-                assert_eq!(dw.dims(), [d, v]);
-                dw.transpose()
-            }
-        };
-        let (ry, rw) = (rel(&to_vec(dy), &dy_want), rel(&to_vec(dw), &dw_want));
-        assert!(
-            ry < 1e-5 && rw < 1e-5,
-            "{layout:?}: dy differs by {ry:e}, dW by {rw:e}"
-        );
-    }
+    let Some(m) = m else {
+        return (plain_loss, plain);
+    };
+    let max = logits.clone().detach().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let each = lse - logits.gather(1, t.reshape([n, 1]));
+    let m = from_vec::<B, 2>(m.to_vec(), [n, 1], &device);
+    (plain_loss, (each * m).sum() / denom)
 }
 
 /// The CPU backend's SwiGLU operation (one parallel pass each way, its

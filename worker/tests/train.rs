@@ -7,7 +7,9 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
-use strata_recipe::{Layout, ModelConfig, Precision, Recompute};
+use strata_recipe::{
+    Layout, ModelConfig, Precision, Recompute, Reweighting, Strategy, WeightSpread,
+};
 use strata_worker::collective::{
     Collective, DeviceCollective, LocalCollective, Result as CResult, Staged, local_group,
 };
@@ -24,6 +26,8 @@ struct Run {
     norms: Vec<f64>,
     /// The trained model as full tensors, by name.
     params: Vec<(String, Vec<f32>)>,
+    /// Each step's spread of loss multipliers, under reweighting.
+    weights: Vec<Option<WeightSpread>>,
 }
 
 /// Trains `steps` steps of 512 tokens under `layout` with `m`
@@ -45,6 +49,8 @@ fn train_sharded(cfg: &ModelConfig, layout: Layout, m: usize, chunks: u32, steps
 thread_local! {
     /// The recomputation [`train_with`] builds its trainers with.
     static RECOMPUTE: std::cell::Cell<Recompute> = const { std::cell::Cell::new(Recompute::None) };
+    /// The reweighting [`train_with`] trains under.
+    static REWEIGH: std::cell::Cell<Option<Reweighting>> = const { std::cell::Cell::new(None) };
 }
 
 /// [`train_chunks`] computing in `precision`.
@@ -90,6 +96,7 @@ fn train_with(
             .map(|(c, groups)| {
                 let device = device[c.dp as usize].take();
                 let recompute = RECOMPUTE.get();
+                let reweigh = REWEIGH.get();
                 s.spawn(move || {
                     let table = ParamTable::interleaved(cfg, layout, c, chunks);
                     let mut trainer =
@@ -100,7 +107,8 @@ fn train_with(
                     if let Some(member) = device {
                         trainer = trainer.with_device_dp(Box::new(OnDevice(member)));
                     }
-                    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+                    trainer.reweigh(reweigh);
+                    let (mut losses, mut norms, mut weights) = (Vec::new(), Vec::new(), Vec::new());
                     for step in 0..steps {
                         let (inputs, targets, seq) = rank_batch(step, tokens, layout.dp, c.dp);
                         let micro = micro(&inputs, &targets, m, seq);
@@ -110,8 +118,10 @@ fn train_with(
                         assert_eq!(st.stages.len(), layout.pp as usize);
                         losses.push(st.loss);
                         norms.push(st.grad_norm);
+                        weights.push(st.weights);
                     }
-                    (c, losses, norms, trainer.table().clone(), trainer.master())
+                    let table = trainer.table().clone();
+                    (c, (losses, norms, weights), table, trainer.master())
                 })
             })
             .collect();
@@ -121,9 +131,10 @@ fn train_with(
             .collect::<Vec<_>>()
     });
     // Every rank reports the same loss and norm.
-    for (c, l, n, _, _) in &results {
-        assert_eq!(l, &results[0].1, "{layout}: rank {c:?}'s losses");
-        assert_eq!(n, &results[0].2, "{layout}: rank {c:?}'s norms");
+    for (c, (l, n, w), _, _) in &results {
+        assert_eq!(l, &results[0].1.0, "{layout}: rank {c:?}'s losses");
+        assert_eq!(n, &results[0].1.1, "{layout}: rank {c:?}'s norms");
+        assert_eq!(w, &results[0].1.2, "{layout}: rank {c:?}'s weights");
     }
     let whole = ParamTable::whole(cfg);
     let mut params: Vec<(String, Vec<f32>)> = whole
@@ -131,7 +142,7 @@ fn train_with(
         .iter()
         .map(|s| (s.spec.name.clone(), vec![f32::NAN; s.len]))
         .collect();
-    for (c, _, _, table, master) in &results {
+    for (c, _, table, master) in &results {
         for slot in &table.slots {
             let full = &mut params
                 .iter_mut()
@@ -160,11 +171,12 @@ fn train_with(
             "{layout}: {name} not fully held"
         );
     }
-    let (losses, norms) = (results[0].1.clone(), results[0].2.clone());
+    let (losses, norms, weights) = results[0].1.clone();
     Run {
         losses,
         norms,
         params,
+        weights,
     }
 }
 
@@ -580,5 +592,78 @@ fn a_stop_asked_by_one_rank_is_agreed_within_the_step() {
     for (stops, losses) in &results {
         assert_eq!(stops, &[false, true, false]);
         assert_eq!(losses, &plain.losses);
+    }
+}
+
+/// Loss-based reweighting (Sow et al.) weighs each sequence within groups
+/// of 4 consecutive sequences of the global step: the same groups under
+/// every layout whose microbatches hold whole groups, so every such
+/// layout trains the same model as one process, and reports the same
+/// spread of multipliers. It changes training (against uniform weights),
+/// and the spread says so.
+#[test]
+fn reweighting_trains_the_same_model_under_every_layout() {
+    let steps = 6;
+    let cfg = tiny(false);
+    let uniform = train(&cfg, Layout::new(1, 1, 1), 1, steps);
+    assert!(uniform.weights.iter().all(Option::is_none));
+    for strategy in [Strategy::Linupper, Strategy::Extremes] {
+        REWEIGH.set(Some(Reweighting {
+            strategy,
+            group: 4,
+            temperature: 0.2,
+            delta: 1.0,
+            start_tokens: 0,
+        }));
+        let one = train(&cfg, Layout::new(1, 1, 1), 1, steps);
+        // 512 tokens of 32 at the longest: 16 sequences, so a replica's
+        // microbatch holds whole groups of 4 while dp · m ≤ 4.
+        for (tp, pp, dp, m) in [
+            (1, 1, 1, 4),
+            (2, 1, 1, 2),
+            (1, 2, 1, 2),
+            (1, 1, 2, 2),
+            (2, 2, 2, 2),
+            (1, 2, 2, 1),
+        ] {
+            let layout = Layout::new(tp, pp, dp);
+            let run = train(&cfg, layout, m, steps);
+            let what = format!("{strategy:?} {layout} m={m}");
+            assert_close(&what, &run, &one, 1e-4);
+            for (a, b) in run.weights.iter().zip(&one.weights) {
+                let (a, b) = (a.unwrap(), b.unwrap());
+                assert_eq!(a.rows, b.rows, "{what}");
+                for (x, y) in [(a.std(), b.std()), (a.min, b.min), (a.max, b.max)] {
+                    assert!((x - y).abs() < 1e-3, "{what}: spread {a:?} vs {b:?}");
+                }
+            }
+        }
+        REWEIGH.set(None);
+        // Every step weighed every sequence, unevenly, each group's mean
+        // 1; and the model differs from the uniformly trained one.
+        for (s, w) in one.weights.iter().enumerate() {
+            let w = w.unwrap();
+            let rows = 512 / common::seq_of(s) as u64;
+            assert_eq!(w.rows, rows, "step {s}");
+            assert!(
+                w.min < 1.0 && w.max > 1.0 && w.std() > 0.05,
+                "{strategy:?} step {s}: {w:?}"
+            );
+            assert!(w.effective_fraction() < 1.0);
+        }
+        let moved = one
+            .params
+            .iter()
+            .zip(&uniform.params)
+            .map(|((_, a), (_, b))| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())))
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "{strategy:?}: reweighting changed nothing ({moved:e})"
+        );
+        assert_eq!(
+            uniform.losses[0], one.losses[0],
+            "the first loss is before any update"
+        );
     }
 }

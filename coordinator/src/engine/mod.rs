@@ -62,7 +62,7 @@ pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub enum Event {
     Job(Arc<JobRecord>),
-    Step(StepRecord),
+    Step(Arc<StepRecord>),
 }
 
 #[derive(Default)]

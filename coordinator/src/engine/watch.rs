@@ -178,7 +178,7 @@ impl Watch {
                         Ok(Event::Step(s)) => {
                             self.last = Some(s.step);
                             self.phase = Phase::Live;
-                            return Some(Ok(WatchItem::Steps(vec![s])));
+                            return Some(Ok(WatchItem::Steps(vec![Arc::unwrap_or_clone(s)])));
                         }
                         Ok(Event::Job(j)) => {
                             if j.state.is_final() {

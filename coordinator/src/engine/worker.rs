@@ -233,7 +233,7 @@ impl Engine {
         let _ = self.store.submit(Write::Steps(id.clone(), steps.clone()))?;
         if let Some(tx) = state.watchers.get(w.job) {
             for s in &steps {
-                let _ = tx.send(Event::Step(s.clone()));
+                let _ = tx.send(Event::Step(Arc::new(s.clone())));
             }
         }
         state.last_steps.insert(id, last);

@@ -109,6 +109,26 @@ pub fn render(engine: &Engine) -> String {
         "job_source_eval_loss",
         "A mixture's source: its held-out loss when the last step evaluated",
     );
+    let weight_std = family::<JobLabel>(
+        &mut reg,
+        "job_sample_weight_std",
+        "Loss-based reweighting: the standard deviation of the last step's per-sequence loss multipliers (each group's mean is 1)",
+    );
+    let weight_min = family::<JobLabel>(
+        &mut reg,
+        "job_sample_weight_min",
+        "Loss-based reweighting: the last step's smallest per-sequence loss multiplier",
+    );
+    let weight_max = family::<JobLabel>(
+        &mut reg,
+        "job_sample_weight_max",
+        "Loss-based reweighting: the last step's largest per-sequence loss multiplier",
+    );
+    let weight_ess = family::<JobLabel>(
+        &mut reg,
+        "job_sample_weight_effective",
+        "Loss-based reweighting: the last step's effective sample size n / sum of squared multipliers, as a fraction of its sequences",
+    );
     let tps = family::<JobLabel>(
         &mut reg,
         "job_tokens_per_second",
@@ -253,6 +273,12 @@ pub fn render(engine: &Engine) -> String {
         }
         if let Some(e) = last.eval_loss {
             eval_loss.get_or_create(&l).set(e);
+        }
+        if let Some(w) = &last.weights {
+            weight_std.get_or_create(&l).set(w.std);
+            weight_min.get_or_create(&l).set(w.min);
+            weight_max.get_or_create(&l).set(w.max);
+            weight_ess.get_or_create(&l).set(w.effective);
         }
         for src in &last.sources {
             let sl = SourceLabel {

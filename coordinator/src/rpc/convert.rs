@@ -9,8 +9,8 @@ use tonic::Status;
 use crate::engine::{Activity, Assignment, NodeView, RankStep};
 use crate::error::EngineError;
 use crate::job::{
-    AttemptRecord, CheckpointRecord, JobRecord, JobState, SourceRecord, StageTimes, StepRecord,
-    StepTimes,
+    AttemptRecord, CheckpointRecord, JobRecord, JobState, SampleWeights, SourceRecord, StageTimes,
+    StepRecord, StepTimes,
 };
 use crate::sweep::{SweepRecord, SweepState};
 use strata_recipe::{Layout, Rank};
@@ -176,6 +176,12 @@ pub fn step_to_pb(s: &StepRecord) -> pb::StepMetrics {
                 eval_loss: x.eval_loss,
             })
             .collect(),
+        weights: s.weights.map(|w| pb::SampleWeights {
+            std: w.std,
+            min: w.min,
+            max: w.max,
+            effective: w.effective,
+        }),
     }
 }
 
@@ -222,6 +228,12 @@ pub fn step_from_pb(s: &pb::StepMetrics) -> StepRecord {
                 eval_loss: x.eval_loss,
             })
             .collect(),
+        weights: s.weights.map(|w| SampleWeights {
+            std: w.std,
+            min: w.min,
+            max: w.max,
+            effective: w.effective,
+        }),
     }
 }
 

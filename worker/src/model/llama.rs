@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Int, Tensor};
 use strata_dataplane::family::Llama;
 
-use crate::cpu::{self, HeadLayout};
+use crate::cpu::{self, HeadLayout, HeadPass};
 use crate::params::BlockParam;
 use crate::tensors::{accumulate, from_vec, in_dtype, to_vec, token_ids};
 
@@ -304,6 +304,23 @@ pub fn cross_entropy<X: Backend>(
     (lse - picked).sum() / denominator
 }
 
+/// What the last stage's loss reports and weighs token by token, beyond
+/// the summed loss.
+#[derive(Default)]
+pub struct PerToken<'a> {
+    /// Each token's (undivided, unweighted) loss, appended in row order.
+    pub losses: Option<&'a mut Vec<f64>>,
+    /// Loss-based reweighting: each token's multiplier of its loss
+    /// gradient, from every token's loss. The losses come first (a pass
+    /// of their own in the fused head), the gradient after; the
+    /// multipliers are constants of the backward, and the reported loss
+    /// stays unweighted.
+    pub weigh: Option<&'a mut Weigh<'a>>,
+}
+
+/// Each token's multiplier of its loss gradient, from every token's loss.
+pub type Weigh<'a> = dyn FnMut(&[f64]) -> Vec<f32> + 'a;
+
 /// The output head and the cross-entropy, with their gradients, without
 /// materializing the logits of all `n` rows: rows go in chunks, each
 /// one's logits `y_c · Wᵀ`, softmax and loss computed, then its gradient
@@ -311,8 +328,11 @@ pub fn cross_entropy<X: Backend>(
 /// share of `dW` at once. `w` is the head's weight in `layout`. Returns
 /// the summed loss over `denominator`, `dy` (`[n, d]`) and the head's
 /// gradient in `w`'s shape. One scalar reaches the host, and each row's
-/// (unscaled) loss when `tokens` asks for them (appended to it). The CPU
-/// backend runs [`cpu::head_cross_entropy`]; others, tensor operations.
+/// (unscaled) loss when `per` asks for them. Under reweighting
+/// (`per.weigh`) the losses are computed first, in a pass of one product
+/// per chunk, and each token's gradient is then scaled by its
+/// multiplier. The CPU backend runs [`cpu::head_cross_entropy`]; others,
+/// tensor operations.
 pub fn fused_head_cross_entropy<X: Backend>(
     y: Tensor<X, 2>,
     w: Tensor<X, 2>,
@@ -320,43 +340,95 @@ pub fn fused_head_cross_entropy<X: Backend>(
     targets: &[u32],
     denominator: f64,
     device: &X::Device,
-    mut tokens: Option<&mut Vec<f64>>,
+    per: PerToken<'_>,
 ) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
-    if let Some(done) = cpu::flex_head_cross_entropy(
+    let PerToken { losses, weigh } = per;
+    let scales = weigh.map(|weigh| {
+        let mut first = Vec::with_capacity(targets.len());
+        head_pass(
+            &y,
+            &w,
+            layout,
+            (targets, denominator),
+            device,
+            Some(&mut first),
+            HeadPass::Losses,
+        );
+        let scales = weigh(&first);
+        assert_eq!(scales.len(), targets.len(), "one multiplier per token");
+        scales
+    });
+    let pass = match &scales {
+        Some(s) => HeadPass::Weighted(s),
+        None => HeadPass::Full,
+    };
+    head_pass(
         &y,
         &w,
+        layout,
+        (targets, denominator),
+        device,
+        losses,
+        pass,
+    )
+}
+
+/// One pass of [`fused_head_cross_entropy`].
+fn head_pass<X: Backend>(
+    y: &Tensor<X, 2>,
+    w: &Tensor<X, 2>,
+    layout: HeadLayout,
+    (targets, denominator): (&[u32], f64),
+    device: &X::Device,
+    tokens: Option<&mut Vec<f64>>,
+    pass: HeadPass<'_>,
+) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
+    let mut tokens = tokens;
+    if let Some(done) = cpu::flex_head_cross_entropy(
+        y,
+        w,
         layout,
         targets,
         denominator,
         device,
         tokens.as_deref_mut(),
+        pass,
     ) {
         return done;
     }
     let w_rows = match layout {
-        HeadLayout::Rows => w,
-        HeadLayout::Columns => w.transpose(),
+        HeadLayout::Rows => w.clone(),
+        HeadLayout::Columns => w.clone().transpose(),
     };
-    let (loss, dy, dwt) = head_by_tensor_ops(y, w_rows, targets, denominator, device, tokens);
-    let dw = match layout {
-        HeadLayout::Rows => dwt.transpose(),
-        HeadLayout::Columns => dwt,
+    let (loss, dy, dwt) = head_by_tensor_ops(
+        y.clone(),
+        w_rows,
+        (targets, denominator),
+        device,
+        tokens,
+        pass,
+    );
+    let dw = match (layout, pass) {
+        (_, HeadPass::Losses) | (HeadLayout::Columns, _) => dwt,
+        (HeadLayout::Rows, _) => dwt.transpose(),
     };
     (loss, dy, dw)
 }
 
 /// [`fused_head_cross_entropy`] in tensor operations, for `w_rows`
 /// `[vocab, d]`, in chunks of 2·d rows (at most 2²⁶ logits); the head's
-/// gradient comes back as `[d, vocab]` (`dWᵀ`). Every matrix product
-/// reads contiguous operands (a transposed operand would be copied by
-/// some backends), so the head is laid out both ways once per call.
+/// gradient comes back as `[d, vocab]` (`dWᵀ`), and under
+/// [`HeadPass::Losses`] no gradient at all (`dy` and `dWᵀ` empty). Every
+/// matrix product reads contiguous operands (a transposed operand would
+/// be copied by some backends), so the head is laid out both ways once
+/// per call.
 pub(crate) fn head_by_tensor_ops<X: Backend>(
     y: Tensor<X, 2>,
     w_rows: Tensor<X, 2>,
-    targets: &[u32],
-    denominator: f64,
+    (targets, denominator): (&[u32], f64),
     device: &X::Device,
     mut tokens: Option<&mut Vec<f64>>,
+    pass: HeadPass<'_>,
 ) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
     use burn::tensor::IndexingUpdateOp;
     let [n, d] = y.dims();
@@ -391,17 +463,29 @@ pub(crate) fn head_by_tensor_ops<X: Backend>(
             t.extend(to_vec(rows.clone()).into_iter().map(f64::from));
         }
         accumulate(&mut loss, rows.sum());
-        let p = (e / sums).mul_scalar(scale).scatter(
-            1,
-            tgt,
-            Tensor::full([c, 1], -scale, device),
-            IndexingUpdateOp::Add,
-        );
+        // Each row's factor: the step's scale, times its own multiplier
+        // under reweighting.
+        let k = match pass {
+            HeadPass::Losses => continue,
+            HeadPass::Full => Tensor::full([c, 1], scale, device),
+            HeadPass::Weighted(s) => from_vec::<X, 2>(
+                s[r0..r1].iter().map(|m| m * scale).collect(),
+                [c, 1],
+                device,
+            ),
+        };
+        let p = (e / sums)
+            .mul(k.clone())
+            .scatter(1, tgt, k.neg(), IndexingUpdateOp::Add);
         let p = in_dtype(p, dtype);
         dys.push(p.clone().matmul(w_rows.clone()));
         accumulate(&mut dw, yc.transpose().matmul(p));
     }
     let loss = loss.map_or(0.0, |l| f64::from(to_vec(l)[0]) / denominator);
+    if matches!(pass, HeadPass::Losses) {
+        let empty = || Tensor::zeros([0, 0], device);
+        return (loss, empty(), empty());
+    }
     let dw = dw.unwrap_or_else(|| in_dtype(Tensor::zeros([d, v], device), dtype));
     (loss, Tensor::cat(dys, 0), dw)
 }

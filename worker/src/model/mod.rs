@@ -18,7 +18,7 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use strata_recipe::{ModelConfig, Precision, Recompute};
+use strata_recipe::{ModelConfig, Precision, Recompute, Reweighting};
 
 use crate::collective::CollectiveError;
 use crate::params::ParamTable;
@@ -29,7 +29,9 @@ pub mod llama;
 pub mod stage;
 
 pub use crate::cpu::HeadLayout;
-pub use llama::{Dims, Rope, causal_attention, cross_entropy, fused_head_cross_entropy, rms_norm};
+pub use llama::{
+    Dims, PerToken, Rope, causal_attention, cross_entropy, fused_head_cross_entropy, rms_norm,
+};
 pub use stage::StageModel;
 
 /// What a stage's forward starts from.
@@ -53,11 +55,55 @@ pub struct Micro<'a> {
     /// Whether the last stage reports each sequence's loss
     /// ([`Tape::row_loss`]).
     pub per_row: bool,
+    /// Loss-based reweighting of this microbatch's sequences, when on
+    /// for the step: its rows are whole groups.
+    pub reweigh: Option<&'a Reweighting>,
 }
 
 /// Each row's summed token losses: `tokens` holds `rows · seq` of them.
 pub fn row_sums(tokens: &[f64], seq: usize) -> Vec<f64> {
     tokens.chunks(seq).map(|r| r.iter().sum()).collect()
+}
+
+/// The last stage's per-token requests for microbatch `mb`: its tokens'
+/// losses into `tokens` when it reports them by row, and under
+/// reweighting a weigher that turns every token's loss into each token's
+/// multiplier (its sequence's, from the sequence's mean token loss within
+/// its group), keeping each sequence's multiplier in `rows`.
+pub fn per_token<'a>(
+    mb: &Micro<'_>,
+    tokens: &'a mut Vec<f64>,
+    weigh: &'a mut Option<Weigher<'_>>,
+) -> PerToken<'a> {
+    PerToken {
+        losses: mb.per_row.then_some(tokens),
+        weigh: weigh
+            .as_mut()
+            .map(|w| w as &mut dyn FnMut(&[f64]) -> Vec<f32>),
+    }
+}
+
+/// A weigher for [`per_token`]: sequences of `seq` tokens weighed by
+/// `reweigh`, each one's multiplier pushed to `rows`.
+pub type Weigher<'a> = Box<dyn FnMut(&[f64]) -> Vec<f32> + 'a>;
+
+/// The weigher of microbatch `mb`, when it is reweighted.
+pub fn weigher<'a>(mb: &Micro<'a>, rows: &'a mut Vec<f64>) -> Option<Weigher<'a>> {
+    let r = mb.reweigh?;
+    let seq = mb.seq;
+    Some(Box::new(move |tokens: &[f64]| {
+        let means: Vec<f64> = row_sums(tokens, seq)
+            .into_iter()
+            .map(|s| s / seq as f64)
+            .collect();
+        let m = r.multipliers(&means);
+        let scales = m
+            .iter()
+            .flat_map(|&x| std::iter::repeat_n(x as f32, seq))
+            .collect();
+        *rows = m;
+        scales
+    }))
 }
 
 /// One microbatch's forward on a stage, kept for its backward: what the
@@ -72,6 +118,8 @@ pub struct Tape<I: Backend, K> {
     /// On the last stage, when [`Micro::per_row`] asks: each sequence's
     /// summed (undivided) token losses, in row order.
     pub row_loss: Vec<f64>,
+    /// On the last stage, under reweighting: each sequence's multiplier.
+    pub row_weight: Vec<f64>,
 }
 
 /// The tape of stage `S`'s forward.

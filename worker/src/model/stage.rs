@@ -27,7 +27,7 @@ use super::llama::{
     Dims, Rope, attention_core, block, branch, fused_head_cross_entropy, linear, linear_grads,
     rms_norm,
 };
-use super::{Micro, StageForward, StageInput, Tape, row_sums};
+use super::{Micro, StageForward, StageInput, Tape, per_token, row_sums, weigher};
 use crate::collective::CollectiveError;
 use crate::cpu::{self, HeadLayout};
 use crate::params::{BlockParam, ParamSlot, ParamTable, Role};
@@ -152,6 +152,7 @@ fn tape<B: AutodiffBackend>(
         output,
         kept: Kept { pieces, head_grad },
         row_loss: Vec::new(),
+        row_weight: Vec::new(),
     }
 }
 
@@ -537,7 +538,8 @@ impl<B: AutodiffBackend> StageModel<B> {
             HeadLayout::Columns
         };
         let targets = targets.expect("the last stage has targets");
-        let mut tokens = Vec::new();
+        let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+        let mut weigh = weigher(mb, &mut weights);
         let (loss, dy, dw) = fused_head_cross_entropy(
             y.clone().inner(),
             self.params[slot].clone(),
@@ -545,8 +547,9 @@ impl<B: AutodiffBackend> StageModel<B> {
             targets,
             denominator,
             &self.device,
-            mb.per_row.then_some(&mut tokens),
+            per_token(mb, &mut tokens, &mut weigh),
         );
+        drop(weigh);
         let surrogate = (y * Tensor::from_inner(dy)).sum();
         let mut done = tape(
             vec![Piece::Whole(Segment {
@@ -559,6 +562,7 @@ impl<B: AutodiffBackend> StageModel<B> {
             Some((slot, dw)),
         );
         done.row_loss = row_sums(&tokens, mb.seq);
+        done.row_weight = weights;
         done
     }
 
@@ -742,15 +746,17 @@ impl<B: AutodiffBackend> StageForward<B> for StageModel<B> {
         let mut leaves = Vec::new();
         let y_leaf = Tensor::<B, 2>::from_inner(y.inner()).require_grad();
         let z = y_leaf.clone().matmul(self.head_weight(&mut leaves));
-        let mut tokens = Vec::new();
+        let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+        let mut weigh = weigher(mb, &mut weights);
         let (loss, surrogate) = parallel_cross_entropy(
             z,
             targets,
             self.dims.vocab_start,
             denominator,
             tp,
-            mb.per_row.then_some(&mut tokens),
+            per_token(mb, &mut tokens, &mut weigh),
         )?;
+        drop(weigh);
         pieces.push(Piece::Head {
             norm,
             head: Segment {
@@ -761,6 +767,7 @@ impl<B: AutodiffBackend> StageForward<B> for StageModel<B> {
         });
         let mut done = tape(pieces, loss, None, None);
         done.row_loss = row_sums(&tokens, seq);
+        done.row_weight = weights;
         Ok(done)
     }
 

@@ -148,6 +148,8 @@ pub struct StepReport<'a> {
     pub peak_flops: Option<f64>,
     /// A mixture's sources in the step; empty for one dataset.
     pub sources: Vec<SourceStep>,
+    /// Under loss-based reweighting: how the step's multipliers spread.
+    pub weights: Option<strata_recipe::WeightSpread>,
 }
 
 /// One source of a mixture in a step.
@@ -347,6 +349,12 @@ impl Reporter {
                     eval_loss: x.eval_loss,
                 })
                 .collect(),
+            weights: s.weights.map(|w| pb::SampleWeights {
+                std: w.std(),
+                min: w.min,
+                max: w.max,
+                effective: w.effective_fraction(),
+            }),
         };
         self.client
             .report_metrics(pb::ReportMetricsRequest {

@@ -397,6 +397,9 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             stop.requested()
         };
         let tps = self.recipe.data.tokens_per_step;
+        let reweigh = self.recipe.data.reweighting;
+        self.trainer
+            .reweigh(reweigh.filter(|r| r.active_at((step - 1) * tps)));
         self.trainer
             .step_agreeing(step, &micro, tps, lr, &wants_stop)
             .map_err(|e| self.failed(step, "", &e))
@@ -457,6 +460,7 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             eval_loss: eval.as_ref().map(|e| e.loss),
             peak_flops: self.peak_flops,
             sources: self.source_steps(stats, batch, eval.as_ref()),
+            weights: stats.weights,
         };
         let resumed_from = self.resumed_from.take();
         self.rt.block_on(
