@@ -183,7 +183,7 @@ fn plan_text(recipe: &Recipe, plan: &Plan) -> String {
                 plan.tokens_per_step,
                 plan.tokens_per_param,
                 recipe.data.cycles,
-                data_sources(&recipe.data)
+                data_sources(&recipe.data) + &reweighting(&recipe.data)
             ),
         ],
         vec![
@@ -364,6 +364,24 @@ fn fmt_value(v: f64) -> String {
     } else {
         sci(v)
     }
+}
+
+/// Loss-based reweighting, when on: `; reweighting …`.
+fn reweighting(data: &strata_recipe::DataConfig) -> String {
+    let Some(r) = data.reweighting else {
+        return String::new();
+    };
+    let name = serde_json::to_value(r.strategy)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    format!(
+        "; reweighting {name} in groups of {} sequences (temperature {}, delta {}) from {} tokens",
+        r.group,
+        r.temperature,
+        r.delta,
+        count(r.start_tokens as f64)
+    )
 }
 
 /// The dataset, or a mixture's sources with their weights at the start.

@@ -99,6 +99,28 @@ fn plan_text_shows_a_mixtures_sources() {
     );
 }
 
+/// `strata plan` says when a recipe reweighs its sequences, and how.
+#[test]
+fn plan_text_shows_reweighting() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(repo_root().join("examples/tiny-cpu.toml")).unwrap();
+    let p = dir.path().join("rw.toml");
+    let section =
+        "[data.reweighting]\nstrategy = \"linupper\"\ngroup = 16\nstart_tokens = 245760\n";
+    std::fs::write(
+        &p,
+        base.replace("[optimizer]", &format!("{section}\n[optimizer]")),
+    )
+    .unwrap();
+    let out = strata(&["plan", p.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && text.contains("reweighting linupper in groups of 16 sequences (temperature 1, delta 1) from 245.8K tokens"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The memory plan: per rank in text and JSON, and a verdict against
 /// `[device] memory_gib` naming the rank, its parts and the knobs.
 #[test]

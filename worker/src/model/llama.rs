@@ -362,15 +362,7 @@ pub fn fused_head_cross_entropy<X: Backend>(
         Some(s) => HeadPass::Weighted(s),
         None => HeadPass::Full,
     };
-    head_pass(
-        &y,
-        &w,
-        layout,
-        (targets, denominator),
-        device,
-        losses,
-        pass,
-    )
+    head_pass(&y, &w, layout, (targets, denominator), device, losses, pass)
 }
 
 /// One pass of [`fused_head_cross_entropy`].
