@@ -1558,23 +1558,7 @@ async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
     .await
     .unwrap();
     // While it runs, /metrics has each source's loss of its last step.
-    let http = c.http_addr.unwrap();
-    let mut scraped = None;
-    while scraped.is_none() {
-        let j = get(&mut cl, &planned).await;
-        if j.state() != pb::JobState::Running && j.state() != pb::JobState::Queued {
-            break;
-        }
-        if j.steps_done >= 1 {
-            let (code, body) = get_http(http, "/metrics", None);
-            assert_eq!(code, 200);
-            if body.contains("strata_job_source_loss") {
-                scraped = Some(body);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let body = scraped.expect("a scrape while the job ran");
+    let body = scrape_while_running(&c, &mut cl, &planned, 1, "strata_job_source_loss").await;
     for name in ["web", "code", "math"] {
         for family in ["strata_job_source_loss", "strata_job_source_tokens"] {
             let line = format!("{family}{{job=\"{planned}\",source=\"{name}\"}}");
@@ -1653,23 +1637,8 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
     let one = submit(&mut cl, recipe((1, 1, 1))).await.unwrap();
     let three = submit(&mut cl, recipe((2, 2, 2))).await.unwrap();
     // While (2,2,2) runs, /metrics shows its spread.
-    let http = c.http_addr.unwrap();
-    let mut scraped = None;
-    while scraped.is_none() {
-        let j = get(&mut cl, &three).await;
-        if j.state() != pb::JobState::Running && j.state() != pb::JobState::Queued {
-            break;
-        }
-        if j.steps_done >= 3 {
-            let (code, body) = get_http(http, "/metrics", None);
-            assert_eq!(code, 200);
-            if body.contains(&format!("strata_job_sample_weight_std{{job=\"{three}\"}}")) {
-                scraped = Some(body);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let body = scraped.expect("a scrape while the job ran");
+    let std_line = format!("strata_job_sample_weight_std{{job=\"{three}\"}}");
+    let body = scrape_while_running(&c, &mut cl, &three, 3, &std_line).await;
     for family in ["min", "max", "effective"] {
         let line = format!("strata_job_sample_weight_{family}{{job=\"{three}\"}}");
         assert!(body.contains(&line), "{line} missing:\n{body}");
@@ -1724,4 +1693,31 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
     assert!(w["std"].as_f64().unwrap() > 0.0, "{w}");
     assert!(w["effective"].as_f64().unwrap() < 1.0, "{w}");
     c.stop().await;
+}
+
+/// `/metrics` once it shows `needle`, scraped while job `id` runs and has
+/// taken `min_steps` steps (those metrics are of running jobs only).
+async fn scrape_while_running(
+    c: &Coordinator,
+    cl: &mut Cl,
+    id: &str,
+    min_steps: u64,
+    needle: &str,
+) -> String {
+    let http = c.http_addr.unwrap();
+    loop {
+        let j = get(cl, id).await;
+        assert!(
+            j.state() == pb::JobState::Running || j.state() == pb::JobState::Queued,
+            "{id} ended before /metrics showed {needle}"
+        );
+        if j.steps_done >= min_steps {
+            let (code, body) = get_http(http, "/metrics", None);
+            assert_eq!(code, 200);
+            if body.contains(needle) {
+                return body;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
