@@ -372,6 +372,7 @@ fn stream(args: StreamArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_seq_len: args.max_seq_len,
         mixture: Default::default(),
+        deal_blocks: 1,
     };
     let rt = runtime()?;
     let final_cursor = rt.block_on(async {

@@ -1609,7 +1609,7 @@ async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
 }
 
 /// Loss-based reweighting through real workers: after its warm-up each
-/// step weighs every sequence by its loss within groups of 4, the same
+/// step weighs every sequence by its loss within groups of 8, the same
 /// under (2,2,2) as in one process (losses to 1e-4); the multipliers'
 /// spread is in the step metrics, `strata metrics --json` and `/metrics`.
 #[tokio::test(flavor = "multi_thread")]
@@ -1621,15 +1621,16 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
     let c = Coordinator::start(cfg).await.unwrap();
     let mut cl = client(&c).await;
     let steps = 8;
-    // 1024 tokens of 64 at the longest over dp 2 · 2 microbatches: 4
-    // sequences per microbatch, one group.
+    // 1024 tokens of 64 at the longest in 2 microbatches: 8 sequences
+    // per microbatch of the step, one group, which under (2,2,2) spans the
+    // two replicas (their losses gathered over dp).
     let recipe = |l| {
         recipe3d(&data, steps, l, false)
             .replace("tokens_per_step = 256", "tokens_per_step = 1024")
             .replace(
                 &format!("total_tokens = {}", steps * 256),
                 &format!(
-                    "total_tokens = {}\n[data.reweighting]\nstrategy = \"linupper\"\ngroup = 4\ntemperature = 0.5\nstart_tokens = 2048",
+                    "total_tokens = {}\n[data.reweighting]\nstrategy = \"linupper\"\ngroup = 8\ntemperature = 0.5\nstart_tokens = 2048",
                     steps * 1024
                 ),
             )

@@ -14,7 +14,8 @@
 //! share is within one sequence of `weight · sequences`), every source
 //! from its own bucket of the drawn length: the sources, in order, make up
 //! the step's rows, and rank r of D takes the r-th contiguous D-th of
-//! them, whatever the layout. Each source keeps its own cycle and epoch:
+//! them, whatever the layout (under loss-based reweighting, the r-th D-th
+//! of each microbatch's block, [`LoaderConfig::deal_blocks`]). Each source keeps its own cycle and epoch:
 //! a length is drawn only while every source with a share can feed it
 //! from its current part; a source that can feed no length moves to its
 //! next cycle, and past its last cycle it has run out (a new epoch, or an
@@ -130,6 +131,17 @@ pub struct LoaderConfig {
     /// Buckets longer than this are not drawn (the model's context).
     pub max_seq_len: Option<u64>,
     pub mixture: Mixture,
+    /// How the step's rows are dealt to the dp ranks: 1 gives rank r the
+    /// r-th contiguous D-th; `k` cuts the step into k blocks (the
+    /// microbatches) and gives rank r the r-th D-th of each, so that
+    /// microbatch i of every replica together is one contiguous block of
+    /// the step (what reweighting groups across replicas need).
+    #[serde(default = "one_block")]
+    pub deal_blocks: u32,
+}
+
+fn one_block() -> u32 {
+    1
 }
 
 impl LoaderConfig {
@@ -145,6 +157,11 @@ impl LoaderConfig {
             seed: recipe.seed,
             max_seq_len: Some(recipe.model.max_seq_len),
             mixture: Mixture::of(&recipe.data),
+            deal_blocks: if recipe.data.reweighting.is_some() {
+                recipe.parallel.microbatches.max(1)
+            } else {
+                1
+            },
         }
     }
 }
@@ -722,6 +739,8 @@ pub struct Loader {
     cursor: Cursor,
     dp_rank: u64,
     dp_size: u64,
+    /// Blocks of the step the rows are dealt by ([`LoaderConfig::deal_blocks`]).
+    blocks: u64,
     /// Cumulative row counts of each source's buckets' shards.
     shard_starts: Vec<Vec<Vec<u64>>>,
     cache: HashMap<ShardKey, ShardFuture>,
@@ -729,19 +748,28 @@ pub struct Loader {
     prefetch_bytes: u64,
 }
 
-/// This rank's rows of a planned step: (part index, rows of its bucket).
-fn rank_rows(planned: &PlannedStep, dp_rank: u64, dp_size: u64) -> Vec<(usize, Range<u64>)> {
-    let per = planned.n_sequences() / dp_size;
-    let (lo, hi) = (dp_rank * per, (dp_rank + 1) * per);
+/// This rank's rows of a planned step, in order: (part index, rows of
+/// its bucket). The step is cut into `blocks` equal blocks, and the rank
+/// takes the `dp_rank`-th of `dp_size` contiguous parts of each.
+fn rank_rows(
+    planned: &PlannedStep,
+    dp_rank: u64,
+    (dp_size, blocks): (u64, u64),
+) -> Vec<(usize, Range<u64>)> {
+    let block = planned.n_sequences() / blocks;
+    let per = block / dp_size;
     let mut out = Vec::new();
-    let mut at = 0;
-    for (i, p) in planned.parts.iter().enumerate() {
-        let n = p.rows.end - p.rows.start;
-        let (a, b) = (lo.max(at), hi.min(at + n));
-        if a < b {
-            out.push((i, p.rows.start + a - at..p.rows.start + b - at));
+    for k in 0..blocks {
+        let (lo, hi) = (k * block + dp_rank * per, k * block + (dp_rank + 1) * per);
+        let mut at = 0;
+        for (i, p) in planned.parts.iter().enumerate() {
+            let n = p.rows.end - p.rows.start;
+            let (a, b) = (lo.max(at), hi.min(at + n));
+            if a < b {
+                out.push((i, p.rows.start + a - at..p.rows.start + b - at));
+            }
+            at += n;
         }
-        at += n;
     }
     out
 }
@@ -797,6 +825,7 @@ impl Loader {
             cursor,
             dp_rank: u64::from(cfg.dp_rank),
             dp_size: u64::from(cfg.dp_size),
+            blocks: u64::from(cfg.deal_blocks.max(1)),
             shard_starts,
             cache: HashMap::new(),
             lookahead_steps: 8,
@@ -839,7 +868,7 @@ impl Loader {
 
     /// This rank's shards of a planned step, in row order.
     fn step_shards(&self, planned: &PlannedStep) -> Vec<ShardKey> {
-        rank_rows(planned, self.dp_rank, self.dp_size)
+        rank_rows(planned, self.dp_rank, (self.dp_size, self.blocks))
             .into_iter()
             .flat_map(|(i, rows)| {
                 let p = &planned.parts[i];
@@ -899,6 +928,17 @@ impl Loader {
     pub async fn next_batch(&mut self) -> Result<Batch, LoaderError> {
         let epochs: Vec<u64> = self.cursor.sources.iter().map(|c| c.epoch).collect();
         let planned = self.planner.next(&mut self.cursor)?;
+        let parts = self.blocks * self.dp_size;
+        if !planned.n_sequences().is_multiple_of(parts) {
+            return Err(LoaderError::Config(format!(
+                "step {} has {} sequences of {}, which do not split into {} microbatches on each of {} data-parallel ranks",
+                planned.step + 1,
+                planned.n_sequences(),
+                planned.seq_len,
+                self.blocks,
+                self.dp_size
+            )));
+        }
         for ((rule, c), before) in self
             .planner
             .sources()
@@ -940,7 +980,7 @@ impl Loader {
             self.prefetch(key);
         }
 
-        let mine = rank_rows(&planned, self.dp_rank, self.dp_size);
+        let mine = rank_rows(&planned, self.dp_rank, (self.dp_size, self.blocks));
         let seq = planned.seq_len as usize;
         let n = mine
             .iter()

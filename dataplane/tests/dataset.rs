@@ -362,6 +362,7 @@ fn cfg(curriculum: Curriculum, cycles: u32, tps: u64, rank: u32, size: u32) -> L
         seed: 11,
         max_seq_len: None,
         mixture: Mixture::default(),
+        deal_blocks: 1,
     }
 }
 
@@ -409,6 +410,58 @@ async fn ranks_agree_on_the_bucket_and_split_each_step_disjointly() {
         let s = all.seq_len as usize;
         assert_eq!(all.targets[..s - 1], all.inputs[1..s]);
     }
+}
+
+/// Dealt by microbatch (for reweighting groups that span replicas):
+/// each rank holds its part of every block, and block k of every rank,
+/// in rank order, is the k-th block of the whole step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_dealt_by_microbatch_tile_each_block_in_rank_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loc, m) = synthetic(dir.path(), 3, 6, 256).await;
+    let grow = Curriculum::Named(NamedCurriculum::GrowP2);
+    let mut whole = Loader::new(
+        loc.clone(),
+        m.clone(),
+        &cfg(grow.clone(), 2, 512, 0, 1),
+        None,
+    )
+    .unwrap();
+    let mut ranks: Vec<Loader> = (0..2)
+        .map(|r| {
+            let c = LoaderConfig {
+                deal_blocks: 2,
+                ..cfg(grow.clone(), 2, 512, r, 2)
+            };
+            Loader::new(loc.clone(), m.clone(), &c, None).unwrap()
+        })
+        .collect();
+    for _ in 0..40 {
+        let all = whole.next_batch().await.unwrap();
+        let mut parts = Vec::new();
+        for l in ranks.iter_mut() {
+            parts.push(l.next_batch().await.unwrap());
+        }
+        let quarter = all.doc_ids.len() / 4;
+        let mut joined = Vec::new();
+        for k in 0..2 {
+            for p in &parts {
+                joined.extend_from_slice(&p.doc_ids[k * quarter..(k + 1) * quarter]);
+            }
+        }
+        assert_eq!(joined, all.doc_ids, "step {}", all.step);
+    }
+    // A step that cannot be cut so is refused, naming the numbers.
+    let c = LoaderConfig {
+        deal_blocks: 3,
+        ..cfg(grow, 2, 512, 0, 2)
+    };
+    let e = Loader::new(loc, m, &c, None)
+        .unwrap()
+        .next_batch()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("3 microbatches on each of 2"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

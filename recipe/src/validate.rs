@@ -672,10 +672,12 @@ fn check_data(
 }
 
 /// `[data.reweighting]`. Its groups must lie inside one microbatch of
-/// one data-parallel rank under this layout, so that each is weighed
-/// where its losses are, with no collective: a group of G divides the
-/// rows of a microbatch at the longest length (and so at every shorter
-/// one, which has 2^k times as many rows).
+/// the step: the loader deals a reweighted step by microbatch, so
+/// microbatch i of every replica together is one contiguous block of
+/// `tokens_per_step / microbatches` tokens, and a group of G divides that
+/// block's sequences at the longest length (and so at every shorter one,
+/// which has 2^k times as many). A group inside one replica's part needs
+/// no collective; one across replicas, a gather of the block's losses.
 fn check_reweighting(
     c: &mut Checker,
     r: &crate::spec::ReweightingSpec,
@@ -712,7 +714,7 @@ fn check_reweighting(
     if let (Some(g), Some(run), Some(s), Some(dp), Some(mb)) =
         (group, run, max_seq_len, dp, microbatches)
     {
-        let rows = run.tokens_per_step / (s * u64::from(dp) * u64::from(mb));
+        let rows = run.tokens_per_step / (s * u64::from(mb));
         if rows % u64::from(g) != 0 {
             let fits: Vec<String> = (1..=rows)
                 .filter(|k| rows % k == 0)
@@ -721,7 +723,7 @@ fn check_reweighting(
             c.fail(
                 "data.reweighting.group",
                 format!(
-                    "{g} does not divide the {rows} sequences of a microbatch at the longest length (data.tokens_per_step / (model.max_seq_len·parallel.dp·parallel.microbatches) = {} / ({s}·{dp}·{mb})): every group must lie in one microbatch of one rank; use one of {}, or fewer dp ranks or microbatches",
+                    "{g} does not divide the {rows} sequences of a microbatch of the step at the longest length (data.tokens_per_step / (model.max_seq_len·parallel.microbatches) = {} / ({s}·{mb}), over the {dp} data-parallel replicas): every group must lie in one microbatch; use one of {}, or fewer microbatches",
                     run.tokens_per_step,
                     fits.join(", ")
                 ),

@@ -1146,11 +1146,13 @@ fn reweighting_takes_the_papers_strategies_and_groups_inside_a_microbatch() {
     assert_eq!((r.group, r.temperature, r.delta), (4, 1.0, 1.0));
     assert!(!r.active_at(6553600 - 65536) && r.active_at(6553600));
     assert!(parse(&[]).unwrap().data.reweighting.is_none());
-    // 65536 tokens / (512 · dp 2 · 4 microbatches) = 16 sequences.
+    // 65536 tokens / (512 · 4 microbatches) = 32 sequences per microbatch
+    // of the step, 16 on each of the 2 replicas: a group may span them.
+    parse(&on(32)).unwrap();
     check(
         &on(5),
         "data.reweighting.group",
-        &["5 does not divide the 16 sequences", "1, 2, 4, 8, 16"],
+        &["5 does not divide the 32 sequences", "1, 2, 4, 8, 16, 32"],
     );
     let mut e = on(4);
     e.push(Set("data.reweighting.strategy", string("mid")));
@@ -1168,17 +1170,16 @@ fn reweighting_takes_the_papers_strategies_and_groups_inside_a_microbatch() {
     let mut e = on(4);
     e.push(Set("data.reweighting.groups", int(4)));
     check(&e, "data.reweighting.groups", &["unknown field"]);
-    // A layout with more ranks splits a group of 16: refused at resume too,
-    // since a resumed recipe is validated whole.
-    let mut e = on(16);
+    // More microbatches split a group of 64: refused at resume too, since
+    // a resumed recipe is validated whole. More replicas do not.
+    let mut e = on(64);
     e.push(Set("parallel.dp", int(4)));
     e.push(Set("parallel.microbatches", int(2)));
-    e.push(Set("data.tokens_per_step", int(65536)));
     parse(&e).unwrap();
     e.push(Set("parallel.microbatches", int(4)));
     check(
         &e,
         "data.reweighting.group",
-        &["16 does not divide the 8 sequences"],
+        &["64 does not divide the 32 sequences"],
     );
 }

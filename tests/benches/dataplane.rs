@@ -87,6 +87,7 @@ async fn stream_tokens_per_s(loc: &Location, steps: usize) -> (f64, u64) {
         seed: 0,
         max_seq_len: None,
         mixture: Default::default(),
+        deal_blocks: 1,
     };
     // Shards are held only while the next 64 steps need them, so each epoch
     // fetches them again rather than serving them from memory; 64 MiB (a

@@ -54,6 +54,7 @@ async fn stream(loc: &Location, rank: u32, steps: usize) -> Vec<(u64, Vec<u64>, 
         seed: 5,
         max_seq_len: None,
         mixture: Default::default(),
+        deal_blocks: 1,
     };
     let mut loader = Loader::new(loc.clone(), manifest, &cfg, None).unwrap();
     let mut out = Vec::new();

@@ -25,7 +25,7 @@ use crate::collective::{
     shard_ranges,
 };
 use crate::cpu;
-use crate::model::{Micro, StageForward, StageInput, StageModel, TapeOf};
+use crate::model::{Micro, RowWeigher, StageForward, StageInput, StageModel, TapeOf};
 use crate::params::{ParamTable, Role};
 use crate::pipeline::{ChunkOp, PipeOp, schedule};
 use crate::segment::GradAccum;
@@ -713,6 +713,11 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
         );
         let mut group_loss = vec![0.0f64; n_groups];
         let reweighted = self.reweigh.is_some();
+        let weigher = self.reweigh.map(|r| DpWeigher {
+            r,
+            dp: std::cell::RefCell::new(self.groups.dp.as_mut()),
+            failed: std::cell::RefCell::new(None),
+        });
         let mut spread = WeightSpread {
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
@@ -735,8 +740,11 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                         (step, chunk, i),
                         &micro[i as usize],
                         global_tokens,
-                        (n_groups > 0, self.reweigh.as_ref()),
+                        (n_groups > 0, weigher.as_ref().map(|w| w as &dyn RowWeigher)),
                     )?;
+                    if let Some(e) = weigher.as_ref().and_then(|w| w.failed.take()) {
+                        return Err(in_group(GroupKind::Data)(e));
+                    }
                     wait += waited;
                     forward += t.elapsed() - waited;
                     local_loss += tape.loss;
@@ -779,6 +787,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                 }
             }
         }
+        drop(weigher);
         tracing::debug!(step, "forward and backward done");
         own.pipeline_s = pipeline_start.elapsed().as_secs_f64();
         own.wait_s = wait.as_secs_f64();
@@ -1169,7 +1178,7 @@ fn forward_one<B: AutodiffBackend, S: StageForward<B>>(
     (tag_step, chunk, i): (u64, u32, u32),
     mb: &LocalBatch<'_>,
     global_tokens: u64,
-    (per_row, reweigh): (bool, Option<&Reweighting>),
+    (per_row, reweigh): (bool, Option<&dyn RowWeigher>),
 ) -> Result<(TapeOf<B, S>, Duration), TrainError> {
     let stages = model.table().pp;
     let vs = chunk * stages + model.table().stage;
@@ -1285,6 +1294,44 @@ impl Links<'_> {
 /// the loss as two f32 each, the count of ranks that want to stop, then
 /// five timings.
 const RECORD: usize = 10;
+
+/// The step's reweighting, for the last stage's microbatches: each group
+/// of `r.group` consecutive sequences of the global step weighed by its
+/// sequences' mean losses. The loader deals a reweighted step's rows by
+/// microbatch ([`strata_dataplane::loader::LoaderConfig::deal_blocks`]),
+/// so microbatch i of the dp replicas, in rank order, is one contiguous
+/// block of the step: a group that spans replicas is weighed from the
+/// block's losses, all-gathered over dp (one small collective per
+/// microbatch); one that a replica's part holds whole needs none. Either
+/// way every layout weighs the same groups alike (the losses are rounded
+/// to f32 on both paths).
+struct DpWeigher<'a> {
+    r: Reweighting,
+    dp: std::cell::RefCell<&'a mut dyn Collective>,
+    /// A failed gather, for the step to return (the head that asked gets
+    /// uniform weights meanwhile).
+    failed: std::cell::RefCell<Option<CollectiveError>>,
+}
+
+impl RowWeigher for DpWeigher<'_> {
+    fn weigh(&self, means: &[f64]) -> Vec<f64> {
+        let n = means.len();
+        let mine: Vec<f32> = means.iter().map(|&x| x as f32).collect();
+        if n.is_multiple_of(self.r.group as usize) {
+            let local: Vec<f64> = mine.iter().map(|&x| f64::from(x)).collect();
+            return self.r.multipliers(&local);
+        }
+        let mut dp = self.dp.borrow_mut();
+        let (rank, size) = (dp.rank(), dp.size());
+        let mut block = vec![0f32; n * size];
+        if let Err(e) = dp.all_gather(&mine, &mut block) {
+            *self.failed.borrow_mut() = Some(e);
+            return vec![1.0; n];
+        }
+        let block: Vec<f64> = block.into_iter().map(f64::from).collect();
+        self.r.multipliers(&block)[rank * n..(rank + 1) * n].to_vec()
+    }
+}
 
 /// Floats a stage adds to its record under reweighting: the sequences
 /// weighed and the sum of their squared multipliers (two f32 each), the

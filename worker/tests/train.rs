@@ -19,7 +19,7 @@ use strata_worker::train::{Groups, LocalBatch, Trainer};
 type B = Autodiff<Flex>;
 
 mod common;
-use common::{LR, adamw, batch, micro, rank_batch, tiny};
+use common::{LR, adamw, batch, micro, rank_batch, rank_batch_by_microbatch, tiny};
 
 struct Run {
     losses: Vec<f64>,
@@ -110,7 +110,11 @@ fn train_with(
                     trainer.reweigh(reweigh);
                     let (mut losses, mut norms, mut weights) = (Vec::new(), Vec::new(), Vec::new());
                     for step in 0..steps {
-                        let (inputs, targets, seq) = rank_batch(step, tokens, layout.dp, c.dp);
+                        let (inputs, targets, seq) = if reweigh.is_some() {
+                            rank_batch_by_microbatch(step, tokens, (layout.dp, c.dp), m)
+                        } else {
+                            rank_batch(step, tokens, layout.dp, c.dp)
+                        };
                         let micro = micro(&inputs, &targets, m, seq);
                         let st = trainer
                             .step(step as u64 + 1, &micro, tokens as u64, LR)
@@ -181,6 +185,18 @@ fn train_with(
 }
 
 fn assert_close(what: &str, a: &Run, b: &Run, tol: f64) {
+    assert_close_within(what, a, b, tol, 5e-3);
+}
+
+/// [`assert_close`] with trained elements within `bound · lr`.
+fn assert_close_within(what: &str, a: &Run, b: &Run, tol: f64, bound: f64) {
+    let worst = a
+        .losses
+        .iter()
+        .zip(&b.losses)
+        .map(|(x, y)| (x - y).abs() / x.abs())
+        .fold(0.0, f64::max);
+    eprintln!("{what}: largest relative loss difference {worst:e}");
     for (s, (x, y)) in a.losses.iter().zip(&b.losses).enumerate() {
         let rel = (x - y).abs() / x.abs();
         assert!(rel < tol, "{what}: step {s} loss {x} vs {y} (rel {rel:e})");
@@ -196,7 +212,7 @@ fn assert_close(what: &str, a: &Run, b: &Run, tol: f64) {
     // its gradient, so rounding in tiny gradients shows as differences of
     // a small fraction of one step's update; no element may differ by more
     // than 0.5% of lr.
-    let bound = (5e-3 * LR) as f32;
+    let bound = (bound * LR) as f32;
     for ((name, x), (_, y)) in a.params.iter().zip(&b.params) {
         let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(
@@ -596,11 +612,12 @@ fn a_stop_asked_by_one_rank_is_agreed_within_the_step() {
 }
 
 /// Loss-based reweighting (Sow et al.) weighs each sequence within groups
-/// of 4 consecutive sequences of the global step: the same groups under
-/// every layout whose microbatches hold whole groups, so every such
-/// layout trains the same model as one process, and reports the same
-/// spread of multipliers. It changes training (against uniform weights),
-/// and the spread says so.
+/// of 8 consecutive sequences of the global step: the same groups under
+/// every layout whose microbatches hold whole groups, within a replica's
+/// part or across the replicas' (their losses gathered over dp), so every
+/// such layout trains the same model as one process, and reports the
+/// same spread of multipliers. It changes training (against uniform
+/// weights), and the spread says so.
 #[test]
 fn reweighting_trains_the_same_model_under_every_layout() {
     let steps = 6;
@@ -610,26 +627,34 @@ fn reweighting_trains_the_same_model_under_every_layout() {
     for strategy in [Strategy::Linupper, Strategy::Extremes] {
         REWEIGH.set(Some(Reweighting {
             strategy,
-            group: 4,
-            temperature: 0.2,
+            group: 8,
+            temperature: 1.0,
             delta: 1.0,
             start_tokens: 0,
         }));
         let one = train(&cfg, Layout::new(1, 1, 1), 1, steps);
-        // 512 tokens of 32 at the longest: 16 sequences, so a replica's
-        // microbatch holds whole groups of 4 while dp · m ≤ 4.
+        // 512 tokens of 32 at the longest: 16 sequences, so a microbatch
+        // of the step holds whole groups of 8 while m ≤ 2; a replica's
+        // part holds them whole while dp · m ≤ 2, and otherwise the group
+        // spans replicas.
         for (tp, pp, dp, m) in [
-            (1, 1, 1, 4),
+            (1, 1, 1, 2),
             (2, 1, 1, 2),
             (1, 2, 1, 2),
+            (1, 2, 2, 1),
             (1, 1, 2, 2),
             (2, 2, 2, 2),
-            (1, 2, 2, 1),
+            (1, 1, 4, 1),
         ] {
             let layout = Layout::new(tp, pp, dp);
             let run = train(&cfg, layout, m, steps);
             let what = format!("{strategy:?} {layout} m={m}");
-            assert_close(&what, &run, &one, 1e-4);
+            // The losses agree to about 1e-8. The multipliers amplify the
+            // last bits of the losses (a group's range divides them), and
+            // AdamW amplifies tiny gradients' rounding into lr-sized moves:
+            // a trained element may differ by up to 5% of lr (measured
+            // 1.3% under tp = 2, where the loss is computed apart).
+            assert_close_within(&what, &run, &one, 1e-4, 5e-2);
             for (a, b) in run.weights.iter().zip(&one.weights) {
                 let (a, b) = (a.unwrap(), b.unwrap());
                 assert_eq!(a.rows, b.rows, "{what}");

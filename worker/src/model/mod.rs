@@ -18,7 +18,7 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use strata_recipe::{ModelConfig, Precision, Recompute, Reweighting};
+use strata_recipe::{ModelConfig, Precision, Recompute};
 
 use crate::collective::CollectiveError;
 use crate::params::ParamTable;
@@ -56,8 +56,16 @@ pub struct Micro<'a> {
     /// ([`Tape::row_loss`]).
     pub per_row: bool,
     /// Loss-based reweighting of this microbatch's sequences, when on
-    /// for the step: its rows are whole groups.
-    pub reweigh: Option<&'a Reweighting>,
+    /// for the step.
+    pub reweigh: Option<&'a dyn RowWeigher>,
+}
+
+/// Turns the mean token losses of a microbatch's sequences into their
+/// loss multipliers (loss-based reweighting). The trainer's weighs each
+/// group of the global step, gathering the losses of the other replicas'
+/// part of the microbatch when a group spans them.
+pub trait RowWeigher {
+    fn weigh(&self, means: &[f64]) -> Vec<f64>;
 }
 
 /// Each row's summed token losses: `tokens` holds `rows · seq` of them.
@@ -96,7 +104,7 @@ pub fn weigher<'a>(mb: &Micro<'a>, rows: &'a mut Vec<f64>) -> Option<Weigher<'a>
             .into_iter()
             .map(|s| s / seq as f64)
             .collect();
-        let m = r.multipliers(&means);
+        let m = r.weigh(&means);
         let scales = m
             .iter()
             .flat_map(|&x| std::iter::repeat_n(x as f32, seq))

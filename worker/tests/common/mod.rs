@@ -71,6 +71,28 @@ pub fn rank_batch(
     (inputs[mine.clone()].to_vec(), targets[mine].to_vec(), seq)
 }
 
+/// [`rank_batch`] dealt by microbatch, as the loader deals a reweighted
+/// step: the step is cut into `m` blocks and the rank takes its D-th of
+/// each, so that microbatch k of every replica, in rank order, is block k.
+pub fn rank_batch_by_microbatch(
+    step: usize,
+    tokens: usize,
+    (dp, dp_rank): (u32, u32),
+    m: usize,
+) -> (Vec<u32>, Vec<u32>, usize) {
+    let seq = seq_of(step);
+    let rows = tokens / seq;
+    let (inputs, targets) = batch(step, rows, seq);
+    let per = rows / m / dp as usize * seq;
+    let (mut i, mut t) = (Vec::new(), Vec::new());
+    for k in 0..m {
+        let at = (k * dp as usize + dp_rank as usize) * per;
+        i.extend_from_slice(&inputs[at..at + per]);
+        t.extend_from_slice(&targets[at..at + per]);
+    }
+    (i, t, seq)
+}
+
 /// `m` equal microbatches of a rank's share.
 pub fn micro<'a>(
     inputs: &'a [u32],
