@@ -1578,17 +1578,7 @@ async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
     }
 
     // `strata metrics --json` gives every step its sources.
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args([
-            "metrics",
-            &planned,
-            "--json",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = metrics_json(&c, &planned);
     let last = &v.as_array().unwrap()[steps as usize - 1];
     let names: Vec<&str> = last["sources"]
         .as_array()
@@ -1677,17 +1667,7 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
             b.loss
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args([
-            "metrics",
-            &one,
-            "--json",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = metrics_json(&c, &one);
     let steps_json = v.as_array().unwrap();
     assert!(steps_json[0]["weights"].is_null());
     let w = &steps_json[steps as usize - 1]["weights"];
@@ -1721,4 +1701,24 @@ async fn scrape_while_running(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `strata metrics ID --json`, parsed.
+fn metrics_json(c: &Coordinator, id: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "metrics",
+            id,
+            "--json",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -366,29 +366,36 @@ fn cfg(curriculum: Curriculum, cycles: u32, tps: u64, rank: u32, size: u32) -> L
     }
 }
 
+fn grow() -> Curriculum {
+    Curriculum::Named(NamedCurriculum::GrowP2)
+}
+
+/// A synthetic dataset (buckets 8 to 64), a loader of its whole steps of
+/// `tps` tokens and one per rank of `dp`, dealt by `blocks`.
+async fn whole_and_ranks(
+    dir: &Path,
+    tps: u64,
+    dp: u32,
+    blocks: u32,
+) -> ((Location, Manifest), Loader, Vec<Loader>) {
+    let (loc, m) = synthetic(dir, 3, 6, 256).await;
+    let whole = Loader::new(loc.clone(), m.clone(), &cfg(grow(), 2, tps, 0, 1), None).unwrap();
+    let ranks = (0..dp)
+        .map(|r| {
+            let c = LoaderConfig {
+                deal_blocks: blocks,
+                ..cfg(grow(), 2, tps, r, dp)
+            };
+            Loader::new(loc.clone(), m.clone(), &c, None).unwrap()
+        })
+        .collect();
+    ((loc, m), whole, ranks)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranks_agree_on_the_bucket_and_split_each_step_disjointly() {
     let dir = tempfile::tempdir().unwrap();
-    let (loc, m) = synthetic(dir.path(), 3, 6, 256).await;
-    let grow = Curriculum::Named(NamedCurriculum::GrowP2);
-    let mut whole = Loader::new(
-        loc.clone(),
-        m.clone(),
-        &cfg(grow.clone(), 2, 256, 0, 1),
-        None,
-    )
-    .unwrap();
-    let mut ranks: Vec<Loader> = (0..4)
-        .map(|r| {
-            Loader::new(
-                loc.clone(),
-                m.clone(),
-                &cfg(grow.clone(), 2, 256, r, 4),
-                None,
-            )
-            .unwrap()
-        })
-        .collect();
+    let (_, mut whole, mut ranks) = whole_and_ranks(dir.path(), 256, 4, 1).await;
     for _ in 0..60 {
         let all = whole.next_batch().await.unwrap();
         let mut parts = Vec::new();
@@ -418,24 +425,7 @@ async fn ranks_agree_on_the_bucket_and_split_each_step_disjointly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_dealt_by_microbatch_tile_each_block_in_rank_order() {
     let dir = tempfile::tempdir().unwrap();
-    let (loc, m) = synthetic(dir.path(), 3, 6, 256).await;
-    let grow = Curriculum::Named(NamedCurriculum::GrowP2);
-    let mut whole = Loader::new(
-        loc.clone(),
-        m.clone(),
-        &cfg(grow.clone(), 2, 512, 0, 1),
-        None,
-    )
-    .unwrap();
-    let mut ranks: Vec<Loader> = (0..2)
-        .map(|r| {
-            let c = LoaderConfig {
-                deal_blocks: 2,
-                ..cfg(grow.clone(), 2, 512, r, 2)
-            };
-            Loader::new(loc.clone(), m.clone(), &c, None).unwrap()
-        })
-        .collect();
+    let (data, mut whole, mut ranks) = whole_and_ranks(dir.path(), 512, 2, 2).await;
     for _ in 0..40 {
         let all = whole.next_batch().await.unwrap();
         let mut parts = Vec::new();
@@ -454,9 +444,9 @@ async fn rows_dealt_by_microbatch_tile_each_block_in_rank_order() {
     // A step that cannot be cut so is refused, naming the numbers.
     let c = LoaderConfig {
         deal_blocks: 3,
-        ..cfg(grow, 2, 512, 0, 2)
+        ..cfg(grow(), 2, 512, 0, 2)
     };
-    let e = Loader::new(loc, m, &c, None)
+    let e = Loader::new(data.0, data.1, &c, None)
         .unwrap()
         .next_batch()
         .await
