@@ -371,12 +371,9 @@ fn reweighting(data: &strata_recipe::DataConfig) -> String {
     let Some(r) = data.reweighting else {
         return String::new();
     };
-    let name = serde_json::to_value(r.strategy)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
     format!(
-        "; reweighting {name} in groups of {} sequences (temperature {}, delta {}) from {} tokens",
+        "; reweighting {} in groups of {} sequences (temperature {}, delta {}) from {} tokens",
+        r.strategy.name(),
         r.group,
         r.temperature,
         r.delta,

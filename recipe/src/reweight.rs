@@ -40,16 +40,25 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const NAMES: &'static str = "\"uniform\", \"linupper\", \"quadratic\" or \"extremes\"";
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Uniform,
+        Strategy::Linupper,
+        Strategy::Quadratic,
+        Strategy::Extremes,
+    ];
+
+    /// Its name in a recipe.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Uniform => "uniform",
+            Strategy::Linupper => "linupper",
+            Strategy::Quadratic => "quadratic",
+            Strategy::Extremes => "extremes",
+        }
+    }
 
     pub fn parse(s: &str) -> Option<Strategy> {
-        Some(match s {
-            "uniform" => Strategy::Uniform,
-            "linupper" => Strategy::Linupper,
-            "quadratic" => Strategy::Quadratic,
-            "extremes" => Strategy::Extremes,
-            _ => return None,
-        })
+        Strategy::ALL.into_iter().find(|x| x.name() == s)
     }
 
     /// The score of a loss mapped onto `[−δ, δ]`.
@@ -136,7 +145,7 @@ impl Reweighting {
 }
 
 /// The spread of a step's multipliers, from sums that add over ranks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct WeightSpread {
     /// Sequences weighed.
     pub rows: u64,
@@ -146,7 +155,27 @@ pub struct WeightSpread {
     pub max: f64,
 }
 
+impl Default for WeightSpread {
+    /// No sequence weighed yet: what [`WeightSpread::push`] starts from.
+    fn default() -> WeightSpread {
+        WeightSpread {
+            rows: 0,
+            sum_sq: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
 impl WeightSpread {
+    /// Counts one sequence's multiplier.
+    pub fn push(&mut self, m: f64) {
+        self.rows += 1;
+        self.sum_sq += m * m;
+        self.min = self.min.min(m);
+        self.max = self.max.max(m);
+    }
+
     /// The multipliers' standard deviation (their mean is 1).
     pub fn std(&self) -> f64 {
         if self.rows == 0 {

@@ -686,12 +686,16 @@ fn check_reweighting(
 ) -> Option<crate::Reweighting> {
     let strategy = crate::Strategy::parse(&r.strategy);
     if strategy.is_none() {
+        let names: Vec<String> = crate::Strategy::ALL
+            .iter()
+            .map(|x| format!("\"{}\"", x.name()))
+            .collect();
         c.fail(
             "data.reweighting.strategy",
             format!(
-                "unknown strategy \"{}\"; use {}",
+                "unknown strategy \"{}\"; use one of {}",
                 r.strategy,
-                crate::Strategy::NAMES
+                names.join(", ")
             ),
         );
     }

@@ -718,11 +718,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             dp: std::cell::RefCell::new(self.groups.dp.as_mut()),
             failed: std::cell::RefCell::new(None),
         });
-        let mut spread = WeightSpread {
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            ..WeightSpread::default()
-        };
+        let mut spread = WeightSpread::default();
         let pipeline_start = Instant::now();
         let mut wait = Duration::ZERO;
         let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
@@ -752,10 +748,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
                         group_loss[micro[i as usize].groups[r] as usize] += l;
                     }
                     for &w in &tape.row_weight {
-                        spread.rows += 1;
-                        spread.sum_sq += w * w;
-                        spread.min = spread.min.min(w);
-                        spread.max = spread.max.max(w);
+                        spread.push(w);
                     }
                     tapes[(chunk * m + i) as usize] = Some(tape);
                 }
@@ -977,11 +970,7 @@ impl<B: AutodiffBackend, S: StageForward<B>> Trainer<B, S> {
             .map_err(in_group(GroupKind::Pipeline))?;
         let (mut sq, mut loss, mut stop) = (0.0f64, 0.0f64, false);
         let mut group_loss = vec![0.0f64; n_groups];
-        let mut weights = reweighted.then(|| WeightSpread {
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            ..WeightSpread::default()
-        });
+        let mut weights = reweighted.then(WeightSpread::default);
         let mut stage_stats = Vec::with_capacity(stages as usize);
         for r in gathered.chunks(record_len) {
             sq += f64::from(r[0]) + f64::from(r[1]);

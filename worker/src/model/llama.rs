@@ -372,10 +372,9 @@ fn head_pass<X: Backend>(
     layout: HeadLayout,
     (targets, denominator): (&[u32], f64),
     device: &X::Device,
-    tokens: Option<&mut Vec<f64>>,
+    mut tokens: Option<&mut Vec<f64>>,
     pass: HeadPass<'_>,
 ) -> (f64, Tensor<X, 2>, Tensor<X, 2>) {
-    let mut tokens = tokens;
     if let Some(done) = cpu::flex_head_cross_entropy(
         y,
         w,
