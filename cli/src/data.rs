@@ -76,6 +76,21 @@ pub struct DecomposeArgs {
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
+    /// Spread the work over this many worker processes, which the
+    /// coordinator (--coordinator) launches as it launches training ranks
+    /// (local processes or Slurm), each decomposing a contiguous part of
+    /// the files; it commits the dataset when every part is in. A worker
+    /// lost is started again by a new attempt and redoes its part only.
+    /// Inputs, the output and a tokenizer.json must be reachable from
+    /// the workers at the same paths or URLs.
+    #[arg(long, value_name = "N")]
+    workers: Option<u32>,
+    /// With --workers: new attempts after a lost worker before the job
+    /// fails.
+    #[arg(long, default_value_t = 3, requires = "workers")]
+    max_restarts: u32,
+    #[command(flatten)]
+    connect: crate::jobs::Connect,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -195,6 +210,9 @@ impl Progress for Bar {
 }
 
 pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
+    if let Some(workers) = args.workers {
+        return decompose_on_cluster(&args, workers);
+    }
     let buckets = Buckets::new(args.min_log2, args.max_log2).map_err(user_error)?;
     let layout = match args.concat_chunk {
         Some(seq_len) => Layout::ConcatChunk { seq_len },
@@ -297,6 +315,209 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
         print!("{}", bucket_table(m));
     }
     Ok(())
+}
+
+/// A local path as every worker reads it: absolute (a URL is kept).
+fn absolute(input: &str) -> String {
+    if input.contains("://") {
+        return input.to_string();
+    }
+    std::path::absolute(input)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| input.to_string())
+}
+
+/// What a cluster decomposition prints with --json.
+#[derive(serde::Serialize)]
+struct ClusterSummary<'a> {
+    job: &'a str,
+    workers: u32,
+    /// Attempts the job took (more than one: a worker was lost).
+    attempts: usize,
+    manifest: &'a Manifest,
+    input_bytes: u64,
+    /// From submission to the committed manifest.
+    elapsed_s: f64,
+    tokens_per_s: f64,
+}
+
+/// `strata decompose --workers N`: finds and checks the corpus here, cuts
+/// its files into N parts, readies the output, submits the job and
+/// follows it to the committed manifest.
+fn decompose_on_cluster(args: &DecomposeArgs, workers: u32) -> anyhow::Result<()> {
+    use strata_dataplane::parts::{CorpusPlan, DecomposeJob, plan_parts};
+    use strata_dataplane::tokenize::TokenizerSpec as Spec;
+    if args.concat_chunk.is_some() {
+        return Err(user_error(
+            "--concat-chunk with --workers: a concat-and-chunk sequence runs across documents, hence across parts; decompose it in one process",
+        ));
+    }
+    if args.holdout_docs.is_some() {
+        return Err(user_error(
+            "--holdout-docs with --workers: an exact count is drawn in sequence over the whole corpus; use --holdout-fraction",
+        ));
+    }
+    let buckets = Buckets::new(args.min_log2, args.max_log2).map_err(user_error)?;
+    let tokenizer = match &args.tokenizer {
+        Spec::Tiktoken(kind) => kind.to_string(),
+        Spec::HuggingFace(path) => absolute(&path.display().to_string()),
+    };
+    if !(0.0..1.0).contains(&args.holdout_fraction) {
+        return Err(user_error(format!(
+            "--holdout-fraction: {} must be at least 0 and below 1",
+            args.holdout_fraction
+        )));
+    }
+    let inputs: Vec<String> = args.input.iter().map(|i| absolute(i)).collect();
+    let output = absolute(&args.output);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let store = StoreOptions::from_env();
+        let found = inputs
+            .iter()
+            .map(|i| Input::parse(i, &store))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        let options = CorpusOptions {
+            text_field: args.text_field.clone(),
+            ..CorpusOptions::default()
+        };
+        let corpus = Corpus::open_inputs(&found, options)
+            .await
+            .map_err(corpus_error)?;
+        let files = corpus.files();
+        let parts = plan_parts(&files, workers).map_err(user_error)?;
+        let name = format!(
+            "decompose-{}",
+            output.rsplit('/').find(|s| !s.is_empty()).unwrap_or("dataset")
+        );
+        let job = DecomposeJob {
+            name,
+            inputs: inputs.clone(),
+            text_field: args.text_field.clone(),
+            output: output.clone(),
+            tokenizer,
+            buckets,
+            split_long: match args.split_long {
+                SplitLongArg::Largest => SplitLong::Largest,
+                SplitLongArg::Random => SplitLong::Random,
+            },
+            seed: args.seed,
+            shard_bytes: args.shard_mib.max(1) << 20,
+            holdout_fraction: args.holdout_fraction,
+            max_restarts: args.max_restarts,
+            corpus: CorpusPlan {
+                files: files.len() as u64,
+                bytes: corpus.bytes(),
+                fingerprint: corpus.fingerprint(),
+            },
+            parts,
+        };
+        let out = Location::parse(&output, true).map_err(store_error)?;
+        strata_dataplane::writer::prepare(&out, args.overwrite)
+            .await
+            .map_err(write_error)?;
+        if args.overwrite {
+            // Replaced means written again: no part of an earlier run is
+            // kept (without --overwrite, the finished parts of this same
+            // job, an earlier submission's, are).
+            for key in out
+                .list_in(strata_dataplane::parts::PARTS_DIR)
+                .await
+                .map_err(store_error)?
+            {
+                out.delete(&key).await.map_err(store_error)?;
+            }
+        }
+        let start = std::time::Instant::now();
+        let mut client = args.connect.client().await?;
+        let id = client
+            .submit_job(strata_proto::v1::SubmitJobRequest {
+                spec_toml: job.to_json(),
+                default_name: job.name.clone(),
+                kind: strata_proto::v1::JobKind::Decompose as i32,
+            })
+            .await
+            .map_err(|s| crate::jobs::status_error("SubmitJob", s))?
+            .into_inner()
+            .job_id;
+        eprintln!(
+            "{id}: {} files ({}) in {workers} parts",
+            files.len(),
+            indicatif::HumanBytes(corpus.bytes())
+        );
+        let ended = follow_parts(&mut client, &id, workers, !args.json).await?;
+        if ended.state() != strata_proto::v1::JobState::Succeeded {
+            anyhow::bail!(
+                "{id} {}: {}",
+                crate::jobs::state_name(ended.state),
+                ended.failure_reason
+            );
+        }
+        let manifest = read_manifest(&out).await.map_err(read_error)?;
+        let elapsed_s = start.elapsed().as_secs_f64();
+        if args.json {
+            let summary = ClusterSummary {
+                job: &id,
+                workers,
+                attempts: ended.attempts.len(),
+                manifest: &manifest,
+                input_bytes: corpus.bytes(),
+                elapsed_s,
+                tokens_per_s: manifest.n_tokens_in as f64 / elapsed_s.max(1e-9),
+            };
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            println!(
+                "wrote {output} with {workers} workers ({} documents, {} skipped; {} attempt{}): {} tokens in, {} dropped, in {elapsed_s:.2} s ({} tokens/s)",
+                manifest.n_documents,
+                manifest.n_documents_skipped,
+                ended.attempts.len(),
+                if ended.attempts.len() == 1 { "" } else { "s" },
+                count(manifest.n_tokens_in as f64),
+                count(manifest.n_tokens_dropped as f64),
+                count(manifest.n_tokens_in as f64 / elapsed_s.max(1e-9)),
+            );
+            print!("{}", bucket_table(&manifest));
+        }
+        Ok(())
+    })
+}
+
+/// Polls a decomposition until it ends, showing its parts finished.
+async fn follow_parts(
+    client: &mut crate::jobs::Client,
+    id: &str,
+    workers: u32,
+    show: bool,
+) -> anyhow::Result<strata_proto::v1::Job> {
+    let bar = if show && std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(u64::from(workers));
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {prefix} parts {pos}/{len} {msg}")
+                .expect("valid template"),
+        );
+        b.set_prefix(id.to_string());
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    loop {
+        let job = client
+            .get_job(strata_proto::v1::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .map_err(|s| crate::jobs::status_error("GetJob", s))?
+            .into_inner();
+        bar.set_position(job.steps_done);
+        bar.set_message(crate::jobs::state_name(job.state));
+        if crate::jobs::is_final(job.state) {
+            bar.finish_and_clear();
+            return Ok(job);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn bucket_table(m: &Manifest) -> String {

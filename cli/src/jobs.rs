@@ -438,6 +438,7 @@ pub async fn submit_text(
         .submit_job(pb::SubmitJobRequest {
             spec_toml,
             default_name,
+            ..Default::default()
         })
         .await
         .map_err(|s| status_error("SubmitJob", s))?
@@ -523,7 +524,7 @@ fn job_state(s: i32) -> Option<JobState> {
     pb::JobState::try_from(s).ok().and_then(state_from_pb)
 }
 
-fn is_final(s: i32) -> bool {
+pub fn is_final(s: i32) -> bool {
     job_state(s).is_some_and(JobState::is_final)
 }
 

@@ -377,6 +377,7 @@ async fn submit(cl: &mut Cl, spec: String) -> anyhow::Result<String> {
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec,
             default_name: "sim".into(),
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("SubmitJob: {}", s.message()))?

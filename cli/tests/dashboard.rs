@@ -239,6 +239,7 @@ async fn a_browser_follows_a_job_on_the_dashboard_until_it_succeeds() {
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec,
             default_name: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -372,6 +373,7 @@ async fn crafted_html_in_reasons_and_recipes_never_runs() {
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec,
             default_name: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -539,6 +539,7 @@ async fn tokens_guard_clients_and_workers() {
         .submit_job(pb::SubmitJobRequest {
             spec_toml: recipe(&data, 4, 2),
             default_name: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1721,4 +1722,265 @@ fn metrics_json(c: &Coordinator, id: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A progress that stops the decompose at its first batch, as a worker
+/// told to stop does.
+struct StopAtOnce;
+impl strata_dataplane::corpus::Progress for StopAtOnce {
+    fn batch_written(&self) -> Result<(), strata_dataplane::corpus::CorpusError> {
+        Err(strata_dataplane::corpus::CorpusError::Stopped(
+            "told to".into(),
+        ))
+    }
+}
+
+/// A corpus decomposed in parts, as workers do, and committed holds what
+/// one process's decompose of it holds, for any number of parts; a part
+/// stopped mid-way is written again and a finished one is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_committed_hold_what_one_process_writes() {
+    use strata_dataplane::corpus::{Corpus, CorpusOptions, Quiet, decompose_corpus};
+    use strata_dataplane::decompose::{Buckets, SplitLong};
+    use strata_dataplane::manifest::{Layout, TokenizerInfo};
+    use strata_dataplane::parts::{
+        CorpusPlan, DecomposeJob, PartOutcome, PartsError, commit, plan_parts, run_part,
+    };
+    use strata_dataplane::store::Location;
+    use strata_dataplane::tokenize::TokenizerKind;
+    use strata_dataplane::writer::{DatasetWriter, WriterOptions};
+    let input = tempfile::tempdir().unwrap();
+    let mut texts = Vec::new();
+    for f in sotu_40().iter().step_by(5) {
+        let text = std::fs::read_to_string(f).unwrap();
+        std::fs::write(input.path().join(f.file_name().unwrap()), &text).unwrap();
+        texts.push(text);
+    }
+    // A file of many documents, so ids count within a file too.
+    let lines: String = texts[0]
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .take(40)
+        .map(|p| format!("{}\n", serde_json::json!({ "text": p })))
+        .collect();
+    std::fs::write(input.path().join("zz-paragraphs.jsonl"), lines).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let whole = Location::parse(out.path().join("whole").to_str().unwrap(), true).unwrap();
+    let mut w = DatasetWriter::create(
+        whole.clone(),
+        WriterOptions {
+            tokenizer: TokenizerInfo::of(&TokenizerKind::R50k.load()),
+            layout: Layout::Decomposed {
+                split_long: SplitLong::Largest,
+            },
+            buckets: Buckets::new(4, 8).unwrap(),
+            seed: 7,
+            shard_bytes: 256 << 10,
+            overwrite: false,
+        },
+    )
+    .await
+    .unwrap();
+    w.hold_out(0.2).unwrap();
+    decompose_corpus(
+        &[input.path().to_path_buf()],
+        TokenizerKind::R50k.load(),
+        w,
+        &Quiet,
+    )
+    .await
+    .unwrap();
+    let corpus = Corpus::open(&[input.path().to_path_buf()], CorpusOptions::default())
+        .await
+        .unwrap();
+    let job = |name: &str, parts: u32| DecomposeJob {
+        name: name.into(),
+        inputs: vec![input.path().display().to_string()],
+        text_field: "text".into(),
+        output: out.path().join(name).display().to_string(),
+        tokenizer: "r50k".into(),
+        buckets: Buckets::new(4, 8).unwrap(),
+        split_long: SplitLong::Largest,
+        seed: 7,
+        shard_bytes: 256 << 10,
+        holdout_fraction: 0.2,
+        max_restarts: 0,
+        corpus: CorpusPlan {
+            files: corpus.files().len() as u64,
+            bytes: corpus.bytes(),
+            fingerprint: corpus.fingerprint(),
+        },
+        parts: plan_parts(&corpus.files(), parts).unwrap(),
+    };
+    for n in [1, 2, 4] {
+        let job = job(&format!("parts-{n}"), n);
+        for p in 0..n as usize {
+            let done = run_part(&job, p, 1, &Quiet).await.unwrap();
+            assert!(matches!(done, PartOutcome::Written(_)));
+        }
+        let m = commit(&job).await.unwrap();
+        assert!(
+            m.buckets
+                .iter()
+                .flat_map(|b| &b.shards)
+                .all(|s| s.key.starts_with("parts/p"))
+        );
+        assert_same_dataset(&whole, &job.output().unwrap(), &format!("{n} parts")).await;
+    }
+
+    // Part 1 stops mid-way: nothing is committed until it is written again;
+    // part 0, finished, is not.
+    let job = job("stopped", 3);
+    run_part(&job, 0, 1, &Quiet).await.unwrap();
+    let stopped = run_part(&job, 1, 1, &StopAtOnce).await;
+    assert!(
+        matches!(
+            stopped,
+            Err(PartsError::Corpus(
+                strata_dataplane::corpus::CorpusError::Stopped(_)
+            ))
+        ),
+        "{stopped:?}"
+    );
+    run_part(&job, 2, 1, &Quiet).await.unwrap();
+    let err = commit(&job).await.unwrap_err().to_string();
+    assert!(
+        err.contains("parts/p00001") && err.contains("not finished"),
+        "{err}"
+    );
+    let out_loc = job.output().unwrap();
+    assert!(!out_loc.exists("manifest.json").await.unwrap());
+    match run_part(&job, 0, 2, &Quiet).await.unwrap() {
+        PartOutcome::AlreadyDone { attempt, .. } => assert_eq!(attempt, 1),
+        PartOutcome::Written(_) => panic!("a finished part was written again"),
+    }
+    assert!(matches!(
+        run_part(&job, 1, 2, &Quiet).await.unwrap(),
+        PartOutcome::Written(_)
+    ));
+    commit(&job).await.unwrap();
+    assert_same_dataset(&whole, &out_loc, "after a stopped part").await;
+
+    // Another job's part at the same place is not taken for this one's.
+    let mut other = job.clone();
+    other.seed = 8;
+    assert!(matches!(
+        run_part(&other, 0, 1, &Quiet).await.unwrap(),
+        PartOutcome::Written(_)
+    ));
+}
+
+/// `strata decompose --workers N --coordinator URL`: the coordinator
+/// launches N worker processes, one part of the files each, and commits
+/// one manifest; with 1, 2 and 4 workers the dataset holds what one
+/// process's decompose writes. A worker killed mid-part (SIGKILL): a new
+/// attempt redoes its part alone (the finished parts keep the attempt that
+/// wrote them), and the dataset is still the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn decomposition_over_workers_equals_one_process_even_with_a_worker_killed() {
+    use strata_dataplane::store::Location;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("state"), 4, None);
+    cfg.worker_env.push((
+        "STRATA_FAULT_HANG_AT".into(),
+        "decompose-killed-4:1:1:1".into(),
+    ));
+    let c = Coordinator::start(cfg).await.unwrap();
+    let url = format!("http://{}", c.addr);
+    let args = |out: &Path, workers: Option<u32>| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "decompose",
+            "--min-log2",
+            "4",
+            "--max-log2",
+            "6",
+            "--seed",
+            "7",
+            "--holdout-fraction",
+            "0.1",
+            "--shard-mib",
+            "1",
+            "--json",
+            "--output",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(out.display().to_string());
+        if let Some(n) = workers {
+            a.extend([
+                "--workers".into(),
+                n.to_string(),
+                "--coordinator".into(),
+                url.clone(),
+            ]);
+        }
+        a.push("--input".into());
+        a.extend(sotu_40().iter().map(|p| p.display().to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+                .args(&a)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "strata {}: {}",
+                a[..3].join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        })
+    };
+    let loc = |p: &Path| Location::parse(p.to_str().unwrap(), false).unwrap();
+    let whole = dir.path().join("whole");
+    run(args(&whole, None)).await.unwrap();
+    for n in [1u32, 2, 4] {
+        let out = dir.path().join(format!("w{n}"));
+        let v = run(args(&out, Some(n))).await.unwrap();
+        assert_eq!(v["workers"], n);
+        assert_eq!(v["attempts"], 1, "{v}");
+        assert_same_dataset(&loc(&whole), &loc(&out), &format!("{n} workers")).await;
+    }
+
+    // Rank 1 stops after its first batch (its heartbeats go on) and is
+    // killed there, its part unfinished.
+    let killed = dir.path().join("killed");
+    let cli = run(args(&killed, Some(4)));
+    let mut cl = client(&c).await;
+    let id = "decompose-killed-4";
+    let start = Instant::now();
+    while cl
+        .get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "{id} never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until(&mut cl, id, 120, |j| j.steps_done == 3).await;
+    let (_, pid) = worker_pids(&c, id)
+        .into_iter()
+        .find(|(r, _)| *r == 1)
+        .expect("rank 1 waits mid-part");
+    signal(pid, "-KILL");
+    let v = cli.await.unwrap();
+    assert_eq!(v["attempts"], 2, "{v}");
+    let j = get(&mut cl, id).await;
+    assert!(
+        j.attempts[0].cause.contains("rank 1"),
+        "{:?}",
+        j.attempts[0]
+    );
+    for p in 0..4 {
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(killed.join(format!("parts/p{p:05}/part.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["attempt"], if p == 1 { 2 } else { 1 }, "part {p}");
+    }
+    assert_same_dataset(&loc(&whole), &loc(&killed), "a worker killed").await;
+    c.stop().await;
 }

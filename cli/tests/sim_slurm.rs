@@ -149,6 +149,7 @@ async fn a_hung_sbatch_does_not_delay_another_jobs_heartbeats() {
         cl.submit_job(pb::SubmitJobRequest {
             spec_toml: spec,
             default_name: "sim".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -4,7 +4,12 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use strata_dataplane::parts::DecomposeJob;
 use strata_recipe::{FaultConfig, Layout, Recipe};
+
+fn is_train(k: &JobKind) -> bool {
+    *k == JobKind::Train
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +64,18 @@ impl JobState {
             JobState::Cancelled => "cancelled",
         }
     }
+}
+
+/// What a job's workers do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Train a model from a recipe.
+    #[default]
+    Train,
+    /// Decompose a corpus: rank `i` decomposes part `i` of the files, and
+    /// the coordinator commits the dataset's manifest once all are in.
+    Decompose,
 }
 
 /// A job's id (`tiny-cpu-7`): its name's slug and the coordinator's
@@ -116,6 +133,12 @@ pub struct JobRecord {
     /// store is read (`None` for a stored recipe this version refuses).
     #[serde(skip)]
     pub recipe: Option<Arc<Recipe>>,
+    #[serde(default, skip_serializing_if = "is_train")]
+    pub kind: JobKind,
+    /// A decomposition's description, parsed once like `recipe` (its
+    /// text is `spec_toml`, JSON).
+    #[serde(skip)]
+    pub decompose: Option<Arc<DecomposeJob>>,
     pub state: JobState,
     pub layout: Layout,
     pub microbatches: u32,
@@ -198,28 +221,36 @@ pub struct BranchOf {
 }
 
 impl JobRecord {
-    /// A queued job of one data-parallel pair, for the engine's tests.
-    #[cfg(test)]
-    pub(crate) fn for_test(id: &str) -> JobRecord {
+    /// A new job, queued, not yet numbered (its id and folder are given
+    /// when it is recorded).
+    pub fn queued(
+        name: String,
+        spec_toml: String,
+        layout: Layout,
+        microbatches: u32,
+        steps_total: u64,
+    ) -> JobRecord {
         JobRecord {
-            job_id: JobId::new(id),
-            name: "t".into(),
-            spec_toml: "name = \"t\"".into(),
+            job_id: JobId::new(""),
+            name,
+            spec_toml,
             recipe: None,
+            kind: JobKind::Train,
+            decompose: None,
             state: JobState::Queued,
-            layout: Layout::new(1, 1, 2),
-            microbatches: 1,
-            steps_total: 10,
+            layout,
+            microbatches,
+            steps_total,
             steps_done: 0,
             tokens_done: 0,
             last_loss: None,
             failure_reason: String::new(),
-            submitted_unix_ms: 1,
+            submitted_unix_ms: 0,
             started_unix_ms: 0,
             finished_unix_ms: 0,
-            run_dir: "/runs/t".into(),
-            worker_token: "secret".into(),
-            worker_token_sha256: token_digest("secret"),
+            run_dir: String::new(),
+            worker_token: String::new(),
+            worker_token_sha256: String::new(),
             attempts: Vec::new(),
             earlier_attempts: AttemptsSummary::default(),
             checkpoints: Vec::new(),
@@ -230,8 +261,23 @@ impl JobRecord {
         }
     }
 
-    /// Parses the stored recipe text once (a record read back from the
-    /// store); a recipe this version refuses leaves `recipe` empty.
+    /// A queued job of one data-parallel pair, for the engine's tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: &str) -> JobRecord {
+        let mut job = JobRecord::queued(
+            "t".into(),
+            "name = \"t\"".into(),
+            Layout::new(1, 1, 2),
+            1,
+            10,
+        );
+        job.job_id = JobId::new(id);
+        job.submitted_unix_ms = 1;
+        job.run_dir = "/runs/t".into();
+        job.set_worker_token("secret".into());
+        job
+    }
+
     /// Gives the job's workers a new secret.
     pub fn set_worker_token(&mut self, token: String) {
         self.worker_token_sha256 = token_digest(&token);
@@ -257,7 +303,19 @@ impl JobRecord {
         self.parse_recipe();
     }
 
+    /// Parses the stored recipe text once (a record read back from the
+    /// store); a recipe this version refuses leaves `recipe` empty.
     pub fn parse_recipe(&mut self) {
+        if self.kind == JobKind::Decompose {
+            match DecomposeJob::parse(&self.spec_toml) {
+                Ok(d) => self.decompose = Some(Arc::new(d)),
+                Err(e) => {
+                    tracing::warn!(job = %self.job_id, error = %e, "a stored decomposition no longer parses");
+                    self.decompose = None;
+                }
+            }
+            return;
+        }
         match Recipe::from_toml_str(&self.spec_toml, &self.name) {
             Ok(r) => self.recipe = Some(Arc::new(r)),
             Err(e) => {
@@ -270,10 +328,28 @@ impl JobRecord {
     /// The job's `[fault]` settings (the defaults for a recipe that no
     /// longer parses).
     pub fn fault(&self) -> FaultConfig {
+        if let Some(d) = &self.decompose {
+            return FaultConfig {
+                max_restarts: d.max_restarts,
+                ..FaultConfig::default()
+            };
+        }
         self.recipe
             .as_ref()
             .map(|r| r.fault.clone())
             .unwrap_or_default()
+    }
+
+    /// Refuses what only a training job has (checkpoints to resume or
+    /// branch from), naming the job.
+    pub fn trains(&self, what: &str) -> Result<(), crate::error::EngineError> {
+        match self.kind {
+            JobKind::Train => Ok(()),
+            JobKind::Decompose => Err(crate::error::EngineError::Invalid(format!(
+                "job {} decomposes a corpus and has no checkpoints to {what}; submit it again (its finished parts are kept)",
+                self.job_id
+            ))),
+        }
     }
 
     /// The current (or last) attempt's number; 0 before the first.

@@ -182,6 +182,7 @@ async fn setup_spec(
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec.clone(),
             default_name: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -14,6 +14,13 @@
 //! Parquet or Arrow files (a Hub snapshot) reads its data files only, not
 //! the README beside them.
 //!
+//! A document's id is a hash of its text ([`doc_id`]), and every draw that
+//! cuts it or holds it out is seeded by that id: a document is cut alike
+//! whatever file, format or shard it arrives in, so any run of the files
+//! ([`Corpus::part`]) cuts its documents exactly as the whole corpus does
+//! (a decomposition spread over workers, [`crate::parts`], equals one made
+//! in one process), and copies of a document are held out together.
+//!
 //! Documents stream: a batch of about [`BATCH_BYTES`] of text is read,
 //! tokenized on all cores (results keep input order) and written before
 //! the next is read, so memory is bounded by the batch, not the corpus.
@@ -55,6 +62,8 @@ pub enum CorpusError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// How a corpus's files are read.
@@ -273,6 +282,20 @@ async fn collect_remote(at: &Location, out: &mut Vec<Source>) -> Result<(), Corp
     Ok(())
 }
 
+/// A document's id: XXH3-64 of its text (a specified hash, the same on
+/// every platform and release). A document that is skipped (not UTF-8,
+/// empty) takes the id of the empty text.
+pub fn doc_id(text: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text)
+}
+
+/// One file of a corpus as a plan names it: its path or URL and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CorpusFile {
+    pub name: String,
+    pub bytes: u64,
+}
+
 /// A corpus's files, found and checked.
 #[derive(Debug, Clone)]
 pub struct Corpus {
@@ -365,6 +388,40 @@ impl Corpus {
         self.sources.iter().map(|s| s.bytes).sum()
     }
 
+    /// The files, in reading order.
+    pub fn files(&self) -> Vec<CorpusFile> {
+        self.sources
+            .iter()
+            .map(|s| CorpusFile {
+                name: s.name.clone(),
+                bytes: s.bytes,
+            })
+            .collect()
+    }
+
+    /// CRC-32 of the files' names and sizes in reading order: what a plan
+    /// of parts was made for.
+    pub fn fingerprint(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        for s in &self.sources {
+            h.update(s.name.as_bytes());
+            h.update(&[0]);
+            h.update(&s.bytes.to_le_bytes());
+        }
+        h.finalize()
+    }
+
+    /// The `count` files from file `first` on.
+    pub fn part(&self, first: usize, count: usize) -> Corpus {
+        let end = (first + count).min(self.sources.len());
+        let first = first.min(end);
+        Corpus {
+            sources: self.sources[first..end].to_vec(),
+            options: self.options.clone(),
+            ignored: Vec::new(),
+        }
+    }
+
     /// How many documents the corpus offers, the unreadable ones included,
     /// as [`Corpus::decompose`] numbers them.
     pub async fn count_documents(&self) -> Result<u64, CorpusError> {
@@ -423,32 +480,33 @@ impl Corpus {
                 break;
             }
             let t0 = Instant::now();
-            let tokenized: Vec<Option<Vec<u32>>> = docs
+            let tokenized: Vec<(u64, Option<Vec<u32>>)> = docs
                 .par_iter()
                 .map(|d| match d {
-                    Doc::Text(t) => Some(tokenizer.encode_document(t)),
-                    Doc::Skipped(_) => None,
+                    Doc::Text(t) => (doc_id(t.as_bytes()), Some(tokenizer.encode_document(t))),
+                    Doc::Skipped(_) => (doc_id(b""), None),
                 })
                 .collect();
             tokenize += t0.elapsed();
             let mut batch_tokens = 0u64;
-            for (doc, tokens) in docs.iter().zip(tokenized) {
+            for (doc, (id, tokens)) in docs.iter().zip(tokenized) {
                 match (doc, tokens) {
                     (_, Some(tokens)) => {
                         batch_tokens += tokens.len() as u64;
-                        writer.add_document(&tokens).await?;
+                        writer.add_document_as(id, &tokens).await?;
                     }
                     (Doc::Skipped(why), None) => {
                         tracing::warn!(document = %why, "skipped document");
                         if skipped.len() < MAX_LISTED_SKIPS {
                             skipped.push(why.clone());
                         }
-                        writer.skip_document();
+                        writer.skip_document_as(id);
                     }
                     (Doc::Text(_), None) => unreachable!("text is always tokenized"),
                 }
             }
             progress.advance(file_bytes, batch_tokens);
+            progress.batch_written()?;
         }
         let manifest = writer.finish().await?;
         let elapsed = start.elapsed().as_secs_f64();
@@ -484,6 +542,12 @@ pub struct DecomposeSummary {
 pub trait Progress: Sync {
     fn total_bytes(&self, _bytes: u64) {}
     fn advance(&self, _bytes: u64, _tokens: u64) {}
+    /// A batch of documents is written: a worker's pulse, and where it
+    /// may be told to stop (an error here ends the decompose, leaving no
+    /// manifest).
+    fn batch_written(&self) -> Result<(), CorpusError> {
+        Ok(())
+    }
 }
 
 /// No progress reporting.

@@ -12,6 +12,8 @@
 //! - [`corpus`] finds documents in files and folders and runs a decompose;
 //!   [`formats`] reads them out of text, JSON lines (plain, gzip, zstd),
 //!   Parquet and Arrow IPC files.
+//! - [`parts`]: a decomposition spread over workers: the plan of parts,
+//!   one part's decompose, and the manifest merged from theirs.
 //! - [`tokenize`]: offline tiktoken BPEs.
 //! - [`decompose`]: one document into power-of-two pieces.
 //! - [`writer`]: Arrow bucket shards and the manifest, written last.
@@ -32,6 +34,7 @@ pub mod loader;
 pub mod manifest;
 pub mod memory;
 pub mod params;
+pub mod parts;
 pub mod reader;
 pub mod rng;
 pub mod store;

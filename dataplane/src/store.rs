@@ -187,6 +187,34 @@ impl Location {
         })
     }
 
+    /// The folder `folder` under this location, on the same store (a
+    /// local one is made if missing).
+    pub fn child(&self, folder: &str) -> Result<Location, StoreError> {
+        let folder = folder.trim_matches('/');
+        let url = self.url_of(folder);
+        let io = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Io {
+            url: url.clone(),
+            source: e,
+        };
+        if let Some(root) = &self.local {
+            let path = root.join(folder);
+            std::fs::create_dir_all(&path).map_err(|e| io(Box::new(e)))?;
+            let store = LocalFileSystem::new_with_prefix(&path).map_err(|e| io(Box::new(e)))?;
+            return Ok(Location {
+                store: Arc::new(store.with_automatic_cleanup(true)),
+                prefix: ObjectPath::from(""),
+                url,
+                local: Some(path),
+            });
+        }
+        Ok(Location {
+            store: self.store.clone(),
+            prefix: self.path(folder),
+            url,
+            local: None,
+        })
+    }
+
     /// The location's URL as the user wrote it (without a trailing slash).
     pub fn url(&self) -> &str {
         &self.url

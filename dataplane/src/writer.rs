@@ -129,7 +129,12 @@ pub struct DatasetWriter {
     pools: Vec<Pool>,
     /// Shards being shuffled, encoded and uploaded: (bucket, shard, task).
     pending: VecDeque<(usize, usize, ShardTask)>,
-    next_doc_id: u64,
+    /// Documents read, skipped ones included (the id the next one gets
+    /// from [`DatasetWriter::add_document`]).
+    n_documents: u64,
+    /// Salts each shard's shuffle: a part of a decomposition spread over
+    /// workers ([`DatasetWriter::as_part`]) shuffles its own way.
+    shuffle_salt: u64,
     n_skipped: u64,
     n_tokens_in: u64,
     n_tokens_dropped: u64,
@@ -153,6 +158,28 @@ pub const HOLDOUT_KEY: &str = "holdout/tokens.u32le";
 /// of the draws that cut the same document into buckets.
 const HOLDOUT_SALT: u64 = 0x686f_6c64_6f75_7421;
 
+/// Readies `out` for a new dataset: refuses a complete one unless
+/// `overwrite` (then its manifest goes first, so it is never half read),
+/// and removes an incomplete one's shards (only strata's own
+/// `Dkk/part-nnnnn.arrow` objects and held-out split; nothing else under
+/// `out` is touched).
+pub async fn prepare(out: &Location, overwrite: bool) -> Result<(), WriteError> {
+    if out.exists(MANIFEST_KEY).await? {
+        if !overwrite {
+            return Err(WriteError::Complete {
+                url: out.url().to_string(),
+            });
+        }
+        out.delete(MANIFEST_KEY).await?;
+    }
+    for key in out.list().await? {
+        if is_dataset_object(&key) {
+            out.delete(&key).await?;
+        }
+    }
+    Ok(())
+}
+
 impl DatasetWriter {
     /// Prepares `out`: refuses a complete dataset unless `overwrite`, and
     /// removes the shards of an incomplete one (only strata's own
@@ -169,20 +196,7 @@ impl DatasetWriter {
                 vec![seq_len.trailing_zeros()]
             }
         };
-        if out.exists(MANIFEST_KEY).await? {
-            if !opts.overwrite {
-                return Err(WriteError::Complete {
-                    url: out.url().to_string(),
-                });
-            }
-            // From here on the old dataset is incomplete, never half-read.
-            out.delete(MANIFEST_KEY).await?;
-        }
-        for key in out.list().await? {
-            if is_dataset_object(&key) {
-                out.delete(&key).await?;
-            }
-        }
+        prepare(&out, opts.overwrite).await?;
         let pools = seq_lens
             .into_iter()
             .map(|log2| {
@@ -205,7 +219,8 @@ impl DatasetWriter {
             opts,
             pools,
             pending: VecDeque::new(),
-            next_doc_id: 0,
+            n_documents: 0,
+            shuffle_salt: 0,
             n_skipped: 0,
             n_tokens_in: 0,
             n_tokens_dropped: 0,
@@ -221,11 +236,23 @@ impl DatasetWriter {
     /// Counts a document that was read but not kept (not UTF-8, empty): it
     /// takes a document id so ids match the input order.
     pub fn skip_document(&mut self) {
+        self.skip_document_as(self.n_documents);
+    }
+
+    /// [`DatasetWriter::skip_document`] for the document of id `doc_id`.
+    pub fn skip_document_as(&mut self, doc_id: u64) {
         // A skipped document chosen for the held-out split leaves it one
         // short; the manifest counts what was held out.
-        self.held_out(self.next_doc_id);
-        self.next_doc_id += 1;
+        self.held_out(doc_id);
+        self.n_documents += 1;
         self.n_skipped += 1;
+    }
+
+    /// This dataset is part `part` of a decomposition spread over workers
+    /// ([`crate::parts`]): its shards' shuffles are salted by it. Before
+    /// the first document.
+    pub fn as_part(&mut self, part: u32) {
+        self.shuffle_salt = (u64::from(part) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 
     /// Keeps exactly `n` of the corpus's `total` documents (whole, chosen
@@ -272,7 +299,7 @@ impl DatasetWriter {
                 "holdout fraction {fraction} must be at least 0 and below 1"
             )));
         }
-        if self.next_doc_id > 0 {
+        if self.n_documents > 0 {
             return Err(WriteError::Options(
                 "the holdout fraction is set before the first document".into(),
             ));
@@ -281,10 +308,17 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// Adds one tokenized document (end-of-text already appended).
+    /// Adds one tokenized document (end-of-text already appended); its id
+    /// is its place among the documents added.
     pub async fn add_document(&mut self, tokens: &[u32]) -> Result<(), WriteError> {
-        let doc_id = self.next_doc_id;
-        self.next_doc_id += 1;
+        self.add_document_as(self.n_documents, tokens).await
+    }
+
+    /// Adds the document of id `doc_id` (every draw that cuts it, or holds
+    /// it out, is seeded by the id, so a document is cut alike wherever it
+    /// is written).
+    pub async fn add_document_as(&mut self, doc_id: u64, tokens: &[u32]) -> Result<(), WriteError> {
+        self.n_documents += 1;
         if self.held_out(doc_id) {
             self.holdout.extend_from_slice(tokens);
             self.holdout_docs += 1;
@@ -347,7 +381,7 @@ impl DatasetWriter {
     /// Hands pool `idx` to a task that shuffles, encodes and uploads it as
     /// the bucket's next shard, so cutting documents goes on meanwhile.
     async fn flush(&mut self, idx: usize) -> Result<(), WriteError> {
-        let seed = self.opts.seed;
+        let seed = self.opts.seed ^ self.shuffle_salt;
         let pool = &mut self.pools[idx];
         let rows = pool.rows();
         if rows == 0 {
@@ -448,7 +482,7 @@ impl DatasetWriter {
             max_log2,
             seed: self.opts.seed,
             buckets,
-            n_documents: self.next_doc_id,
+            n_documents: self.n_documents,
             n_documents_skipped: self.n_skipped,
             n_tokens_in: self.n_tokens_in,
             n_tokens_dropped: self.n_tokens_dropped,

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use strata_dataplane::corpus::{DecomposeSummary, Quiet, decompose_corpus};
+use strata_dataplane::corpus::{DecomposeSummary, Quiet, decompose_corpus, doc_id};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Loader, LoaderConfig, LoaderError, Mixture, Planner, SourceRule};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
@@ -123,10 +123,16 @@ async fn decompose_round_trips_to_the_source_text() {
         docs.iter().map(|d| d.len() as u64).sum::<u64>()
     );
     let rows = all_rows(&loc, &m).await;
+    // A document's id is its text's hash.
+    let by_id: HashMap<u64, usize> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (doc_id(t.as_bytes()), i))
+        .collect();
     let mut covered: HashMap<u64, u64> = HashMap::new();
     for (seq_len, row, doc_id, offset) in &rows {
         assert_eq!(row.len() as u64, seq_len + 1);
-        let doc = &docs[*doc_id as usize];
+        let doc = &docs[by_id[doc_id]];
         let start = *offset as usize;
         assert_eq!(
             &doc[start..start + row.len()],
@@ -137,7 +143,10 @@ async fn decompose_round_trips_to_the_source_text() {
     }
     // Each document is covered but for a tail under 2^8 + 1 tokens.
     for (id, doc) in docs.iter().enumerate() {
-        let c = covered.get(&(id as u64)).copied().unwrap_or(0);
+        let c = covered
+            .get(&doc_id(texts[id].as_bytes()))
+            .copied()
+            .unwrap_or(0);
         assert!(
             doc.len() as u64 - c < 257,
             "doc {id}: {} of {}",
@@ -146,7 +155,11 @@ async fn decompose_round_trips_to_the_source_text() {
         );
     }
     // Shards are shuffled: rows are not in document order.
-    let d8: Vec<u64> = rows.iter().filter(|r| r.0 == 256).map(|r| r.2).collect();
+    let d8: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.0 == 256)
+        .map(|r| by_id[&r.2])
+        .collect();
     assert!(
         d8.windows(2).any(|w| w[0] > w[1]),
         "D08 rows are in input order"
@@ -194,10 +207,11 @@ async fn bad_documents_are_skipped_and_counted() {
     ] {
         assert!(joined.contains(needle), "{needle} not in {joined}");
     }
-    // Document ids follow input order, skipped ones included: "four" is doc 7.
+    // Document ids are their texts' hashes: "four" is in, the skipped
+    // ones (which take the empty text's) are not.
     let rows = all_rows(&loc, m).await;
-    assert!(rows.iter().any(|r| r.2 == 7));
-    assert!(rows.iter().all(|r| ![1, 2, 4, 5, 6].contains(&r.2)));
+    assert!(rows.iter().any(|r| r.2 == doc_id(b"four")));
+    assert!(rows.iter().all(|r| r.2 != doc_id(b"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,7 @@ impl Harness {
             .submit_job(pb::SubmitJobRequest {
                 spec_toml: spec,
                 default_name: "sim".into(),
+                ..Default::default()
             })
             .await
             .unwrap()

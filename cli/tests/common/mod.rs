@@ -164,6 +164,7 @@ pub async fn submit(cl: &mut Cl, spec: String) -> Result<String, tonic::Status> 
     cl.submit_job(pb::SubmitJobRequest {
         spec_toml: spec,
         default_name: "t".into(),
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner().job_id)
@@ -442,4 +443,64 @@ pub fn worker_processes(url: &str) -> Vec<WorkerProc> {
         });
     }
     out
+}
+
+/// Every sequence of a dataset: (bucket length, tokens, document id,
+/// offset), sorted (shard boundaries and order set aside).
+pub async fn sequences(at: &Location) -> Vec<(u64, Vec<u32>, u64, u64)> {
+    let m = strata_dataplane::reader::read_manifest(at).await.unwrap();
+    let mut rows = Vec::new();
+    for b in &m.buckets {
+        for s in &b.shards {
+            let shard = strata_dataplane::reader::read_shard(at, s, b.seq_len as usize + 1)
+                .await
+                .unwrap();
+            for r in 0..shard.rows() {
+                rows.push((
+                    b.seq_len,
+                    shard.row(r).to_vec(),
+                    shard.doc_ids[r],
+                    shard.offsets[r],
+                ));
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// What must match between two decompositions of one corpus: every
+/// bucket's sequences (tokens, document id, offset) as a multiset, every
+/// count, and the held-out split byte for byte. Shards may differ.
+pub async fn assert_same_dataset(a: &Location, b: &Location, what: &str) {
+    use strata_dataplane::manifest::Manifest;
+    use strata_dataplane::reader::{read_holdout, read_manifest};
+    let (ma, mb) = (
+        read_manifest(a).await.unwrap(),
+        read_manifest(b).await.unwrap(),
+    );
+    let counts = |m: &Manifest| {
+        (
+            m.n_documents,
+            m.n_documents_skipped,
+            m.n_tokens_in,
+            m.n_tokens_dropped,
+            m.buckets
+                .iter()
+                .map(|b| (b.seq_len, b.n_sequences, b.n_tokens))
+                .collect::<Vec<_>>(),
+            m.holdout
+                .as_ref()
+                .map(|h| (h.n_documents, h.n_tokens, h.bytes, h.crc32)),
+        )
+    };
+    assert_eq!(counts(&ma), counts(&mb), "{what}: counts");
+    let (ra, rb) = (sequences(a).await, sequences(b).await);
+    assert_eq!(ra.len(), rb.len(), "{what}: sequences");
+    assert!(ra == rb, "{what}: the buckets hold other sequences");
+    assert_eq!(
+        read_holdout(a, &ma).await.unwrap(),
+        read_holdout(b, &mb).await.unwrap(),
+        "{what}: held-out tokens"
+    );
 }

@@ -208,6 +208,7 @@ impl Engine {
                 Some(p) if record.checkpoints.is_empty() => Some(p.job.clone()),
                 _ => None,
             },
+            kind: record.kind,
         });
         let handle = Arc::new(RanksHandle::launching());
         let hang = Duration::from_secs(record.fault().hang_timeout_s);

@@ -16,10 +16,9 @@ use strata_recipe::{DeviceKind, Recipe};
 
 use super::{Engine, Result, State};
 use crate::error::EngineError;
-use crate::job::{
-    AttemptsSummary, BranchOf, CheckpointRecord, JobId, JobRecord, JobState, now_unix_ms,
-};
+use crate::job::{BranchOf, CheckpointRecord, JobId, JobKind, JobRecord, JobState, now_unix_ms};
 use crate::store::Write;
+use strata_dataplane::parts::DecomposeJob;
 
 /// A cooldown branch to make of a job.
 #[derive(Debug, Clone, Default)]
@@ -171,40 +170,11 @@ impl Engine {
         if let Some(why) = MemoryPlan::new(&memory).refusal(&memory) {
             return Err(EngineError::Invalid(format!("the job does not fit: {why}")));
         }
-        let slots = inventory.total_slots();
-        if layout.world_size() > slots {
-            let what = if inventory.has_gpus() {
-                "GPUs (one worker each)"
-            } else {
-                "worker slots"
-            };
-            let nodes: Vec<String> = inventory
-                .nodes()
-                .iter()
-                .take(8)
-                .map(|n| format!("{} {}", n.name, n.slots))
-                .collect();
-            let more = inventory.nodes().len().saturating_sub(8);
-            return Err(EngineError::Exhausted(format!(
-                "parallel: the job needs {} worker slots (tp·pp·dp = {}·{}·{}) and this coordinator has {slots} {what} on {} ({}: {}{})",
-                layout.world_size(),
-                layout.tp,
-                layout.pp,
-                layout.dp,
-                self.launcher_description(),
-                if inventory.nodes().len() == 1 {
-                    "1 node"
-                } else {
-                    "nodes"
-                },
-                nodes.join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            )));
-        }
+        self.check_slots(
+            layout,
+            "parallel",
+            &format!("tp·pp·dp = {}·{}·{}", layout.tp, layout.pp, layout.dp),
+        )?;
         let data = &recipe.data;
         let field = |i: usize| data.dataset_field(i);
         let mut manifests = Vec::with_capacity(data.sources.len());
@@ -266,6 +236,43 @@ impl Engine {
         Ok(recipe)
     }
 
+    /// Refuses a layout with more ranks than the inventory has slots.
+    fn check_slots(&self, layout: strata_recipe::Layout, field: &str, why: &str) -> Result<()> {
+        let inventory = &self.inventory();
+        let slots = inventory.total_slots();
+        if layout.world_size() > slots {
+            let what = if inventory.has_gpus() {
+                "GPUs (one worker each)"
+            } else {
+                "worker slots"
+            };
+            let nodes: Vec<String> = inventory
+                .nodes()
+                .iter()
+                .take(8)
+                .map(|n| format!("{} {}", n.name, n.slots))
+                .collect();
+            let more = inventory.nodes().len().saturating_sub(8);
+            return Err(EngineError::Exhausted(format!(
+                "{field}: the job needs {} worker slots ({why}) and this coordinator has {slots} {what} on {} ({}: {}{})",
+                layout.world_size(),
+                self.launcher_description(),
+                if inventory.nodes().len() == 1 {
+                    "1 node"
+                } else {
+                    "nodes"
+                },
+                nodes.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// Parses a recipe once per process: the same text (a sweep point
     /// checked at submission, then again when it starts) is parsed once.
     fn parse(&self, spec: &str, default_name: &str) -> Result<Arc<Recipe>> {
@@ -295,40 +302,34 @@ impl Engine {
         spec_toml: String,
         parent: Option<(BranchOf, u64)>,
     ) -> Result<JobId> {
+        let mut job = JobRecord::queued(
+            recipe.name.clone(),
+            spec_toml,
+            recipe.parallel.layout,
+            recipe.parallel.microbatches,
+            recipe.data.n_steps(),
+        );
+        job.steps_done = parent.as_ref().map_or(0, |(p, _)| p.step);
+        job.tokens_done = parent.as_ref().map_or(0, |(_, tokens)| *tokens);
+        job.resume_from = parent.as_ref().map(|(p, _)| p.step);
+        job.parent = parent.map(|(p, _)| p);
+        job.recipe = Some(recipe);
+        self.enqueue(job).await
+    }
+
+    /// Gives `job` its id (its name's slug and the counter) and folder,
+    /// records it and queues it; its id, once the record is durable.
+    async fn enqueue(&self, mut job: JobRecord) -> Result<JobId> {
         let (job_id, ticket) = {
             let mut state = self.lock();
             let n = state.next_job;
             state.next_job += 1;
             let _ = self.store.submit(Write::NextJob(n + 1))?;
-            let job_id = JobId::new(format!("{}-{n}", slug(&recipe.name)));
+            let job_id = JobId::new(format!("{}-{n}", slug(&job.name)));
             let run_dir = self.cfg.state_dir.join("runs").join(job_id.as_str());
-            let job = JobRecord {
-                job_id: job_id.clone(),
-                name: recipe.name.clone(),
-                spec_toml,
-                state: JobState::Queued,
-                layout: recipe.parallel.layout,
-                microbatches: recipe.parallel.microbatches,
-                steps_total: recipe.data.n_steps(),
-                steps_done: parent.as_ref().map_or(0, |(p, _)| p.step),
-                tokens_done: parent.as_ref().map_or(0, |(_, tokens)| *tokens),
-                last_loss: None,
-                failure_reason: String::new(),
-                submitted_unix_ms: now_unix_ms(),
-                started_unix_ms: 0,
-                finished_unix_ms: 0,
-                run_dir: run_dir.display().to_string(),
-                worker_token: String::new(),
-                worker_token_sha256: String::new(),
-                attempts: Vec::new(),
-                earlier_attempts: AttemptsSummary::default(),
-                checkpoints: Vec::new(),
-                resume_from: parent.as_ref().map(|(p, _)| p.step),
-                checkpoint_errors: Vec::new(),
-                parent: parent.as_ref().map(|(p, _)| p.clone()),
-                blamed_nodes: Vec::new(),
-                recipe: Some(recipe),
-            };
+            job.job_id = job_id.clone();
+            job.run_dir = run_dir.display().to_string();
+            job.submitted_unix_ms = now_unix_ms();
             let world = job.layout.world_size();
             let t = self.save(&mut state, job)?;
             state.queue.push(job_id.clone());
@@ -338,6 +339,35 @@ impl Engine {
         };
         self.store.durable(ticket).await?;
         Ok(job_id)
+    }
+
+    /// Validates and queues a decomposition (its description, JSON): one
+    /// worker per part, within the inventory's slots, into an output that
+    /// holds no complete dataset. Its job id.
+    pub async fn submit_decompose(&self, spec: String) -> Result<JobId> {
+        let job = DecomposeJob::parse(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let workers = job.parts.len() as u32;
+        let layout = strata_recipe::Layout::new(1, 1, workers);
+        self.check_slots(layout, "--workers", "one per part")?;
+        let out = job
+            .output()
+            .map_err(|e| EngineError::Invalid(format!("output: {e}")))?;
+        let complete = out
+            .exists(strata_dataplane::manifest::MANIFEST_KEY)
+            .await
+            .map_err(|e| EngineError::Invalid(format!("output: {e}")))?;
+        if complete {
+            return Err(EngineError::AlreadyExists(format!(
+                "output: {} already holds a complete dataset; pass --overwrite to replace it",
+                job.output
+            )));
+        }
+        let mut record = JobRecord::queued(job.name.clone(), spec, layout, 1, u64::from(workers));
+        record.kind = JobKind::Decompose;
+        record.decompose = Some(Arc::new(job));
+        let id = self.enqueue(record).await?;
+        tracing::info!(job = %id, workers, "decomposition queued");
+        Ok(id)
     }
 
     /// Validates and queues a recipe; its job id.
@@ -358,6 +388,7 @@ impl Engine {
     /// Queues a cooldown branch of `req.parent`; its job id.
     pub async fn branch(&self, req: &BranchRequest) -> Result<JobId> {
         let parent = self.job(&req.parent)?;
+        parent.trains("branch from")?;
         let (spec, ck) = branch_spec(&parent, req)?;
         let recipe = match self.validate(&spec, &parent.name).await {
             Ok(r) => r,
@@ -418,6 +449,7 @@ impl Engine {
         job: &JobRecord,
         req: &ResumeRequest,
     ) -> Result<(String, Arc<Recipe>, Manifest)> {
+        job.trains("resume from")?;
         let refuse = |m: String| Err(EngineError::Precondition(m));
         if !job.state.is_final() {
             return refuse(format!(

@@ -68,6 +68,7 @@ pub struct AssignmentBase {
     pub resume_from: Option<u64>,
     /// The job whose checkpoint it is, when not this one's.
     pub resume_from_job: Option<String>,
+    pub kind: crate::job::JobKind,
 }
 
 /// A rank's assignment: the attempt's base and its address table, built
@@ -329,6 +330,11 @@ impl Supervisor {
             self.done_count += 1;
         }
         self.done_count == self.world
+    }
+
+    /// How many ranks have finished their work.
+    pub fn finished(&self) -> usize {
+        self.done_count
     }
 
     /// A rank reported its own failure: the cause, unless a peer's exit

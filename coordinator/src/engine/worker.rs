@@ -11,8 +11,9 @@ use strata_dataplane::checkpoint::{Manifest, ShardRecord};
 use super::supervisor::{Activity, Assignment, RankStep, Rendezvous, Supervisor};
 use super::{Engine, Event, Result, State};
 use crate::error::EngineError;
-use crate::job::{JobRecord, JobState, StepRecord};
+use crate::job::{JobId, JobRecord, JobState, StepRecord};
 use crate::store::Write;
+use strata_dataplane::parts::DecomposeJob;
 
 /// Who is calling: a worker's job, rank and attempt, and the token it
 /// presented.
@@ -256,16 +257,67 @@ impl Engine {
                 sup.report_failure(w.rank, error);
                 return Ok(());
             }
-            if !sup.finish(w.rank as usize) {
+            let all = sup.finish(w.rank as usize);
+            let finished = sup.finished() as u64;
+            let job = state.jobs.get_mut(w.job).expect("checked");
+            let decompose = job.decompose.clone();
+            if decompose.is_some() {
+                // A decomposition's progress: its parts finished (in
+                // memory; the record is written at the job's next change).
+                Arc::make_mut(job).steps_done = finished;
+            }
+            if !all {
                 return Ok(());
             }
-            self.end(
-                &mut state,
-                w.job,
-                JobState::Succeeded,
-                String::new(),
-                Duration::from_secs(30),
-            )?
+            match decompose {
+                Some(d) => {
+                    // The dataset's manifest is written outside the lock;
+                    // the job ends once it is.
+                    *state.committing.entry(JobId::new(w.job)).or_default() += 1;
+                    Err(d)
+                }
+                None => Ok(self.end(
+                    &mut state,
+                    w.job,
+                    JobState::Succeeded,
+                    String::new(),
+                    Duration::from_secs(30),
+                )?),
+            }
+        };
+        match ticket {
+            Ok(Some(t)) => self.store.durable(t).await?,
+            Ok(None) => {}
+            Err(d) => self.commit_dataset(w.job, &d).await?,
+        }
+        Ok(())
+    }
+
+    /// Every part of decomposition `id` is in: merges their manifests
+    /// into the dataset's (object storage, outside the lock), then ends
+    /// the job: succeeded, or failed naming what could not be committed.
+    async fn commit_dataset(&self, id: &str, job: &DecomposeJob) -> Result<()> {
+        let committed = strata_dataplane::parts::commit(job).await;
+        let ticket = {
+            let mut state = self.lock();
+            if let Some(n) = state.committing.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    state.committing.remove(id);
+                }
+            }
+            let (to, reason) = match &committed {
+                Ok(m) => {
+                    let sequences: u64 = m.buckets.iter().map(|b| b.n_sequences).sum();
+                    tracing::info!(job = %id, output = %job.output, sequences, documents = m.n_documents, "dataset committed");
+                    (JobState::Succeeded, String::new())
+                }
+                Err(e) => (
+                    JobState::Failed,
+                    format!("committing the dataset at {}: {e}", job.output),
+                ),
+            };
+            self.end(&mut state, id, to, reason, Duration::from_secs(30))?
         };
         if let Some(t) = ticket {
             self.store.durable(t).await?;

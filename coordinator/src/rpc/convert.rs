@@ -9,8 +9,8 @@ use tonic::Status;
 use crate::engine::{Activity, Assignment, NodeView, RankStep};
 use crate::error::EngineError;
 use crate::job::{
-    AttemptRecord, CheckpointRecord, JobRecord, JobState, SampleWeights, SourceRecord, StageTimes,
-    StepRecord, StepTimes,
+    AttemptRecord, CheckpointRecord, JobKind, JobRecord, JobState, SampleWeights, SourceRecord,
+    StageTimes, StepRecord, StepTimes,
 };
 use crate::sweep::{SweepRecord, SweepState};
 use strata_recipe::{Layout, Rank};
@@ -42,6 +42,20 @@ pub fn state_to_pb(s: JobState) -> pb::JobState {
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn kind_to_pb(k: JobKind) -> pb::JobKind {
+    match k {
+        JobKind::Train => pb::JobKind::Train,
+        JobKind::Decompose => pb::JobKind::Decompose,
+    }
+}
+
+pub fn kind_from_pb(k: i32) -> Option<JobKind> {
+    match pb::JobKind::try_from(k).ok()? {
+        pb::JobKind::Train => Some(JobKind::Train),
+        pb::JobKind::Decompose => Some(JobKind::Decompose),
     }
 }
 
@@ -104,6 +118,7 @@ pub fn job_to_pb(j: &JobRecord, waiting: Option<&str>) -> pb::Job {
                 reason: b.reason.clone(),
             })
             .collect(),
+        kind: kind_to_pb(j.kind) as i32,
     }
 }
 
@@ -285,6 +300,7 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         resume: b.resume_from.is_some(),
         resume_from_step: b.resume_from.unwrap_or(0),
         resume_from_job: b.resume_from_job.clone().unwrap_or_default(),
+        kind: kind_to_pb(b.kind) as i32,
     }
 }
 

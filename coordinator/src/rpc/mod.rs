@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::watch::{WatchItem, WatchOptions};
 use crate::engine::{Engine, HeartbeatIn, WorkerCall};
 use crate::error::EngineError;
-use crate::job::StepRecord;
+use crate::job::{JobKind, StepRecord};
 use crate::store::StoreError;
 use convert::{
     activity_from_pb, assignment_to_pb, checkpoint_to_pb, job_to_pb, node_to_pb, rank_step_from_pb,
@@ -82,7 +82,16 @@ impl JobService for Jobs {
         } else {
             &req.default_name
         };
-        let id = self.0.submit(req.spec_toml, default_name).await?;
+        let id = match convert::kind_from_pb(req.kind) {
+            Some(JobKind::Train) => self.0.submit(req.spec_toml, default_name).await?,
+            Some(JobKind::Decompose) => self.0.submit_decompose(req.spec_toml).await?,
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "kind: {} is not a job kind this coordinator knows",
+                    req.kind
+                )));
+            }
+        };
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.to_string(),
         }))

@@ -105,6 +105,11 @@ impl Pulse {
         self.activity.set(a);
     }
 
+    /// Work item `n` is done (a decomposition's batch): no step split.
+    pub(super) fn advanced(&self, n: u64) {
+        self.step.store(n, Ordering::Relaxed);
+    }
+
     /// Step `last.step` is done.
     pub(super) fn finished(&self, last: LastStep) {
         self.step.store(last.step, Ordering::Relaxed);

@@ -9,9 +9,11 @@
 //! [`rendezvous`] publishes the collective address and joins the groups
 //! through a [`CollectiveBackend`], [`steps`] is the step loop, with
 //! [`checkpoints`] and [`eval`] beside it, and [`report`] is the only
-//! place that speaks protobuf.
+//! place that speaks protobuf. A decomposition's worker takes its part of
+//! the corpus instead of training ([`decompose`]).
 
 mod checkpoints;
+mod decompose;
 mod eval;
 mod heartbeat;
 mod rendezvous;
@@ -140,6 +142,9 @@ fn start(
     );
 
     let assignment = rt.block_on(reporter.assignment())?;
+    if assignment.decompose {
+        return decompose::run_part(rt, args, &assignment.spec_toml, pulse, stop);
+    }
     let recipe = Recipe::from_toml_str(&assignment.spec_toml, &args.job)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     // The device before anything else, so that a rank without its GPU

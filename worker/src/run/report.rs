@@ -118,8 +118,10 @@ pub struct AssignedGroups {
 
 /// What the coordinator gives a registered rank to train.
 pub struct Assignment {
-    /// The recipe, as submitted.
+    /// The recipe, as submitted (a decomposition's description).
     pub spec_toml: String,
+    /// The job decomposes a corpus: this rank writes its part.
+    pub decompose: bool,
     pub coords: Coords,
     pub groups: AssignedGroups,
     /// Continue from a checkpoint: its step, 0 for the newest.
@@ -279,6 +281,7 @@ impl Reporter {
             resume: a.resume.then_some(a.resume_from_step),
             resume_job: (!a.resume_from_job.is_empty()).then_some(a.resume_from_job),
             spec_toml: a.spec_toml,
+            decompose: a.kind == pb::JobKind::Decompose as i32,
         })
     }
 

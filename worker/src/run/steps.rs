@@ -79,7 +79,7 @@ impl Faults {
 
 /// The variable's step, when it names this worker's job and attempt (and
 /// rank, `per_rank`).
-fn fault_at(var: &str, args: &WorkerArgs, per_rank: bool) -> Option<u64> {
+pub(super) fn fault_at(var: &str, args: &WorkerArgs, per_rank: bool) -> Option<u64> {
     let spec = std::env::var(var).ok()?;
     let (job, rest) = spec.split_once(':')?;
     let parts: Vec<u64> = rest.split(':').filter_map(|p| p.parse().ok()).collect();
