@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_dataplane::corpus::{Corpus, CorpusError, CorpusOptions, Input, Progress, Quiet};
+use strata_dataplane::corpus::{Corpus, CorpusError, CorpusOptions, Progress, Quiet};
 use strata_dataplane::decompose::{Buckets, SplitLong};
 use strata_dataplane::loader::{Cursor, Loader, LoaderConfig, LoaderError};
 use strata_dataplane::manifest::{Layout, Manifest, TokenizerInfo};
@@ -189,6 +189,17 @@ fn corpus_error(e: CorpusError) -> anyhow::Error {
     }
 }
 
+fn parts_error(e: strata_dataplane::parts::PartsError) -> anyhow::Error {
+    use strata_dataplane::parts::PartsError;
+    match e {
+        PartsError::Write(w) => write_error(w),
+        PartsError::Store(s) => store_error(s),
+        PartsError::Corpus(c) => corpus_error(c),
+        PartsError::Read(r) => read_error(r),
+        other => user_error(other),
+    }
+}
+
 fn read_error(e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Store(s) => store_error(s),
@@ -235,20 +246,7 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     let summary = rt.block_on(async {
         // Every input is found and checked before the output is touched.
-        let store = StoreOptions::from_env();
-        let inputs = args
-            .input
-            .iter()
-            .map(|i| Input::parse(i, &store))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(store_error)?;
-        let options = CorpusOptions {
-            text_field: args.text_field.clone(),
-            ..CorpusOptions::default()
-        };
-        let corpus = Corpus::open_inputs(&inputs, options)
-            .await
-            .map_err(corpus_error)?;
+        let corpus = open_corpus(&args.input, &args.text_field).await?;
         let out = Location::parse(&args.output, true).map_err(store_error)?;
         let mut writer = DatasetWriter::create(out, opts)
             .await
@@ -317,6 +315,17 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Finds and checks the corpus under `inputs` (S3 settings from `AWS_*`).
+async fn open_corpus(inputs: &[String], text_field: &str) -> anyhow::Result<Corpus> {
+    let options = CorpusOptions {
+        text_field: text_field.to_string(),
+        ..CorpusOptions::default()
+    };
+    Corpus::open_named(inputs, &StoreOptions::from_env(), options)
+        .await
+        .map_err(corpus_error)
+}
+
 /// A local path as every worker reads it: absolute (a URL is kept).
 fn absolute(input: &str) -> String {
     if input.contains("://") {
@@ -372,19 +381,7 @@ fn decompose_on_cluster(args: &DecomposeArgs, workers: u32) -> anyhow::Result<()
     let output = absolute(&args.output);
     let rt = runtime()?;
     rt.block_on(async {
-        let store = StoreOptions::from_env();
-        let found = inputs
-            .iter()
-            .map(|i| Input::parse(i, &store))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(store_error)?;
-        let options = CorpusOptions {
-            text_field: args.text_field.clone(),
-            ..CorpusOptions::default()
-        };
-        let corpus = Corpus::open_inputs(&found, options)
-            .await
-            .map_err(corpus_error)?;
+        let corpus = open_corpus(&inputs, &args.text_field).await?;
         let files = corpus.files();
         let parts = plan_parts(&files, workers).map_err(user_error)?;
         let name = format!(
@@ -406,29 +403,13 @@ fn decompose_on_cluster(args: &DecomposeArgs, workers: u32) -> anyhow::Result<()
             shard_bytes: args.shard_mib.max(1) << 20,
             holdout_fraction: args.holdout_fraction,
             max_restarts: args.max_restarts,
-            corpus: CorpusPlan {
-                files: files.len() as u64,
-                bytes: corpus.bytes(),
-                fingerprint: corpus.fingerprint(),
-            },
+            corpus: CorpusPlan::of(&corpus),
             parts,
         };
         let out = Location::parse(&output, true).map_err(store_error)?;
-        strata_dataplane::writer::prepare(&out, args.overwrite)
+        strata_dataplane::parts::prepare(&out, args.overwrite)
             .await
-            .map_err(write_error)?;
-        if args.overwrite {
-            // Replaced means written again: no part of an earlier run is
-            // kept (without --overwrite, the finished parts of this same
-            // job, an earlier submission's, are).
-            for key in out
-                .list_in(strata_dataplane::parts::PARTS_DIR)
-                .await
-                .map_err(store_error)?
-            {
-                out.delete(&key).await.map_err(store_error)?;
-            }
-        }
+            .map_err(parts_error)?;
         let start = std::time::Instant::now();
         let mut client = args.connect.client().await?;
         let id = client

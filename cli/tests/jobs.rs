@@ -1805,11 +1805,7 @@ async fn parts_committed_hold_what_one_process_writes() {
         shard_bytes: 256 << 10,
         holdout_fraction: 0.2,
         max_restarts: 0,
-        corpus: CorpusPlan {
-            files: corpus.files().len() as u64,
-            bytes: corpus.bytes(),
-            fingerprint: corpus.fingerprint(),
-        },
+        corpus: CorpusPlan::of(&corpus),
         parts: plan_parts(&corpus.files(), parts).unwrap(),
     };
     for n in [1, 2, 4] {

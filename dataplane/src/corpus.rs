@@ -314,6 +314,20 @@ impl Corpus {
         Corpus::open_inputs(&inputs, options).await
     }
 
+    /// [`Corpus::open_inputs`] for inputs as the user wrote them: paths,
+    /// or URLs on object storage reached with `store`.
+    pub async fn open_named(
+        inputs: &[String],
+        store: &StoreOptions,
+        options: CorpusOptions,
+    ) -> Result<Corpus, CorpusError> {
+        let inputs = inputs
+            .iter()
+            .map(|i| Input::parse(i, store))
+            .collect::<Result<Vec<_>, _>>()?;
+        Corpus::open_inputs(&inputs, options).await
+    }
+
     /// Finds the files under `inputs` and checks that each is of a kind
     /// strata reads and that each input yields a document.
     pub async fn open_inputs(

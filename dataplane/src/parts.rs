@@ -35,9 +35,7 @@ use std::str::FromStr;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{
-    Corpus, CorpusError, CorpusFile, CorpusOptions, DecomposeSummary, Input, Progress,
-};
+use crate::corpus::{Corpus, CorpusError, CorpusFile, CorpusOptions, DecomposeSummary, Progress};
 use crate::decompose::{Buckets, SplitLong};
 use crate::manifest::{
     BucketInfo, HoldoutInfo, Layout, MANIFEST_KEY, Manifest, ShardInfo, TokenizerInfo,
@@ -45,7 +43,7 @@ use crate::manifest::{
 use crate::reader::{ReadError, read_manifest, verify_object};
 use crate::store::{Location, StoreError, StoreOptions};
 use crate::tokenize::TokenizerSpec;
-use crate::writer::{DatasetWriter, HOLDOUT_KEY, WriteError, WriterOptions};
+use crate::writer::{self, DatasetWriter, HOLDOUT_KEY, WriteError, WriterOptions};
 
 /// Where the parts are, under the dataset.
 pub const PARTS_DIR: &str = "parts";
@@ -77,6 +75,17 @@ pub struct CorpusPlan {
     pub files: u64,
     pub bytes: u64,
     pub fingerprint: u32,
+}
+
+impl CorpusPlan {
+    /// What `corpus` is now.
+    pub fn of(corpus: &Corpus) -> CorpusPlan {
+        CorpusPlan {
+            files: corpus.files().len() as u64,
+            bytes: corpus.bytes(),
+            fingerprint: corpus.fingerprint(),
+        }
+    }
 }
 
 /// One worker's share: `files` files from `first_file` on.
@@ -244,6 +253,20 @@ pub fn plan_parts(files: &[CorpusFile], workers: u32) -> Result<Vec<PartPlan>, P
         .collect())
 }
 
+/// Readies a cluster decomposition's output as [`writer::prepare`] does a
+/// dataset's; with `overwrite`, the parts of earlier runs go too (every
+/// part is written again), while without it a finished part of this same
+/// job, from an earlier submission, is kept.
+pub async fn prepare(out: &Location, overwrite: bool) -> Result<(), PartsError> {
+    writer::prepare(out, overwrite).await?;
+    if overwrite {
+        for key in out.list_in(PARTS_DIR).await? {
+            out.delete(&key).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Part `part`'s folder under the dataset, and the prefix of its keys in
 /// the dataset's manifest.
 pub fn part_dir(part: usize) -> String {
@@ -268,15 +291,16 @@ pub struct PartRecord {
 pub enum PartOutcome {
     /// Finished by an earlier attempt: left as it was.
     AlreadyDone {
-        manifest: Manifest,
+        manifest: Box<Manifest>,
         attempt: u32,
     },
     Written(Box<DecomposeSummary>),
 }
 
-/// Part `part`'s record, when it is finished for `job`.
+/// Part `part`'s record, when it is finished for the job whose
+/// [`DecomposeJob::fingerprint`] is `job`.
 async fn finished(
-    job: &DecomposeJob,
+    job: u32,
     at: &Location,
     part: usize,
 ) -> Result<Option<(PartRecord, Manifest)>, PartsError> {
@@ -288,7 +312,7 @@ async fn finished(
     let Ok(record) = serde_json::from_slice::<PartRecord>(&record) else {
         return Ok(None);
     };
-    if record.job != job.fingerprint() || record.part as usize != part {
+    if record.job != job || record.part as usize != part {
         return Ok(None);
     }
     if !at.exists(MANIFEST_KEY).await? {
@@ -313,9 +337,10 @@ pub async fn run_part(
         ))
     })?;
     let at = job.output()?.child(&part_dir(part))?;
-    if let Some((record, manifest)) = finished(job, &at, part).await? {
+    let fingerprint = job.fingerprint();
+    if let Some((record, manifest)) = finished(fingerprint, &at, part).await? {
         return Ok(PartOutcome::AlreadyDone {
-            manifest,
+            manifest: Box::new(manifest),
             attempt: record.attempt,
         });
     }
@@ -323,22 +348,12 @@ pub async fn run_part(
         .map_err(|e| PartsError::Invalid(format!("tokenizer: {e}")))?
         .load()
         .map_err(|e| PartsError::Invalid(format!("tokenizer: {e}")))?;
-    let store = StoreOptions::from_env();
-    let inputs = job
-        .inputs
-        .iter()
-        .map(|i| Input::parse(i, &store))
-        .collect::<Result<Vec<_>, _>>()?;
     let options = CorpusOptions {
         text_field: job.text_field.clone(),
         ..CorpusOptions::default()
     };
-    let corpus = Corpus::open_inputs(&inputs, options).await?;
-    let seen = CorpusPlan {
-        files: corpus.files().len() as u64,
-        bytes: corpus.bytes(),
-        fingerprint: corpus.fingerprint(),
-    };
+    let corpus = Corpus::open_named(&job.inputs, &StoreOptions::from_env(), options).await?;
+    let seen = CorpusPlan::of(&corpus);
     if seen != job.corpus {
         return Err(PartsError::Invalid(format!(
             "{}: the corpus changed since the job was planned ({} files, {} bytes then; {} files, {} bytes now)",
@@ -358,7 +373,7 @@ pub async fn run_part(
     writer.as_part(part as u32);
     writer.hold_out(job.holdout_fraction)?;
     let record = PartRecord {
-        job: job.fingerprint(),
+        job: fingerprint,
         part: part as u32,
         first_file: plan.first_file,
         files: plan.files,
@@ -450,10 +465,11 @@ fn merge_bucket(into: &mut BucketInfo, part: &BucketInfo, prefix: &str) {
 /// finished is an error naming it; nothing is written then.
 pub async fn commit(job: &DecomposeJob) -> Result<Manifest, PartsError> {
     let out = job.output()?;
+    let fingerprint = job.fingerprint();
     let mut manifests = Vec::with_capacity(job.parts.len());
     for part in 0..job.parts.len() {
         let at = out.child(&part_dir(part))?;
-        let Some((_, m)) = finished(job, &at, part).await? else {
+        let Some((_, m)) = finished(fingerprint, &at, part).await? else {
             return Err(PartsError::Part {
                 url: at.url().to_string(),
                 why: format!("part {part} is not finished (no manifest of this job)"),

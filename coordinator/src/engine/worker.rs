@@ -244,7 +244,14 @@ impl Engine {
     /// A rank's end: success, or its own failure (the monitor decides,
     /// within a second, whether a peer's exit is the cause).
     pub async fn report_done(&self, w: WorkerCall<'_>, ok: bool, error: String) -> Result<()> {
-        let ticket = {
+        /// What the last rank's report leaves to do outside the lock.
+        enum Then {
+            /// Wait for the job's end to be durable.
+            Durable(Option<crate::store::Ticket>),
+            /// Commit the decomposition's dataset, then end the job.
+            Commit(Arc<DecomposeJob>),
+        }
+        let then = {
             let mut state = self.lock();
             check(state.jobs.get(w.job), &w)?;
             let Some(sup) = state.attempts.get_mut(w.job) else {
@@ -274,9 +281,9 @@ impl Engine {
                     // The dataset's manifest is written outside the lock;
                     // the job ends once it is.
                     *state.committing.entry(JobId::new(w.job)).or_default() += 1;
-                    Err(d)
+                    Then::Commit(d)
                 }
-                None => Ok(self.end(
+                None => Then::Durable(self.end(
                     &mut state,
                     w.job,
                     JobState::Succeeded,
@@ -285,10 +292,10 @@ impl Engine {
                 )?),
             }
         };
-        match ticket {
-            Ok(Some(t)) => self.store.durable(t).await?,
-            Ok(None) => {}
-            Err(d) => self.commit_dataset(w.job, &d).await?,
+        match then {
+            Then::Durable(Some(t)) => self.store.durable(t).await?,
+            Then::Durable(None) => {}
+            Then::Commit(d) => self.commit_dataset(w.job, &d).await?,
         }
         Ok(())
     }
