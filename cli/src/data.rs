@@ -33,6 +33,13 @@ pub struct DecomposeArgs {
     /// text.
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// The split to read from a folder of several, named as Hugging Face
+    /// `datasets` names them: a saved DatasetDict's, a Hub snapshot's
+    /// `data/{split}-NNNNN-of-NNNNN` shards, or files and folders named
+    /// train, validation (valid, dev, val) or test (eval). A folder of one
+    /// split reads it without this; one of several is refused without it.
+    #[arg(long)]
+    split: Option<String>,
     /// Where the dataset goes: a path, file:///…, or s3://bucket/prefix
     /// (endpoint and credentials from AWS_* variables).
     #[arg(long)]
@@ -246,7 +253,7 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     let summary = rt.block_on(async {
         // Every input is found and checked before the output is touched.
-        let corpus = open_corpus(&args.input, &args.text_field).await?;
+        let corpus = open_corpus(&args, &args.input).await?;
         let out = Location::parse(&args.output, true).map_err(store_error)?;
         let mut writer = DatasetWriter::create(out, opts)
             .await
@@ -316,9 +323,10 @@ pub fn decompose(args: DecomposeArgs) -> anyhow::Result<()> {
 }
 
 /// Finds and checks the corpus under `inputs` (S3 settings from `AWS_*`).
-async fn open_corpus(inputs: &[String], text_field: &str) -> anyhow::Result<Corpus> {
+async fn open_corpus(args: &DecomposeArgs, inputs: &[String]) -> anyhow::Result<Corpus> {
     let options = CorpusOptions {
-        text_field: text_field.to_string(),
+        text_field: args.text_field.clone(),
+        split: args.split.clone(),
         ..CorpusOptions::default()
     };
     Corpus::open_named(inputs, &StoreOptions::from_env(), options)
@@ -381,7 +389,7 @@ fn decompose_on_cluster(args: &DecomposeArgs, workers: u32) -> anyhow::Result<()
     let output = absolute(&args.output);
     let rt = runtime()?;
     rt.block_on(async {
-        let corpus = open_corpus(&inputs, &args.text_field).await?;
+        let corpus = open_corpus(args, &inputs).await?;
         let files = corpus.files();
         let parts = plan_parts(&files, workers).map_err(user_error)?;
         let name = format!(
@@ -392,6 +400,7 @@ fn decompose_on_cluster(args: &DecomposeArgs, workers: u32) -> anyhow::Result<()
             name,
             inputs: inputs.clone(),
             text_field: args.text_field.clone(),
+            split: args.split.clone(),
             output: output.clone(),
             tokenizer,
             buckets,

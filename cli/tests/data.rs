@@ -264,6 +264,52 @@ fn missing_datasets_and_bad_flags_exit_2_naming_the_culprit() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gpt9"));
+
+    // A folder of train and test files: refused without --split (no
+    // dataset written), read split by split with it.
+    let splits = dir.path().join("splits");
+    std::fs::create_dir_all(&splits).unwrap();
+    for (name, n) in [("train.jsonl", 5), ("test.jsonl", 2)] {
+        let lines: String = (0..n)
+            .map(|i| format!("{}\n", serde_json::json!({ "text": format!("{name} {i}") })))
+            .collect();
+        std::fs::write(splits.join(name), lines).unwrap();
+    }
+    let out_dir = dir.path().join("from-splits");
+    let decompose = |split: &[&str]| {
+        let mut args = vec![
+            "decompose",
+            "--input",
+            splits.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+            "--min-log2",
+            "1",
+            "--max-log2",
+            "4",
+            "--overwrite",
+            "--json",
+        ];
+        args.extend(split);
+        strata(&args, &[])
+    };
+    let out = decompose(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("splits")
+            && err.contains("train (1 file), test (1 file)")
+            && err.contains("--split"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "nothing written");
+    for (split, docs) in [("train", 5), ("test", 2)] {
+        let summary: Value = serde_json::from_str(&ok(&decompose(&["--split", split]))).unwrap();
+        assert_eq!(
+            summary["manifest"]["n_documents"], docs,
+            "{split}: {summary}"
+        );
+    }
 }
 
 #[test]

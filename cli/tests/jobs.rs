@@ -1797,6 +1797,7 @@ async fn parts_committed_hold_what_one_process_writes() {
         name: name.into(),
         inputs: vec![input.path().display().to_string()],
         text_field: "text".into(),
+        split: None,
         output: out.path().join(name).display().to_string(),
         tokenizer: "r50k".into(),
         buckets: Buckets::new(4, 8).unwrap(),

@@ -11,8 +11,11 @@
 //! sorted path order (a Hugging Face `datasets` folder in its
 //! `state.json`'s order), so document ids (and everything seeded by them)
 //! do not depend on the file system's listing order; a folder that holds
-//! Parquet or Arrow files (a Hub snapshot) reads its data files only, not
-//! the README beside them.
+//! Parquet or Arrow files (a Hub snapshot) reads its data files only, and
+//! one of JSON lines not the README beside them. A folder's files are in
+//! splits as Hugging Face `datasets` puts them ([`crate::splits`]): a
+//! folder of one split reads it, one of several reads the split
+//! [`CorpusOptions::split`] names and is refused without it.
 //!
 //! A document's id is a hash of its text ([`doc_id`]), and every draw that
 //! cuts it or holds it out is seeded by that id: a document is cut alike
@@ -31,8 +34,9 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::formats::{self, Doc, FileKind, Format, FormatError};
+use crate::formats::{self, Doc, FileKind, Format, FormatError, SavedDataset};
 use crate::manifest::Manifest;
+use crate::splits::{self, Splits};
 use crate::store::{Location, StoreError, StoreOptions};
 use crate::tokenize::Tokenizer;
 use crate::writer::{DatasetWriter, WriteError};
@@ -43,7 +47,12 @@ pub const BATCH_BYTES: usize = 16 << 20;
 /// Skipped documents listed by name in a summary (all are counted).
 const MAX_LISTED_SKIPS: usize = 20;
 /// Metadata files of Hugging Face datasets, never documents.
-const DATASETS_METADATA: &[&str] = &["dataset_info.json", "dataset_infos.json", "state.json"];
+const DATASETS_METADATA: &[&str] = &[
+    "dataset_info.json",
+    "dataset_infos.json",
+    "state.json",
+    "dataset_dict.json",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
@@ -56,6 +65,8 @@ pub enum CorpusError {
     Unreadable { path: PathBuf, why: String },
     #[error("{0}")]
     Format(#[from] FormatError),
+    #[error("{input}: {why}")]
+    Splits { input: String, why: String },
     #[error("no documents found in {inputs}")]
     Empty { inputs: String },
     #[error(transparent)]
@@ -73,6 +84,10 @@ pub struct CorpusOptions {
     pub text_field: String,
     /// Text read per tokenization batch.
     pub batch_bytes: usize,
+    /// The split to read from folders of several (train, validation,
+    /// test, or any a `DatasetDict` or the Hub's shard names name); a
+    /// folder of one split reads it without this.
+    pub split: Option<String>,
 }
 
 impl Default for CorpusOptions {
@@ -80,6 +95,7 @@ impl Default for CorpusOptions {
         CorpusOptions {
             text_field: "text".into(),
             batch_bytes: BATCH_BYTES,
+            split: None,
         }
     }
 }
@@ -168,53 +184,233 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
     }
 }
 
-/// Whether a file of this name is read as part of a corpus: not hidden,
-/// not a `datasets` metadata file.
-fn readable_name(name: &str) -> bool {
-    !name.starts_with('.') && !DATASETS_METADATA.contains(&name)
+/// Whether a path inside a folder is read as part of a corpus: nothing
+/// hidden on the way, and not a `datasets` metadata file.
+fn readable_path(rel: &str) -> bool {
+    rel.split('/').all(|c| !c.starts_with('.'))
+        && !DATASETS_METADATA.contains(&rel.rsplit('/').next().unwrap_or(rel))
 }
 
-/// The files under `path`, in reading order.
-fn collect(path: &Path, out: &mut Vec<Source>) -> Result<(), CorpusError> {
-    let meta = std::fs::metadata(path).map_err(io(path))?;
-    if !meta.is_dir() {
-        out.push(local_source(path, meta.len())?);
-        return Ok(());
-    }
-    let state = path.join("state.json");
-    if let Ok(text) = std::fs::read_to_string(&state) {
-        let files =
-            formats::datasets_files(&text, &state.display().to_string()).map_err(|why| {
-                CorpusError::Unreadable {
-                    path: state.clone(),
-                    why,
+/// A folder input: a local directory or a prefix on object storage.
+#[derive(Clone, Copy)]
+enum Folder<'a> {
+    Local(&'a Path),
+    Remote(&'a Location),
+}
+
+impl Folder<'_> {
+    /// Every file under the folder, relative (`/` between components),
+    /// sorted component by component (a folder's files before the next
+    /// name's), whatever order the listing came in.
+    async fn list(self) -> Result<Vec<String>, CorpusError> {
+        let mut paths = match self {
+            Folder::Local(root) => {
+                let mut out = Vec::new();
+                let mut dirs = vec![root.to_path_buf()];
+                while let Some(dir) = dirs.pop() {
+                    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+                        let path = entry.map_err(io(&dir))?.path();
+                        if path
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                        {
+                            continue;
+                        }
+                        if std::fs::metadata(&path).map_err(io(&path))?.is_dir() {
+                            dirs.push(path);
+                        } else if let Ok(rel) = path.strip_prefix(root) {
+                            let parts: Vec<_> = rel
+                                .components()
+                                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                                .collect();
+                            out.push(parts.join("/"));
+                        }
+                    }
                 }
-            })?;
-        if let Some(files) = files {
-            for f in files {
-                let file = path.join(f);
-                let len = std::fs::metadata(&file).map_err(io(&file))?.len();
-                out.push(local_source(&file, len)?);
+                out
             }
-            return Ok(());
+            Folder::Remote(at) => at.list().await?,
+        };
+        paths.sort_by(|a, b| a.split('/').cmp(b.split('/')));
+        Ok(paths)
+    }
+
+    fn name_of(self, rel: &str) -> String {
+        match self {
+            Folder::Local(root) => root.join(rel).display().to_string(),
+            Folder::Remote(at) => at.url_of(rel),
         }
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io(path))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io(path))?;
-    entries.sort();
-    for entry in entries {
-        let name = entry
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if readable_name(&name) {
-            collect(&entry, out)?;
+
+    async fn read(self, rel: &str) -> Result<String, CorpusError> {
+        match self {
+            Folder::Local(root) => {
+                let path = root.join(rel);
+                std::fs::read_to_string(&path).map_err(io(&path))
+            }
+            Folder::Remote(at) => Ok(String::from_utf8_lossy(&at.get(rel).await?).into_owned()),
         }
     }
-    Ok(())
+
+    /// The file at `rel`, its kind checked against its first bytes.
+    async fn source(self, rel: &str) -> Result<Source, CorpusError> {
+        match self {
+            Folder::Local(root) => {
+                let path = root.join(rel);
+                let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+                local_source(&path, len)
+            }
+            Folder::Remote(at) => {
+                let (bytes, head) = at.head_bytes(rel, formats::HEAD_BYTES as u64).await?;
+                let name = at.url_of(rel);
+                let kind = formats::kind_of(Path::new(rel), &head).map_err(|why| {
+                    CorpusError::Unreadable {
+                        path: PathBuf::from(&name),
+                        why,
+                    }
+                })?;
+                Ok(Source {
+                    place: Place::Remote {
+                        at: at.clone(),
+                        key: rel.to_string(),
+                    },
+                    name,
+                    kind,
+                    bytes,
+                })
+            }
+        }
+    }
+
+    /// The files of the folder to read, in reading order, and those left
+    /// out as no split's (see [`crate::splits`]).
+    ///
+    /// A folder holding a `state.json` (a saved `datasets` Dataset) reads
+    /// the files it lists, in that order; a saved `DatasetDict`
+    /// (`dataset_dict.json`) names its splits; other folders' splits
+    /// follow the Hub's file naming. A folder of one split reads it; one
+    /// of several reads the split `split` names and is refused without
+    /// it, so held-out files are never trained on by accident.
+    async fn sources(self, split: Option<&str>) -> Result<(Vec<Source>, Vec<String>), CorpusError> {
+        let all = self.list().await?;
+        let mut saved: Vec<(String, SavedDataset)> = Vec::new();
+        for rel in all
+            .iter()
+            .filter(|p| *p == "state.json" || p.ends_with("/state.json"))
+        {
+            let name = self.name_of(rel);
+            let text = self.read(rel).await?;
+            let unreadable = |why| CorpusError::Unreadable {
+                path: PathBuf::from(&name),
+                why,
+            };
+            if let Some(s) = formats::saved_dataset(&text, &name).map_err(unreadable)? {
+                let dir = rel.strip_suffix("state.json").unwrap_or_default();
+                saved.push((dir.to_string(), s));
+            }
+        }
+        let paths = arrange(&all, &saved).map_err(|(rel, why)| CorpusError::Unreadable {
+            path: PathBuf::from(self.name_of(&rel)),
+            why,
+        })?;
+        let splits = if all.iter().any(|p| p == "dataset_dict.json") {
+            let name = self.name_of("dataset_dict.json");
+            let text = self.read("dataset_dict.json").await?;
+            splits::of_dict(&paths, &text, &name).map_err(|why| CorpusError::Unreadable {
+                path: PathBuf::from(&name),
+                why,
+            })?
+        } else if let Some((_, s)) = saved.iter().find(|(dir, _)| dir.is_empty()) {
+            let name = s.split.clone().unwrap_or_else(|| "train".into());
+            Splits {
+                splits: vec![(name, (0..paths.len()).collect())],
+                unclaimed: Vec::new(),
+            }
+        } else {
+            splits::infer(&paths)
+        };
+        let folder = self.name_of("");
+        let folder = folder.trim_end_matches('/');
+        let chosen = match (split, splits.splits.as_slice()) {
+            (_, []) => &[][..],
+            (None, [(_, files)]) => files.as_slice(),
+            (None, _) => {
+                return Err(CorpusError::Splits {
+                    input: folder.to_string(),
+                    why: format!(
+                        "it holds the splits {} (as Hugging Face datasets names them); \
+                         choose one with --split",
+                        splits.describe()
+                    ),
+                });
+            }
+            (Some(want), _) => match splits.files_of(want) {
+                Some(files) if !files.is_empty() => files,
+                _ => {
+                    return Err(CorpusError::Splits {
+                        input: folder.to_string(),
+                        why: format!(
+                            "no files of the split `{want}`; it holds {}",
+                            splits.describe()
+                        ),
+                    });
+                }
+            },
+        };
+        let mut sources = Vec::with_capacity(chosen.len());
+        for &i in chosen {
+            sources.push(self.source(&paths[i]).await?);
+        }
+        let unclaimed = splits
+            .unclaimed
+            .iter()
+            .map(|&i| self.name_of(&paths[i]))
+            .collect();
+        Ok((sources, unclaimed))
+    }
+}
+
+/// `all` (sorted) as read: where a folder holds a saved dataset, its
+/// listed files in their order in place of whatever is under it; no
+/// metadata or hidden files. A listed file that is missing is an error
+/// (the `state.json`, why).
+fn arrange(
+    all: &[String],
+    saved: &[(String, SavedDataset)],
+) -> Result<Vec<String>, (String, String)> {
+    let mut out = Vec::new();
+    let mut done = vec![false; saved.len()];
+    for rel in all {
+        // The innermost saved dataset that holds this path.
+        let holder = saved
+            .iter()
+            .enumerate()
+            .filter(|(_, (dir, _))| rel.starts_with(dir.as_str()))
+            .max_by_key(|(_, (dir, _))| dir.len());
+        match holder {
+            Some((i, (dir, s))) => {
+                if std::mem::replace(&mut done[i], true) {
+                    continue;
+                }
+                for f in &s.files {
+                    let path = format!("{dir}{f}");
+                    if all
+                        .binary_search_by(|p| p.split('/').cmp(path.split('/')))
+                        .is_err()
+                    {
+                        return Err((
+                            format!("{dir}state.json"),
+                            format!("lists the data file {f}, which is not there"),
+                        ));
+                    }
+                    out.push(path);
+                }
+            }
+            None if readable_path(rel) => out.push(rel.clone()),
+            None => {}
+        }
+    }
+    Ok(out)
 }
 
 fn local_source(path: &Path, bytes: u64) -> Result<Source, CorpusError> {
@@ -237,51 +433,6 @@ fn local_source(path: &Path, bytes: u64) -> Result<Source, CorpusError> {
     })
 }
 
-/// The objects under `at`, in reading order (sorted keys; a `datasets`
-/// folder's in its `state.json`'s order).
-async fn collect_remote(at: &Location, out: &mut Vec<Source>) -> Result<(), CorpusError> {
-    let keys = at.list().await?;
-    let files: Vec<String> = if keys.iter().any(|k| k == "state.json") {
-        let text = at.get("state.json").await?;
-        let name = at.url_of("state.json");
-        let listed =
-            formats::datasets_files(&String::from_utf8_lossy(&text), &name).map_err(|why| {
-                CorpusError::Unreadable {
-                    path: PathBuf::from(&name),
-                    why,
-                }
-            })?;
-        match listed {
-            Some(files) => files,
-            None => keys,
-        }
-    } else {
-        keys
-    };
-    for key in files {
-        if !key.split('/').all(readable_name) {
-            continue;
-        }
-        let (bytes, head) = at.head_bytes(&key, formats::HEAD_BYTES as u64).await?;
-        let name = at.url_of(&key);
-        let kind =
-            formats::kind_of(Path::new(&key), &head).map_err(|why| CorpusError::Unreadable {
-                path: PathBuf::from(&name),
-                why,
-            })?;
-        out.push(Source {
-            place: Place::Remote {
-                at: at.clone(),
-                key,
-            },
-            name,
-            kind,
-            bytes,
-        });
-    }
-    Ok(())
-}
-
 /// A document's id: XXH3-64 of its text (a specified hash, the same on
 /// every platform and release). A document that is skipped (not UTF-8,
 /// empty) takes the id of the empty text.
@@ -301,8 +452,8 @@ pub struct CorpusFile {
 pub struct Corpus {
     sources: Vec<Source>,
     options: CorpusOptions,
-    /// Plain-text files left out of folders that hold Parquet or Arrow
-    /// files.
+    /// Files left out of folders: in no split, or plain text beside data
+    /// files (a README).
     pub ignored: Vec<String>,
 }
 
@@ -337,27 +488,42 @@ impl Corpus {
         let mut sources = Vec::new();
         let mut ignored = Vec::new();
         for input in inputs {
-            let mut found = Vec::new();
-            let folder = match input {
+            let split = options.split.as_deref();
+            let (mut found, unclaimed, folder) = match input {
+                Input::Path(p) if !std::fs::metadata(p).map_err(io(p))?.is_dir() => {
+                    let len = std::fs::metadata(p).map_err(io(p))?.len();
+                    (vec![local_source(p, len)?], Vec::new(), false)
+                }
                 Input::Path(p) => {
-                    collect(p, &mut found)?;
-                    p.is_dir()
+                    let (found, unclaimed) = Folder::Local(p).sources(split).await?;
+                    (found, unclaimed, true)
                 }
                 Input::Store(at) => {
-                    collect_remote(at, &mut found).await?;
-                    true
+                    let (found, unclaimed) = Folder::Remote(at).sources(split).await?;
+                    (found, unclaimed, true)
                 }
             };
-            let tabular = |s: &Source| matches!(s.kind.format, Format::Parquet | Format::Arrow);
-            if folder && found.iter().any(tabular) {
-                let (data, text): (Vec<Source>, Vec<Source>) = found
-                    .into_iter()
-                    .partition(|s| s.kind.format != Format::Text);
-                for t in &text {
+            for f in &unclaimed {
+                tracing::warn!(file = %f, "in no split of its folder: left out");
+            }
+            ignored.extend(unclaimed);
+            // A folder of Parquet or Arrow files reads those only, not
+            // plain text beside them; one of any data files (JSON lines
+            // too) not the README that `datasets` never reads either.
+            if folder {
+                let tabular = found
+                    .iter()
+                    .any(|s| matches!(s.kind.format, Format::Parquet | Format::Arrow));
+                let data = found.iter().any(|s| s.kind.format != Format::Text);
+                let (kept, left): (Vec<Source>, Vec<Source>) = found.into_iter().partition(|s| {
+                    s.kind.format != Format::Text
+                        || !(tabular || data && s.name.rsplit('/').next() == Some("README.md"))
+                });
+                for t in &left {
                     tracing::warn!(file = %t.name, "not a data file beside data files: left out");
                 }
-                ignored.extend(text.into_iter().map(|s| s.name));
-                found = data;
+                ignored.extend(left.into_iter().map(|s| s.name));
+                found = kept;
             }
             let mut any = false;
             'files: for src in &found {
@@ -543,7 +709,8 @@ pub struct DecomposeSummary {
     pub input_bytes: u64,
     /// Documents skipped, with why (the first few).
     pub skipped: Vec<String>,
-    /// Plain-text files left out of folders that hold data files.
+    /// Files left out of folders: in no split, or plain text beside data
+    /// files (a README).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ignored: Vec<String>,
     pub elapsed_s: f64,

@@ -385,15 +385,24 @@ impl<I: Iterator<Item = Result<RecordBatch, String>>> Iterator for Rows<I> {
     }
 }
 
-/// The data files of a Hugging Face `datasets` folder saved with
-/// `save_to_disk`, from its `state.json` (`text`, read from `name`): its
-/// `_data_files`, in their order, or `None` when it names none.
-pub fn datasets_files(text: &str, name: &str) -> Result<Option<Vec<String>>, String> {
+/// A Hugging Face `datasets` folder saved with `save_to_disk`, as its
+/// `state.json` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedDataset {
+    /// Its data files (`_data_files`), in their order.
+    pub files: Vec<String>,
+    /// The split it was saved from (`_split`), when it says.
+    pub split: Option<String>,
+}
+
+/// The saved dataset that a `state.json` (`text`, read from `name`)
+/// describes, or `None` when it names no data files.
+pub fn saved_dataset(text: &str, name: &str) -> Result<Option<SavedDataset>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
     let Some(files) = v.get("_data_files").and_then(|f| f.as_array()) else {
         return Ok(None);
     };
-    files
+    let files = files
         .iter()
         .map(|f| {
             f.get("filename")
@@ -402,8 +411,9 @@ pub fn datasets_files(text: &str, name: &str) -> Result<Option<Vec<String>>, Str
                 .map(str::to_string)
                 .ok_or_else(|| format!("{name}: a _data_files entry without a plain filename"))
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+        .collect::<Result<Vec<_>, _>>()?;
+    let split = v.get("_split").and_then(|s| s.as_str()).map(str::to_string);
+    Ok(Some(SavedDataset { files, split }))
 }
 
 #[cfg(test)]

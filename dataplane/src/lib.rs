@@ -11,7 +11,9 @@
 //!   the schedule (the memory plan).
 //! - [`corpus`] finds documents in files and folders and runs a decompose;
 //!   [`formats`] reads them out of text, JSON lines (plain, gzip, zstd),
-//!   Parquet and Arrow IPC files.
+//!   Parquet and Arrow IPC files; [`splits`] says which split (train,
+//!   validation, test) each file of a folder holds, as Hugging Face
+//!   `datasets` does.
 //! - [`parts`]: a decomposition spread over workers: the plan of parts,
 //!   one part's decompose, and the manifest merged from theirs.
 //! - [`tokenize`]: offline tiktoken BPEs.
@@ -37,6 +39,7 @@ pub mod params;
 pub mod parts;
 pub mod reader;
 pub mod rng;
+pub mod splits;
 pub mod store;
 pub mod tokenize;
 pub mod writer;

@@ -106,6 +106,9 @@ pub struct DecomposeJob {
     /// Local paths (as the workers see them) or object-storage URLs.
     pub inputs: Vec<String>,
     pub text_field: String,
+    /// The split read from folders of several (`--split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
     pub output: String,
     /// `r50k`, `cl100k`, `o200k`, or the path of a `tokenizer.json`.
     pub tokenizer: String,
@@ -350,6 +353,7 @@ pub async fn run_part(
         .map_err(|e| PartsError::Invalid(format!("tokenizer: {e}")))?;
     let options = CorpusOptions {
         text_field: job.text_field.clone(),
+        split: job.split.clone(),
         ..CorpusOptions::default()
     };
     let corpus = Corpus::open_named(&job.inputs, &StoreOptions::from_env(), options).await?;
@@ -553,6 +557,7 @@ mod tests {
             name: "d".into(),
             inputs: vec!["/c".into()],
             text_field: "text".into(),
+            split: None,
             output: "/o".into(),
             tokenizer: "r50k".into(),
             buckets: Buckets::new(4, 6).unwrap(),

@@ -133,6 +133,7 @@ fn write_all(root: &Path, docs: &[String]) -> Vec<(&'static str, PathBuf)> {
         let z = zstd::stream::encode_all(&jsonl(part)[..], 3).unwrap();
         std::fs::write(dir.join(format!("shard_{i}.jsonl.zst")), z).unwrap();
     }
+    std::fs::write(dir.join("README.md"), "# Shards of a corpus\n").unwrap();
 
     let dir = add("parquet");
     parquet(&dir.join("0.parquet"), a, 0, Compression::SNAPPY);
@@ -237,7 +238,7 @@ async fn every_format_gives_the_same_dataset() {
             .unwrap();
         assert_eq!(s.manifest.n_documents, 600, "{name}");
         assert_eq!(s.manifest.n_documents_skipped, 1, "{name}: the blank one");
-        if *name == "hub" {
+        if *name == "hub" || *name == "jsonl.zst" {
             assert_eq!(s.ignored.len(), 1, "the README: {:?}", s.ignored);
             assert!(s.ignored[0].ends_with("README.md"));
         }
@@ -320,4 +321,246 @@ async fn inputs_that_cannot_be_read_are_refused_by_name() {
         Corpus::open(&[empty], CorpusOptions::default()).await,
         Err(CorpusError::Empty { .. })
     ));
+}
+
+/// Whether python3 has Hugging Face `datasets` (the tests' independent
+/// side); `STRATA_REQUIRE_DATASETS` makes its absence a failure.
+fn datasets_here() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import datasets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("STRATA_REQUIRE_DATASETS").is_none(),
+            "STRATA_REQUIRE_DATASETS is set and python3 cannot import datasets"
+        );
+        eprintln!("SKIPPED: python3 cannot import datasets (pip install datasets)");
+    }
+    ok
+}
+
+/// `scripts/hf_datasets.py` with `args`: its standard output as JSON.
+fn hf_datasets(args: &[&Path]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_datasets.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hf_datasets.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn with_split(split: Option<&str>) -> CorpusOptions {
+    CorpusOptions {
+        batch_bytes: 64 << 10,
+        split: split.map(str::to_string),
+        ..CorpusOptions::default()
+    }
+}
+
+async fn open_split(input: &Path, options: CorpusOptions) -> Result<Corpus, CorpusError> {
+    Corpus::open(&[input.to_path_buf()], options).await
+}
+
+/// Decomposes `input` (reading `split`) to `out`: the dataset's files.
+async fn decompose_to(
+    input: &Path,
+    split: Option<&str>,
+    out: &Path,
+) -> (BTreeMap<String, Vec<u8>>, Vec<String>) {
+    let corpus = Corpus::open(&[input.to_path_buf()], with_split(split))
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", input.display()));
+    let loc = Location::parse(out.to_str().unwrap(), true).unwrap();
+    let w = DatasetWriter::create(loc, writer_options()).await.unwrap();
+    let s = corpus
+        .decompose(TokenizerKind::R50k.load(), w, &Quiet)
+        .await
+        .unwrap();
+    (files(out), s.ignored)
+}
+
+/// Folders written by the real `datasets` library (a `save_to_disk`
+/// Dataset in three shards, a saved DatasetDict, a Hub snapshot's Parquet
+/// shards by `to_parquet`) give the dataset the JSON lines they were
+/// loaded from give; a folder of several splits is refused without
+/// `split` and reads the one it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_written_by_hugging_face_datasets_give_the_same_dataset() {
+    if !datasets_here() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let docs = documents();
+    let jsonl_path = root.path().join("corpus.jsonl");
+    std::fs::write(&jsonl_path, jsonl(&docs)).unwrap();
+    let hf = root.path().join("hf");
+    let said = hf_datasets(&[Path::new("save"), &jsonl_path, &hf]);
+    assert_eq!(said["rows"], 600, "{said}");
+
+    let (want, _) = decompose_to(&jsonl_path, None, &root.path().join("out-jsonl")).await;
+    assert!(want.len() > 3, "{:?}", want.keys());
+    let same = |name: &str, got: &BTreeMap<String, Vec<u8>>| {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, v) in &want {
+            assert!(got[k] == *v, "{name}: {k} differs from the JSON lines'");
+        }
+    };
+
+    let (got, _) = decompose_to(&hf.join("saved"), None, &root.path().join("out-saved")).await;
+    same("save_to_disk", &got);
+
+    for input in [hf.join("dict"), hf.join("hub")] {
+        let e = open_split(&input, with_split(None))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CorpusError::Splits { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains(&input.display().to_string())
+                && e.contains("train (")
+                && e.contains("validation (1 file)")
+                && e.contains("--split"),
+            "{e}"
+        );
+        let name = input.file_name().unwrap().to_string_lossy().into_owned();
+        let (got, ignored) = decompose_to(
+            &input,
+            Some("train"),
+            &root.path().join(format!("out-{name}")),
+        )
+        .await;
+        same(&name, &got);
+        if name == "hub" {
+            assert_eq!(ignored.len(), 1, "{ignored:?}");
+            assert!(ignored[0].ends_with("README.md"), "{ignored:?}");
+        }
+        let validation = open_split(&input, with_split(Some("validation")))
+            .await
+            .unwrap();
+        assert_eq!(validation.count_documents().await.unwrap(), 7, "{name}");
+        let e = open_split(&input, with_split(Some("test")))
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no files of the split `test`"), "{e}");
+    }
+}
+
+/// Which files of a folder are in which split, as `datasets` resolves
+/// them, for layouts of every rule: the Hub's sharded names, split
+/// folders, split words in file names, none at all. (Plain-text READMEs
+/// and `config.json`, which the library never reads, are left out of the
+/// cases: strata reads a README unless data files sit beside it.)
+#[tokio::test]
+async fn splits_are_the_ones_hugging_face_datasets_finds() {
+    if !datasets_here() {
+        return;
+    }
+    let cases: &[&[&str]] = &[
+        &["train.jsonl", "test.jsonl", "other.jsonl"],
+        &["Train.txt", "TEST.txt"],
+        &[
+            "data/train-00000-of-00002.jsonl",
+            "data/train-00001-of-00002.jsonl",
+            "data/unsupervised-00000-of-00001.jsonl",
+            "data/test.jsonl",
+            "extra.jsonl",
+        ],
+        &["a/train/x.txt", "a/dev/y.txt", "z.txt"],
+        &[
+            "en/c4-train.00000-of-01024.jsonl",
+            "en/c4-train.00001-of-01024.jsonl",
+            "en/c4-validation.00000-of-00008.jsonl",
+        ],
+        &["train2.txt", "trainer.txt", "x_val.txt", "interval.txt"],
+        &[
+            "1790_george_washington_n.txt",
+            "moby.txt",
+            "sub/deeper/x.txt",
+        ],
+        &["test/a.txt", "data_test/b.txt", "train_x/c.txt"],
+        &["evaluation.txt", "eval.txt", "testing.txt", "devil.txt"],
+        &["train/test.txt", "valid-set/x.txt", "training_data.txt"],
+        &[
+            "wiki.train.tokens.txt",
+            "wiki.valid.tokens.txt",
+            "wiki.test.tokens.txt",
+        ],
+    ];
+    let root = tempfile::tempdir().unwrap();
+    for (c, names) in cases.iter().enumerate() {
+        let dir = root.path().join(format!("case{c}"));
+        for name in *names {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let text = format!("the file {name}");
+            let body = if name.ends_with(".jsonl") {
+                format!("{}\n", serde_json::json!({ "text": text }))
+            } else {
+                text
+            };
+            std::fs::write(&path, body).unwrap();
+        }
+        let theirs = hf_datasets(&[Path::new("splits"), &dir]);
+        let theirs = theirs.as_object().unwrap();
+        let prefix = format!("{}/", dir.display());
+        let relative = |names: Vec<String>| -> Vec<String> {
+            let mut r: Vec<String> = names
+                .into_iter()
+                .map(|n| n.strip_prefix(&prefix).unwrap().to_string())
+                .collect();
+            r.sort();
+            r
+        };
+        let mut claimed = std::collections::BTreeSet::new();
+        for (split, files) in theirs {
+            let want: Vec<String> = serde_json::from_value(files.clone()).unwrap();
+            claimed.extend(want.iter().cloned());
+            let corpus = open_split(&dir, with_split(Some(split)))
+                .await
+                .unwrap_or_else(|e| panic!("{names:?}, split {split}: {e}"));
+            let ours = relative(corpus.files().into_iter().map(|f| f.name).collect());
+            assert_eq!(ours, want, "{names:?}: split {split}");
+            let left_out = relative(corpus.ignored.clone());
+            let unclaimed: Vec<String> = names
+                .iter()
+                .map(|n| n.to_string())
+                .filter(|n| {
+                    !theirs
+                        .values()
+                        .any(|f| f.as_array().unwrap().iter().any(|x| x == n))
+                })
+                .collect();
+            let mut unclaimed = unclaimed;
+            unclaimed.sort();
+            assert_eq!(left_out, unclaimed, "{names:?}: files in no split");
+        }
+        let alone = open_split(&dir, with_split(None)).await;
+        assert_eq!(
+            alone.is_ok(),
+            theirs.len() == 1,
+            "{names:?}: {theirs:?} read without a split"
+        );
+        let e = open_split(&dir, with_split(Some("nosuch")))
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no files of the split `nosuch`"), "{e}");
+    }
 }

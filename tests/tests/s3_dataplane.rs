@@ -214,4 +214,54 @@ async fn a_corpus_on_s3_decomposes_as_the_same_files_on_disk() {
         err.contains("s3://strata/corpora/moby/zz.jsonl.bz2") && err.contains("bzip2"),
         "{err}"
     );
+
+    // Splits on S3 as on disk: train/ and validation/ folders beside a
+    // README are refused without --split, and the split named is read
+    // alone (the README in no split, listed as left out).
+    let split_at = Location::open("s3://strata/corpora/splits", true, &opts).unwrap();
+    for (split, part) in [
+        ("train", &chapters[..100]),
+        ("validation", &chapters[100..]),
+    ] {
+        let mut lines = String::new();
+        for c in part {
+            lines.push_str(&serde_json::json!({ "text": c }).to_string());
+            lines.push('\n');
+        }
+        split_at
+            .put(&format!("{split}/00000.jsonl"), lines.into_bytes().into())
+            .await
+            .unwrap();
+    }
+    split_at
+        .put("README.md", "# chapters\n".into())
+        .await
+        .unwrap();
+    let open = |split: Option<&str>| {
+        let input = Input::parse("s3://strata/corpora/splits", &opts).unwrap();
+        let options = CorpusOptions {
+            split: split.map(str::to_string),
+            ..CorpusOptions::default()
+        };
+        async move { Corpus::open_inputs(&[input], options).await }
+    };
+    let err = open(None)
+        .await
+        .map(|_| ())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("s3://strata/corpora/splits")
+            && err.contains("train (1 file), validation (1 file)"),
+        "{err}"
+    );
+    let validation = open(Some("validation")).await.unwrap();
+    assert_eq!(
+        validation.count_documents().await.unwrap(),
+        n_chapters - 100
+    );
+    assert_eq!(
+        validation.ignored,
+        vec!["s3://strata/corpora/splits/README.md".to_string()]
+    );
 }
