@@ -144,11 +144,79 @@ async fn an_unreachable_endpoint_is_retried_then_named() {
     assert!(waited < Duration::from_secs(20), "took {waited:?}");
 }
 
+fn text_batch(docs: &[&str]) -> arrow_array::RecordBatch {
+    use arrow_schema::{DataType, Field, Schema};
+    let schema = Schema::new(vec![Field::new("text", DataType::Utf8, false)]);
+    let text = arrow_array::StringArray::from_iter_values(docs.iter());
+    arrow_array::RecordBatch::try_new(std::sync::Arc::new(schema), vec![std::sync::Arc::new(text)])
+        .unwrap()
+}
+
+/// Two halves of documents as two Parquet objects.
+fn parquet_objects((a, b): (&[&str], &[&str])) -> Vec<(String, Vec<u8>)> {
+    [a, b]
+        .iter()
+        .enumerate()
+        .map(|(i, docs)| {
+            let batch = text_batch(docs);
+            let mut out = Vec::new();
+            let mut w =
+                parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            (format!("data/train-{i:05}-of-00002.parquet"), out)
+        })
+        .collect()
+}
+
+/// A `save_to_disk` folder: Arrow IPC streams listed by `state.json`,
+/// the second half's file first by name.
+fn datasets_objects((a, b): (&[&str], &[&str])) -> Vec<(String, Vec<u8>)> {
+    let mut objects: Vec<(String, Vec<u8>)> = [(1, a), (0, b)]
+        .iter()
+        .map(|(n, docs)| {
+            let batch = text_batch(docs);
+            let mut out = Vec::new();
+            let mut w =
+                arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema()).unwrap();
+            w.write(&batch).unwrap();
+            w.finish().unwrap();
+            drop(w);
+            (format!("data-0000{n}-of-00002.arrow"), out)
+        })
+        .collect();
+    let state = r#"{"_data_files": [{"filename": "data-00001-of-00002.arrow"},
+        {"filename": "data-00000-of-00002.arrow"}], "_split": null}"#;
+    objects.push(("state.json".into(), state.as_bytes().to_vec()));
+    objects.push(("dataset_info.json".into(), b"{}".to_vec()));
+    objects
+}
+
+/// Two halves as gzip JSON lines.
+fn gzip_objects((a, b): (&[&str], &[&str])) -> Vec<(String, Vec<u8>)> {
+    use std::io::Write;
+    [a, b]
+        .iter()
+        .enumerate()
+        .map(|(i, docs)| {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            for d in *docs {
+                writeln!(enc, "{}", serde_json::json!({ "text": d })).unwrap();
+            }
+            (
+                format!("c4-train.{i:05}-of-00002.json.gz"),
+                enc.finish().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// A corpus read from S3 (`strata decompose --input s3://…`): Moby-Dick's
-/// chapters as zstd JSON-lines objects beside a README, each object
-/// spooled while it is read, gives the dataset the same objects give from
-/// a local folder; an object of a kind strata cannot read is named by its
-/// URL before anything is written.
+/// chapters as zstd JSON-lines objects, each object spooled while it is
+/// read, gives the dataset the same objects give from a local folder, and
+/// so do the chapters as Parquet, a `datasets` folder and gzip JSON lines
+/// on S3; an object of a kind strata cannot read is named by its URL
+/// before anything is written; splits are found and chosen as on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corpus_on_s3_decomposes_as_the_same_files_on_disk() {
     use strata_dataplane::corpus::{Corpus, CorpusOptions, Input};
@@ -197,6 +265,26 @@ async fn a_corpus_on_s3_decomposes_as_the_same_files_on_disk() {
     // Every shard's CRC and row count: the same bytes.
     assert_eq!(from_s3, from_disk);
     assert_eq!(from_s3.n_documents, chapters.len() as u64);
+
+    // The same chapters in the other formats, each read from S3: Parquet
+    // shards, a `datasets` folder (Arrow streams listed by state.json,
+    // out of name order), gzip JSON lines. The same dataset.
+    let halves = chapters.split_at(chapters.len() / 2);
+    for (format, objects) in [
+        ("parquet", parquet_objects(halves)),
+        ("datasets", datasets_objects(halves)),
+        ("jsonl.gz", gzip_objects(halves)),
+    ] {
+        let url = format!("s3://strata/corpora/moby-{format}");
+        let at = Location::open(&url, true, &opts).unwrap();
+        for (key, bytes) in objects {
+            at.put(&key, bytes.into()).await.unwrap();
+        }
+        let out =
+            Location::open(&format!("s3://strata/datasets/moby-{format}"), true, &opts).unwrap();
+        let got = decompose(Input::parse(&url, &opts).unwrap(), out).await;
+        assert_eq!(got, from_disk, "{format} from S3");
+    }
 
     // A bzip2 object among them: named by its URL, nothing written.
     corpus
