@@ -35,6 +35,10 @@ pub struct TopArgs {
     /// Seconds between refreshes of the job list.
     #[arg(long, default_value_t = 1.0)]
     pub refresh_s: f64,
+    /// The job to detail first (default: the first listed: live jobs
+    /// first, then the newest).
+    #[arg(long)]
+    pub job: Option<String>,
     #[command(flatten)]
     pub connect: Connect,
 }
@@ -47,6 +51,9 @@ struct Followed {
     /// The stream ended (the job ended, or the call failed: `error`).
     ended: bool,
     error: Option<String>,
+    /// An ended job's history was read (or is being read) when it had
+    /// this many steps.
+    history_of: Option<u64>,
 }
 
 /// Everything one frame shows.
@@ -128,6 +135,47 @@ async fn follow(mut client: Client, id: String, from: u64, shared: Arc<Mutex<Sna
     update(&|f| f.ended = true);
 }
 
+/// The last steps (up to [`KEEP`]) of job `j` from its history.
+async fn history(client: &mut Client, j: &pb::Job) -> anyhow::Result<Vec<pb::StepMetrics>> {
+    Ok(client
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: j.job_id.clone(),
+            from_step: j.steps_done.saturating_sub(KEEP as u64),
+            limit: 0,
+        })
+        .await
+        .map_err(|s| status_error("GetMetrics", s))?
+        .into_inner()
+        .steps)
+}
+
+/// Whether the ended job `j`'s curves must be read from its history: it
+/// has steps that no stream brought and no read was made at its count.
+fn needs_history(snap: &Snapshot, j: &pb::Job) -> bool {
+    !is_live(j)
+        && j.steps_done > 0
+        && snap.followed.get(&j.job_id).is_none_or(|f| {
+            f.history_of != Some(j.steps_done)
+                && f.steps.back().is_none_or(|s| s.step < j.steps_done)
+        })
+}
+
+/// Reads the ended job `j`'s history into `shared` (once per count of
+/// steps: an ended job's history changes only when it is resumed).
+async fn load_history(mut client: Client, j: pb::Job, shared: Arc<Mutex<Snapshot>>) {
+    let read = history(&mut client, &j).await;
+    let mut s = shared.lock().expect("snapshot");
+    let f = s.followed.entry(j.job_id.clone()).or_default();
+    f.ended = true;
+    match read {
+        Ok(steps) => {
+            f.steps = steps.into();
+            f.error = None;
+        }
+        Err(e) => f.error = Some(format!("{e:#}")),
+    }
+}
+
 async fn list(client: &mut Client) -> anyhow::Result<Vec<pb::Job>> {
     let mut jobs = client
         .list_jobs(pb::ListJobsRequest { states: Vec::new() })
@@ -150,27 +198,22 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     if args.once {
         let jobs = rt.block_on(list(&mut client))?;
         let mut snap = shared.lock().expect("snapshot").clone();
-        // The live jobs' recent steps, read once.
-        for j in jobs.iter().filter(|j| is_live(j)) {
-            let steps = rt
-                .block_on(client.get_metrics(pb::GetMetricsRequest {
-                    job_id: j.job_id.clone(),
-                    from_step: j.steps_done.saturating_sub(KEEP as u64),
-                    limit: 0,
-                }))
-                .map_err(|s| status_error("GetMetrics", s))?
-                .into_inner()
-                .steps;
-            snap.followed.insert(
-                j.job_id.clone(),
-                Followed {
-                    steps: steps.into(),
-                    ..Followed::default()
-                },
-            );
+        let selected = selected_row(&jobs, args.job.as_deref())?;
+        // The live jobs' recent steps and the detailed job's, read once.
+        for (i, j) in jobs.iter().enumerate() {
+            if is_live(j) || i == selected {
+                let steps = rt.block_on(history(&mut client, j))?;
+                snap.followed.insert(
+                    j.job_id.clone(),
+                    Followed {
+                        steps: steps.into(),
+                        ..Followed::default()
+                    },
+                );
+            }
         }
         snap.jobs = jobs;
-        print!("{}", frame_text(&snap, args.width, 0));
+        print!("{}", frame_text(&snap, args.width, selected));
         return Ok(());
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -181,7 +224,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
         .into());
     }
     let mut terminal = ratatui::try_init()?;
-    let out = interactive(&rt, &mut client, &shared, &mut terminal, args.refresh_s);
+    let out = interactive(&rt, &mut client, &shared, &mut terminal, &args);
     ratatui::restore();
     out
 }
@@ -191,10 +234,11 @@ fn interactive(
     client: &mut Client,
     shared: &Arc<Mutex<Snapshot>>,
     terminal: &mut ratatui::DefaultTerminal,
-    refresh_s: f64,
+    args: &TopArgs,
 ) -> anyhow::Result<()> {
-    let refresh = Duration::from_secs_f64(refresh_s.max(0.1));
+    let refresh = Duration::from_secs_f64(args.refresh_s.max(0.1));
     let mut table = TableState::default().with_selected(Some(0));
+    let mut wanted = args.job.clone();
     let mut next_refresh = Instant::now();
     loop {
         if Instant::now() >= next_refresh {
@@ -218,6 +262,9 @@ fn interactive(
                             ));
                         }
                     }
+                    if let Some(id) = wanted.take() {
+                        table.select(Some(selected_row(&jobs, Some(&id))?));
+                    }
                     s.jobs = jobs;
                     s.error = None;
                 }
@@ -228,12 +275,22 @@ fn interactive(
         {
             // Drawn under the lock: the followed steps are not copied per
             // frame (the streams wait a few milliseconds at most).
-            let snap = shared.lock().expect("snapshot");
+            let mut snap = shared.lock().expect("snapshot");
             let n = snap.jobs.len();
             if let Some(i) = table.selected()
                 && i >= n
             {
                 table.select(Some(n.saturating_sub(1)));
+            }
+            // The selected job ended: its curves come from its history.
+            if let Some(j) = table.selected().and_then(|i| snap.jobs.get(i)).cloned()
+                && needs_history(&snap, &j)
+            {
+                snap.followed
+                    .entry(j.job_id.clone())
+                    .or_default()
+                    .history_of = Some(j.steps_done);
+                rt.spawn(load_history(client.clone(), j, shared.clone()));
             }
             terminal.draw(|f| draw(f, &snap, &mut table))?;
         }
@@ -253,6 +310,17 @@ fn interactive(
                 _ => {}
             }
         }
+    }
+}
+
+/// The row of job `id` (the first row without one), or an error naming
+/// the job when no row is it.
+fn selected_row(jobs: &[pb::Job], id: Option<&str>) -> anyhow::Result<usize> {
+    match id {
+        None => Ok(0),
+        Some(id) => jobs.iter().position(|j| j.job_id == id).ok_or_else(|| {
+            crate::UserError(format!("--job {id}: no such job at the coordinator")).into()
+        }),
     }
 }
 

@@ -174,6 +174,29 @@ async fn a_job_runs_to_success_with_watch_metrics_and_cli() {
     assert_eq!(arr[7]["step"], 8);
     assert_eq!(arr[7]["tokens"], 1024);
     assert!(arr[7]["loss"].as_f64().is_some() && arr[7]["lr"].as_f64() == Some(1e-3));
+    // `strata top` on the ended job: its last step and curves come from
+    // its history, not "no steps yet".
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["top", "--once", "--job", &id, "--coordinator", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("step 8  tokens 1024") && text.contains("step time"),
+        "{text}"
+    );
+    assert!(!text.contains("no steps yet"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["top", "--once", "--job", "nosuch", "--coordinator", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--job nosuch"));
     c.stop().await;
 }
 
