@@ -42,30 +42,42 @@ struct Table {
 
 impl Table {
     fn read(path: &Path) -> anyhow::Result<Table> {
-        let text = std::fs::read_to_string(path)
+        let file = std::fs::File::open(path)
             .map_err(|e| UserError(format!("cannot read {}: {e}", path.display())))?;
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
-        let (_, header) = lines
-            .next()
-            .ok_or_else(|| UserError(format!("{}: no header row", path.display())))?;
-        let columns: Vec<String> = header.split(',').map(|c| c.trim().to_lowercase()).collect();
+        let mut reader = csv::ReaderBuilder::new()
+            .comment(Some(b'#'))
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(file);
+        let bad = |e: csv::Error| {
+            let line = e
+                .position()
+                .map_or(String::new(), |p| format!(":{}", p.line()));
+            UserError(format!("{}{line}: {e}", path.display()))
+        };
+        let columns: Vec<String> = reader
+            .headers()
+            .map_err(bad)?
+            .iter()
+            .map(|c| c.to_lowercase())
+            .collect();
+        if columns.iter().all(String::is_empty) {
+            return Err(UserError(format!("{}: no header row", path.display())).into());
+        }
         let mut rows = Vec::new();
-        for (i, line) in lines {
-            let cells = split_csv(line);
-            if cells.len() != columns.len() {
+        for record in reader.records() {
+            let record = record.map_err(bad)?;
+            let line = record.position().map_or(0, |p| p.line() as usize);
+            if record.len() != columns.len() {
                 return Err(UserError(format!(
-                    "{}:{}: {} cells for {} columns",
+                    "{}:{line}: {} cells for {} columns",
                     path.display(),
-                    i + 1,
-                    cells.len(),
+                    record.len(),
                     columns.len()
                 ))
                 .into());
             }
-            rows.push((i + 1, cells));
+            rows.push((line, record.iter().map(str::to_string).collect()));
         }
         Ok(Table {
             path: path.display().to_string(),
@@ -96,25 +108,6 @@ impl Table {
     fn has(&self, name: &str) -> bool {
         self.columns.iter().any(|c| c == name)
     }
-}
-
-/// A CSV line's cells, with double-quoted cells (`""` a quote inside).
-fn split_csv(line: &str) -> Vec<String> {
-    let mut cells = vec![String::new()];
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                chars.next();
-                cells.last_mut().expect("a cell").push('"');
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => cells.push(String::new()),
-            (c, _) => cells.last_mut().expect("a cell").push(c),
-        }
-    }
-    cells
 }
 
 fn intervals_json(ci: &Option<Vec<Interval>>) -> serde_json::Value {
@@ -291,9 +284,19 @@ mod tests {
         let t = Table::read(&path).unwrap();
         assert_eq!(t.column("loss").unwrap(), Some(vec![3.5]));
         assert_eq!(t.column("lr").unwrap(), None);
-        assert_eq!(
-            split_csv("a,\"b \"\"q\"\"\",,c"),
-            vec!["a", "b \"q\"", "", "c"]
+        // A quoted cell may hold quotes and a newline; the line named
+        // after it counts the newline.
+        std::fs::write(
+            &path,
+            "n,d,loss,name\n1e8,2e9,3.5,\"say \"\"hi\"\",\nthen go\"\n1e9,2e10,y,z\n",
+        )
+        .unwrap();
+        let t = Table::read(&path).unwrap();
+        assert_eq!(t.rows[0].1[3], "say \"hi\",\nthen go");
+        let e = t.column("loss").err().unwrap().to_string();
+        assert!(
+            e.ends_with("runs.csv:4: column loss: \"y\" is not a number"),
+            "{e}"
         );
     }
 }

@@ -276,6 +276,9 @@ fn main() -> ExitCode {
         _ => "strata",
     };
     let telemetry = telemetry::init(default_level, service);
+    // One TLS provider for every HTTPS client the process makes (S3,
+    // the benchmarks' scrapes); one installed already is kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = run(cli);
     // The last spans are sent before the process ends.
     drop(telemetry);

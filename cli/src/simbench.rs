@@ -8,8 +8,7 @@
 //! `/metrics` and the job page scraped every second, and from injected
 //! faults to their detection and to the next attempt fully assigned.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -180,28 +179,6 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// A plain HTTP GET on loopback: status, body, and how long it took.
-fn http_get(addr: SocketAddr, token: &str, path: &str) -> anyhow::Result<(u16, String, Duration)> {
-    let start = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let took = start.elapsed();
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, body.to_string(), took))
-}
-
 /// A process's CPU seconds so far, resident and peak resident KiB.
 fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -290,12 +267,24 @@ struct CoordinatorProcess {
     state: PathBuf,
     /// The client token it was given.
     token: String,
+    web: reqwest::Client,
 }
 
 impl CoordinatorProcess {
-    /// GET `path` from its HTTP side, with its token.
-    fn get(&self, path: &str) -> anyhow::Result<(u16, String, Duration)> {
-        http_get(self.http, &self.token, path)
+    /// GET `path` from its HTTP side, with its token: status, body, and
+    /// how long it took.
+    async fn get(&self, path: &str) -> anyhow::Result<(u16, String, Duration)> {
+        let start = Instant::now();
+        let response = self
+            .web
+            .get(format!("http://{}{path}", self.http))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await?;
+        let code = response.status().as_u16();
+        let body = response.text().await?;
+        Ok((code, body, start.elapsed()))
     }
 
     async fn client(&self) -> Option<Cl> {
@@ -471,6 +460,7 @@ fn start_coordinator(
         http,
         state,
         token,
+        web: reqwest::Client::new(),
     })
 }
 
@@ -542,11 +532,11 @@ async fn run_one(
         Ok(n)
     };
     let redb = coordinator.state.join("jobs.redb");
-    let (m0, _, _) = coordinator.get("/metrics")?;
+    let (m0, _, _) = coordinator.get("/metrics").await?;
     if m0 != 200 {
         bail!("/metrics answered {m0}");
     }
-    let scrape0 = coordinator.get("/metrics")?.1;
+    let scrape0 = coordinator.get("/metrics").await?.1;
     let (before, hb_before) = (lock_buckets(&scrape0), heartbeat_buckets(&scrape0));
     let (cpu0, _, _) = proc_usage(pid)?;
     let (steps0, bytes0) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
@@ -556,9 +546,9 @@ async fn run_one(
     let mut pages: Vec<(Duration, usize)> = Vec::new();
     while t0.elapsed() < Duration::from_secs(a.steady_s) {
         let tick = Instant::now();
-        let (_, body, took) = coordinator.get("/metrics")?;
+        let (_, body, took) = coordinator.get("/metrics").await?;
         scrapes.push((took, body.len()));
-        let (code, body, took) = coordinator.get(&format!("/api/jobs/{}", ids[0]))?;
+        let (code, body, took) = coordinator.get(&format!("/api/jobs/{}", ids[0])).await?;
         if code != 200 {
             bail!("/api/jobs/{}: {code} {body}", ids[0]);
         }
@@ -568,7 +558,7 @@ async fn run_one(
     }
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, rss, _) = proc_usage(pid)?;
-    let (_, last_metrics, _) = coordinator.get("/metrics")?;
+    let (_, last_metrics, _) = coordinator.get("/metrics").await?;
     let after = lock_buckets(&last_metrics);
     let hb_after = heartbeat_buckets(&last_metrics);
     let (steps1, bytes1) = (steps_of(&mut cl).await?, std::fs::metadata(&redb)?.len());
@@ -629,12 +619,12 @@ async fn run_one(
             "",
         );
         let _ = sim_stats(&sim, true);
-        let held_before = lock_buckets(&coordinator.get("/metrics")?.1);
+        let held_before = lock_buckets(&coordinator.get("/metrics").await?.1);
         let hung = submit(&mut cl, spec).await?;
         tokio::time::sleep(Duration::from_secs_f64(a.hang_launcher_s * 0.9)).await;
         // Its ranks have not started: every heartbeat is another job's.
         let during = sim_stats(&sim, false);
-        let held_after = lock_buckets(&coordinator.get("/metrics")?.1);
+        let held_after = lock_buckets(&coordinator.get("/metrics").await?.1);
         if job(&mut cl, &hung).await?.steps_done > 0 {
             bail!("job {hung} ran while its launcher command was to hang");
         }
@@ -661,8 +651,9 @@ async fn run_one(
         let before = job(&mut cl, &id).await?;
         let attempt = before.attempts.last().map_or(1, |x| x.number);
         let node = {
-            let (_, body, _) =
-                coordinator.get(&format!("/api/jobs/{id}/ranks?offset={victim}&limit=1"))?;
+            let (_, body, _) = coordinator
+                .get(&format!("/api/jobs/{id}/ranks?offset={victim}&limit=1"))
+                .await?;
             let v: serde_json::Value = serde_json::from_str(&body)?;
             v["ranks"][0]["node"]
                 .as_str()

@@ -106,29 +106,20 @@ impl ResultRow {
     }
 }
 
-/// Quotes a CSV cell when it needs it.
-fn cell(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 fn opt(x: Option<f64>) -> String {
     x.map_or(String::new(), |x| x.to_string())
 }
 
 /// The table as CSV with a header row; `loss` is [`ResultRow::loss`].
 pub fn to_csv(rows: &[ResultRow]) -> String {
-    let mut out = COLUMNS.join(",");
-    out.push('\n');
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(COLUMNS).expect("CSV into memory");
     for r in rows {
-        let cells = [
-            cell(&r.job),
-            cell(&r.name),
-            cell(&r.state),
-            cell(&r.parent),
+        w.write_record([
+            r.job.clone(),
+            r.name.clone(),
+            r.state.clone(),
+            r.parent.clone(),
             r.parent_step.to_string(),
             r.n.to_string(),
             r.n_total.to_string(),
@@ -140,11 +131,10 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
             opt(r.eval_loss),
             r.wall_s.to_string(),
             opt(r.loss()),
-        ];
-        out.push_str(&cells.join(","));
-        out.push('\n');
+        ])
+        .expect("CSV into memory");
     }
-    out
+    String::from_utf8(w.into_inner().expect("CSV into memory")).expect("CSV of strings is UTF-8")
 }
 
 /// The table as one Parquet file (a row group; missing losses null).
