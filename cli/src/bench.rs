@@ -93,6 +93,8 @@ enum RecomputeArg {
 pub struct TrainArgs {
     /// The job recipe (TOML): its model, seed, optimizer and schedule.
     recipe: PathBuf,
+    #[command(flatten)]
+    sets: crate::Sets,
     /// Measured steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -199,7 +201,7 @@ fn nccl(_: NcclArgs) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let recipe = load_recipe(&args.recipe)?;
+    let (recipe, _) = load_recipe(&args.recipe, &args.sets)?;
     let cfg = TrainBench {
         steps: args.steps,
         warmup: args.warmup,

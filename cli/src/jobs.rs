@@ -400,6 +400,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 pub struct SubmitArgs {
     /// The job recipe (TOML).
     pub recipe: PathBuf,
+    #[command(flatten)]
+    pub sets: crate::Sets,
     /// Follow the job: a progress bar with step, loss, tokens/s and ETA.
     #[arg(long)]
     pub watch: bool,
@@ -409,9 +411,7 @@ pub struct SubmitArgs {
 
 pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     // Check locally first: the same validation, with the file's name.
-    crate::load_recipe(&args.recipe)?;
-    let text = std::fs::read_to_string(&args.recipe)
-        .map_err(|e| UserError(format!("cannot read recipe {}: {e}", args.recipe.display())))?;
+    let (_, text) = crate::load_recipe(&args.recipe, &args.sets)?;
     let stem = args
         .recipe
         .file_stem()

@@ -219,16 +219,27 @@ impl std::fmt::Display for ExitWith {
 
 impl std::error::Error for ExitWith {}
 
-/// Reads and validates a recipe file. Every failure is a [`UserError`] that
+/// `--set KEY=VALUE`, repeated: overrides of a recipe's fields.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Sets {
+    /// Override a recipe field: `--set optimizer.lr=1e-3 --set
+    /// parallel.tp=2` (a TOML value; other text is a string; an array
+    /// entry as `data.sources[1].weight=0.3`). Checked like the file.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<strata_recipe::Override>,
+}
+
+/// Reads and validates a recipe file with `sets` written in: the recipe
+/// and its text as submitted. Every failure is a [`UserError`] that
 /// names the file.
-pub fn load_recipe(path: &Path) -> anyhow::Result<Recipe> {
+pub fn load_recipe(path: &Path, sets: &Sets) -> anyhow::Result<(Recipe, String)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| UserError(format!("cannot read recipe {}: {e}", path.display())))?;
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Recipe::from_toml_str(&text, &stem)
+    Recipe::from_toml_with(&text, &stem, &sets.sets)
         .map_err(|e| UserError(format!("{}: {e}", path.display())).into())
 }
 

@@ -17,6 +17,8 @@ use crate::{UserError, load_recipe};
 pub struct PlanArgs {
     /// The job recipe (TOML).
     job: Option<PathBuf>,
+    #[command(flatten)]
+    sets: crate::Sets,
     /// A training compute budget in FLOPs (e.g. 1e21, 5.76e23): report the
     /// compute-optimal parameter and token counts under each Chinchilla fit.
     #[arg(long, value_name = "C", value_parser = parse_flops)]
@@ -47,7 +49,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let path = args.job.expect("clap requires a recipe or a budget");
-    let recipe = load_recipe(&path)?;
+    let (recipe, _) = load_recipe(&path, &args.sets)?;
     let plan = Plan::new(&recipe);
     let inputs = MemoryInputs::of(&recipe);
     let memory = MemoryPlan::new(&inputs);

@@ -13,6 +13,8 @@ use crate::{UserError, load_recipe, plot, write_atomically};
 pub struct ScheduleArgs {
     /// The job recipe (TOML).
     job: PathBuf,
+    #[command(flatten)]
+    sets: crate::Sets,
     /// Comma-separated token counts (1e9, 5e9, "2.5B", …). Without it, the
     /// run's tenths and phase boundaries.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_tokens)]
@@ -39,7 +41,7 @@ struct LrAt {
 }
 
 pub fn run(args: ScheduleArgs) -> anyhow::Result<()> {
-    let recipe = load_recipe(&args.job)?;
+    let (recipe, _) = load_recipe(&args.job, &args.sets)?;
     let schedule = &recipe.schedule;
     if let Some(path) = &args.plot {
         let is_svg = path

@@ -48,6 +48,9 @@ pub struct SubmitArgs {
     /// The sweep file (TOML): a base recipe (`base = "RECIPE.toml"`,
     /// relative to the sweep file) and axes (see README).
     pub file: Option<PathBuf>,
+    /// Overrides of the base recipe's fields, before the axes apply.
+    #[command(flatten)]
+    pub sets: crate::Sets,
     /// Follow the sweep until it ends (exit 1 if it fails).
     #[arg(long)]
     pub watch: bool,
@@ -121,9 +124,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The sweep file with its base recipe inlined, checked as the
-/// coordinator will check it.
-pub fn read_sweep(path: &Path) -> anyhow::Result<String> {
+/// The sweep file with its base recipe inlined and `sets` written into
+/// it, checked as the coordinator will check it.
+pub fn read_sweep(path: &Path, sets: &crate::Sets) -> anyhow::Result<String> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| UserError(format!("cannot read sweep file {shown}: {e}")))?;
@@ -140,8 +143,30 @@ pub fn read_sweep(path: &Path) -> anyhow::Result<String> {
         }
         None => text,
     };
+    let text = with_overrides(&text, &sets.sets).map_err(|e| UserError(format!("{shown}: {e}")))?;
     expand(&text).map_err(|e| UserError(format!("{shown}: {e}")))?;
     Ok(text)
+}
+
+/// A sweep's text with `sets` written into its recipe: each override
+/// checked against the recipe's keys and types here, the recipe as a
+/// whole when the axes complete it.
+fn with_overrides(text: &str, sets: &[strata_recipe::Override]) -> anyhow::Result<String> {
+    use strata_recipe::overrides;
+    if sets.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = text.parse()?;
+    let Some(toml::Value::Table(recipe)) = doc.get_mut("recipe") else {
+        anyhow::bail!("--set: the sweep has no recipe (`base` or `[recipe]`) to override");
+    };
+    overrides::apply(recipe, sets)?;
+    overrides::check_structure(&toml::to_string(recipe)?, sets)?;
+    Ok(format!(
+        "{}{}",
+        overrides::header(sets),
+        toml::to_string(&doc)?
+    ))
 }
 
 fn submit(args: SubmitArgs) -> anyhow::Result<()> {
@@ -152,7 +177,7 @@ fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         )
         .into());
     };
-    let text = read_sweep(file)?;
+    let text = read_sweep(file, &args.sets)?;
     runtime()?.block_on(async move {
         let mut c = args.connect.client().await?;
         let s = c

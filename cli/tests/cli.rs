@@ -192,6 +192,67 @@ fn an_invalid_recipe_exits_2_naming_the_field() {
 }
 
 #[test]
+fn set_overrides_a_recipe_as_the_file_would() {
+    let json = stdout_json(&strata(&[
+        "plan",
+        "examples/tiny-cpu.toml",
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "parallel.dp=1",
+        "--set",
+        "optimizer.weight_decay=0.05",
+        "--json",
+    ]));
+    assert_eq!(json["layout"]["tp"], 2, "{}", json["layout"]);
+    assert_eq!(json["layout"]["dp"], 1);
+    assert_eq!(json["recipe"]["optimizer"]["weight_decay"], 0.05);
+
+    // A wrong key: exit 2, named with the nearest valid one; the same
+    // for schedule, bench train and a sweep (before any coordinator).
+    for args in [
+        &["plan", "examples/tiny-cpu.toml"][..],
+        &["schedule", "examples/tiny-cpu.toml"],
+        &["bench", "train", "examples/tiny-cpu.toml"],
+        &[
+            "submit",
+            "examples/tiny-cpu.toml",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ],
+        &[
+            "sweep",
+            "examples/sweeps/lr-size.toml",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--set", "optimizer.weight_decai=0.1"]);
+        let out = strata(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("optimizer.weight_decai")
+                && err.contains("did you mean `optimizer.weight_decay`?")
+                && err.contains("(from --set optimizer.weight_decai=0.1)"),
+            "{args:?}: {err}"
+        );
+    }
+    // Typed and validated like the file.
+    let out = strata(&["plan", "examples/tiny-cpu.toml", "--set", "parallel.dp=3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("256·3·1 = 768") && err.contains("--set parallel.dp=3"),
+        "{err}"
+    );
+    let out = strata(&["plan", "examples/tiny-cpu.toml", "--set", "lr"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+}
+
+#[test]
 fn a_missing_recipe_exits_2_naming_the_file() {
     let out = strata(&["schedule", "no/such/recipe.toml"]);
     assert_eq!(out.status.code(), Some(2));

@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod laws;
 pub mod layout;
 pub mod model;
+pub mod overrides;
 pub mod plan;
 pub mod quantity;
 pub mod resume;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use layout::{Coords, Layout, Rank};
 pub use model::ModelConfig;
+pub use overrides::Override;
 pub use quantity::{CurriculumSpec as Curriculum, NamedCurriculum, Quantity};
 pub use resume::resume_conflicts;
 pub use reweight::{Reweighting, Strategy, WeightSpread};
@@ -479,6 +481,21 @@ impl Recipe {
     pub fn from_toml_str(text: &str, default_name: &str) -> Result<Recipe, RecipeError> {
         let spec = RecipeSpec::from_toml_str(text)?;
         Recipe::from_spec(&spec, default_name)
+    }
+
+    /// [`Recipe::from_toml_str`] of `text` with the command line's
+    /// overrides written in ([`overrides`]): the recipe and its text as
+    /// submitted (`text` itself without overrides). A problem an override
+    /// caused names it, and an unknown key the nearest valid one.
+    pub fn from_toml_with(
+        text: &str,
+        default_name: &str,
+        sets: &[Override],
+    ) -> Result<(Recipe, String), RecipeError> {
+        let text = overrides::apply_to_text(text, sets)?;
+        let recipe =
+            Recipe::from_toml_str(&text, default_name).map_err(|e| overrides::explain(e, sets))?;
+        Ok((recipe, text))
     }
 
     /// Validates a parsed recipe, reporting every problem at once.
