@@ -14,7 +14,7 @@ use strata_dataplane::tokenize::{Tokenizer, TokenizerSpec};
 use strata_proto::v1 as pb;
 use strata_recipe::Recipe;
 use strata_worker::checkpoint::read_rank;
-use strata_worker::export::{mean_loss, write_hf};
+use strata_worker::export::{SpecialIds, WeightDtype, mean_loss, write_hf};
 use strata_worker::params::ParamTable;
 
 use crate::UserError;
@@ -160,6 +160,10 @@ pub struct ExportArgs {
     /// The folder to write (created; files in it are replaced).
     #[arg(long)]
     pub out: PathBuf,
+    /// The weights' number type: bf16 (rounded to nearest even; what
+    /// Hugging Face models ship in) or f32 (the master weights exactly).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    pub dtype: DtypeArg,
     /// Largest `model.safetensors` file, in MiB, before the weights are
     /// sharded with an index (as `transformers` does).
     #[arg(long, default_value_t = 5000)]
@@ -168,39 +172,121 @@ pub struct ExportArgs {
     pub json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DtypeArg {
+    Bf16,
+    F32,
+}
+
+/// Tokens a generation may start with, in order of preference; without
+/// one, the end-of-text token starts it too (as GPT-2's does).
+const BOS_CANDIDATES: [&str; 4] = ["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"];
+
+/// The dataset's tokenizer, as files beside an export: `tokenizer.json`
+/// and `tokenizer_config.json`, so `AutoTokenizer` loads the folder.
+struct TokenizerFiles {
+    json: Vec<u8>,
+    from: String,
+    special: SpecialIds,
+    bos: String,
+    eos: String,
+}
+
+impl TokenizerFiles {
+    fn of(spec: &TokenizerSpec) -> anyhow::Result<TokenizerFiles> {
+        let tok = spec.load().map_err(|e| UserError(e.to_string()))?;
+        let (json, from) = match spec {
+            TokenizerSpec::HuggingFace(path) => (
+                std::fs::read(path)
+                    .map_err(|e| UserError(format!("reading {}: {e}", path.display())))?,
+                path.display().to_string(),
+            ),
+            TokenizerSpec::Tiktoken(kind) => (
+                kind.hf_tokenizer_json().to_string().into_bytes(),
+                format!("the built-in {}, converted", kind.name()),
+            ),
+        };
+        let eos = tok.eot_id();
+        let bos = BOS_CANDIDATES
+            .iter()
+            .find_map(|t| tok.token_id(t))
+            .unwrap_or(eos);
+        let text = |id| {
+            tok.token_text(id)
+                .ok_or_else(|| UserError(format!("the tokenizer has no text for its token {id}")))
+        };
+        Ok(TokenizerFiles {
+            json,
+            from,
+            special: SpecialIds { bos, eos },
+            bos: text(bos)?,
+            eos: text(eos)?,
+        })
+    }
+
+    fn write(&self, dir: &Path, max_len: u64) -> anyhow::Result<Vec<String>> {
+        let config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos,
+            "eos_token": self.eos,
+            "model_max_length": max_len,
+            "clean_up_tokenization_spaces": false,
+        });
+        for (name, bytes) in [
+            ("tokenizer.json", self.json.clone()),
+            (
+                "tokenizer_config.json",
+                (serde_json::to_string_pretty(&config)? + "\n").into_bytes(),
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| UserError(format!("writing {}: {e}", path.display())))?;
+        }
+        Ok(vec![
+            "tokenizer.json".into(),
+            "tokenizer_config.json".into(),
+        ])
+    }
+}
+
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let loaded = args.from.load().await?;
         let m = &loaded.manifest;
         let table = ParamTable::whole(&m.model);
-        let out = write_hf(
+        // The tokenizer travels with the model.
+        let tokenizer = match dataset_tokenizer(m).await {
+            Ok((spec, _)) => Ok(TokenizerFiles::of(&spec)?),
+            Err(e) => Err(format!("none written: {e:#}")),
+        };
+        let dtype = match args.dtype {
+            DtypeArg::Bf16 => WeightDtype::Bf16,
+            DtypeArg::F32 => WeightDtype::F32,
+        };
+        let mut out = write_hf(
             &args.out,
             &m.model,
             &table,
             &loaded.master,
             args.max_shard_mib.max(1) << 20,
+            dtype,
+            tokenizer.as_ref().ok().map(|t| t.special),
         )
         .map_err(|e| UserError(e.to_string()))?;
-        // The tokenizer travels when it is a Hugging Face one.
-        let tokenizer = match dataset_tokenizer(m).await {
-            Ok((TokenizerSpec::HuggingFace(path), _)) => {
-                let dest = args.out.join("tokenizer.json");
-                std::fs::copy(&path, &dest)
-                    .map_err(|e| UserError(format!("copying {}: {e}", path.display())))?;
-                format!("tokenizer.json (from {})", path.display())
+        let tokenizer = match tokenizer {
+            Ok(t) => {
+                out.files.extend(t.write(&args.out, m.model.max_seq_len)?);
+                format!("tokenizer.json ({})", t.from)
             }
-            Ok((TokenizerSpec::Tiktoken(kind), _)) => format!(
-                "none written: the dataset used the built-in {} tokenizer ({})",
-                kind.name(),
-                hf_equivalent(kind.name())
-            ),
-            Err(e) => format!("none written: {e:#}"),
+            Err(why) => why,
         };
         if args.json {
             let v = json!({
                 "checkpoint": loaded.url,
                 "step": m.step,
                 "out": out.dir,
+                "dtype": dtype.torch_name(),
                 "files": out.files,
                 "tensors": out.tensors,
                 "parameters": out.parameters,
@@ -210,11 +296,12 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!(
-                "exported step {} of {} ({} parameters, {} tensors) to {}: {}",
+                "exported step {} of {} ({} parameters, {} tensors, {}) to {}: {}",
                 m.step,
                 m.job,
                 out.parameters,
                 out.tensors,
+                dtype.torch_name(),
                 out.dir.display(),
                 out.files.join(", ")
             );
@@ -222,15 +309,6 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-/// Where a built-in tokenizer's Hugging Face twin lives.
-fn hf_equivalent(name: &str) -> &'static str {
-    match name {
-        "r50k" => "GPT-2's: AutoTokenizer.from_pretrained(\"gpt2\")",
-        "cl100k" => "tiktoken's cl100k_base; no Hugging Face tokenizer.json is bundled",
-        _ => "tiktoken's; no Hugging Face tokenizer.json is bundled",
-    }
 }
 
 // ---------------------------------------------------------------- eval ---

@@ -72,6 +72,25 @@ fn hf_loss(dir: &Path, tokens: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// `scripts/hf_generate.py`'s greedy generation from the export in `dir`.
+fn hf_generate(dir: &Path, prompt: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(dir)
+        .arg(prompt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hf_generate.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// Fixed token sequences of several lengths, ids below GPT-2's 50257.
 fn sequences(dir: &Path) -> std::path::PathBuf {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -125,9 +144,41 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
             &url,
             "--out",
             out.to_str().unwrap(),
+            "--dtype",
+            "f32",
             "--json",
         ]);
         assert_eq!(e["step"], 8, "{what}");
+        // By default bf16: half the bytes, the tokenizer beside it.
+        let bf16 = dir.path().join(format!("hf-{id}-bf16"));
+        let b = json_of(&[
+            "export",
+            &id,
+            "--coordinator",
+            &url,
+            "--out",
+            bf16.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(b["dtype"], "bfloat16");
+        assert_eq!(
+            2 * b["bytes"].as_u64().unwrap(),
+            e["bytes"].as_u64().unwrap(),
+            "{what}"
+        );
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            assert!(bf16.join(f).is_file(), "{what}: {f} in {b}");
+        }
+        let generation: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(bf16.join("generation_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(generation["eos_token_id"], 50256);
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
                 .unwrap();
@@ -174,6 +225,8 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
             sharded.to_str().unwrap(),
             "--max-shard-mib",
             "1",
+            "--dtype",
+            "f32",
             "--json",
         ]);
         let files: Vec<&str> = e["files"]
@@ -197,6 +250,25 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
                 );
                 eprintln!("export {what}: strata {loss:.8} transformers {theirs:.8}");
             }
+            // The bf16 weights give the loss to bf16's precision.
+            let theirs = hf_loss(&bf16, &tokens)["loss"].as_f64().unwrap();
+            assert!(
+                relative(loss, theirs) < 1e-3,
+                "{what} bf16: strata {loss} vs transformers {theirs}"
+            );
+            eprintln!("export {what} bf16: strata {loss:.8} transformers {theirs:.8}");
+            // The folder loads as it is and generates; its tokenizer
+            // encodes as the dataset's did.
+            let prompt = "The President of the United States, in his address to Congress,";
+            let g = hf_generate(&bf16, prompt);
+            let ours = strata_dataplane::tokenize::TokenizerKind::R50k
+                .load()
+                .encode(prompt);
+            assert_eq!(g["prompt_ids"], serde_json::json!(ours), "{what}: {g}");
+            assert_eq!(g["new_ids"].as_array().unwrap().len(), 8, "{what}: {g}");
+            assert_eq!(g["dtype"], "torch.bfloat16", "{what}: {g}");
+            assert_eq!(g["eos_token"], "<|endoftext|>", "{what}: {g}");
+            eprintln!("generated ({what}): {}", g["text"]);
         }
     }
 

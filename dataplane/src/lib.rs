@@ -16,7 +16,8 @@
 //!   `datasets` does.
 //! - [`parts`]: a decomposition spread over workers: the plan of parts,
 //!   one part's decompose, and the manifest merged from theirs.
-//! - [`tokenize`]: offline tiktoken BPEs.
+//! - [`tokenize`]: offline tiktoken BPEs; [`hf_tokenizer`] writes them as
+//!   Hugging Face `tokenizer.json` files for exports.
 //! - [`decompose`]: one document into power-of-two pieces.
 //! - [`writer`]: Arrow bucket shards and the manifest, written last.
 //! - [`loader`]: the curriculum, and each rank's share of each step.
@@ -32,6 +33,7 @@ pub mod corpus;
 pub mod decompose;
 pub mod family;
 pub mod formats;
+pub mod hf_tokenizer;
 pub mod loader;
 pub mod manifest;
 pub mod memory;

@@ -220,6 +220,41 @@ impl Tokenizer {
         ids
     }
 
+    /// The id of the token whose text is `token` (a special token such as
+    /// `<s>`), when the tokenizer has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match &self.inner {
+            Inner::HuggingFace(hf) => hf.token_to_id(token),
+            Inner::R50k(_) | Inner::Tiktoken(_) => TokenizerKind::ALL
+                .into_iter()
+                .find(|k| k.name() == self.name)
+                .and_then(|k| k.special_tokens().iter().find(|t| t.1 == token))
+                .map(|t| t.0),
+        }
+    }
+
+    /// The text of token `id` as the tokenizer names it (`<|endoftext|>`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        match &self.inner {
+            Inner::HuggingFace(hf) => hf.id_to_token(id),
+            Inner::R50k(_) | Inner::Tiktoken(_) => TokenizerKind::ALL
+                .into_iter()
+                .find(|k| k.name() == self.name)
+                .and_then(|k| k.special_tokens().iter().find(|t| t.0 == id))
+                .map(|t| t.1.to_string()),
+        }
+    }
+
+    /// The bytes of token `id` of a built-in BPE (`None` for a Hugging
+    /// Face tokenizer, or an id it does not have).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match &self.inner {
+            Inner::R50k(r50k) => r50k.bpe().decode_bytes(&[id]).ok(),
+            Inner::Tiktoken(bpe) => bpe.decode_bytes(&[id]).ok(),
+            Inner::HuggingFace(_) => None,
+        }
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         match &self.inner {
             Inner::R50k(r50k) => {

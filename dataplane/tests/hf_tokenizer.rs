@@ -1,6 +1,7 @@
 //! Hugging Face tokenizer.json files: a byte-level BPE written here (the
 //! format GPT-2-style tokenizers ship in) loads, encodes as its merges say,
-//! and decomposes a corpus that decodes back to the source.
+//! and decomposes a corpus that decodes back to the source; the built-in
+//! BPEs written as tokenizer.json files encode text as they do.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,32 +15,10 @@ use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::TokenizerSpec;
 use strata_dataplane::writer::{DatasetWriter, WriterOptions};
 
-/// GPT-2's reversible byte → printable-character map.
-fn bytes_to_unicode() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut map = vec!['\0'; 256];
-    for (b, c) in printable.iter().zip(chars) {
-        map[*b as usize] = char::from_u32(c).unwrap();
-    }
-    map
-}
-
 /// Byte tokens 0..=255 (id = byte), merges "t h" → 256 and "th e" → 257,
 /// and `<|endoftext|>` = 258.
 fn write_tokenizer(path: &Path) {
-    let map = bytes_to_unicode();
+    let map = strata_dataplane::hf_tokenizer::byte_chars();
     let mut vocab: BTreeMap<String, u32> =
         (0..256).map(|b| (map[b].to_string(), b as u32)).collect();
     vocab.insert("th".into(), 256);
@@ -136,6 +115,54 @@ async fn decompose_with_a_tokenizer_json_round_trips() {
                 let o = shard.offsets[r] as usize;
                 assert_eq!(shard.row(r), &ids[o..o + shard.row_len]);
             }
+        }
+    }
+}
+
+/// The corpora (the same files `npm pack` gives when ../shared is absent).
+fn corpora() -> std::path::PathBuf {
+    std::env::var_os("STRATA_CORPORA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/corpora"))
+}
+
+/// Each built-in BPE as a Hugging Face tokenizer.json (what an export
+/// writes beside the model) encodes real text, code-like text and
+/// awkward whitespace and Unicode to exactly the ids strata's encoder
+/// gives, and names its special tokens. (Special-token text inside a
+/// document is the one difference, as in `transformers`' own GPT-2
+/// tokenizer: Hugging Face reads it as the special token, strata's
+/// dataset encoder as text.)
+#[test]
+fn built_in_tokenizers_as_tokenizer_json_encode_as_they_do() {
+    use strata_dataplane::tokenize::TokenizerKind;
+    let moby = std::fs::read_to_string(corpora().join("moby-dick/moby-dick.txt")).unwrap();
+    let mut texts: Vec<String> = moby
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .take(400)
+        .map(str::to_string)
+        .collect();
+    texts.extend(
+        [
+            "fn main() {\n    let x = 12345678;\r\n\tprintln!(\"{x}\");   \n}\n\n\n",
+            "  leading and trailing   ",
+            "I'm, you're, THEY'LL, it's: 'quoted' and 1,000,000.50 or 2024-12-04",
+            "naïve café — 白鯨 🐋 Ελληνικά русский עברית العربية",
+            "\u{a0}nbsp\u{2003}em\u{3000}ideographic",
+        ]
+        .map(str::to_string),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for kind in TokenizerKind::ALL {
+        let path = dir.path().join(format!("{}.json", kind.name()));
+        std::fs::write(&path, kind.hf_tokenizer_json().to_string()).unwrap();
+        let hf = TokenizerSpec::HuggingFace(path).load().unwrap();
+        let ours = kind.load();
+        assert_eq!(hf.eot_id(), ours.eot_id(), "{kind}");
+        assert_eq!(hf.vocab_size(), ours.vocab_size(), "{kind}");
+        for t in &texts {
+            assert_eq!(hf.encode(t), ours.encode(t), "{kind}: {t:?}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A trained model for the ecosystem, and its loss on given tokens.
 //!
-//! [`write_hf`] writes a Hugging Face Llama checkpoint (`config.json` and
-//! `model.safetensors`, sharded with an index when large) from the whole
+//! [`write_hf`] writes a Hugging Face Llama checkpoint (`config.json`,
+//! `generation_config.json` and `model.safetensors` in bf16 or f32,
+//! sharded with an index when large) from the whole
 //! model's master weights, which [`crate::checkpoint::read_rank`] gathers
 //! from any layout, under the names and `config.json` of the model's
 //! family ([`strata_dataplane::family`]). strata's parameters are Hugging
@@ -103,16 +104,71 @@ pub struct Exported {
     pub bytes: u64,
 }
 
-/// Writes `config.json` and the weights (f32) into `dir`: one
+/// The number type the exported weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// bfloat16, rounded to nearest even: what Hugging Face users
+    /// download, half the bytes.
+    Bf16,
+    /// float32: the master weights bit for bit.
+    F32,
+}
+
+impl WeightDtype {
+    /// The name `config.json`'s `torch_dtype` gives it.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::Bf16 => "bfloat16",
+            WeightDtype::F32 => "float32",
+        }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            WeightDtype::Bf16 => 2,
+            WeightDtype::F32 => 4,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            WeightDtype::F32 => bytemuck::cast_slice::<f32, u8>(values).to_vec(),
+            WeightDtype::Bf16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            WeightDtype::Bf16 => Dtype::BF16,
+            WeightDtype::F32 => Dtype::F32,
+        }
+    }
+}
+
+/// The tokens a generation starts and stops at, for `config.json` and
+/// `generation_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub bos: u32,
+    pub eos: u32,
+}
+
+/// Writes `config.json` and the weights (as `dtype`) into `dir`: one
 /// `model.safetensors`, or, past `max_shard_bytes`, shards
 /// `model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`,
-/// as `transformers` writes them.
+/// as `transformers` writes them; with `special`, their ids in the config
+/// and a `generation_config.json`.
 pub fn write_hf(
     dir: &Path,
     cfg: &ModelConfig,
     table: &ParamTable,
     master: &[f32],
     max_shard_bytes: u64,
+    dtype: WeightDtype,
+    special: Option<SpecialIds>,
 ) -> Result<Exported> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -126,7 +182,7 @@ pub fn write_hf(
     let mut shards: Vec<Vec<&HfTensor>> = vec![Vec::new()];
     let mut size = 0u64;
     for t in &tensors {
-        let b = 4 * t.data.len() as u64;
+        let b = dtype.bytes() * t.data.len() as u64;
         if size > 0 && size + b > max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
@@ -146,18 +202,12 @@ pub fn write_hf(
         };
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = shard
             .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    bytemuck::cast_slice::<f32, u8>(&t.data).to_vec(),
-                    t.shape.clone(),
-                )
-            })
+            .map(|t| (t.name.clone(), dtype.encode(&t.data), t.shape.clone()))
             .collect();
         let views: Vec<(String, TensorView<'_>)> = bytes
             .iter()
             .map(|(name, b, shape)| {
-                let v = TensorView::new(Dtype::F32, shape.clone(), b)
+                let v = TensorView::new(dtype.safetensors(), shape.clone(), b)
                     .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
                 Ok((name.clone(), v))
             })
@@ -179,8 +229,22 @@ pub fn write_hf(
         write_json(&path, &index)?;
         files.push("model.safetensors.index.json".into());
     }
+    let mut config = family.hf_config(cfg);
+    config["torch_dtype"] = json!(dtype.torch_name());
+    if let Some(ids) = special {
+        config["bos_token_id"] = json!(ids.bos);
+        config["eos_token_id"] = json!(ids.eos);
+        let generation = json!({
+            "bos_token_id": ids.bos,
+            "eos_token_id": ids.eos,
+            "max_length": cfg.max_seq_len,
+        });
+        let path = dir.join("generation_config.json");
+        write_json(&path, &generation)?;
+        files.push("generation_config.json".into());
+    }
     let path = dir.join("config.json");
-    write_json(&path, &family.hf_config(cfg))?;
+    write_json(&path, &config)?;
     files.push("config.json".into());
     Ok(Exported {
         dir: dir.to_path_buf(),
