@@ -1569,6 +1569,66 @@ async fn a_mixture_trains_each_source_its_share_and_resumes_with_new_weights() {
     for s in &resumed {
         check_shares(s, if s.step <= saved { &first } else { &later });
     }
+    // TensorBoard's own reader sees in the job's event files what
+    // `strata metrics --json` shows: one curve across the kill and the
+    // resume (the steps the first attempt ran past its checkpoint
+    // dropped), per-source and held-out losses included.
+    let events = Path::new(&j.run_dir).join("tensorboard");
+    let files = std::fs::read_dir(&events).unwrap().count();
+    assert_eq!(
+        files,
+        2,
+        "one event file per attempt in {}",
+        events.display()
+    );
+    if tensorboard_here() {
+        let tb = tb_read(&events);
+        let v = metrics_json(&c, &id);
+        let rows = v.as_array().unwrap();
+        let series = |tag: &str| -> Vec<(u64, f64)> {
+            tb[tag]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {tag} in {tb}"))
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        };
+        let same = |tag: &str, want: Vec<(u64, f64)>| {
+            let got = series(tag);
+            assert_eq!(
+                got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                want.iter().map(|p| p.0).collect::<Vec<_>>(),
+                "{tag}: steps"
+            );
+            for ((step, a), (_, b)) in got.iter().zip(&want) {
+                // Event files hold f32.
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+                    "{tag} at step {step}: tensorboard {a} vs strata {b}"
+                );
+            }
+        };
+        let column = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<(u64, f64)> {
+            rows.iter()
+                .filter_map(|r| Some((r["step"].as_u64()?, f(r)?)))
+                .collect()
+        };
+        assert_eq!(rows.len(), steps as usize);
+        same("train/loss", column(&|r| r["loss"].as_f64()));
+        same("train/lr", column(&|r| r["lr"].as_f64()));
+        same("train/tokens", column(&|r| r["tokens"].as_f64()));
+        same("train/grad_norm", column(&|r| r["grad_norm"].as_f64()));
+        same("perf/tokens_per_s", column(&|r| r["tokens_per_s"].as_f64()));
+        same("eval/loss", column(&|r| r["eval_loss"].as_f64()));
+        for (i, name) in ["web", "code", "math"].into_iter().enumerate() {
+            for field in ["loss", "tokens", "eval_loss"] {
+                same(
+                    &format!("sources/{name}/{field}"),
+                    column(&|r| r["sources"][i][field].as_f64()),
+                );
+            }
+        }
+    }
 
     // The same plan from the start: weights changing at that step.
     let phase = format!(
@@ -1698,6 +1758,39 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
     assert!(w["std"].as_f64().unwrap() > 0.0, "{w}");
     assert!(w["effective"].as_f64().unwrap() < 1.0, "{w}");
     c.stop().await;
+}
+
+/// Whether python3 has the `tensorboard` package (its event reader is
+/// the check); `STRATA_REQUIRE_TENSORBOARD` makes its absence a failure.
+fn tensorboard_here() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import tensorboard"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("STRATA_REQUIRE_TENSORBOARD").is_none(),
+            "STRATA_REQUIRE_TENSORBOARD is set and python3 cannot import tensorboard"
+        );
+        eprintln!("SKIPPED (the TensorBoard reader): python3 cannot import tensorboard");
+    }
+    ok
+}
+
+/// `scripts/tb_read.py`'s scalars of the event files in `dir`.
+fn tb_read(dir: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tb_read.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tb_read.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// `/metrics` once it shows `needle`, scraped while job `id` runs and has

@@ -4,7 +4,8 @@
 //! Types sit at the bottom and know nothing above them: [`job`] and
 //! [`sweep`] (the records), [`ranges`] (ranks named as ranges),
 //! [`error`], [`store`] (the durable store, one writer thread),
-//! [`placement`] and [`config`]. The [`engine`] alone owns the state —
+//! [`placement`] and [`config`], and [`tensorboard`] (each job's event
+//! files, one writer thread). The [`engine`] alone owns the state —
 //! queue, attempts, checkpoint commits, resume planning, sweeps — and
 //! decides under its lock, acting outside it. The adapters sit on top:
 //! [`rpc`] (the gRPC services, with every protobuf conversion in
@@ -25,6 +26,7 @@ pub mod server;
 pub mod startup;
 pub mod store;
 pub mod sweep;
+pub mod tensorboard;
 pub mod tls;
 
 pub use config::CoordinatorConfig;

@@ -373,6 +373,7 @@ impl Engine {
             state.attempts.insert(job_id.clone(), sup);
         }
         state.queue.retain(|q| q != id);
+        self.tensorboard.ended(id);
         match to {
             JobState::Failed => tracing::error!(job = %id, reason = %reason, "job failed"),
             _ => tracing::info!(job = %id, state = to.name(), reason = %reason, "job ended"),

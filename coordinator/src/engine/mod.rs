@@ -156,6 +156,8 @@ pub struct Engine {
     /// Actions decided under the lock, for the executor.
     actions: mpsc::UnboundedSender<Action>,
     actions_rx: Mutex<Option<mpsc::UnboundedReceiver<Action>>>,
+    /// Each job's TensorBoard event files, written off the lock.
+    tensorboard: Arc<crate::tensorboard::TensorBoard>,
 }
 
 /// The engine's state under its lock; the hold is measured when it ends.
@@ -301,6 +303,7 @@ impl Engine {
             parsed: Mutex::new(HashMap::new()),
             actions: tx,
             actions_rx: Mutex::new(Some(rx)),
+            tensorboard: crate::tensorboard::TensorBoard::start(),
         }))
     }
 

@@ -231,6 +231,16 @@ impl Engine {
             super::attempts::settle_attempt(job, w.attempt);
             job.job_id.clone()
         };
+        {
+            let job = state.jobs.get(w.job).expect("checked");
+            self.tensorboard.steps(
+                w.job,
+                &job.run_dir,
+                w.attempt,
+                job.recipe.clone(),
+                steps.clone(),
+            );
+        }
         let _ = self.store.submit(Write::Steps(id.clone(), steps.clone()))?;
         if let Some(tx) = state.watchers.get(w.job) {
             for s in &steps {
