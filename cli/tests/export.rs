@@ -37,58 +37,17 @@ fn json_of(args: &[&str]) -> serde_json::Value {
 
 /// Whether Python can load `transformers` models.
 fn transformers_here() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("STRATA_REQUIRE_TRANSFORMERS").is_none(),
-            "STRATA_REQUIRE_TRANSFORMERS is set and python3 cannot import torch and transformers"
-        );
-        eprintln!(
-            "SKIPPED (the transformers side): python3 cannot import torch and transformers (pip install torch transformers)"
-        );
-    }
-    ok
+    strata_tests::python::has("torch transformers", "STRATA_REQUIRE_TRANSFORMERS")
 }
 
 /// `scripts/hf_eval.py`'s loss of the export in `dir` on `tokens`.
 fn hf_loss(dir: &Path, tokens: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_eval.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(dir)
-        .arg(tokens)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hf_eval.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
+    strata_tests::python::script_json("hf_eval.py", &[dir, tokens])
 }
 
 /// `scripts/hf_generate.py`'s greedy generation from the export in `dir`.
 fn hf_generate(dir: &Path, prompt: &str) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(dir)
-        .arg(prompt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hf_generate.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
+    strata_tests::python::script_json("hf_generate.py", &[dir.as_os_str(), prompt.as_ref()])
 }
 
 /// Fixed token sequences of several lengths, ids below GPT-2's 50257.

@@ -1761,36 +1761,14 @@ async fn reweighting_trains_alike_under_any_layout_and_shows_its_spread() {
 }
 
 /// Whether python3 has the `tensorboard` package (its event reader is
-/// the check); `STRATA_REQUIRE_TENSORBOARD` makes its absence a failure.
+/// the check).
 fn tensorboard_here() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import tensorboard"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("STRATA_REQUIRE_TENSORBOARD").is_none(),
-            "STRATA_REQUIRE_TENSORBOARD is set and python3 cannot import tensorboard"
-        );
-        eprintln!("SKIPPED (the TensorBoard reader): python3 cannot import tensorboard");
-    }
-    ok
+    strata_tests::python::has("tensorboard", "STRATA_REQUIRE_TENSORBOARD")
 }
 
 /// `scripts/tb_read.py`'s scalars of the event files in `dir`.
 fn tb_read(dir: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tb_read.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tb_read.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    strata_tests::python::script_json("tb_read.py", &[dir])
 }
 
 /// `/metrics` once it shows `needle`, scraped while job `id` runs and has

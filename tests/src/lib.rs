@@ -1,6 +1,7 @@
 //! Helpers shared by strata's end-to-end tests.
 
 pub mod disk;
+pub mod python;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
