@@ -321,6 +321,98 @@ fn append(files: &mut HashMap<String, Open>, host: &str, r: &Report) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::StepTimes;
+
+    fn step(n: u64) -> StepRecord {
+        StepRecord {
+            step: n,
+            tokens: n * 128,
+            loss: 10.0 / n as f64,
+            lr: 1e-3,
+            tokens_per_s: 1000.0,
+            grad_norm: 1.0,
+            seq_log2: 6,
+            times: StepTimes::default(),
+            stages: Vec::new(),
+            bubble_theory: 0.0,
+            eval_loss: None,
+            peak_flops: None,
+            sources: Vec::new(),
+            weights: None,
+        }
+    }
+
+    /// The events of every record in `bytes`, each frame's CRCs checked.
+    fn events(bytes: &[u8]) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len_bytes = &bytes[at..at + 8];
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+            let crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            assert_eq!(crc, masked_crc(len_bytes));
+            let record = &bytes[at + 12..at + 12 + len];
+            let crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+            assert_eq!(crc, masked_crc(record));
+            out.push(<Event as prost::Message>::decode(record).unwrap());
+            at += 16 + len;
+        }
+        out
+    }
+
+    /// A running job's steps reach its file within the flush interval,
+    /// without its end; a second attempt gets a file of its own opening
+    /// with a restart at its first step.
+    #[test]
+    fn steps_reach_the_file_while_the_job_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().to_str().unwrap();
+        let tb = TensorBoard::start();
+        tb.steps("j", run, 1, None, vec![step(1), step(2)]);
+        std::thread::sleep(FLUSH_EVERY + Duration::from_secs(2));
+        let folder = dir.path().join("tensorboard");
+        let files: Vec<_> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1);
+        let e = events(&std::fs::read(&files[0]).unwrap());
+        assert_eq!(e[0].file_version.as_deref(), Some("brain.Event:2"));
+        assert_eq!(
+            e[1].session_log.as_ref().map(|l| l.status),
+            Some(SESSION_START)
+        );
+        assert_eq!(e[1].step, 1);
+        let steps: Vec<i64> = e[2..].iter().map(|x| x.step).collect();
+        assert_eq!(steps, [1, 2], "flushed before the job ended");
+        let loss = e[3]
+            .summary
+            .as_ref()
+            .unwrap()
+            .value
+            .iter()
+            .find(|v| v.tag == "train/loss");
+        assert_eq!(loss.unwrap().simple_value, Some(5.0));
+
+        // Attempt 2 from step 2, then the job's end.
+        tb.steps("j", run, 2, None, vec![step(2), step(3)]);
+        tb.ended("j");
+        drop(tb);
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut files: Vec<_> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 2);
+        let e = events(&std::fs::read(&files[1]).unwrap());
+        assert_eq!(
+            e[1].session_log.as_ref().map(|l| l.status),
+            Some(SESSION_START)
+        );
+        assert_eq!(e[1].step, 2);
+        assert_eq!(e[2..].iter().map(|x| x.step).collect::<Vec<_>>(), [2, 3]);
+    }
 
     #[test]
     fn records_are_framed_with_masked_crc32c() {
