@@ -232,12 +232,10 @@ impl TokenizerFiles {
             "model_max_length": max_len,
             "clean_up_tokenization_spaces": false,
         });
+        let config = serde_json::to_string_pretty(&config)? + "\n";
         for (name, bytes) in [
-            ("tokenizer.json", self.json.clone()),
-            (
-                "tokenizer_config.json",
-                (serde_json::to_string_pretty(&config)? + "\n").into_bytes(),
-            ),
+            ("tokenizer.json", self.json.as_slice()),
+            ("tokenizer_config.json", config.as_bytes()),
         ] {
             let path = dir.join(name);
             std::fs::write(&path, bytes)

@@ -579,6 +579,33 @@ pub struct StepRecord {
     pub weights: Option<SampleWeights>,
 }
 
+impl StepRecord {
+    /// Step `n` with plausible numbers (loss 10/n), for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(n: u64) -> StepRecord {
+        StepRecord {
+            step: n,
+            tokens: n * 128,
+            loss: 10.0 / n as f64,
+            lr: 1e-3,
+            tokens_per_s: 1000.0,
+            grad_norm: 1.0,
+            seq_log2: 6,
+            times: StepTimes::default(),
+            stages: vec![StageTimes {
+                stage: 0,
+                bubble: 0.25,
+                ..StageTimes::default()
+            }],
+            bubble_theory: 0.2,
+            eval_loss: Some(3.5),
+            peak_flops: Some(2e12),
+            sources: Vec::new(),
+            weights: None,
+        }
+    }
+}
+
 /// The spread of a step's per-sequence loss multipliers (each group's
 /// average is 1).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

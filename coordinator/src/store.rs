@@ -782,7 +782,7 @@ pub fn decode_step(b: &[u8]) -> Option<StepRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{StageTimes, StepTimes};
+    use crate::job::StageTimes;
 
     #[test]
     fn an_undecodable_record_is_skipped_not_fatal() {
@@ -815,7 +815,7 @@ mod tests {
 
     #[test]
     fn steps_are_kept_compact_and_exact_and_old_json_ones_still_read() {
-        let mut s = step(7);
+        let mut s = StepRecord::for_test(7);
         s.grad_norm = f64::INFINITY;
         s.loss = f64::NAN;
         s.stages = (0..16)
@@ -877,40 +877,25 @@ mod tests {
                 let tx = db.begin_write().unwrap();
                 tx.open_table(STEPS)
                     .unwrap()
-                    .insert(("old", 3), serde_json::to_vec(&step(3)).unwrap().as_slice())
+                    .insert(
+                        ("old", 3),
+                        serde_json::to_vec(&StepRecord::for_test(3))
+                            .unwrap()
+                            .as_slice(),
+                    )
                     .unwrap();
                 tx.commit().unwrap();
                 Ok(())
             })
             .unwrap();
-        assert_eq!(store.steps("old", 0, 0).unwrap(), vec![step(3)]);
+        assert_eq!(
+            store.steps("old", 0, 0).unwrap(),
+            vec![StepRecord::for_test(3)]
+        );
     }
 
     fn job(id: &str) -> Arc<JobRecord> {
         Arc::new(JobRecord::for_test(id))
-    }
-
-    fn step(n: u64) -> StepRecord {
-        StepRecord {
-            step: n,
-            tokens: n * 128,
-            loss: 10.0 / n as f64,
-            lr: 1e-3,
-            tokens_per_s: 1000.0,
-            grad_norm: 1.0,
-            seq_log2: 6,
-            times: StepTimes::default(),
-            stages: vec![StageTimes {
-                stage: 0,
-                bubble: 0.25,
-                ..StageTimes::default()
-            }],
-            bubble_theory: 0.2,
-            eval_loss: Some(3.5),
-            peak_flops: Some(2e12),
-            sources: Vec::new(),
-            weights: None,
-        }
     }
 
     fn put_steps(s: &Store, id: &str, steps: Vec<StepRecord>) {
@@ -921,12 +906,12 @@ mod tests {
     fn a_resumed_job_forgets_the_steps_after_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let steps: Vec<StepRecord> = (1..=6).map(step).collect();
+        let steps: Vec<StepRecord> = (1..=6).map(StepRecord::for_test).collect();
         put_steps(&store, "a", steps.clone());
         put_steps(&store, "b", steps);
         // Queued behind more steps of "a": the cut applies to them too.
         let _ = store
-            .submit(Write::Steps(JobId::new("a"), vec![step(7)]))
+            .submit(Write::Steps(JobId::new("a"), vec![StepRecord::for_test(7)]))
             .unwrap();
         store
             .put_blocking(Write::Truncate(JobId::new("a"), 4))
@@ -956,9 +941,17 @@ mod tests {
             let mut b = JobRecord::for_test("b-2");
             b.steps_done = 3;
             s.put_blocking(Write::Job(Arc::new(b))).unwrap();
-            put_steps(&s, "b-2", vec![step(1), step(2), step(3)]);
+            put_steps(
+                &s,
+                "b-2",
+                vec![
+                    StepRecord::for_test(1),
+                    StepRecord::for_test(2),
+                    StepRecord::for_test(3),
+                ],
+            );
             // Another job's steps never leak into this one's range.
-            put_steps(&s, "a-1", vec![step(1)]);
+            put_steps(&s, "a-1", vec![StepRecord::for_test(1)]);
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.next_job_number().unwrap(), 3);
@@ -967,11 +960,21 @@ mod tests {
         assert_eq!(jobs[1].steps_done, 3);
         assert_eq!(
             s.steps("b-2", 0, 0).unwrap(),
-            vec![step(1), step(2), step(3)]
+            vec![
+                StepRecord::for_test(1),
+                StepRecord::for_test(2),
+                StepRecord::for_test(3)
+            ]
         );
-        assert_eq!(s.steps("b-2", 2, 0).unwrap(), vec![step(2), step(3)]);
-        assert_eq!(s.steps("b-2", 0, 2).unwrap(), vec![step(1), step(2)]);
-        assert_eq!(s.steps("a-1", 0, 0).unwrap(), vec![step(1)]);
+        assert_eq!(
+            s.steps("b-2", 2, 0).unwrap(),
+            vec![StepRecord::for_test(2), StepRecord::for_test(3)]
+        );
+        assert_eq!(
+            s.steps("b-2", 0, 2).unwrap(),
+            vec![StepRecord::for_test(1), StepRecord::for_test(2)]
+        );
+        assert_eq!(s.steps("a-1", 0, 0).unwrap(), vec![StepRecord::for_test(1)]);
         assert!(s.steps("nope", 0, 0).unwrap().is_empty());
     }
 
@@ -979,7 +982,7 @@ mod tests {
     fn a_long_history_is_sampled_with_its_last_step() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        put_steps(&s, "a", (1..=1000).map(step).collect());
+        put_steps(&s, "a", (1..=1000).map(StepRecord::for_test).collect());
         let got: Vec<u64> = s
             .sample_steps("a", 1, 1000, 100)
             .unwrap()

@@ -321,26 +321,6 @@ fn append(files: &mut HashMap<String, Open>, host: &str, r: &Report) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::StepTimes;
-
-    fn step(n: u64) -> StepRecord {
-        StepRecord {
-            step: n,
-            tokens: n * 128,
-            loss: 10.0 / n as f64,
-            lr: 1e-3,
-            tokens_per_s: 1000.0,
-            grad_norm: 1.0,
-            seq_log2: 6,
-            times: StepTimes::default(),
-            stages: Vec::new(),
-            bubble_theory: 0.0,
-            eval_loss: None,
-            peak_flops: None,
-            sources: Vec::new(),
-            weights: None,
-        }
-    }
 
     /// The events of every record in `bytes`, each frame's CRCs checked.
     fn events(bytes: &[u8]) -> Vec<Event> {
@@ -368,7 +348,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().to_str().unwrap();
         let tb = TensorBoard::start();
-        tb.steps("j", run, 1, None, vec![step(1), step(2)]);
+        tb.steps(
+            "j",
+            run,
+            1,
+            None,
+            vec![StepRecord::for_test(1), StepRecord::for_test(2)],
+        );
         std::thread::sleep(FLUSH_EVERY + Duration::from_secs(2));
         let folder = dir.path().join("tensorboard");
         let files: Vec<_> = std::fs::read_dir(&folder)
@@ -395,7 +381,13 @@ mod tests {
         assert_eq!(loss.unwrap().simple_value, Some(5.0));
 
         // Attempt 2 from step 2, then the job's end.
-        tb.steps("j", run, 2, None, vec![step(2), step(3)]);
+        tb.steps(
+            "j",
+            run,
+            2,
+            None,
+            vec![StepRecord::for_test(2), StepRecord::for_test(3)],
+        );
         tb.ended("j");
         drop(tb);
         std::thread::sleep(Duration::from_millis(1500));

@@ -177,6 +177,15 @@ impl Source {
     }
 }
 
+/// The error for the file or object named `name` that cannot be read as
+/// strata reads it.
+fn unreadable(name: &str) -> impl FnOnce(String) -> CorpusError + '_ {
+    move |why| CorpusError::Unreadable {
+        path: PathBuf::from(name),
+        why,
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
     move |source| CorpusError::Io {
         path: path.to_path_buf(),
@@ -263,12 +272,7 @@ impl Folder<'_> {
             Folder::Remote(at) => {
                 let (bytes, head) = at.head_bytes(rel, formats::HEAD_BYTES as u64).await?;
                 let name = at.url_of(rel);
-                let kind = formats::kind_of(Path::new(rel), &head).map_err(|why| {
-                    CorpusError::Unreadable {
-                        path: PathBuf::from(&name),
-                        why,
-                    }
-                })?;
+                let kind = formats::kind_of(Path::new(rel), &head).map_err(unreadable(&name))?;
                 Ok(Source {
                     place: Place::Remote {
                         at: at.clone(),
@@ -300,26 +304,17 @@ impl Folder<'_> {
         {
             let name = self.name_of(rel);
             let text = self.read(rel).await?;
-            let unreadable = |why| CorpusError::Unreadable {
-                path: PathBuf::from(&name),
-                why,
-            };
-            if let Some(s) = formats::saved_dataset(&text, &name).map_err(unreadable)? {
+            if let Some(s) = formats::saved_dataset(&text, &name).map_err(unreadable(&name))? {
                 let dir = rel.strip_suffix("state.json").unwrap_or_default();
                 saved.push((dir.to_string(), s));
             }
         }
-        let paths = arrange(&all, &saved).map_err(|(rel, why)| CorpusError::Unreadable {
-            path: PathBuf::from(self.name_of(&rel)),
-            why,
-        })?;
+        let paths =
+            arrange(&all, &saved).map_err(|(rel, why)| unreadable(&self.name_of(&rel))(why))?;
         let splits = if all.iter().any(|p| p == "dataset_dict.json") {
             let name = self.name_of("dataset_dict.json");
             let text = self.read("dataset_dict.json").await?;
-            splits::of_dict(&paths, &text, &name).map_err(|why| CorpusError::Unreadable {
-                path: PathBuf::from(&name),
-                why,
-            })?
+            splits::of_dict(&paths, &text, &name).map_err(unreadable(&name))?
         } else if let Some((_, s)) = saved.iter().find(|(dir, _)| dir.is_empty()) {
             let name = s.split.clone().unwrap_or_else(|| "train".into());
             Splits {
@@ -490,13 +485,14 @@ impl Corpus {
         for input in inputs {
             let split = options.split.as_deref();
             let (mut found, unclaimed, folder) = match input {
-                Input::Path(p) if !std::fs::metadata(p).map_err(io(p))?.is_dir() => {
-                    let len = std::fs::metadata(p).map_err(io(p))?.len();
-                    (vec![local_source(p, len)?], Vec::new(), false)
-                }
                 Input::Path(p) => {
-                    let (found, unclaimed) = Folder::Local(p).sources(split).await?;
-                    (found, unclaimed, true)
+                    let meta = std::fs::metadata(p).map_err(io(p))?;
+                    if meta.is_dir() {
+                        let (found, unclaimed) = Folder::Local(p).sources(split).await?;
+                        (found, unclaimed, true)
+                    } else {
+                        (vec![local_source(p, meta.len())?], Vec::new(), false)
+                    }
                 }
                 Input::Store(at) => {
                     let (found, unclaimed) = Folder::Remote(at).sources(split).await?;

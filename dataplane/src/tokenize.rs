@@ -220,15 +220,22 @@ impl Tokenizer {
         ids
     }
 
+    /// A built-in BPE's special tokens (none for a Hugging Face one).
+    fn builtin_specials(&self) -> &'static [(u32, &'static str)] {
+        self.name
+            .parse::<TokenizerKind>()
+            .map_or(&[], TokenizerKind::special_tokens)
+    }
+
     /// The id of the token whose text is `token` (a special token such as
     /// `<s>`), when the tokenizer has one.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         match &self.inner {
             Inner::HuggingFace(hf) => hf.token_to_id(token),
-            Inner::R50k(_) | Inner::Tiktoken(_) => TokenizerKind::ALL
-                .into_iter()
-                .find(|k| k.name() == self.name)
-                .and_then(|k| k.special_tokens().iter().find(|t| t.1 == token))
+            Inner::R50k(_) | Inner::Tiktoken(_) => self
+                .builtin_specials()
+                .iter()
+                .find(|t| t.1 == token)
                 .map(|t| t.0),
         }
     }
@@ -237,10 +244,10 @@ impl Tokenizer {
     pub fn token_text(&self, id: u32) -> Option<String> {
         match &self.inner {
             Inner::HuggingFace(hf) => hf.id_to_token(id),
-            Inner::R50k(_) | Inner::Tiktoken(_) => TokenizerKind::ALL
-                .into_iter()
-                .find(|k| k.name() == self.name)
-                .and_then(|k| k.special_tokens().iter().find(|t| t.0 == id))
+            Inner::R50k(_) | Inner::Tiktoken(_) => self
+                .builtin_specials()
+                .iter()
+                .find(|t| t.0 == id)
                 .map(|t| t.1.to_string()),
         }
     }

@@ -393,29 +393,26 @@ mod tests {
         // The text submitted parses to the same recipe.
         assert_eq!(crate::Recipe::from_toml_str(&text, "x").unwrap(), r);
 
-        let e = crate::Recipe::from_toml_with(RECIPE, "x", &[set("optimizer.lrr=1e-3")])
-            .unwrap_err()
-            .to_string();
+        let refused = |s: &str| {
+            crate::Recipe::from_toml_with(RECIPE, "x", &[set(s)])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("optimizer.lrr=1e-3");
         assert!(
             e.contains("optimizer.lrr") && e.contains("did you mean `optimizer.lr`?"),
             "{e}"
         );
-        let e = crate::Recipe::from_toml_with(RECIPE, "x", &[set("paralel.tp=2")])
-            .unwrap_err()
-            .to_string();
+        let e = refused("paralel.tp=2");
         assert!(e.contains("did you mean `parallel.tp`?"), "{e}");
         // Typed like the file: a string where a number goes.
-        let e = crate::Recipe::from_toml_with(RECIPE, "x", &[set("parallel.tp=two")])
-            .unwrap_err()
-            .to_string();
+        let e = refused("parallel.tp=two");
         assert!(
             e.contains("parallel.tp") && e.contains("(from --set parallel.tp=\"two\")"),
             "{e}"
         );
         // Validated like the file: a layout that does not divide.
-        let e = crate::Recipe::from_toml_with(RECIPE, "x", &[set("parallel.tp=3")])
-            .unwrap_err()
-            .to_string();
+        let e = refused("parallel.tp=3");
         assert!(e.contains("(from --set parallel.tp=3)"), "{e}");
         // Without overrides the text is the file's, comments and all.
         let (_, same) = crate::Recipe::from_toml_with(RECIPE, "x", &[]).unwrap();

@@ -317,6 +317,8 @@ impl HfModel {
     pub fn read(&self, cfg: &ModelConfig, table: &ParamTable) -> Result<Vec<f32>> {
         let fam = family::of(cfg);
         let mut out = vec![0f32; table.total];
+        // Each weights file opened once for all the slots it holds.
+        let mut open: HashMap<&Path, File> = HashMap::new();
         for slot in &table.slots {
             let (name, transposed) = fam.hf_name(&slot.spec.name).ok_or_else(|| {
                 file_error(&self.dir)(format!("{}: no Hugging Face name", slot.spec.name))
@@ -331,63 +333,70 @@ impl HfModel {
                 .tensors
                 .get(&name)
                 .ok_or_else(|| file_error(&self.dir)(format!("no tensor {name}")))?;
-            let values = self.read_slot(slot, &name, stored, transposed)?;
+            let f = match open.entry(stored.file.as_path()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    File::open(&stored.file)
+                        .map_err(|e| file_error(&stored.file)(e.to_string()))?,
+                ),
+            };
+            let values = read_slot(f, slot, &name, stored, transposed)?;
             out[slot.range()].copy_from_slice(&values);
         }
         Ok(out)
     }
+}
 
-    /// `slot`'s part of the tensor `stored`, in strata's orientation.
-    fn read_slot(
-        &self,
-        slot: &ParamSlot,
-        name: &str,
-        stored: &Stored,
-        transposed: bool,
-    ) -> Result<Vec<f32>> {
-        let full = &slot.spec.full_shape;
-        let expect: Vec<usize> = if transposed {
-            full.iter().rev().copied().collect()
-        } else {
-            full.clone()
-        };
-        let bad = file_error(&stored.file);
-        if stored.shape != expect {
-            return Err(bad(format!(
-                "{name} is {:?}, the model's {} needs {expect:?}",
-                stored.shape, slot.spec.name
-            )));
-        }
-        let f = File::open(&stored.file).map_err(|e| bad(e.to_string()))?;
-        let b = stored.dtype.bytes();
-        // Rows of the stored tensor to read, and the columns of each.
-        let (rows, cols) = match (slot.slice.as_slice(), transposed) {
-            ([r], _) => (0..1, r.clone()),
-            ([r, c], false) => (r.clone(), c.clone()),
-            ([r, c], true) => (c.clone(), r.clone()),
-            _ => return Err(bad(format!("{name}: more than two dimensions"))),
-        };
-        let width = *stored.shape.last().expect("a shape");
-        let mut read = Vec::with_capacity(rows.len() * cols.len());
-        let mut buf = vec![0u8; cols.len() * b];
-        for row in rows.clone() {
-            let at = stored.start + ((row * width + cols.start) * b) as u64;
-            f.read_exact_at(&mut buf, at)
-                .map_err(|e| bad(format!("{name}: {e}")))?;
-            stored.dtype.widen(&buf, &mut read);
-        }
-        if !transposed || slot.slice.len() == 1 {
-            return Ok(read);
-        }
-        // `read` is [rows of the stored tensor][cols]; strata's part is
-        // its transpose.
-        let (r, c) = (rows.len(), cols.len());
-        let mut t = vec![0f32; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                t[j * r + i] = read[i * c + j];
-            }
-        }
-        Ok(t)
+/// `slot`'s part of the tensor `stored` (in the open file `f`), in
+/// strata's orientation.
+fn read_slot(
+    f: &File,
+    slot: &ParamSlot,
+    name: &str,
+    stored: &Stored,
+    transposed: bool,
+) -> Result<Vec<f32>> {
+    let full = &slot.spec.full_shape;
+    let expect: Vec<usize> = if transposed {
+        full.iter().rev().copied().collect()
+    } else {
+        full.clone()
+    };
+    let bad = file_error(&stored.file);
+    if stored.shape != expect {
+        return Err(bad(format!(
+            "{name} is {:?}, the model's {} needs {expect:?}",
+            stored.shape, slot.spec.name
+        )));
     }
+    let b = stored.dtype.bytes();
+    // Rows of the stored tensor to read, and the columns of each.
+    let (rows, cols) = match (slot.slice.as_slice(), transposed) {
+        ([r], _) => (0..1, r.clone()),
+        ([r, c], false) => (r.clone(), c.clone()),
+        ([r, c], true) => (c.clone(), r.clone()),
+        _ => return Err(bad(format!("{name}: more than two dimensions"))),
+    };
+    let width = *stored.shape.last().expect("a shape");
+    let mut read = Vec::with_capacity(rows.len() * cols.len());
+    let mut buf = vec![0u8; cols.len() * b];
+    for row in rows.clone() {
+        let at = stored.start + ((row * width + cols.start) * b) as u64;
+        f.read_exact_at(&mut buf, at)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
+        stored.dtype.widen(&buf, &mut read);
+    }
+    if !transposed || slot.slice.len() == 1 {
+        return Ok(read);
+    }
+    // `read` is [rows of the stored tensor][cols]; strata's part is
+    // its transpose.
+    let (r, c) = (rows.len(), cols.len());
+    let mut t = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            t[j * r + i] = read[i * c + j];
+        }
+    }
+    Ok(t)
 }

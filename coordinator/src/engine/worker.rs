@@ -229,10 +229,6 @@ impl Engine {
                 a.from_step = step;
             }
             super::attempts::settle_attempt(job, w.attempt);
-            job.job_id.clone()
-        };
-        {
-            let job = state.jobs.get(w.job).expect("checked");
             self.tensorboard.steps(
                 w.job,
                 &job.run_dir,
@@ -240,7 +236,8 @@ impl Engine {
                 job.recipe.clone(),
                 steps.clone(),
             );
-        }
+            job.job_id.clone()
+        };
         let _ = self.store.submit(Write::Steps(id.clone(), steps.clone()))?;
         if let Some(tx) = state.watchers.get(w.job) {
             for s in &steps {
