@@ -87,31 +87,9 @@ impl CheckpointRef {
 
     async fn load(&self) -> anyhow::Result<Loaded> {
         let url = self.url().await?;
-        // `…/JOB/step-NNNNNNNN`: the job's folder and the step's.
-        let (root_url, dir) = url
-            .rsplit_once('/')
-            .filter(|(_, d)| d.starts_with("step-"))
-            .ok_or_else(|| {
-                UserError(format!(
-                    "{url}: not a checkpoint folder (…/JOB/step-NNNNNNNN)"
-                ))
-            })?;
-        let loc =
-            Location::parse(root_url, false).map_err(|e| UserError(format!("{root_url}: {e}")))?;
-        let (found, unreadable) = ckpt::list(&loc, "")
+        let (loc, manifest) = ckpt::open_step(&url)
             .await
-            .with_context(|| format!("listing the checkpoints in {root_url}"))?;
-        let manifest = found
-            .into_iter()
-            .find(|m| ckpt::step_dir(m.step) == dir)
-            .ok_or_else(|| {
-                let why = unreadable
-                    .iter()
-                    .find(|(u, _)| u.contains(dir))
-                    .map(|(_, w)| format!(": its manifest is unreadable ({w})"))
-                    .unwrap_or_else(|| ": no manifest (incomplete or deleted)".into());
-                UserError(format!("{url} is not a complete checkpoint{why}"))
-            })?;
+            .map_err(|e| UserError(e.to_string()))?;
         let table = ParamTable::whole(&manifest.model);
         let restored = read_rank(&loc, "", &manifest, &table)
             .await

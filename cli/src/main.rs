@@ -7,6 +7,7 @@ mod demo;
 mod export;
 mod fit;
 mod format;
+mod import;
 mod jobs;
 mod plan;
 mod plot;
@@ -168,6 +169,9 @@ enum Command {
     /// Write a checkpoint as a Hugging Face Llama (config.json,
     /// model.safetensors), gathered from any layout.
     Export(export::ExportArgs),
+    /// Write a Hugging Face Llama folder as a strata checkpoint (step 0)
+    /// in a recipe's layout, checked against its [model].
+    Import(import::ImportArgs),
     /// A checkpoint's mean next-token loss on exact token sequences or a
     /// text file.
     Eval(export::EvalArgs),
@@ -263,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Top(args) => top::run(args),
         Command::Export(args) => export::export(args),
         Command::Eval(args) => export::eval(args),
+        Command::Import(args) => import::import(args),
         Command::Fit(args) => fit::run(args),
         Command::Results(args) => results::run(args),
         Command::Sweep(args) => sweep::run(args),

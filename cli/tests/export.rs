@@ -372,3 +372,354 @@ async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
     assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
     c.stop().await;
 }
+
+/// `scripts/hf_make.py`: a random Llama saved by transformers in `dir`,
+/// shaped as [`recipe3d`]'s model.
+fn hf_make(dir: &Path, tied: bool, dtype: &str, vocab: u64) -> serde_json::Value {
+    let config = serde_json::json!({
+        "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 32, "vocab_size": vocab,
+        "max_position_embeddings": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tied,
+    })
+    .to_string();
+    strata_tests::python::script_json(
+        "hf_make.py",
+        &[
+            dir.to_str().unwrap(),
+            &config,
+            "--dtype",
+            dtype,
+            "--max-shard-size",
+            "1MB",
+        ],
+    )
+}
+
+/// Every parameter of the Hugging Face folder `dir`, as strata reads it.
+async fn hf_weights(dir: &Path, model: &strata_recipe::ModelConfig) -> Vec<f32> {
+    use strata_dataplane::hf_model::HfModel;
+    let loc = strata_dataplane::store::Location::parse(dir.to_str().unwrap(), false).unwrap();
+    let hf = HfModel::open(loc).await.unwrap();
+    hf.read(model, &strata_worker::params::ParamTable::whole(model))
+        .await
+        .unwrap()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hugging_face_weights_import_into_any_layout_and_start_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
+        .await
+        .unwrap();
+    let mut cl = client(&c).await;
+    let url = format!("http://{}", c.addr);
+    let tokens = sequences(dir.path());
+    let tokens = tokens.to_str().unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let ck = dir.path().join("ck");
+    let recipe = |steps: u64, layout: (u32, u32, u32), tied: bool, name: &str| {
+        recipe3d(&data, steps, layout, tied)
+            .replace("name = \"layout", &format!("name = \"{name}"))
+            .replace("lr = 3e-3", "lr = 1e-2")
+    };
+    let write_recipe = |text: &str, name: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        path(&p)
+    };
+
+    // The parent: 40 steps from random weights, exported in f32 with its
+    // tokenizer.
+    let parent_spec = format!(
+        "{}[checkpoint]\nevery_steps = 40\ndir = \"file://{}\"\n",
+        recipe(40, (1, 1, 1), false, "parent"),
+        ck.display()
+    );
+    let parent = submit(&mut cl, parent_spec).await.unwrap();
+    let j = ended(&mut cl, &parent, 300).await;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{}", j.failure_reason);
+    let hf = dir.path().join("hf-parent");
+    json_of(&[
+        "export",
+        &parent,
+        "--coordinator",
+        &url,
+        "--out",
+        &path(&hf),
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    let parent_eval = json_of(&[
+        "eval",
+        &parent,
+        "--coordinator",
+        &url,
+        "--tokens",
+        tokens,
+        "--json",
+    ]);
+
+    // HF -> strata (written in (2,2,1) and (1,2,2)) -> HF gives the same
+    // bytes, and strata eval of the import the parent's loss exactly.
+    for layout in [(2, 2, 1), (1, 2, 2)] {
+        let what = format!("{layout:?}");
+        let r = write_recipe(
+            &recipe(40, layout, false, "imported"),
+            &format!("import-{}-{}-{}", layout.0, layout.1, layout.2),
+        );
+        let out = dir
+            .path()
+            .join(format!("imported-{}{}{}", layout.0, layout.1, layout.2));
+        let i = json_of(&[
+            "import",
+            &path(&hf),
+            "--recipe",
+            &r,
+            "--out",
+            &path(&out),
+            "--json",
+        ]);
+        assert_eq!(
+            i["files"],
+            2 * layout.0 * layout.1,
+            "{what}: a model and an optimizer file per (pp, tp) rank: {i}"
+        );
+        assert!(
+            i["tokenizer"].as_str().unwrap().starts_with("the same as"),
+            "{what}: {i}"
+        );
+        let step0 = path(&out.join("step-00000000"));
+        let back = dir
+            .path()
+            .join(format!("back-{}{}{}", layout.0, layout.1, layout.2));
+        let e = json_of(&[
+            "export",
+            "--checkpoint",
+            &step0,
+            "--out",
+            &path(&back),
+            "--dtype",
+            "f32",
+            "--json",
+        ]);
+        assert_eq!(e["step"], 0, "{what}");
+        assert!(
+            std::fs::read(hf.join("model.safetensors")).unwrap()
+                == std::fs::read(back.join("model.safetensors")).unwrap(),
+            "{what}: the round trip changed model.safetensors"
+        );
+        let ev = json_of(&["eval", "--checkpoint", &step0, "--tokens", tokens, "--json"]);
+        assert_eq!(ev["loss"], parent_eval["loss"], "{what}");
+        // A second import into the same folder is refused; the first stays.
+        let (ok, _, err) = strata(&["import", &path(&hf), "--recipe", &r, "--out", &path(&out)]);
+        assert!(!ok && err.contains("already holds a checkpoint"), "{err}");
+        assert!(out.join("step-00000000/manifest.json").is_file());
+    }
+
+    // A child continues pretraining from the parent's export under
+    // (2,2,1), another from its import under (1,2,2): both start at the
+    // parent's loss, not at a random model's.
+    let imported = path(&dir.path().join("imported-221").join("step-00000000"));
+    let mut firsts = Vec::new();
+    for (layout, from) in [
+        ((2, 2, 1), format!("hf:{}", path(&hf))),
+        ((1, 2, 2), imported.clone()),
+    ] {
+        let spec = format!(
+            "{}[init]\nfrom = \"{from}\"\n",
+            recipe(4, layout, false, "child")
+        );
+        let id = submit(&mut cl, spec).await.unwrap();
+        let j = ended(&mut cl, &id, 300).await;
+        assert_eq!(
+            j.state(),
+            pb::JobState::Succeeded,
+            "{from}: {}",
+            j.failure_reason
+        );
+        firsts.push(metrics(&mut cl, &id).await[0].loss);
+    }
+    let p = metrics(&mut cl, &parent).await;
+    let tail = p[36..].iter().map(|s| s.loss).sum::<f64>() / 4.0;
+    eprintln!(
+        "parent: step 1 {:.4}, steps 37-40 {tail:.4}; children's step 1: {:.4} (hf, 2-2-1), {:.4} (import, 1-2-2)",
+        p[0].loss, firsts[0], firsts[1]
+    );
+    // The child's first batch is the parent's first, which the parent
+    // trained on 40 steps earlier: near the parent's last losses (below
+    // them, if anything), far from a random model's 10.8.
+    for f in &firsts {
+        assert!(
+            (f - tail).abs() < 1.0 && *f < p[0].loss - 3.0,
+            "a child's first loss {f}: the parent began at {} and ended near {tail}",
+            p[0].loss
+        );
+    }
+    assert!(
+        relative(firsts[0], firsts[1]) < 1e-4,
+        "the same weights and data under two layouts: {firsts:?}"
+    );
+
+    // Refusals name the culprit.
+    let kv4 = format!(
+        "{}[init]\nfrom = \"hf:{}\"\n",
+        recipe(4, (1, 1, 1), false, "kv4").replace("n_kv_heads = 2", "n_kv_heads = 4"),
+        path(&hf)
+    );
+    let e = submit(&mut cl, kv4).await.unwrap_err();
+    assert!(
+        e.message().contains("init.from")
+            && e.message()
+                .contains("num_key_value_heads is 2, model.n_kv_heads is 4"),
+        "{e:?}"
+    );
+    let tied = write_recipe(&recipe(4, (1, 1, 1), true, "tied"), "tied");
+    let (ok, _, err) = strata(&[
+        "import",
+        &path(&hf),
+        "--recipe",
+        &tied,
+        "--out",
+        &path(&dir.path().join("never")),
+    ]);
+    assert!(
+        !ok && err.contains("tie_word_embeddings is false, model.tie_embeddings is true"),
+        "{err}"
+    );
+    let bad_from = format!(
+        "{}[init]\nfrom = \"gs://x/y\"\n",
+        recipe(4, (1, 1, 1), false, "bad")
+    );
+    let e = submit(&mut cl, bad_from).await.unwrap_err();
+    assert!(e.message().contains("init.from"), "{e:?}");
+    // Another tokenizer: one token's text changed.
+    let other = dir.path().join("hf-other-tokenizer");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(&hf).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, other.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tj["model"]["vocab"].as_object_mut().unwrap();
+    let token = vocab
+        .iter()
+        .find(|(_, id)| id.as_u64() == Some(1000))
+        .map(|(t, _)| t.clone())
+        .unwrap();
+    vocab.remove(&token);
+    vocab.insert("not-r50k".into(), 1000.into());
+    std::fs::write(other.join("tokenizer.json"), tj.to_string()).unwrap();
+    let e = submit(
+        &mut cl,
+        format!(
+            "{}[init]\nfrom = \"hf:{}\"\n",
+            recipe(4, (1, 1, 1), false, "tok"),
+            path(&other)
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.message()
+            .contains("is not the tokenizer of the dataset (r50k)")
+            && e.message().contains("id 1000 is \"not-r50k\""),
+        "{e:?}"
+    );
+
+    // Folders transformers wrote itself (bf16, tied, 50304 rows; f32
+    // sharded, untied, GPT-2's 50257 rows unpadded): imported under (2,2,1)
+    // and (1,2,2), strata eval gives transformers' loss, and the export
+    // gives back the same numbers.
+    if transformers_here() {
+        for (tied, layout, dtype, vocab) in [
+            (true, (2, 2, 1), "bfloat16", 50304),
+            (false, (1, 2, 2), "float32", 50257),
+        ] {
+            let what = format!("tied={tied} {layout:?} {dtype} vocab {vocab}");
+            let made = dir.path().join(format!("made-{tied}"));
+            let m = hf_make(&made, tied, dtype, vocab);
+            let mut text = recipe(40, layout, tied, "made");
+            if vocab == 50257 {
+                // As the refusal says: strata's padding would add 47 rows.
+                let r = write_recipe(&text, "made-padded");
+                let (ok, _, err) = strata(&[
+                    "import",
+                    &path(&made),
+                    "--recipe",
+                    &r,
+                    "--out",
+                    &path(&dir.path().join("never")),
+                ]);
+                assert!(
+                    !ok && err.contains(
+                        "vocab_size is 50257, strata's model has 50304 rows (model.vocab_size 50257 padded); for 50257 rows set model.vocab_size = 50257 and model.vocab_multiple = 1"
+                    ),
+                    "{err}"
+                );
+                text = text.replace(
+                    "vocab_size = 50257\n",
+                    "vocab_size = 50257\nvocab_multiple = 1\n",
+                );
+            }
+            let model = strata_recipe::Recipe::from_toml_str(&text, "made")
+                .unwrap()
+                .model;
+            let r = write_recipe(&text, &format!("made-{tied}"));
+            let out = dir.path().join(format!("made-ck-{tied}"));
+            let i = json_of(&[
+                "import",
+                &path(&made),
+                "--recipe",
+                &r,
+                "--out",
+                &path(&out),
+                "--json",
+            ]);
+            assert!(
+                i["tokenizer"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no tokenizer.json"),
+                "{what}: {i}"
+            );
+            let step0 = path(&out.join("step-00000000"));
+            let ours = json_of(&["eval", "--checkpoint", &step0, "--tokens", tokens, "--json"]);
+            let ours = ours["loss"].as_f64().unwrap();
+            let theirs = hf_loss(&made, Path::new(tokens))["loss"].as_f64().unwrap();
+            eprintln!("import {what} ({m}): strata {ours:.8} transformers {theirs:.8}");
+            assert!(
+                relative(ours, theirs) < 1e-4,
+                "{what}: strata {ours} vs transformers {theirs}"
+            );
+            let back = dir.path().join(format!("made-back-{tied}"));
+            let export_dtype = if dtype == "float32" { "f32" } else { "bf16" };
+            json_of(&[
+                "export",
+                "--checkpoint",
+                &step0,
+                "--out",
+                &path(&back),
+                "--dtype",
+                export_dtype,
+                "--json",
+            ]);
+            assert!(
+                same_bits(
+                    &hf_weights(&made, &model).await,
+                    &hf_weights(&back, &model).await
+                ),
+                "{what}: the exported weights differ from transformers'"
+            );
+        }
+    }
+    c.stop().await;
+}

@@ -448,6 +448,43 @@ pub async fn write_manifest(loc: &Location, root: &str, manifest: &Manifest) -> 
     Ok(())
 }
 
+/// The complete checkpoint in the step folder `url` (`…/JOB/step-NNNNNNNN`,
+/// a path, `file://` or `s3://` URL): its job folder and its manifest.
+pub async fn open_step(url: &str) -> Result<(Location, Manifest)> {
+    let url = url.trim_end_matches('/');
+    let (root_url, dir) = url
+        .rsplit_once('/')
+        .filter(|(_, d)| d.starts_with("step-"))
+        .ok_or_else(|| {
+            CheckpointError::Invalid(format!(
+                "{url}: not a checkpoint folder (…/JOB/step-NNNNNNNN)"
+            ))
+        })?;
+    let loc = Location::parse(root_url, false)?;
+    let key = format!("{dir}/manifest.json");
+    let bytes = match loc.get(&key).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(CheckpointError::Invalid(format!(
+                "{url} is not a complete checkpoint: no manifest (incomplete or deleted)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        CheckpointError::Invalid(format!(
+            "{url} is not a complete checkpoint: its manifest is unreadable ({e})"
+        ))
+    })?;
+    if step_dir(manifest.step) != dir {
+        return Err(CheckpointError::Invalid(format!(
+            "{url}: its manifest says step {}",
+            manifest.step
+        )));
+    }
+    Ok((loc, manifest))
+}
+
 /// The complete checkpoints under `root`, oldest first, and the manifests
 /// that could not be read (key and why).
 pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {

@@ -33,6 +33,7 @@ pub mod corpus;
 pub mod decompose;
 pub mod family;
 pub mod formats;
+pub mod hf_model;
 pub mod hf_tokenizer;
 pub mod loader;
 pub mod manifest;

@@ -271,6 +271,20 @@ impl Location {
         Ok((meta.size, head))
     }
 
+    /// The bytes of `ranges` of the object at `key`, in order: positioned
+    /// reads of a local file; on S3, requests for nearby ranges merged
+    /// (object_store coalesces gaps under 1 MiB).
+    pub async fn get_ranges(
+        &self,
+        key: &str,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        self.store
+            .get_ranges(&self.path(key), ranges)
+            .await
+            .map_err(|e| self.io(key, e))
+    }
+
     /// Copies the object at `key` into the local file `to` as it arrives,
     /// never holding more of it than one chunk (written as it comes: for
     /// callers that read local files in place anyway).

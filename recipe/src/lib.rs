@@ -254,6 +254,65 @@ impl Default for FaultConfig {
     }
 }
 
+/// `[init] from`: where a run's first weights come from (the optimizer
+/// state starts fresh and the run at step 0, as torchtitan's
+/// `initial_load_model_only`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitFrom {
+    /// A Hugging Face `LlamaForCausalLM` folder's URL (a path, `file://`
+    /// or `s3://`).
+    HuggingFace(String),
+    /// A strata checkpoint's step folder (`…/JOB/step-NNNNNNNN`): its
+    /// master weights, resharded to the run's layout.
+    Checkpoint(String),
+}
+
+impl InitFrom {
+    /// Reads `from` as `[init] from` takes it; the error says why not.
+    pub fn parse(from: &str) -> Result<InitFrom, String> {
+        let from = from.trim().trim_end_matches('/');
+        let scheme_ok = |url: &str| match url.split_once("://") {
+            None => !url.is_empty(),
+            Some((scheme, rest)) => matches!(scheme, "file" | "s3") && !rest.is_empty(),
+        };
+        if let Some(url) = from.strip_prefix("hf:") {
+            if !scheme_ok(url) {
+                return Err(format!(
+                    "`{from}`: a Hugging Face folder is hf:PATH, hf:file:///PATH or hf:s3://BUCKET/PREFIX"
+                ));
+            }
+            return Ok(InitFrom::HuggingFace(url.to_string()));
+        }
+        let step = from.rsplit('/').next().unwrap_or_default();
+        let is_step = step
+            .strip_prefix("step-")
+            .is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_step && scheme_ok(from) && from.contains('/') {
+            return Ok(InitFrom::Checkpoint(from.to_string()));
+        }
+        Err(format!(
+            "`{from}` is neither hf:FOLDER (a Hugging Face model) nor a strata checkpoint's step folder (…/JOB/step-NNNNNNNN)"
+        ))
+    }
+
+    /// The folder's URL.
+    pub fn url(&self) -> &str {
+        match self {
+            InitFrom::HuggingFace(u) | InitFrom::Checkpoint(u) => u,
+        }
+    }
+}
+
+impl fmt::Display for InitFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitFrom::HuggingFace(u) => write!(f, "hf:{u}"),
+            InitFrom::Checkpoint(u) => f.write_str(u),
+        }
+    }
+}
+
 /// `[eval]`: the held-out loss during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalConfig {
@@ -423,6 +482,9 @@ pub struct Recipe {
     /// `[eval]`.
     #[serde(default)]
     pub eval: Option<EvalConfig>,
+    /// `[init] from`: the weights the run starts from.
+    #[serde(default)]
+    pub init: Option<InitFrom>,
     /// `[fault]`.
     #[serde(default)]
     pub fault: FaultConfig,

@@ -12,7 +12,13 @@ pub const VOCAB_PAD_MULTIPLE: u64 = 128;
 /// the padding does not depend on `tp`, so checkpoints move between those
 /// layouts unchanged. Padded rows never appear as targets.
 pub fn padded_vocab_size(vocab_size: u64, tp: u64) -> u64 {
-    let m = lcm(VOCAB_PAD_MULTIPLE, tp.max(1));
+    padded_vocab_size_by(vocab_size, tp, VOCAB_PAD_MULTIPLE)
+}
+
+/// [`padded_vocab_size`] to a multiple of `lcm(multiple, tp)` instead
+/// (`[model] vocab_multiple`).
+pub fn padded_vocab_size_by(vocab_size: u64, tp: u64, multiple: u64) -> u64 {
+    let m = lcm(multiple.max(1), tp.max(1));
     vocab_size.div_ceil(m) * m
 }
 
@@ -75,6 +81,37 @@ impl ModelConfig {
     /// no FLOPs, while the head's matmul does whether or not it is tied).
     pub fn matmul_params(&self) -> u64 {
         self.non_embedding_params() + self.padded_vocab_size * self.d_model
+    }
+
+    /// What keeps weights of a model `other` from serving as this one's:
+    /// each field of the parameters' shapes that differs, named with both
+    /// values. Sequence length and RoPE theta may differ (long-context
+    /// continued pretraining changes both).
+    pub fn weight_differences(&self, other: &ModelConfig) -> Vec<String> {
+        [
+            ("n_layers", self.n_layers, other.n_layers),
+            ("d_model", self.d_model, other.d_model),
+            ("n_heads", self.n_heads, other.n_heads),
+            ("n_kv_heads", self.n_kv_heads, other.n_kv_heads),
+            ("d_ffn", self.d_ffn, other.d_ffn),
+            (
+                "vocab_size padded",
+                self.padded_vocab_size,
+                other.padded_vocab_size,
+            ),
+            (
+                "tie_embeddings",
+                u64::from(self.tie_embeddings),
+                u64::from(other.tie_embeddings),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(k, a, b)| match k {
+            "tie_embeddings" => format!("model.{k} is {}, theirs {}", a == 1, b == 1),
+            _ => format!("model.{k} is {a}, theirs {b}"),
+        })
+        .collect()
     }
 
     /// Training FLOPs per token at sequence length `seq_len` (PaLM, App. B):

@@ -28,6 +28,8 @@ pub struct RecipeSpec {
     pub checkpoint: Option<CheckpointSpec>,
     /// Evaluation on the dataset's held-out split during training.
     pub eval: Option<EvalSpec>,
+    /// The weights the run starts from instead of random ones.
+    pub init: Option<InitSpec>,
     /// What the workers compute on; the CPU when left out.
     #[serde(default)]
     pub device: DeviceSpec,
@@ -120,6 +122,11 @@ pub struct ModelSpec {
     /// Hidden width of the SwiGLU MLP.
     pub d_ffn: i64,
     pub vocab_size: i64,
+    /// Embedding and output rows are padded to a multiple of this times
+    /// tp's odd part (Megatron-LM's `make-vocab-size-divisible-by`);
+    /// 128 when left out. 1 keeps an imported model's own row count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_multiple: Option<i64>,
     pub max_seq_len: i64,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
@@ -331,6 +338,16 @@ impl ScheduleKindName {
             ScheduleKindName::Power => "power",
         }
     }
+}
+
+/// `[init]`: continued pretraining from existing weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    /// `hf:FOLDER` (a Hugging Face Llama: a path, `file://` or `s3://`
+    /// URL) or a strata checkpoint's step folder (`…/JOB/step-NNNNNNNN`):
+    /// its weights, with a fresh optimizer, from step 0.
+    pub from: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

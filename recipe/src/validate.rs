@@ -6,7 +6,7 @@
 
 use crate::laws::POWER_SEQUENCE_LEN;
 use crate::laws::{step_law_batch_tokens, step_law_lr};
-use crate::model::{ModelConfig, VOCAB_PAD_MULTIPLE, padded_vocab_size};
+use crate::model::{ModelConfig, VOCAB_PAD_MULTIPLE, padded_vocab_size_by};
 use crate::quantity::{CurriculumSpec, Quantity, STEP_LAW};
 use crate::schedule::{Decay, DecayShape, PowerLaw, Schedule, ScheduleKind};
 use crate::spec::{RecipeSpec, ScheduleKindName, ScheduleSpec};
@@ -323,14 +323,18 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         })
     })();
 
-    if let (Some(v), Some(tp)) = (vocab_size, tp) {
-        let padded = padded_vocab_size(v, u64::from(tp));
+    let vocab_multiple = match m.vocab_multiple {
+        None => Some(VOCAB_PAD_MULTIPLE),
+        Some(k) => c.positive("model.vocab_multiple", k),
+    };
+    if let (Some(v), Some(tp), Some(k)) = (vocab_size, tp, vocab_multiple) {
+        let padded = padded_vocab_size_by(v, u64::from(tp), k);
         if padded != v {
             c.resolve(
                 "model.vocab_size",
                 padded as f64,
                 format!(
-                    "embedding and output rows padded from {v} to {padded}, a multiple of lcm({VOCAB_PAD_MULTIPLE}, parallel.tp = {tp}); padded rows are never targets"
+                    "embedding and output rows padded from {v} to {padded}, a multiple of lcm(model.vocab_multiple = {k}, parallel.tp = {tp}); padded rows are never targets"
                 ),
             );
         }
@@ -343,7 +347,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             n_kv_heads: n_kv_heads?,
             d_ffn: d_ffn?,
             vocab_size: vocab_size?,
-            padded_vocab_size: padded_vocab_size(vocab_size?, u64::from(tp?)),
+            padded_vocab_size: padded_vocab_size_by(vocab_size?, u64::from(tp?), vocab_multiple?),
             max_seq_len: max_seq_len?,
             rope_theta: rope_theta?,
             tie_embeddings: m.tie_embeddings,
@@ -468,6 +472,18 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
                 }))
             })()
         }
+    };
+
+    // [init]
+    let init = match &spec.init {
+        None => Some(None),
+        Some(i) => match crate::InitFrom::parse(&i.from) {
+            Ok(from) => Some(Some(from)),
+            Err(why) => {
+                c.fail("init.from", why);
+                None
+            }
+        },
     };
 
     // [eval]
@@ -595,6 +611,7 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
             schedule: schedule.clone()?,
             checkpoint: checkpoint.clone()?,
             eval: eval?,
+            init: init.clone()?,
             fault: fault?,
             slurm: slurm.clone(),
             device: spec.device.backend,

@@ -630,6 +630,56 @@ fn vocab_padding_rule_is_stated() {
 }
 
 #[test]
+fn vocab_multiple_sets_the_padding_and_init_from_is_read_once() {
+    // An imported model's own rows: no padding at tp 1, tp's multiple above.
+    let r = parse(&[
+        Set("model.vocab_size", int(50257)),
+        Set("model.vocab_multiple", int(1)),
+        Set("parallel.tp", int(1)),
+    ])
+    .unwrap();
+    assert_eq!(r.model.padded_vocab_size, 50257);
+    assert!(!r.resolutions.iter().any(|x| x.field == "model.vocab_size"));
+    let r = parse(&[
+        Set("model.vocab_size", int(32000)),
+        Set("model.vocab_multiple", int(64)),
+    ])
+    .unwrap();
+    assert_eq!(r.model.padded_vocab_size, 32000);
+    let err = parse(&[Set("model.vocab_multiple", int(0))]).unwrap_err();
+    assert!(err.names("model.vocab_multiple"), "{err}");
+
+    use strata_recipe::InitFrom;
+    for (from, want) in [
+        (
+            "hf:/models/llama",
+            InitFrom::HuggingFace("/models/llama".into()),
+        ),
+        (
+            "hf:s3://bucket/llama/",
+            InitFrom::HuggingFace("s3://bucket/llama".into()),
+        ),
+        (
+            "s3://ck/run/step-00001000",
+            InitFrom::Checkpoint("s3://ck/run/step-00001000".into()),
+        ),
+    ] {
+        let r = parse(&[Set("init.from", string(from))]).unwrap();
+        assert_eq!(r.init, Some(want), "{from}");
+    }
+    for bad in [
+        "hf:",
+        "hf:gs://x/y",
+        "/ck/run",
+        "s3://ck/run/step-12",
+        "ftp://x/step-00000001",
+    ] {
+        let err = parse(&[Set("init.from", string(bad))]).unwrap_err();
+        assert!(err.names("init.from"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn step_law_resolves_lr_and_batch() {
     let r = parse(&[
         Set("optimizer.lr", string("step-law")),

@@ -33,7 +33,6 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod export;
-pub mod import;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -4,9 +4,10 @@
 //! untied; a `config.json` that differs from `[model]` is refused naming
 //! every field.
 
+use strata_dataplane::hf_model::{HfModel, ImportError};
+use strata_dataplane::store::Location;
 use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::export::{WeightDtype, write_hf};
-use strata_worker::import::{HfModel, ImportError};
 use strata_worker::params::ParamTable;
 
 fn cfg(tied: bool) -> ModelConfig {
@@ -24,8 +25,12 @@ fn cfg(tied: bool) -> ModelConfig {
     }
 }
 
-#[test]
-fn an_export_reads_back_on_every_rank_of_any_layout() {
+async fn open(dir: &std::path::Path) -> Result<HfModel, ImportError> {
+    HfModel::open(Location::parse(dir.to_str().unwrap(), false).unwrap()).await
+}
+
+#[tokio::test]
+async fn an_export_reads_back_on_every_rank_of_any_layout() {
     for tied in [true, false] {
         let cfg = cfg(tied);
         let whole = ParamTable::whole(&cfg);
@@ -41,7 +46,7 @@ fn an_export_reads_back_on_every_rank_of_any_layout() {
             if name == "f32-sharded" {
                 assert!(out.files.len() > 3, "{:?}", out.files);
             }
-            let hf = HfModel::open(&at).unwrap();
+            let hf = open(&at).await.unwrap();
             hf.check(&cfg).unwrap();
             let want: Vec<f32> = match dtype {
                 WeightDtype::F32 => master.clone(),
@@ -50,7 +55,7 @@ fn an_export_reads_back_on_every_rank_of_any_layout() {
                     .map(|&v| half::bf16::from_f32(v).to_f32())
                     .collect(),
             };
-            let got = hf.read(&cfg, &whole).unwrap();
+            let got = hf.read(&cfg, &whole).await.unwrap();
             assert!(
                 got.iter()
                     .zip(&want)
@@ -62,7 +67,7 @@ fn an_export_reads_back_on_every_rank_of_any_layout() {
                 for tp in 0..layout.tp {
                     for pp in 0..layout.pp {
                         let table = ParamTable::new(&cfg, layout, Coords { dp: 0, pp, tp });
-                        let got = hf.read(&cfg, &table).unwrap();
+                        let got = hf.read(&cfg, &table).await.unwrap();
                         for slot in &table.slots {
                             let full_slot = whole.get(&slot.spec.name).unwrap();
                             let part = ParamTable::shard_of(slot, &want[full_slot.range()]);
@@ -82,8 +87,8 @@ fn an_export_reads_back_on_every_rank_of_any_layout() {
     }
 }
 
-#[test]
-fn a_config_that_differs_is_refused_naming_every_field() {
+#[tokio::test]
+async fn a_config_that_differs_is_refused_naming_every_field() {
     let cfg = cfg(true);
     let whole = ParamTable::whole(&cfg);
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +112,7 @@ fn a_config_that_differs_is_refused_naming_every_field() {
     c["vocab_size"] = 250.into();
     c["attention_bias"] = true.into();
     std::fs::write(&path, c.to_string()).unwrap();
-    let e = HfModel::open(dir.path()).unwrap().check(&cfg).unwrap_err();
+    let e = open(dir.path()).await.unwrap().check(&cfg).unwrap_err();
     let ImportError::Mismatch { fields, .. } = &e else {
         panic!("{e}")
     };
@@ -117,13 +122,13 @@ fn a_config_that_differs_is_refused_naming_every_field() {
         "num_key_value_heads is 4, model.n_kv_heads is 2",
         "rope_theta is 500000, model.rope_theta is 10000",
         "tie_word_embeddings is false, model.tie_embeddings is true",
-        "vocab_size is 250, model.vocab_size padded is 256",
+        "vocab_size is 250, strata's model has 256 rows (model.vocab_size 250 padded)",
         "attention_bias is true",
     ] {
         assert!(e.to_string().contains(want), "{want} not in {e}");
     }
     // A folder without weights, or with a truncated file, is named.
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    let e = HfModel::open(dir.path()).unwrap_err().to_string();
+    let e = open(dir.path()).await.unwrap_err().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }

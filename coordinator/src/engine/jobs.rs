@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_dataplane::checkpoint::{self as ckpt, Manifest};
+use strata_dataplane::hf_model::HfModel;
 use strata_dataplane::loader::{LoaderConfig, Planner};
 use strata_dataplane::memory::{MemoryInputs, MemoryPlan};
 use strata_dataplane::reader::read_manifest;
 use strata_dataplane::store::Location;
-use strata_recipe::{DeviceKind, Recipe};
+use strata_recipe::{DeviceKind, InitFrom, Recipe};
 
 use super::{Engine, Result, State};
 use crate::error::EngineError;
@@ -130,6 +131,49 @@ pub fn slug(name: &str) -> String {
         .collect()
 }
 
+/// Refuses `[init] from` weights that cannot start this model: a Hugging
+/// Face folder whose `config.json` differs from `[model]` (every field
+/// named) or whose tokenizer is not the datasets', or a checkpoint of
+/// another model.
+async fn check_init(
+    from: &InitFrom,
+    model: &strata_recipe::ModelConfig,
+    datasets: &[strata_dataplane::manifest::Manifest],
+) -> Result<()> {
+    let bad = |e: &dyn std::fmt::Display| EngineError::Invalid(format!("init.from: {e}"));
+    match from {
+        InitFrom::HuggingFace(url) => {
+            let loc = Location::parse(url, false).map_err(|e| bad(&e))?;
+            let hf = HfModel::open(loc).await.map_err(|e| bad(&e))?;
+            hf.check(model).map_err(|e| bad(&e))?;
+            for d in datasets {
+                if !hf
+                    .check_tokenizer(&d.tokenizer)
+                    .await
+                    .map_err(|e| bad(&e))?
+                {
+                    tracing::warn!(
+                        from = %from,
+                        "the folder has no tokenizer.json: its tokenizer is not checked against the dataset's"
+                    );
+                    break;
+                }
+            }
+        }
+        InitFrom::Checkpoint(url) => {
+            let (_, m) = ckpt::open_step(url).await.map_err(|e| bad(&e))?;
+            let differ = model.weight_differences(&m.model);
+            if !differ.is_empty() {
+                return Err(bad(&format!(
+                    "{url} holds another model: {}",
+                    differ.join("; ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Job `id` as it is now (a shared snapshot, not a copy).
     pub fn job(&self, id: &str) -> Result<Arc<JobRecord>> {
@@ -209,6 +253,9 @@ impl Engine {
                 }
             }
             manifests.push(manifest);
+        }
+        if let Some(from) = &recipe.init {
+            check_init(from, &recipe.model, &manifests).await?;
         }
         let refs: Vec<&strata_dataplane::manifest::Manifest> = manifests.iter().collect();
         let urls: Vec<&str> = data.sources.iter().map(|s| s.dataset.as_str()).collect();

@@ -16,6 +16,7 @@ mod checkpoints;
 mod decompose;
 mod eval;
 mod heartbeat;
+mod init;
 mod rendezvous;
 mod report;
 mod steps;

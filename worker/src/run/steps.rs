@@ -158,10 +158,17 @@ impl<'a, B: AutodiffBackend> Steps<'a, B> {
             coords,
             recipe.parallel.virtual_stages,
         );
-        let mut trainer = Trainer::<B>::new(
+        // A resumed run's weights come from its checkpoint below; a new
+        // one starts from `[init] from` or the seed.
+        let values = if resume.is_some() {
+            table.init(recipe.seed)
+        } else {
+            rt.block_on(super::init::first_weights(&recipe, &table))?
+        };
+        let mut trainer = Trainer::<B>::from_values(
             &recipe.model,
             table,
-            recipe.seed,
+            values,
             recipe.optimizer,
             groups,
             device,
