@@ -7,7 +7,7 @@
 //! read back; no worker may be left running. It prints what it injected
 //! and what it found.
 //!
-//! `cargo test` runs a short one (three jobs of 96 steps, a fault every
+//! `cargo test` runs a short one (three jobs of 160 steps, a fault every
 //! few seconds, every kind at least once);
 //! `scripts/chaos.sh` runs a longer one through the same code, sized by
 //! `STRATA_CHAOS_JOBS`, `STRATA_CHAOS_STEPS` and `STRATA_CHAOS_SEED`.
@@ -198,7 +198,7 @@ fn verify_checkpoint(m: &ckpt::Manifest, folder: &Path) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sweep_under_chaos_loses_nothing() {
     let jobs = env_or("STRATA_CHAOS_JOBS", 3) as usize;
-    let steps = env_or("STRATA_CHAOS_STEPS", 96);
+    let steps = env_or("STRATA_CHAOS_STEPS", 160);
     let seed = env_or("STRATA_CHAOS_SEED", 7);
     let mut dice = Dice(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let begun = Instant::now();
