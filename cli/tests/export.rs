@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use strata_coordinator::Coordinator;
 use strata_proto::v1 as pb;
 
 fn strata(args: &[&str]) -> (bool, String, String) {
@@ -74,13 +73,13 @@ fn relative(a: f64, b: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_export_from_any_layout_gives_strata_evals_loss_in_transformers() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
-    let url = format!("http://{}", c.addr);
+    let Setup {
+        dir,
+        data,
+        c,
+        mut cl,
+        url,
+    } = setup().await;
     let tokens = sequences(dir.path());
     let python = transformers_here();
 
@@ -412,13 +411,13 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hugging_face_weights_import_into_any_layout_and_start_a_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
-    let url = format!("http://{}", c.addr);
+    let Setup {
+        dir,
+        data,
+        c,
+        mut cl,
+        url,
+    } = setup().await;
     let tokens = sequences(dir.path());
     let tokens = tokens.to_str().unwrap();
     let path = |p: &Path| p.to_str().unwrap().to_string();

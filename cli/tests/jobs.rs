@@ -1277,12 +1277,13 @@ async fn a_killed_coordinator_process_is_replaced_and_the_job_finishes() {
 /// a schedule without a decay are refused saying why.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_branch_decays_from_a_stable_phase_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset_40(dir.path()).await;
-    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
-        .await
-        .unwrap();
-    let mut cl = client(&c).await;
+    let Setup {
+        dir,
+        data,
+        c,
+        mut cl,
+        ..
+    } = setup().await;
     let ck = dir.path().join("ck");
     // 16 steps of 256 tokens: warmup 2 steps, stable to step 12, decay 4.
     let spec = recipe_ck(&data, 16, (1, 1, 1), &ck, 4).replace(

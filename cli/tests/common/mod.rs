@@ -151,6 +151,34 @@ pub fn config(state: &Path, slots: u32, token: Option<&str>) -> CoordinatorConfi
     cfg
 }
 
+/// A temporary folder holding [`dataset_40`], and a coordinator of four
+/// local slots keeping its state there, with a client.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub data: String,
+    pub c: Coordinator,
+    pub cl: Cl,
+    /// The coordinator's URL, as the CLI takes it.
+    pub url: String,
+}
+
+pub async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset_40(dir.path()).await;
+    let c = Coordinator::start(config(&dir.path().join("state"), 4, None))
+        .await
+        .unwrap();
+    let cl = client(&c).await;
+    let url = format!("http://{}", c.addr);
+    Setup {
+        dir,
+        data,
+        c,
+        cl,
+        url,
+    }
+}
+
 pub async fn client(c: &Coordinator) -> Cl {
     client_at(
         &format!("http://{}", c.addr),
