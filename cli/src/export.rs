@@ -13,7 +13,7 @@ use strata_dataplane::store::Location;
 use strata_dataplane::tokenize::{Tokenizer, TokenizerSpec};
 use strata_proto::v1 as pb;
 use strata_recipe::Recipe;
-use strata_worker::checkpoint::read_rank;
+use strata_worker::checkpoint::read_weights;
 use strata_worker::export::{SpecialIds, WeightDtype, mean_loss, write_hf};
 use strata_worker::params::ParamTable;
 
@@ -91,13 +91,14 @@ impl CheckpointRef {
             .await
             .map_err(|e| UserError(e.to_string()))?;
         let table = ParamTable::whole(&manifest.model);
-        let restored = read_rank(&loc, "", &manifest, &table)
+        // The weights alone: the optimizer's files are not read.
+        let master = read_weights(&loc, "", &manifest, &table)
             .await
             .with_context(|| format!("reading {url}"))?;
         Ok(Loaded {
             manifest,
             url,
-            master: restored.master,
+            master,
         })
     }
 }

@@ -242,16 +242,54 @@ pub async fn read_rank(
     manifest: &Manifest,
     table: &ParamTable,
 ) -> Result<Restored> {
+    let [master, m, v] = read_kinds(loc, root, manifest, table, &Kind::ALL).await?;
+    Ok(Restored {
+        master,
+        state: AdamWState {
+            step: manifest.optimizer_steps,
+            m,
+            v,
+        },
+    })
+}
+
+/// [`read_rank`]'s master weights alone: the optimizer's files are not
+/// read (a new run starting from another's weights).
+pub async fn read_weights(
+    loc: &Location,
+    root: &str,
+    manifest: &Manifest,
+    table: &ParamTable,
+) -> Result<Vec<f32>> {
+    let [master, _, _] = read_kinds(loc, root, manifest, table, &[Kind::Param]).await?;
+    Ok(master)
+}
+
+/// The `kinds` of `table`'s parts (the others left empty).
+async fn read_kinds(
+    loc: &Location,
+    root: &str,
+    manifest: &Manifest,
+    table: &ParamTable,
+    kinds: &[Kind],
+) -> Result<[Vec<f32>; 3]> {
     check_complete(manifest)?;
     let dir = join(root, &step_dir(manifest.step));
-    let mut flat: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; table.total]);
+    let mut flat: [Vec<f32>; 3] = std::array::from_fn(|k| {
+        if kinds.iter().any(|&x| x as usize == k) {
+            vec![0f32; table.total]
+        } else {
+            Vec::new()
+        }
+    });
     let mut filled = vec![[0usize; 3]; table.slots.len()];
     for shard in &manifest.shards {
         let needed = shard.tensors.iter().any(|t| {
-            table
-                .slots
-                .iter()
-                .any(|s| s.spec.name == t.name && overlap(&s.slice, &t.ranges()).is_some())
+            kinds.contains(&t.kind)
+                && table
+                    .slots
+                    .iter()
+                    .any(|s| s.spec.name == t.name && overlap(&s.slice, &t.ranges()).is_some())
         });
         if !needed {
             continue;
@@ -265,7 +303,7 @@ pub async fn read_rank(
         let data = loc.get(&key).await?;
         verify_object(&data, shard.bytes, shard.crc32).map_err(corrupt)?;
         let file = SafeTensors::deserialize(&data).map_err(|e| corrupt(e.to_string()))?;
-        for t in &shard.tensors {
+        for t in shard.tensors.iter().filter(|t| kinds.contains(&t.kind)) {
             let src_slice = t.ranges();
             for (i, slot) in table.slots.iter().enumerate() {
                 if slot.spec.name != t.name {
@@ -293,7 +331,7 @@ pub async fn read_rank(
         }
     }
     for (slot, got) in table.slots.iter().zip(&filled) {
-        for kind in Kind::ALL {
+        for &kind in kinds {
             if got[kind as usize] != slot.len {
                 return Err(CheckpointError::Invalid(format!(
                     "step {}: the files hold {} of the {} elements of `{}` ({kind:?}) this rank needs",
@@ -302,15 +340,7 @@ pub async fn read_rank(
             }
         }
     }
-    let [master, m, v] = flat;
-    Ok(Restored {
-        master,
-        state: AdamWState {
-            step: manifest.optimizer_steps,
-            m,
-            v,
-        },
-    })
+    Ok(flat)
 }
 
 /// The intersection of two slices, if not empty.

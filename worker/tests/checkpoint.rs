@@ -11,7 +11,7 @@ use std::ops::RangeInclusive;
 use burn::backend::{Autodiff, Flex};
 use common::{LR, adamw, micro, rank_batch, tiny};
 use strata_dataplane::store::Location;
-use strata_recipe::{Layout, ModelConfig};
+use strata_recipe::{Coords, Layout, ModelConfig};
 use strata_worker::checkpoint::{
     self, FORMAT, Manifest, SavedLayout, Saver, Snapshot, VERSION, step_dir,
 };
@@ -288,6 +288,49 @@ fn resume_on_another_layout_reshards() {
             );
         }
     }
+}
+
+/// A run starting from another's weights reads only the model files: with
+/// the optimizer's files gone, the weights still read, on any layout, equal
+/// to what a resume restores; a resume needs them and names the file.
+#[test]
+fn weights_alone_are_read_without_the_optimizer_files() {
+    let cfg = tiny(false);
+    let (dir, loc) = files();
+    segment(&cfg, Layout::new(2, 2, 1), 1, 1..=4, &loc, false, &[4]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (found, _) = rt.block_on(checkpoint::list(&loc, ROOT)).unwrap();
+    let m = &found[0];
+    let whole = ParamTable::whole(&cfg);
+    let full = rt
+        .block_on(checkpoint::read_rank(&loc, ROOT, m, &whole))
+        .unwrap();
+    std::fs::remove_dir_all(dir.path().join(ROOT).join(step_dir(4)).join("optim")).unwrap();
+    for layout in [Layout::new(1, 1, 1), Layout::new(1, 2, 2)] {
+        for pp in 0..layout.pp {
+            let table = ParamTable::new(&cfg, layout, Coords { dp: 0, pp, tp: 0 });
+            let got = rt
+                .block_on(checkpoint::read_weights(&loc, ROOT, m, &table))
+                .unwrap();
+            for slot in &table.slots {
+                let want = ParamTable::shard_of(
+                    slot,
+                    &full.master[whole.get(&slot.spec.name).unwrap().range()],
+                );
+                assert_eq!(
+                    &got[slot.range()],
+                    &want[..],
+                    "{layout} pp {pp}: {}",
+                    slot.spec.name
+                );
+            }
+        }
+    }
+    let e = rt
+        .block_on(checkpoint::read_rank(&loc, ROOT, m, &whole))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("optim/a1-pp00-tp00.safetensors"), "{e}");
 }
 
 /// A corrupt and a truncated file each make their checkpoint unusable:

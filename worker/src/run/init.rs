@@ -8,7 +8,7 @@ use strata_dataplane::store::Location;
 use strata_recipe::{InitFrom, Recipe};
 
 use super::WorkerError;
-use crate::checkpoint::read_rank;
+use crate::checkpoint::read_weights;
 use crate::params::ParamTable;
 
 /// The values `table`'s slots start from: `[init] from`'s, or drawn from
@@ -38,10 +38,9 @@ pub(super) async fn first_weights(
             if !differ.is_empty() {
                 return Err(bad(from, &differ.join("; ")));
             }
-            read_rank(&loc, "", &manifest, table)
+            read_weights(&loc, "", &manifest, table)
                 .await
                 .map_err(|e| bad(from, &e))?
-                .master
         }
     };
     tracing::info!(from = %from, params = values.len(), "first weights read");
