@@ -21,4 +21,4 @@ export STRATA_CHAOS_SEED="${STRATA_CHAOS_SEED:-$(( (RANDOM << 15) | RANDOM ))}"
 export CARGO_INCREMENTAL=0
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 echo "chaos: seed $STRATA_CHAOS_SEED, $STRATA_CHAOS_JOBS jobs of $STRATA_CHAOS_STEPS steps" >&2
-exec cargo test --workspace --features strata-cli/cuda --test chaos -- --nocapture
+exec cargo test --workspace --features strata-cli/cuda,strata-cli/wgpu --test chaos -- --nocapture

@@ -80,6 +80,9 @@ pub enum BackendArg {
     Cuda,
     /// burn's CUDA backend without fusion.
     CudaUnfused,
+    /// burn's wgpu backend with fusion, on the machine's graphics adapter
+    /// (lavapipe on a CPU; needs the `wgpu` feature).
+    Wgpu,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -236,6 +239,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         (Some(PrecisionArg::F32), _) => Precision::F32,
         (Some(PrecisionArg::Bf16), _) => Precision::Bf16,
         (None, BackendArg::Ndarray | BackendArg::Flex) => Precision::default_for(DeviceKind::Cpu),
+        (None, BackendArg::Wgpu) => Precision::default_for(DeviceKind::Wgpu),
         (None, BackendArg::Cuda | BackendArg::CudaUnfused) => {
             Precision::default_for(DeviceKind::Cuda)
         }
@@ -260,6 +264,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         BackendArg::Cuda | BackendArg::CudaUnfused => {
             cuda_train(&recipe, &cfg, args.backend, args.gpu, user_peak, precision)?
         }
+        BackendArg::Wgpu => wgpu_train(&recipe, &cfg, user_peak, precision)?,
     }
     .map_err(anyhow::Error::msg)?;
     if args.json {
@@ -367,6 +372,55 @@ fn cuda_train(
 ) -> anyhow::Result<Result<TrainReport, String>> {
     Err(UserError(
         "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"
+            .into(),
+    )
+    .into())
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_train(
+    recipe: &strata_recipe::Recipe,
+    cfg: &TrainBench,
+    peak: Option<Peak>,
+    precision: Precision,
+) -> anyhow::Result<Result<TrainReport, String>> {
+    use strata_worker::wgpu;
+
+    if precision == Precision::Bf16 {
+        return Err(UserError("--precision bf16: WGSL has no bf16 type; use f32".into()).into());
+    }
+    let info = wgpu::probe().map_err(|e| UserError(e.to_string()))?;
+    tracing::info!(adapter = %info.name, kind = %info.kind, "wgpu adapter found");
+    let device = wgpu::device();
+    let memory_device = device.clone();
+    Ok(bench::train::<Autodiff<wgpu::WgpuFused>>(
+        recipe,
+        cfg,
+        Target {
+            backend: "wgpu".into(),
+            device_name: format!(
+                "{} ({}, {}; {})",
+                info.name, info.kind, info.api, info.driver
+            ),
+            precision,
+            device,
+            device_kind: DeviceKind::Wgpu,
+            peak,
+            peak_memory: Box::new(move || wgpu::memory_reserved(&memory_device)),
+            peak_heap: Box::new(|| Box::new(|| None)),
+        },
+    ))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_train(
+    _: &strata_recipe::Recipe,
+    _: &TrainBench,
+    _: Option<Peak>,
+    _: Precision,
+) -> anyhow::Result<Result<TrainReport, String>> {
+    Err(UserError(
+        "this strata was built without wgpu: rebuild with `cargo build --release --features wgpu`"
             .into(),
     )
     .into())

@@ -375,6 +375,10 @@ pub enum DeviceKind {
     /// burn's CUDA backend on one NVIDIA GPU per worker (a binary built
     /// with the `cuda` feature).
     Cuda,
+    /// burn's wgpu backend (WGSL over Vulkan, Metal or DX12) on the
+    /// machine's graphics adapter, a CPU through Mesa's software Vulkan
+    /// included (a binary built with the `wgpu` feature); f32 only.
+    Wgpu,
 }
 
 impl DeviceKind {
@@ -382,6 +386,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Cpu => "cpu",
             DeviceKind::Cuda => "cuda",
+            DeviceKind::Wgpu => "wgpu",
         }
     }
 }
@@ -434,7 +439,7 @@ impl Precision {
     /// converted to f32 and back, slower than f32 itself).
     pub fn default_for(device: DeviceKind) -> Precision {
         match device {
-            DeviceKind::Cpu => Precision::F32,
+            DeviceKind::Cpu | DeviceKind::Wgpu => Precision::F32,
             DeviceKind::Cuda => Precision::Bf16,
         }
     }

@@ -563,6 +563,14 @@ pub(crate) fn validate(spec: &RecipeSpec, default_name: &str) -> Result<Recipe, 
         .device
         .memory_gib
         .map(|v| c.positive_f64("device.memory_gib", v));
+    if spec.device.backend == crate::DeviceKind::Wgpu
+        && spec.device.precision == Some(crate::Precision::Bf16)
+    {
+        c.fail(
+            "device.precision",
+            "bf16 on wgpu: WGSL has no bf16 type; train in f32 (the default on wgpu)",
+        );
+    }
     let gpu = match spec.device.gpu.as_deref() {
         None => None,
         Some(name) => match crate::gpu::named(name) {

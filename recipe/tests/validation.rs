@@ -971,6 +971,17 @@ fn precision_is_bf16_on_gpus_and_f32_on_the_cpu_unless_the_recipe_says() {
     assert_eq!((r.device, r.precision), (DeviceKind::Cpu, Precision::Bf16));
     let e = parse(&[Set("device.precision", string("fp8"))]).unwrap_err();
     assert!(e.names("device.precision"), "{e}");
+    // wgpu: f32, and bf16 refused (WGSL has no bf16 type).
+    let r = parse(&[Set("device.backend", string("wgpu"))]).unwrap();
+    assert_eq!((r.device, r.precision), (DeviceKind::Wgpu, Precision::F32));
+    check(
+        &[
+            Set("device.backend", string("wgpu")),
+            Set("device.precision", string("bf16")),
+        ],
+        "device.precision",
+        &["WGSL has no bf16"],
+    );
 }
 
 #[test]

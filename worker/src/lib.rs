@@ -46,3 +46,5 @@ pub mod segment;
 pub mod tensors;
 pub mod tp;
 pub mod train;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;

@@ -234,6 +234,12 @@ fn start(
             };
             steps::train::<Gpu>(session, crate::cuda::device(index), dp)
         }
+        // Data-parallel sums go through the host's collectives: wgpu has
+        // no device-to-device transport.
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu => {
+            steps::train::<Autodiff<crate::wgpu::WgpuFused>>(session, crate::wgpu::device(), None)
+        }
     }
 }
 
@@ -243,6 +249,9 @@ enum Device {
     /// A GPU, by its index among the visible ones.
     #[cfg(feature = "cuda")]
     Cuda(usize),
+    /// burn's default wgpu adapter.
+    #[cfg(feature = "wgpu")]
+    Wgpu,
 }
 
 impl Device {
@@ -256,7 +265,31 @@ impl Device {
         match kind {
             DeviceKind::Cpu => Ok((Device::Cpu, None)),
             DeviceKind::Cuda => Device::cuda(rank),
+            DeviceKind::Wgpu => Device::wgpu(rank),
         }
+    }
+
+    #[cfg(feature = "wgpu")]
+    fn wgpu(rank: u32) -> Result<(Device, Option<String>), WorkerError> {
+        let info = crate::wgpu::probe()
+            .map_err(|e| WorkerError::Setup(format!("wgpu on {}: {e}", rendezvous::hostname())))?;
+        tracing::info!(
+            rank,
+            adapter = %info.name,
+            kind = %info.kind,
+            api = %info.api,
+            driver = %info.driver,
+            "training on wgpu"
+        );
+        Ok((Device::Wgpu, (!info.is_cpu()).then_some(info.name)))
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    fn wgpu(_rank: u32) -> Result<(Device, Option<String>), WorkerError> {
+        Err(WorkerError::Setup(format!(
+            "on {}: the recipe trains on wgpu ([device] backend) but this strata was built without it; rebuild it with `cargo build --release --features wgpu`",
+            rendezvous::hostname()
+        )))
     }
 
     #[cfg(feature = "cuda")]

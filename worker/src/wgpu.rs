@@ -1,0 +1,93 @@
+//! burn's wgpu backend: WGSL kernels through Vulkan (or Metal, DX12) on
+//! whatever adapter the machine has — a GPU, or a CPU through Mesa's
+//! software Vulkan (lavapipe). The device path's code (fusion, autotuning,
+//! device memory pools, the trainer's device-side buckets and AdamW) is the
+//! same as on CUDA, so this is where it runs without a GPU.
+//!
+//! [`probe`] opens the adapter before the first tensor operation and turns
+//! burn's panic on a missing one into an error that says what to install.
+
+use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi};
+use burn_cubecl::cubecl::Runtime;
+
+/// burn's wgpu backend with kernel fusion, f32.
+pub type WgpuFused = burn::backend::Wgpu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgpuError {
+    #[error(
+        "no graphics adapter: wgpu found no Vulkan, Metal or DX12 device ({why}); on a machine without a GPU install Mesa's software Vulkan (Debian and Ubuntu: `apt-get install mesa-vulkan-drivers`), or point VK_ICD_FILENAMES at an installed driver's ICD file"
+    )]
+    NoAdapter { why: String },
+}
+
+/// The adapter the backend runs on.
+#[derive(Debug, Clone)]
+pub struct AdapterInfo {
+    /// `llvmpipe (LLVM 15.0.6, 256 bits)`, `NVIDIA H100 80GB HBM3`, …
+    pub name: String,
+    /// `Cpu`, `DiscreteGpu`, `IntegratedGpu`, …
+    pub kind: String,
+    /// `Vulkan`, `Metal`, …
+    pub api: String,
+    /// The driver and its version.
+    pub driver: String,
+}
+
+impl AdapterInfo {
+    /// Whether the adapter is a CPU (a software renderer).
+    pub fn is_cpu(&self) -> bool {
+        self.kind == "Cpu"
+    }
+}
+
+/// Opens the default adapter for burn's default wgpu device (once per
+/// process: later calls return the same adapter), or says why there is none.
+pub fn probe() -> Result<AdapterInfo, WgpuError> {
+    static OPENED: std::sync::OnceLock<Result<AdapterInfo, String>> = std::sync::OnceLock::new();
+    OPENED
+        .get_or_init(|| {
+            // burn panics when no adapter is found: caught here and named.
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let setup = std::panic::catch_unwind(|| {
+                burn::backend::wgpu::init_setup::<AutoGraphicsApi>(
+                    &device(),
+                    RuntimeOptions::default(),
+                )
+            });
+            std::panic::set_hook(hook);
+            match setup {
+                Ok(s) => {
+                    let i = s.adapter.get_info();
+                    Ok(AdapterInfo {
+                        name: i.name,
+                        kind: format!("{:?}", i.device_type),
+                        api: format!("{:?}", i.backend),
+                        driver: format!("{} {}", i.driver, i.driver_info),
+                    })
+                }
+                Err(p) => Err(p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the backend panicked".into())),
+            }
+        })
+        .clone()
+        .map_err(|why| WgpuError::NoAdapter { why })
+}
+
+/// The device strata trains on: burn's default wgpu device.
+pub fn device() -> WgpuDevice {
+    WgpuDevice::DefaultDevice
+}
+
+/// Device memory burn's pools hold on `device` (reserved, which the pools
+/// keep once allocated: the peak so far), in bytes.
+pub fn memory_reserved(device: &WgpuDevice) -> Option<u64> {
+    WgpuRuntime::client(device)
+        .memory_usage()
+        .ok()
+        .map(|m| m.bytes_reserved)
+}
