@@ -3,8 +3,6 @@
 //! and panics on a missing library; this module turns that into an error
 //! that names what is missing), and what the device is.
 
-use std::path::{Path, PathBuf};
-
 use burn::backend::cuda::CudaDevice;
 use cudarc::driver::CudaContext;
 
@@ -74,11 +72,11 @@ pub fn device_count() -> Result<usize, CudaError> {
 
 /// GPU `index` (among the visible ones), after checking that the driver
 /// and NVRTC load and that the device exists. Also points burn's kernel
-/// caches at [`kernel_cache_dir`] ([`persist_kernels`]), so call it
+/// caches at [`crate::kernels::cache_dir`] ([`crate::kernels::persist`]), so call it
 /// before the first tensor operation on the GPU.
 pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {
-    if let Some(dir) = kernel_cache_dir() {
-        persist_kernels(&dir);
+    if let Some(dir) = crate::kernels::cache_dir() {
+        crate::kernels::persist(&dir);
     }
     if !driver_present() {
         return Err(CudaError::NoDriver);
@@ -103,47 +101,6 @@ pub fn probe(index: usize) -> Result<GpuInfo, CudaError> {
     })
 }
 
-/// Where compiled kernels and autotune results are kept between runs:
-/// `STRATA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/strata/kernels`, else
-/// `~/.cache/strata/kernels`.
-pub fn kernel_cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("STRATA_KERNEL_CACHE") {
-        return Some(dir.into());
-    }
-    let cache = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
-    };
-    Some(cache.join("strata").join("kernels"))
-}
-
-/// Makes burn's CUDA backend keep what it compiles: the PTX of every
-/// kernel (NVRTC; off by default) and the autotuner's choices (by default
-/// under a `target/` found above the working directory, which a deployed
-/// worker has none of) go under `dir`. The first step of a run compiles a
-/// few hundred kernels and autotunes every matrix shape, minutes on an
-/// H200; later runs on the machine read them back. A `cubecl.toml` that
-/// names its own caches, and the `CUBECL_*` variables, still apply.
-/// Returns whether the configuration was set: `false` once burn has read
-/// it (its configuration is set once per process).
-pub fn persist_kernels(dir: &Path) -> bool {
-    use cubecl::config::cache::CacheConfig;
-    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
-    let mut state = CubeClRuntimeConfig::storage().lock();
-    if state.is_some() {
-        return false;
-    }
-    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-    if config.compilation.cache.is_none() {
-        config.compilation.cache = Some(CacheConfig::File(dir.join("ptx")));
-    }
-    if matches!(config.autotune.cache, CacheConfig::Target) {
-        config.autotune.cache = CacheConfig::File(dir.join("autotune"));
-    }
-    *state = Some(std::sync::Arc::new(config));
-    true
-}
-
 /// burn's device for GPU `index`, once [`probe`] found it.
 pub fn device(index: usize) -> CudaDevice {
     CudaDevice { index }
@@ -157,4 +114,5 @@ pub fn memory_in_use(index: usize) -> Option<u64> {
     Some((total - free) as u64)
 }
 
+pub use crate::kernels::{cache_dir as kernel_cache_dir, persist as persist_kernels};
 pub use crate::peak::bf16_peak_tflops;

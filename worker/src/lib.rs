@@ -33,6 +33,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod export;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub mod kernels;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -47,6 +47,11 @@ pub fn probe() -> Result<AdapterInfo, WgpuError> {
     static OPENED: std::sync::OnceLock<Result<AdapterInfo, String>> = std::sync::OnceLock::new();
     OPENED
         .get_or_init(|| {
+            // The autotuner's choices kept between runs, never in a
+            // source tree the worker happens to start in.
+            if let Some(dir) = crate::kernels::cache_dir() {
+                crate::kernels::persist(&dir);
+            }
             // burn panics when no adapter is found: caught here and named.
             let hook = std::panic::take_hook();
             std::panic::set_hook(Box::new(|_| {}));
