@@ -196,11 +196,16 @@ fn nccl(args: NcclArgs) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn nccl(_: NcclArgs) -> anyhow::Result<()> {
-    Err(UserError(
-        "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"
-            .into(),
-    )
-    .into())
+    Err(built_without("CUDA", "cuda"))
+}
+
+/// The error of a backend this binary was built without.
+#[cfg(any(not(feature = "cuda"), not(feature = "wgpu")))]
+fn built_without(what: &str, feature: &str) -> anyhow::Error {
+    UserError(format!(
+        "this strata was built without {what}: rebuild with `cargo build --release --features {feature}`"
+    ))
+    .into()
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
@@ -370,11 +375,7 @@ fn cuda_train(
     _: Option<Peak>,
     _: Precision,
 ) -> anyhow::Result<Result<TrainReport, String>> {
-    Err(UserError(
-        "this strata was built without CUDA: rebuild with `cargo build --release --features cuda`"
-            .into(),
-    )
-    .into())
+    Err(built_without("CUDA", "cuda"))
 }
 
 #[cfg(feature = "wgpu")]
@@ -419,11 +420,7 @@ fn wgpu_train(
     _: Option<Peak>,
     _: Precision,
 ) -> anyhow::Result<Result<TrainReport, String>> {
-    Err(UserError(
-        "this strata was built without wgpu: rebuild with `cargo build --release --features wgpu`"
-            .into(),
-    )
-    .into())
+    Err(built_without("wgpu", "wgpu"))
 }
 
 fn render(r: &TrainReport) -> String {

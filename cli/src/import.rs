@@ -43,14 +43,14 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     let (recipe, text) = crate::load_recipe(&args.recipe, &args.sets)?;
     runtime()?.block_on(async move {
         let user = |e: &dyn std::fmt::Display| UserError(e.to_string());
-        let from = Location::parse(&args.model, false).map_err(|e| user(&e))?;
-        let hf = HfModel::open(from).await.map_err(|e| user(&e))?;
-        hf.check(&recipe.model).map_err(|e| user(&e))?;
+        let hf = HfModel::open_checked(&args.model, &recipe.model)
+            .await
+            .map_err(|e| user(&e))?;
         // The tokenizer against the recipe's dataset, where it can be read.
         let url = recipe.data.first_dataset();
         let tokenizer = match Location::parse(url, false) {
             Ok(loc) => match read_manifest(&loc).await {
-                Ok(data) => match hf.check_tokenizer(&data.tokenizer).await {
+                Ok(data) => match hf.check_tokenizer(&[&data.tokenizer]).await {
                     Ok(true) => format!("the same as {url}'s ({})", data.tokenizer.name),
                     Ok(false) => "not checked: the folder has no tokenizer.json".into(),
                     Err(e) => return Err(user(&e).into()),

@@ -485,6 +485,21 @@ pub async fn open_step(url: &str) -> Result<(Location, Manifest)> {
     Ok((loc, manifest))
 }
 
+/// [`open_step`], refused when its weights cannot serve `model`
+/// ([`ModelConfig::weight_differences`], every field named).
+pub async fn open_step_of(url: &str, model: &ModelConfig) -> Result<(Location, Manifest)> {
+    let (loc, manifest) = open_step(url).await?;
+    let differ = model.weight_differences(&manifest.model);
+    if !differ.is_empty() {
+        return Err(CheckpointError::Invalid(format!(
+            "{} holds another model: {}",
+            url.trim_end_matches('/'),
+            differ.join("; ")
+        )));
+    }
+    Ok((loc, manifest))
+}
+
 /// The complete checkpoints under `root`, oldest first, and the manifests
 /// that could not be read (key and why).
 pub async fn list(loc: &Location, root: &str) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {

@@ -24,7 +24,7 @@ use crate::family;
 use crate::manifest::TokenizerInfo;
 use crate::params::{ParamSlot, ParamTable};
 use crate::store::{Location, StoreError};
-use crate::tokenize::TokenizerKind;
+use crate::tokenize::{EOT_CANDIDATES, TokenizerKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -212,6 +212,14 @@ impl HfModel {
             config,
             tensors,
         })
+    }
+
+    /// The folder at `url` (a path, `file://` or `s3://`), its
+    /// `config.json` checked against `cfg` ([`HfModel::check`]).
+    pub async fn open_checked(url: &str, cfg: &ModelConfig) -> Result<HfModel> {
+        let hf = HfModel::open(Location::parse(url, false)?).await?;
+        hf.check(cfg)?;
+        Ok(hf)
     }
 
     /// The folder's URL.
@@ -445,18 +453,26 @@ impl HfModel {
         Ok(t)
     }
 
-    /// Refuses a folder whose `tokenizer.json` is not the dataset's
-    /// tokenizer (`dataset`, from its manifest): a different vocabulary
-    /// size, or a token id whose text differs, the first one named. `Ok(false)`
-    /// when the folder has no `tokenizer.json` (nothing to compare), or the
-    /// dataset's Hugging Face tokenizer file cannot be read here (then only
-    /// the sizes and the end-of-text id are compared).
-    pub async fn check_tokenizer(&self, dataset: &TokenizerInfo) -> Result<bool> {
+    /// Refuses a folder whose `tokenizer.json` is not the tokenizer of
+    /// each of `datasets` (from their manifests): a different vocabulary
+    /// size, or a token id whose text differs, the first one named. A
+    /// dataset's Hugging Face tokenizer file that cannot be read here is
+    /// compared by its size and end-of-text token only. `Ok(false)` when
+    /// the folder has no `tokenizer.json` (nothing to compare); the file is
+    /// read once, whatever the number of datasets.
+    pub async fn check_tokenizer(&self, datasets: &[&TokenizerInfo]) -> Result<bool> {
         let key = "tokenizer.json";
         if !self.loc.exists(key).await? {
             return Ok(false);
         }
         let ours = vocabulary(&read_json(&self.loc, key).await?);
+        for dataset in datasets {
+            self.same_tokenizer(&ours, dataset)?;
+        }
+        Ok(true)
+    }
+
+    fn same_tokenizer(&self, ours: &BTreeMap<u32, String>, dataset: &TokenizerInfo) -> Result<()> {
         let refuse = |why: String| ImportError::Tokenizer {
             dir: self.url().to_string(),
             dataset: dataset.name.clone(),
@@ -464,7 +480,7 @@ impl HfModel {
         };
         let theirs: Option<BTreeMap<u32, String>> = match dataset.name.strip_prefix("hf:") {
             None => match dataset.name.parse::<TokenizerKind>() {
-                Ok(kind) => Some(vocabulary(&kind.hf_tokenizer_json())),
+                Ok(kind) => Some((0..).zip(kind.hf_vocabulary()).collect()),
                 Err(e) => return Err(refuse(e)),
             },
             Some(path) => std::fs::read(path)
@@ -481,20 +497,13 @@ impl HfModel {
         }
         let Some(theirs) = theirs else {
             let eot = ours.get(&dataset.eot_id);
-            let known = [
-                "<|endoftext|>",
-                "<|end_of_text|>",
-                "</s>",
-                "<eos>",
-                "<|im_end|>",
-            ];
-            if eot.is_none_or(|t| !known.contains(&t.as_str())) {
+            if eot.is_none_or(|t| !EOT_CANDIDATES.contains(&t.as_str())) {
                 return Err(refuse(format!(
                     "the dataset ends documents with id {}, which is {eot:?} in the model's",
                     dataset.eot_id
                 )));
             }
-            return Ok(true);
+            return Ok(());
         };
         for id in 0..size {
             let (a, b) = (ours.get(&id), theirs.get(&id));
@@ -507,7 +516,7 @@ impl HfModel {
                 )));
             }
         }
-        Ok(true)
+        Ok(())
     }
 }
 

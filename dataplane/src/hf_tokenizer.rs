@@ -80,18 +80,54 @@ impl TokenizerKind {
         }
     }
 
-    /// This tokenizer as a Hugging Face `tokenizer.json`.
-    pub fn hf_tokenizer_json(self) -> Value {
+    /// The bytes of every BPE token (the ids below the specials).
+    fn bpe_tokens(self) -> Vec<Vec<u8>> {
         let tok = self.load();
-        let chars = byte_chars();
-        let text = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
-        let n = self.mergeable();
-        let tokens: Vec<Vec<u8>> = (0..n)
+        (0..self.mergeable())
             .map(|id| {
                 tok.token_bytes(id)
                     .expect("every rank below the specials is a token")
             })
+            .collect()
+    }
+
+    /// The added tokens' ids and texts: the specials, and the unused ids
+    /// between the BPE's and theirs (cl100k's 100256, o200k's 200000…)
+    /// reserved — Hugging Face numbers added tokens consecutively, so a
+    /// gap would shift the specials.
+    fn added_tokens(self) -> Vec<(u32, String)> {
+        let n = self.mergeable();
+        let last = self.special_tokens().iter().map(|t| t.0).max().unwrap_or(n);
+        (n..=last)
+            .map(|id| {
+                let content = self
+                    .special_tokens()
+                    .iter()
+                    .find(|t| t.0 == id)
+                    .map_or_else(|| format!("<|reserved_{id}|>"), |t| t.1.to_string());
+                (id, content)
+            })
+            .collect()
+    }
+
+    /// Every id's token as this tokenizer's `tokenizer.json` names it (the
+    /// BPE's bytes through GPT-2's table, then the added tokens), by id.
+    pub fn hf_vocabulary(self) -> Vec<String> {
+        let chars = byte_chars();
+        let mut out: Vec<String> = self
+            .bpe_tokens()
+            .iter()
+            .map(|t| t.iter().map(|&b| chars[b as usize]).collect())
             .collect();
+        out.extend(self.added_tokens().into_iter().map(|(_, t)| t));
+        out
+    }
+
+    /// This tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn hf_tokenizer_json(self) -> Value {
+        let chars = byte_chars();
+        let text = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
+        let tokens = self.bpe_tokens();
         let rank: HashMap<&[u8], u32> = tokens
             .iter()
             .enumerate()
@@ -117,17 +153,10 @@ impl TokenizerKind {
             .iter()
             .map(|&(a, b, _)| json!([text(&tokens[a as usize]), text(&tokens[b as usize])]))
             .collect();
-        // Ids between the BPE's and the special tokens' (cl100k's 100256,
-        // o200k's 200000…) are reserved: Hugging Face numbers added
-        // tokens consecutively, so a gap would shift the specials.
-        let last = self.special_tokens().iter().map(|t| t.0).max().unwrap_or(n);
-        let added: Vec<Value> = (n..=last)
-            .map(|id| {
-                let content = self
-                    .special_tokens()
-                    .iter()
-                    .find(|t| t.0 == id)
-                    .map_or_else(|| format!("<|reserved_{id}|>"), |t| t.1.to_string());
+        let added: Vec<Value> = self
+            .added_tokens()
+            .into_iter()
+            .map(|(id, content)| {
                 json!({
                     "id": id, "content": content, "single_word": false, "lstrip": false,
                     "rstrip": false, "normalized": false, "special": true

@@ -118,7 +118,7 @@ pub enum TokenizerError {
 }
 
 /// End-of-text (or end-of-sequence) tokens, in order of preference.
-const EOT_CANDIDATES: [&str; 6] = [
+pub(crate) const EOT_CANDIDATES: [&str; 6] = [
     "<|endoftext|>",
     "<|end_of_text|>",
     "</s>",

@@ -7,77 +7,17 @@
 //! says that it was skipped and why).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::AutodiffBackend;
-use strata_recipe::{AdamWConfig, ModelConfig};
+use common::device_run;
 use strata_worker::cuda::{self, CudaError, CudaFused};
-use strata_worker::params::ParamTable;
-use strata_worker::tensors::host_transfers;
-use strata_worker::train::{Groups, LocalBatch, Trainer};
 
 /// Says a test was skipped, past the test harness's capture: the suite's
 /// log shows it even though the test passes.
 fn skipped(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
-
-fn tiny() -> ModelConfig {
-    ModelConfig {
-        n_layers: 2,
-        d_model: 64,
-        n_heads: 4,
-        n_kv_heads: 2,
-        d_ffn: 176,
-        vocab_size: 500,
-        padded_vocab_size: 512,
-        max_seq_len: 32,
-        rope_theta: 10000.0,
-        tie_embeddings: true,
-    }
-}
-
-fn adamw() -> AdamWConfig {
-    AdamWConfig::default()
-}
-
-/// Per-step losses and host elements moved of `steps` steps of 4 × 32
-/// tokens (a repeating pattern) on `device`.
-fn losses<B: AutodiffBackend>(device: B::Device, steps: usize) -> (Vec<f64>, u64) {
-    let cfg = tiny();
-    let mut trainer = Trainer::<B>::new(
-        &cfg,
-        ParamTable::whole(&cfg),
-        5,
-        adamw(),
-        Groups::single(),
-        device,
-    );
-    let (rows, seq) = (4, 32);
-    let mut out = Vec::new();
-    let mut moved = 0;
-    for step in 1..=steps {
-        let row: Vec<u32> = (0..rows * (seq + 1))
-            .map(|i| ((i * 7 + step) % 31 * 11 % 500) as u32)
-            .collect();
-        let (inputs, targets): (Vec<u32>, Vec<u32>) = row
-            .chunks(seq + 1)
-            .flat_map(|r| r[..seq].iter().copied().zip(r[1..].iter().copied()))
-            .unzip();
-        let micro = [LocalBatch {
-            inputs: &inputs,
-            targets: &targets,
-            seq_len: seq,
-            groups: &[],
-        }];
-        let before = host_transfers();
-        let stats = trainer
-            .step(step as u64, &micro, (rows * seq) as u64, 3e-3)
-            .unwrap();
-        moved = moved.max(host_transfers() - before);
-        out.push(stats.loss);
-    }
-    (out, moved)
 }
 
 /// Without a driver the probe says so; with one, a GPU past the last is
@@ -114,8 +54,8 @@ fn training_on_the_gpu_follows_the_cpu() {
         }
     };
     eprintln!("training on {} ({:?})", info.name, info.capability);
-    let (cpu, _) = losses::<Autodiff<Flex>>(Default::default(), 20);
-    let (gpu, moved) = losses::<Autodiff<CudaFused>>(cuda::device(0), 20);
+    let (cpu, _, _) = device_run::<Autodiff<Flex>>(Default::default(), 20, || None);
+    let (gpu, moved, _) = device_run::<Autodiff<CudaFused>>(cuda::device(0), 20, || None);
     for (step, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
         let rel = (c - g).abs() / c.abs();
         assert!(rel < 1e-3, "step {}: cpu {c} gpu {g}", step + 1);

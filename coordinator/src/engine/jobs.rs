@@ -143,32 +143,19 @@ async fn check_init(
     let bad = |e: &dyn std::fmt::Display| EngineError::Invalid(format!("init.from: {e}"));
     match from {
         InitFrom::HuggingFace(url) => {
-            let loc = Location::parse(url, false).map_err(|e| bad(&e))?;
-            let hf = HfModel::open(loc).await.map_err(|e| bad(&e))?;
-            hf.check(model).map_err(|e| bad(&e))?;
-            for d in datasets {
-                if !hf
-                    .check_tokenizer(&d.tokenizer)
-                    .await
-                    .map_err(|e| bad(&e))?
-                {
-                    tracing::warn!(
-                        from = %from,
-                        "the folder has no tokenizer.json: its tokenizer is not checked against the dataset's"
-                    );
-                    break;
-                }
+            let hf = HfModel::open_checked(url, model)
+                .await
+                .map_err(|e| bad(&e))?;
+            let tokenizers: Vec<_> = datasets.iter().map(|d| &d.tokenizer).collect();
+            if !hf.check_tokenizer(&tokenizers).await.map_err(|e| bad(&e))? {
+                tracing::warn!(
+                    from = %from,
+                    "the folder has no tokenizer.json: its tokenizer is not checked against the dataset's"
+                );
             }
         }
         InitFrom::Checkpoint(url) => {
-            let (_, m) = ckpt::open_step(url).await.map_err(|e| bad(&e))?;
-            let differ = model.weight_differences(&m.model);
-            if !differ.is_empty() {
-                return Err(bad(&format!(
-                    "{url} holds another model: {}",
-                    differ.join("; ")
-                )));
-            }
+            ckpt::open_step_of(url, model).await.map_err(|e| bad(&e))?;
         }
     }
     Ok(())

@@ -4,7 +4,6 @@
 
 use strata_dataplane::checkpoint as ckpt;
 use strata_dataplane::hf_model::HfModel;
-use strata_dataplane::store::Location;
 use strata_recipe::{InitFrom, Recipe};
 
 use super::WorkerError;
@@ -17,30 +16,24 @@ pub(super) async fn first_weights(
     recipe: &Recipe,
     table: &ParamTable,
 ) -> Result<Vec<f32>, WorkerError> {
-    let bad = |what: &InitFrom, e: &dyn std::fmt::Display| {
-        WorkerError::Setup(format!("init.from {what}: {e}"))
-    };
     let Some(from) = &recipe.init else {
         return Ok(table.init(recipe.seed));
     };
+    let bad = |e: &dyn std::fmt::Display| WorkerError::Setup(format!("init.from {from}: {e}"));
     let values = match from {
         InitFrom::HuggingFace(url) => {
-            let loc = Location::parse(url, false).map_err(|e| bad(from, &e))?;
-            let hf = HfModel::open(loc).await.map_err(|e| bad(from, &e))?;
-            hf.check(&recipe.model).map_err(|e| bad(from, &e))?;
-            hf.read(&recipe.model, table)
+            let hf = HfModel::open_checked(url, &recipe.model)
                 .await
-                .map_err(|e| bad(from, &e))?
+                .map_err(|e| bad(&e))?;
+            hf.read(&recipe.model, table).await.map_err(|e| bad(&e))?
         }
         InitFrom::Checkpoint(url) => {
-            let (loc, manifest) = ckpt::open_step(url).await.map_err(|e| bad(from, &e))?;
-            let differ = recipe.model.weight_differences(&manifest.model);
-            if !differ.is_empty() {
-                return Err(bad(from, &differ.join("; ")));
-            }
+            let (loc, manifest) = ckpt::open_step_of(url, &recipe.model)
+                .await
+                .map_err(|e| bad(&e))?;
             read_weights(&loc, "", &manifest, table)
                 .await
-                .map_err(|e| bad(from, &e))?
+                .map_err(|e| bad(&e))?
         }
     };
     tracing::info!(from = %from, params = values.len(), "first weights read");

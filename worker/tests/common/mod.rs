@@ -4,8 +4,11 @@
 
 #![allow(dead_code)]
 
+use burn::tensor::backend::AutodiffBackend;
 use strata_recipe::{AdamWConfig, ModelConfig};
-use strata_worker::train::LocalBatch;
+use strata_worker::params::ParamTable;
+use strata_worker::tensors::host_transfers;
+use strata_worker::train::{Groups, LocalBatch, Trainer};
 
 pub const LR: f64 = 3e-3;
 
@@ -109,4 +112,64 @@ pub fn micro<'a>(
             groups: &[],
         })
         .collect()
+}
+
+/// The small tied model the device backends' tests (CUDA, wgpu) train.
+pub fn device_tiny() -> ModelConfig {
+    ModelConfig {
+        n_layers: 2,
+        d_model: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ffn: 176,
+        vocab_size: 500,
+        padded_vocab_size: 512,
+        max_seq_len: 32,
+        rope_theta: 10000.0,
+        tie_embeddings: true,
+    }
+}
+
+/// [`device_tiny`] trained `steps` steps of 4 × 32 tokens (a repeating
+/// pattern) on `device`: each step's loss, the most host elements one step
+/// moved, and what `memory` read after each step.
+pub fn device_run<B: AutodiffBackend>(
+    device: B::Device,
+    steps: usize,
+    memory: impl Fn() -> Option<u64>,
+) -> (Vec<f64>, u64, Vec<Option<u64>>) {
+    let cfg = device_tiny();
+    let mut trainer = Trainer::<B>::new(
+        &cfg,
+        ParamTable::whole(&cfg),
+        5,
+        adamw(),
+        Groups::single(),
+        device,
+    );
+    let (rows, seq) = (4, 32);
+    let (mut losses, mut moved, mut read) = (Vec::new(), 0, Vec::new());
+    for step in 1..=steps {
+        let row: Vec<u32> = (0..rows * (seq + 1))
+            .map(|i| ((i * 7 + step) % 31 * 11 % 500) as u32)
+            .collect();
+        let (inputs, targets): (Vec<u32>, Vec<u32>) = row
+            .chunks(seq + 1)
+            .flat_map(|r| r[..seq].iter().copied().zip(r[1..].iter().copied()))
+            .unzip();
+        let micro = [LocalBatch {
+            inputs: &inputs,
+            targets: &targets,
+            seq_len: seq,
+            groups: &[],
+        }];
+        let before = host_transfers();
+        let stats = trainer
+            .step(step as u64, &micro, (rows * seq) as u64, 3e-3)
+            .unwrap();
+        moved = moved.max(host_transfers() - before);
+        losses.push(stats.loss);
+        read.push(memory());
+    }
+    (losses, moved, read)
 }
