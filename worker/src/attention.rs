@@ -1,6 +1,6 @@
 //! Memory-efficient causal attention on burn's op-by-op backends (the
-//! device path: CUDA through cubecl, and NdArray or flex under mixed
-//! precision): FlashAttention's blocking, in tensor operations.
+//! device path: CUDA and wgpu through cubecl, and NdArray or flex under
+//! mixed precision): FlashAttention's blocking, in tensor operations.
 //!
 //! The queries go in blocks of rows; each block's scores against the keys
 //! up to its last row (`[b, h, rows, ≤ t]`, f32) are taken, softmaxed and
@@ -59,7 +59,30 @@ pub fn causal<X: Backend>(
         Ok(out) => return Ok(out),
         Err(qkv) => qkv,
     };
+    #[cfg(feature = "wgpu")]
+    let (q, k, v) = match tracked::<X, crate::wgpu::WgpuFused>(q, k, v, rows) {
+        Ok(out) => return Ok(out),
+        Err(qkv) => qkv,
+    };
     Err((q, k, v))
+}
+
+/// Says once per process that attention on `X` takes the whole `[t, t]`
+/// scores (a backend [`causal`] does not know: the memory plan counts a
+/// block, so a long sequence can exceed it). Every backend strata trains
+/// on is known; this names the one that is not, should one be added
+/// without its line in [`causal`] (as wgpu once was).
+pub fn warn_whole<X: Backend>(t: usize, device: &X::Device) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if X::ad_enabled(device) {
+        ONCE.call_once(|| {
+            tracing::warn!(
+                backend = std::any::type_name::<X>(),
+                seq = t,
+                "attention takes whole [t, t] scores on this backend, not blocks: memory grows with the square of the sequence"
+            )
+        });
+    }
 }
 
 /// [`causal`] as burn-autodiff's operation over `I`, when `X` is
@@ -163,10 +186,18 @@ fn bias<Y: Backend>(start: usize, n: usize, device: &Y::Device) -> Tensor<Y, 4> 
         .reshape([1, 1, n, e])
 }
 
-/// The blocks' row ranges.
+/// The blocks' row ranges, the last rows first. A block's buffers span
+/// the keys up to its last row, so they shrink from one block to the
+/// next: each fits where the one before was freed. In sequence order
+/// they grow, and a device's pooled allocator (cubecl's first-fit pages)
+/// can reuse none of the freed ones: on wgpu that held the pools at 1.5×
+/// what the step keeps live.
 fn blocks(t: usize, rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let rows = rows.max(1);
-    (0..t).step_by(rows).map(move |s| s..(s + rows).min(t))
+    (0..t)
+        .step_by(rows)
+        .map(move |s| s..(s + rows).min(t))
+        .rev()
 }
 
 /// The forward on any backend: the output (in `q`'s dtype) and each
@@ -194,6 +225,8 @@ fn forward<Y: Backend>(
         outs.push(in_dtype(p / sum.clone(), dtype).matmul(vb));
         lses.push(max + sum.log());
     }
+    outs.reverse();
+    lses.reverse();
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
 }
 
@@ -241,6 +274,7 @@ fn backward<Y: Backend>(
             .clone()
             .slice_assign(span.clone(), dv.slice(span) + in_dtype(dv_part, DType::F32));
     }
+    dqs.reverse();
     (
         Tensor::cat(dqs, 2),
         in_dtype(dk, dtype),
