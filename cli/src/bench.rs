@@ -298,6 +298,7 @@ fn cpu_target<B: AutodiffBackend>(
             crate::heap::start();
             Box::new(crate::heap::peak)
         }),
+        in_use: None,
     }
 }
 
@@ -350,6 +351,7 @@ fn cuda_train(
             peak,
             peak_memory: Box::new(move || cuda::memory_in_use(gpu)),
             peak_heap: Box::new(|| Box::new(|| None)),
+            in_use: Some(Box::new(cuda::in_use_reader(gpu))),
         }
     }
     Ok(match backend {
@@ -394,6 +396,8 @@ fn wgpu_train(
     tracing::info!(adapter = %info.name, kind = %info.kind, "wgpu adapter found");
     let device = wgpu::device();
     let memory_device = device.clone();
+    // Read on this thread's stream, the one the trainer runs on.
+    let in_use = wgpu::in_use_reader(&device);
     Ok(bench::train::<Autodiff<wgpu::WgpuFused>>(
         recipe,
         cfg,
@@ -407,6 +411,7 @@ fn wgpu_train(
             device,
             device_kind: DeviceKind::Wgpu,
             peak,
+            in_use: Some(Box::new(in_use)),
             peak_memory: Box::new(move || wgpu::memory_reserved(&memory_device)),
             peak_heap: Box::new(|| Box::new(|| None)),
         },
@@ -496,6 +501,17 @@ fn render(r: &TrainReport) -> String {
                 ),
             ));
         }
+    }
+    if let Some(u) = r.peak_in_use_bytes {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        rows.push((
+            "pools in use".into(),
+            format!(
+                "{:.3} GiB at most seen (sampled each ms), {:+.1}% planned",
+                gib(u),
+                (r.memory_plan.total_bytes as f64 / u as f64 - 1.0) * 100.0
+            ),
+        ));
     }
     rows.push((
         "host transfers".into(),

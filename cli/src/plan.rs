@@ -341,6 +341,13 @@ fn memory_text(inp: &MemoryInputs, plan: &MemoryPlan) -> String {
         ]);
     }
     out.push_str(&table("  ", &rows));
+    if let Some(r) = plan.ranks.first().filter(|r| r.pool_pages_bytes > 0) {
+        let _ = writeln!(
+            out,
+            "  each total counts {:.3} GiB of the device pools' pages (up to one part-used page per pool)",
+            gib(r.pool_pages_bytes)
+        );
+    }
     if plan.ranks.len() > SHOWN {
         let _ = writeln!(out, "  (the {SHOWN} largest of {} ranks)", plan.ranks.len());
     }

@@ -113,6 +113,11 @@ pub struct RankMemory {
     /// The host copy a checkpoint is written from (replica 0; counted in
     /// the total on the CPU, where it shares the device's memory).
     pub checkpoint_bytes: u64,
+    /// What the device's memory pools hold beyond the bytes in use, on
+    /// wgpu: they hand out slices of whole pages, so up to one part-used
+    /// page of each sliced pool. (On CUDA cubecl's own pools, which
+    /// strata cannot configure there, are not counted.)
+    pub pool_pages_bytes: u64,
     pub total_bytes: u64,
 }
 
@@ -127,6 +132,7 @@ impl RankMemory {
             ("bf16 compute copy", self.compute_copy_bytes),
             (self.transient, self.transient_bytes),
             ("checkpoint copy", self.checkpoint_bytes),
+            ("pool pages", self.pool_pages_bytes),
         ];
         parts.retain(|(_, b)| *b > 0);
         parts.sort_by_key(|p| std::cmp::Reverse(p.1));
@@ -178,9 +184,26 @@ impl MemoryPlan {
     }
 }
 
+/// Rows of logits the device path's head (tensor operations) takes at
+/// once, for `n` rows of width `d` and a vocabulary of `vocab`: twice the
+/// width (each chunk adds a `[d, vocab]` product into the head's
+/// gradient), at most 2²⁶ logits (256 MiB of f32).
+pub fn device_head_rows(n: usize, d: usize, vocab: usize) -> usize {
+    (2 * d).min((1 << 26) / vocab.max(1)).clamp(1, n.max(1))
+}
+
+/// Pages of the device pools strata configures on wgpu
+/// (`worker::kernels::memory_config`): tensors from 1 MiB to this share
+/// pages of this size, and no buffer strata allocates inside an
+/// operation is larger.
+pub const POOL_PAGE_BYTES: u64 = 64 << 20;
+/// Pages of the same pools for tensors under 1 MiB.
+pub const SMALL_POOL_PAGE_BYTES: u64 = 8 << 20;
+
 /// The f32 scores of one block of the device path's blocked attention
-/// (rows × heads × block rows × keys) stay under this.
-pub const ATTENTION_BLOCK_BYTES: u64 = 64 << 20;
+/// (rows × heads × block rows × keys) stay under this: a page of the
+/// device pools.
+pub const ATTENTION_BLOCK_BYTES: u64 = POOL_PAGE_BYTES;
 
 /// Query rows per block of the device path's blocked attention, for
 /// `rows` sequences of `t` tokens and `heads` heads: the most whose f32
@@ -336,7 +359,20 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
         if dp > 1 { 2 * 4 * embed_elems } else { 0 },
     )];
     if last && tp == 1 {
-        transients.push(("logits chunk", HEAD_ROWS.min(t) * vocab * 4));
+        let bytes = if kernel {
+            HEAD_ROWS.min(t) * vocab * 4
+        } else {
+            // Tensor operations: three copies of a chunk's logits live
+            // at once (the logits, their exponents, the probabilities
+            // with the target's term; measured on wgpu, the 50k
+            // vocabulary of the tiny recipe: 650 MB seen in use against
+            // 598 MB planned with two), and the chunk's `[d, vocab]`
+            // product with the sum it is added into (the sum so far is
+            // counted with the activations).
+            let rows = device_head_rows(t as usize, d as usize, vocab as usize) as u64;
+            3 * rows * vocab * 4 + 2 * d * vocab * 4
+        };
+        transients.push(("logits chunk", bytes));
     }
     if !kernel {
         transients.push(("attention block", 3 * attention_block + 2 * t * h * hd * 4));
@@ -351,7 +387,13 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
         .max_by_key(|x| x.1)
         .unwrap_or(("none", 0));
     let checkpoint = if inp.checkpoints && cpu { 12 * p } else { 0 };
-    let total_bytes = weights
+    let pool_pages = if inp.device == DeviceKind::Wgpu {
+        POOL_PAGE_BYTES + SMALL_POOL_PAGE_BYTES
+    } else {
+        0
+    };
+    let total_bytes = pool_pages
+        + weights
         + compute_copy
         + optimizer
         + activations
@@ -373,6 +415,7 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
         transient_bytes,
         transient,
         checkpoint_bytes: checkpoint,
+        pool_pages_bytes: pool_pages,
         total_bytes,
     }
 }
@@ -615,6 +658,27 @@ mod tests {
         assert_eq!(attention_block_rows(1, 4, 8192), 512);
         assert_eq!(attention_block_rows(1, 4, 8), 8);
         assert_eq!(attention_block_rows(64, 64, 131_072), 16);
+    }
+
+    /// On wgpu the device pools' pages are counted (one part-used page of
+    /// each sliced pool); the parts still sum to the total.
+    #[test]
+    fn wgpu_counts_the_pools_pages() {
+        let on = |device| {
+            MemoryPlan::new(&MemoryInputs {
+                device,
+                attention_kernel: false,
+                ..small_vocab()
+            })
+            .worst()
+            .clone()
+        };
+        let (wgpu, cuda) = (on(DeviceKind::Wgpu), on(DeviceKind::Cuda));
+        assert_eq!(cuda.pool_pages_bytes, 0);
+        assert_eq!(wgpu.pool_pages_bytes, (64 + 8) << 20);
+        assert_eq!(wgpu.total_bytes, cuda.total_bytes + wgpu.pool_pages_bytes);
+        let parts: u64 = wgpu.parts().iter().map(|p| p.1).sum();
+        assert_eq!(parts, wgpu.total_bytes);
     }
 
     #[test]

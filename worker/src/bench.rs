@@ -101,6 +101,12 @@ pub struct TrainReport {
     pub mfu: Option<f64>,
     /// Peak memory of the device (GPU) or of the process (CPU), in bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// The device pools' bytes of live tensors at their highest seen:
+    /// sampled every millisecond from another thread through the steps
+    /// (cubecl keeps no high-water mark), so a lower bound on the true
+    /// peak; `peak_memory_bytes` is what the pools reserve, pages whose
+    /// free slices wait for reuse included.
+    pub peak_in_use_bytes: Option<u64>,
     /// The same reading just before the model was built: the process (or
     /// the backend's context) without the trainer.
     pub memory_baseline_bytes: Option<u64>,
@@ -174,6 +180,39 @@ pub struct Target<B: AutodiffBackend> {
     /// model is built) and returns the reading of their peak since, when
     /// the process can count them.
     pub peak_heap: Box<dyn Fn() -> Box<dyn Fn() -> Option<u64>>>,
+    /// The device pools' bytes of live tensors on the training thread,
+    /// readable from another (cubecl's backends), sampled through the
+    /// steps for [`TrainReport::peak_in_use_bytes`].
+    pub in_use: Option<Box<dyn Fn() -> Option<u64> + Send + Sync>>,
+}
+
+/// Samples a reading every millisecond on a thread of its own and keeps
+/// the largest, until [`Sampler::finish`].
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl Sampler {
+    fn start(read: Box<dyn Fn() -> Option<u64> + Send + Sync>) -> Sampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let until = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = None;
+            while !until.load(Ordering::Relaxed) {
+                peak = peak.max(read());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak.max(read())
+        });
+        Sampler { stop, thread }
+    }
+
+    fn finish(self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten()
+    }
 }
 
 /// The memory plan's inputs for one rank at `bench`'s shape.
@@ -245,6 +284,7 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
         peak: None,
         mfu: None,
         peak_memory_bytes: None,
+        peak_in_use_bytes: None,
         memory_baseline_bytes: None,
         peak_heap_bytes: None,
         memory_plan: MemoryPlan::new(&memory_inputs(recipe, bench))
@@ -263,7 +303,7 @@ pub fn describe(recipe: &Recipe, bench: &TrainBench) -> TrainReport {
 pub fn train<B: AutodiffBackend>(
     recipe: &Recipe,
     bench: &TrainBench,
-    target: Target<B>,
+    mut target: Target<B>,
 ) -> Result<TrainReport, String> {
     let rows = bench.rows()?;
     let model = bench_model(recipe, bench);
@@ -305,6 +345,7 @@ pub fn train<B: AutodiffBackend>(
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     let mut moved = 0u64;
     let mut peak_memory = None;
+    let sampler = target.in_use.take().map(Sampler::start);
     for (step, &lr) in (1..).zip(&report.lrs) {
         let (inputs, targets) = synthetic_batch(
             recipe.seed,
@@ -362,6 +403,7 @@ pub fn train<B: AutodiffBackend>(
             moved += host_transfers() - before;
         }
     }
+    report.peak_in_use_bytes = sampler.and_then(Sampler::finish);
     let n = times.len().max(1) as f64;
     times.sort_by(f64::total_cmp);
     let step_s = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);

@@ -47,3 +47,72 @@ pub fn persist(dir: &Path) -> bool {
     *state = Some(std::sync::Arc::new(config));
     true
 }
+
+/// A reader of the device pools' usage on the calling thread's stream,
+/// callable from any thread: cubecl keeps a memory manager per stream (a
+/// thread's), and no high-water mark of the bytes in use, so the bench
+/// samples them from a thread of its own while the trainer's thread runs.
+/// Each reading also hands the stream's queued work to the device (what
+/// cubecl does before it reports), which does not change what is
+/// allocated.
+pub fn pool_reader<R: cubecl::Runtime>(
+    device: &R::Device,
+) -> impl Fn() -> Option<cubecl::MemoryUsage> + Send + Sync + use<R> {
+    let stream = cubecl::stream_id::StreamId::current();
+    let client = R::client(device);
+    move || stream.executes(|| client.memory_usage().ok())
+}
+
+/// The device memory pools strata asks cubecl for on wgpu. Its default
+/// gives each size class pools of its own (on lavapipe: 8 MiB pages for
+/// slices up to 2 MiB, 32 MiB pages up to 16 MiB, 128 MiB pages above),
+/// and each class keeps the pages of its own peak: the activations' peak
+/// (the forward's end) and the attention blocks' (the backward's) come at
+/// different times, but the pools hold both at once, 1.5× the bytes the
+/// step ever has live. Here every tensor from 1 MiB to 64 MiB (an
+/// attention block is at most that) shares one pool of 64 MiB pages,
+/// smaller ones share 8 MiB pages, and larger ones (a big model's
+/// weights and optimizer moments, a large vocabulary's chunk of logits)
+/// get buffers of their exact size, reused by any tensor that fits. The
+/// memory plan counts a part-used page of each sliced pool. (cubecl's
+/// CUDA runtime takes no options: it keeps its default.)
+#[cfg(feature = "wgpu")]
+pub fn memory_config() -> cubecl_runtime::memory_management::MemoryConfiguration {
+    use cubecl_runtime::memory_management::{MemoryConfiguration, MemoryPoolOptions, PoolType};
+    use strata_dataplane::memory::{POOL_PAGE_BYTES, SMALL_POOL_PAGE_BYTES};
+    const MIB: u64 = 1 << 20;
+    let sliced = |page_size, max_slice_size| MemoryPoolOptions {
+        pool_type: PoolType::SlicedPages {
+            page_size,
+            max_slice_size,
+        },
+        dealloc_period: None,
+    };
+    // Buffers under the device's offset alignment cannot be slices
+    // (wgpu), as cubecl's own presets have it.
+    let mut pools = vec![
+        MemoryPoolOptions {
+            pool_type: PoolType::ExclusivePages { max_alloc_size: 0 },
+            dealloc_period: None,
+        },
+        sliced(SMALL_POOL_PAGE_BYTES, MIB),
+        sliced(POOL_PAGE_BYTES, POOL_PAGE_BYTES),
+    ];
+    // One exclusive pool per doubling: a pool's first buffers are the
+    // size asked (it sizes new ones by a running mean that starts at half
+    // its largest), and an unused one is freed after a while, as in
+    // cubecl's exclusive preset.
+    let mut max = 2 * POOL_PAGE_BYTES;
+    while max <= 1 << 40 {
+        pools.push(MemoryPoolOptions {
+            pool_type: PoolType::ExclusivePages {
+                max_alloc_size: max,
+            },
+            dealloc_period: Some(5000 * (1 + max / (1 << 30))),
+        });
+        max *= 2;
+    }
+    MemoryConfiguration::Custom {
+        pool_options: pools,
+    }
+}

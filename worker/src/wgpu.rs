@@ -58,7 +58,10 @@ pub fn probe() -> Result<AdapterInfo, WgpuError> {
             let setup = std::panic::catch_unwind(|| {
                 burn::backend::wgpu::init_setup::<AutoGraphicsApi>(
                     &device(),
-                    RuntimeOptions::default(),
+                    RuntimeOptions {
+                        memory_config: crate::kernels::memory_config(),
+                        ..RuntimeOptions::default()
+                    },
                 )
             });
             std::panic::set_hook(hook);
@@ -88,11 +91,19 @@ pub fn device() -> WgpuDevice {
     WgpuDevice::DefaultDevice
 }
 
-/// Device memory burn's pools hold on `device` (reserved, which the pools
-/// keep once allocated: the peak so far), in bytes.
+/// Device memory burn's pools hold on `device` for the calling thread
+/// (reserved, which the pools keep once allocated: the peak so far), in
+/// bytes.
 pub fn memory_reserved(device: &WgpuDevice) -> Option<u64> {
     WgpuRuntime::client(device)
         .memory_usage()
         .ok()
         .map(|m| m.bytes_reserved)
+}
+
+/// The bytes of live tensors in the calling thread's pools on `device`,
+/// readable from any thread ([`crate::kernels::pool_reader`]).
+pub fn in_use_reader(device: &WgpuDevice) -> impl Fn() -> Option<u64> + Send + Sync + use<> {
+    let read = crate::kernels::pool_reader::<WgpuRuntime>(device);
+    move || read().map(|m| m.bytes_in_use)
 }

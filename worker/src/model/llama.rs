@@ -196,6 +196,7 @@ pub fn causal_attention<X: Backend>(
         Ok(out) => return out.swap_dims(1, 2),
         Err(qkv) => qkv,
     };
+    crate::attention::warn_whole::<X>(t, &q.device());
     // The causal mask as an additive bias, broadcast over batch and heads:
     // where it is −1e9 the probabilities are 0, and so are their
     // gradients, as with a masked fill.
@@ -429,7 +430,7 @@ pub(crate) fn head_by_tensor_ops<X: Backend>(
     // that at half the chunk's logits traffic, while small models get
     // chunks of a few MiB (measured: 64 to 256 rows of a 50k vocabulary
     // are within noise of each other on 2 cores, 2,048 rows slower).
-    let chunk = (2 * d).min((1 << 26) / v.max(1)).clamp(1, n.max(1));
+    let chunk = strata_dataplane::memory::device_head_rows(n, d, v);
     let w_rows = w_rows.reshape([v, d]);
     let wt = w_rows.clone().transpose().reshape([d, v]);
     let scale = (1.0 / denominator) as f32;
