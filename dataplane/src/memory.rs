@@ -115,7 +115,8 @@ pub struct RankMemory {
     pub checkpoint_bytes: u64,
     /// What the device's memory pools hold beyond the bytes in use, on
     /// wgpu: they hand out slices of whole pages, so up to one part-used
-    /// page of each sliced pool. (On CUDA cubecl's own pools, which
+    /// page of each sliced pool, and the rest of the page of each live
+    /// transient buffer over half a page (no two of those share a page). (On CUDA cubecl's own pools, which
     /// strata cannot configure there, are not counted.)
     pub pool_pages_bytes: u64,
     pub total_bytes: u64,
@@ -354,13 +355,15 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
         .max()
         .unwrap_or(0)
         .max(BUCKET_ELEMS.min(p));
+    // Each with its largest buffers: (how many live at once, bytes).
     let mut transients = vec![(
         "collective staging",
         if dp > 1 { 2 * 4 * embed_elems } else { 0 },
+        (0, 0),
     )];
     if last && tp == 1 {
-        let bytes = if kernel {
-            HEAD_ROWS.min(t) * vocab * 4
+        let (bytes, chunk) = if kernel {
+            (HEAD_ROWS.min(t) * vocab * 4, (0, 0))
         } else {
             // Tensor operations: three copies of a chunk's logits live
             // at once (the logits, their exponents, the probabilities
@@ -370,25 +373,37 @@ fn rank_memory(inp: &MemoryInputs, table: &ParamTable, rank: u32) -> RankMemory 
             // product with the sum it is added into (the sum so far is
             // counted with the activations).
             let rows = device_head_rows(t as usize, d as usize, vocab as usize) as u64;
-            3 * rows * vocab * 4 + 2 * d * vocab * 4
+            let chunk = rows * vocab * 4;
+            (3 * chunk + 2 * d * vocab * 4, (3, chunk))
         };
-        transients.push(("logits chunk", bytes));
+        transients.push(("logits chunk", bytes, chunk));
     }
     if !kernel {
-        transients.push(("attention block", 3 * attention_block + 2 * t * h * hd * 4));
+        transients.push((
+            "attention block",
+            3 * attention_block + 2 * t * h * hd * 4,
+            (3, attention_block),
+        ));
     }
     match inp.recompute {
         Recompute::None => {}
-        Recompute::Selective => transients.push(("recomputed core", rebuilt)),
-        Recompute::Full => transients.push(("recomputed block", rebuilt)),
+        Recompute::Selective => transients.push(("recomputed core", rebuilt, (0, 0))),
+        Recompute::Full => transients.push(("recomputed block", rebuilt, (0, 0))),
     }
-    let (transient, transient_bytes) = transients
+    let (transient, transient_bytes, (copies, slice)) = transients
         .into_iter()
         .max_by_key(|x| x.1)
-        .unwrap_or(("none", 0));
+        .unwrap_or(("none", 0, (0, 0)));
     let checkpoint = if inp.checkpoints && cpu { 12 * p } else { 0 };
     let pool_pages = if inp.device == DeviceKind::Wgpu {
-        POOL_PAGE_BYTES + SMALL_POOL_PAGE_BYTES
+        // A part-used page per sliced pool, and the tail of the page of
+        // each live transient buffer over half a page: no two share one.
+        let tails = if slice > POOL_PAGE_BYTES / 2 && slice < POOL_PAGE_BYTES {
+            copies * (POOL_PAGE_BYTES - slice)
+        } else {
+            0
+        };
+        POOL_PAGE_BYTES + SMALL_POOL_PAGE_BYTES + tails
     } else {
         0
     };
@@ -679,6 +694,24 @@ mod tests {
         assert_eq!(wgpu.total_bytes, cuda.total_bytes + wgpu.pool_pages_bytes);
         let parts: u64 = wgpu.parts().iter().map(|p| p.1).sum();
         assert_eq!(parts, wgpu.total_bytes);
+
+        // The tiny recipe on one rank: its head's three chunks of logits
+        // (256 rows of 50,304) each take most of a 64 MiB page, whose
+        // tails no other chunk can use. On lavapipe its pools reserved
+        // 763,363,328 bytes.
+        let tiny = MemoryPlan::new(&MemoryInputs {
+            device: DeviceKind::Wgpu,
+            attention_kernel: false,
+            layout: Layout::new(1, 1, 1),
+            tokens_per_microbatch: 8192,
+            ..tiny()
+        })
+        .worst()
+        .clone();
+        assert_eq!(tiny.transient, "logits chunk");
+        let chunk = 256 * 50304 * 4;
+        assert_eq!(tiny.pool_pages_bytes, (72 << 20) + 3 * ((64 << 20) - chunk));
+        assert!(tiny.total_bytes >= 763_363_328, "{}", tiny.total_bytes);
     }
 
     #[test]
