@@ -194,7 +194,7 @@ pub fn device_head_rows(n: usize, d: usize, vocab: usize) -> usize {
 }
 
 /// Pages of the device pools strata configures on wgpu
-/// (`worker::kernels::memory_config`): tensors from 1 MiB to this share
+/// (`worker::wgpu::memory_config`): tensors from 1 MiB to this share
 /// pages of this size, and no buffer strata allocates inside an
 /// operation is larger.
 pub const POOL_PAGE_BYTES: u64 = 64 << 20;

@@ -59,7 +59,7 @@ pub fn probe() -> Result<AdapterInfo, WgpuError> {
                 burn::backend::wgpu::init_setup::<AutoGraphicsApi>(
                     &device(),
                     RuntimeOptions {
-                        memory_config: crate::kernels::memory_config(),
+                        memory_config: memory_config(),
                         ..RuntimeOptions::default()
                     },
                 )
@@ -106,4 +106,58 @@ pub fn memory_reserved(device: &WgpuDevice) -> Option<u64> {
 pub fn in_use_reader(device: &WgpuDevice) -> impl Fn() -> Option<u64> + Send + Sync + use<> {
     let read = crate::kernels::pool_reader::<WgpuRuntime>(device);
     move || read().map(|m| m.bytes_in_use)
+}
+
+/// The device memory pools strata asks cubecl for on wgpu. Its default
+/// gives each size class pools of its own (on lavapipe: 8 MiB pages for
+/// slices up to 2 MiB, 32 MiB pages up to 16 MiB, 128 MiB pages above),
+/// and each class keeps the pages of its own peak: the activations' peak
+/// (the forward's end) and the attention blocks' (the backward's) come at
+/// different times, but the pools hold both at once, 1.5× the bytes the
+/// step ever has live. Here every tensor from 1 MiB to 64 MiB (an
+/// attention block is at most that) shares one pool of 64 MiB pages,
+/// smaller ones share 8 MiB pages, and larger ones (a big model's
+/// weights and optimizer moments, a large vocabulary's chunk of logits)
+/// get buffers of their exact size, reused by any tensor that fits. The
+/// memory plan counts a part-used page of each sliced pool and the page
+/// tails of the largest transients. (cubecl's CUDA runtime takes no
+/// options: it keeps its default.)
+pub fn memory_config() -> cubecl_runtime::memory_management::MemoryConfiguration {
+    use cubecl_runtime::memory_management::{MemoryConfiguration, MemoryPoolOptions, PoolType};
+    use strata_dataplane::memory::{POOL_PAGE_BYTES, SMALL_POOL_PAGE_BYTES};
+    const MIB: u64 = 1 << 20;
+    let sliced = |page_size, max_slice_size| MemoryPoolOptions {
+        pool_type: PoolType::SlicedPages {
+            page_size,
+            max_slice_size,
+        },
+        dealloc_period: None,
+    };
+    // Buffers under the device's offset alignment cannot be slices
+    // (wgpu), as cubecl's own presets have it.
+    let mut pools = vec![
+        MemoryPoolOptions {
+            pool_type: PoolType::ExclusivePages { max_alloc_size: 0 },
+            dealloc_period: None,
+        },
+        sliced(SMALL_POOL_PAGE_BYTES, MIB),
+        sliced(POOL_PAGE_BYTES, POOL_PAGE_BYTES),
+    ];
+    // One exclusive pool per doubling: a pool's first buffers are the
+    // size asked (it sizes new ones by a running mean that starts at half
+    // its largest), and an unused one is freed after a while, as in
+    // cubecl's exclusive preset.
+    let mut max = 2 * POOL_PAGE_BYTES;
+    while max <= 1 << 40 {
+        pools.push(MemoryPoolOptions {
+            pool_type: PoolType::ExclusivePages {
+                max_alloc_size: max,
+            },
+            dealloc_period: Some(5000 * (1 + max / (1 << 30))),
+        });
+        max *= 2;
+    }
+    MemoryConfiguration::Custom {
+        pool_options: pools,
+    }
 }
