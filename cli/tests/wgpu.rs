@@ -1,8 +1,8 @@
 //! The trainer on burn's wgpu backend, through real jobs: where wgpu finds
 //! an adapter (a GPU, or a CPU through Mesa's software Vulkan, which CI
 //! installs) a 20-step job under (1,1,1) and (1,1,2) reports the CPU
-//! backend's losses within 1e-4, and `strata bench train` at 2,048 tokens
-//! a sequence holds the device's memory within the plan. Without an
+//! backend's losses within 1e-4, and `strata bench train` at 2,048 and
+//! 8,192 tokens a sequence holds the device's memory within the plan. Without an
 //! adapter, or in a build without the `wgpu` feature, it says it was
 //! skipped, unless `STRATA_REQUIRE_WGPU` is set (then it fails).
 
@@ -89,12 +89,16 @@ async fn a_job_on_wgpu_trains_as_on_the_cpu() {
     c.stop().await;
 }
 
-/// One step of `strata bench train` on the adapter, 2 layers, 8 heads, 4
-/// sequences of 2,048 tokens: the device pools reserve no more than the
-/// memory plan's bound for the rank (before the blocked attention ran on
-/// wgpu, one copy of the whole scores alone was 537 MB against the plan's
-/// 455 MB), the bytes seen in use stay under it, and only the step's
-/// token ids and two scalars cross the host.
+/// One step of `strata bench train` on the adapter, 2 layers, 8 heads,
+/// 8,192 tokens as 4 sequences of 2,048 and as one of 8,192: the device
+/// pools reserve no more than the memory plan's bound for the rank (before
+/// the blocked attention ran on wgpu, one copy of the whole scores alone
+/// was 537 MB at 2,048 tokens and 2.1 GB at 8,192, against the plan's
+/// 459 MB), the bytes seen in use stay under it, and only the step's
+/// token ids and two scalars cross the host. Started under a folder with a
+/// `Cargo.toml`, it leaves no `target/` there: cubecl's default keeps the
+/// autotuner's choices in the `target/` of the nearest Cargo project, so
+/// workers started in a source tree once wrote into it.
 #[cfg(feature = "wgpu")]
 #[test]
 fn bench_on_wgpu_holds_long_sequences_within_the_memory_plan() {
@@ -106,61 +110,81 @@ fn bench_on_wgpu_holds_long_sequences_within_the_memory_plan() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    let mut args = vec![
-        "bench",
-        "train",
-        "examples/tiny-cpu.toml",
-        "--backend",
-        "wgpu",
-    ];
-    for set in [
-        "parallel.dp=1",
-        "model.n_layers=2",
-        "model.n_heads=8",
-        "model.n_kv_heads=2",
-        "model.vocab_size=512",
-        "model.max_seq_len=2048",
-    ] {
-        args.extend(["--set", set]);
+    // Started where a `Cargo.toml` is found above the working directory,
+    // as a worker started in a source tree is: cubecl would keep its
+    // autotuner's choices in a `target/` there, strata keeps them in its
+    // kernel cache.
+    let here = tempfile::tempdir().unwrap();
+    std::fs::write(here.path().join("Cargo.toml"), "[workspace]\n").unwrap();
+    let recipe = root.join("examples/tiny-cpu.toml");
+    for seq in ["2048", "8192"] {
+        let max_seq = format!("model.max_seq_len={seq}");
+        let mut args = vec![
+            "bench",
+            "train",
+            recipe.to_str().unwrap(),
+            "--backend",
+            "wgpu",
+        ];
+        for set in [
+            "parallel.dp=1",
+            "model.n_layers=2",
+            "model.n_heads=8",
+            "model.n_kv_heads=2",
+            "model.vocab_size=512",
+            &max_seq,
+        ] {
+            args.extend(["--set", set]);
+        }
+        args.extend([
+            "--seq",
+            seq,
+            "--tokens-per-step",
+            "8192",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--json",
+        ]);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(&args)
+            .current_dir(here.path())
+            .output()
+            .expect("run strata");
+        assert!(
+            out.status.success(),
+            "strata bench at {seq} tokens failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let plan = r["memory_plan"]["total_bytes"].as_u64().unwrap();
+        let reserved = r["peak_memory_bytes"]
+            .as_u64()
+            .expect("the pools' reserved bytes");
+        let in_use = r["peak_in_use_bytes"]
+            .as_u64()
+            .expect("the pools' bytes in use");
+        eprintln!(
+            "bench on wgpu at {seq} tokens: pools reserved {reserved}, in use at most {in_use} (sampled), plan {plan}; step {} s",
+            r["step_s"]
+        );
+        assert!(
+            reserved <= plan,
+            "at {seq} tokens the device pools reserved {reserved} bytes, over the memory plan's {plan}"
+        );
+        assert!(in_use <= reserved, "in use {in_use} > reserved {reserved}");
+        assert!(r["host_elems_per_step"].as_f64().unwrap() <= 2.0 * 8192.0 + 2.0);
+        assert!(r["losses"][0].as_f64().unwrap().is_finite());
     }
-    args.extend([
-        "--seq",
-        "2048",
-        "--tokens-per-step",
-        "8192",
-        "--warmup",
-        "0",
-        "--steps",
-        "1",
-        "--json",
-    ]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(&args)
-        .current_dir(root)
-        .output()
-        .expect("run strata");
     assert!(
-        out.status.success(),
-        "strata bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        !here.path().join("target").exists(),
+        "the autotuner's choices went into the working directory's target/"
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let plan = r["memory_plan"]["total_bytes"].as_u64().unwrap();
-    let reserved = r["peak_memory_bytes"]
-        .as_u64()
-        .expect("the pools' reserved bytes");
-    let in_use = r["peak_in_use_bytes"]
-        .as_u64()
-        .expect("the pools' bytes in use");
-    eprintln!(
-        "bench on wgpu at 2,048 tokens: pools reserved {reserved}, in use at most {in_use} (sampled), plan {plan}; step {} s",
-        r["step_s"]
-    );
+    let cache = strata_worker::kernels::cache_dir().expect("a kernel cache");
     assert!(
-        reserved <= plan,
-        "the device pools reserved {reserved} bytes, over the memory plan's {plan}"
+        cache.join("autotune").is_dir(),
+        "no autotune results under {}",
+        cache.display()
     );
-    assert!(in_use <= reserved, "in use {in_use} > reserved {reserved}");
-    assert!(r["host_elems_per_step"].as_f64().unwrap() <= 2.0 * 8192.0 + 2.0);
-    assert!(r["losses"][0].as_f64().unwrap().is_finite());
 }
