@@ -188,3 +188,34 @@ fn bench_on_wgpu_holds_long_sequences_within_the_memory_plan() {
         cache.display()
     );
 }
+
+/// Without a Vulkan driver (the loader pointed at a driver file that does
+/// not exist) `strata bench train --backend wgpu` exits 2 with strata's
+/// own message, which says what to install, instead of burn's panic.
+#[cfg(all(feature = "wgpu", target_os = "linux"))]
+#[test]
+fn no_vulkan_driver_is_a_named_error() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let missing = "/nonexistent/strata-test-icd.json";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["bench", "train", "examples/tiny-cpu.toml"])
+        .args(["--backend", "wgpu", "--warmup", "0", "--steps", "1"])
+        .current_dir(root)
+        .env("VK_ICD_FILENAMES", missing)
+        .env("VK_DRIVER_FILES", missing)
+        .env_remove("VK_ADD_DRIVER_FILES")
+        .output()
+        .expect("run strata");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for needle in [
+        "error: no graphics adapter",
+        "mesa-vulkan-drivers",
+        "VK_ICD_FILENAMES",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
