@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Subcommand, ValueEnum};
+use strata_dataplane::memory::gib;
 use strata_recipe::{DeviceKind, Precision};
 use strata_worker::bench::{self, Peak, Target, TrainBench, TrainReport};
 
@@ -343,7 +344,7 @@ fn cuda_train(
                 gpu,
                 info.capability.0,
                 info.capability.1,
-                info.memory_bytes as f64 / (1u64 << 30) as f64
+                gib(info.memory_bytes)
             ),
             precision,
             device: cuda::device(gpu),
@@ -477,7 +478,6 @@ fn render(r: &TrainReport) -> String {
         ));
     }
     if let Some(b) = r.peak_memory_bytes {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let plan = r.memory_plan.total_bytes;
         rows.push(("peak memory".into(), format!("{:.2} GiB", gib(b))));
         // Per replica: the process holds `dp` of them.
@@ -503,7 +503,6 @@ fn render(r: &TrainReport) -> String {
         }
     }
     if let Some(u) = r.peak_in_use_bytes {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         rows.push((
             "pools in use".into(),
             format!(

@@ -116,8 +116,9 @@ pub struct RankMemory {
     /// What the device's memory pools hold beyond the bytes in use, on
     /// wgpu: they hand out slices of whole pages, so up to one part-used
     /// page of each sliced pool, and the rest of the page of each live
-    /// transient buffer over half a page (no two of those share a page). (On CUDA cubecl's own pools, which
-    /// strata cannot configure there, are not counted.)
+    /// transient buffer over half a page (no two of those share a page).
+    /// (On CUDA cubecl's own pools, which strata cannot configure there,
+    /// are not counted.)
     pub pool_pages_bytes: u64,
     pub total_bytes: u64,
 }

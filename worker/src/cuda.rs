@@ -117,8 +117,7 @@ pub fn memory_in_use(index: usize) -> Option<u64> {
 /// The bytes of live tensors in the calling thread's cubecl pools on GPU
 /// `index`, readable from any thread ([`crate::kernels::pool_reader`]).
 pub fn in_use_reader(index: usize) -> impl Fn() -> Option<u64> + Send + Sync + 'static {
-    let read = crate::kernels::pool_reader::<cubecl::cuda::CudaRuntime>(&device(index));
-    move || read().map(|m| m.bytes_in_use)
+    crate::kernels::pool_reader::<cubecl::cuda::CudaRuntime>(&device(index))
 }
 
 pub use crate::kernels::{cache_dir as kernel_cache_dir, persist as persist_kernels};

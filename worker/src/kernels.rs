@@ -48,7 +48,8 @@ pub fn persist(dir: &Path) -> bool {
     true
 }
 
-/// A reader of the device pools' usage on the calling thread's stream,
+/// A reader of the bytes of live tensors in the device pools on the
+/// calling thread's stream,
 /// callable from any thread: cubecl keeps a memory manager per stream (a
 /// thread's), and no high-water mark of the bytes in use, so the bench
 /// samples them from a thread of its own while the trainer's thread runs.
@@ -57,8 +58,8 @@ pub fn persist(dir: &Path) -> bool {
 /// allocated.
 pub fn pool_reader<R: cubecl::Runtime>(
     device: &R::Device,
-) -> impl Fn() -> Option<cubecl::MemoryUsage> + Send + Sync + use<R> {
+) -> impl Fn() -> Option<u64> + Send + Sync + use<R> {
     let stream = cubecl::stream_id::StreamId::current();
     let client = R::client(device);
-    move || stream.executes(|| client.memory_usage().ok())
+    move || stream.executes(|| client.memory_usage().ok().map(|m| m.bytes_in_use))
 }

@@ -104,8 +104,7 @@ pub fn memory_reserved(device: &WgpuDevice) -> Option<u64> {
 /// The bytes of live tensors in the calling thread's pools on `device`,
 /// readable from any thread ([`crate::kernels::pool_reader`]).
 pub fn in_use_reader(device: &WgpuDevice) -> impl Fn() -> Option<u64> + Send + Sync + use<> {
-    let read = crate::kernels::pool_reader::<WgpuRuntime>(device);
-    move || read().map(|m| m.bytes_in_use)
+    crate::kernels::pool_reader::<WgpuRuntime>(device)
 }
 
 /// The device memory pools strata asks cubecl for on wgpu. Its default
